@@ -1,0 +1,220 @@
+"""python -m petals_like.cli.bench: the standard workloads, printed as JSON.
+
+bench model: Llama family, hidden 1024, 16 layers, 16 heads / 4 KV heads, intermediate 2816,
+vocab 32000, float32, on CPU. Swarm: 1 DHT + 2 servers (blocks 0:8 and 8:16) on 127.0.0.1, each
+its own process, the client in this one.
+
+  (a) one session: 16-token prompt, 128 new tokens greedy: tokens/s, p50 / p90 per-token latency
+  (b) prefill of a 512-token prompt through the swarm: seconds
+  (c) the same model in one process: transformers generate(), and this project's block math
+      without any network: tokens/s
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+BENCH_DIR = Path(os.environ.get("PETALS_LIKE_CACHE", Path.home() / ".cache" / "petals_like"))
+
+
+class TokenTimer:
+    """A generate() streamer that records when each token arrives."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self.started = time.perf_counter()
+
+    def put(self, tokens: torch.Tensor) -> None:
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+    def latencies(self) -> list[float]:
+        stamps = [self.started] + self.times
+        return [b - a for a, b in zip(stamps, stamps[1:])]
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def summarize(latencies: list[float], skip_first: bool = True) -> dict:
+    """Per-token stats over decode steps (the first token also pays for the prompt, so it is left out)."""
+    decode = latencies[1:] if skip_first and len(latencies) > 1 else latencies
+    return {
+        "tokens_per_s": round(len(decode) / sum(decode), 2),
+        "p50_ms": round(1000 * statistics.median(decode), 2),
+        "p90_ms": round(1000 * percentile(decode, 0.9), 2),
+        "first_token_ms": round(1000 * latencies[0], 2),
+    }
+
+
+class LocalSession:
+    """This project's block math in-process, behind the InferenceSession interface generate uses."""
+
+    def __init__(self, span, max_length: int):
+        self.span = span
+        self.cache = None
+        self.max_length = max_length
+        self.position = 0
+        self.last_token_ids = None
+        self.finished = None
+
+    @torch.inference_mode()
+    def step(self, hidden: torch.Tensor, *, pad_lens=None) -> torch.Tensor:
+        if self.cache is None:
+            self.cache = self.span.new_cache(hidden.shape[0], self.max_length)
+        out = self.span(hidden, cache=self.cache)
+        self.position += hidden.shape[1]
+        return out
+
+
+def best_of(repeats: int, fn: Callable[[], dict]) -> dict:
+    results = [fn() for _ in range(repeats)]
+    return max(results, key=lambda r: r["tokens_per_s"])
+
+
+def bench_local(model_dir: Path, prompt: torch.Tensor, new_tokens: int, repeats: int) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    from petals_like.client.generation import SamplingParams, generate_tokens
+    from petals_like.models.checkpoint import CheckpointReader
+    from petals_like.models.llama.head import LocalModules
+    from petals_like.models.spec import ModelSpec
+    from petals_like.server.server import load_span
+
+    results = {}
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+    def run_hf() -> dict:
+        timer = TokenTimer()
+        with torch.inference_mode():
+            hf.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, streamer=timer)
+        return summarize(timer.latencies()[1:])  # transformers' streamer also receives the prompt first
+
+    run_hf()
+    results["transformers_generate"] = best_of(repeats, run_hf)
+    del hf
+
+    spec = ModelSpec.from_pretrained(model_dir)
+    span = load_span(model_dir, spec, 0, spec.num_blocks, torch.float32, torch.device("cpu"), progress=False)
+    local = LocalModules.from_state_dict(spec, CheckpointReader(model_dir).client_state_dict(torch.float32)).eval()
+
+    def run_ours() -> dict:
+        timer = TokenTimer()
+        session = LocalSession(span, prompt.shape[1] + new_tokens)
+        with torch.inference_mode():
+            generate_tokens(session, local.embed, local.logits, prompt, pad_lens=None, max_new_tokens=new_tokens,
+                            sampling=SamplingParams(), eos_token_ids=[], pad_token_id=0, streamer=timer)  # fmt: skip
+        return summarize(timer.latencies())
+
+    run_ours()
+    results["block_math_no_network"] = best_of(repeats, run_ours)
+    return results
+
+
+def bench_swarm(model_dir: Path, prompt: torch.Tensor, new_tokens: int, prefill_len: int, repeats: int,
+                server_args: list[str]) -> dict:  # fmt: skip
+    from petals_like import AutoDistributedModelForCausalLM
+    from petals_like.cli.demo import LOCALHOST, Child
+
+    children: list[Child] = []
+    try:
+        started = time.perf_counter()
+        dht = Child("run_dht", [sys.executable, "-m", "petals_like.cli.run_dht", "--host_maddrs", LOCALHOST])
+        children.append(dht)
+        peers = dht.wait_for_line("--initial_peers", 60).split()[1:]
+        for span in ("0:8", "8:16"):
+            cmd = [sys.executable, "-m", "petals_like.cli.run_server", str(model_dir), "--block_indices", span,
+                   "--initial_peers", *peers, "--host_maddrs", LOCALHOST, "--no_progress", "--log_level", "WARNING",
+                   *server_args]  # fmt: skip
+            children.append(Child(f"server {span}", cmd))
+        for child in children[1:]:
+            child.wait_for_line("SERVER READY", 300)
+        swarm_start_s = time.perf_counter() - started
+
+        model = AutoDistributedModelForCausalLM.from_pretrained(model_dir, initial_peers=peers, torch_dtype="float32")
+        try:
+            model.generate(prompt, max_new_tokens=4)  # warm-up: route found, streams opened, allocator warm
+
+            def run_one() -> dict:
+                timer = TokenTimer()
+                model.generate(prompt, max_new_tokens=new_tokens, eos_token_id=[], streamer=timer)
+                return summarize(timer.latencies())
+
+            one_session = best_of(repeats, run_one)
+
+            long_prompt = torch.randint(3, model.spec.vocab_size, (1, prefill_len), generator=torch.Generator().manual_seed(1))
+            prefill_times = []
+            for _ in range(repeats):
+                with model.inference_session(max_length=prefill_len + 1) as session:
+                    t0 = time.perf_counter()
+                    session.step(model.local.embed(long_prompt))
+                    prefill_times.append(time.perf_counter() - t0)
+        finally:
+            model.shutdown()
+        return {
+            "one_session": one_session,
+            "prefill": {"tokens": prefill_len, "seconds": round(min(prefill_times), 3)},
+            "swarm_start_s": round(swarm_start_s, 2),
+        }
+    finally:
+        for child in reversed(children):
+            child.stop()
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="bench", choices=["bench", "tiny"], help="model size (tiny = quick check)")
+    parser.add_argument("--model_dir", type=Path, default=None, help="checkpoint to use (created if missing)")
+    parser.add_argument("--workloads", default="a,b,c", help="comma-separated subset of a,b,c")
+    parser.add_argument("--prompt_len", type=int, default=16)
+    parser.add_argument("--new_tokens", type=int, default=128)
+    parser.add_argument("--prefill_len", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=3, help="best of N runs per measurement")
+    parser.add_argument("--server_args", default="", help="extra run_server arguments, e.g. '--num_threads 2'")
+    args = parser.parse_args(argv)
+
+    from petals_like.models.tiny import make_tiny_model
+    from petals_like.utils.cli import setup_logging
+
+    setup_logging("WARNING")
+    model_dir = args.model_dir or BENCH_DIR / f"{args.preset}-llama"
+    make_tiny_model(model_dir, family="llama", preset=args.preset)
+    prompt = torch.randint(3, 300, (1, args.prompt_len), generator=torch.Generator().manual_seed(0))
+    workloads = set(args.workloads.split(","))
+
+    report: dict = {
+        "model": {"preset": args.preset, "path": str(model_dir), "dtype": "float32"},
+        "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
+                    "torch": torch.__version__},  # fmt: skip
+        "workload": {"prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "prefill_len": args.prefill_len},
+    }
+    if workloads & {"a", "b"}:
+        swarm = bench_swarm(model_dir, prompt, args.new_tokens, args.prefill_len, args.repeats, args.server_args.split())
+        report["a_swarm_one_session"] = swarm["one_session"]
+        report["b_swarm_prefill"] = swarm["prefill"]
+        report["swarm_start_s"] = swarm["swarm_start_s"]
+    if "c" in workloads:
+        local = bench_local(model_dir, prompt, args.new_tokens, args.repeats)
+        report["c_local"] = local
+        if "a_swarm_one_session" in report:
+            hf = local["transformers_generate"]["tokens_per_s"]
+            report["a_vs_transformers"] = round(report["a_swarm_one_session"]["tokens_per_s"] / hf, 3)
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,69 @@
+"""python -m petals_like.cli.run_server MODEL: host a span of MODEL's blocks in the swarm."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from petals_like.config import ServerConfig
+from petals_like.utils.cli import setup_logging, wait_for_stop_signal
+
+logger = logging.getLogger(__name__)
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, str]:
+    defaults = ServerConfig(model="")
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("model", help="checkpoint folder or Hugging Face name present in the local cache")
+    span = p.add_mutually_exclusive_group()
+    span.add_argument("--block_indices", help="serve exactly these blocks, e.g. 0:8 (turns moving off)")
+    span.add_argument("--num_blocks", type=int, help="serve this many blocks where the swarm needs them most")
+    p.add_argument("--initial_peers", nargs="*", default=[], help="multiaddrs of any peer of the swarm")
+    p.add_argument("--host_maddrs", nargs="+", default=list(defaults.host_maddrs), help="where to listen")
+    p.add_argument("--announce_maddrs", nargs="*", default=[], help="public addresses to advertise")
+    p.add_argument("--identity_path", help="private key file for a stable peer id")
+    p.add_argument("--dht_prefix", help="the model's name in the swarm (default: from the checkpoint name)")
+    p.add_argument("--device", default=defaults.device, help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--torch_dtype", default=defaults.torch_dtype, choices=["auto", "float32", "float16", "bfloat16"])
+    p.add_argument("--quant_type", default=defaults.quant_type, choices=["none", "int8", "nf4"])
+    p.add_argument("--throughput", type=float, default=defaults.throughput,
+                   help="announced tokens/s per block (0 = measure at start)")
+    p.add_argument("--kv_cache_tokens", type=int, default=defaults.kv_cache_tokens,
+                   help="KV cache tokens held for all sessions together")
+    p.add_argument("--max_session_length", type=int, default=defaults.max_session_length)
+    p.add_argument("--max_batch_size", type=int, default=defaults.max_batch_size)
+    p.add_argument("--num_threads", type=int, default=None, help="torch threads for block math")
+    p.add_argument("--announce_period", type=float, default=defaults.announce_period)
+    p.add_argument("--expiration", type=float, default=defaults.expiration)
+    p.add_argument("--public_name", default="", help="a name shown on the swarm dashboard")
+    p.add_argument("--no_progress", action="store_true", help="no progress bar while loading")
+    p.add_argument("--log_level", default="INFO")
+    a = p.parse_args(argv)
+    config = ServerConfig(
+        model=a.model, initial_peers=a.initial_peers, block_indices=a.block_indices, num_blocks=a.num_blocks,
+        dht_prefix=a.dht_prefix, host_maddrs=a.host_maddrs, announce_maddrs=a.announce_maddrs,
+        identity_path=a.identity_path, device=a.device, torch_dtype=a.torch_dtype, quant_type=a.quant_type,
+        num_threads=a.num_threads, throughput=a.throughput, kv_cache_tokens=a.kv_cache_tokens,
+        max_session_length=a.max_session_length, max_batch_size=a.max_batch_size,
+        announce_period=a.announce_period, expiration=a.expiration, public_name=a.public_name,
+        progress=not a.no_progress,
+    )  # fmt: skip
+    return config, a.log_level
+
+
+def main(argv: list[str] | None = None) -> None:
+    config, log_level = parse_args(argv)
+    setup_logging(log_level)
+    from petals_like.server.server import Server
+
+    server = Server(config).start()
+    print(f"SERVER READY {server.node.peer_id} blocks {server.start_block}:{server.end_block}", flush=True)
+    try:
+        signum = wait_for_stop_signal()
+        logger.info(f"Received signal {signum}, leaving the swarm")
+    finally:
+        server.shutdown()
+
+
+if __name__ == "__main__":
+    main()

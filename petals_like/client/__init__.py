@@ -1,0 +1,1 @@
+"""The client: local embeddings and head, remote spans, inference sessions, generation."""

@@ -1,0 +1,177 @@
+"""DistributedModelForCausalLM: embeddings, final norm and LM head here; every block in the swarm.
+
+    model = AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=[...])
+    out = model.generate(input_ids, max_new_tokens=32)
+    with model.inference_session(max_length=512) as session:
+        model.generate(input_ids, max_new_tokens=8, session=session)
+        model.generate(None, max_new_tokens=8, session=session)   # continues where it stopped
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import fields
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from transformers.modeling_outputs import CausalLMOutput
+
+from petals_like.client.generation import SamplingParams, generate_tokens, left_pad_lens
+from petals_like.client.inference_session import InferenceSession
+from petals_like.client.sequential import RemoteSequential
+from petals_like.config import ClientConfig
+from petals_like.dht.node import SwarmNode
+from petals_like.dht.records import default_dht_prefix
+from petals_like.models.checkpoint import CheckpointReader, resolve_checkpoint
+from petals_like.models.llama.head import LocalModules
+from petals_like.models.spec import ModelSpec, resolve_dtype
+from petals_like.routing.manager import RouteManager
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_LENGTH = 20  # as transformers: prompt + new tokens when neither limit is given
+
+
+class DistributedModelForCausalLM(torch.nn.Module):
+    def __init__(self, spec: ModelSpec, local: LocalModules, node: SwarmNode, config: ClientConfig, dht_prefix: str):
+        super().__init__()
+        self.spec = spec
+        self.config = config
+        self.dht_prefix = dht_prefix
+        self.node = node
+        self.local = local
+        self.routes = RouteManager(node, dht_prefix, spec.num_blocks, config)
+        self.remote = RemoteSequential(node, self.routes, config, spec.num_blocks)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | Path,
+        initial_peers: Sequence[str] = (),
+        *,
+        torch_dtype: str | torch.dtype = "auto",
+        **config_kwargs,
+    ) -> DistributedModelForCausalLM:
+        """Load only the embeddings, final norm and LM head; join the swarm through initial_peers."""
+        known = {f.name for f in fields(ClientConfig)}
+        unknown = set(config_kwargs) - known
+        if unknown:
+            raise TypeError(f"unknown arguments {sorted(unknown)}; ClientConfig accepts {sorted(known)}")
+        config = ClientConfig(initial_peers=tuple(initial_peers), **config_kwargs)
+        if not config.initial_peers:
+            raise ValueError("initial_peers are required: the multiaddrs of any peer of the swarm")
+        path = resolve_checkpoint(name_or_path)
+        spec = ModelSpec.from_pretrained(path)
+        dtype = torch_dtype if isinstance(torch_dtype, torch.dtype) else resolve_dtype(str(torch_dtype), spec)
+        local = LocalModules.from_state_dict(spec, CheckpointReader(path).client_state_dict(dtype)).to(dtype)
+        node = SwarmNode(config.initial_peers, host_maddrs=config.host_maddrs, client_mode=True,
+                         start_timeout=config.connect_timeout, name="client")  # fmt: skip
+        return cls(spec, local, node, config, config.dht_prefix or default_dht_prefix(name_or_path))
+
+    # ---- training / scoring ----
+
+    def forward(
+        self,
+        input_ids: Optional[torch.Tensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        labels: Optional[torch.Tensor] = None,
+        inputs_embeds: Optional[torch.Tensor] = None,
+    ) -> CausalLMOutput:
+        """Logits for every position (and the causal LM loss with labels, -100 ignored), differentiable."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        hidden = self.local.embed(input_ids) if inputs_embeds is None else inputs_embeds
+        reference = input_ids if input_ids is not None else hidden[..., 0]
+        pad_lens = left_pad_lens(attention_mask, reference)
+        hidden = self.remote(hidden, pad_lens)
+        logits = self.local.logits(hidden)
+        loss = None
+        if labels is not None:
+            shifted = logits[:, :-1, :].float().reshape(-1, logits.shape[-1])
+            loss = F.cross_entropy(shifted, labels[:, 1:].reshape(-1).to(logits.device), ignore_index=-100)
+        return CausalLMOutput(loss=loss, logits=logits)
+
+    # ---- inference ----
+
+    def inference_session(self, max_length: int) -> InferenceSession:
+        """A session whose KV cache lives on the servers; use it as a context manager."""
+        if max_length < 1:
+            raise ValueError(f"max_length must be >= 1, got {max_length}")
+        return InferenceSession(self.node, self.routes, self.config, max_length=max_length,
+                                num_blocks=self.spec.num_blocks)  # fmt: skip
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        input_ids: Optional[torch.Tensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        *,
+        max_new_tokens: Optional[int] = None,
+        max_length: Optional[int] = None,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: Optional[int] = None,
+        top_p: Optional[float] = None,
+        eos_token_id: Optional[int | Sequence[int]] = None,
+        pad_token_id: Optional[int] = None,
+        session: Optional[InferenceSession] = None,
+        generator: Optional[torch.Generator] = None,
+        streamer: Optional[Any] = None,
+    ) -> torch.Tensor:
+        """Like transformers' generate(): returns input_ids followed by the new tokens ([batch, len]).
+
+        With a session, input_ids may be None to continue from the last generated token, and the
+        result then holds only the new tokens. Finished sequences (EOS) are filled with pad_token_id.
+        """
+        sampling = SamplingParams(do_sample, temperature, top_k, top_p, generator)
+        if input_ids is not None and input_ids.ndim == 1:
+            input_ids = input_ids[None]
+        prompt_len = 0 if input_ids is None else input_ids.shape[1]
+        done_len = session.position if session is not None else 0
+        if max_new_tokens is None:
+            max_new_tokens = (max_length or DEFAULT_MAX_LENGTH) - prompt_len - done_len
+        if max_new_tokens < 0:
+            raise ValueError(f"max_length={max_length} is shorter than the {prompt_len + done_len} tokens already given")
+        eos = self.spec.eos_token_id if eos_token_id is None else eos_token_id
+        eos_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+        pad = pad_token_id if pad_token_id is not None else self.spec.pad_token_id
+        pad = pad if pad is not None else (eos_ids[0] if eos_ids else 0)
+
+        own_session = session is None
+        if own_session:
+            if input_ids is None:
+                raise ValueError("input_ids are required without a session")
+            session = self.inference_session(max_length=prompt_len + max(max_new_tokens, 1))
+        pad_lens = left_pad_lens(attention_mask, input_ids) if input_ids is not None and session.position == 0 else None
+        try:
+            new_tokens = generate_tokens(
+                session, self.local.embed, self.local.logits, input_ids, pad_lens=pad_lens,
+                max_new_tokens=max_new_tokens, sampling=sampling, eos_token_ids=eos_ids, pad_token_id=pad,
+                streamer=streamer,
+            )  # fmt: skip
+        finally:
+            if own_session:
+                session.close()
+        return new_tokens if input_ids is None else torch.cat([input_ids, new_tokens], dim=1)
+
+    def shutdown(self) -> None:
+        """Leave the swarm: stop this client's p2p daemon."""
+        self.node.shutdown()
+
+    def __del__(self) -> None:
+        node = self.__dict__.get("node")
+        if node is not None:
+            try:
+                node.shutdown()
+            except Exception:
+                pass
+
+
+class AutoDistributedModelForCausalLM:
+    """Entry point named as in transformers; picks the model class from the checkpoint's config."""
+
+    @staticmethod
+    def from_pretrained(name_or_path: str | Path, initial_peers: Sequence[str] = (), **kwargs) -> DistributedModelForCausalLM:
+        return DistributedModelForCausalLM.from_pretrained(name_or_path, initial_peers, **kwargs)

@@ -1,0 +1,134 @@
+"""Calls to one server: rpc_info, rpc_forward, rpc_backward, and the inference stream.
+
+Messages that fit one P2P part go unary (one round trip); larger ones use the streamed variants.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, AsyncIterator, Optional
+
+import torch
+from hivemind.p2p import P2P, PeerID
+from hivemind.proto import runtime_pb2
+
+from petals_like.config import DEFAULT_MAX_PART_BYTES
+from petals_like.data_structures import RemoteSpanInfo
+from petals_like.protocol import (
+    RPC_BACKWARD,
+    RPC_FORWARD,
+    RPC_INFERENCE,
+    RPC_INFO,
+    Message,
+    ProtocolError,
+    decode_metadata,
+    pack_message,
+    read_message,
+    unpack_message,
+)
+
+MAX_RESPONSE_BYTES = 1 << 31
+
+
+async def call_info(p2p: P2P, peer_id: str, *, timeout: float) -> dict[str, Any]:
+    response = await asyncio.wait_for(
+        p2p.call_protobuf_handler(PeerID.from_base58(peer_id), RPC_INFO, runtime_pb2.ExpertRequest(), runtime_pb2.ExpertResponse),
+        timeout,
+    )
+    return decode_metadata(response.metadata)
+
+
+async def _call(p2p: P2P, peer_id: str, name: str, tensors: list[torch.Tensor], metadata: dict, timeout: float) -> Message:
+    parts = pack_message(tensors, metadata, max_part_bytes=DEFAULT_MAX_PART_BYTES)
+    peer = PeerID.from_base58(peer_id)
+
+    async def run() -> Message:
+        if len(parts) == 1:
+            response = await p2p.call_protobuf_handler(peer, name, parts[0], runtime_pb2.ExpertResponse)
+            return unpack_message(response, max_bytes=MAX_RESPONSE_BYTES)
+        responses = await p2p.iterate_protobuf_handler(peer, name + "_stream", _aiter(parts), runtime_pb2.ExpertResponse)
+        message = await read_message(responses, max_bytes=MAX_RESPONSE_BYTES)
+        if message is None:
+            raise ProtocolError(f"{name} returned no response")
+        return message
+
+    return await asyncio.wait_for(run(), timeout)
+
+
+async def call_forward(p2p: P2P, span: RemoteSpanInfo, hidden: torch.Tensor, pad_lens: Optional[list[int]], *,
+                       timeout: float) -> torch.Tensor:  # fmt: skip
+    meta = {"start": span.start, "end": span.end, "pad_lens": pad_lens}
+    message = await _call(p2p, span.peer_id, RPC_FORWARD, [hidden], meta, timeout)
+    return _single_tensor(message, hidden)
+
+
+async def call_backward(p2p: P2P, span: RemoteSpanInfo, hidden: torch.Tensor, grad_output: torch.Tensor,
+                        pad_lens: Optional[list[int]], *, timeout: float) -> torch.Tensor:  # fmt: skip
+    meta = {"start": span.start, "end": span.end, "pad_lens": pad_lens}
+    message = await _call(p2p, span.peer_id, RPC_BACKWARD, [hidden, grad_output], meta, timeout)
+    return _single_tensor(message, hidden)
+
+
+def _single_tensor(message: Message, like: torch.Tensor) -> torch.Tensor:
+    """The server's answer must be one tensor of the request's shape: a lying server is caught here."""
+    if len(message.tensors) != 1 or message.tensors[0].shape != like.shape:
+        shapes = [tuple(t.shape) for t in message.tensors]
+        raise ProtocolError(f"server answered tensors {shapes}, expected one of shape {tuple(like.shape)}")
+    out = message.tensors[0].to(like.dtype)
+    if not torch.isfinite(out).all():
+        raise ProtocolError("server answered NaN or infinity")
+    return out
+
+
+async def _aiter(items):
+    for item in items:
+        yield item
+
+
+class InferenceStream:
+    """One open rpc_inference stream to one server: send a step, read its answer."""
+
+    def __init__(self, p2p: P2P, span: RemoteSpanInfo):
+        self.p2p = p2p
+        self.span = span
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._responses: Optional[AsyncIterator[runtime_pb2.ExpertResponse]] = None
+        self.closed = False
+
+    async def _requests(self) -> AsyncIterator[runtime_pb2.ExpertRequest]:
+        while True:
+            part = await self._queue.get()
+            if part is None:
+                return
+            yield part
+
+    async def open(self, *, timeout: float) -> None:
+        self._responses = await asyncio.wait_for(
+            self.p2p.iterate_protobuf_handler(PeerID.from_base58(self.span.peer_id), RPC_INFERENCE, self._requests(),
+                                              runtime_pb2.ExpertResponse),  # fmt: skip
+            timeout,
+        )
+
+    async def send(self, tensors: list[torch.Tensor], metadata: dict) -> None:
+        for part in pack_message(tensors, metadata, max_part_bytes=DEFAULT_MAX_PART_BYTES):
+            self._queue.put_nowait(part)
+
+    async def step(self, hidden: torch.Tensor, metadata: dict, *, timeout: float) -> torch.Tensor:
+        await self.send([hidden], metadata)
+        message = await asyncio.wait_for(read_message(self._responses, max_bytes=MAX_RESPONSE_BYTES), timeout)
+        if message is None:
+            raise ConnectionError(f"server {self.span.peer_id[-6:]} closed the inference stream")
+        return _single_tensor(message, hidden)
+
+    async def close(self, metadata: Optional[dict] = None) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if metadata is not None:
+            await self.send([], dict(metadata, close=True))
+        self._queue.put_nowait(None)
+        if self._responses is not None:
+            try:  # drain so that the stream's writer task finishes and the connection is released
+                await asyncio.wait_for(anext(self._responses, None), 1.0)
+            except Exception:
+                pass

@@ -1,0 +1,52 @@
+"""ClientConfig and ServerConfig: every tunable of a client or a server, with its reason."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+DEFAULT_MAX_PART_BYTES = 2 * 1024**2  # one P2P message part; hivemind caps unary messages at 4 MiB
+
+
+@dataclass
+class ClientConfig:
+    initial_peers: Sequence[str] = ()  # multiaddrs to bootstrap the DHT from
+    dht_prefix: Optional[str] = None  # the model's name in the swarm; derived from the checkpoint when None
+    request_timeout: float = 180.0  # seconds for one forward/backward/inference step
+    connect_timeout: float = 30.0  # seconds to join the DHT and to open an inference stream
+    ban_timeout: float = 15.0  # seconds to avoid a peer after it fails (doubles on repeated failures)
+    max_retries: int = 6  # attempts to replace a failed span before giving up on a step
+    update_period: float = 30.0  # seconds between refreshes of the swarm view
+    wire_dtype: Optional[str] = None  # dtype of hidden states on the wire; None = the model's dtype
+    host_maddrs: Sequence[str] = ("/ip4/127.0.0.1/tcp/0",)  # where the client's p2p daemon listens
+
+
+@dataclass
+class ServerConfig:
+    model: str | Path  # checkpoint folder or Hugging Face name (found in the local cache)
+    initial_peers: Sequence[str] = ()  # multiaddrs to join; empty starts a new swarm
+    block_indices: Optional[str] = None  # "A:B" pins the span; otherwise num_blocks are chosen
+    num_blocks: Optional[int] = None  # span length when choosing where to serve
+    dht_prefix: Optional[str] = None  # the model's name in the swarm; derived from the checkpoint when None
+    host_maddrs: Sequence[str] = ("/ip4/127.0.0.1/tcp/0",)
+    announce_maddrs: Sequence[str] = ()
+    identity_path: Optional[str] = None  # private key file: a stable peer id across restarts
+    device: str = "cpu"
+    torch_dtype: str = "auto"  # "auto" = the checkpoint's dtype
+    quant_type: str = "none"
+    num_threads: Optional[int] = None  # torch intra-op threads for the compute loop; None = torch's default
+    throughput: float = 0.0  # announced tokens/s per block; 0 = estimated from a quick forward pass
+    kv_cache_tokens: int = 65536  # KV cache tokens (batch x length, summed over sessions) this server holds
+    max_session_length: int = 8192  # upper bound of a session's max_length
+    max_batch_size: int = 64  # sequences in one request
+    max_request_tokens: int = 16384  # batch x new tokens in one request
+    max_message_bytes: int = 256 * 1024**2  # one assembled request, all parts together
+    max_part_bytes: int = DEFAULT_MAX_PART_BYTES
+    announce_period: float = 30.0  # seconds between re-announcements
+    expiration: float = 90.0  # seconds a record lives unless re-announced
+    session_idle_timeout: float = 600.0  # seconds an inference stream may stay silent before it is closed
+    request_timeout: float = 600.0  # seconds one forward/backward may wait in the queue plus compute
+    public_name: str = ""
+    progress: bool = True  # progress bar while loading blocks
+    extra: dict = field(default_factory=dict)

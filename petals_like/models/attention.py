@@ -1,0 +1,349 @@
+"""Rotary tables, the per-session key/value store and the attention step shared by every block.
+
+A span builds one `AttentionContext` per call (`make_attention_context`) and every block of the
+span attends through it, so the mask and the rotary tables are computed once per step, not once
+per block. Blocks never see the cache directly: they hand rotated q/k/v to `AttentionContext.attend`,
+which is the contract a paged KV pool can later implement without touching the block math.
+
+Index conventions (shared with the client and the server):
+- the absolute index of a token is its column in the session: pad tokens included;
+- `pad_lens[b]` left-padding tokens occupy absolute indices `< pad_lens[b]`;
+- the rotary position of a token is `absolute index - pad_len`, clamped at 0, which equals
+  transformers' `attention_mask.cumsum(-1) - 1` on real tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from petals_like.models.spec import ModelSpec
+
+# scaled_dot_product_attention(enable_gqa=...) exists from torch 2.5 on; older torch repeats k/v
+_SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
+
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "dynamic", "yarn")
+
+
+class RotaryEmbedding:
+    """Inverse frequencies of rotary position embeddings, including the checkpoint's rope scaling.
+
+    Not an nn.Module on purpose: it holds no weights, and `cos_sin` follows the device of the
+    positions it is given, so moving a span with `.to()` needs nothing from it.
+    """
+
+    def __init__(self, spec: ModelSpec, device: torch.device | str | None = None) -> None:
+        self.head_dim = spec.head_dim
+        self.base = float(spec.rope_theta)
+        self.max_position_embeddings = spec.max_position_embeddings
+        scaling = dict(spec.rope_scaling or {})
+        self.rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+        if self.rope_type not in SUPPORTED_ROPE_TYPES:
+            raise ValueError(
+                f"rope_type={self.rope_type!r} is not supported (supported: {', '.join(SUPPORTED_ROPE_TYPES)})"
+            )
+        if scaling.get("partial_rotary_factor", 1.0) != 1.0:
+            raise ValueError("partial_rotary_factor != 1 is not supported by llama-family blocks")
+        self.scaling = scaling
+        self.attention_scaling = 1.0  # multiplies cos/sin; only yarn changes it
+        self.inv_freq = self._compute_inv_freq()  # [head_dim // 2] float32
+        if device is not None:
+            self.inv_freq = self.inv_freq.to(device)
+
+    def _default_inv_freq(self, base: float | Tensor) -> Tensor:
+        # float32 on purpose: transformers and the reference implementations compute it this way,
+        # and the checkpoint was trained with these exact (slightly rounded) frequencies
+        exponents = torch.arange(0, self.head_dim, 2, dtype=torch.int64).float() / self.head_dim
+        return 1.0 / (base**exponents)
+
+    def _compute_inv_freq(self) -> Tensor:
+        s = self.scaling
+        if self.rope_type in ("default", "dynamic"):
+            # dynamic NTK starts from plain frequencies; cos_sin rescales them for long inputs
+            return self._default_inv_freq(self.base)
+        if self.rope_type == "linear":
+            return self._default_inv_freq(self.base) / float(s["factor"])
+        if self.rope_type == "llama3":
+            return self._llama3_inv_freq()
+        return self._yarn_inv_freq()
+
+    def _llama3_inv_freq(self) -> Tensor:
+        """Llama 3.1: long wavelengths slowed by `factor`, short ones kept, a smooth ramp between."""
+        s = self.scaling
+        inv_freq = self._default_inv_freq(self.base)
+        factor = float(s["factor"])
+        low, high = float(s["low_freq_factor"]), float(s["high_freq_factor"])
+        old_len = float(s["original_max_position_embeddings"])
+        wavelen = 2 * math.pi / inv_freq
+        smooth = (old_len / wavelen - low) / (high - low)
+        interpolated = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+        out = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+        return torch.where(medium, interpolated, out)
+
+    def _yarn_inv_freq(self) -> Tensor:
+        """YaRN: blend of interpolated and extrapolated frequencies, plus a cos/sin magnitude factor."""
+        s = self.scaling
+        dim = self.head_dim
+        orig_len = s.get("original_max_position_embeddings") or self.max_position_embeddings
+        factor = s.get("factor") or self.max_position_embeddings / orig_len
+
+        def mscale(scale: float, m: float = 1.0) -> float:
+            return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+        attention_factor = s.get("attention_factor")
+        if attention_factor is None:
+            if s.get("mscale") and s.get("mscale_all_dim"):
+                attention_factor = mscale(factor, s["mscale"]) / mscale(factor, s["mscale_all_dim"])
+            else:
+                attention_factor = mscale(factor)
+        self.attention_scaling = float(attention_factor)
+
+        def correction_dim(rotations: float) -> float:
+            # the dimension whose wavelength fits `rotations` times into the original context
+            return dim * math.log(orig_len / (rotations * 2 * math.pi)) / (2 * math.log(self.base))
+
+        low = correction_dim(s.get("beta_fast") or 32)
+        high = correction_dim(s.get("beta_slow") or 1)
+        if s.get("truncate", True):
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, dim - 1)
+        if low == high:
+            high += 0.001  # avoid a zero-width ramp
+        ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+        extrapolated = self._default_inv_freq(self.base)
+        interpolated = extrapolated / factor
+        return interpolated * ramp + extrapolated * (1 - ramp)
+
+    def _dynamic_inv_freq(self, positions: Tensor) -> Tensor:
+        """Dynamic NTK: stretch the base once the call reaches past max_position_embeddings.
+
+        Stateless, unlike transformers (which keeps the largest length seen so far): frequencies
+        depend only on the furthest position of this call. Keys already cached keep their rotation.
+        """
+        seq_len = int(positions.max()) + 1  # one sync per call; dynamic NTK is rare
+        if seq_len <= self.max_position_embeddings:
+            return self.inv_freq
+        factor = float(self.scaling["factor"])
+        ratio = factor * seq_len / self.max_position_embeddings - (factor - 1)
+        base = self.base * ratio ** (self.head_dim / (self.head_dim - 2))
+        return self._default_inv_freq(base).to(self.inv_freq.device)
+
+    def cos_sin(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """positions [batch, seq] int64 -> cos, sin [batch, seq, head_dim] in `dtype`."""
+        if self.inv_freq.device != positions.device:
+            self.inv_freq = self.inv_freq.to(positions.device)  # follow the span's device once
+        inv_freq = self._dynamic_inv_freq(positions) if self.rope_type == "dynamic" else self.inv_freq
+        with torch.autocast(device_type=positions.device.type, enabled=False):
+            freqs = positions[..., None].float() * inv_freq  # [batch, seq, head_dim // 2]
+            angles = torch.cat((freqs, freqs), dim=-1)  # [batch, seq, head_dim]
+            cos = angles.cos() * self.attention_scaling
+            sin = angles.sin() * self.attention_scaling
+        return cos.to(dtype), sin.to(dtype)
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate x [..., heads, head_dim] by cos/sin [..., head_dim] (halves layout, as in HF checkpoints)."""
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class KVCache:
+    """Contiguous per-session key/value store for the blocks of one span.
+
+    The paged pool replaces it later behind the same AttentionContext.attend() contract.
+
+    Capacity grows geometrically on demand, so a session that asks for max_length=8192 and stops
+    after 50 tokens costs 64 tokens of memory; `max_length` is only the limit a session agreed to.
+    `length` counts tokens stored in every layer; the span advances it after all its blocks ran.
+    """
+
+    MIN_CAPACITY = 16
+
+    def __init__(
+        self,
+        num_layers: int,
+        batch_size: int,
+        num_kv_heads: int,
+        head_dim: int,
+        max_length: int,
+        dtype: torch.dtype,
+        device: torch.device | str | None,
+    ) -> None:
+        if num_layers <= 0 or batch_size <= 0 or max_length <= 0:
+            raise ValueError(f"bad cache shape: {num_layers=}, {batch_size=}, {max_length=}")
+        self.num_layers = num_layers
+        self.batch_size = batch_size
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.max_length = max_length
+        self.dtype = dtype
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.length = 0
+        # one tensor per layer, not one stacked tensor: writing layer i must not bump the autograd
+        # version of what layer i-1 saved for backward
+        self._keys: list[Tensor] = []  # each [batch, kv_heads, capacity, head_dim]
+        self._values: list[Tensor] = []
+        self.capacity = 0
+
+    def reserve(self, extra: int) -> None:
+        """Make room for `extra` more tokens; raises before any block has written anything."""
+        needed = self.length + extra
+        if needed > self.max_length:
+            raise ValueError(f"cache overflow: {self.length} + {extra} tokens > max_length={self.max_length}")
+        if needed <= self.capacity:
+            return
+        new_capacity = min(self.max_length, max(needed, 2 * self.capacity, self.MIN_CAPACITY))
+        shape = (self.batch_size, self.num_kv_heads, new_capacity, self.head_dim)
+        for store in (self._keys, self._values):
+            old = list(store)
+            store.clear()
+            for i in range(self.num_layers):
+                grown = torch.empty(shape, dtype=self.dtype, device=self.device)
+                if old:
+                    grown[:, :, : self.length] = old[i][:, :, : self.length]
+                store.append(grown)
+        self.capacity = new_capacity
+
+    def write(self, layer: int, start: int, k: Tensor, v: Tensor) -> None:
+        """Store k, v [batch, kv_heads, seq, head_dim] at token indices [start, start + seq)."""
+        end = start + k.shape[2]
+        self._keys[layer][:, :, start:end] = k
+        self._values[layer][:, :, start:end] = v
+
+    def read(self, layer: int, start: int, end: int) -> tuple[Tensor, Tensor]:
+        """Views of stored keys/values at token indices [start, end): [batch, kv_heads, end - start, head_dim]."""
+        return self._keys[layer][:, :, start:end], self._values[layer][:, :, start:end]
+
+    def advance(self, seq_len: int) -> None:
+        """Commit `seq_len` tokens written to every layer."""
+        if self.length + seq_len > self.capacity:
+            raise ValueError(f"advance({seq_len}) past capacity {self.capacity} (reserve first)")
+        self.length += seq_len
+
+
+@dataclass
+class AttentionContext:
+    """What every block of a span needs to attend for one step: rotary tables, the mask, and where keys/values live.
+
+    Invariant: no query row is fully masked (a pad query sees itself), so SDPA never yields NaN
+    that could leak into the cache and then into real tokens.
+    """
+
+    cos: Tensor  # [batch, seq, head_dim]
+    sin: Tensor  # [batch, seq, head_dim]
+    mask: Optional[Tensor]  # [batch or 1, 1, seq, key_end - key_start] bool, True = may attend; None = see is_causal
+    is_causal: bool  # no mask and keys == queries: SDPA's own causal (top-left aligned) mask is right
+    past_len: int  # tokens already in the cache before this step
+    key_start: int  # first absolute key index any query of this step can see (sliding window)
+    cache: Optional[KVCache] = None
+
+    @property
+    def seq_len(self) -> int:
+        return self.cos.shape[1]
+
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """q [batch, heads, seq, head_dim], k/v [batch, kv_heads, seq, head_dim] (all rotated)
+        -> [batch, heads, seq, head_dim].
+
+        Stores k/v into the cache at `layer` (if any), then attends over past + new keys.
+        """
+        if self.cache is not None:
+            self.cache.write(layer, self.past_len, k, v)
+            k, v = self.cache.read(layer, self.key_start, self.past_len + self.seq_len)
+        return sdpa(q, k, v, mask=self.mask, is_causal=self.is_causal)
+
+
+def sdpa(q: Tensor, k: Tensor, v: Tensor, *, mask: Optional[Tensor], is_causal: bool) -> Tensor:
+    """Scaled dot-product attention with grouped k/v heads; scale is head_dim ** -0.5."""
+    num_heads, num_kv_heads = q.shape[1], k.shape[1]
+    if num_heads == num_kv_heads:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
+    if _SDPA_HAS_GQA:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=True)
+    groups = num_heads // num_kv_heads
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
+
+
+def make_attention_context(
+    rotary: RotaryEmbedding,
+    *,
+    batch_size: int,
+    seq_len: int,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    cache: Optional[KVCache] = None,
+    pad_lens: Optional[Tensor] = None,
+    sliding_window: Optional[int] = None,
+) -> AttentionContext:
+    """Rotary tables and mask for `seq_len` new tokens appended after the cache's contents.
+
+    Key j is visible to query i iff j <= i, and (j >= pad_len or j == i), and, with a sliding
+    window, i - j < sliding_window (transformers' rule, on absolute indices). Pass pad_lens=None
+    when nothing is padded: that is what lets decode steps run with no mask at all. With padding,
+    pass the same pad_lens on every step of a session.
+    """
+    device = torch.device(device)
+    if seq_len <= 0:
+        raise ValueError(f"seq_len={seq_len} must be positive")
+    if sliding_window is not None and sliding_window <= 0:
+        raise ValueError(f"sliding_window={sliding_window} must be positive")
+    if pad_lens is not None:
+        if pad_lens.shape != (batch_size,):
+            raise ValueError(f"pad_lens must have shape [{batch_size}], got {list(pad_lens.shape)}")
+        if bool((pad_lens < 0).any()):
+            raise ValueError("pad_lens must be non-negative")
+        pad_lens = pad_lens.to(device=device, dtype=torch.int64)
+    past_len = cache.length if cache is not None else 0
+    if cache is not None:
+        if cache.batch_size != batch_size:
+            raise ValueError(f"batch_size={batch_size} does not match the cache's {cache.batch_size}")
+        cache.reserve(seq_len)  # last check: raises on overflow before any block writes
+
+    total = past_len + seq_len
+    # with a window, keys older than the window of the first query are never read
+    key_start = max(0, past_len - sliding_window + 1) if sliding_window is not None else 0
+
+    query_idx = torch.arange(past_len, total, device=device)  # [seq] absolute indices
+    positions = query_idx.unsqueeze(0).expand(batch_size, seq_len)  # [batch, seq]
+    if pad_lens is not None:
+        positions = (positions - pad_lens[:, None]).clamp(min=0)
+    cos, sin = rotary.cos_sin(positions, dtype)
+
+    window_binds = sliding_window is not None and (total - 1) - key_start >= sliding_window
+    mask: Optional[Tensor] = None
+    is_causal = False
+    if pad_lens is None and not window_binds:
+        if seq_len > 1 and past_len == 0:
+            is_causal = True  # square causal mask: SDPA builds it (or skips it in flash kernels)
+        elif seq_len > 1:
+            mask = _causal_mask(query_idx, key_start, total, None, None)
+        # seq_len == 1 and no window/padding: the one query sees every stored key, no mask
+    else:
+        mask = _causal_mask(query_idx, key_start, total, sliding_window, pad_lens)
+    if mask is not None:
+        mask = mask.view(-1, 1, seq_len, total - key_start)  # [batch or 1, 1, seq, keys]
+    return AttentionContext(cos, sin, mask, is_causal, past_len, key_start, cache)
+
+
+def _causal_mask(
+    query_idx: Tensor, key_start: int, key_end: int, sliding_window: Optional[int], pad_lens: Optional[Tensor]
+) -> Tensor:
+    """Bool [seq, keys] (or [batch, seq, keys] with pad_lens), True where a query may attend."""
+    key_idx = torch.arange(key_start, key_end, device=query_idx.device)  # [keys]
+    q, k = query_idx[:, None], key_idx[None, :]
+    allowed = k <= q  # [seq, keys]
+    if sliding_window is not None:
+        allowed = allowed & (k > q - sliding_window)
+    if pad_lens is None:
+        return allowed
+    real_key = key_idx[None, None, :] >= pad_lens[:, None, None]  # [batch, 1, keys]
+    return allowed & (real_key | (k == q))  # [batch, seq, keys]; a pad query still sees itself

@@ -1,0 +1,202 @@
+"""Find a checkpoint offline and read only the tensors a server's span (or a client) needs.
+
+A server hosting blocks 10:20 of a 70-block model must not hold the other 60 blocks in memory,
+even briefly, so tensors are read one at a time with `safetensors.safe_open` (memory-mapped,
+only the shard files that hold them are opened) and converted to the target dtype as they are
+read. `.bin` (pickle) checkpoints cannot be read lazily and are refused with a clear error.
+
+Tensor names follow Hugging Face's Llama/Mistral/Qwen2 layout:
+`model.embed_tokens.weight`, `model.layers.{i}.<...>`, `model.norm.weight`, `lm_head.weight`;
+checkpoints saved from the bare model (no `model.` prefix) are read too.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections import defaultdict
+from pathlib import Path
+from typing import Iterable, Optional
+
+import torch
+from safetensors import safe_open
+from torch import Tensor
+from tqdm.auto import tqdm
+
+logger = logging.getLogger(__name__)
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+LM_HEAD = "lm_head.weight"  # saved at the top level, outside the "model." prefix
+_LAYER_RE = re.compile(r"^(?:model\.)?layers\.(\d+)\.")
+
+
+def resolve_checkpoint(name_or_path: str | Path, *, cache_dir: Optional[str | Path] = None) -> Path:
+    """A local folder with config.json, else a snapshot already in the Hugging Face cache.
+
+    Nothing is ever downloaded: servers and clients must start the same way with or without a
+    network, and a silent multi-gigabyte download is never what a user wants from a typo.
+    `cache_dir` overrides the hub cache location (tests point it at a fake cache).
+    """
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return path
+        raise FileNotFoundError(f"{path} is a folder but has no config.json: expected a Hugging Face checkpoint folder")
+    if path.exists():
+        raise FileNotFoundError(f"{path} is a file: expected a checkpoint folder containing config.json")
+
+    name = str(name_or_path)
+    snapshot = _cached_snapshot(name, cache_dir)
+    if snapshot is not None:
+        return snapshot
+    where = f"cache_dir={cache_dir}" if cache_dir is not None else "the Hugging Face cache (HF_HUB_CACHE)"
+    raise FileNotFoundError(
+        f"checkpoint {name!r} not found: no local folder {path.absolute()} with config.json, and no snapshot "
+        f"of repository {name!r} with config.json in {where}. Nothing is downloaded at run time; "
+        f"fetch it first (e.g. `hf download {name}`) or pass a local folder"
+    )
+
+
+def _cached_snapshot(repo_id: str, cache_dir: Optional[str | Path]) -> Optional[Path]:
+    """The cached snapshot folder of repo_id, or None when it is not a cached repo id."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    try:
+        folder = snapshot_download(repo_id, local_files_only=True, cache_dir=cache_dir)
+    except (LocalEntryNotFoundError, HFValidationError, ValueError) as e:
+        logger.debug(f"{repo_id!r} not found in the Hugging Face cache: {e}")
+        return None
+    folder = Path(folder)
+    return folder if (folder / "config.json").is_file() else None
+
+
+class CheckpointReader:
+    """Lazy reader of a safetensors checkpoint folder (one `model.safetensors` or an indexed set of shards).
+
+    Invariant: a tensor is read from disk only by a method that returns it; `tensors_read` lists
+    every name read, in order, so tests can prove a span loaded nothing outside it.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise FileNotFoundError(f"checkpoint folder {self.path} does not exist")
+        self.weight_map = self._read_weight_map()  # tensor name -> shard file name (relative to path)
+        # checkpoints of the bare model (LlamaModel.save_pretrained) have no "model." prefix
+        has_prefix = any(name.startswith("model.") for name in self.weight_map)
+        self.prefix = "model." if has_prefix else ""
+        self.tie_word_embeddings = self._read_tie_word_embeddings()
+        self.tensors_read: list[str] = []
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({str(self.path)!r}, {len(self.weight_map)} tensors)"
+
+    # ---- what the checkpoint holds ----
+
+    def _read_weight_map(self) -> dict[str, str]:
+        index_path = self.path / INDEX_FILE
+        if index_path.is_file():
+            try:
+                weight_map = json.loads(index_path.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise ValueError(f"{index_path} is not a valid safetensors index (no weight_map): {e}") from e
+            if not isinstance(weight_map, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+            ):
+                raise ValueError(f"{index_path}: weight_map must map tensor names to shard file names")
+            return dict(weight_map)
+        single = self.path / SINGLE_FILE
+        if single.is_file():
+            with safe_open(single, framework="pt", device="cpu") as f:
+                return {name: SINGLE_FILE for name in f.keys()}
+        pickles = sorted(p.name for p in self.path.glob("*.bin"))
+        if pickles:
+            raise ValueError(
+                f"{self.path} holds only PyTorch .bin weights ({', '.join(pickles)}); "
+                f"they cannot be loaded lazily. Convert the checkpoint to safetensors, e.g. "
+                f"AutoModelForCausalLM.from_pretrained(path).save_pretrained(new_path)"
+            )
+        raise FileNotFoundError(f"{self.path} has neither {SINGLE_FILE} nor {INDEX_FILE}: not a safetensors checkpoint")
+
+    def _read_tie_word_embeddings(self) -> bool:
+        config_path = self.path / "config.json"
+        if not config_path.is_file():
+            return False  # untied unless told otherwise; a missing lm_head still falls back to the embeddings
+        try:
+            return bool(json.loads(config_path.read_text()).get("tie_word_embeddings", False))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{config_path} is not valid JSON: {e}") from e
+
+    @property
+    def num_blocks(self) -> int:
+        """1 + the highest block index with tensors in the checkpoint."""
+        indices = [int(m.group(1)) for name in self.weight_map if (m := _LAYER_RE.match(name))]
+        return max(indices) + 1 if indices else 0
+
+    def block_tensor_names(self, index: int) -> list[str]:
+        prefix = f"{self.prefix}layers.{index}."
+        return sorted(name for name in self.weight_map if name.startswith(prefix))
+
+    # ---- reading ----
+
+    def read(self, names: Iterable[str], dtype: Optional[torch.dtype] = None) -> dict[str, Tensor]:
+        """Read the named tensors, opening each needed shard once; floating tensors are cast to dtype."""
+        by_file: dict[str, list[str]] = defaultdict(list)
+        for name in names:
+            if name not in self.weight_map:
+                raise KeyError(f"tensor {name!r} is not in checkpoint {self.path}")
+            by_file[self.weight_map[name]].append(name)
+        tensors: dict[str, Tensor] = {}
+        for file_name, file_names in by_file.items():
+            file_path = self.path / file_name
+            if not file_path.is_file():
+                raise FileNotFoundError(f"shard {file_path} (listed in {INDEX_FILE}) is missing")
+            with safe_open(file_path, framework="pt", device="cpu") as f:
+                for name in file_names:
+                    tensor = f.get_tensor(name)
+                    if dtype is not None and tensor.is_floating_point():
+                        tensor = tensor.to(dtype)  # convert now: never hold a whole span in the saved dtype
+                    tensors[name] = tensor
+                    self.tensors_read.append(name)
+        return tensors
+
+    def block_state_dict(self, index: int, dtype: torch.dtype) -> dict[str, Tensor]:
+        """Tensors of block `index` with `model.layers.{index}.` stripped (e.g. `self_attn.q_proj.weight`)."""
+        names = self.block_tensor_names(index)
+        if not names:
+            raise ValueError(f"checkpoint {self.path} has no tensors for block {index} "
+                             f"(it has {self.num_blocks} blocks)")  # fmt: skip
+        prefix_len = len(f"{self.prefix}layers.{index}.")
+        return {name[prefix_len:]: tensor for name, tensor in self.read(names, dtype).items()}
+
+    def load_blocks(self, start: int, end: int, dtype: torch.dtype, progress: bool = True) -> list[dict[str, Tensor]]:
+        """State dicts of blocks [start, end), read one block at a time."""
+        num_blocks = self.num_blocks
+        if not 0 <= start < end <= num_blocks:
+            raise ValueError(f"block range {start}:{end} is not within 0:{num_blocks} of checkpoint {self.path}")
+        blocks = []
+        for index in tqdm(range(start, end), desc=f"loading blocks {start}:{end}", unit="block", disable=not progress):
+            blocks.append(self.block_state_dict(index, dtype))
+        return blocks
+
+    def client_state_dict(self, dtype: torch.dtype) -> dict[str, Tensor]:
+        """`embed_tokens.weight`, `norm.weight`, `lm_head.weight`: what a client keeps locally.
+
+        With tied embeddings (or no lm_head tensor saved), lm_head.weight is the embedding tensor
+        itself, the same object, so the client holds one copy and training updates both.
+        """
+        embed_name, norm_name, head_name = f"{self.prefix}embed_tokens.weight", f"{self.prefix}norm.weight", LM_HEAD
+        for name in (embed_name, norm_name):
+            if name not in self.weight_map:
+                raise ValueError(f"checkpoint {self.path} has no {name!r}: not a Llama-family causal LM")
+        tied = self.tie_word_embeddings or head_name not in self.weight_map
+        tensors = self.read([embed_name, norm_name] if tied else [embed_name, norm_name, head_name], dtype)
+        embed = tensors[embed_name]
+        return {
+            "embed_tokens.weight": embed,
+            "norm.weight": tensors[norm_name],
+            "lm_head.weight": embed if tied else tensors[head_name],
+        }

@@ -1,0 +1,114 @@
+"""One decoder block of the Llama family (Llama, Mistral, Qwen2): hidden -> hidden.
+
+Submodule and parameter names mirror transformers' decoder layer, so a block loads the tensors
+`model.layers.{i}.*` of a checkpoint with the prefix stripped via plain `load_state_dict()`.
+
+The block works on flattened tokens [tokens, hidden] for everything but attention itself, and
+forward() is split into attention_input / attention_output / mlp_residual, so a continuous
+batching engine can run the projections over tokens from many sessions at once and attend per
+session in between.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from petals_like.models.attention import AttentionContext, apply_rotary
+from petals_like.models.spec import ModelSpec
+
+
+class RMSNorm(nn.Module):
+    """RMS normalization computed in float32 and cast back before the weight, as transformers does.
+
+    The order (normalize in fp32, cast, then multiply by the weight) matters for matching
+    half-precision checkpoints bit for bit-ish; do not fold the weight in before the cast.
+    """
+
+    def __init__(self, hidden_size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)
+
+
+class LlamaAttentionProjections(nn.Module):
+    """The four attention projections; named `self_attn` in the block to match checkpoint keys."""
+
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        q_size, kv_size = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
+        self.q_proj = nn.Linear(spec.hidden_size, q_size, bias=spec.qkv_bias)
+        self.k_proj = nn.Linear(spec.hidden_size, kv_size, bias=spec.qkv_bias)
+        self.v_proj = nn.Linear(spec.hidden_size, kv_size, bias=spec.qkv_bias)
+        self.o_proj = nn.Linear(q_size, spec.hidden_size, bias=spec.o_bias)
+
+
+class LlamaMLP(nn.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x)); all three families use silu."""
+
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(spec.hidden_size, spec.intermediate_size, bias=spec.mlp_bias)
+        self.up_proj = nn.Linear(spec.hidden_size, spec.intermediate_size, bias=spec.mlp_bias)
+        self.down_proj = nn.Linear(spec.intermediate_size, spec.hidden_size, bias=spec.mlp_bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LlamaBlock(nn.Module):
+    """Pre-norm decoder block: h + attn(norm(h)), then h + mlp(norm(h))."""
+
+    def __init__(self, spec: ModelSpec, layer_idx: int) -> None:
+        super().__init__()
+        if spec.num_heads % spec.num_kv_heads != 0:
+            raise ValueError(f"num_heads={spec.num_heads} is not a multiple of num_kv_heads={spec.num_kv_heads}")
+        self.layer_idx = layer_idx  # index in the whole model; informational (checkpoint keys, logs)
+        self.num_heads = spec.num_heads
+        self.num_kv_heads = spec.num_kv_heads
+        self.head_dim = spec.head_dim
+        self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.self_attn = LlamaAttentionProjections(spec)
+        self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.mlp = LlamaMLP(spec)
+
+    def attention_input(self, hidden: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """hidden [tokens, hidden], cos/sin [tokens, head_dim] -> rotated q [tokens, heads, head_dim],
+        rotated k [tokens, kv_heads, head_dim], v [tokens, kv_heads, head_dim]."""
+        x = self.input_layernorm(hidden)
+        attn = self.self_attn
+        q = attn.q_proj(x).view(-1, self.num_heads, self.head_dim)
+        k = attn.k_proj(x).view(-1, self.num_kv_heads, self.head_dim)
+        v = attn.v_proj(x).view(-1, self.num_kv_heads, self.head_dim)
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+
+    def attention_output(self, residual: Tensor, attended: Tensor) -> Tensor:
+        """residual [tokens, hidden], attended [tokens, heads * head_dim] -> [tokens, hidden]."""
+        return residual + self.self_attn.o_proj(attended)
+
+    def mlp_residual(self, hidden: Tensor) -> Tensor:
+        """[tokens, hidden] -> [tokens, hidden]: the feed-forward half of the block."""
+        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+
+    def forward(self, hidden: Tensor, ctx: AttentionContext, layer: int) -> Tensor:
+        """hidden [batch, seq, hidden] -> [batch, seq, hidden]; `layer` indexes the span's cache."""
+        batch, seq, hidden_size = hidden.shape
+        flat = hidden.reshape(batch * seq, hidden_size)  # [tokens, hidden]
+        cos = ctx.cos.reshape(batch * seq, self.head_dim)  # [tokens, head_dim]
+        sin = ctx.sin.reshape(batch * seq, self.head_dim)
+        q, k, v = self.attention_input(flat, cos, sin)
+
+        def heads_first(x: Tensor) -> Tensor:  # [tokens, h, d] -> [batch, h, seq, d]
+            return x.view(batch, seq, x.shape[1], self.head_dim).transpose(1, 2)
+
+        attended = ctx.attend(layer, heads_first(q), heads_first(k), heads_first(v))  # [batch, heads, seq, d]
+        attended = attended.transpose(1, 2).reshape(batch * seq, self.num_heads * self.head_dim)
+        out = self.mlp_residual(self.attention_output(flat, attended))
+        return out.view(batch, seq, hidden_size)

@@ -1,0 +1,94 @@
+"""BlockSpan: the consecutive blocks of one model that a server hosts, run as one unit."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+from torch import Tensor, nn
+
+from petals_like.models.attention import KVCache, RotaryEmbedding, make_attention_context
+from petals_like.models.llama.block import LlamaBlock
+from petals_like.models.spec import ModelSpec
+
+
+class BlockSpan(nn.Module):
+    """Blocks [start, end) of one model: the unit a server hosts.
+
+    `blocks[i]` is model block `start + i`. forward() can run a sub-range [first, last) of the span
+    (relative indices), e.g. when a client's route covers only part of what this server holds.
+    """
+
+    def __init__(self, spec: ModelSpec, start: int, end: int, blocks: Optional[Sequence[LlamaBlock]] = None) -> None:
+        super().__init__()
+        if not 0 <= start < end <= spec.num_blocks:
+            raise ValueError(f"span [{start}, {end}) is not inside [0, {spec.num_blocks})")
+        if spec.family == "qwen2" and spec.sliding_window is not None:
+            # Qwen2 slides only in layers >= max_window_layers, which ModelSpec does not carry
+            raise ValueError("qwen2 with use_sliding_window=True is not supported")
+        if blocks is None:
+            blocks = [LlamaBlock(spec, i) for i in range(start, end)]
+        if len(blocks) != end - start:
+            raise ValueError(f"got {len(blocks)} blocks for span [{start}, {end})")
+        self.spec = spec
+        self.start = start
+        self.end = end
+        self.blocks = nn.ModuleList(blocks)
+        self.rotary = RotaryEmbedding(spec)
+
+    def _range(self, first: int, last: Optional[int]) -> tuple[int, int]:
+        last = len(self.blocks) if last is None else last
+        if not 0 <= first < last <= len(self.blocks):
+            raise ValueError(f"blocks [{first}, {last}) are not inside this span's [0, {len(self.blocks)})")
+        return first, last
+
+    def forward(
+        self,
+        hidden: Tensor,
+        *,
+        pad_lens: Optional[Tensor] = None,
+        cache: Optional[KVCache] = None,
+        first: int = 0,
+        last: Optional[int] = None,
+    ) -> Tensor:
+        """hidden [batch, seq, hidden] -> [batch, seq, hidden] through blocks[first:last].
+
+        With a cache, the new tokens follow the cache's `length` tokens and are appended to it;
+        the cache must hold exactly last - first layers. pad_lens [batch] counts left pads; give the
+        same pad_lens on every step of a session, or None when nothing is padded (faster).
+        """
+        first, last = self._range(first, last)
+        if hidden.dim() != 3 or hidden.shape[-1] != self.spec.hidden_size or hidden.shape[1] == 0:
+            raise ValueError(f"hidden must be [batch, seq > 0, {self.spec.hidden_size}], got {list(hidden.shape)}")
+        if cache is not None and cache.num_layers != last - first:
+            raise ValueError(f"cache has {cache.num_layers} layers, blocks [{first}, {last}) need {last - first}")
+        batch, seq, _ = hidden.shape
+        ctx = make_attention_context(
+            self.rotary,
+            batch_size=batch,
+            seq_len=seq,
+            dtype=hidden.dtype,
+            device=hidden.device,
+            cache=cache,
+            pad_lens=pad_lens,
+            sliding_window=self.spec.sliding_window,
+        )
+        for layer, block in enumerate(self.blocks[first:last]):
+            hidden = block(hidden, ctx, layer)
+        if cache is not None:
+            cache.advance(seq)
+        return hidden
+
+    def new_cache(self, batch_size: int, max_length: int, first: int = 0, last: Optional[int] = None) -> KVCache:
+        """An empty cache for blocks[first:last], in the dtype and device of the span's weights."""
+        first, last = self._range(first, last)
+        # the norm weight, not a projection's: projections may be replaced by quantized layers
+        weight = self.blocks[first].input_layernorm.weight
+        return KVCache(
+            num_layers=last - first,
+            batch_size=batch_size,
+            num_kv_heads=self.spec.num_kv_heads,
+            head_dim=self.spec.head_dim,
+            max_length=max_length,
+            dtype=weight.dtype,
+            device=weight.device,
+        )

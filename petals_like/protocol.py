@@ -1,0 +1,209 @@
+"""The wire: RPC names, message framing in parts, tensor and metadata encoding.
+
+A logical message is a list of tensors plus a metadata dict. It travels as one or more protobuf
+parts (hivemind's ExpertRequest / ExpertResponse), each below the P2P message limit: big tensors
+are cut into chunks, small ones share a part. The first part's metadata says how many parts follow.
+Everything read from the wire is validated here before any other code sees it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Iterable, Optional, Sequence, Type, TypeVar, Union
+
+import msgpack
+import torch
+from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
+from hivemind.proto import runtime_pb2
+
+from petals_like.config import DEFAULT_MAX_PART_BYTES
+
+RPC_INFO = "petals_like.rpc_info"
+RPC_FORWARD = "petals_like.rpc_forward"
+RPC_BACKWARD = "petals_like.rpc_backward"
+RPC_INFERENCE = "petals_like.rpc_inference"
+
+PROTOCOL_VERSION = 1
+WIRE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_TENSOR_DTYPES = {**WIRE_DTYPES, "int64": torch.int64, "int32": torch.int32}
+_PARTS_KEY = "_parts"
+MAX_PARTS = 1 << 16
+MAX_METADATA_BYTES = 1 << 20
+
+Proto = TypeVar("Proto", runtime_pb2.ExpertRequest, runtime_pb2.ExpertResponse)
+
+
+class ProtocolError(ValueError):
+    """The peer sent something this protocol cannot accept; the message says what."""
+
+
+@dataclass
+class Message:
+    tensors: list[torch.Tensor] = field(default_factory=list)
+    metadata: dict[str, Any] = field(default_factory=dict)
+    nbytes: int = 0  # bytes of tensor payload as received
+
+
+def encode_metadata(metadata: dict[str, Any]) -> bytes:
+    return msgpack.packb(metadata, use_bin_type=True)
+
+
+def decode_metadata(raw: bytes) -> dict[str, Any]:
+    if not raw:
+        return {}
+    if len(raw) > MAX_METADATA_BYTES:
+        raise ProtocolError(f"metadata of {len(raw)} bytes exceeds {MAX_METADATA_BYTES}")
+    try:
+        metadata = msgpack.unpackb(raw, raw=False, strict_map_key=True)
+    except Exception as e:
+        raise ProtocolError(f"malformed metadata: {e}") from None
+    if not isinstance(metadata, dict):
+        raise ProtocolError("metadata must be a map")
+    return metadata
+
+
+def pack_message(
+    tensors: Sequence[torch.Tensor],
+    metadata: Optional[dict[str, Any]] = None,
+    *,
+    proto: Type[Proto] = runtime_pb2.ExpertRequest,
+    max_part_bytes: int = DEFAULT_MAX_PART_BYTES,
+) -> list[Proto]:
+    """Encode a logical message as parts of at most ~max_part_bytes of tensor data each."""
+    chunks: list[runtime_pb2.Tensor] = []
+    for tensor in tensors:
+        serialized = serialize_torch_tensor(tensor.detach().cpu())
+        buffer = memoryview(serialized.buffer)
+        num_chunks = max(1, -(-len(buffer) // max_part_bytes))
+        first = runtime_pb2.Tensor(
+            compression=serialized.compression, size=serialized.size, dtype=serialized.dtype,
+            requires_grad=serialized.requires_grad, chunks=num_chunks, buffer=buffer[:max_part_bytes].tobytes(),
+        )  # fmt: skip
+        chunks.append(first)
+        for offset in range(max_part_bytes, len(buffer), max_part_bytes):
+            chunks.append(runtime_pb2.Tensor(buffer=buffer[offset : offset + max_part_bytes].tobytes()))
+
+    parts: list[list[runtime_pb2.Tensor]] = [[]]
+    part_bytes = 0
+    for chunk in chunks:
+        if parts[-1] and part_bytes + len(chunk.buffer) > max_part_bytes:
+            parts.append([])
+            part_bytes = 0
+        parts[-1].append(chunk)
+        part_bytes += len(chunk.buffer)
+
+    first_metadata = dict(metadata or {})
+    if len(parts) > 1:
+        first_metadata[_PARTS_KEY] = len(parts)
+    messages = [proto(tensors=parts[0], metadata=encode_metadata(first_metadata))]
+    messages.extend(proto(tensors=part) for part in parts[1:])
+    return messages
+
+
+async def read_message(
+    stream: AsyncIterator[Union[runtime_pb2.ExpertRequest, runtime_pb2.ExpertResponse]],
+    *,
+    max_bytes: int,
+) -> Optional[Message]:
+    """Read one logical message from a stream of parts; None if the stream ended before it began."""
+    first = await anext(stream, None)
+    if first is None:
+        return None
+    metadata = decode_metadata(first.metadata)
+    num_parts = metadata.pop(_PARTS_KEY, 1)
+    if not isinstance(num_parts, int) or not 1 <= num_parts <= MAX_PARTS:
+        raise ProtocolError(f"invalid number of parts: {num_parts!r}")
+    parts = [first]
+    total = sum(len(t.buffer) for t in first.tensors)
+    while len(parts) < num_parts:
+        part = await anext(stream, None)
+        if part is None:
+            raise ProtocolError(f"stream ended after {len(parts)} of {num_parts} parts")
+        if part.metadata:
+            raise ProtocolError("metadata is allowed only in the first part of a message")
+        total += sum(len(t.buffer) for t in part.tensors)
+        if total > max_bytes:
+            raise ProtocolError(f"message exceeds the server's limit of {max_bytes} bytes")
+        parts.append(part)
+    if total > max_bytes:
+        raise ProtocolError(f"message exceeds the server's limit of {max_bytes} bytes")
+    tensors = decode_tensors(chunk for part in parts for chunk in part.tensors)
+    return Message(tensors, metadata, total)
+
+
+def unpack_message(part: Union[runtime_pb2.ExpertRequest, runtime_pb2.ExpertResponse], *, max_bytes: int) -> Message:
+    """A single-part message (unary calls)."""
+    metadata = decode_metadata(part.metadata)
+    if metadata.pop(_PARTS_KEY, 1) != 1:
+        raise ProtocolError("a unary message must have exactly one part")
+    total = sum(len(t.buffer) for t in part.tensors)
+    if total > max_bytes:
+        raise ProtocolError(f"message exceeds the limit of {max_bytes} bytes")
+    return Message(decode_tensors(part.tensors), metadata, total)
+
+
+def decode_tensors(chunks: Iterable[runtime_pb2.Tensor]) -> list[torch.Tensor]:
+    """Join chunked tensors and deserialize them, rejecting unknown dtypes and inconsistent sizes."""
+    tensors: list[torch.Tensor] = []
+    head: Optional[runtime_pb2.Tensor] = None
+    buffers: list[bytes] = []
+
+    def finish() -> None:
+        if head is None:
+            return
+        if len(buffers) != max(head.chunks, 1):
+            raise ProtocolError(f"tensor announced {head.chunks} chunks, got {len(buffers)}")
+        tensors.append(_deserialize(head, b"".join(buffers)))
+
+    for chunk in chunks:
+        if chunk.dtype:  # the first chunk of a tensor carries its dtype and shape
+            finish()
+            head, buffers = chunk, [chunk.buffer]
+        elif head is None:
+            raise ProtocolError("tensor chunk without a header")
+        else:
+            buffers.append(chunk.buffer)
+    finish()
+    return tensors
+
+
+def _deserialize(head: runtime_pb2.Tensor, buffer: bytes) -> torch.Tensor:
+    if head.dtype not in _TENSOR_DTYPES:
+        raise ProtocolError(f"unsupported tensor dtype {head.dtype!r}")
+    if head.compression != runtime_pb2.CompressionType.NONE and head.dtype not in WIRE_DTYPES:
+        raise ProtocolError("only floating-point tensors may be compressed")
+    if len(head.size) > 8:
+        raise ProtocolError(f"tensor of {len(head.size)} dimensions")
+    numel = 1
+    for dim in head.size:
+        numel *= dim
+    if head.compression == runtime_pb2.CompressionType.NONE:
+        itemsize = torch.empty((), dtype=_TENSOR_DTYPES[head.dtype]).element_size()
+        if numel * itemsize != len(buffer):
+            raise ProtocolError(f"tensor of shape {list(head.size)} and dtype {head.dtype} needs "
+                                f"{numel * itemsize} bytes, got {len(buffer)}")  # fmt: skip
+    whole = runtime_pb2.Tensor()
+    whole.CopyFrom(head)
+    whole.buffer = buffer
+    whole.chunks = 0
+    try:
+        tensor = deserialize_torch_tensor(whole)
+    except Exception as e:
+        raise ProtocolError(f"cannot decode tensor: {e}") from None
+    if tuple(tensor.shape) != tuple(head.size):
+        raise ProtocolError(f"tensor decoded to shape {tuple(tensor.shape)}, announced {tuple(head.size)}")
+    return tensor.detach()
+
+
+def require(metadata: dict[str, Any], key: str, kind: type | tuple[type, ...], default: Any = ...) -> Any:
+    """Typed read of a metadata field: a clear ProtocolError instead of a KeyError or TypeError later."""
+    if key not in metadata:
+        if default is ...:
+            raise ProtocolError(f"metadata field {key!r} is missing")
+        return default
+    value = metadata[key]
+    if isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
+        raise ProtocolError(f"metadata field {key!r} must be {kind}, got bool")
+    if not isinstance(value, kind):
+        raise ProtocolError(f"metadata field {key!r} must be {kind}, got {type(value).__name__}")
+    return value

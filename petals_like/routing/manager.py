@@ -1,0 +1,75 @@
+"""RouteManager: keeps the client's view of a model's servers fresh and avoids peers that failed.
+
+A peer that fails is banned for ban_timeout seconds, doubling with each consecutive failure, so a
+flapping server is tried less and less; a success clears its record.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Optional
+
+from petals_like.config import ClientConfig
+from petals_like.data_structures import RemoteSpanInfo
+from petals_like.dht.announce import get_block_infos
+from petals_like.dht.node import SwarmNode
+from petals_like.dht.records import compute_spans
+from petals_like.routing.planner import NoRouteError, make_route
+
+logger = logging.getLogger(__name__)
+
+
+class RouteManager:
+    def __init__(self, node: SwarmNode, dht_prefix: str, num_blocks: int, config: ClientConfig):
+        self.node = node
+        self.dht_prefix = dht_prefix
+        self.num_blocks = num_blocks
+        self.config = config
+        self.spans: dict[str, RemoteSpanInfo] = {}
+        self._updated_at = -float("inf")
+        self._failures: dict[str, int] = {}
+        self._banned_until: dict[str, float] = {}
+        self._lock = asyncio.Lock()
+
+    async def refresh(self, *, force: bool = False) -> None:
+        """Re-read the swarm from the DHT if the view is older than update_period (or when forced)."""
+        async with self._lock:
+            if not force and time.monotonic() - self._updated_at < self.config.update_period:
+                return
+            infos = await get_block_infos(self.node.dht, self.dht_prefix, range(self.num_blocks))
+            self.spans = compute_spans(infos)
+            self._updated_at = time.monotonic()
+
+    def banned(self) -> set[str]:
+        now = time.monotonic()
+        return {peer for peer, until in self._banned_until.items() if until > now}
+
+    def ban(self, peer_id: str, reason: str) -> None:
+        failures = self._failures.get(peer_id, 0) + 1
+        self._failures[peer_id] = failures
+        duration = self.config.ban_timeout * 2 ** min(failures - 1, 6)
+        self._banned_until[peer_id] = time.monotonic() + duration
+        logger.warning(f"Avoiding server {peer_id[-6:]} for {duration:.0f} s: {reason}")
+
+    def succeeded(self, peer_id: str) -> None:
+        if self._failures.pop(peer_id, None) is not None:
+            self._banned_until.pop(peer_id, None)
+
+    async def make_route(self, start: int, end: int, *, timeout: Optional[float] = None) -> list[RemoteSpanInfo]:
+        """A chain covering [start, end); waits (re-reading the DHT) until one exists or timeout passes."""
+        deadline = time.monotonic() + (self.config.connect_timeout if timeout is None else timeout)
+        await self.refresh()
+        delay = 0.2
+        while True:
+            try:
+                route = make_route(self.spans, start, end, banned=self.banned())
+                logger.debug(f"Route for blocks {start}:{end}: {route}")
+                return route
+            except NoRouteError:
+                if time.monotonic() + delay > deadline:
+                    raise
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+            await self.refresh(force=True)

@@ -1,0 +1,128 @@
+"""SpanBackend: the server's hosted blocks plus the checks that every request passes before compute.
+
+Everything here runs on the compute thread except the validate_* methods, which the handlers call
+on the event loop so that bad input is answered before it waits in the queue.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+from petals_like.models.attention import KVCache
+from petals_like.models.span import BlockSpan
+from petals_like.protocol import WIRE_DTYPES, ProtocolError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BlockRange:
+    """Which of the server's blocks a request runs, as offsets into its span: [first, last)."""
+
+    first: int
+    last: int
+
+    @property
+    def length(self) -> int:
+        return self.last - self.first
+
+
+class SpanBackend:
+    def __init__(
+        self,
+        span: BlockSpan,
+        *,
+        dtype: torch.dtype,
+        device: torch.device,
+        max_batch_size: int,
+        max_request_tokens: int,
+    ):
+        self.span = span
+        self.spec = span.spec
+        self.dtype = dtype
+        self.device = device
+        self.max_batch_size = max_batch_size
+        self.max_request_tokens = max_request_tokens
+
+    @property
+    def start(self) -> int:
+        return self.span.start
+
+    @property
+    def end(self) -> int:
+        return self.span.end
+
+    # ---- validation (event loop) ----
+
+    def block_range(self, start: object, end: object) -> BlockRange:
+        """Absolute block indices from a request -> offsets into the span; rejects ranges it does not host."""
+        if isinstance(start, bool) or isinstance(end, bool) or not isinstance(start, int) or not isinstance(end, int):
+            raise ProtocolError("start and end must be integers")
+        if not self.start <= start < end <= self.end:
+            raise ProtocolError(f"blocks [{start}, {end}) are not inside this server's span [{self.start}, {self.end})")
+        return BlockRange(start - self.start, end - self.start)
+
+    def check_hidden(self, tensor: torch.Tensor, name: str = "hidden_states") -> None:
+        """[batch, seq, hidden] in a wire dtype, finite, within the request limits."""
+        if tensor.dtype not in WIRE_DTYPES.values():
+            raise ProtocolError(f"{name} must be one of {sorted(WIRE_DTYPES)}, got {str(tensor.dtype).replace('torch.', '')}")
+        if tensor.ndim != 3:
+            raise ProtocolError(f"{name} must be [batch, seq, hidden], got shape {tuple(tensor.shape)}")
+        batch, seq, hidden = tensor.shape
+        if hidden != self.spec.hidden_size:
+            raise ProtocolError(f"{name} hidden size {hidden} != model hidden size {self.spec.hidden_size}")
+        if not 1 <= batch <= self.max_batch_size:
+            raise ProtocolError(f"batch size {batch} not in [1, {self.max_batch_size}]")
+        if not 1 <= seq or batch * seq > self.max_request_tokens:
+            raise ProtocolError(f"{batch}x{seq} tokens not in [1, {self.max_request_tokens}] per request")
+        if not torch.isfinite(tensor).all():
+            raise ProtocolError(f"{name} contains NaN or infinity")
+
+    def check_pad_lens(self, pad_lens: object, batch: int, seq: int) -> Optional[torch.Tensor]:
+        """Left-padding counts per sequence (or None); each must leave at least one real token."""
+        if pad_lens is None:
+            return None
+        if not isinstance(pad_lens, (list, tuple)) or len(pad_lens) != batch:
+            raise ProtocolError(f"pad_lens must be a list of {batch} integers")
+        if not all(isinstance(p, int) and not isinstance(p, bool) and 0 <= p < seq for p in pad_lens):
+            raise ProtocolError(f"pad_lens must be integers in [0, {seq})")
+        if not any(pad_lens):
+            return None
+        return torch.tensor(pad_lens, dtype=torch.int64, device=self.device)
+
+    # ---- compute (compute thread) ----
+
+    def _to_compute(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.to(device=self.device, dtype=self.dtype)
+
+    @torch.inference_mode()
+    def forward(self, hidden: torch.Tensor, pad_lens: Optional[torch.Tensor], blocks: BlockRange) -> torch.Tensor:
+        out = self.span(self._to_compute(hidden), pad_lens=pad_lens, first=blocks.first, last=blocks.last)
+        return out.to(device="cpu", dtype=hidden.dtype)
+
+    def backward(
+        self, hidden: torch.Tensor, grad_output: torch.Tensor, pad_lens: Optional[torch.Tensor], blocks: BlockRange
+    ) -> torch.Tensor:
+        """Recompute the forward (servers keep no activations between calls) and return d(loss)/d(hidden)."""
+        with torch.enable_grad():
+            inputs = self._to_compute(hidden).requires_grad_(True)
+            out = self.span(inputs, pad_lens=pad_lens, first=blocks.first, last=blocks.last)
+            (grad,) = torch.autograd.grad(out, inputs, grad_outputs=self._to_compute(grad_output))
+        return grad.to(device="cpu", dtype=hidden.dtype)
+
+    def new_cache(self, batch_size: int, max_length: int, blocks: BlockRange) -> KVCache:
+        return self.span.new_cache(batch_size, max_length, first=blocks.first, last=blocks.last)
+
+    @torch.inference_mode()
+    def inference_step(
+        self, cache: KVCache, hidden: torch.Tensor, pad_lens: Optional[torch.Tensor], blocks: BlockRange
+    ) -> torch.Tensor:
+        out = self.span(self._to_compute(hidden), pad_lens=pad_lens, cache=cache, first=blocks.first, last=blocks.last)
+        return out.to(device="cpu", dtype=hidden.dtype)
+
+    def shapes_match(self, tensors: Sequence[torch.Tensor]) -> bool:
+        return len({tuple(t.shape) for t in tensors}) == 1

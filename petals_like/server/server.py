@@ -1,0 +1,196 @@
+"""Server lifecycle: pick blocks, announce JOINING, load, serve, announce ONLINE, re-announce, leave.
+
+One process holds one SwarmNode (a p2pd daemon + DHT node on an event-loop thread) and one
+ComputeRuntime thread; that is the whole server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Optional
+
+import psutil
+import torch
+
+from petals_like import __version__
+from petals_like.config import ServerConfig
+from petals_like.data_structures import ServerInfo, ServerState, parse_block_range
+from petals_like.dht.announce import declare_blocks, get_block_infos
+from petals_like.dht.node import SwarmNode
+from petals_like.dht.records import default_dht_prefix
+from petals_like.models.checkpoint import CheckpointReader, resolve_checkpoint
+from petals_like.models.llama.block import LlamaBlock
+from petals_like.models.span import BlockSpan
+from petals_like.models.spec import ModelSpec, resolve_dtype
+from petals_like.server.backend import BlockRange, SpanBackend
+from petals_like.server.block_selection import block_throughputs, choose_best_start
+from petals_like.server.handler import Handlers
+from petals_like.server.runtime import ComputeRuntime
+
+logger = logging.getLogger(__name__)
+
+def load_span(path: Path, spec: ModelSpec, start: int, end: int, dtype: torch.dtype, device: torch.device,
+              progress: bool = True) -> BlockSpan:  # fmt: skip
+    """Build blocks [start, end) from only their tensors: peak memory follows the span, not the model."""
+    reader = CheckpointReader(path)
+    blocks = []
+    for index, state_dict in zip(range(start, end), reader.load_blocks(start, end, dtype, progress=progress)):
+        with torch.device("meta"):
+            block = LlamaBlock(spec, index)
+        block.load_state_dict(state_dict, strict=True, assign=True)
+        blocks.append(block.to(device=device, dtype=dtype))
+    span = BlockSpan(spec, start, end, blocks).to(device)
+    span.requires_grad_(False)
+    return span.eval()
+
+
+class Server:
+    def __init__(self, config: ServerConfig):
+        self.config = config
+        self.path = resolve_checkpoint(config.model)
+        self.spec = ModelSpec.from_pretrained(self.path)
+        self.dht_prefix = config.dht_prefix or default_dht_prefix(config.model)
+        self.dtype = resolve_dtype(config.torch_dtype, self.spec)
+        self.device = torch.device(config.device)
+        if config.quant_type != "none":
+            raise NotImplementedError(f"quant_type={config.quant_type!r} is not available yet; use none")
+        self.node: Optional[SwarmNode] = None
+        self.runtime: Optional[ComputeRuntime] = None
+        self.handlers: Optional[Handlers] = None
+        self.start_block = self.end_block = 0
+        self.state = ServerState.OFFLINE
+        self.throughput = config.throughput
+        self.inference_rps = 0.0
+        self._announcer: Optional[asyncio.Future] = None
+        self._stopped = threading.Event()
+
+    # ---- start ----
+
+    def start(self) -> Server:
+        started = time.perf_counter()
+        config = self.config
+        self.node = SwarmNode(config.initial_peers, host_maddrs=config.host_maddrs,
+                              announce_maddrs=config.announce_maddrs, identity_path=config.identity_path,
+                              name="server")  # fmt: skip
+        try:
+            self.start_block, self.end_block = self._choose_blocks()
+            self._announce(ServerState.JOINING)
+            logger.info(f"Serving blocks {self.start_block}:{self.end_block} of {self.dht_prefix} "
+                        f"as {self.node.peer_id} ({str(self.dtype).replace('torch.', '')}, {self.device})")  # fmt: skip
+            span = load_span(self.path, self.spec, self.start_block, self.end_block, self.dtype, self.device,
+                             progress=config.progress)  # fmt: skip
+            backend = SpanBackend(span, dtype=self.dtype, device=self.device, max_batch_size=config.max_batch_size,
+                                  max_request_tokens=config.max_request_tokens)  # fmt: skip
+            self.runtime = ComputeRuntime(config.num_threads)
+            self.handlers = Handlers(backend, self.runtime, config, self._info_fields)
+            self.node.run(self.handlers.register(self.node.p2p))
+            if self.throughput <= 0:
+                self._measure_throughput(backend)
+            self._announce(ServerState.ONLINE)
+            self._announcer = self.node.submit(self._announce_forever())
+        except BaseException:
+            self.shutdown()
+            raise
+        logger.info(f"Server ready in {time.perf_counter() - started:.1f} s: {self.node.visible_maddrs()}")
+        return self
+
+    def _choose_blocks(self) -> tuple[int, int]:
+        num_model_blocks = self.spec.num_blocks
+        if self.config.block_indices:
+            return parse_block_range(self.config.block_indices, num_model_blocks)
+        num_blocks = self.config.num_blocks or self._blocks_that_fit()
+        num_blocks = min(num_blocks, num_model_blocks)
+        infos = self.node.run(get_block_infos(self.node.dht, self.dht_prefix, range(num_model_blocks)))
+        start = choose_best_start(block_throughputs(infos, exclude=self.node.peer_id), num_blocks)
+        return start, start + num_blocks
+
+    def _blocks_that_fit(self) -> int:
+        """As many blocks as 80% of the free memory holds (weights plus a margin for activations)."""
+        spec = self.spec
+        per_block = 4 * spec.hidden_size * spec.head_dim * (spec.num_heads + spec.num_kv_heads) // 2
+        per_block += 3 * spec.hidden_size * spec.intermediate_size
+        per_block_bytes = per_block * torch.empty((), dtype=self.dtype).element_size() * 1.2
+        if self.device.type == "cuda":
+            free = torch.cuda.mem_get_info(self.device)[0]
+        else:
+            free = psutil.virtual_memory().available
+        return max(1, int(0.8 * free // per_block_bytes))
+
+    def _measure_throughput(self, backend: SpanBackend) -> None:
+        """A quick estimate of decode speed: the rebalancing issue replaces it with a cached benchmark."""
+        blocks = BlockRange(0, self.end_block - self.start_block)
+        hidden = torch.zeros(1, 1, self.spec.hidden_size, dtype=torch.float32)
+        cache = backend.new_cache(1, 8, blocks)
+        backend.inference_step(cache, hidden, None, blocks)  # warm-up
+        steps, started = 3, time.perf_counter()
+        for _ in range(steps):
+            backend.inference_step(cache, hidden, None, blocks)
+        elapsed = max(time.perf_counter() - started, 1e-6)
+        self.inference_rps = steps / elapsed
+        self.throughput = self.inference_rps * blocks.length  # block-steps/s: comparable across span lengths
+
+    # ---- announcing ----
+
+    def _info_fields(self) -> dict:
+        return self.server_info(self.state).to_record()
+
+    def server_info(self, state: ServerState) -> ServerInfo:
+        return ServerInfo(
+            state=state,
+            start_block=self.start_block,
+            end_block=self.end_block,
+            throughput=float(self.throughput),
+            inference_rps=float(self.inference_rps),
+            cache_tokens_left=self.handlers.budget.free if self.handlers else self.config.kv_cache_tokens,
+            version=__version__,
+            torch_dtype=str(self.dtype).replace("torch.", ""),
+            quant_type=self.config.quant_type,
+            public_name=self.config.public_name,
+        )
+
+    def _announce(self, state: ServerState, expiration: Optional[float] = None) -> None:
+        self.state = state
+        self.node.run(self._declare(state, expiration), timeout=60)
+
+    async def _declare(self, state: ServerState, expiration: Optional[float] = None) -> None:
+        await declare_blocks(self.node.dht, self.dht_prefix, range(self.start_block, self.end_block),
+                             self.server_info(state), expiration=expiration or self.config.expiration)  # fmt: skip
+
+    async def _announce_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.announce_period)
+            try:
+                await self._declare(ServerState.ONLINE)
+            except Exception as e:  # a failed re-announcement is retried next period
+                logger.warning(f"Re-announcement failed: {e!r}")
+
+    # ---- stop ----
+
+    def shutdown(self) -> None:
+        """Announce OFFLINE, stop serving, stop the daemon. Idempotent; safe after a failed start."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        if self._announcer is not None:
+            self._announcer.cancel()
+        if self.node is not None:
+            if self.end_block > self.start_block and self.state != ServerState.OFFLINE:
+                try:
+                    self._announce(ServerState.OFFLINE, expiration=max(self.config.announce_period, 10.0))
+                except Exception as e:
+                    logger.warning(f"Could not announce OFFLINE: {e!r}")
+            self.node.shutdown()
+        if self.runtime is not None:
+            self.runtime.shutdown()
+        logger.info("Server stopped")
+
+    def wait(self, timeout: Optional[float] = None) -> bool:
+        return self._stopped.wait(timeout)
+
+    @property
+    def maddrs(self) -> list[str]:
+        return self.node.visible_maddrs()

@@ -1,0 +1,34 @@
+"""Shared fixtures: random-weight checkpoints built once per test session, offline."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+from petals_like.models.tiny import make_tiny_model
+
+TINY_SHARD_SIZE = "200KB"  # about one block per shard, so the sharded (indexed) loading path is what tests use
+
+
+@pytest.fixture(scope="session")
+def make_model(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """make_model(**kwargs of make_tiny_model) -> Path; one folder per distinct kwargs per session."""
+    cache: dict[str, Path] = {}
+
+    def make(**kwargs: Any) -> Path:
+        key = json.dumps(kwargs, sort_keys=True, default=str)
+        if key not in cache:
+            name = f"{kwargs.get('preset', 'tiny')}-{kwargs.get('family', 'llama')}"  # the swarm's dht_prefix
+            cache[key] = make_tiny_model(tmp_path_factory.mktemp("model") / name, **kwargs)
+        return cache[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_model(make_model: Callable[..., Path]) -> Path:
+    """Llama, tiny preset (8 blocks, Llama-3 rope scaling), sharded."""
+    return make_model(family="llama", preset="tiny", max_shard_size=TINY_SHARD_SIZE)

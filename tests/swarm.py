@@ -1,0 +1,136 @@
+"""Helpers that start real swarms on 127.0.0.1 for tests and clean up everything they started."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Optional, Sequence
+
+import psutil
+
+from petals_like.config import ServerConfig
+from petals_like.dht.announce import get_block_infos
+from petals_like.dht.node import SwarmNode
+from petals_like.dht.records import compute_spans
+from petals_like.server.server import Server
+
+LOCALHOST = ["/ip4/127.0.0.1/tcp/0"]
+
+
+def wait_until(condition: Callable[[], bool], timeout: float, interval: float = 0.1, message: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"condition not met in {timeout} s: {message or condition}")
+        time.sleep(interval)
+
+
+def p2pd_children(pid: Optional[int] = None) -> list[psutil.Process]:
+    try:
+        children = psutil.Process(pid or os.getpid()).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+    return [c for c in children if _name(c) == "p2pd"]
+
+
+def _name(process: psutil.Process) -> str:
+    try:
+        return process.name()
+    except psutil.Error:
+        return ""
+
+
+@dataclass
+class Swarm:
+    dht: SwarmNode
+    servers: list[Server] = field(default_factory=list)
+
+    @property
+    def peers(self) -> list[str]:
+        return self.dht.visible_maddrs()
+
+    def spans(self, dht_prefix: str, num_blocks: int) -> dict:
+        infos = self.dht.run(get_block_infos(self.dht.dht, dht_prefix, range(num_blocks)))
+        return compute_spans(infos)
+
+    def add_server(self, model: Path, block_indices: str, **kwargs) -> Server:
+        config = ServerConfig(model=model, initial_peers=self.peers, block_indices=block_indices, device="cpu",
+                              progress=False, throughput=kwargs.pop("throughput", 1.0), **kwargs)  # fmt: skip
+        server = Server(config).start()
+        self.servers.append(server)
+        return server
+
+    def wait_for_blocks(self, dht_prefix: str, num_blocks: int, timeout: float = 30) -> None:
+        def covered() -> bool:
+            spans = self.spans(dht_prefix, num_blocks)
+            return all(any(s.start <= b < s.end for s in spans.values()) for b in range(num_blocks))
+
+        wait_until(covered, timeout, message=f"all {num_blocks} blocks of {dht_prefix} announced")
+
+    def shutdown(self) -> None:
+        for server in self.servers:
+            server.shutdown()
+        self.dht.shutdown()
+
+
+def start_swarm(model: Optional[Path] = None, ranges: Sequence[str] = (), **server_kwargs) -> Swarm:
+    swarm = Swarm(SwarmNode(host_maddrs=LOCALHOST, name="test-dht"))
+    try:
+        for block_indices in ranges:
+            swarm.add_server(model, block_indices, **server_kwargs)
+    except BaseException:
+        swarm.shutdown()
+        raise
+    return swarm
+
+
+class ServerProcess:
+    """run_server as a subprocess (what volunteers run); stopped by PID, with its p2pd, on exit."""
+
+    def __init__(self, model: Path, block_indices: str, initial_peers: Sequence[str], *extra: str):
+        cmd = [sys.executable, "-m", "petals_like.cli.run_server", str(model), "--block_indices", block_indices,
+               "--initial_peers", *initial_peers, "--host_maddrs", *LOCALHOST, "--no_progress",
+               "--throughput", "1", "--log_level", "WARNING", *extra]  # fmt: skip
+        self.process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.lines: list[str] = []
+
+    def wait_ready(self, timeout: float = 60) -> str:
+        deadline = time.monotonic() + timeout
+        for line in self.process.stdout:
+            self.lines.append(line)
+            if line.startswith("SERVER READY"):
+                return line.split()[2]
+            if time.monotonic() > deadline:
+                break
+        raise RuntimeError("server did not start:\n" + "".join(self.lines[-40:]))
+
+    def descendants(self) -> list[psutil.Process]:
+        try:
+            return psutil.Process(self.process.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> None:
+        children = self.descendants()
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        for child in children:  # p2pd outlives a killed parent for a while: stop it by PID
+            try:
+                child.kill()
+            except psutil.NoSuchProcess:
+                pass
+
+
+def iter_processes(servers: Sequence[ServerProcess]) -> Iterator[psutil.Process]:
+    for server in servers:
+        yield from server.descendants()

@@ -1,0 +1,344 @@
+"""Block math against transformers: tiny random models of each family, no network.
+
+The reference is transformers' own forward (eager attention); our span is built from the same
+layer state dicts, so any difference is a difference in the math.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import pytest
+import torch
+from torch import Tensor
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    PreTrainedModel,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+from petals_like.models.attention import KVCache, RotaryEmbedding, make_attention_context
+from petals_like.models.llama.block import LlamaBlock
+from petals_like.models.span import BlockSpan
+from petals_like.models.spec import ModelSpec
+
+ATOL = 1e-4
+VOCAB = 128
+COMMON: dict[str, Any] = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=96,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-6,
+    attn_implementation="eager",
+)
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "rope_theta": 10000.0,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 16,
+}
+
+
+def _llama() -> PreTrainedModel:
+    return LlamaForCausalLM(LlamaConfig(num_hidden_layers=3, **COMMON))
+
+
+def _llama3_rope() -> PreTrainedModel:
+    return LlamaForCausalLM(LlamaConfig(num_hidden_layers=3, rope_parameters=LLAMA3_ROPE, **COMMON))
+
+
+def _mistral() -> PreTrainedModel:
+    # head_dim 32 != hidden / heads, and a window shorter than the test sequences
+    return MistralForCausalLM(MistralConfig(num_hidden_layers=4, sliding_window=5, head_dim=32, **COMMON))
+
+
+def _qwen2() -> PreTrainedModel:
+    rope = {"rope_type": "default", "rope_theta": 1e6}
+    return Qwen2ForCausalLM(Qwen2Config(num_hidden_layers=3, rope_parameters=rope, **COMMON))
+
+
+FAMILIES: dict[str, Callable[[], PreTrainedModel]] = {
+    "llama": _llama,
+    "llama3_rope": _llama3_rope,
+    "mistral": _mistral,
+    "qwen2": _qwen2,
+}
+
+
+@dataclass
+class Pair:
+    hf: PreTrainedModel
+    span: BlockSpan
+    spec: ModelSpec
+
+    def embed(self, ids: Tensor) -> Tensor:
+        return self.hf.model.embed_tokens(ids)  # [batch, seq, hidden]
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        return self.hf.lm_head(self.hf.model.norm(hidden))
+
+
+def _build(name: str, start: int = 0, end: int | None = None) -> Pair:
+    torch.manual_seed(0)
+    hf = FAMILIES[name]().eval()
+    with torch.no_grad():
+        # default init leaves norms at 1 and biases at 0, which would hide loading mistakes
+        for param_name, param in hf.named_parameters():
+            if param_name.endswith("norm.weight"):
+                param.copy_(1 + 0.2 * torch.randn_like(param))
+            elif param_name.endswith("bias"):
+                param.copy_(0.2 * torch.randn_like(param))
+            else:
+                param.copy_(0.15 * torch.randn_like(param))
+    spec = ModelSpec.from_hf_config(hf.config)
+    end = spec.num_blocks if end is None else end
+    blocks = []
+    for i in range(start, end):
+        block = LlamaBlock(spec, i)
+        block.load_state_dict(hf.model.layers[i].state_dict())  # strict: names must match HF exactly
+        blocks.append(block)
+    return Pair(hf, BlockSpan(spec, start, end, blocks).eval(), spec)
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def pair(request: pytest.FixtureRequest) -> Pair:
+    return _build(request.param)
+
+
+def _ids(batch: int, seq: int, seed: int = 1) -> Tensor:
+    return torch.randint(0, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def _hf_states(pair: Pair, ids: Tensor, mask: Tensor | None = None) -> tuple[list[Tensor], Tensor]:
+    """([embeddings, output of block 0, ..., output of the last block], logits) from transformers.
+
+    Block outputs come from hooks: transformers' hidden_states[-1] is taken after the final norm.
+    """
+    kwargs: dict[str, Any] = {}
+    if mask is not None:
+        kwargs["attention_mask"] = mask
+        kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)  # what generate() passes
+    states: list[Tensor] = []
+    hooks = [layer.register_forward_hook(lambda _m, _i, out: states.append(out)) for layer in pair.hf.model.layers]
+    try:
+        logits = pair.hf(ids, **kwargs).logits
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return [pair.embed(ids), *states], logits
+
+
+def _hf_hidden(pair: Pair, ids: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(hidden after the last block, before the final norm; logits) from transformers."""
+    states, logits = _hf_states(pair, ids, mask)
+    return states[-1], logits
+
+
+def _close(ours: Tensor, ref: Tensor) -> None:
+    diff = (ours - ref).abs().max().item()
+    assert diff <= ATOL, f"max abs diff {diff:.3g} > {ATOL}"
+
+
+@torch.no_grad()
+def test_full_forward_matches_transformers(pair: Pair) -> None:
+    ids = _ids(2, 24)  # longer than the llama3 original context (16) and the mistral window (5)
+    ref_hidden, ref_logits = _hf_hidden(pair, ids)
+    ours = pair.span(pair.embed(ids))
+    _close(ours, ref_hidden)
+    _close(pair.logits(ours), ref_logits)
+
+
+@torch.no_grad()
+def test_sub_range_of_span(pair: Pair) -> None:
+    ids = _ids(2, 12)
+    states, _ = _hf_states(pair, ids)
+    _close(pair.span(states[1], first=1, last=3), states[3])
+    _close(pair.span(states[0], first=0, last=1), states[1])
+
+
+@torch.no_grad()
+def test_stepwise_with_cache_matches_full(pair: Pair) -> None:
+    ids = _ids(2, 22)
+    ref_hidden, ref_logits = _hf_hidden(pair, ids)
+    embeds = pair.embed(ids)
+    cache = pair.span.new_cache(batch_size=2, max_length=22)
+    chunks = [(0, 7)] + [(i, i + 1) for i in range(7, 15)] + [(15, 19), (19, 22)]
+    outs = []
+    for a, b in chunks:
+        outs.append(pair.span(embeds[:, a:b], cache=cache))
+        assert cache.length == b
+    ours = torch.cat(outs, dim=1)
+    _close(ours, ref_hidden)
+    _close(pair.logits(ours), ref_logits)
+
+
+@torch.no_grad()
+def test_stepwise_on_sub_range(pair: Pair) -> None:
+    ids = _ids(1, 10)
+    states, _ = _hf_states(pair, ids)
+    cache = pair.span.new_cache(batch_size=1, max_length=10, first=1, last=3)
+    outs = [pair.span(states[1][:, a:b], cache=cache, first=1, last=3) for a, b in [(0, 4), (4, 5), (5, 10)]]
+    _close(torch.cat(outs, dim=1), states[3])
+
+
+def _left_padded(seq: int, pads: list[int]) -> tuple[Tensor, Tensor]:
+    ids = _ids(len(pads), seq, seed=2)
+    mask = torch.ones_like(ids)
+    for row, pad in enumerate(pads):
+        mask[row, :pad] = 0
+        ids[row, :pad] = 0
+    return ids, mask
+
+
+@torch.no_grad()
+def test_left_padding_matches_transformers(pair: Pair) -> None:
+    pads = [0, 6]
+    ids, mask = _left_padded(20, pads)
+    ref_hidden, ref_logits = _hf_hidden(pair, ids, mask)
+    ours = pair.span(pair.embed(ids), pad_lens=torch.tensor(pads))
+    assert torch.isfinite(ours).all()
+    real = mask.bool()
+    _close(ours[real], ref_hidden[real])
+    _close(pair.logits(ours)[real], ref_logits[real])
+
+
+@torch.no_grad()
+def test_left_padding_stepwise(pair: Pair) -> None:
+    pads = [3, 0]
+    ids, mask = _left_padded(16, pads)
+    ref_hidden, _ = _hf_hidden(pair, ids, mask)
+    embeds, pad_lens = pair.embed(ids), torch.tensor(pads)
+    cache = pair.span.new_cache(batch_size=2, max_length=16)
+    outs = [pair.span(embeds[:, a:b], pad_lens=pad_lens, cache=cache) for a, b in [(0, 9), (9, 10), (10, 11), (11, 16)]]
+    assert all(torch.isfinite(o).all() for o in outs)
+    real = mask.bool()
+    _close(torch.cat(outs, dim=1)[real], ref_hidden[real])
+
+
+@pytest.mark.parametrize("name", ["llama", "mistral", "qwen2"])
+def test_gradients_match_transformers(name: str) -> None:
+    pair = _build(name)
+    ids = _ids(2, 12)
+    weights = torch.randn(2, 12, VOCAB, generator=torch.Generator().manual_seed(3))
+
+    ref_in = pair.embed(ids).detach().requires_grad_(True)
+    (pair.hf(inputs_embeds=ref_in).logits * weights).sum().backward()
+    ours_in = ref_in.detach().clone().requires_grad_(True)
+    (pair.logits(pair.span(ours_in)) * weights).sum().backward()
+
+    def rel_err(a: Tensor, b: Tensor) -> float:
+        return ((a - b).norm() / b.norm()).item()
+
+    assert rel_err(ours_in.grad, ref_in.grad) <= 1e-4
+    ours_q = pair.span.blocks[0].self_attn.q_proj.weight.grad
+    assert rel_err(ours_q, pair.hf.model.layers[0].self_attn.q_proj.weight.grad) <= 1e-4
+    ours_norm = pair.span.blocks[-1].post_attention_layernorm.weight.grad
+    assert rel_err(ours_norm, pair.hf.model.layers[-1].post_attention_layernorm.weight.grad) <= 1e-4
+
+
+def test_partial_span_loads_and_runs() -> None:
+    pair = _build("llama", start=1, end=3)
+    ids = _ids(2, 8)
+    with torch.no_grad():
+        states, _ = _hf_states(pair, ids)
+        _close(pair.span(states[1]), states[3])
+
+
+def test_kv_cache_grows_and_enforces_max_length() -> None:
+    cache = KVCache(
+        num_layers=2, batch_size=1, num_kv_heads=2, head_dim=8, max_length=1000, dtype=torch.float32, device="cpu"
+    )
+    assert cache.capacity == 0  # nothing allocated up front
+    cache.reserve(3)
+    cache.advance(3)
+    assert 3 <= cache.capacity < 1000
+    capacities = {cache.capacity}
+    for _ in range(300):
+        cache.reserve(1)
+        k = torch.full((1, 2, 1, 8), float(cache.length))
+        cache.write(0, cache.length, k, k)
+        cache.write(1, cache.length, k, k)
+        cache.advance(1)
+        capacities.add(cache.capacity)
+    assert cache.length == 303 and cache.capacity < 1000
+    assert len(capacities) <= 7  # geometric: a handful of reallocations, not one per token
+    keys, _ = cache.read(0, 3, 303)  # values survived every reallocation
+    assert torch.equal(keys[0, 0, :, 0], torch.arange(3, 303, dtype=torch.float32))
+    cache.reserve(697)
+    assert cache.capacity == 1000
+    with pytest.raises(ValueError):
+        cache.reserve(698)
+    assert cache.length == 303  # a refused step leaves the cache as it was
+
+
+def test_span_refuses_cache_overflow_and_wrong_layers() -> None:
+    pair = _build("llama")
+    hidden = torch.randn(1, 5, pair.spec.hidden_size)
+    cache = pair.span.new_cache(batch_size=1, max_length=8)
+    with torch.no_grad():
+        pair.span(hidden, cache=cache)
+        with pytest.raises(ValueError):
+            pair.span(hidden, cache=cache)
+        assert cache.length == 5
+        with pytest.raises(ValueError):
+            pair.span(hidden, cache=pair.span.new_cache(1, 8, first=0, last=2))
+        with pytest.raises(ValueError):
+            pair.span(hidden, cache=pair.span.new_cache(2, 8))  # batch mismatch
+
+
+def test_no_mask_built_for_plain_decode_and_prefill() -> None:
+    spec = ModelSpec.from_hf_config(LlamaConfig(num_hidden_layers=1, **COMMON))
+    rotary = RotaryEmbedding(spec)
+    prefill = make_attention_context(rotary, batch_size=2, seq_len=6, dtype=torch.float32, device="cpu")
+    assert prefill.mask is None and prefill.is_causal
+    cache = KVCache(1, 2, spec.num_kv_heads, spec.head_dim, 64, torch.float32, "cpu")
+    cache.reserve(6)
+    cache.advance(6)
+    decode = make_attention_context(rotary, batch_size=2, seq_len=1, dtype=torch.float32, device="cpu", cache=cache)
+    assert decode.mask is None and not decode.is_causal
+    windowed = make_attention_context(
+        rotary, batch_size=2, seq_len=1, dtype=torch.float32, device="cpu", cache=cache, sliding_window=4
+    )
+    assert windowed.mask is None and windowed.key_start == 3  # reads only the 4 keys in the window
+
+
+@pytest.mark.parametrize(
+    "rope",
+    [
+        {"rope_type": "linear", "factor": 4.0},
+        {"rope_type": "dynamic", "factor": 2.0},
+        {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32},
+        {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32, "beta_fast": 16,
+         "mscale": 2, "mscale_all_dim": 1},
+        LLAMA3_ROPE,
+    ],
+)
+def test_rotary_tables_match_transformers(rope: dict[str, Any]) -> None:
+    config = LlamaConfig(
+        num_hidden_layers=1, rope_parameters={"rope_theta": 10000.0, **rope}, **{**COMMON, "max_position_embeddings": 64}
+    )
+    ref = LlamaRotaryEmbedding(config)
+    ours = RotaryEmbedding(ModelSpec.from_hf_config(config))
+    positions = torch.arange(100).repeat(2, 1)  # past max_position_embeddings, so dynamic rescales
+    ref_cos, ref_sin = ref(torch.zeros(1, dtype=torch.float32), positions)
+    cos, sin = ours.cos_sin(positions, torch.float32)
+    _close(cos, ref_cos)
+    _close(sin, ref_sin)
+
+
+def test_unsupported_rope_type_is_a_clear_error() -> None:
+    spec = ModelSpec.from_hf_config(LlamaConfig(num_hidden_layers=1, **COMMON))
+    bad = ModelSpec(**{**spec.__dict__, "rope_scaling": {"rope_type": "longrope"}})
+    with pytest.raises(ValueError, match="longrope"):
+        RotaryEmbedding(bad)
