@@ -195,15 +195,17 @@ def _deserialize(head: runtime_pb2.Tensor, buffer: bytes) -> torch.Tensor:
     return tensor.detach()
 
 
-def require(metadata: dict[str, Any], key: str, kind: type | tuple[type, ...], default: Any = ...) -> Any:
+_KIND_NAMES = {int: "an integer", str: "a string", float: "a number", list: "a list", dict: "a map", bool: "a boolean"}
+
+
+def require(metadata: dict[str, Any], key: str, kind: type, default: Any = ...) -> Any:
     """Typed read of a metadata field: a clear ProtocolError instead of a KeyError or TypeError later."""
     if key not in metadata:
         if default is ...:
             raise ProtocolError(f"metadata field {key!r} is missing")
         return default
     value = metadata[key]
-    if isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
-        raise ProtocolError(f"metadata field {key!r} must be {kind}, got bool")
-    if not isinstance(value, kind):
-        raise ProtocolError(f"metadata field {key!r} must be {kind}, got {type(value).__name__}")
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+        raise ProtocolError(f"metadata field {key!r} must be {_KIND_NAMES.get(kind, kind.__name__)}, "
+                            f"got {type(value).__name__}")  # fmt: skip
     return value

@@ -136,7 +136,10 @@ def bench_swarm(model_dir: Path, prompt: torch.Tensor, new_tokens: int, prefill_
         dht = Child("run_dht", [sys.executable, "-m", "petals_like.cli.run_dht", "--host_maddrs", LOCALHOST])
         children.append(dht)
         peers = dht.wait_for_line("--initial_peers", 60).split()[1:]
-        for span in ("0:8", "8:16"):
+        from petals_like.models.spec import ModelSpec
+
+        num_blocks = ModelSpec.from_pretrained(model_dir).num_blocks
+        for span in (f"0:{num_blocks // 2}", f"{num_blocks // 2}:{num_blocks}"):
             cmd = [sys.executable, "-m", "petals_like.cli.run_server", str(model_dir), "--block_indices", span,
                    "--initial_peers", *peers, "--host_maddrs", LOCALHOST, "--no_progress", "--log_level", "WARNING",
                    *server_args]  # fmt: skip

@@ -9,7 +9,7 @@ import asyncio
 from typing import Any, AsyncIterator, Optional
 
 import torch
-from hivemind.p2p import P2P, PeerID
+from hivemind.p2p import P2P, P2PHandlerError, PeerID
 from hivemind.proto import runtime_pb2
 
 from petals_like.config import DEFAULT_MAX_PART_BYTES
@@ -86,49 +86,60 @@ async def _aiter(items):
 
 
 class InferenceStream:
-    """One open rpc_inference stream to one server: send a step, read its answer."""
+    """One open rpc_inference stream to one server: send a step, read its answer.
+
+    Framing is done here on the raw stream (not through hivemind's request iterator) so that a
+    server closing the stream is seen at once, and each step costs one write and one read.
+    """
 
     def __init__(self, p2p: P2P, span: RemoteSpanInfo):
         self.p2p = p2p
         self.span = span
-        self._queue: asyncio.Queue = asyncio.Queue()
+        self._reader: Optional[asyncio.StreamReader] = None
+        self._writer: Optional[asyncio.StreamWriter] = None
         self._responses: Optional[AsyncIterator[runtime_pb2.ExpertResponse]] = None
         self.closed = False
 
-    async def _requests(self) -> AsyncIterator[runtime_pb2.ExpertRequest]:
-        while True:
-            part = await self._queue.get()
-            if part is None:
-                return
-            yield part
-
     async def open(self, *, timeout: float) -> None:
-        self._responses = await asyncio.wait_for(
-            self.p2p.iterate_protobuf_handler(PeerID.from_base58(self.span.peer_id), RPC_INFERENCE, self._requests(),
-                                              runtime_pb2.ExpertResponse),  # fmt: skip
-            timeout,
+        peer = PeerID.from_base58(self.span.peer_id)
+        _, self._reader, self._writer = await asyncio.wait_for(
+            self.p2p.call_binary_stream_handler(peer, RPC_INFERENCE), timeout
         )
+        self._responses = self._read_responses()
+
+    async def _read_responses(self) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        while True:
+            try:
+                response, error = await P2P.receive_protobuf(runtime_pb2.ExpertResponse, self._reader)
+            except asyncio.IncompleteReadError:  # the server closed the stream
+                return
+            if error is not None:
+                raise P2PHandlerError(f"server {self.span.peer_id[-6:]} answered: {error.message}")
+            yield response
 
     async def send(self, tensors: list[torch.Tensor], metadata: dict) -> None:
         for part in pack_message(tensors, metadata, max_part_bytes=DEFAULT_MAX_PART_BYTES):
-            self._queue.put_nowait(part)
+            await P2P.send_protobuf(part, self._writer)
 
     async def step(self, hidden: torch.Tensor, metadata: dict, *, timeout: float) -> torch.Tensor:
-        await self.send([hidden], metadata)
-        message = await asyncio.wait_for(read_message(self._responses, max_bytes=MAX_RESPONSE_BYTES), timeout)
+        async def exchange() -> Optional[Message]:
+            await self.send([hidden], metadata)
+            return await read_message(self._responses, max_bytes=MAX_RESPONSE_BYTES)
+
+        message = await asyncio.wait_for(exchange(), timeout)
         if message is None:
             raise ConnectionError(f"server {self.span.peer_id[-6:]} closed the inference stream")
         return _single_tensor(message, hidden)
 
     async def close(self, metadata: Optional[dict] = None) -> None:
-        if self.closed:
+        if self.closed or self._writer is None:
             return
         self.closed = True
-        if metadata is not None:
-            await self.send([], dict(metadata, close=True))
-        self._queue.put_nowait(None)
-        if self._responses is not None:
-            try:  # drain so that the stream's writer task finishes and the connection is released
-                await asyncio.wait_for(anext(self._responses, None), 1.0)
-            except Exception:
-                pass
+        try:
+            if metadata is not None:
+                await self.send([], dict(metadata, close=True))
+            await P2P.send_protobuf(P2P.END_OF_STREAM, self._writer)
+        except Exception:  # the stream may already be broken; closing it is all that is left
+            pass
+        finally:
+            self._writer.close()

@@ -51,7 +51,9 @@ def resolve_checkpoint(name_or_path: str | Path, *, cache_dir: Optional[str | Pa
     snapshot = _cached_snapshot(name, cache_dir)
     if snapshot is not None:
         return snapshot
-    where = f"cache_dir={cache_dir}" if cache_dir is not None else "the Hugging Face cache (HF_HUB_CACHE)"
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    where = f"the Hugging Face cache {cache_dir if cache_dir is not None else HF_HUB_CACHE}"
     raise FileNotFoundError(
         f"checkpoint {name!r} not found: no local folder {path.absolute()} with config.json, and no snapshot "
         f"of repository {name!r} with config.json in {where}. Nothing is downloaded at run time; "
