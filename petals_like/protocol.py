@@ -72,7 +72,7 @@ def pack_message(
     """Encode a logical message as parts of at most ~max_part_bytes of tensor data each."""
     chunks: list[runtime_pb2.Tensor] = []
     for tensor in tensors:
-        serialized = serialize_torch_tensor(tensor.detach().cpu())
+        serialized = _serialize(tensor)
         buffer = memoryview(serialized.buffer)
         num_chunks = max(1, -(-len(buffer) // max_part_bytes))
         first = runtime_pb2.Tensor(
@@ -167,21 +167,36 @@ def decode_tensors(chunks: Iterable[runtime_pb2.Tensor]) -> list[torch.Tensor]:
     return tensors
 
 
+def _serialize(tensor: torch.Tensor) -> runtime_pb2.Tensor:
+    """Raw little-endian bytes (hivemind's NONE compression layout), without a numpy round trip."""
+    tensor = tensor.detach().cpu().contiguous()
+    dtype = str(tensor.dtype).replace("torch.", "")
+    if dtype not in _TENSOR_DTYPES:
+        return serialize_torch_tensor(tensor)
+    buffer = tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
+    return runtime_pb2.Tensor(compression=runtime_pb2.CompressionType.NONE, buffer=buffer, size=tensor.shape,
+                              dtype=dtype, requires_grad=tensor.requires_grad)  # fmt: skip
+
+
 def _deserialize(head: runtime_pb2.Tensor, buffer: bytes) -> torch.Tensor:
     if head.dtype not in _TENSOR_DTYPES:
         raise ProtocolError(f"unsupported tensor dtype {head.dtype!r}")
-    if head.compression != runtime_pb2.CompressionType.NONE and head.dtype not in WIRE_DTYPES:
-        raise ProtocolError("only floating-point tensors may be compressed")
     if len(head.size) > 8:
         raise ProtocolError(f"tensor of {len(head.size)} dimensions")
     numel = 1
     for dim in head.size:
         numel *= dim
+    dtype = _TENSOR_DTYPES[head.dtype]
     if head.compression == runtime_pb2.CompressionType.NONE:
-        itemsize = torch.empty((), dtype=_TENSOR_DTYPES[head.dtype]).element_size()
+        itemsize = torch.empty((), dtype=dtype).element_size()
         if numel * itemsize != len(buffer):
             raise ProtocolError(f"tensor of shape {list(head.size)} and dtype {head.dtype} needs "
                                 f"{numel * itemsize} bytes, got {len(buffer)}")  # fmt: skip
+        if numel == 0:
+            return torch.empty(tuple(head.size), dtype=dtype)
+        return torch.frombuffer(bytearray(buffer), dtype=dtype).reshape(tuple(head.size))
+    if head.dtype not in WIRE_DTYPES:
+        raise ProtocolError("only floating-point tensors may be compressed")
     whole = runtime_pb2.Tensor()
     whole.CopyFrom(head)
     whole.buffer = buffer

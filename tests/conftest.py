@@ -32,3 +32,18 @@ def make_model(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
 def tiny_model(make_model: Callable[..., Path]) -> Path:
     """Llama, tiny preset (8 blocks, Llama-3 rope scaling), sharded."""
     return make_model(family="llama", preset="tiny", max_shard_size=TINY_SHARD_SIZE)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_leftover_daemons():
+    """After each test module's fixtures are torn down, no p2pd started by this process may remain."""
+    from tests.swarm import p2pd_children
+
+    before = {p.pid for p in p2pd_children()}
+    yield
+    import psutil
+
+    leftovers = [p for p in p2pd_children() if p.pid not in before]
+    psutil.wait_procs(leftovers, timeout=5)
+    alive = [p for p in leftovers if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert not alive, f"p2pd daemons left running after the module: {[p.pid for p in alive]}"

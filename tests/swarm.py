@@ -9,7 +9,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import psutil
 
@@ -129,8 +129,4 @@ class ServerProcess:
                 child.kill()
             except psutil.NoSuchProcess:
                 pass
-
-
-def iter_processes(servers: Sequence[ServerProcess]) -> Iterator[psutil.Process]:
-    for server in servers:
-        yield from server.descendants()
+        psutil.wait_procs(children, timeout=10)

@@ -45,6 +45,8 @@ def load_span(path: Path, spec: ModelSpec, start: int, end: int, dtype: torch.dt
         blocks.append(block.to(device=device, dtype=dtype))
     span = BlockSpan(spec, start, end, blocks).to(device)
     span.requires_grad_(False)
+    for block in span.blocks:
+        block.fuse_projections()  # last: after the move to the device (see its docstring)
     return span.eval()
 
 
@@ -152,13 +154,13 @@ class Server:
             public_name=self.config.public_name,
         )
 
-    def _announce(self, state: ServerState, expiration: Optional[float] = None) -> None:
+    def _announce(self, state: ServerState) -> None:
         self.state = state
-        self.node.run(self._declare(state, expiration), timeout=60)
+        self.node.run(self._declare(state), timeout=60)
 
-    async def _declare(self, state: ServerState, expiration: Optional[float] = None) -> None:
+    async def _declare(self, state: ServerState) -> None:
         await declare_blocks(self.node.dht, self.dht_prefix, range(self.start_block, self.end_block),
-                             self.server_info(state), expiration=expiration or self.config.expiration)  # fmt: skip
+                             self.server_info(state), expiration=self.config.expiration)  # fmt: skip
 
     async def _announce_forever(self) -> None:
         while True:
@@ -180,7 +182,8 @@ class Server:
         if self.node is not None:
             if self.end_block > self.start_block and self.state != ServerState.OFFLINE:
                 try:
-                    self._announce(ServerState.OFFLINE, expiration=max(self.config.announce_period, 10.0))
+                    # the DHT keeps the record that expires last, so OFFLINE must outlive the last ONLINE
+                    self._announce(ServerState.OFFLINE)
                 except Exception as e:
                     logger.warning(f"Could not announce OFFLINE: {e!r}")
             self.node.shutdown()

@@ -32,6 +32,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # one fused op, same math in fp32
         dtype = x.dtype
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -78,11 +80,48 @@ class LlamaBlock(nn.Module):
         self.self_attn = LlamaAttentionProjections(spec)
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.mlp = LlamaMLP(spec)
+        self.q_size, self.kv_size = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
+        # set by fuse_projections(): q/k/v and gate/up weights stored as one tensor each
+        self._qkv: tuple[Tensor, Tensor | None] | None = None
+        self._gate_up: tuple[Tensor, Tensor | None] | None = None
+
+    @torch.no_grad()
+    def fuse_projections(self) -> None:
+        """Store the q/k/v weights in one tensor and the gate/up weights in another, so a step runs two
+        matmuls instead of five (decode on CPU is dominated by per-op overhead for small models).
+
+        The separate Linears keep their names and become views of the fused tensors: memory and
+        state_dict() are unchanged. Call it last, after moving the block to its device and dtype:
+        .to() would copy the views apart again.
+        """
+        attn, mlp = self.self_attn, self.mlp
+        self._qkv = self._fuse([attn.q_proj, attn.k_proj, attn.v_proj])
+        self._gate_up = self._fuse([mlp.gate_proj, mlp.up_proj])
+
+    @staticmethod
+    def _fuse(linears: list[nn.Linear]) -> tuple[Tensor, Tensor | None]:
+        weight = torch.cat([lin.weight for lin in linears])
+        bias = torch.cat([lin.bias for lin in linears]) if linears[0].bias is not None else None
+        offset = 0
+        for lin in linears:
+            size = lin.weight.shape[0]
+            lin.weight = nn.Parameter(weight[offset : offset + size], requires_grad=lin.weight.requires_grad)
+            if bias is not None:
+                lin.bias = nn.Parameter(bias[offset : offset + size], requires_grad=lin.bias.requires_grad)
+            offset += size
+        return weight, bias
 
     def attention_input(self, hidden: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """hidden [tokens, hidden], cos/sin [tokens, head_dim] -> rotated q [tokens, heads, head_dim],
         rotated k [tokens, kv_heads, head_dim], v [tokens, kv_heads, head_dim]."""
         x = self.input_layernorm(hidden)
+        tokens = x.shape[0]
+        if self._qkv is not None and not torch.is_grad_enabled():
+            qkv = F.linear(x, *self._qkv)  # [tokens, q_size + 2 * kv_size]
+            qk_size = self.q_size + self.kv_size
+            qk = apply_rotary(qkv[:, :qk_size].view(tokens, self.num_heads + self.num_kv_heads, self.head_dim), cos, sin)
+            q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
+            return q, k, qkv[:, qk_size:].view(tokens, self.num_kv_heads, self.head_dim)
         attn = self.self_attn
         q = attn.q_proj(x).view(-1, self.num_heads, self.head_dim)
         k = attn.k_proj(x).view(-1, self.num_kv_heads, self.head_dim)
@@ -91,11 +130,17 @@ class LlamaBlock(nn.Module):
 
     def attention_output(self, residual: Tensor, attended: Tensor) -> Tensor:
         """residual [tokens, hidden], attended [tokens, heads * head_dim] -> [tokens, hidden]."""
-        return residual + self.self_attn.o_proj(attended)
+        o_proj = self.self_attn.o_proj
+        return residual + F.linear(attended, o_proj.weight, o_proj.bias)
 
     def mlp_residual(self, hidden: Tensor) -> Tensor:
         """[tokens, hidden] -> [tokens, hidden]: the feed-forward half of the block."""
-        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+        x = self.post_attention_layernorm(hidden)
+        if self._gate_up is not None and not torch.is_grad_enabled():
+            gate, up = F.linear(x, *self._gate_up).chunk(2, dim=-1)
+            down = self.mlp.down_proj
+            return hidden + F.linear(F.silu(gate) * up, down.weight, down.bias)
+        return hidden + self.mlp(x)
 
     def forward(self, hidden: Tensor, ctx: AttentionContext, layer: int) -> Tensor:
         """hidden [batch, seq, hidden] -> [batch, seq, hidden]; `layer` indexes the span's cache."""

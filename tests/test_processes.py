@@ -1,0 +1,100 @@
+"""Servers as real run_server processes: clean shutdown, OFFLINE records, fail-over after a kill, no leftovers."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+from typing import Iterator
+
+import psutil
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from petals_like import AutoDistributedModelForCausalLM
+from petals_like.data_structures import ServerState
+from petals_like.dht.announce import get_block_infos
+from petals_like.dht.node import SwarmNode
+from petals_like.dht.records import default_dht_prefix
+from tests.swarm import LOCALHOST, ServerProcess, wait_until
+
+NUM_BLOCKS = 8
+
+
+@pytest.fixture
+def dht() -> Iterator[SwarmNode]:
+    node = SwarmNode(host_maddrs=LOCALHOST, name="test-dht")
+    yield node
+    node.shutdown()
+
+
+@pytest.fixture
+def processes() -> Iterator[list[ServerProcess]]:
+    started: list[ServerProcess] = []
+    yield started
+    tracked = {server: server.descendants() for server in started}
+    for server in started:
+        server.stop()
+    for server, children in tracked.items():  # the server and its p2pd are gone
+        assert server.process.poll() is not None
+        for child in children:
+            assert not child.is_running() or child.status() == psutil.STATUS_ZOMBIE
+
+
+def block_states(dht: SwarmNode, prefix: str) -> list[dict[str, ServerState]]:
+    infos = dht.run(get_block_infos(dht.dht, prefix, range(NUM_BLOCKS)))
+    return [{peer: info.state for peer, info in block.items()} for block in infos]
+
+
+def test_server_processes_serve_and_leave_cleanly(dht, processes, tiny_model: Path):
+    peers = dht.visible_maddrs()
+    prefix = default_dht_prefix(tiny_model)
+    for span in ("0:4", "4:8"):
+        processes.append(ServerProcess(tiny_model, span, peers))
+    peer_ids = [server.wait_ready() for server in processes]
+    wait_until(lambda: all(len(b) == 1 and ServerState.ONLINE in b.values() for b in block_states(dht, prefix)), 30)
+
+    children = {server.process.pid: server.descendants() for server in processes}
+    assert all(any(c.name() == "p2pd" for c in kids) for kids in children.values()), "each server runs one p2pd"
+
+    model = AutoDistributedModelForCausalLM.from_pretrained(tiny_model, initial_peers=peers)
+    try:
+        input_ids = torch.tensor([[1, 60, 61, 62]])
+        expected = AutoModelForCausalLM.from_pretrained(tiny_model).generate(input_ids, max_new_tokens=16, do_sample=False)
+        assert torch.equal(model.generate(input_ids, max_new_tokens=16), expected)
+    finally:
+        model.shutdown()
+
+    second = processes[1]
+    second.process.send_signal(signal.SIGTERM)
+    assert second.process.wait(30) == 0
+    wait_until(lambda: all(b.get(peer_ids[1]) == ServerState.OFFLINE for b in block_states(dht, prefix)[4:]), 15,
+               message="OFFLINE announced for blocks 4:8")  # fmt: skip
+    wait_until(lambda: not any(c.is_running() and c.status() != psutil.STATUS_ZOMBIE
+                               for c in children[second.process.pid]), 15, message="p2pd of the stopped server exits")
+
+
+def test_generation_survives_a_killed_server(dht, processes, tiny_model: Path):
+    """SIGKILL the server a session is using mid-generation: the session moves to the replica."""
+    peers = dht.visible_maddrs()
+    for span in ("0:4", "4:8", "4:8"):
+        processes.append(ServerProcess(tiny_model, span, peers))
+    peer_ids = [server.wait_ready() for server in processes]
+    prefix = default_dht_prefix(tiny_model)
+    wait_until(lambda: all(len(b) >= (2 if i >= 4 else 1) for i, b in enumerate(block_states(dht, prefix))), 30)
+
+    input_ids = torch.tensor([[1, 90, 91, 92, 93]])
+    expected = AutoModelForCausalLM.from_pretrained(tiny_model).generate(input_ids, max_new_tokens=40, do_sample=False)
+    model = AutoDistributedModelForCausalLM.from_pretrained(tiny_model, initial_peers=peers, ban_timeout=60)
+    try:
+        with model.inference_session(max_length=64) as session:
+            first = model.generate(input_ids, max_new_tokens=20, session=session)
+            used = [link.span.peer_id for link in session._chain]
+            victim = next(p for p in processes[1:] if peer_ids[processes.index(p)] in used)
+            victim.stop(signal.SIGKILL)
+            rest = model.generate(None, max_new_tokens=20, session=session)
+            assert session.num_failovers >= 1
+            assert all(link.span.peer_id != peer_ids[processes.index(victim)] for link in session._chain)
+        assert torch.equal(torch.cat([first, rest], dim=1), expected)
+    finally:
+        model.shutdown()
