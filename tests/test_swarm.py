@@ -116,3 +116,31 @@ def test_forward_with_left_padding_matches_transformers(model, reference):
         expected = reference(input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
     real = attention_mask.bool()
     assert torch.allclose(actual[real], expected[real], atol=1e-4)
+
+
+def test_eos_stops_generation_like_transformers(model, reference):
+    input_ids = torch.tensor([[1, 17, 42, 99], [1, 3, 3, 3]])
+    attention_mask = torch.ones_like(input_ids)
+    free_run = reference.generate(input_ids, attention_mask=attention_mask, max_new_tokens=12, do_sample=False)
+    eos = int(free_run[0, input_ids.shape[1] + 3])  # a token the first sequence produces early
+    expected = reference.generate(input_ids, attention_mask=attention_mask, max_new_tokens=12, do_sample=False,
+                                  eos_token_id=eos, pad_token_id=0)  # fmt: skip
+    actual = model.generate(input_ids, attention_mask=attention_mask, max_new_tokens=12, eos_token_id=eos, pad_token_id=0)
+    assert torch.equal(actual, expected)
+
+
+def test_max_length_counts_the_prompt(model):
+    assert model.generate(torch.tensor([[1, 2, 3, 4, 5]]), max_length=9).shape == (1, 9)
+
+
+def test_large_batch_is_streamed_in_parts(model, reference):
+    """64 x 160 tokens of hidden states (2.6 MB) exceed one P2P part: forward and prefill go in parts."""
+    torch.manual_seed(1)
+    input_ids = torch.randint(3, 300, (64, 160))
+    with torch.no_grad():
+        expected = reference(input_ids).logits[:, -1]
+        actual = model(input_ids).logits[:, -1]
+        assert torch.allclose(actual, expected, atol=1e-4)
+        with model.inference_session(max_length=161) as session:
+            hidden = session.step(model.local.embed(input_ids))
+        assert torch.allclose(model.local.logits(hidden[:, -1]), expected, atol=1e-4)

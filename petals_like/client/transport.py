@@ -21,6 +21,7 @@ from petals_like.protocol import (
     RPC_INFO,
     Message,
     ProtocolError,
+    all_finite,
     decode_metadata,
     pack_message,
     read_message,
@@ -75,7 +76,7 @@ def _single_tensor(message: Message, like: torch.Tensor) -> torch.Tensor:
         shapes = [tuple(t.shape) for t in message.tensors]
         raise ProtocolError(f"server answered tensors {shapes}, expected one of shape {tuple(like.shape)}")
     out = message.tensors[0].to(like.dtype)
-    if not torch.isfinite(out).all():
+    if not all_finite(out):
         raise ProtocolError("server answered NaN or infinity")
     return out
 
@@ -126,7 +127,10 @@ class InferenceStream:
             await self.send([hidden], metadata)
             return await read_message(self._responses, max_bytes=MAX_RESPONSE_BYTES)
 
-        message = await asyncio.wait_for(exchange(), timeout)
+        try:
+            message = await asyncio.wait_for(exchange(), timeout)
+        except ConnectionError as e:  # the write found the stream already closed
+            raise ConnectionError(f"server {self.span.peer_id[-6:]} closed the inference stream ({e})") from e
         if message is None:
             raise ConnectionError(f"server {self.span.peer_id[-6:]} closed the inference stream")
         return _single_tensor(message, hidden)

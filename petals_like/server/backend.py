@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 
 from petals_like.models.attention import KVCache
 from petals_like.models.span import BlockSpan
-from petals_like.protocol import WIRE_DTYPES, ProtocolError
+from petals_like.protocol import WIRE_DTYPES, ProtocolError, all_finite
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ class SpanBackend:
             raise ProtocolError(f"batch size {batch} not in [1, {self.max_batch_size}]")
         if not 1 <= seq or batch * seq > self.max_request_tokens:
             raise ProtocolError(f"{batch}x{seq} tokens not in [1, {self.max_request_tokens}] per request")
-        if not torch.isfinite(tensor).all():
+        if not all_finite(tensor):
             raise ProtocolError(f"{name} contains NaN or infinity")
 
     def check_pad_lens(self, pad_lens: object, batch: int, seq: int) -> Optional[torch.Tensor]:
@@ -123,6 +123,3 @@ class SpanBackend:
     ) -> torch.Tensor:
         out = self.span(self._to_compute(hidden), pad_lens=pad_lens, cache=cache, first=blocks.first, last=blocks.last)
         return out.to(device="cpu", dtype=hidden.dtype)
-
-    def shapes_match(self, tensors: Sequence[torch.Tensor]) -> bool:
-        return len({tuple(t.shape) for t in tensors}) == 1

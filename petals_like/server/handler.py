@@ -183,7 +183,7 @@ class Handlers:
 
     # ---- inference ----
 
-    def _open_session(self, meta: dict, hidden: Optional[torch.Tensor], peer_id: str) -> ServerSession:
+    def _open_session(self, meta: dict, peer_id: str) -> ServerSession:
         session_id = require(meta, "session_id", str)
         if not 0 < len(session_id) <= MAX_SESSION_ID_LENGTH:
             raise ProtocolError(f"session_id must have 1..{MAX_SESSION_ID_LENGTH} characters")
@@ -229,7 +229,7 @@ class Handlers:
                     return
                 meta = message.metadata
                 if session is None:
-                    session = self._open_session(meta, None, context.remote_id.to_base58())
+                    session = self._open_session(meta, context.remote_id.to_base58())
                     self.sessions[session.session_id] = session
                     logger.debug(f"Opened session {session.session_id[:8]} of {session.peer_id[-6:]}")
                 elif require(meta, "session_id", str) != session.session_id:

@@ -1,0 +1,60 @@
+"""Message framing and tensor decoding, without a network."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+from hivemind.proto import runtime_pb2
+
+from petals_like.protocol import ProtocolError, decode_tensors, pack_message, read_message, unpack_message
+
+
+async def _aiter(items):
+    for item in items:
+        yield item
+
+
+def read_all(parts, max_bytes=1 << 30):
+    return asyncio.run(read_message(_aiter(parts), max_bytes=max_bytes))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.int64])
+def test_round_trip_in_many_parts(dtype):
+    tensors = [torch.randn(3, 50, 7).to(dtype), torch.arange(5), torch.randn(2, 0, 4).to(dtype)]
+    parts = pack_message(tensors, {"step": 3, "name": "x"}, max_part_bytes=256)
+    assert len(parts) > 4
+    message = read_all(parts)
+    assert message.metadata == {"step": 3, "name": "x"}
+    assert [t.dtype for t in message.tensors] == [t.dtype for t in tensors]
+    for got, sent in zip(message.tensors, tensors):
+        assert torch.equal(got, sent)
+
+
+def test_single_part_unary():
+    parts = pack_message([torch.ones(2, 3)], {"a": 1})
+    assert len(parts) == 1
+    assert torch.equal(unpack_message(parts[0], max_bytes=1000).tensors[0], torch.ones(2, 3))
+    with pytest.raises(ProtocolError, match="limit"):
+        unpack_message(parts[0], max_bytes=10)
+
+
+def test_truncated_and_oversized_streams_are_rejected():
+    parts = pack_message([torch.randn(1000)], {}, max_part_bytes=512)
+    with pytest.raises(ProtocolError, match="stream ended"):
+        read_all(parts[:-1])
+    with pytest.raises(ProtocolError, match="limit"):
+        read_all(parts, max_bytes=1000)
+    assert read_all([]) is None
+
+
+def test_inconsistent_tensor_headers_are_rejected():
+    with pytest.raises(ProtocolError, match="needs"):
+        decode_tensors([runtime_pb2.Tensor(buffer=b"\x00" * 7, size=[2], dtype="float32")])
+    with pytest.raises(ProtocolError, match="dtype"):
+        decode_tensors([runtime_pb2.Tensor(buffer=b"\x00" * 8, size=[1], dtype="complex64")])
+    with pytest.raises(ProtocolError, match="without a header"):
+        decode_tensors([runtime_pb2.Tensor(buffer=b"\x00" * 8)])
+    with pytest.raises(ProtocolError, match="chunks"):
+        decode_tensors([runtime_pb2.Tensor(buffer=b"\x00" * 4, size=[2], dtype="float32", chunks=2)])
