@@ -13,6 +13,7 @@ its own process, the client in this one.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -81,12 +82,24 @@ class LocalSession:
         return out
 
 
-def best_of(repeats: int, fn: Callable[[], dict]) -> dict:
-    results = [fn() for _ in range(repeats)]
-    return max(results, key=lambda r: r["tokens_per_s"])
+def server_footprint(pid: int) -> dict:
+    """Processes and resident memory of one server (its Python process and its p2pd daemon)."""
+    import psutil
+
+    root = psutil.Process(pid)
+    processes = [root] + root.children(recursive=True)
+    rss = sum(p.memory_info().rss for p in processes)
+    return {"processes": len(processes), "rss_mib": round(rss / 2**20, 1)}
 
 
-def bench_local(model_dir: Path, prompt: torch.Tensor, new_tokens: int, repeats: int) -> dict:
+def pick_median(results: list[dict]) -> dict:
+    """The run with the median tokens/s, plus the best tokens/s seen."""
+    ordered = sorted(results, key=lambda r: r["tokens_per_s"])
+    return dict(ordered[len(ordered) // 2], best_tokens_per_s=ordered[-1]["tokens_per_s"], runs=len(results))
+
+
+def local_runners(model_dir: Path, prompt: torch.Tensor, new_tokens: int) -> dict[str, Callable[[], dict]]:
+    """(c): transformers generate() and this project's block math, both in this process, no network."""
     from transformers import AutoModelForCausalLM
 
     from petals_like.client.generation import SamplingParams, generate_tokens
@@ -95,22 +108,16 @@ def bench_local(model_dir: Path, prompt: torch.Tensor, new_tokens: int, repeats:
     from petals_like.models.spec import ModelSpec
     from petals_like.server.server import load_span
 
-    results = {}
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    spec = ModelSpec.from_pretrained(model_dir)
+    span = load_span(model_dir, spec, 0, spec.num_blocks, torch.float32, torch.device("cpu"), progress=False)
+    local = LocalModules.from_state_dict(spec, CheckpointReader(model_dir).client_state_dict(torch.float32)).eval()
 
     def run_hf() -> dict:
         timer = TokenTimer()
         with torch.inference_mode():
             hf.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, streamer=timer)
         return summarize(timer.latencies()[1:])  # transformers' streamer also receives the prompt first
-
-    run_hf()
-    results["transformers_generate"] = best_of(repeats, run_hf)
-    del hf
-
-    spec = ModelSpec.from_pretrained(model_dir)
-    span = load_span(model_dir, spec, 0, spec.num_blocks, torch.float32, torch.device("cpu"), progress=False)
-    local = LocalModules.from_state_dict(spec, CheckpointReader(model_dir).client_state_dict(torch.float32)).eval()
 
     def run_ours() -> dict:
         timer = TokenTimer()
@@ -120,62 +127,65 @@ def bench_local(model_dir: Path, prompt: torch.Tensor, new_tokens: int, repeats:
                             sampling=SamplingParams(), eos_token_ids=[], pad_token_id=0, streamer=timer)  # fmt: skip
         return summarize(timer.latencies())
 
-    run_ours()
-    results["block_math_no_network"] = best_of(repeats, run_ours)
-    return results
+    return {"transformers_generate": run_hf, "block_math_no_network": run_ours}
 
 
-def bench_swarm(model_dir: Path, prompt: torch.Tensor, new_tokens: int, prefill_len: int, repeats: int,
-                server_args: list[str]) -> dict:  # fmt: skip
-    from petals_like import AutoDistributedModelForCausalLM
-    from petals_like.cli.demo import LOCALHOST, Child
+class BenchSwarm:
+    """1 DHT + 2 servers (each half of the blocks) as subprocesses, and a client in this process."""
 
-    children: list[Child] = []
-    try:
-        started = time.perf_counter()
-        dht = Child("run_dht", [sys.executable, "-m", "petals_like.cli.run_dht", "--host_maddrs", LOCALHOST])
-        children.append(dht)
-        peers = dht.wait_for_line("--initial_peers", 60).split()[1:]
+    def __init__(self, model_dir: Path, server_args: list[str]):
+        self.model_dir = model_dir
+        self.server_args = server_args
+        self.children: list = []
+        self.model = None
+
+    def __enter__(self) -> BenchSwarm:
+        from petals_like import AutoDistributedModelForCausalLM
+        from petals_like.cli.demo import LOCALHOST, Child
         from petals_like.models.spec import ModelSpec
 
-        num_blocks = ModelSpec.from_pretrained(model_dir).num_blocks
-        for span in (f"0:{num_blocks // 2}", f"{num_blocks // 2}:{num_blocks}"):
-            cmd = [sys.executable, "-m", "petals_like.cli.run_server", str(model_dir), "--block_indices", span,
-                   "--initial_peers", *peers, "--host_maddrs", LOCALHOST, "--no_progress", "--log_level", "WARNING",
-                   *server_args]  # fmt: skip
-            children.append(Child(f"server {span}", cmd))
-        for child in children[1:]:
-            child.wait_for_line("SERVER READY", 300)
-        swarm_start_s = time.perf_counter() - started
-
-        model = AutoDistributedModelForCausalLM.from_pretrained(model_dir, initial_peers=peers, torch_dtype="float32")
         try:
-            model.generate(prompt, max_new_tokens=4)  # warm-up: route found, streams opened, allocator warm
+            started = time.perf_counter()
+            dht = Child("run_dht", [sys.executable, "-m", "petals_like.cli.run_dht", "--host_maddrs", LOCALHOST])
+            self.children.append(dht)
+            peers = dht.wait_for_line("--initial_peers", 60).split()[1:]
+            num_blocks = ModelSpec.from_pretrained(self.model_dir).num_blocks
+            for span in (f"0:{num_blocks // 2}", f"{num_blocks // 2}:{num_blocks}"):
+                cmd = [sys.executable, "-m", "petals_like.cli.run_server", str(self.model_dir), "--block_indices",
+                       span, "--initial_peers", *peers, "--host_maddrs", LOCALHOST, "--no_progress",
+                       "--log_level", "WARNING", *self.server_args]  # fmt: skip
+                self.children.append(Child(f"server {span}", cmd))
+            for child in self.children[1:]:
+                child.wait_for_line("SERVER READY", 300)
+            self.start_s = time.perf_counter() - started
+            self.footprint = [server_footprint(child.process.pid) for child in self.children[1:]]
+            self.model = AutoDistributedModelForCausalLM.from_pretrained(self.model_dir, initial_peers=peers,
+                                                                         torch_dtype="float32")  # fmt: skip
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
 
-            def run_one() -> dict:
-                timer = TokenTimer()
-                model.generate(prompt, max_new_tokens=new_tokens, eos_token_id=[], streamer=timer)
-                return summarize(timer.latencies())
-
-            one_session = best_of(repeats, run_one)
-
-            long_prompt = torch.randint(3, model.spec.vocab_size, (1, prefill_len), generator=torch.Generator().manual_seed(1))
-            prefill_times = []
-            for _ in range(repeats):
-                with model.inference_session(max_length=prefill_len + 1) as session:
-                    t0 = time.perf_counter()
-                    session.step(model.local.embed(long_prompt))
-                    prefill_times.append(time.perf_counter() - t0)
-        finally:
-            model.shutdown()
-        return {
-            "one_session": one_session,
-            "prefill": {"tokens": prefill_len, "seconds": round(min(prefill_times), 3)},
-            "swarm_start_s": round(swarm_start_s, 2),
-        }
-    finally:
-        for child in reversed(children):
+    def __exit__(self, *exc) -> None:
+        if self.model is not None:
+            self.model.shutdown()
+        for child in reversed(self.children):
             child.stop()
+
+    def one_session(self, prompt: torch.Tensor, new_tokens: int) -> dict:
+        """(a)"""
+        timer = TokenTimer()
+        self.model.generate(prompt, max_new_tokens=new_tokens, eos_token_id=[], streamer=timer)
+        return summarize(timer.latencies())
+
+    def prefill(self, prefill_len: int) -> float:
+        """(b): seconds to run a prompt of prefill_len tokens through every block."""
+        prompt = torch.randint(3, self.model.spec.vocab_size, (1, prefill_len), generator=torch.Generator().manual_seed(1))
+        with self.model.inference_session(max_length=prefill_len + 1) as session:
+            hidden = self.model.local.embed(prompt)
+            started = time.perf_counter()
+            session.step(hidden)
+            return time.perf_counter() - started
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -186,7 +196,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--prompt_len", type=int, default=16)
     parser.add_argument("--new_tokens", type=int, default=128)
     parser.add_argument("--prefill_len", type=int, default=512)
-    parser.add_argument("--repeats", type=int, default=3, help="best of N runs per measurement")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds; each runner runs once per round and the median round is reported")
     parser.add_argument("--server_args", default="", help="extra run_server arguments, e.g. '--num_threads 2'")
     args = parser.parse_args(argv)
 
@@ -205,17 +215,36 @@ def main(argv: Optional[list[str]] = None) -> None:
                     "torch": torch.__version__},  # fmt: skip
         "workload": {"prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "prefill_len": args.prefill_len},
     }
-    if workloads & {"a", "b"}:
-        swarm = bench_swarm(model_dir, prompt, args.new_tokens, args.prefill_len, args.repeats, args.server_args.split())
-        report["a_swarm_one_session"] = swarm["one_session"]
-        report["b_swarm_prefill"] = swarm["prefill"]
-        report["swarm_start_s"] = swarm["swarm_start_s"]
-    if "c" in workloads:
-        local = bench_local(model_dir, prompt, args.new_tokens, args.repeats)
-        report["c_local"] = local
-        if "a_swarm_one_session" in report:
-            hf = local["transformers_generate"]["tokens_per_s"]
-            report["a_vs_transformers"] = round(report["a_swarm_one_session"]["tokens_per_s"] / hf, 3)
+    with contextlib.ExitStack() as stack:
+        runners: dict[str, Callable[[], dict]] = {}
+        swarm = None
+        if workloads & {"a", "b"}:
+            swarm = stack.enter_context(BenchSwarm(model_dir, args.server_args.split()))
+            report["swarm_start_s"] = round(swarm.start_s, 2)
+            report["servers"] = swarm.footprint
+            if "a" in workloads:
+                runners["a_swarm_one_session"] = lambda: swarm.one_session(prompt, args.new_tokens)
+        if "c" in workloads:
+            runners.update(local_runners(model_dir, prompt, args.new_tokens))
+        # rounds interleave the runners, so that a noisy moment of the machine hits all of them alike
+        results: dict[str, list[dict]] = {name: [] for name in runners}
+        for name, run in runners.items():
+            run()  # warm-up: routes found, streams opened, allocator and caches warm
+        for _ in range(args.repeats):
+            for name, run in runners.items():
+                results[name].append(run())
+        for name, runs in results.items():
+            target = report.setdefault("c_local", {}) if name != "a_swarm_one_session" else report
+            target[name] = pick_median(runs)
+        if "a_swarm_one_session" in results and "transformers_generate" in results:
+            ratios = [a["tokens_per_s"] / b["tokens_per_s"]
+                      for a, b in zip(results["a_swarm_one_session"], results["transformers_generate"])]  # fmt: skip
+            report["a_vs_transformers"] = round(statistics.median(ratios), 3)
+            report["a_vs_transformers_per_round"] = [round(r, 3) for r in ratios]
+        if swarm is not None and "b" in workloads:
+            times = [swarm.prefill(args.prefill_len) for _ in range(args.repeats + 1)][1:]
+            report["b_swarm_prefill"] = {"tokens": args.prefill_len, "seconds": round(statistics.median(times), 3),
+                                         "best_seconds": round(min(times), 3)}  # fmt: skip
     print(json.dumps(report, indent=2))
 
 
