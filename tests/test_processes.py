@@ -98,3 +98,16 @@ def test_generation_survives_a_killed_server(dht, processes, tiny_model: Path):
         assert torch.equal(torch.cat([first, rest], dim=1), expected)
     finally:
         model.shutdown()
+
+
+def test_num_blocks_server_takes_the_uncovered_span(tiny_model: Path):
+    """A server given only --num_blocks joins where the swarm has no server yet."""
+    from tests.swarm import start_swarm
+
+    swarm = start_swarm(tiny_model, ["0:4"])
+    try:
+        chooser = swarm.add_server(tiny_model, None, num_blocks=4)
+        assert (chooser.start_block, chooser.end_block) == (4, 8)
+        swarm.wait_for_blocks(default_dht_prefix(tiny_model), NUM_BLOCKS)
+    finally:
+        swarm.shutdown()
