@@ -37,7 +37,11 @@ class ServerConfig:
     quant_type: str = "none"
     num_threads: Optional[int] = None  # torch intra-op threads for the compute loop; None = torch's default
     throughput: float = 0.0  # announced tokens/s per block; 0 = estimated from a quick forward pass
-    kv_cache_tokens: int = 65536  # KV cache tokens (batch x length, summed over sessions) this server holds
+    kv_cache_tokens: Optional[int] = None  # KV pool size in tokens (all sessions); None = from free memory
+    page_size: int = 16  # tokens per KV page (also the granularity of prefix reuse)
+    max_alloc_timeout: float = 1.0  # seconds a step waits for free pages before a retriable error
+    token_budget: int = 256  # tokens per batched iteration; longer prompts are split into chunks
+    share_prefix_cache: bool = False  # reuse prefix pages across clients (trusts their claimed hashes)
     max_session_length: int = 8192  # upper bound of a session's max_length
     max_batch_size: int = 64  # sequences in one request
     max_request_tokens: int = 16384  # batch x new tokens in one request

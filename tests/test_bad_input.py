@@ -184,8 +184,8 @@ def test_inference_and_info_after_errors(client, span, swarm):
     steps = [([torch.randn(1, 3, HIDDEN)], open_meta(sid))] + [([torch.randn(1, 1, HIDDEN)], {"session_id": sid})] * 4
     outputs = inference(client, span, steps)
     assert [o.shape[1] for o in outputs] == [3, 1, 1, 1, 1]
-    handlers = swarm.servers[0].handlers
+    sessions = swarm.servers[0].sessions
     info = client.run(call_info(client.p2p, span.peer_id, timeout=10))
     assert info["start_block"] == 2 and info["end_block"] == 6
-    assert info["cache_tokens_left"] == handlers.budget.capacity
-    assert not handlers.sessions
+    assert info["cache_tokens_left"] == sessions.pool.num_pages * sessions.pool.page_size  # every page is back
+    assert not sessions.sessions

@@ -74,7 +74,7 @@ class LocalSession:
         self.finished = None
 
     @torch.inference_mode()
-    def step(self, hidden: torch.Tensor, *, pad_lens=None) -> torch.Tensor:
+    def step(self, hidden: torch.Tensor, *, pad_lens=None, token_ids=None) -> torch.Tensor:
         if self.cache is None:
             self.cache = self.span.new_cache(hidden.shape[0], self.max_length)
         out = self.span(hidden, cache=self.cache)

@@ -29,7 +29,14 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, str]:
     p.add_argument("--throughput", type=float, default=defaults.throughput,
                    help="announced tokens/s per block (0 = measure at start)")
     p.add_argument("--kv_cache_tokens", type=int, default=defaults.kv_cache_tokens,
-                   help="KV cache tokens held for all sessions together")
+                   help="KV pool size in tokens, for all sessions together (default: a quarter of free memory)")
+    p.add_argument("--page_size", type=int, default=defaults.page_size, help="tokens per KV page")
+    p.add_argument("--max_alloc_timeout", type=float, default=defaults.max_alloc_timeout,
+                   help="seconds a step waits for free KV pages before a retriable error")
+    p.add_argument("--token_budget", type=int, default=defaults.token_budget,
+                   help="tokens per batched iteration; longer prompts run in chunks")
+    p.add_argument("--share_prefix_cache", action="store_true",
+                   help="reuse cached prefix pages across clients: trusts clients' claimed page hashes")
     p.add_argument("--max_session_length", type=int, default=defaults.max_session_length)
     p.add_argument("--max_batch_size", type=int, default=defaults.max_batch_size)
     p.add_argument("--num_threads", type=int, default=None, help="torch threads for block math")
@@ -44,6 +51,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, str]:
         dht_prefix=a.dht_prefix, host_maddrs=a.host_maddrs, announce_maddrs=a.announce_maddrs,
         identity_path=a.identity_path, device=a.device, torch_dtype=a.torch_dtype, quant_type=a.quant_type,
         num_threads=a.num_threads, throughput=a.throughput, kv_cache_tokens=a.kv_cache_tokens,
+        page_size=a.page_size, max_alloc_timeout=a.max_alloc_timeout, token_budget=a.token_budget,
+        share_prefix_cache=a.share_prefix_cache,
         max_session_length=a.max_session_length, max_batch_size=a.max_batch_size,
         announce_period=a.announce_period, expiration=a.expiration, public_name=a.public_name,
         progress=not a.no_progress,

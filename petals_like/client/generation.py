@@ -101,7 +101,7 @@ def generate_tokens(
     new_tokens: list[torch.Tensor] = []
     first = session.position == 0
     for _ in range(max_new_tokens):
-        hidden = session.step(embed(inputs), pad_lens=pad_lens if first else None)
+        hidden = session.step(embed(inputs), pad_lens=pad_lens if first else None, token_ids=inputs)
         first = False
         logits = logits_fn(hidden[:, -1:, :])[:, -1, :].float()
         tokens = sampling.choose(logits)

@@ -20,6 +20,7 @@ from petals_like.client.transport import InferenceStream
 from petals_like.config import ClientConfig
 from petals_like.data_structures import RemoteSpanInfo
 from petals_like.dht.node import SwarmNode
+from petals_like.protocol import PREFIX_PAGE_TOKENS, prefix_page_hashes
 from petals_like.routing.manager import RouteManager
 
 logger = logging.getLogger(__name__)
@@ -34,8 +35,13 @@ class _SpanSession:
 
 
 class InferenceSession:
+    """See the module docstring. With prefix_salt and token ids, servers may reuse cached prefix pages:
+    the client sends chained page hashes (protocol.prefix_page_hashes), asks each server of the chain
+    how much of the prompt it holds, and skips the minimum. The salt must cover everything besides
+    the tokens that the keys depend on (model, adapters, client-side prompts)."""
+
     def __init__(self, node: SwarmNode, routes: RouteManager, config: ClientConfig, *, max_length: int,
-                 num_blocks: int):  # fmt: skip
+                 num_blocks: int, prefix_salt: Optional[str] = None):  # fmt: skip
         self.node = node
         self.routes = routes
         self.config = config
@@ -49,11 +55,23 @@ class InferenceSession:
         self._chain: list[_SpanSession] = []
         self.closed = False
         self.num_failovers = 0
+        self.prefix_salt = prefix_salt
+        self.reused_tokens = 0  # prompt positions taken from servers' prefix caches instead of computed
+        self._token_ids: Optional[list[int]] = [] if prefix_salt is not None else None  # None: hashing is off
+        self._hashes: list[str] = []  # chained page hashes of the tokens so far (all sent to every link)
+        self._inputs: list[torch.Tensor] = []  # every block-0 input, for a full replay after reuse
+        self._sent_hashes = 0  # hashes every link of the chain has received
 
     # ---- public, synchronous ----
 
-    def step(self, hidden: torch.Tensor, *, pad_lens: Optional[list[int]] = None) -> torch.Tensor:
-        """Run new tokens' hidden states [batch, seq, hidden] through every block; returns the same shape."""
+    def step(self, hidden: torch.Tensor, *, pad_lens: Optional[list[int]] = None,
+             token_ids: Optional[torch.Tensor] = None) -> torch.Tensor:  # fmt: skip
+        """Run new tokens' hidden states [batch, seq, hidden] through every block; returns the same shape.
+
+        token_ids [batch, seq] (the tokens behind `hidden`) enable prefix reuse for batch-1 sessions;
+        positions taken from a server's prefix cache (the first `reused_tokens` of the first step)
+        come back as zeros, since no server computed them.
+        """
         if self.closed:
             raise RuntimeError("this inference session is closed")
         if hidden.ndim != 3:
@@ -66,9 +84,23 @@ class InferenceSession:
             raise ValueError("pad_lens apply to the first step of a session only")
         if self.position + hidden.shape[1] > self.max_length:
             raise ValueError(f"{self.position} + {hidden.shape[1]} tokens exceed the session's max_length={self.max_length}")
+        self._track_tokens(token_ids, hidden)
         out = self.node.run(self._step(hidden.detach().cpu()), timeout=self.config.request_timeout * (1 + self.config.max_retries))
         self.position += hidden.shape[1]
         return out
+
+    def _track_tokens(self, token_ids: Optional[torch.Tensor], hidden: torch.Tensor) -> None:
+        if self._token_ids is None:
+            return
+        usable = (token_ids is not None and self.batch_size == 1 and not any(self.pad_lens or [])
+                  and tuple(token_ids.shape) == tuple(hidden.shape[:2]))  # fmt: skip
+        if not usable:
+            self._token_ids = None  # once a step's tokens are unknown, later pages cannot be named
+            return
+        self._token_ids.extend(int(t) for t in token_ids[0])
+        parent = self._hashes[-1] if self._hashes else ""
+        self._hashes.extend(prefix_page_hashes(self._token_ids, self.prefix_salt, start_page=len(self._hashes),
+                                               parent=parent))  # fmt: skip
 
     def close(self) -> None:
         if self.closed:
@@ -87,38 +119,64 @@ class InferenceSession:
 
     # ---- internals, on the node's loop ----
 
-    async def _open(self, span: RemoteSpanInfo) -> _SpanSession:
+    async def _open(self, span: RemoteSpanInfo, *, probe: bool = False) -> tuple[_SpanSession, int]:
+        """Open a stream; with probe, also ask how many tokens of our hashed prefix the server holds."""
         stream = InferenceStream(self.node.p2p, span)
         await stream.open(timeout=self.config.connect_timeout)
         session = _SpanSession(span, stream, uuid.uuid4().hex)
-        await stream.send([], self._open_metadata(session))
-        return session
+        meta = dict(session_id=session.session_id, start=span.start, end=span.end, max_length=self.max_length,
+                    batch_size=self.batch_size, pad_lens=self.pad_lens)  # fmt: skip
+        if self._hashes and self._token_ids is not None:
+            meta.update(page_hashes=self._hashes, hash_start=0, probe=probe)
+        await stream.send([], meta)
+        cached = 0
+        if probe and self._hashes:
+            answer = await stream.read(timeout=self.config.connect_timeout)
+            cached = answer.metadata.get("cached_tokens", 0) if not answer.tensors else 0
+            cached = cached if isinstance(cached, int) else 0
+        return session, cached
 
-    def _open_metadata(self, session: _SpanSession) -> dict:
-        return dict(session_id=session.session_id, start=session.span.start, end=session.span.end,
-                    max_length=self.max_length, batch_size=self.batch_size, pad_lens=self.pad_lens)  # fmt: skip
-
-    async def _open_chain(self, start: int, end: int) -> list[_SpanSession]:
+    async def _open_chain(self, start: int, end: int, *, probe: bool = False) -> tuple[list[_SpanSession], int]:
+        """A new chain over [start, end) and the prompt tokens every server of it holds cached."""
         route = await self.routes.make_route(start, end)
         opened: list[_SpanSession] = []
+        reusable = None
         try:
             for span in route:
-                opened.append(await self._open(span))
+                session, cached = await self._open(span, probe=probe)
+                opened.append(session)
+                reusable = cached if reusable is None else min(reusable, cached)
         except BaseException:
             await self._close_all(opened)
             raise
         logger.info(f"Inference chain for blocks {start}:{end}: {route}")
-        return opened
+        return opened, reusable or 0
 
     async def _step(self, hidden: torch.Tensor) -> torch.Tensor:
+        full_input = hidden
+        reuse = 0
         if not self._chain:
-            self._chain = await self._open_chain(0, self.num_blocks)
+            probe = self.position == 0 and bool(self._hashes)
+            self._chain, cached = await self._open_chain(0, self.num_blocks, probe=probe)
+            # keep at least the last prompt token: its output is what the client needs
+            reuse = min(cached, (hidden.shape[1] - 1) // PREFIX_PAGE_TOKENS * PREFIX_PAGE_TOKENS)
+            hidden = hidden[:, reuse:]
+            self.reused_tokens = reuse
+            sent_hashes = len(self._hashes)
+        else:
+            sent_hashes = self._sent_hashes
+        new_hashes = self._hashes[sent_hashes:] if self._token_ids is not None else []
         index = 0
         attempts = 0
         while index < len(self._chain):
             link = self._chain[index]
+            meta: dict = {"session_id": link.session_id}
+            if reuse:
+                meta["reuse_tokens"] = reuse
+            if new_hashes:
+                meta.update(page_hashes=new_hashes, hash_start=sent_hashes)
             try:
-                out = await link.stream.step(hidden, {"session_id": link.session_id}, timeout=self.config.request_timeout)
+                out = await link.stream.step(hidden, meta, timeout=self.config.request_timeout)
             except (Exception, asyncio.CancelledError) as e:
                 if isinstance(e, asyncio.CancelledError) and asyncio.current_task().cancelling():
                     raise
@@ -126,13 +184,48 @@ class InferenceSession:
                 if attempts > self.config.max_retries:
                     raise RuntimeError(f"inference step failed {attempts} times; last error: {e!r}") from e
                 self.routes.ban(link.span.peer_id, repr(e))
+                if self.reused_tokens:
+                    # links after the first never saw the reused prefix's hidden states: rebuild all
+                    hidden = await self._rebuild_all(full_input)
+                    index = len(self._chain)
+                    break
                 await self._replace(index)
                 continue
             self.routes.succeeded(link.span.peer_id)
             link.history.append(hidden)
             hidden = out
             index += 1
+        self._inputs.append(full_input)
+        self._sent_hashes = len(self._hashes)
+        if hidden.shape[1] < full_input.shape[1]:  # reused prefix positions were not computed: zeros
+            skipped = full_input.shape[1] - hidden.shape[1]
+            hidden = torch.cat([hidden.new_zeros(hidden.shape[0], skipped, hidden.shape[2]), hidden], dim=1)
         return hidden
+
+    async def _rebuild_all(self, current: torch.Tensor) -> torch.Tensor:
+        """Replace the whole chain and replay every input so far plus this step, computing everything."""
+        await self._close_all(self._chain)
+        self._chain = []
+        replay = torch.cat(self._inputs + [current], dim=1)
+        for _ in range(self.config.max_retries):
+            chain: list[_SpanSession] = []
+            try:
+                await self.routes.refresh(force=True)
+                chain, _ = await self._open_chain(0, self.num_blocks)
+                out = replay
+                for link in chain:
+                    result = await link.stream.step(out, {"session_id": link.session_id}, timeout=self.config.request_timeout)
+                    link.history.append(out)
+                    out = result
+            except Exception as e:
+                logger.warning(f"Rebuilding the chain failed: {e!r}")
+                await self._close_all(chain)
+                continue
+            self._chain = chain
+            self.reused_tokens = 0
+            self.num_failovers += 1
+            return out[:, -current.shape[1]:]
+        raise RuntimeError("could not rebuild the inference chain")
 
     async def _replace(self, index: int) -> None:
         """Swap the span at `index` for a new chain over the same blocks, rebuilding its KV cache."""
@@ -144,7 +237,7 @@ class InferenceSession:
             link: Optional[_SpanSession] = None
             try:
                 await self.routes.refresh(force=True)
-                replacement = await self._open_chain(failed.span.start, failed.span.end)
+                replacement, _ = await self._open_chain(failed.span.start, failed.span.end)
                 replayed = torch.cat(failed.history, dim=1) if failed.history else None
                 for link in replacement:
                     if replayed is None:

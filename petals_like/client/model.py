@@ -95,12 +95,17 @@ class DistributedModelForCausalLM(torch.nn.Module):
 
     # ---- inference ----
 
-    def inference_session(self, max_length: int) -> InferenceSession:
-        """A session whose KV cache lives on the servers; use it as a context manager."""
+    def inference_session(self, max_length: int, *, reuse_prefix: bool = True) -> InferenceSession:
+        """A session whose KV cache lives on the servers; use it as a context manager.
+
+        With reuse_prefix, servers may serve the prompt's leading pages from their prefix cache
+        (pages this client computed before under the same model and salt) instead of recomputing them.
+        """
         if max_length < 1:
             raise ValueError(f"max_length must be >= 1, got {max_length}")
+        salt = f"{self.dht_prefix}|{self.spec.torch_dtype}" if reuse_prefix else None
         return InferenceSession(self.node, self.routes, self.config, max_length=max_length,
-                                num_blocks=self.spec.num_blocks)  # fmt: skip
+                                num_blocks=self.spec.num_blocks, prefix_salt=salt)  # fmt: skip
 
     @torch.inference_mode()
     def generate(

@@ -135,6 +135,13 @@ class InferenceStream:
             raise ConnectionError(f"server {self.span.peer_id[-6:]} closed the inference stream")
         return _single_tensor(message, hidden)
 
+    async def read(self, *, timeout: float) -> Message:
+        """The next whole message from the server (e.g. the answer to a probe)."""
+        message = await asyncio.wait_for(read_message(self._responses, max_bytes=MAX_RESPONSE_BYTES), timeout)
+        if message is None:
+            raise ConnectionError(f"server {self.span.peer_id[-6:]} closed the inference stream")
+        return message
+
     async def close(self, metadata: Optional[dict] = None) -> None:
         if self.closed or self._writer is None:
             return

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
 from typing import AsyncIterator, Callable, Optional
 
 import torch
@@ -22,7 +21,6 @@ from hivemind.proto import runtime_pb2
 
 from petals_like import __version__
 from petals_like.config import ServerConfig
-from petals_like.models.attention import KVCache
 from petals_like.protocol import (
     PROTOCOL_VERSION,
     RPC_BACKWARD,
@@ -38,61 +36,26 @@ from petals_like.protocol import (
     unpack_message,
 )
 from petals_like.server.backend import BlockRange, SpanBackend
-from petals_like.server.runtime import ComputeRuntime, Priority
+from petals_like.server.runtime import Priority
+from petals_like.server.scheduler import Scheduler
+from petals_like.server.sessions import ServerSession, SessionManager
 
 logger = logging.getLogger(__name__)
-
-MAX_SESSION_ID_LENGTH = 128
-
-
-class CacheBudget:
-    """Counts KV cache tokens (batch x length) held by all sessions; refuses what would exceed the pool."""
-
-    def __init__(self, capacity: int):
-        self.capacity = capacity
-        self.used = 0
-
-    @property
-    def free(self) -> int:
-        return self.capacity - self.used
-
-    def take(self, tokens: int) -> None:
-        if tokens > self.free:
-            raise ProtocolError(f"server KV cache is full ({self.free} of {self.capacity} tokens free, "
-                                f"{tokens} needed); retry later or on another server")  # fmt: skip
-        self.used += tokens
-
-    def give_back(self, tokens: int) -> None:
-        self.used = max(0, self.used - tokens)
-
-
-@dataclass
-class ServerSession:
-    session_id: str
-    peer_id: str
-    blocks: BlockRange
-    max_length: int
-    batch_size: int
-    pad_lens: Optional[torch.Tensor]
-    cache: KVCache
-    tokens_held: int = 0  # batch x length charged to the CacheBudget
-    steps: int = 0
-
 
 class Handlers:
     def __init__(
         self,
         backend: SpanBackend,
-        runtime: ComputeRuntime,
+        scheduler: Scheduler,
+        sessions: SessionManager,
         config: ServerConfig,
         info_fn: Callable[[], dict],
     ):
         self.backend = backend
-        self.runtime = runtime
+        self.scheduler = scheduler
+        self.sessions = sessions
         self.config = config
         self.info_fn = info_fn  # the live ServerInfo fields, for rpc_info
-        self.budget = CacheBudget(config.kv_cache_tokens)
-        self.sessions: dict[str, ServerSession] = {}
 
     async def register(self, p2p: P2P) -> None:
         ExpertRequest = runtime_pb2.ExpertRequest
@@ -119,8 +82,9 @@ class Handlers:
             max_session_length=self.config.max_session_length,
             max_batch_size=self.config.max_batch_size,
             max_request_tokens=self.config.max_request_tokens,
-            cache_tokens_left=self.budget.free,
-            open_sessions=len(self.sessions),
+            cache_tokens_left=self.sessions.free_tokens,
+            page_size=self.sessions.pool.page_size,
+            open_sessions=len(self.sessions.sessions),
         )
         return runtime_pb2.ExpertResponse(metadata=encode_metadata(info))
 
@@ -142,7 +106,7 @@ class Handlers:
     async def _forward(self, message: Message) -> list[runtime_pb2.ExpertResponse]:
         (hidden,), pad_lens, blocks = self._forward_inputs(message, 1)
         out = await asyncio.wait_for(
-            self.runtime.submit(Priority.FORWARD, self.backend.forward, hidden, pad_lens, blocks),
+            self.scheduler.submit(Priority.FORWARD, self.backend.forward, hidden, pad_lens, blocks),
             self.config.request_timeout,
         )
         return pack_message([out], proto=runtime_pb2.ExpertResponse, max_part_bytes=self.config.max_part_bytes)
@@ -150,7 +114,7 @@ class Handlers:
     async def _backward(self, message: Message) -> list[runtime_pb2.ExpertResponse]:
         (hidden, grad_out), pad_lens, blocks = self._forward_inputs(message, 2)
         grad = await asyncio.wait_for(
-            self.runtime.submit(Priority.BACKWARD, self.backend.backward, hidden, grad_out, pad_lens, blocks),
+            self.scheduler.submit(Priority.BACKWARD, self.backend.backward, hidden, grad_out, pad_lens, blocks),
             self.config.request_timeout,
         )
         return pack_message([grad], proto=runtime_pb2.ExpertResponse, max_part_bytes=self.config.max_part_bytes)
@@ -183,39 +147,10 @@ class Handlers:
 
     # ---- inference ----
 
-    def _open_session(self, meta: dict, peer_id: str) -> ServerSession:
-        session_id = require(meta, "session_id", str)
-        if not 0 < len(session_id) <= MAX_SESSION_ID_LENGTH:
-            raise ProtocolError(f"session_id must have 1..{MAX_SESSION_ID_LENGTH} characters")
-        if session_id in self.sessions:
-            raise ProtocolError(f"session {session_id!r} is already open on this server")
-        blocks = self.backend.block_range(require(meta, "start", int), require(meta, "end", int))
-        max_length = require(meta, "max_length", int)
-        if not 0 < max_length <= self.config.max_session_length:
-            raise ProtocolError(f"max_length={max_length} not in (0, {self.config.max_session_length}]")
-        batch_size = require(meta, "batch_size", int)
-        if not 1 <= batch_size <= self.config.max_batch_size:
-            raise ProtocolError(f"batch_size={batch_size} not in [1, {self.config.max_batch_size}]")
-        pad_lens = self.backend.check_pad_lens(meta.get("pad_lens"), batch_size, max_length)
-        cache = self.backend.new_cache(batch_size, max_length, blocks)
-        return ServerSession(session_id, peer_id, blocks, max_length, batch_size, pad_lens, cache)
-
-    def _check_step(self, session: ServerSession, message: Message) -> torch.Tensor:
-        if len(message.tensors) != 1:
-            raise ProtocolError(f"an inference step carries exactly one tensor, got {len(message.tensors)}")
-        (hidden,) = message.tensors
-        self.backend.check_hidden(hidden)
-        batch, seq, _ = hidden.shape
-        if batch != session.batch_size:
-            raise ProtocolError(f"batch size {batch} differs from the session's {session.batch_size}")
-        if session.cache.length + seq > session.max_length:
-            raise ProtocolError(f"{session.cache.length} + {seq} tokens exceed the session's max_length={session.max_length}")
-        return hidden
-
     async def rpc_inference(
         self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
-        session: Optional[ServerSession] = None
+        session: Optional[ServerSession] = None  # this stream's session: the only one it can reach
         try:
             while True:
                 try:
@@ -229,30 +164,23 @@ class Handlers:
                     return
                 meta = message.metadata
                 if session is None:
-                    session = self._open_session(meta, context.remote_id.to_base58())
-                    self.sessions[session.session_id] = session
-                    logger.debug(f"Opened session {session.session_id[:8]} of {session.peer_id[-6:]}")
+                    session = self.sessions.open(meta, context.remote_id.to_base58())
+                    if meta.get("probe") is True:  # say how much of the client's hashed prefix is cached here
+                        yield runtime_pb2.ExpertResponse(metadata=encode_metadata(
+                            {"cached_tokens": len(session.cached_pages) * self.sessions.pool.page_size}))
                 elif require(meta, "session_id", str) != session.session_id:
                     raise ProtocolError(f"unknown session {meta['session_id']!r} on this stream")
                 if meta.get("close"):
                     return
                 if not message.tensors and session.steps == 0:
                     continue  # an open message without a first step
-                hidden = self._check_step(session, message)
-                new_tokens = hidden.shape[0] * hidden.shape[1]
-                self.budget.take(new_tokens)
-                session.tokens_held += new_tokens
+                hidden, reuse = self.sessions.check_step(session, message)
                 started = time.perf_counter()
-                out = await self.runtime.submit(
-                    Priority.INFERENCE, self.backend.inference_step, session.cache, hidden, session.pad_lens, session.blocks
-                )
-                session.steps += 1
+                out = await self.sessions.run_step(session, hidden, reuse)
                 step_meta = {"step": session.steps, "compute_s": time.perf_counter() - started}
-                for part in pack_message([out], step_meta, proto=runtime_pb2.ExpertResponse,
+                for part in pack_message([out.to(hidden.dtype)], step_meta, proto=runtime_pb2.ExpertResponse,
                                          max_part_bytes=self.config.max_part_bytes):  # fmt: skip
                     yield part
         finally:
             if session is not None:
-                self.sessions.pop(session.session_id, None)
-                self.budget.give_back(session.tokens_held)
-                logger.debug(f"Closed session {session.session_id[:8]} after {session.steps} steps")
+                self.sessions.close(session)

@@ -1,7 +1,7 @@
 """Server lifecycle: pick blocks, announce JOINING, load, serve, announce ONLINE, re-announce, leave.
 
 One process holds one SwarmNode (a p2pd daemon + DHT node on an event-loop thread) and one
-ComputeRuntime thread; that is the whole server.
+Scheduler thread (all block math, continuously batched); that is the whole server.
 """
 
 from __future__ import annotations
@@ -29,7 +29,9 @@ from petals_like.models.spec import ModelSpec, resolve_dtype
 from petals_like.server.backend import BlockRange, SpanBackend
 from petals_like.server.block_selection import block_throughputs, choose_best_start
 from petals_like.server.handler import Handlers
-from petals_like.server.runtime import ComputeRuntime
+from petals_like.server.kv_cache import KVPool, PrefixIndex
+from petals_like.server.scheduler import Scheduler
+from petals_like.server.sessions import SessionManager
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +63,8 @@ class Server:
         if config.quant_type != "none":
             raise NotImplementedError(f"quant_type={config.quant_type!r} is not available yet; use none")
         self.node: Optional[SwarmNode] = None
-        self.runtime: Optional[ComputeRuntime] = None
+        self.scheduler: Optional[Scheduler] = None
+        self.sessions: Optional[SessionManager] = None
         self.handlers: Optional[Handlers] = None
         self.start_block = self.end_block = 0
         self.state = ServerState.OFFLINE
@@ -87,8 +90,11 @@ class Server:
                              progress=config.progress)  # fmt: skip
             backend = SpanBackend(span, dtype=self.dtype, device=self.device, max_batch_size=config.max_batch_size,
                                   max_request_tokens=config.max_request_tokens)  # fmt: skip
-            self.runtime = ComputeRuntime(config.num_threads)
-            self.handlers = Handlers(backend, self.runtime, config, self._info_fields)
+            pool = self._make_pool()
+            prefix_index = PrefixIndex(pool)
+            self.scheduler = Scheduler(span, pool, token_budget=config.token_budget, num_threads=config.num_threads)
+            self.sessions = SessionManager(backend, self.scheduler, pool, prefix_index, config)
+            self.handlers = Handlers(backend, self.scheduler, self.sessions, config, self._info_fields)
             self.node.run(self.handlers.register(self.node.p2p))
             if self.throughput <= 0:
                 self._measure_throughput(backend)
@@ -122,6 +128,25 @@ class Server:
             free = psutil.virtual_memory().available
         return max(1, int(0.8 * free // per_block_bytes))
 
+    def _make_pool(self) -> KVPool:
+        """The KV pool: --kv_cache_tokens, or a quarter of the free memory after loading the blocks."""
+        spec, config = self.spec, self.config
+        num_layers = self.end_block - self.start_block
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        token_bytes = 2 * num_layers * spec.num_kv_heads * spec.head_dim * itemsize
+        tokens = config.kv_cache_tokens
+        if tokens is None:
+            if self.device.type == "cuda":
+                free = torch.cuda.mem_get_info(self.device)[0]
+            else:
+                free = psutil.virtual_memory().available
+            tokens = min(int(0.25 * free // token_bytes), 1 << 17)
+        num_pages = max(1, tokens // config.page_size)
+        logger.info(f"KV pool: {num_pages} pages of {config.page_size} tokens "
+                    f"({num_pages * config.page_size * token_bytes / 2**20:.0f} MiB)")  # fmt: skip
+        return KVPool(num_layers=num_layers, num_kv_heads=spec.num_kv_heads, head_dim=spec.head_dim,
+                      num_pages=num_pages, page_size=config.page_size, dtype=self.dtype, device=self.device)  # fmt: skip
+
     def _measure_throughput(self, backend: SpanBackend) -> None:
         """A quick estimate of decode speed: the rebalancing issue replaces it with a cached benchmark."""
         blocks = BlockRange(0, self.end_block - self.start_block)
@@ -147,7 +172,7 @@ class Server:
             end_block=self.end_block,
             throughput=float(self.throughput),
             inference_rps=float(self.inference_rps),
-            cache_tokens_left=self.handlers.budget.free if self.handlers else self.config.kv_cache_tokens,
+            cache_tokens_left=self.sessions.free_tokens if self.sessions else 0,
             version=__version__,
             torch_dtype=str(self.dtype).replace("torch.", ""),
             quant_type=self.config.quant_type,
@@ -187,8 +212,8 @@ class Server:
                 except Exception as e:
                     logger.warning(f"Could not announce OFFLINE: {e!r}")
             self.node.shutdown()
-        if self.runtime is not None:
-            self.runtime.shutdown()
+        if self.scheduler is not None:
+            self.scheduler.shutdown()
         logger.info("Server stopped")
 
     def wait(self, timeout: Optional[float] = None) -> bool:

@@ -1,0 +1,251 @@
+"""Scheduler: continuous batching of every session's inference steps, then forward/backward work.
+
+One thread runs the loop. Each iteration takes the pending inference steps, decode-sized ones
+first, and fills a token budget: a step with more tokens than what is left of the budget runs
+only a chunk now and the rest in later iterations (chunked prefill), so a long prompt never
+stalls other sessions' decoding. The chosen tokens of all sessions run through the span together
+(run_batched: linear layers over all tokens, attention per sequence over its pages). Forward and
+backward calls run only when no inference step is waiting.
+
+No networking and no page bookkeeping here: the handler reserves pages on the event loop before it
+submits a step and frees them after, so the pool is only ever mutated from one thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import logging
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+
+from petals_like.server.batched_span import Segment, run_batched
+from petals_like.server.kv_cache import KVPool, SequencePages
+from petals_like.server.runtime import Priority
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class InferenceWork:
+    """One inference step of one session: its new tokens, maybe processed over several iterations."""
+
+    hidden: torch.Tensor  # [batch, seq, hidden] in the compute dtype
+    sequences: Sequence[SequencePages]  # one per row of the batch, pages already reserved for seq more tokens
+    pad_lens: Sequence[int]  # left padding of each row
+    first: int  # blocks [first, last) of the span
+    last: int
+    loop: asyncio.AbstractEventLoop = field(repr=False, default=None)
+    future: asyncio.Future = field(repr=False, default=None)
+    done_tokens: int = 0  # positions of `hidden` already run (same for every row)
+    outputs: list[torch.Tensor] = field(default_factory=list)  # [batch, chunk, hidden] each
+    cancelled: bool = False  # the session went away: finish nothing, deliver nothing
+    _finished: bool = False
+    _after: Optional[Callable[[], None]] = field(default=None, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def remaining(self) -> int:
+        return self.hidden.shape[1] - self.done_tokens
+
+    def after_done(self, callback: Callable[[], None]) -> None:
+        """Run callback on the event loop once the scheduler no longer touches this work's pages.
+
+        A session that disconnects mid-step frees its pages through this, never while an iteration
+        may still write into them (they could already belong to someone else).
+        """
+        with self._lock:
+            if not self._finished:
+                self._after = callback
+                return
+        callback()
+
+    def _mark_done(self) -> None:
+        with self._lock:
+            self._finished, callback = True, self._after
+        if callback is not None:
+            self.loop.call_soon_threadsafe(callback)
+
+
+@dataclass
+class SchedulerStats:
+    iterations: int = 0  # batched passes over the span
+    inference_tokens: int = 0
+    max_batch_tokens: int = 0  # most tokens in one iteration
+    chunked_steps: int = 0  # steps that needed more than one iteration
+    tasks: int = 0  # forward/backward calls
+
+
+class Scheduler:
+    def __init__(self, span, pool: KVPool, *, token_budget: int, num_threads: Optional[int] = None):
+        if token_budget < 1:
+            raise ValueError(f"token_budget={token_budget} must be positive")
+        self.span = span
+        self.pool = pool
+        self.token_budget = token_budget
+        self.stats = SchedulerStats()
+        self._num_threads = num_threads
+        self._pending: deque[InferenceWork] = deque()
+        self._tasks: list = []  # heap of (priority, seq, fn, args, loop, future)
+        self._counter = itertools.count()
+        self._wake = threading.Condition()
+        self._stopped = False
+        self.on_iteration: Optional[Callable[[list[InferenceWork]], None]] = None  # test hook: the works of each iteration
+        self._thread = threading.Thread(target=self._run, name="scheduler", daemon=True)
+        self._thread.start()
+
+    # ---- submission (event loop) ----
+
+    async def run_inference(self, work: InferenceWork) -> torch.Tensor:
+        """Queue one step; returns its output [batch, seq, hidden] once all its tokens have run."""
+        self._check_alive()
+        work.loop = asyncio.get_running_loop()
+        work.future = work.loop.create_future()
+        with self._wake:
+            self._pending.append(work)
+            self._wake.notify()
+        try:
+            return await work.future
+        except asyncio.CancelledError:
+            work.cancelled = True  # the loop skips it; pages stay reserved until the handler frees them
+            raise
+
+    async def submit(self, priority: Priority, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run fn(*args) when no inference step waits (forward/backward); same contract as ComputeRuntime."""
+        self._check_alive()
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        with self._wake:
+            heapq.heappush(self._tasks, (int(priority), next(self._counter), fn, args, loop, future))
+            self._wake.notify()
+        return await future
+
+    def _check_alive(self) -> None:
+        if self._stopped or not self._thread.is_alive():
+            raise RuntimeError("the scheduler is stopped")
+
+    # ---- the loop (scheduler thread) ----
+
+    def _run(self) -> None:
+        if self._num_threads:
+            torch.set_num_threads(self._num_threads)
+        while True:
+            with self._wake:
+                while not self._stopped and not self._pending and not self._tasks:
+                    self._wake.wait()
+                if self._stopped:
+                    return
+                works = [w for w in self._pending if not w.cancelled]
+                dropped = [w for w in self._pending if w.cancelled]
+                self._pending = deque(works)
+                task = heapq.heappop(self._tasks) if not works and self._tasks else None
+            for work in dropped:
+                work._mark_done()
+            if works:
+                self._iterate(works)
+            elif task is not None:
+                self._run_task(task)
+
+    def _choose(self, works: list[InferenceWork]) -> list[tuple[InferenceWork, int]]:
+        """Which works run this iteration and how many positions of each: decode-sized steps first."""
+        chosen, budget = [], self.token_budget
+        for work in sorted(works, key=lambda w: w.remaining):  # stable: FIFO among equals
+            rows = work.hidden.shape[0]
+            positions = min(work.remaining, budget // rows)
+            if positions <= 0:
+                if not chosen:  # a batch wider than the budget still runs, one position at a time
+                    chosen.append((work, 1))
+                break
+            chosen.append((work, positions))
+            budget -= positions * rows
+        return chosen
+
+    def _iterate(self, works: list[InferenceWork]) -> None:
+        chosen = self._choose(works)
+        if self.on_iteration is not None:
+            self.on_iteration([w for w, _ in chosen])
+        groups: dict[tuple[int, int], list[tuple[InferenceWork, int]]] = {}
+        for work, positions in chosen:
+            groups.setdefault((work.first, work.last), []).append((work, positions))
+        failed: dict[int, BaseException] = {}
+        tokens = 0
+        for (first, last), members in groups.items():
+            segments, inputs = [], []
+            for work, positions in members:
+                chunk = work.hidden[:, work.done_tokens : work.done_tokens + positions]  # [batch, positions, hidden]
+                for row, pages in enumerate(work.sequences):
+                    segments.append(Segment(pages, pages.length, positions, int(work.pad_lens[row])))
+                inputs.append(chunk.reshape(-1, chunk.shape[-1]))
+            try:
+                with torch.inference_mode():
+                    out = run_batched(self.span, self.pool, segments, torch.cat(inputs), first=first, last=last)
+            except BaseException as e:  # one bad group must not take the others down
+                logger.exception("Batched iteration failed")
+                for work, _ in members:
+                    failed[id(work)] = e
+                continue
+            offset = 0
+            for work, positions in members:
+                rows = work.hidden.shape[0]
+                work.outputs.append(out[offset : offset + rows * positions].view(rows, positions, -1))
+                offset += rows * positions
+                for pages in work.sequences:
+                    pages.length += positions  # commit only after every block ran
+                tokens += rows * positions
+        self.stats.iterations += 1
+        self.stats.inference_tokens += tokens
+        self.stats.max_batch_tokens = max(self.stats.max_batch_tokens, tokens)
+        for work, positions in chosen:
+            if id(work) in failed:
+                self._finish(work, error=failed[id(work)])
+                continue
+            work.done_tokens += positions
+            if work.remaining == 0:
+                if len(work.outputs) > 1:
+                    self.stats.chunked_steps += 1
+                self._finish(work, result=torch.cat(work.outputs, dim=1))
+
+    def _finish(self, work: InferenceWork, *, result: Any = None, error: Optional[BaseException] = None) -> None:
+        with self._wake:
+            try:
+                self._pending.remove(work)
+            except ValueError:
+                pass
+        if error is not None:
+            work.loop.call_soon_threadsafe(_set_exception, work.future, error)
+        else:
+            work.loop.call_soon_threadsafe(_set_result, work.future, result)
+        work._mark_done()
+
+    def _run_task(self, task) -> None:
+        _, _, fn, args, loop, future = task
+        if future.cancelled():
+            return
+        self.stats.tasks += 1
+        try:
+            result = fn(*args)
+        except BaseException as e:
+            loop.call_soon_threadsafe(_set_exception, future, e)
+        else:
+            loop.call_soon_threadsafe(_set_result, future, result)
+
+    def shutdown(self) -> None:
+        with self._wake:
+            self._stopped = True
+            self._wake.notify()
+        self._thread.join(timeout=30)
+
+
+def _set_result(future: asyncio.Future, result: Any) -> None:
+    if not future.done():
+        future.set_result(result)
+
+
+def _set_exception(future: asyncio.Future, exc: BaseException) -> None:
+    if not future.done():
+        future.set_exception(exc)

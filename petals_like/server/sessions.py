@@ -1,0 +1,204 @@
+"""Inference sessions on a server: open, validate steps, reserve pages, reuse prefixes, close.
+
+Everything here runs on the event loop, which is the only thread that touches page bookkeeping;
+the scheduler thread only reads and writes the tensors of pages reserved here.
+
+Prefix reuse: a client may send, with any message, the chained hashes of its full pages
+("page_hashes", starting at page "hash_start"). The open message's hashes are looked up at once
+and the server answers {"cached_tokens": n}; the client then sends its first step without the
+first "reuse_tokens" positions (the minimum over its chain), and those positions come from the
+shared pages. Pages are cached under a scope: the client's peer id by default, because a server
+sees hidden states, not tokens, and cannot check a claimed hash; --share_prefix_cache drops the
+peer id from the scope for operators who trust their clients.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from petals_like.config import ServerConfig
+from petals_like.protocol import PREFIX_PAGE_TOKENS, Message, ProtocolError, require
+from petals_like.server.backend import BlockRange, SpanBackend
+from petals_like.server.kv_cache import CacheExhausted, KVPool, PrefixIndex, SequencePages
+from petals_like.server.scheduler import InferenceWork, Scheduler
+
+logger = logging.getLogger(__name__)
+
+MAX_SESSION_ID_LENGTH = 128
+MAX_HASH_LENGTH = 128
+
+
+@dataclass
+class ServerSession:
+    session_id: str
+    peer_id: str
+    blocks: BlockRange
+    max_length: int
+    batch_size: int
+    pad_lens: list[int]
+    sequences: list[SequencePages]
+    scope: str  # prefix-cache namespace of this session's pages
+    hashes: list[str] = field(default_factory=list)  # chained hashes of full pages, from the client
+    cached_pages: list[int] = field(default_factory=list)  # prefix pages found at open, offered for reuse
+    inserted_pages: int = 0  # full pages already published to the prefix index
+    steps: int = 0
+    inflight: Optional[InferenceWork] = None
+
+    @property
+    def length(self) -> int:
+        return self.sequences[0].length
+
+
+class SessionManager:
+    def __init__(self, backend: SpanBackend, scheduler: Scheduler, pool: KVPool, prefix_index: PrefixIndex,
+                 config: ServerConfig):  # fmt: skip
+        self.backend = backend
+        self.scheduler = scheduler
+        self.pool = pool
+        self.prefix_index = prefix_index
+        self.config = config
+        self.sessions: dict[str, ServerSession] = {}
+        self._pages_freed = asyncio.Event()
+
+    # ---- open / close ----
+
+    def open(self, meta: dict, peer_id: str) -> ServerSession:
+        session_id = require(meta, "session_id", str)
+        if not 0 < len(session_id) <= MAX_SESSION_ID_LENGTH:
+            raise ProtocolError(f"session_id must have 1..{MAX_SESSION_ID_LENGTH} characters")
+        if session_id in self.sessions:
+            raise ProtocolError(f"session {session_id!r} is already open on this server")
+        blocks = self.backend.block_range(require(meta, "start", int), require(meta, "end", int))
+        max_length = require(meta, "max_length", int)
+        if not 0 < max_length <= self.config.max_session_length:
+            raise ProtocolError(f"max_length={max_length} not in (0, {self.config.max_session_length}]")
+        batch_size = require(meta, "batch_size", int)
+        if not 1 <= batch_size <= self.config.max_batch_size:
+            raise ProtocolError(f"batch_size={batch_size} not in [1, {self.config.max_batch_size}]")
+        pad_tensor = self.backend.check_pad_lens(meta.get("pad_lens"), batch_size, max_length)
+        pad_lens = [0] * batch_size if pad_tensor is None else pad_tensor.tolist()
+        owner = "*" if self.config.share_prefix_cache else peer_id
+        scope = f"{owner}|{blocks.first}:{blocks.last}"
+        session = ServerSession(session_id, peer_id, blocks, max_length, batch_size, pad_lens,
+                                [SequencePages() for _ in range(batch_size)], scope)  # fmt: skip
+        self._add_hashes(session, meta)
+        if session.hashes and batch_size == 1 and not any(pad_lens) and self.pool.page_size == PREFIX_PAGE_TOKENS:
+            session.cached_pages = self.prefix_index.lookup(scope, session.hashes)
+        self.sessions[session_id] = session
+        return session
+
+    def close(self, session: ServerSession) -> None:
+        """Forget the session; its pages go back once no iteration can still write into them."""
+        self.sessions.pop(session.session_id, None)
+
+        def release() -> None:
+            for pages in session.sequences:
+                pages.free(self.pool)
+            self._pages_freed.set()
+
+        if session.inflight is not None:
+            session.inflight.after_done(release)
+        else:
+            release()
+
+    # ---- steps ----
+
+    def _add_hashes(self, session: ServerSession, meta: dict) -> None:
+        hashes = meta.get("page_hashes")
+        if hashes is None:
+            return
+        start = require(meta, "hash_start", int, 0)
+        if not isinstance(hashes, list) or not all(isinstance(h, str) and 0 < len(h) <= MAX_HASH_LENGTH for h in hashes):
+            raise ProtocolError("page_hashes must be a list of short strings")
+        known = len(session.hashes)
+        if not 0 <= start <= known or (start + len(hashes)) * self.pool.page_size > session.max_length:
+            raise ProtocolError(f"page_hashes must start at a page <= {known} and fit max_length")
+        if hashes[: known - start] != session.hashes[start:known][: len(hashes)]:
+            raise ProtocolError("page_hashes contradict the hashes sent before")
+        session.hashes.extend(hashes[known - start :])
+
+    def check_step(self, session: ServerSession, message: Message) -> tuple[torch.Tensor, int]:
+        """The step's hidden states and how many leading positions come from shared prefix pages."""
+        if len(message.tensors) != 1:
+            raise ProtocolError(f"an inference step carries exactly one tensor, got {len(message.tensors)}")
+        (hidden,) = message.tensors
+        self.backend.check_hidden(hidden)
+        batch, seq, _ = hidden.shape
+        if batch != session.batch_size:
+            raise ProtocolError(f"batch size {batch} differs from the session's {session.batch_size}")
+        reuse = require(message.metadata, "reuse_tokens", int, 0)
+        if reuse:
+            page_size = self.pool.page_size
+            if session.steps or reuse % page_size or not 0 < reuse <= len(session.cached_pages) * page_size:
+                raise ProtocolError(f"reuse_tokens={reuse} must be a multiple of {page_size} within the "
+                                    f"{len(session.cached_pages) * page_size} cached tokens, on the first step")  # fmt: skip
+        if session.length + reuse + seq > session.max_length:
+            raise ProtocolError(f"{session.length + reuse} + {seq} tokens exceed the session's max_length={session.max_length}")
+        self._add_hashes(session, message.metadata)
+        return hidden, reuse
+
+    async def run_step(self, session: ServerSession, hidden: torch.Tensor, reuse: int) -> torch.Tensor:
+        if reuse:
+            session.sequences[0].attach_prefix(self.pool, session.cached_pages[: reuse // self.pool.page_size])
+        session.cached_pages = []
+        await self._reserve(session, hidden.shape[1])
+        work = InferenceWork(hidden.to(self.backend.dtype), session.sequences, session.pad_lens,
+                             session.blocks.first, session.blocks.last)  # fmt: skip
+        session.inflight = work
+        out = await self.scheduler.run_inference(work)
+        session.inflight = None
+        session.steps += 1
+        self._publish_full_pages(session)
+        return out
+
+    async def _reserve(self, session: ServerSession, new_tokens: int) -> None:
+        """Pages for new_tokens more positions in every row; waits up to max_alloc_timeout for free pages."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.max_alloc_timeout
+        while True:
+            try:
+                reserve_rows(self.pool, session.sequences, new_tokens)
+                return
+            except CacheExhausted as e:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    raise ProtocolError(f"{e}; retry later or on another server") from None
+                self._pages_freed.clear()
+                try:
+                    await asyncio.wait_for(self._pages_freed.wait(), min(remaining, 0.5))
+                except asyncio.TimeoutError:
+                    pass
+
+    def _publish_full_pages(self, session: ServerSession) -> None:
+        """Offer this session's full pages (whose hashes the client sent) to later sessions in its scope."""
+        if session.batch_size != 1 or any(session.pad_lens) or self.pool.page_size != PREFIX_PAGE_TOKENS:
+            return
+        full = min(len(session.hashes), session.length // self.pool.page_size)
+        if full > session.inserted_pages:
+            self.prefix_index.insert(session.scope, session.hashes[:full], session.sequences[0].pages[:full])
+            session.inserted_pages = full
+
+    @property
+    def free_tokens(self) -> int:
+        return self.pool.num_free * self.pool.page_size
+
+
+def reserve_rows(pool: KVPool, sequences: list[SequencePages], new_tokens: int) -> None:
+    """Reserve for every row or for none: a batch never holds half of what one step needs."""
+    reserved: list[tuple[SequencePages, int]] = []  # (row, its page count before this call)
+    try:
+        for pages in sequences:
+            before = len(pages.pages)
+            pages.reserve(pool, new_tokens)
+            reserved.append((pages, before))
+    except CacheExhausted:
+        for pages, before in reserved:
+            extra = pages.pages[before:]
+            del pages.pages[before:]
+            pool.release(extra)
+        raise
