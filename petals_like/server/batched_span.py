@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from petals_like.models.attention import sdpa
@@ -36,12 +37,19 @@ class Segment:
 
 @dataclass
 class _DecodeGroup:
-    """All one-token segments, attended as one padded batch [rows, heads, 1, head_dim] x [rows, kv_heads, keys, ...]."""
+    """All one-token segments, attended in one SDPA call over their gathered pages.
+
+    Row r gathers `pages[r * pages_per_row : (r + 1) * pages_per_row]` (padded with the pool's
+    zero page), i.e. keys [n, kv_heads, pages_per_row * page_size, head_dim], and attends over
+    the columns `lo:hi` of it, under `mask` where rows differ.
+    """
 
     rows: Optional[Tensor]  # [n] their token rows in the batch; None when they are all the rows, in order
-    key_slots: Tensor  # [n * keys] pool slots to gather; padding points at the pool's zero page
-    num_keys: int
-    mask: Optional[Tensor]  # [n, 1, 1, keys] bool, True = may attend; None when every row sees all its keys
+    pages: Tensor  # [n * pages_per_row] page ids to gather
+    pages_per_row: int
+    lo: int
+    hi: int
+    mask: Optional[Tensor]  # [n, 1, 1, hi - lo] additive (0 / -inf) in the compute dtype; None = all visible
 
 
 @dataclass
@@ -50,14 +58,17 @@ class _Chunk:
 
     start: int
     end: int
-    key_slots: Optional[Tensor]  # [keys] pool slots; None = no past, attend to this step's own k/v
-    mask: Optional[Tensor]  # [1, 1, queries, keys] bool
+    pages: Optional[Tensor]  # [p] pages holding its visible keys; None = no past, attend to this step's own k/v
+    lo: int  # its keys are columns lo:hi of the gathered pages
+    hi: int
+    mask: Optional[Tensor]  # [1, 1, queries, hi - lo] additive (0 / -inf)
     is_causal: bool  # no mask and keys == queries: SDPA's own causal mask is right
 
 
 @dataclass
 class _Plan:
-    write_slots: Tensor  # [tokens] where each new token's k/v goes
+    write_slots: Tensor  # [tokens] slot (page * page_size + offset) of each new token's k/v
+    zero_slots: Optional[Tensor]  # unwritten tails of pages this step starts (see KVPool); None = none
     cos: Tensor  # [tokens, head_dim]
     sin: Tensor  # [tokens, head_dim]
     decode: Optional[_DecodeGroup]
@@ -86,12 +97,14 @@ def run_batched(span: BlockSpan, pool: KVPool, segments: Sequence[Segment], hidd
                          f"{spec.num_kv_heads}x{spec.head_dim}")  # fmt: skip
     with torch.inference_mode():
         plan = _plan(span, pool, segments, hidden)
+        if plan.zero_slots is not None:
+            pool.zero_slots(plan.zero_slots)
         heads, head_dim = spec.num_heads, spec.head_dim
         for layer, block in enumerate(span.blocks[first:last]):
             q, k, v = block.attention_input(hidden, plan.cos, plan.sin)  # [tokens, (kv_)heads, head_dim]
-            keys, values = pool.layer(layer)  # [slots, kv_heads, head_dim]
-            keys.index_copy_(0, plan.write_slots, k)
-            values.index_copy_(0, plan.write_slots, v)
+            keys, values = pool.layer(layer)  # [kv_heads, pages, page_size, head_dim]
+            keys.view(keys.shape[0], -1, head_dim).index_copy_(1, plan.write_slots, k.transpose(0, 1))
+            values.view(values.shape[0], -1, head_dim).index_copy_(1, plan.write_slots, v.transpose(0, 1))
             attended = _attend(plan, q, k, v, keys, values, heads * head_dim)  # [tokens, heads * head_dim]
             hidden = block.mlp_residual(block.attention_output(hidden, attended))
     return hidden
@@ -105,25 +118,34 @@ def _attend(plan: _Plan, q: Tensor, k: Tensor, v: Tensor, keys: Tensor, values: 
     out = q.new_empty(q.shape[0], width)
     if group is not None:
         out.index_copy_(0, group.rows, _attend_decode(group, q.index_select(0, group.rows), keys, values, width))
+    kv_heads, head_dim = keys.shape[0], keys.shape[3]
     for chunk in plan.chunks:
         cq = q[chunk.start : chunk.end].transpose(0, 1).unsqueeze(0)  # [1, heads, queries, head_dim]
-        if chunk.key_slots is None:
-            ck, cv = k[chunk.start : chunk.end], v[chunk.start : chunk.end]  # [keys, kv_heads, head_dim]
+        if chunk.pages is None:
+            ck = k[chunk.start : chunk.end].transpose(0, 1).unsqueeze(0)  # [1, kv_heads, keys, head_dim]
+            cv = v[chunk.start : chunk.end].transpose(0, 1).unsqueeze(0)
         else:
-            ck, cv = keys.index_select(0, chunk.key_slots), values.index_select(0, chunk.key_slots)
-        ck, cv = ck.transpose(0, 1).unsqueeze(0), cv.transpose(0, 1).unsqueeze(0)  # [1, kv_heads, keys, head_dim]
+            ck = keys.index_select(1, chunk.pages).view(1, kv_heads, -1, head_dim)[:, :, chunk.lo : chunk.hi]
+            cv = values.index_select(1, chunk.pages).view(1, kv_heads, -1, head_dim)[:, :, chunk.lo : chunk.hi]
         res = sdpa(cq, ck, cv, mask=chunk.mask, is_causal=chunk.is_causal)  # [1, heads, queries, head_dim]
         out[chunk.start : chunk.end] = res[0].transpose(0, 1).reshape(chunk.end - chunk.start, width)
     return out
 
 
 def _attend_decode(group: _DecodeGroup, q: Tensor, keys: Tensor, values: Tensor, width: int) -> Tensor:
-    """q [n, heads, head_dim] -> [n, width]: one padded SDPA call for all one-token segments."""
-    n = q.shape[0]
-    shape = (n, group.num_keys, keys.shape[1], keys.shape[2])
-    gk = keys.index_select(0, group.key_slots).view(shape).transpose(1, 2)  # [n, kv_heads, keys, head_dim]
-    gv = values.index_select(0, group.key_slots).view(shape).transpose(1, 2)
-    res = sdpa(q.unsqueeze(2), gk, gv, mask=group.mask, is_causal=False)  # [n, heads, 1, head_dim]
+    """q [n, heads, head_dim] -> [n, width]: one SDPA call for all one-token segments.
+
+    Grouped heads are folded into queries: the heads // kv_heads query heads that share a kv head
+    become that many query rows of it, so SDPA needs no k/v expansion (one query per head means
+    no causal structure to break, and the mask is per row anyway).
+    """
+    n, heads, head_dim = q.shape
+    kv_heads, _, page_size, _ = keys.shape
+    shape = (kv_heads, n, group.pages_per_row * page_size, head_dim)
+    gk = keys.index_select(1, group.pages).view(shape).transpose(0, 1)[:, :, group.lo : group.hi]  # [n, kv_heads, keys, head_dim]
+    gv = values.index_select(1, group.pages).view(shape).transpose(0, 1)[:, :, group.lo : group.hi]
+    folded = q.view(n, kv_heads, heads // kv_heads, head_dim)
+    res = F.scaled_dot_product_attention(folded, gk, gv, attn_mask=group.mask)  # [n, kv_heads, groups, head_dim]
     return res.reshape(n, width)
 
 
@@ -132,6 +154,7 @@ def _plan(span: BlockSpan, pool: KVPool, segments: Sequence[Segment], hidden: Te
     page_size, device = pool.page_size, hidden.device
     window = span.spec.sliding_window
     write_slots: list[int] = []
+    zero_slots: list[int] = []
     positions: list[int] = []  # rotary position of every token
     decode_ids: list[int] = []
     offsets: list[int] = []  # first token row of each segment
@@ -148,6 +171,8 @@ def _plan(span: BlockSpan, pool: KVPool, segments: Sequence[Segment], hidden: Te
             take = min(page_size - in_page, past + n - pos)
             base = pages[page] * page_size + in_page
             write_slots.extend(range(base, base + take))
+            if in_page == 0 and take < page_size:  # a fresh page this step does not fill
+                zero_slots.extend(range(base + take, base + page_size))
             pos += take
         if seg.pad_len <= past:
             positions.extend(range(past - seg.pad_len, past + n - seg.pad_len))
@@ -158,11 +183,13 @@ def _plan(span: BlockSpan, pool: KVPool, segments: Sequence[Segment], hidden: Te
         raise ValueError(f"segments hold {offset} new tokens, hidden has {hidden.shape[0]} rows")
 
     cos, sin = _rotary(span, positions, [s.num_tokens for s in segments], hidden)
-    decode = _decode_group(pool, [segments[i] for i in decode_ids], window, device) if decode_ids else None
+    dtype = hidden.dtype
+    decode = _decode_group(pool, [segments[i] for i in decode_ids], window, dtype, device) if decode_ids else None
     if decode is not None and len(decode_ids) < len(segments):
         decode.rows = torch.tensor([offsets[i] for i in decode_ids], dtype=torch.int64, device=device)
-    chunks = [_chunk(pool, seg, offsets[i], window, device) for i, seg in enumerate(segments) if seg.num_tokens > 1]
-    return _Plan(torch.tensor(write_slots, dtype=torch.int64, device=device), cos, sin, decode, chunks)
+    chunks = [_chunk(pool, seg, offsets[i], window, dtype, device) for i, seg in enumerate(segments) if seg.num_tokens > 1]
+    zero = torch.tensor(zero_slots, dtype=torch.int64, device=device) if zero_slots else None
+    return _Plan(torch.tensor(write_slots, dtype=torch.int64, device=device), zero, cos, sin, decode, chunks)
 
 
 def _check_segment(pool: KVPool, seg: Segment) -> None:
@@ -193,49 +220,52 @@ def _rotary(span: BlockSpan, positions: list[int], counts: list[int], hidden: Te
     return torch.cat([c[0] for c, _ in tables]), torch.cat([s[0] for _, s in tables])
 
 
-def _decode_group(pool: KVPool, segs: list[Segment], window: Optional[int], device: torch.device) -> _DecodeGroup:
-    """Key slots [n, keys] of every one-token segment, padded to the longest with the zero page."""
-    page_size = pool.page_size
+def _decode_group(pool: KVPool, segs: list[Segment], window: Optional[int], dtype: torch.dtype,
+                  device: torch.device) -> _DecodeGroup:  # fmt: skip
+    """Pages and mask of every one-token segment; rows are padded to the widest with the zero page."""
+    page_size, null = pool.page_size, pool.null_page
     lengths = [s.past_len + 1 for s in segs]  # keys up to and including the new token
-    starts = [max(0, length - window) if window is not None else 0 for length in lengths]
-    widths = [length - start for length, start in zip(lengths, starts)]
-    num_keys = max(widths)
-    max_pages = max(len(s.pages.pages) for s in segs)
-    table = torch.tensor([s.pages.pages + [pool.null_page] * (max_pages - len(s.pages.pages)) for s in segs],
-                         dtype=torch.int64, device=device)  # [n, max_pages]  # fmt: skip
-    start_t = torch.tensor(starts, dtype=torch.int64, device=device)
-    pos = start_t[:, None] + torch.arange(num_keys, device=device)  # [n, keys] absolute key indices
-    if min(widths) == num_keys and all(s.pad_len <= start for s, start in zip(segs, starts)):
-        # every row sees all num_keys keys (equal lengths or windows, no pads): no padding, no mask
-        slots = table.gather(1, pos // page_size) * page_size + pos % page_size
-        return _DecodeGroup(None, slots.view(-1), num_keys, None)
-    length_t = torch.tensor(lengths, dtype=torch.int64, device=device)[:, None]
-    valid = pos < length_t
-    page_idx = torch.where(valid, pos // page_size, 0)  # stay inside the table past a row's end
-    slots = torch.where(valid, table.gather(1, page_idx) * page_size + pos % page_size, pool.null_slot)
-    pads = torch.tensor([s.pad_len for s in segs], dtype=torch.int64, device=device)[:, None]
-    visible = valid & ((pos >= pads) | (pos == length_t - 1))  # a pad query still sees itself
-    return _DecodeGroup(None, slots.view(-1), num_keys, visible.view(len(segs), 1, 1, num_keys))
+    starts = [max(0, length - window) if window is not None else 0 for length in lengths]  # first visible key
+    first_pages = [start // page_size for start in starts]
+    rows = [s.pages.pages[p : -(-length // page_size)] for s, p, length in zip(segs, first_pages, lengths)]
+    per_row = max(len(r) for r in rows)
+    pages = torch.tensor([p for r in rows for p in r + [null] * (per_row - len(r))], dtype=torch.int64, device=device)
+    offsets = [p * page_size for p in first_pages]  # absolute index of each row's first gathered key
+    los = {start - offset for start, offset in zip(starts, offsets)}
+    his = {length - offset for length, offset in zip(lengths, offsets)}
+    if len(los) == 1 and len(his) == 1 and all(s.pad_len <= start for s, start in zip(segs, starts)):
+        # every row sees the same columns (equal lengths, no pads): a slice, no mask
+        return _DecodeGroup(None, pages, per_row, los.pop(), his.pop(), None)
+
+    def column(values: list[int]) -> Tensor:
+        return torch.tensor(values, dtype=torch.int64, device=device)[:, None]
+
+    pos = column(offsets) + torch.arange(per_row * page_size, device=device)  # [n, keys] absolute key indices
+    length = column(lengths)
+    visible = (pos >= column(starts)) & (pos < length) & ((pos >= column([s.pad_len for s in segs])) | (pos == length - 1))
+    mask = _additive(visible, dtype).view(len(segs), 1, 1, per_row * page_size)  # a pad query still sees itself
+    return _DecodeGroup(None, pages, per_row, 0, per_row * page_size, mask)
 
 
-def _chunk(pool: KVPool, seg: Segment, start: int, window: Optional[int], device: torch.device) -> _Chunk:
+def _chunk(pool: KVPool, seg: Segment, start: int, window: Optional[int], dtype: torch.dtype,
+           device: torch.device) -> _Chunk:  # fmt: skip
     """Keys, mask and causality of one multi-token segment, as make_attention_context would set them."""
     past, n, pad, page_size = seg.past_len, seg.num_tokens, seg.pad_len, pool.page_size
     total = past + n
     key_start = max(0, past - window + 1) if window is not None else 0  # older keys are out of every query's window
-    key_slots = None
+    pages, lo, hi = None, 0, n
     if past > 0:
-        pos = torch.arange(key_start, total, device=device)
-        table = torch.tensor(seg.pages.pages, dtype=torch.int64, device=device)
-        key_slots = table[pos // page_size] * page_size + pos % page_size
+        first_page = key_start // page_size
+        pages = torch.tensor(seg.pages.pages[first_page : -(-total // page_size)], dtype=torch.int64, device=device)
+        lo, hi = key_start - first_page * page_size, total - first_page * page_size
     window_binds = window is not None and (total - 1) - key_start >= window
     if pad <= key_start and not window_binds:
         if past == 0:
-            return _Chunk(start, start + n, key_slots, None, True)
+            return _Chunk(start, start + n, None, lo, hi, None, True)
         mask = _mask(past, total, key_start, None, 0, device)
     else:
         mask = _mask(past, total, key_start, window, pad, device)
-    return _Chunk(start, start + n, key_slots, mask.view(1, 1, n, total - key_start), False)
+    return _Chunk(start, start + n, pages, lo, hi, _additive(mask, dtype).view(1, 1, n, total - key_start), False)
 
 
 def _mask(past: int, total: int, key_start: int, window: Optional[int], pad: int, device: torch.device) -> Tensor:
@@ -248,3 +278,8 @@ def _mask(past: int, total: int, key_start: int, window: Optional[int], pad: int
     if pad > key_start:
         allowed &= (k >= pad) | (k == q)
     return allowed
+
+
+def _additive(visible: Tensor, dtype: torch.dtype) -> Tensor:
+    """Bool mask -> 0 / -inf in `dtype`, once per iteration (SDPA would convert a bool mask in every block)."""
+    return torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill_(~visible, float("-inf"))

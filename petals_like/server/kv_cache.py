@@ -38,17 +38,19 @@ class _Evictor(Protocol):
 class KVPool:
     """Keys/values of every block of a span, for all sessions, in fixed-size pages.
 
-    Layout: one key and one value tensor per layer, token-major
-    `[num_pages + 1, page_size, kv_heads, head_dim]`, addressed through flat "slot" views
-    `[(num_pages + 1) * page_size, kv_heads, head_dim]` (slot = page * page_size + offset). Why
-    token-major: the block produces k/v as [tokens, kv_heads, head_dim], so writing the new tokens
-    of a whole batch is one `index_copy_` over slots, and gathering a sequence's keys is one
-    `index_select` that yields [tokens, kv_heads, head_dim] with no permute-and-copy; attention
-    takes the heads-first view of it as a stride change only.
+    Layout: one key and one value tensor per layer, `[kv_heads, num_pages + 1, page_size, head_dim]`.
+    Why heads first: attention wants each head's keys contiguous ([kv_heads, tokens, head_dim]), and
+    with this layout gathering a sequence's pages is one `index_select` by page id (a handful of
+    indices, each a contiguous page_size x head_dim block) whose result already has that shape for
+    SDPA, as a view: no permute-and-copy per block. Token i of a page table lives at slot
+    `page * page_size + offset` of the view [kv_heads, slots, head_dim], so writing the new tokens
+    of a whole batch is one `index_copy_` over slots.
 
-    The extra page (index `num_pages`, the null page) is never allocated and stays zero: batched
-    attention points padding slots at it, so a masked-out key is always finite (a stale inf/NaN
-    from a page's previous owner could otherwise turn a 0 attention weight into NaN).
+    Masked-out keys must be finite (a stale inf/NaN from a page's previous owner would turn a 0
+    attention weight into NaN), because batched attention gathers whole pages: hence the extra page
+    (index `num_pages`, the null page) that is never allocated and stays zero, used to pad page
+    tables, and `zero_slots`, with which a step clears the unwritten tail of each page it starts.
+    All layers live in one tensor so that clearing costs one op per step, not one per block.
     """
 
     def __init__(self, *, num_layers: int, num_kv_heads: int, head_dim: int, num_pages: int, page_size: int,
@@ -63,10 +65,9 @@ class KVPool:
         self.dtype = dtype
         self.device = torch.device(device)
         self.null_page = num_pages  # the zero page after the allocatable ones (see the class docstring)
-        shape = ((num_pages + 1) * page_size, num_kv_heads, head_dim)  # [slots, kv_heads, head_dim]
-        # zeros, not empty: slots a sequence has reserved but not written yet must be finite too
-        self._keys = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(num_layers)]
-        self._values = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(num_layers)]
+        shape = (num_layers, num_kv_heads, num_pages + 1, page_size, head_dim)
+        self._keys = torch.zeros(shape, dtype=dtype, device=self.device)
+        self._values = torch.zeros(shape, dtype=dtype, device=self.device)
         self._refcounts = [0] * num_pages
         # a stack: recently freed pages are reused first, their memory is more likely to be in cache
         self._free = list(range(num_pages - 1, -1, -1))
@@ -76,13 +77,14 @@ class KVPool:
     def num_free(self) -> int:
         return len(self._free)
 
-    @property
-    def null_slot(self) -> int:
-        return self.null_page * self.page_size
-
     def layer(self, layer: int) -> tuple[Tensor, Tensor]:
-        """Flat key and value storage of one layer: [slots, kv_heads, head_dim] each."""
+        """Key and value storage of one layer: [kv_heads, num_pages + 1, page_size, head_dim] each."""
         return self._keys[layer], self._values[layer]
+
+    def zero_slots(self, slots: Tensor) -> None:
+        """Zero slots [n] (page * page_size + offset) of keys and values in every layer (compute thread)."""
+        for store in (self._keys, self._values):
+            store.view(self.num_layers, self.num_kv_heads, -1, self.head_dim).index_fill_(2, slots, 0)
 
     def refcount(self, page: int) -> int:
         return self._refcounts[page]

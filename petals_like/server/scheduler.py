@@ -18,6 +18,7 @@ import heapq
 import itertools
 import logging
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
@@ -31,7 +32,7 @@ from petals_like.server.runtime import Priority
 logger = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(eq=False)  # identity, not field equality: works are found in queues by `is`
 class InferenceWork:
     """One inference step of one session: its new tokens, maybe processed over several iterations."""
 
@@ -82,13 +83,19 @@ class SchedulerStats:
 
 
 class Scheduler:
-    def __init__(self, span, pool: KVPool, *, token_budget: int, num_threads: Optional[int] = None):
+    def __init__(self, span, pool: KVPool, *, token_budget: int, num_threads: Optional[int] = None,
+                 gather_wait: float = 0.02):  # fmt: skip
         if token_budget < 1:
             raise ValueError(f"token_budget={token_budget} must be positive")
         self.span = span
         self.pool = pool
         self.token_budget = token_budget
         self.stats = SchedulerStats()
+        # sessions that were in the last iteration come back together after their clients' round
+        # trips; waiting a moment for them keeps them in one batch instead of two alternating ones
+        self.gather_wait = gather_wait
+        self._last_batch = 0
+        self._last_duration = 0.0  # seconds of the last iteration
         self._num_threads = num_threads
         self._pending: deque[InferenceWork] = deque()
         self._tasks: list = []  # heap of (priority, seq, fn, args, loop, future)
@@ -138,6 +145,16 @@ class Scheduler:
             with self._wake:
                 while not self._stopped and not self._pending and not self._tasks:
                     self._wake.wait()
+                if self._pending and len(self._pending) < self._last_batch and self.gather_wait > 0:
+                    # an iteration reads every weight once: waiting a fraction of one for the rest of
+                    # the last batch is cheaper than running them in a second iteration
+                    window = min(0.05, max(self.gather_wait, 0.5 * self._last_duration))
+                    deadline = time.monotonic() + window
+                    while len(self._pending) < self._last_batch and not self._stopped:
+                        left = deadline - time.monotonic()
+                        if left <= 0:
+                            break
+                        self._wake.wait(left)
                 if self._stopped:
                     return
                 works = [w for w in self._pending if not w.cancelled]
@@ -146,10 +163,15 @@ class Scheduler:
                 task = heapq.heappop(self._tasks) if not works and self._tasks else None
             for work in dropped:
                 work._mark_done()
-            if works:
-                self._iterate(works)
-            elif task is not None:
-                self._run_task(task)
+            try:
+                if works:
+                    self._iterate(works)
+                elif task is not None:
+                    self._run_task(task)
+            except BaseException as e:  # the loop must outlive any bug in one iteration
+                logger.exception("Scheduler iteration failed")
+                for work in works:
+                    self._finish(work, error=e)
 
     def _choose(self, works: list[InferenceWork]) -> list[tuple[InferenceWork, int]]:
         """Which works run this iteration and how many positions of each: decode-sized steps first."""
@@ -166,7 +188,9 @@ class Scheduler:
         return chosen
 
     def _iterate(self, works: list[InferenceWork]) -> None:
+        started = time.monotonic()
         chosen = self._choose(works)
+        self._last_batch = len(chosen)
         if self.on_iteration is not None:
             self.on_iteration([w for w, _ in chosen])
         groups: dict[tuple[int, int], list[tuple[InferenceWork, int]]] = {}
@@ -197,6 +221,7 @@ class Scheduler:
                 for pages in work.sequences:
                     pages.length += positions  # commit only after every block ran
                 tokens += rows * positions
+        self._last_duration = time.monotonic() - started
         self.stats.iterations += 1
         self.stats.inference_tokens += tokens
         self.stats.max_batch_tokens = max(self.stats.max_batch_tokens, tokens)

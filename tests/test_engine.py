@@ -1,0 +1,218 @@
+"""The server engine on real swarms: continuous batching, paged pool accounting, prefix reuse."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import uuid
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+import torch
+from hivemind.p2p import P2PHandlerError, PeerID
+from transformers import AutoModelForCausalLM
+
+from petals_like import AutoDistributedModelForCausalLM
+from petals_like.client.transport import InferenceStream
+from petals_like.data_structures import RemoteSpanInfo, ServerInfo, ServerState
+from petals_like.dht.records import default_dht_prefix
+from petals_like.protocol import RPC_INFERENCE, pack_message
+from tests.swarm import Swarm, start_swarm, wait_until
+
+NUM_BLOCKS = 8
+
+
+@pytest.fixture(scope="module")
+def swarm(tiny_model: Path) -> Iterator[Swarm]:
+    swarm = start_swarm(tiny_model, ["0:8"], kv_cache_tokens=4096, page_size=16, max_alloc_timeout=0.2)
+    try:
+        swarm.wait_for_blocks(default_dht_prefix(tiny_model), NUM_BLOCKS)
+        yield swarm
+    finally:
+        swarm.shutdown()
+
+
+@pytest.fixture(scope="module")
+def model(swarm: Swarm, tiny_model: Path):
+    model = AutoDistributedModelForCausalLM.from_pretrained(tiny_model, initial_peers=swarm.peers)
+    yield model
+    model.shutdown()
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model: Path):
+    return AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+
+
+def server_of(swarm: Swarm):
+    return swarm.servers[0]
+
+
+def all_pages_back(swarm: Swarm) -> bool:
+    pool = server_of(swarm).sessions.pool
+    index = server_of(swarm).sessions.prefix_index
+    return pool.num_free + len(index) == pool.num_pages and not server_of(swarm).sessions.sessions
+
+
+def test_concurrent_sessions_are_batched_and_exact(swarm, model, reference):
+    prompts = [torch.randint(4, 300, (1, n), generator=torch.Generator().manual_seed(n)) for n in range(3, 19, 2)]  # 3 is <pad>
+    expected = [reference.generate(p, max_new_tokens=32, do_sample=False, eos_token_id=None) for p in prompts]
+    stats = server_of(swarm).scheduler.stats
+    outputs: list = [None] * len(prompts)
+    barrier = threading.Barrier(len(prompts))
+
+    def run(i: int) -> None:
+        with model.inference_session(max_length=64, reuse_prefix=False) as session:
+            barrier.wait()
+            outputs[i] = model.generate(prompts[i], max_new_tokens=32, session=session, eos_token_id=[])
+
+    before = stats.iterations
+    sizes: list[int] = []
+    server_of(swarm).scheduler.on_iteration = lambda chosen: sizes.append(len(chosen))
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    iterations = stats.iterations - before
+    server_of(swarm).scheduler.on_iteration = None
+    for i, (out, exp) in enumerate(zip(outputs, expected)):
+        differ = (out != exp).nonzero()
+        assert torch.equal(out, exp), f"session {i} (prompt {prompts[i].shape[1]}) differs from position {differ[:1].tolist()}"
+    # 8 sessions x 32 steps (prefill included) run in far fewer batched iterations than 256
+    assert iterations <= 40, f"{iterations} iterations for 8 x 32 steps: batch sizes {sizes}"
+    wait_until(lambda: all_pages_back(swarm), 10, message="pages returned")
+
+
+def raw_stream(swarm: Swarm, client_node) -> InferenceStream:
+    server = server_of(swarm)
+    span = RemoteSpanInfo(server.node.peer_id, 0, NUM_BLOCKS, ServerInfo(ServerState.ONLINE, 0, NUM_BLOCKS))
+    return InferenceStream(client_node.p2p, span)
+
+
+def open_meta(sid: str, max_length: int = 512, **extra) -> dict:
+    return {"session_id": sid, "start": 0, "end": NUM_BLOCKS, "max_length": max_length, "batch_size": 1, **extra}
+
+
+def test_abrupt_disconnects_return_every_page(swarm, model):
+    node = model.node
+
+    async def abandon(prefill: int) -> None:
+        stream = raw_stream(swarm, node)
+        await stream.open(timeout=10)
+        sid = uuid.uuid4().hex
+        await stream.send([torch.randn(1, prefill, 64)], open_meta(sid))
+        await asyncio.sleep(0.001 * (prefill % 5))
+        stream._writer.close()  # no close message, no end of stream: the client just vanishes
+
+    async def complete() -> None:
+        stream = raw_stream(swarm, node)
+        await stream.open(timeout=10)
+        sid = uuid.uuid4().hex
+        await stream.step(torch.randn(1, 20, 64), open_meta(sid), timeout=30)
+        for _ in range(3):
+            await stream.step(torch.randn(1, 1, 64), {"session_id": sid}, timeout=30)
+        await stream.close({"session_id": sid})
+
+    async def run_all() -> None:
+        await asyncio.gather(*[abandon(n) for n in range(40, 200, 10)], *[complete() for _ in range(4)])
+
+    node.run(run_all(), timeout=120)
+    wait_until(lambda: all_pages_back(swarm), 20, message="every page back in the pool")
+
+
+def test_exhausted_pool_fails_only_the_session_that_needs_pages(swarm, model):
+    pool = server_of(swarm).sessions.pool
+    node = model.node
+
+    async def run() -> str:
+        good = raw_stream(swarm, node)
+        await good.open(timeout=10)
+        good_id = uuid.uuid4().hex
+        await good.step(torch.randn(1, 8, 64), open_meta(good_id), timeout=30)
+        hog = raw_stream(swarm, node)
+        await hog.open(timeout=10)
+        hog_id = uuid.uuid4().hex
+        too_many = pool.num_free * pool.page_size + pool.page_size  # one page more than is free
+        try:
+            await hog.step(torch.randn(1, too_many, 64), open_meta(hog_id, max_length=too_many + 1), timeout=60)
+        except P2PHandlerError as e:
+            error = str(e)
+        else:
+            error = ""
+        for _ in range(3):  # the other session goes on
+            out = await good.step(torch.randn(1, 1, 64), {"session_id": good_id}, timeout=30)
+            assert out.shape == (1, 1, 64)
+        await good.close({"session_id": good_id})
+        return error
+
+    error = node.run(run(), timeout=120)
+    assert "KV cache" in error and "retry" in error
+    wait_until(lambda: all_pages_back(swarm), 10)
+
+
+def test_prefix_reuse_is_exact_and_skips_the_shared_pages(swarm, model, reference):
+    torch.manual_seed(3)
+    prompt = torch.randint(4, 300, (1, 53))  # 3 full pages of 16 + 5 tokens
+    expected = reference.generate(prompt, max_new_tokens=8, do_sample=False)
+    stats = server_of(swarm).scheduler.stats
+
+    with model.inference_session(max_length=80) as first:
+        before = stats.inference_tokens
+        assert torch.equal(model.generate(prompt, max_new_tokens=8, session=first), expected)
+        first_tokens = stats.inference_tokens - before
+    with model.inference_session(max_length=80) as second:
+        before = stats.inference_tokens
+        assert torch.equal(model.generate(prompt, max_new_tokens=8, session=second), expected)
+        second_tokens = stats.inference_tokens - before
+        assert second.reused_tokens == 48
+    assert second_tokens == first_tokens - 48
+    assert server_of(swarm).sessions.prefix_index.hits >= 1
+
+
+def test_prefix_pages_never_cross_clients_or_salts(swarm, model, tiny_model, reference):
+    torch.manual_seed(4)
+    prompt = torch.randint(4, 300, (1, 40))
+    with model.inference_session(max_length=64) as session:
+        model.generate(prompt, max_new_tokens=2, session=session)
+    other = AutoDistributedModelForCausalLM.from_pretrained(tiny_model, initial_peers=swarm.peers)
+    try:
+        with other.inference_session(max_length=64) as session:
+            out = other.generate(prompt, max_new_tokens=4, session=session)
+            assert session.reused_tokens == 0  # another peer id: another scope
+        assert torch.equal(out, reference.generate(prompt, max_new_tokens=4, do_sample=False))
+    finally:
+        other.shutdown()
+    salted = model.inference_session(max_length=64)
+    salted.prefix_salt = "another adapter"
+    salted._token_ids = []
+    with salted:
+        model.generate(prompt, max_new_tokens=2, session=salted)
+        assert salted.reused_tokens == 0
+
+
+def test_a_session_id_is_reachable_only_through_its_stream(swarm, model):
+    node = model.node
+
+    async def run() -> list[str]:
+        errors = []
+        owner = raw_stream(swarm, node)
+        await owner.open(timeout=10)
+        sid = uuid.uuid4().hex
+        await owner.step(torch.randn(1, 4, 64), open_meta(sid), timeout=30)
+        thief = raw_stream(swarm, node)
+        await thief.open(timeout=10)
+        for meta in (open_meta(sid), {"session_id": sid}):
+            try:
+                await thief.step(torch.randn(1, 1, 64), meta, timeout=30)
+            except P2PHandlerError as e:
+                errors.append(str(e))
+            thief = raw_stream(swarm, node)
+            await thief.open(timeout=10)
+        await owner.close({"session_id": sid})
+        return errors
+
+    errors = node.run(run(), timeout=60)
+    assert "already open" in errors[0]
+    assert "already open" in errors[1]  # a step naming a live session on another stream is refused too
