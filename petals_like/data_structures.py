@@ -52,6 +52,8 @@ class ServerInfo:
     inference_rps: float = 0.0  # decode steps/s over its span at batch 1
     forward_rps: float = 0.0  # forward tokens/s over its span
     cache_tokens_left: int = 0  # free KV cache tokens, for routing new sessions
+    open_sessions: int = 0  # inference sessions open on this server
+    load: float = 0.0  # fraction of the last announce period the server spent computing (0..1)
     version: str = ""
     torch_dtype: str = "float32"
     quant_type: str = "none"
@@ -84,6 +86,10 @@ class ServerInfo:
                 kwargs[name] = _check_number(name, raw[name], 0.0, MAX_RATE)
         if "cache_tokens_left" in raw:
             kwargs["cache_tokens_left"] = int(_check_number("cache_tokens_left", raw["cache_tokens_left"], 0, 2**40))
+        if "open_sessions" in raw:
+            kwargs["open_sessions"] = int(_check_number("open_sessions", raw["open_sessions"], 0, 2**31))
+        if "load" in raw:
+            kwargs["load"] = _check_number("load", raw["load"], 0.0, 1.0)
         for name in ("version", "torch_dtype", "quant_type", "public_name"):
             if name in raw:
                 kwargs[name] = _check_text(name, raw[name])

@@ -102,7 +102,8 @@ def reference(span: BlockSpan, seq: Seq, first: int = 0, last: Optional[int] = N
     outs, done = [], 0
     with torch.inference_mode():
         for n in (n for n in seq.chunks if n > 0):
-            outs.append(span(seq.hidden[None, done : done + n], pad_lens=pad_lens, cache=cache, first=first, last=last)[0])
+            step = seq.hidden[None, done : done + n]  # [1, n, hidden]
+            outs.append(span(step, pad_lens=pad_lens, cache=cache, first=first, last=last)[0])
             done += n
     return torch.cat(outs)
 

@@ -192,7 +192,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="bench", choices=["bench", "tiny"], help="model size (tiny = quick check)")
     parser.add_argument("--model_dir", type=Path, default=None, help="checkpoint to use (created if missing)")
-    parser.add_argument("--workloads", default="a,b,c", help="comma-separated subset of a,b,c")
+    parser.add_argument("--workloads", default="a,b,c",
+                        help="comma-separated subset of a..g, or 'all' (d..g: engine workloads, see bench_engine)")
     parser.add_argument("--prompt_len", type=int, default=16)
     parser.add_argument("--new_tokens", type=int, default=128)
     parser.add_argument("--prefill_len", type=int, default=512)
@@ -207,7 +208,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     model_dir = args.model_dir or BENCH_DIR / f"{args.preset}-llama"
     make_tiny_model(model_dir, family="llama", preset=args.preset)
     prompt = torch.randint(3, 300, (1, args.prompt_len), generator=torch.Generator().manual_seed(0))
-    workloads = set(args.workloads.split(","))
+    workloads = set("abcdefg") if args.workloads == "all" else set(args.workloads.split(","))
 
     report: dict = {
         "model": {"preset": args.preset, "path": str(model_dir), "dtype": "float32"},
@@ -218,7 +219,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     with contextlib.ExitStack() as stack:
         runners: dict[str, Callable[[], dict]] = {}
         swarm = None
-        if workloads & {"a", "b"}:
+        if workloads & {"a", "b", "d", "e", "f"}:
             swarm = stack.enter_context(BenchSwarm(model_dir, args.server_args.split()))
             report["swarm_start_s"] = round(swarm.start_s, 2)
             report["servers"] = swarm.footprint
@@ -245,6 +246,20 @@ def main(argv: Optional[list[str]] = None) -> None:
             times = [swarm.prefill(args.prefill_len) for _ in range(args.repeats + 1)][1:]
             report["b_swarm_prefill"] = {"tokens": args.prefill_len, "seconds": round(statistics.median(times), 3),
                                          "best_seconds": round(min(times), 3)}  # fmt: skip
+        if swarm is not None and workloads & {"d", "e", "f"}:
+            from petals_like.cli import bench_engine
+
+            if "d" in workloads:
+                report["d_concurrent_sessions"] = bench_engine.concurrent_sessions(swarm.model)
+            if "e" in workloads:
+                report["e_decode_during_prefill"] = bench_engine.decode_during_prefill(swarm.model)
+            if "f" in workloads:
+                report["f_shared_prefix"] = bench_engine.shared_prefix(swarm.model)
+    if "g" in workloads:
+        from petals_like.cli import bench_engine
+
+        with BenchSwarm(model_dir, args.server_args.split() + ["--kv_cache_tokens", "4096"]) as small:
+            report["g_sessions_in_4096_token_pool"] = bench_engine.sessions_in_pool(small.model)
     print(json.dumps(report, indent=2))
 
 

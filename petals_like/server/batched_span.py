@@ -88,8 +88,12 @@ def run_batched(span: BlockSpan, pool: KVPool, segments: Sequence[Segment], hidd
     last = len(span.blocks) if last is None else last
     if not 0 <= first < last <= len(span.blocks):
         raise ValueError(f"blocks [{first}, {last}) are not inside this span's [0, {len(span.blocks)})")
+    if not segments:
+        raise ValueError("run_batched needs at least one segment")
     if hidden.dim() != 2 or hidden.shape[1] != spec.hidden_size:
         raise ValueError(f"hidden must be [tokens, {spec.hidden_size}], got {list(hidden.shape)}")
+    if (hidden.dtype, hidden.device) != (pool.dtype, pool.device):
+        raise ValueError(f"hidden is {hidden.dtype} on {hidden.device}, the pool {pool.dtype} on {pool.device}")
     if pool.num_layers < last - first:
         raise ValueError(f"the pool has {pool.num_layers} layers, blocks [{first}, {last}) need {last - first}")
     if (pool.num_kv_heads, pool.head_dim) != (spec.num_kv_heads, spec.head_dim):
@@ -142,8 +146,9 @@ def _attend_decode(group: _DecodeGroup, q: Tensor, keys: Tensor, values: Tensor,
     n, heads, head_dim = q.shape
     kv_heads, _, page_size, _ = keys.shape
     shape = (kv_heads, n, group.pages_per_row * page_size, head_dim)
-    gk = keys.index_select(1, group.pages).view(shape).transpose(0, 1)[:, :, group.lo : group.hi]  # [n, kv_heads, keys, head_dim]
-    gv = values.index_select(1, group.pages).view(shape).transpose(0, 1)[:, :, group.lo : group.hi]
+    columns = slice(group.lo, group.hi)
+    gk = keys.index_select(1, group.pages).view(shape).transpose(0, 1)[:, :, columns]  # [n, kv_heads, keys, head_dim]
+    gv = values.index_select(1, group.pages).view(shape).transpose(0, 1)[:, :, columns]
     folded = q.view(n, kv_heads, heads // kv_heads, head_dim)
     res = F.scaled_dot_product_attention(folded, gk, gv, attn_mask=group.mask)  # [n, kv_heads, groups, head_dim]
     return res.reshape(n, width)
@@ -184,10 +189,13 @@ def _plan(span: BlockSpan, pool: KVPool, segments: Sequence[Segment], hidden: Te
 
     cos, sin = _rotary(span, positions, [s.num_tokens for s in segments], hidden)
     dtype = hidden.dtype
-    decode = _decode_group(pool, [segments[i] for i in decode_ids], window, dtype, device) if decode_ids else None
-    if decode is not None and len(decode_ids) < len(segments):
-        decode.rows = torch.tensor([offsets[i] for i in decode_ids], dtype=torch.int64, device=device)
-    chunks = [_chunk(pool, seg, offsets[i], window, dtype, device) for i, seg in enumerate(segments) if seg.num_tokens > 1]
+    decode = None
+    if decode_ids:
+        # with only one-token segments, their rows are all the rows in order: no gather/scatter of queries
+        rows = None if len(decode_ids) == len(segments) else [offsets[i] for i in decode_ids]
+        decode = _decode_group(pool, [segments[i] for i in decode_ids], rows, window, dtype, device)
+    chunks = [_chunk(pool, seg, offsets[i], window, dtype, device)
+              for i, seg in enumerate(segments) if seg.num_tokens > 1]  # fmt: skip
     zero = torch.tensor(zero_slots, dtype=torch.int64, device=device) if zero_slots else None
     return _Plan(torch.tensor(write_slots, dtype=torch.int64, device=device), zero, cos, sin, decode, chunks)
 
@@ -220,31 +228,34 @@ def _rotary(span: BlockSpan, positions: list[int], counts: list[int], hidden: Te
     return torch.cat([c[0] for c, _ in tables]), torch.cat([s[0] for _, s in tables])
 
 
-def _decode_group(pool: KVPool, segs: list[Segment], window: Optional[int], dtype: torch.dtype,
-                  device: torch.device) -> _DecodeGroup:  # fmt: skip
+def _decode_group(pool: KVPool, segs: list[Segment], rows: Optional[list[int]], window: Optional[int],
+                  dtype: torch.dtype, device: torch.device) -> _DecodeGroup:  # fmt: skip
     """Pages and mask of every one-token segment; rows are padded to the widest with the zero page."""
     page_size, null = pool.page_size, pool.null_page
+    rows_t = None if rows is None else torch.tensor(rows, dtype=torch.int64, device=device)
     lengths = [s.past_len + 1 for s in segs]  # keys up to and including the new token
     starts = [max(0, length - window) if window is not None else 0 for length in lengths]  # first visible key
     first_pages = [start // page_size for start in starts]
-    rows = [s.pages.pages[p : -(-length // page_size)] for s, p, length in zip(segs, first_pages, lengths)]
-    per_row = max(len(r) for r in rows)
-    pages = torch.tensor([p for r in rows for p in r + [null] * (per_row - len(r))], dtype=torch.int64, device=device)
+    tables = [s.pages.pages[p : -(-length // page_size)] for s, p, length in zip(segs, first_pages, lengths)]
+    per_row = max(len(t) for t in tables)
+    padded = [p for t in tables for p in t + [null] * (per_row - len(t))]
+    pages = torch.tensor(padded, dtype=torch.int64, device=device)
     offsets = [p * page_size for p in first_pages]  # absolute index of each row's first gathered key
     los = {start - offset for start, offset in zip(starts, offsets)}
     his = {length - offset for length, offset in zip(lengths, offsets)}
     if len(los) == 1 and len(his) == 1 and all(s.pad_len <= start for s, start in zip(segs, starts)):
         # every row sees the same columns (equal lengths, no pads): a slice, no mask
-        return _DecodeGroup(None, pages, per_row, los.pop(), his.pop(), None)
+        return _DecodeGroup(rows_t, pages, per_row, los.pop(), his.pop(), None)
 
     def column(values: list[int]) -> Tensor:
         return torch.tensor(values, dtype=torch.int64, device=device)[:, None]
 
     pos = column(offsets) + torch.arange(per_row * page_size, device=device)  # [n, keys] absolute key indices
     length = column(lengths)
-    visible = (pos >= column(starts)) & (pos < length) & ((pos >= column([s.pad_len for s in segs])) | (pos == length - 1))
-    mask = _additive(visible, dtype).view(len(segs), 1, 1, per_row * page_size)  # a pad query still sees itself
-    return _DecodeGroup(None, pages, per_row, 0, per_row * page_size, mask)
+    real = pos >= column([s.pad_len for s in segs])
+    visible = (pos >= column(starts)) & (pos < length) & (real | (pos == length - 1))  # a pad query sees itself
+    mask = _additive(visible, dtype).view(len(segs), 1, 1, per_row * page_size)
+    return _DecodeGroup(rows_t, pages, per_row, 0, per_row * page_size, mask)
 
 
 def _chunk(pool: KVPool, seg: Segment, start: int, window: Optional[int], dtype: torch.dtype,

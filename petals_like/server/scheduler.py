@@ -80,6 +80,7 @@ class SchedulerStats:
     max_batch_tokens: int = 0  # most tokens in one iteration
     chunked_steps: int = 0  # steps that needed more than one iteration
     tasks: int = 0  # forward/backward calls
+    busy_seconds: float = 0.0  # time spent computing (iterations and tasks)
 
 
 class Scheduler:
@@ -222,6 +223,7 @@ class Scheduler:
                     pages.length += positions  # commit only after every block ran
                 tokens += rows * positions
         self._last_duration = time.monotonic() - started
+        self.stats.busy_seconds += self._last_duration
         self.stats.iterations += 1
         self.stats.inference_tokens += tokens
         self.stats.max_batch_tokens = max(self.stats.max_batch_tokens, tokens)
@@ -252,12 +254,15 @@ class Scheduler:
         if future.cancelled():
             return
         self.stats.tasks += 1
+        started = time.monotonic()
         try:
             result = fn(*args)
         except BaseException as e:
             loop.call_soon_threadsafe(_set_exception, future, e)
         else:
             loop.call_soon_threadsafe(_set_result, future, result)
+        finally:
+            self.stats.busy_seconds += time.monotonic() - started
 
     def shutdown(self) -> None:
         with self._wake:

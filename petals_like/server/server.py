@@ -72,6 +72,8 @@ class Server:
         self.inference_rps = 0.0
         self._announcer: Optional[asyncio.Future] = None
         self._stopped = threading.Event()
+        self._load_mark = (time.monotonic(), 0.0)  # (when, scheduler busy seconds) at the last announcement
+        self._announced_load = 0.0
 
     # ---- start ----
 
@@ -174,17 +176,29 @@ class Server:
             throughput=float(self.throughput),
             inference_rps=float(self.inference_rps),
             cache_tokens_left=self.sessions.free_tokens if self.sessions else 0,
+            open_sessions=len(self.sessions.sessions) if self.sessions else 0,
+            load=self._announced_load,
             version=__version__,
             torch_dtype=str(self.dtype).replace("torch.", ""),
             quant_type=self.config.quant_type,
             public_name=self.config.public_name,
         )
 
+    def _load(self) -> float:
+        """Busy fraction of the compute thread since the previous call (one call per announcement)."""
+        if self.scheduler is None:
+            return 0.0
+        now, busy = time.monotonic(), self.scheduler.stats.busy_seconds
+        last_time, last_busy = self._load_mark
+        self._load_mark = (now, busy)
+        return min(1.0, max(0.0, (busy - last_busy) / max(now - last_time, 1e-6)))
+
     def _announce(self, state: ServerState) -> None:
         self.state = state
         self.node.run(self._declare(state), timeout=60)
 
     async def _declare(self, state: ServerState) -> None:
+        self._announced_load = self._load()
         await declare_blocks(self.node.dht, self.dht_prefix, range(self.start_block, self.end_block),
                              self.server_info(state), expiration=self.config.expiration)  # fmt: skip
 

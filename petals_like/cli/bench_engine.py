@@ -1,0 +1,149 @@
+"""Engine workloads of the benchmark (continuous batching, chunked prefill, prefix cache, paged pool).
+
+  (d) N concurrent sessions (16-token prompt + 64 new tokens each), N = 1, 4, 16, 32:
+      aggregate tokens/s and p50 / p90 per-token latency
+  (e) 8 sessions decoding while one session prefills 2048 tokens: their p50 / p90 step latency,
+      against the same 8 sessions without the prefill
+  (f) two sessions with the same 1024-token prefix: prefill seconds of the second vs the first
+  (g) with a pool of 4096 tokens, how many sessions of max_length=2048 that each use 200 tokens
+      are open at once
+"""
+
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+from typing import Callable
+
+import torch
+
+from petals_like.cli.bench import TokenTimer, percentile
+
+
+def _prompt(length: int, seed: int, vocab: int = 300) -> torch.Tensor:
+    return torch.randint(4, vocab, (1, length), generator=torch.Generator().manual_seed(seed))
+
+
+def _run_concurrently(count: int, fn: Callable[[int], None]) -> float:
+    """fn(0..count-1) on as many threads, started together; returns the wall time."""
+    barrier = threading.Barrier(count + 1)
+    errors: list[BaseException] = []
+
+    def run(i: int) -> None:
+        barrier.wait()
+        try:
+            fn(i)
+        except BaseException as e:  # reported after the join
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
+    for t in threads:
+        t.start()
+    barrier.wait()
+    started = time.perf_counter()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return time.perf_counter() - started
+
+
+def concurrent_sessions(model, counts=(1, 4, 16, 32), prompt_len: int = 16, new_tokens: int = 64) -> dict:
+    """(d)"""
+    results = {}
+    for count in counts:
+        timers = [TokenTimer() for _ in range(count)]
+
+        def one(i: int) -> None:
+            with model.inference_session(max_length=prompt_len + new_tokens, reuse_prefix=False) as session:
+                timers[i].started = time.perf_counter()
+                model.generate(_prompt(prompt_len, i), max_new_tokens=new_tokens, session=session, eos_token_id=[],
+                               streamer=timers[i])  # fmt: skip
+
+        wall = _run_concurrently(count, one)
+        latencies = [lat for timer in timers for lat in timer.latencies()[1:]]  # decode steps
+        results[str(count)] = {
+            "aggregate_tokens_per_s": round(count * new_tokens / wall, 2),
+            "p50_ms": round(1000 * statistics.median(latencies), 1),
+            "p90_ms": round(1000 * percentile(latencies, 0.9), 1),
+        }
+    one_rate = results[str(counts[0])]["aggregate_tokens_per_s"]
+    for entry in results.values():
+        entry["vs_one_session"] = round(entry["aggregate_tokens_per_s"] / one_rate, 2)
+    return results
+
+
+def decode_during_prefill(model, decoders: int = 8, prefill_len: int = 2048, steps: int = 24) -> dict:
+    """(e)"""
+
+    def decode_latencies(with_prefill: bool) -> list[float]:
+        timers = [TokenTimer() for _ in range(decoders)]
+        started = threading.Event()
+
+        def decoder(i: int) -> None:
+            with model.inference_session(max_length=16 + steps, reuse_prefix=False) as session:
+                model.generate(_prompt(16, 100 + i), max_new_tokens=2, session=session, eos_token_id=[])
+                started.set()
+                timers[i].started = time.perf_counter()
+                model.generate(None, max_new_tokens=steps - 2, session=session, eos_token_id=[], streamer=timers[i])
+
+        def prefiller() -> None:
+            started.wait()
+            with model.inference_session(max_length=prefill_len + 1, reuse_prefix=False) as session:
+                session.step(model.local.embed(_prompt(prefill_len, 7, model.spec.vocab_size)))
+
+        threads = [threading.Thread(target=decoder, args=(i,)) for i in range(decoders)]
+        if with_prefill:
+            threads.append(threading.Thread(target=prefiller))
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return [lat for timer in timers for lat in timer.latencies()]
+
+    alone, during = decode_latencies(False), decode_latencies(True)
+    summary = {
+        name: {"p50_ms": round(1000 * statistics.median(lat), 1), "p90_ms": round(1000 * percentile(lat, 0.9), 1)}
+        for name, lat in (("without_prefill", alone), ("during_prefill", during))
+    }
+    summary["p90_ratio"] = round(summary["during_prefill"]["p90_ms"] / summary["without_prefill"]["p90_ms"], 2)
+    return summary
+
+
+def shared_prefix(model, prefix_len: int = 1024) -> dict:
+    """(f)"""
+    prompt = _prompt(prefix_len, 11, model.spec.vocab_size)
+    times, reused = [], []
+    for _ in range(2):
+        with model.inference_session(max_length=prefix_len + 1) as session:
+            hidden = model.local.embed(prompt)
+            started = time.perf_counter()
+            session.step(hidden, token_ids=prompt)
+            times.append(time.perf_counter() - started)
+            reused.append(session.reused_tokens)
+    return {"first_s": round(times[0], 3), "second_s": round(times[1], 3), "ratio": round(times[1] / times[0], 3),
+            "second_reused_tokens": reused[1]}  # fmt: skip
+
+
+def sessions_in_pool(model, max_length: int = 2048, used: int = 200, limit: int = 64) -> dict:
+    """(g): open sessions until a server refuses one for lack of pages."""
+    sessions, error = [], ""
+    try:
+        for i in range(limit):
+            session = model.inference_session(max_length=max_length, reuse_prefix=False)
+            model.config.max_retries, retries = 0, model.config.max_retries  # a refusal must not reroute
+            try:
+                session.step(model.local.embed(_prompt(used, 200 + i, model.spec.vocab_size)))
+            except Exception as e:
+                error = str(e)[:200]
+                session.close()
+                break
+            finally:
+                model.config.max_retries = retries
+            sessions.append(session)
+    finally:
+        for session in sessions:
+            session.close()
+    return {"sessions_open_at_once": len(sessions), "refusal": error,
+            "reserving_max_length_would_admit": 4096 // max_length}  # fmt: skip
