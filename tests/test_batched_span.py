@@ -251,6 +251,8 @@ def test_dynamic_rope_uses_each_sequences_own_length(make_model: Callable[..., P
 
 def test_bad_segments_are_refused_before_any_write(llama: BlockSpan) -> None:
     pool = new_pool(llama, num_pages=8)
+    for storage in pool.layer(0):
+        storage.zero_()  # the pool starts uninitialized; zeros make "nothing was written" checkable
     seq = SequencePages()
     seq.reserve(pool, 3)
     hidden = torch.zeros(3, llama.spec.hidden_size)
@@ -262,6 +264,10 @@ def test_bad_segments_are_refused_before_any_write(llama: BlockSpan) -> None:
         run_batched(llama, pool, [Segment(seq, 1, 2)], hidden[:2])
     with pytest.raises(ValueError, match="pool has 2 layers"):
         run_batched(llama, new_pool(llama, num_layers=2), [Segment(seq, 0, 3)], hidden, first=0, last=3)
+    with pytest.raises(ValueError, match="float64"):
+        run_batched(llama, pool, [Segment(seq, 0, 3)], hidden.double())
+    with pytest.raises(ValueError, match="at least one segment"):
+        run_batched(llama, pool, [], hidden[:0])
     assert seq.length == 0 and not any(t.any() for t in pool.layer(0))
     out = run_batched(llama, pool, [Segment(seq, 0, 3)], hidden)  # outside inference_mode too
     assert out.shape == hidden.shape and seq.length == 0

@@ -216,3 +216,24 @@ def test_a_session_id_is_reachable_only_through_its_stream(swarm, model):
     errors = node.run(run(), timeout=60)
     assert "already open" in errors[0]
     assert "already open" in errors[1]  # a step naming a live session on another stream is refused too
+
+
+def test_record_announces_free_cache_and_sessions(swarm, model, tiny_model):
+    from petals_like.dht.announce import get_block_infos
+
+    server = server_of(swarm)
+    prefix = default_dht_prefix(tiny_model)
+    total = server.sessions.pool.num_pages * server.sessions.pool.page_size
+
+    def announced():
+        server.node.run(server._declare(ServerState.ONLINE))
+        infos = swarm.dht.run(get_block_infos(swarm.dht.dht, prefix, [0]))
+        return infos[0][server.node.peer_id]
+
+    with model.inference_session(max_length=64, reuse_prefix=False) as session:
+        session.step(model.local.embed(torch.randint(4, 300, (1, 40))))
+        info = announced()
+        assert info.open_sessions == 1
+        assert info.cache_tokens_left <= total - 48  # 40 tokens hold 3 pages of 16
+        assert 0.0 <= info.load <= 1.0
+    wait_until(lambda: announced().open_sessions == 0, 10)

@@ -29,7 +29,7 @@ def test_pool_shape_and_zero_page() -> None:
     pool = make_pool(5)
     keys, values = pool.layer(1)
     assert keys.shape == values.shape == (2, 6, PAGE, 8)  # one extra (null) page
-    assert pool.null_page == 5 and not keys.any()
+    assert pool.null_page == 5 and not keys[:, pool.null_page].any() and not values[:, pool.null_page].any()
     assert pool.num_free == 5 and pool.page_size == PAGE and pool.num_pages == 5
 
 
@@ -47,6 +47,9 @@ def test_allocate_retain_release_refcounts() -> None:
         pool.release(pages[:1])  # double free is a bug, never silently accepted
     with pytest.raises(ValueError, match="not allocated"):
         pool.retain([pages[0]])
+    with pytest.raises(ValueError, match="not allocated"):
+        pool.release([pages[1], pages[1]])  # held once, dropped twice: refused as a whole
+    assert pool.refcount(pages[1]) == 0 and pool.num_free == 4
     assert pool.allocate(0) == []
 
 

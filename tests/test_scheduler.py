@@ -68,6 +68,7 @@ def test_concurrent_sessions_equal_alone_and_share_iterations(span):
 
 def test_chunked_prefill_never_leaves_a_decode_out(span):
     scheduler = make_scheduler(span, token_budget=64)
+    scheduler.prefill_chunk = 64  # the setting: the budget alone limits the chunk
     seen: list[tuple[int, int]] = []  # (decode works pending, decode works chosen) per iteration
 
     def on_iteration(chosen):

@@ -35,6 +35,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, str]:
                    help="seconds a step waits for free KV pages before a retriable error")
     p.add_argument("--token_budget", type=int, default=defaults.token_budget,
                    help="tokens per batched iteration; longer prompts run in chunks")
+    p.add_argument("--prefill_chunk", type=int, default=defaults.prefill_chunk,
+                   help="prompt tokens per iteration while other sessions decode")
     p.add_argument("--share_prefix_cache", action="store_true",
                    help="reuse cached prefix pages across clients: trusts clients' claimed page hashes")
     p.add_argument("--max_session_length", type=int, default=defaults.max_session_length)
@@ -52,7 +54,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, str]:
         identity_path=a.identity_path, device=a.device, torch_dtype=a.torch_dtype, quant_type=a.quant_type,
         num_threads=a.num_threads, throughput=a.throughput, kv_cache_tokens=a.kv_cache_tokens,
         page_size=a.page_size, max_alloc_timeout=a.max_alloc_timeout, token_budget=a.token_budget,
-        share_prefix_cache=a.share_prefix_cache,
+        share_prefix_cache=a.share_prefix_cache, prefill_chunk=a.prefill_chunk,
         max_session_length=a.max_session_length, max_batch_size=a.max_batch_size,
         announce_period=a.announce_period, expiration=a.expiration, public_name=a.public_name,
         progress=not a.no_progress,

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from transformers.modeling_outputs import CausalLMOutput
 
+from petals_like.client.head_batcher import HeadBatcher
 from petals_like.client.generation import SamplingParams, generate_tokens, left_pad_lens
 from petals_like.client.inference_session import InferenceSession
 from petals_like.client.sequential import RemoteSequential
@@ -44,6 +45,7 @@ class DistributedModelForCausalLM(torch.nn.Module):
         self.local = local
         self.routes = RouteManager(node, dht_prefix, spec.num_blocks, config)
         self.remote = RemoteSequential(node, self.routes, config, spec.num_blocks)
+        self.head_batcher = HeadBatcher(self.local.logits)  # concurrent generate() calls share head passes
 
     @classmethod
     def from_pretrained(
@@ -150,16 +152,22 @@ class DistributedModelForCausalLM(torch.nn.Module):
                 raise ValueError("input_ids are required without a session")
             session = self.inference_session(max_length=prompt_len + max(max_new_tokens, 1))
         pad_lens = left_pad_lens(attention_mask, input_ids) if input_ids is not None and session.position == 0 else None
+        self.head_batcher.session_started()
         try:
             new_tokens = generate_tokens(
-                session, self.local.embed, self.local.logits, input_ids, pad_lens=pad_lens,
+                session, self.local.embed, self._next_token_logits, input_ids, pad_lens=pad_lens,
                 max_new_tokens=max_new_tokens, sampling=sampling, eos_token_ids=eos_ids, pad_token_id=pad,
                 streamer=streamer,
             )  # fmt: skip
         finally:
+            self.head_batcher.session_ended()
             if own_session:
                 session.close()
         return new_tokens if input_ids is None else torch.cat([input_ids, new_tokens], dim=1)
+
+    def _next_token_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[batch, 1, hidden] -> [batch, 1, vocab] through the shared HeadBatcher."""
+        return self.head_batcher(hidden[:, -1, :])[:, None, :]
 
     def shutdown(self) -> None:
         """Leave the swarm: stop this client's p2p daemon."""

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from typing import Iterable, Optional, Protocol, Sequence
 
 import torch
@@ -38,8 +38,8 @@ class _Evictor(Protocol):
 class KVPool:
     """Keys/values of every block of a span, for all sessions, in fixed-size pages.
 
-    Layout: one key and one value tensor per layer, `[kv_heads, num_pages + 1, page_size, head_dim]`.
-    Why heads first: attention wants each head's keys contiguous ([kv_heads, tokens, head_dim]), and
+    Layout: keys and values each in one tensor `[layers, kv_heads, num_pages + 1, page_size, head_dim]`;
+    `layer(i)` gives the views [kv_heads, num_pages + 1, page_size, head_dim]. Why heads first: attention wants each head's keys contiguous ([kv_heads, tokens, head_dim]), and
     with this layout gathering a sequence's pages is one `index_select` by page id (a handful of
     indices, each a contiguous page_size x head_dim block) whose result already has that shape for
     SDPA, as a view: no permute-and-copy per block. Token i of a page table lives at slot
@@ -66,8 +66,13 @@ class KVPool:
         self.device = torch.device(device)
         self.null_page = num_pages  # the zero page after the allocatable ones (see the class docstring)
         shape = (num_layers, num_kv_heads, num_pages + 1, page_size, head_dim)
-        self._keys = torch.zeros(shape, dtype=dtype, device=self.device)
-        self._values = torch.zeros(shape, dtype=dtype, device=self.device)
+        # empty, not zeros: memory is committed by the OS only when first written, so a pool sized for
+        # the worst case costs what sessions use; the null page is zeroed here and every other page's
+        # unwritten tail when a step starts it (zero_slots), so no read ever sees uninitialized memory
+        self._keys = torch.empty(shape, dtype=dtype, device=self.device)
+        self._values = torch.empty(shape, dtype=dtype, device=self.device)
+        self._keys[:, :, num_pages].zero_()
+        self._values[:, :, num_pages].zero_()
         self._refcounts = [0] * num_pages
         # a stack: recently freed pages are reused first, their memory is more likely to be in cache
         self._free = list(range(num_pages - 1, -1, -1))
@@ -121,17 +126,18 @@ class KVPool:
     def release(self, pages: Iterable[int]) -> None:
         """Drop one reference to each page; a page with no references left goes back to the free list."""
         pages = list(pages)
-        for page in pages:
-            self._check_held(page)
+        for page, times in Counter(pages).items():
+            self._check_held(page, times)
         for page in pages:
             self._refcounts[page] -= 1
             if self._refcounts[page] == 0:
                 self._free.append(page)
 
-    def _check_held(self, page: int) -> None:
-        # pages come from our own bookkeeping, never from peers: a failure here is a server bug
-        if not 0 <= page < self.num_pages or self._refcounts[page] <= 0:
-            raise ValueError(f"page {page} is not allocated")
+    def _check_held(self, page: int, times: int = 1) -> None:
+        # pages come from our own bookkeeping, never from peers: a failure here is a server bug,
+        # caught before any count changes so the pool stays consistent
+        if not 0 <= page < self.num_pages or self._refcounts[page] < times:
+            raise ValueError(f"page {page} is not allocated ({times} references to drop)")
 
 
 class SequencePages:

@@ -85,13 +85,16 @@ class SchedulerStats:
 
 class Scheduler:
     def __init__(self, span, pool: KVPool, *, token_budget: int, num_threads: Optional[int] = None,
-                 gather_wait: float = 0.02):  # fmt: skip
+                 gather_wait: float = 0.02, prefill_chunk: int = 32):  # fmt: skip
         if token_budget < 1:
             raise ValueError(f"token_budget={token_budget} must be positive")
         self.span = span
         self.pool = pool
         self.token_budget = token_budget
         self.stats = SchedulerStats()
+        # while decode steps wait, a prompt advances by at most this many tokens per iteration: an
+        # iteration's time grows with its tokens, and every decoding session waits for all of it
+        self.prefill_chunk = prefill_chunk
         # sessions that were in the last iteration come back together after their clients' round
         # trips; waiting a moment for them keeps them in one batch instead of two alternating ones
         self.gather_wait = gather_wait
@@ -177,7 +180,11 @@ class Scheduler:
     def _choose(self, works: list[InferenceWork]) -> list[tuple[InferenceWork, int]]:
         """Which works run this iteration and how many positions of each: decode-sized steps first."""
         chosen, budget = [], self.token_budget
-        for work in sorted(works, key=lambda w: w.remaining):  # stable: FIFO among equals
+        ordered = sorted(works, key=lambda w: w.remaining)  # stable: FIFO among equals
+        decode_tokens = sum(w.hidden.shape[0] for w in ordered if w.remaining == 1)
+        if decode_tokens:
+            budget = min(budget, decode_tokens + self.prefill_chunk)
+        for work in ordered:
             rows = work.hidden.shape[0]
             positions = min(work.remaining, budget // rows)
             if positions <= 0:

@@ -95,7 +95,7 @@ class Server:
             pool = self._make_pool()
             prefix_index = PrefixIndex(pool)
             self.scheduler = Scheduler(span, pool, token_budget=config.token_budget, num_threads=config.num_threads,
-                                       gather_wait=config.batch_gather_wait)  # fmt: skip
+                                       gather_wait=config.batch_gather_wait, prefill_chunk=config.prefill_chunk)  # fmt: skip
             self.sessions = SessionManager(backend, self.scheduler, pool, prefix_index, config)
             self.handlers = Handlers(backend, self.scheduler, self.sessions, config, self._info_fields)
             self.node.run(self.handlers.register(self.node.p2p))
