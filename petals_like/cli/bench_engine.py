@@ -49,10 +49,26 @@ def _run_concurrently(count: int, fn: Callable[[int], None]) -> float:
     return time.perf_counter() - started
 
 
+def _server_counters(model) -> dict[str, tuple[int, int]]:
+    """(iterations, inference tokens) of every server the model can see."""
+    from petals_like.client.transport import call_info
+
+    async def read() -> dict:
+        await model.routes.refresh(force=True)
+        infos = {}
+        for peer in model.routes.spans:
+            info = await call_info(model.node.p2p, peer, timeout=10)
+            infos[peer] = (info.get("iterations", 0), info.get("inference_tokens", 0))
+        return infos
+
+    return model.node.run(read(), timeout=60)
+
+
 def concurrent_sessions(model, counts=(1, 4, 16, 32), prompt_len: int = 16, new_tokens: int = 64) -> dict:
     """(d)"""
     results = {}
     for count in counts:
+        before = _server_counters(model)
         timers = [TokenTimer() for _ in range(count)]
 
         def one(i: int) -> None:
@@ -63,7 +79,10 @@ def concurrent_sessions(model, counts=(1, 4, 16, 32), prompt_len: int = 16, new_
 
         wall = _run_concurrently(count, one)
         latencies = [lat for timer in timers for lat in timer.latencies()[1:]]  # decode steps
+        after = _server_counters(model)
+        per_iteration = [(after[p][1] - before[p][1]) / max(1, after[p][0] - before[p][0]) for p in after if p in before]
         results[str(count)] = {
+            "tokens_per_server_iteration": round(statistics.mean(per_iteration), 2) if per_iteration else None,
             "aggregate_tokens_per_s": round(count * new_tokens / wall, 2),
             "p50_ms": round(1000 * statistics.median(latencies), 1),
             "p90_ms": round(1000 * percentile(latencies, 0.9), 1),

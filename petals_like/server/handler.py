@@ -85,6 +85,8 @@ class Handlers:
             cache_tokens_left=self.sessions.free_tokens,
             page_size=self.sessions.pool.page_size,
             open_sessions=len(self.sessions.sessions),
+            iterations=self.scheduler.stats.iterations,
+            inference_tokens=self.scheduler.stats.inference_tokens,
         )
         return runtime_pb2.ExpertResponse(metadata=encode_metadata(info))
 

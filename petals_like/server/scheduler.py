@@ -100,6 +100,9 @@ class Scheduler:
         self.gather_wait = gather_wait
         self._last_batch = 0
         self._last_duration = 0.0  # seconds of the last iteration
+        # how many sessions are likely to send a step soon (set by the session manager); the gather
+        # wait waits for them, not only for the last batch's size, so split batches merge again
+        self.expected_works: Optional[Callable[[], int]] = None
         self._num_threads = num_threads
         self._pending: deque[InferenceWork] = deque()
         self._tasks: list = []  # heap of (priority, seq, fn, args, loop, future)
@@ -149,12 +152,13 @@ class Scheduler:
             with self._wake:
                 while not self._stopped and not self._pending and not self._tasks:
                     self._wake.wait()
-                if self._pending and len(self._pending) < self._last_batch and self.gather_wait > 0:
+                expected = max(self._last_batch, self._expected())
+                if self._pending and len(self._pending) < expected and self.gather_wait > 0:
                     # an iteration reads every weight once: waiting a fraction of one for the rest of
                     # the last batch is cheaper than running them in a second iteration
                     window = min(0.05, max(self.gather_wait, 0.5 * self._last_duration))
                     deadline = time.monotonic() + window
-                    while len(self._pending) < self._last_batch and not self._stopped:
+                    while len(self._pending) < expected and not self._stopped:
                         left = deadline - time.monotonic()
                         if left <= 0:
                             break
@@ -176,6 +180,14 @@ class Scheduler:
                 logger.exception("Scheduler iteration failed")
                 for work in works:
                     self._finish(work, error=e)
+
+    def _expected(self) -> int:
+        if self.expected_works is None:
+            return 0
+        try:
+            return self.expected_works()
+        except Exception:  # a racing read of the session table; the last batch size still applies
+            return 0
 
     def _choose(self, works: list[InferenceWork]) -> list[tuple[InferenceWork, int]]:
         """Which works run this iteration and how many positions of each: decode-sized steps first."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -48,6 +49,7 @@ class ServerSession:
     inserted_pages: int = 0  # full pages already published to the prefix index
     steps: int = 0
     inflight: Optional[InferenceWork] = None
+    last_step_done: float = 0.0  # time.monotonic() when its last step returned
 
     @property
     def length(self) -> int:
@@ -64,6 +66,12 @@ class SessionManager:
         self.config = config
         self.sessions: dict[str, ServerSession] = {}
         self._pages_freed = asyncio.Event()
+        scheduler.expected_works = self.active_sessions
+
+    def active_sessions(self, recent: float = 0.5) -> int:
+        """Sessions with a step in flight or one that returned within `recent` seconds (any thread)."""
+        now = time.monotonic()
+        return sum(1 for s in list(self.sessions.values()) if s.inflight is not None or now - s.last_step_done < recent)
 
     # ---- open / close ----
 
@@ -152,6 +160,7 @@ class SessionManager:
         session.inflight = work
         out = await self.scheduler.run_inference(work)
         session.inflight = None
+        session.last_step_done = time.monotonic()
         session.steps += 1
         self._publish_full_pages(session)
         return out
