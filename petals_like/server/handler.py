@@ -1,4 +1,4 @@
-"""RPC handlers: decode, validate, submit to the compute runtime, encode. No block math here.
+"""RPC handlers: decode, validate, submit to the scheduler, encode. No block math here.
 
 rpc_inference is one bidirectional stream per session and span: the first message opens the
 session (session_id, start, end, max_length, optional pad_lens) and may already carry a step;

@@ -130,7 +130,7 @@ class Scheduler:
             raise
 
     async def submit(self, priority: Priority, fn: Callable[..., Any], *args: Any) -> Any:
-        """Run fn(*args) when no inference step waits (forward/backward); same contract as ComputeRuntime."""
+        """Run fn(*args) (a forward or backward call) once no inference step waits; returns its result."""
         self._check_alive()
         loop = asyncio.get_running_loop()
         future = loop.create_future()
