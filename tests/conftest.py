@@ -47,3 +47,22 @@ def no_leftover_daemons():
     psutil.wait_procs(leftovers, timeout=5)
     alive = [p for p in leftovers if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     assert not alive, f"p2pd daemons left running after the module: {[p.pid for p in alive]}"
+
+
+@pytest.fixture(scope="module")
+def model(swarm, tiny_model: Path):
+    """A client of the module's `swarm` fixture (each swarm test module defines its own swarm)."""
+    from petals_like import AutoDistributedModelForCausalLM
+
+    model = AutoDistributedModelForCausalLM.from_pretrained(tiny_model, initial_peers=swarm.peers, torch_dtype="float32")
+    yield model
+    model.shutdown()
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model: Path):
+    """The oracle: local transformers on the same checkpoint, float32."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()

@@ -10,14 +10,13 @@ from typing import Iterator
 
 import pytest
 import torch
-from hivemind.p2p import P2PHandlerError, PeerID
-from transformers import AutoModelForCausalLM
+from hivemind.p2p import P2PHandlerError
 
 from petals_like import AutoDistributedModelForCausalLM
 from petals_like.client.transport import InferenceStream
 from petals_like.data_structures import RemoteSpanInfo, ServerInfo, ServerState
 from petals_like.dht.records import default_dht_prefix
-from petals_like.protocol import RPC_INFERENCE, pack_message
+
 from tests.swarm import Swarm, start_swarm, wait_until
 
 NUM_BLOCKS = 8
@@ -33,16 +32,8 @@ def swarm(tiny_model: Path) -> Iterator[Swarm]:
         swarm.shutdown()
 
 
-@pytest.fixture(scope="module")
-def model(swarm: Swarm, tiny_model: Path):
-    model = AutoDistributedModelForCausalLM.from_pretrained(tiny_model, initial_peers=swarm.peers)
-    yield model
-    model.shutdown()
 
 
-@pytest.fixture(scope="module")
-def reference(tiny_model: Path):
-    return AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
 
 
 def server_of(swarm: Swarm):

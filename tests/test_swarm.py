@@ -7,9 +7,7 @@ from typing import Iterator
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
-from petals_like import AutoDistributedModelForCausalLM
 from petals_like.dht.records import default_dht_prefix
 from tests.swarm import Swarm, start_swarm
 
@@ -26,16 +24,8 @@ def swarm(request, tiny_model: Path) -> Iterator[Swarm]:
         swarm.shutdown()
 
 
-@pytest.fixture(scope="module")
-def model(swarm: Swarm, tiny_model: Path):
-    model = AutoDistributedModelForCausalLM.from_pretrained(tiny_model, initial_peers=swarm.peers, torch_dtype="float32")
-    yield model
-    model.shutdown()
 
 
-@pytest.fixture(scope="module")
-def reference(tiny_model: Path):
-    return AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
 
 
 def test_greedy_generation_equals_transformers(model, reference):
