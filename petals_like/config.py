@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -55,4 +55,3 @@ class ServerConfig:
     request_timeout: float = 600.0  # seconds one forward/backward may wait in the queue plus compute
     public_name: str = ""
     progress: bool = True  # progress bar while loading blocks
-    extra: dict = field(default_factory=dict)

@@ -246,8 +246,9 @@ def require(metadata: dict[str, Any], key: str, kind: type, default: Any = ...) 
 PREFIX_PAGE_TOKENS = 16  # granularity of prefix hashes; servers with another page size do not reuse prefixes
 
 
-def prefix_page_hashes(token_ids: Sequence[int], salt: str, *, start_page: int = 0, parent: str = "") -> list[str]:
-    """Chained hashes of the full pages of a token sequence: hash i covers tokens [0, 16 * (i + 1)).
+def prefix_page_hashes(token_ids: Sequence[int], salt: str, *, start_page: int = 0, parent: str = "",
+                       page_tokens: int = PREFIX_PAGE_TOKENS) -> list[str]:  # fmt: skip
+    """Chained hashes of the full pages of a token sequence: hash i covers tokens [0, page_tokens * (i + 1)).
 
     Equal hashes mean equal whole prefixes under the same salt (model, adapters, prompts in use),
     so a server may reuse the pages behind them. Pages before start_page are skipped; parent is the
@@ -256,8 +257,8 @@ def prefix_page_hashes(token_ids: Sequence[int], salt: str, *, start_page: int =
     import hashlib
 
     hashes, previous = [], parent or hashlib.blake2b(salt.encode(), digest_size=16).hexdigest()
-    for page in range(start_page, len(token_ids) // PREFIX_PAGE_TOKENS):
-        tokens = token_ids[page * PREFIX_PAGE_TOKENS : (page + 1) * PREFIX_PAGE_TOKENS]
+    for page in range(start_page, len(token_ids) // page_tokens):
+        tokens = token_ids[page * page_tokens : (page + 1) * page_tokens]
         digest = hashlib.blake2b(previous.encode(), digest_size=16)
         digest.update(np.asarray(tokens, dtype=np.int64).tobytes())
         previous = digest.hexdigest()

@@ -19,7 +19,8 @@ from torch import Tensor
 from petals_like.models.span import BlockSpan
 from petals_like.models.spec import ModelSpec
 from petals_like.server.batched_span import Segment, run_batched
-from petals_like.server.kv_cache import KVPool, PrefixIndex, SequencePages, page_hashes
+from petals_like.protocol import prefix_page_hashes
+from petals_like.server.kv_cache import KVPool, PrefixIndex, SequencePages
 from petals_like.server.server import load_span
 
 PAGE = 4  # small, so sequences cross many page boundaries
@@ -197,12 +198,14 @@ def test_shared_prefix_pages_give_the_same_outputs(llama: BlockSpan) -> None:
     run_iterations(llama, pool, [first])
     full = first.pages.full_pages(pool)
     assert len(full) == 4  # 16 tokens -> 4 full pages
-    index.insert(scope, page_hashes(first.hidden[: len(full) * PAGE], PAGE), full)
+    first_tokens = list(range(16))  # stand-ins for the tokens behind first.hidden
+    index.insert(scope, prefix_page_hashes(first_tokens, "salt", page_tokens=PAGE), full)
 
     gen = torch.Generator().manual_seed(7)
     tail = torch.randn(5, llama.spec.hidden_size, generator=gen)
     second_hidden = torch.cat([first.hidden[:10], tail])  # the same first 10 tokens: 2 shared pages
-    pages = index.lookup(scope, page_hashes(second_hidden, PAGE))
+    second_tokens = first_tokens[:10] + [100, 101, 102, 103, 104]
+    pages = index.lookup(scope, prefix_page_hashes(second_tokens, "salt", page_tokens=PAGE))
     assert pages == full[:2] and index.hits == 2
     second = Seq(second_hidden, [0, 5, 1, 1])
     second.pages.attach_prefix(pool, pages)

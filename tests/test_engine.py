@@ -76,10 +76,13 @@ def test_concurrent_sessions_are_batched_and_exact(swarm, model, reference):
     wait_until(lambda: all_pages_back(swarm), 10, message="pages returned")
 
 
-def raw_stream(swarm: Swarm, client_node) -> InferenceStream:
+async def open_raw(swarm: Swarm, client_node) -> tuple[InferenceStream, str]:
+    """An open inference stream to the server, bypassing the client library, and a fresh session id."""
     server = server_of(swarm)
     span = RemoteSpanInfo(server.node.peer_id, 0, NUM_BLOCKS, ServerInfo(ServerState.ONLINE, 0, NUM_BLOCKS))
-    return InferenceStream(client_node.p2p, span)
+    stream = InferenceStream(client_node.p2p, span)
+    await stream.open(timeout=10)
+    return stream, uuid.uuid4().hex
 
 
 def open_meta(sid: str, max_length: int = 512, **extra) -> dict:
@@ -90,17 +93,13 @@ def test_abrupt_disconnects_return_every_page(swarm, model):
     node = model.node
 
     async def abandon(prefill: int) -> None:
-        stream = raw_stream(swarm, node)
-        await stream.open(timeout=10)
-        sid = uuid.uuid4().hex
+        stream, sid = await open_raw(swarm, node)
         await stream.send([torch.randn(1, prefill, 64)], open_meta(sid))
         await asyncio.sleep(0.001 * (prefill % 5))
         stream._writer.close()  # no close message, no end of stream: the client just vanishes
 
     async def complete() -> None:
-        stream = raw_stream(swarm, node)
-        await stream.open(timeout=10)
-        sid = uuid.uuid4().hex
+        stream, sid = await open_raw(swarm, node)
         await stream.step(torch.randn(1, 20, 64), open_meta(sid), timeout=30)
         for _ in range(3):
             await stream.step(torch.randn(1, 1, 64), {"session_id": sid}, timeout=30)
@@ -118,13 +117,9 @@ def test_exhausted_pool_fails_only_the_session_that_needs_pages(swarm, model):
     node = model.node
 
     async def run() -> str:
-        good = raw_stream(swarm, node)
-        await good.open(timeout=10)
-        good_id = uuid.uuid4().hex
+        good, good_id = await open_raw(swarm, node)
         await good.step(torch.randn(1, 8, 64), open_meta(good_id), timeout=30)
-        hog = raw_stream(swarm, node)
-        await hog.open(timeout=10)
-        hog_id = uuid.uuid4().hex
+        hog, hog_id = await open_raw(swarm, node)
         too_many = pool.num_free * pool.page_size + pool.page_size  # one page more than is free
         try:
             await hog.step(torch.randn(1, too_many, 64), open_meta(hog_id, max_length=too_many + 1), timeout=60)
@@ -188,19 +183,15 @@ def test_a_session_id_is_reachable_only_through_its_stream(swarm, model):
 
     async def run() -> list[str]:
         errors = []
-        owner = raw_stream(swarm, node)
-        await owner.open(timeout=10)
-        sid = uuid.uuid4().hex
+        owner, sid = await open_raw(swarm, node)
         await owner.step(torch.randn(1, 4, 64), open_meta(sid), timeout=30)
-        thief = raw_stream(swarm, node)
-        await thief.open(timeout=10)
+        thief, _ = await open_raw(swarm, node)
         for meta in (open_meta(sid), {"session_id": sid}):
             try:
                 await thief.step(torch.randn(1, 1, 64), meta, timeout=30)
             except P2PHandlerError as e:
                 errors.append(str(e))
-            thief = raw_stream(swarm, node)
-            await thief.open(timeout=10)
+            thief, _ = await open_raw(swarm, node)
         await owner.close({"session_id": sid})
         return errors
 

@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from petals_like.server.kv_cache import CacheExhausted, KVPool, PrefixIndex, SequencePages, page_hashes
+from petals_like.server.kv_cache import CacheExhausted, KVPool, PrefixIndex, SequencePages
 
 PAGE = 4
 
@@ -133,18 +133,6 @@ def test_attach_prefix_starts_a_fresh_page() -> None:
     assert [pool.refcount(p) for p in seq.pages] == [1, 1, 1]
     seq.free(pool)
     assert pool.num_free == 8
-
-
-def test_page_hashes_are_chained() -> None:
-    x = torch.randn(3 * PAGE + 2, 8)
-    hashes = page_hashes(x, PAGE)
-    assert len(hashes) == 3  # the partial last page has none
-    y = x.clone()
-    y[PAGE + 1] += 1  # the second page differs: its hash and every later one change
-    other = page_hashes(y, PAGE)
-    assert other[0] == hashes[0] and other[1] != hashes[1] and other[2] != hashes[2]
-    assert page_hashes(x, PAGE, parent=b"pad=1")[0] != hashes[0]
-    assert page_hashes(x.to(torch.bfloat16), PAGE)[0] != hashes[0]
 
 
 def test_prefix_lookup_longest_prefix_and_scopes() -> None:

@@ -111,3 +111,33 @@ def test_num_blocks_server_takes_the_uncovered_span(tiny_model: Path):
         swarm.wait_for_blocks(default_dht_prefix(tiny_model), NUM_BLOCKS)
     finally:
         swarm.shutdown()
+
+
+def test_failover_after_prefix_reuse_replays_everything(tiny_model: Path, reference):
+    """A session whose prompt came partly from a server's prefix cache loses that server: the client
+    rebuilds the chain from its own inputs (the reused positions included) and the output is unchanged."""
+    from petals_like import AutoDistributedModelForCausalLM
+    from tests.swarm import start_swarm
+
+    swarm = start_swarm(tiny_model, ["0:8", "0:8"])
+    try:
+        swarm.wait_for_blocks(default_dht_prefix(tiny_model), NUM_BLOCKS)
+        model = AutoDistributedModelForCausalLM.from_pretrained(tiny_model, initial_peers=swarm.peers)
+        try:
+            prompt = torch.randint(4, 300, (1, 37), generator=torch.Generator().manual_seed(5))  # 3 is <pad>
+            expected = reference.generate(prompt, max_new_tokens=24, do_sample=False)
+            with model.inference_session(max_length=64) as warm:
+                model.generate(prompt, max_new_tokens=2, session=warm)  # publishes 2 full pages
+            with model.inference_session(max_length=64) as session:
+                first = model.generate(prompt, max_new_tokens=12, session=session)
+                assert session.reused_tokens == 32
+                used = session._chain[0].span.peer_id
+                next(s for s in swarm.servers if s.node.peer_id == used).shutdown()
+                rest = model.generate(None, max_new_tokens=12, session=session)
+                assert session.num_failovers >= 1 and session.reused_tokens == 0
+                assert session._chain[0].span.peer_id != used
+            assert torch.equal(torch.cat([first, rest], dim=1), expected)
+        finally:
+            model.shutdown()
+    finally:
+        swarm.shutdown()

@@ -8,7 +8,14 @@ import pytest
 import torch
 from hivemind.proto import runtime_pb2
 
-from petals_like.protocol import ProtocolError, decode_tensors, pack_message, read_message, unpack_message
+from petals_like.protocol import (
+    ProtocolError,
+    decode_tensors,
+    pack_message,
+    prefix_page_hashes,
+    read_message,
+    unpack_message,
+)
 
 
 async def _aiter(items):
@@ -58,3 +65,17 @@ def test_inconsistent_tensor_headers_are_rejected():
         decode_tensors([runtime_pb2.Tensor(buffer=b"\x00" * 8)])
     with pytest.raises(ProtocolError, match="chunks"):
         decode_tensors([runtime_pb2.Tensor(buffer=b"\x00" * 4, size=[2], dtype="float32", chunks=2)])
+
+
+def test_prefix_page_hashes_are_chained_and_salted():
+    tokens = list(range(3 * 16 + 2))
+    hashes = prefix_page_hashes(tokens, "model")
+    assert len(hashes) == 3  # the partial last page has none
+    changed = list(tokens)
+    changed[16 + 1] += 1  # the second page differs: its hash and every later one change
+    other = prefix_page_hashes(changed, "model")
+    assert other[0] == hashes[0] and other[1] != hashes[1] and other[2] != hashes[2]
+    assert prefix_page_hashes(tokens, "another adapter")[0] != hashes[0]
+    # continuing from a parent gives the same chain as hashing everything at once
+    assert prefix_page_hashes(tokens, "model", start_page=1, parent=hashes[0]) == hashes[1:]
+    assert prefix_page_hashes(tokens, "model", page_tokens=4)[:1] != hashes[:1]

@@ -59,7 +59,9 @@ class InferenceSession:
         self.reused_tokens = 0  # prompt positions taken from servers' prefix caches instead of computed
         self._token_ids: Optional[list[int]] = [] if prefix_salt is not None else None  # None: hashing is off
         self._hashes: list[str] = []  # chained page hashes of the tokens so far (all sent to every link)
-        self._inputs: list[torch.Tensor] = []  # every block-0 input, for a full replay after reuse
+        # every block-0 input while a reused prefix is in the chain (a failure then replays them all);
+        # without reuse, each link's own history is enough and this stays empty
+        self._inputs: list[torch.Tensor] = []
         self._sent_hashes = 0  # hashes every link of the chain has received
 
     # ---- public, synchronous ----
@@ -195,7 +197,8 @@ class InferenceSession:
             link.history.append(hidden)
             hidden = out
             index += 1
-        self._inputs.append(full_input)
+        if self.reused_tokens:
+            self._inputs.append(full_input)
         self._sent_hashes = len(self._hashes)
         if hidden.shape[1] < full_input.shape[1]:  # reused prefix positions were not computed: zeros
             skipped = full_input.shape[1] - hidden.shape[1]
@@ -222,7 +225,8 @@ class InferenceSession:
                 await self._close_all(chain)
                 continue
             self._chain = chain
-            self.reused_tokens = 0
+            self.reused_tokens = 0  # every link now holds the whole history: per-link replay suffices
+            self._inputs = []
             self.num_failovers += 1
             return out[:, -current.shape[1]:]
         raise RuntimeError("could not rebuild the inference chain")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import re
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional
+from typing import Any, Iterable, Mapping
 
 from petals_like.data_structures import RemoteSpanInfo, ServerInfo, ServerState
 
@@ -88,13 +88,3 @@ def compute_spans(
                 spans[peer_id] = RemoteSpanInfo(peer_id, span.start, index + 1, info)
     return spans
 
-
-def is_block_covered(block_infos: Mapping[str, ServerInfo], *, min_state: ServerState = ServerState.ONLINE) -> bool:
-    return any(info.state >= min_state for info in block_infos.values())
-
-
-def first_uncovered(block_infos: Iterable[Mapping[str, ServerInfo]], start: int = 0) -> Optional[int]:
-    for offset, servers in enumerate(block_infos):
-        if not is_block_covered(servers):
-            return start + offset
-    return None

@@ -7,9 +7,12 @@ that knows about transformers' config fields (which moved between releases) live
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
+
+if TYPE_CHECKING:
+    import torch
 
 SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2")
 
@@ -37,7 +40,6 @@ class ModelSpec:
     bos_token_id: Optional[int] = None
     eos_token_id: Optional[int | list[int]] = None
     pad_token_id: Optional[int] = None
-    extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     @classmethod
     def from_hf_config(cls, cfg: Any) -> ModelSpec:
@@ -93,7 +95,7 @@ class ModelSpec:
         return cls.from_hf_config(json.loads(config_path.read_text()))
 
 
-def resolve_dtype(name: str, spec: ModelSpec) -> "torch.dtype":
+def resolve_dtype(name: str, spec: ModelSpec) -> torch.dtype:
     """'auto' -> the checkpoint's dtype; otherwise one of float32, float16, bfloat16."""
     import torch
 

@@ -16,7 +16,6 @@ indexed pages are full pages below it, so new tokens always land in a page of th
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections import Counter, OrderedDict
 from typing import Iterable, Optional, Protocol, Sequence
@@ -182,25 +181,6 @@ class SequencePages:
     def full_pages(self, pool: KVPool) -> list[int]:
         """Pages filled with committed tokens: those a prefix index may cache."""
         return self.pages[: self.length // pool.page_size]
-
-
-def page_hashes(data: Tensor, page_size: int, *, parent: bytes = b"") -> list[bytes]:
-    """Chained hashes of the full pages of a sequence's inputs data [tokens, ...]: hash i covers tokens
-    [0, (i + 1) * page_size), so equal hashes mean equal whole prefixes. A partial last page gets none.
-
-    `parent` seeds the chain: put everything else the keys depend on in it or in the index scope
-    (left padding, blocks [first, last), dtype, adapters).
-    """
-    hashes, previous = [], parent
-    data = data.detach().contiguous().cpu()
-    for start in range(0, data.shape[0] - page_size + 1, page_size):
-        chunk = data[start : start + page_size]
-        digest = hashlib.blake2b(previous, digest_size=16)
-        digest.update(str((chunk.dtype, tuple(chunk.shape))).encode())
-        digest.update(chunk.view(torch.uint8).numpy().tobytes())  # raw bytes: numpy has no bfloat16
-        previous = digest.digest()
-        hashes.append(previous)
-    return hashes
 
 
 class PrefixIndex:
