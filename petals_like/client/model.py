@@ -152,22 +152,23 @@ class DistributedModelForCausalLM(torch.nn.Module):
                 raise ValueError("input_ids are required without a session")
             session = self.inference_session(max_length=prompt_len + max(max_new_tokens, 1))
         pad_lens = left_pad_lens(attention_mask, input_ids) if input_ids is not None and session.position == 0 else None
-        self.head_batcher.session_started()
+        key = object()  # this call's identity in the head batcher
+        self.head_batcher.session_started(key)
         try:
             new_tokens = generate_tokens(
-                session, self.local.embed, self._next_token_logits, input_ids, pad_lens=pad_lens,
+                session, self.local.embed, lambda hidden: self._next_token_logits(hidden, key), input_ids, pad_lens=pad_lens,
                 max_new_tokens=max_new_tokens, sampling=sampling, eos_token_ids=eos_ids, pad_token_id=pad,
                 streamer=streamer,
             )  # fmt: skip
         finally:
-            self.head_batcher.session_ended()
+            self.head_batcher.session_ended(key)
             if own_session:
                 session.close()
         return new_tokens if input_ids is None else torch.cat([input_ids, new_tokens], dim=1)
 
-    def _next_token_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def _next_token_logits(self, hidden: torch.Tensor, key: object = None) -> torch.Tensor:
         """[batch, 1, hidden] -> [batch, 1, vocab] through the shared HeadBatcher."""
-        return self.head_batcher(hidden[:, -1, :])[:, None, :]
+        return self.head_batcher(hidden[:, -1, :], key)[:, None, :]
 
     def shutdown(self) -> None:
         """Leave the swarm: stop this client's p2p daemon."""

@@ -87,6 +87,7 @@ class Handlers:
             open_sessions=len(self.sessions.sessions),
             iterations=self.scheduler.stats.iterations,
             inference_tokens=self.scheduler.stats.inference_tokens,
+            busy_seconds=round(self.scheduler.stats.busy_seconds, 3),
         )
         return runtime_pb2.ExpertResponse(metadata=encode_metadata(info))
 

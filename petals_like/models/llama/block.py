@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from petals_like.models.attention import AttentionContext, apply_rotary
+from petals_like.models.linear import linear
 from petals_like.models.spec import ModelSpec
 
 
@@ -117,7 +118,7 @@ class LlamaBlock(nn.Module):
         x = self.input_layernorm(hidden)
         tokens = x.shape[0]
         if self._qkv is not None and not torch.is_grad_enabled():
-            qkv = F.linear(x, *self._qkv)  # [tokens, q_size + 2 * kv_size]
+            qkv = linear(x, *self._qkv)  # [tokens, q_size + 2 * kv_size]
             qk_size = self.q_size + self.kv_size
             qk = apply_rotary(qkv[:, :qk_size].view(tokens, self.num_heads + self.num_kv_heads, self.head_dim), cos, sin)
             q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
@@ -131,15 +132,15 @@ class LlamaBlock(nn.Module):
     def attention_output(self, residual: Tensor, attended: Tensor) -> Tensor:
         """residual [tokens, hidden], attended [tokens, heads * head_dim] -> [tokens, hidden]."""
         o_proj = self.self_attn.o_proj
-        return residual + F.linear(attended, o_proj.weight, o_proj.bias)
+        return residual + linear(attended, o_proj.weight, o_proj.bias)
 
     def mlp_residual(self, hidden: Tensor) -> Tensor:
         """[tokens, hidden] -> [tokens, hidden]: the feed-forward half of the block."""
         x = self.post_attention_layernorm(hidden)
         if self._gate_up is not None and not torch.is_grad_enabled():
-            gate, up = F.linear(x, *self._gate_up).chunk(2, dim=-1)
+            gate, up = linear(x, *self._gate_up).chunk(2, dim=-1)
             down = self.mlp.down_proj
-            return hidden + F.linear(F.silu(gate) * up, down.weight, down.bias)
+            return hidden + linear(F.silu(gate) * up, down.weight, down.bias)
         return hidden + self.mlp(x)
 
     def forward(self, hidden: Tensor, ctx: AttentionContext, layer: int) -> Tensor:

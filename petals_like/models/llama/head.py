@@ -11,6 +11,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from petals_like.models.linear import linear
 from petals_like.models.llama.block import RMSNorm
 from petals_like.models.spec import ModelSpec
 
@@ -84,4 +85,4 @@ class LocalModules(nn.Module):
         module's dtype first (a float32 hidden into a bfloat16 head would fail).
         """
         hidden = hidden.to(self.lm_head.weight.dtype)
-        return self.lm_head(self.norm(hidden))
+        return linear(self.norm(hidden), self.lm_head.weight, self.lm_head.bias)

@@ -1,0 +1,1 @@
+"""Blockwise weight quantization of a server's span."""

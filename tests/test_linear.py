@@ -1,0 +1,32 @@
+"""linear(): the inference matmul equals F.linear, and autograd still works through it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from petals_like.models.linear import linear
+
+
+@pytest.mark.parametrize("rows", [1, 2, 7, 16])
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_matches_f_linear(rows: int, bias: bool):
+    generator = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, 96, generator=generator)
+    w = torch.randn(80, 96, generator=generator)
+    b = torch.randn(80, generator=generator) if bias else None
+    with torch.inference_mode():
+        got = linear(x, w, b)
+    torch.testing.assert_close(got, F.linear(x, w, b), rtol=1e-5, atol=1e-4)
+    # leading dimensions are kept, as F.linear does
+    with torch.inference_mode():
+        assert linear(x.view(1, rows, 96), w, b).shape == (1, rows, 80)
+
+
+def test_linear_keeps_autograd():
+    x = torch.randn(4, 8, requires_grad=True)
+    w = torch.randn(3, 8, requires_grad=True)
+    linear(x, w).sum().backward()
+    torch.testing.assert_close(x.grad, w.detach().sum(0).expand(4, 8))
+    torch.testing.assert_close(w.grad, x.detach().sum(0).expand(3, 8))
