@@ -18,6 +18,10 @@ class ClientConfig:
     ban_timeout: float = 15.0  # seconds to avoid a peer after it fails (doubles on repeated failures)
     max_retries: int = 6  # attempts to replace a failed span before giving up on a step
     update_period: float = 30.0  # seconds between refreshes of the swarm view
+    ping_period: float = 30.0  # seconds between round-trip measurements of one server
+    ping_timeout: float = 2.0  # a server slower than this to answer a ping counts as this slow
+    default_rtt: float = 0.1  # round trip assumed for servers not measured yet
+    use_push: bool = True  # servers send their outputs straight to the next server of an inference chain
     wire_dtype: Optional[str] = None  # dtype of hidden states on the wire; None = the model's dtype
     host_maddrs: Sequence[str] = ("/ip4/127.0.0.1/tcp/0",)  # where the client's p2p daemon listens
 

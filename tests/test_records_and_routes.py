@@ -80,9 +80,8 @@ def spans_of(**ranges: tuple[int, int]) -> dict[str, RemoteSpanInfo]:
 
 def test_route_covers_all_blocks_with_fewest_hops():
     spans = spans_of(a=(0, 3), b=(3, 8), c=(0, 6), d=(6, 8))
-    route = make_route(spans, 0, 8)
-    assert [(s.peer_id, s.start, s.end) for s in route][0] == ("c", 0, 6)
-    assert len(route) == 2 and route[1].start == 6 and route[1].end == 8 and route[1].peer_id in ("b", "d")
+    route = make_route(spans, 0, 8)  # equal servers and links: the fewest hops is the fastest
+    assert len(route) == 2 and route[0].start == 0 and route[0].end == route[1].start and route[1].end == 8
 
 
 def test_route_avoids_banned_peers_and_cuts_spans():

@@ -140,7 +140,7 @@ class InferenceSession:
 
     async def _open_chain(self, start: int, end: int, *, probe: bool = False) -> tuple[list[_SpanSession], int]:
         """A new chain over [start, end) and the prompt tokens every server of it holds cached."""
-        route = await self.routes.make_route(start, end)
+        route = await self.routes.make_route(start, end, needed_tokens=self.max_length * (self.batch_size or 1))
         opened: list[_SpanSession] = []
         reusable = None
         try:

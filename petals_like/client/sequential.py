@@ -44,7 +44,7 @@ class RemoteSequential(torch.nn.Module):
         trace: Trace = []
         block, failures = start, 0
         while block < end:
-            route = await self.routes.make_route(block, end)
+            route = await self.routes.make_route(block, end, training=True)
             for span in route:
                 try:
                     out = await call_forward(self.node.p2p, span, hidden, pad_lens, timeout=self.config.request_timeout)

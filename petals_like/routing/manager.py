@@ -1,5 +1,10 @@
 """RouteManager: keeps the client's view of a model's servers fresh and avoids peers that failed.
 
+The view (every server's span and announced numbers) is re-read from the DHT every update_period
+seconds and at once after a failure; round trips to the servers are measured after each refresh
+(PingTable) and feed the latency model of inference chains (planner.make_route). Forward/backward
+chains are drawn at random, weighted by throughput and load (planner.make_training_route).
+
 A peer that fails is banned for ban_timeout seconds, doubling with each consecutive failure, so a
 flapping server is tried less and less; a success clears its record.
 """
@@ -16,7 +21,8 @@ from petals_like.data_structures import RemoteSpanInfo
 from petals_like.dht.announce import get_block_infos
 from petals_like.dht.node import SwarmNode
 from petals_like.dht.records import compute_spans
-from petals_like.routing.planner import NoRouteError, make_route
+from petals_like.routing.pings import PingTable
+from petals_like.routing.planner import LatencyModel, NoRouteError, make_route, make_training_route
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +38,7 @@ class RouteManager:
         self._failures: dict[str, int] = {}
         self._banned_until: dict[str, float] = {}
         self._lock = asyncio.Lock()
+        self.pings = PingTable(timeout=config.ping_timeout, period=config.ping_period)
 
     async def refresh(self, *, force: bool = False) -> None:
         """Re-read the swarm from the DHT if the view is older than update_period (or when forced)."""
@@ -41,6 +48,8 @@ class RouteManager:
             infos = await get_block_infos(self.node.dht, self.dht_prefix, range(self.num_blocks))
             self.spans = compute_spans(infos)
             self._updated_at = time.monotonic()
+            self.pings.forget(self.spans)
+            await self.pings.measure(self.node.p2p, self.spans)
 
     def banned(self) -> set[str]:
         now = time.monotonic()
@@ -57,14 +66,26 @@ class RouteManager:
         if self._failures.pop(peer_id, None) is not None:
             self._banned_until.pop(peer_id, None)
 
-    async def make_route(self, start: int, end: int, *, timeout: Optional[float] = None) -> list[RemoteSpanInfo]:
-        """A chain covering [start, end); waits (re-reading the DHT) until one exists or timeout passes."""
+    def latency_model(self, needed_tokens: int = 0) -> LatencyModel:
+        return LatencyModel(dict(self.pings.rtts), push=self.config.use_push, default_rtt=self.config.default_rtt,
+                            needed_tokens=needed_tokens)  # fmt: skip
+
+    async def make_route(self, start: int, end: int, *, training: bool = False, needed_tokens: int = 0,
+                         timeout: Optional[float] = None) -> list[RemoteSpanInfo]:  # fmt: skip
+        """A chain covering [start, end); waits (re-reading the DHT) until one exists or timeout passes.
+
+        Inference chains minimize the modelled step time; training chains (training=True) spread load.
+        """
         deadline = time.monotonic() + (self.config.connect_timeout if timeout is None else timeout)
         await self.refresh()
         delay = 0.2
         while True:
             try:
-                route = make_route(self.spans, start, end, banned=self.banned())
+                if training:
+                    route = make_training_route(self.spans, start, end, banned=self.banned())
+                else:
+                    route = make_route(self.spans, start, end, banned=self.banned(),
+                                       model=self.latency_model(needed_tokens))  # fmt: skip
                 logger.debug(f"Route for blocks {start}:{end}: {route}")
                 return route
             except NoRouteError:

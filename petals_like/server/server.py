@@ -18,7 +18,7 @@ import torch
 
 from petals_like import __version__
 from petals_like.config import ServerConfig
-from petals_like.data_structures import ServerInfo, ServerState, parse_block_range
+from petals_like.data_structures import MAX_PINGS, ServerInfo, ServerState, parse_block_range
 from petals_like.dht.announce import declare_blocks, get_block_infos
 from petals_like.dht.node import SwarmNode
 from petals_like.dht.records import default_dht_prefix
@@ -26,6 +26,7 @@ from petals_like.models.checkpoint import CheckpointReader, resolve_checkpoint
 from petals_like.models.llama.block import LlamaBlock
 from petals_like.models.span import BlockSpan
 from petals_like.models.spec import ModelSpec, resolve_dtype
+from petals_like.routing.pings import PingTable
 from petals_like.server.backend import BlockRange, SpanBackend
 from petals_like.server.block_selection import block_throughputs, choose_best_start
 from petals_like.server.handler import Handlers
@@ -74,6 +75,8 @@ class Server:
         self._stopped = threading.Event()
         self._load_mark = (time.monotonic(), 0.0)  # (when, scheduler busy seconds) at the last announcement
         self._announced_load = 0.0
+        self.pings = PingTable(timeout=2.0, period=0.0)  # measured once per announcement
+        self._next_pings: dict[str, float] = {}
 
     # ---- start ----
 
@@ -182,6 +185,7 @@ class Server:
             torch_dtype=str(self.dtype).replace("torch.", ""),
             quant_type=self.config.quant_type,
             public_name=self.config.public_name,
+            next_pings=dict(self._next_pings),
         )
 
     def _load(self) -> float:
@@ -197,7 +201,23 @@ class Server:
         self.state = state
         self.node.run(self._declare(state), timeout=60)
 
+    async def _measure_next_pings(self) -> None:
+        """Round trips to the servers that can follow this span (they serve block end_block)."""
+        if self.end_block >= self.spec.num_blocks:
+            return
+        (following,) = await get_block_infos(self.node.dht, self.dht_prefix, [self.end_block])
+        peers = [p for p, info in following.items() if p != self.node.peer_id and info.state == ServerState.ONLINE]
+        peers = peers[:MAX_PINGS]
+        self.pings.forget(peers)
+        await self.pings.measure(self.node.p2p, peers)
+        self._next_pings = self.pings.snapshot(peers)
+
     async def _declare(self, state: ServerState) -> None:
+        if state == ServerState.ONLINE:
+            try:
+                await self._measure_next_pings()
+            except Exception as e:  # pings are a hint for routing; announcing matters more
+                logger.debug(f"Measuring next pings failed: {e!r}")
         self._announced_load = self._load()
         await declare_blocks(self.node.dht, self.dht_prefix, range(self.start_block, self.end_block),
                              self.server_info(state), expiration=self.config.expiration)  # fmt: skip
