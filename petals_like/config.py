@@ -52,6 +52,7 @@ class ServerConfig:
     max_batch_size: int = 64  # sequences in one request
     max_request_tokens: int = 16384  # batch x new tokens in one request
     max_message_bytes: int = 256 * 1024**2  # one assembled request, all parts together
+    push_timeout: float = 5.0  # seconds for the next server to accept a pushed step before the client relays it
     max_part_bytes: int = DEFAULT_MAX_PART_BYTES
     announce_period: float = 30.0  # seconds between re-announcements
     expiration: float = 90.0  # seconds a record lives unless re-announced

@@ -23,6 +23,7 @@ RPC_INFO = "petals_like.rpc_info"
 RPC_FORWARD = "petals_like.rpc_forward"
 RPC_BACKWARD = "petals_like.rpc_backward"
 RPC_INFERENCE = "petals_like.rpc_inference"
+RPC_PUSH = "petals_like.rpc_push"  # server -> next server: a step's output as the next span's input
 
 PROTOCOL_VERSION = 1
 WIRE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

@@ -141,3 +141,32 @@ def test_failover_after_prefix_reuse_replays_everything(tiny_model: Path, refere
             model.shutdown()
     finally:
         swarm.shutdown()
+
+
+def test_training_step_survives_a_killed_server(dht, processes, tiny_model: Path, reference):
+    """SIGKILL the server that ran a forward pass before its backward: the gradients are still right."""
+    peers = dht.visible_maddrs()
+    for span in ("0:4", "4:8", "4:8"):
+        processes.append(ServerProcess(tiny_model, span, peers))
+    peer_ids = [server.wait_ready() for server in processes]
+    prefix = default_dht_prefix(tiny_model)
+    wait_until(lambda: all(len(b) >= (2 if i >= 4 else 1) for i, b in enumerate(block_states(dht, prefix))), 30)
+
+    torch.manual_seed(1)
+    input_ids = torch.randint(4, 300, (2, 10))
+    ref_embeds = reference.model.embed_tokens(input_ids).detach().requires_grad_(True)
+    reference(inputs_embeds=ref_embeds, labels=input_ids).loss.backward()
+
+    model = AutoDistributedModelForCausalLM.from_pretrained(tiny_model, initial_peers=peers, ban_timeout=60)
+    try:
+        embeds = model.local.embed(input_ids).detach().requires_grad_(True)
+        out = model(inputs_embeds=embeds, labels=input_ids)
+        used = model.remote.last_trace_peers  # the servers of this forward pass, in order
+        victim = processes[peer_ids.index(used[-1])]
+        assert victim is not processes[0]
+        victim.stop(signal.SIGKILL)
+        out.loss.backward()  # the killed span is re-run on the replica, then differentiated there
+        rel = (embeds.grad - ref_embeds.grad).norm() / ref_embeds.grad.norm()
+        assert rel <= 1e-4, f"relative gradient error {rel:.2e}"
+    finally:
+        model.shutdown()

@@ -4,6 +4,13 @@ The client keeps, for every span of the chain, the hidden states it has sent the
 history). When a server fails, only its span is replaced: a new route for the same blocks is
 opened and the history is replayed through it to rebuild the KV cache, then the step goes on.
 The outputs do not change, because the replacement computes the same blocks on the same inputs.
+
+With push (ClientConfig.use_push), a step goes to the first server only, together with the rest
+of the chain; each server sends its output straight to the next one (see server/handler.py) and
+the client just reads every server's answer, which it still needs as the next span's input
+history. Where a server could not push ({"pushed": false}) or after a failure, the client relays
+the output itself for the rest of that step. Steps carry their position, and answers to older
+positions (a step that reached a server twice) are skipped.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ class _SpanSession:
     span: RemoteSpanInfo
     stream: InferenceStream
     session_id: str
+    push_token: str = field(default_factory=lambda: uuid.uuid4().hex)  # lets the previous server push to us
     history: list[torch.Tensor] = field(default_factory=list)  # inputs sent so far, [batch, seq_i, hidden] each
 
 
@@ -127,7 +135,7 @@ class InferenceSession:
         await stream.open(timeout=self.config.connect_timeout)
         session = _SpanSession(span, stream, uuid.uuid4().hex)
         meta = dict(session_id=session.session_id, start=span.start, end=span.end, max_length=self.max_length,
-                    batch_size=self.batch_size, pad_lens=self.pad_lens)  # fmt: skip
+                    batch_size=self.batch_size, pad_lens=self.pad_lens, push_token=session.push_token)  # fmt: skip
         if self._hashes and self._token_ids is not None:
             meta.update(page_hashes=self._hashes, hash_start=0, probe=probe)
         await stream.send([], meta)
@@ -168,17 +176,31 @@ class InferenceSession:
         else:
             sent_hashes = self._sent_hashes
         new_hashes = self._hashes[sent_hashes:] if self._token_ids is not None else []
-        index = 0
-        attempts = 0
-        while index < len(self._chain):
-            link = self._chain[index]
-            meta: dict = {"session_id": link.session_id}
+        position = self.position
+
+        def step_meta(link: _SpanSession) -> dict:
+            meta: dict = {"session_id": link.session_id, "position": position}
             if reuse:
                 meta["reuse_tokens"] = reuse
             if new_hashes:
                 meta.update(page_hashes=new_hashes, hash_start=sent_hashes)
+            return meta
+
+        index = 0
+        attempts = 0
+        relay = not self.config.use_push  # after a failure the client relays for the rest of the step
+        delivered = False  # the previous server pushed this link's input to it
+        while index < len(self._chain):
+            link = self._chain[index]
             try:
-                out = await link.stream.step(hidden, meta, timeout=self.config.request_timeout)
+                if not delivered:
+                    meta = step_meta(link)
+                    if not relay and index + 1 < len(self._chain):
+                        meta["push_chain"] = [{"peer": nxt.span.peer_id, "token": nxt.push_token, "meta": step_meta(nxt)}
+                                              for nxt in self._chain[index + 1 :]]  # fmt: skip
+                    await link.stream.send([hidden], meta)
+                message = await link.stream.read_step(position, timeout=self.config.request_timeout)
+                out = link.stream.output(message, hidden)
             except (Exception, asyncio.CancelledError) as e:
                 if isinstance(e, asyncio.CancelledError) and asyncio.current_task().cancelling():
                     raise
@@ -186,6 +208,7 @@ class InferenceSession:
                 if attempts > self.config.max_retries:
                     raise RuntimeError(f"inference step failed {attempts} times; last error: {e!r}") from e
                 self.routes.ban(link.span.peer_id, repr(e))
+                relay, delivered = True, False
                 if self.reused_tokens:
                     # links after the first never saw the reused prefix's hidden states: rebuild all
                     hidden = await self._rebuild_all(full_input)
@@ -194,6 +217,7 @@ class InferenceSession:
                 await self._replace(index)
                 continue
             self.routes.succeeded(link.span.peer_id)
+            delivered = not relay and message.metadata.get("pushed") is True
             link.history.append(hidden)
             hidden = out
             index += 1

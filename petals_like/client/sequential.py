@@ -31,6 +31,7 @@ class RemoteSequential(torch.nn.Module):
         self.routes = routes
         self.config = config
         self.num_blocks = num_blocks
+        self.last_trace_peers: list[str] = []  # servers of the latest forward pass, in order
 
     def forward(self, hidden: torch.Tensor, pad_lens: Optional[list[int]] = None) -> torch.Tensor:
         """[batch, seq, hidden] -> [batch, seq, hidden] through blocks 0..num_blocks-1, differentiable."""
@@ -85,6 +86,7 @@ class _RemoteBlocks(torch.autograd.Function):
     def forward(ctx, hidden: torch.Tensor, sequential: RemoteSequential, pad_lens: Optional[list[int]]) -> torch.Tensor:
         out, trace = sequential._run(sequential.forward_range(0, sequential.num_blocks, hidden.detach().cpu(), pad_lens))
         ctx.sequential, ctx.trace, ctx.pad_lens = sequential, trace, pad_lens
+        sequential.last_trace_peers = [span.peer_id for span, _ in trace]
         ctx.input_device = hidden.device
         return out.to(hidden.device)
 

@@ -100,6 +100,8 @@ class InferenceStream:
         self._writer: Optional[asyncio.StreamWriter] = None
         self._responses: Optional[AsyncIterator[runtime_pb2.ExpertResponse]] = None
         self.closed = False
+        self.messages_sent = 0  # logical messages written to this stream (steps, opens, closes)
+        self.bytes_sent = 0  # their tensor bytes
 
     async def open(self, *, timeout: float) -> None:
         peer = PeerID.from_base58(self.span.peer_id)
@@ -119,8 +121,32 @@ class InferenceStream:
             yield response
 
     async def send(self, tensors: list[torch.Tensor], metadata: dict) -> None:
+        self.messages_sent += 1
+        self.bytes_sent += sum(t.numel() * t.element_size() for t in tensors)
         for part in pack_message(tensors, metadata, max_part_bytes=DEFAULT_MAX_PART_BYTES):
             await P2P.send_protobuf(part, self._writer)
+
+    async def read_step(self, position: int, *, timeout: float) -> Message:
+        """The answer to the step at `position`, skipping answers to earlier steps (a step that reached
+        the server twice, pushed and relayed, is answered twice)."""
+
+        async def read() -> Message:
+            while True:
+                message = await read_message(self._responses, max_bytes=MAX_RESPONSE_BYTES)
+                if message is None:
+                    raise ConnectionError(f"server {self.span.peer_id[-6:]} closed the inference stream")
+                answered = message.metadata.get("position")
+                if not isinstance(answered, int) or answered > position:
+                    raise ProtocolError(f"server answered position {answered!r}, expected {position}")
+                if answered == position:
+                    return message
+
+        return await asyncio.wait_for(read(), timeout)
+
+    @staticmethod
+    def output(message: Message, like: torch.Tensor) -> torch.Tensor:
+        """The step's output tensor, checked against the input's shape."""
+        return _single_tensor(message, like)
 
     async def step(self, hidden: torch.Tensor, metadata: dict, *, timeout: float) -> torch.Tensor:
         async def exchange() -> Optional[Message]:

@@ -6,17 +6,27 @@ each later message is one step of any number of new tokens; {"close": true} or t
 stream frees the session's cache. rpc_forward / rpc_backward are unary calls, with streamed
 variants for messages above one P2P part. Any error is answered to the caller alone; the server
 goes on serving everyone else.
+
+Push: a step may carry "push_chain", the rest of the client's chain (peer, push token, that
+server's step metadata per hop). The server then sends its output to the next server with
+rpc_push before answering the client ({"pushed": true}); the next server runs it as if the client
+had sent it, answers the client on its own stream and pushes on. The token, chosen by the client
+when it opened the next server's session, is what lets a server write into that session; a push
+that fails or does not fit one message is answered {"pushed": false} and the client relays the
+output itself. Steps carry "position" (tokens before them) so a step that arrives twice (pushed,
+then relayed after a failure) is answered from the kept output instead of being run again.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import time
-from typing import AsyncIterator, Callable, Optional
+from typing import Any, AsyncIterator, Callable, Optional
 
 import torch
-from hivemind.p2p import P2P, P2PContext
+from hivemind.p2p import P2P, P2PContext, PeerID
 from hivemind.proto import runtime_pb2
 
 from petals_like import __version__
@@ -27,6 +37,7 @@ from petals_like.protocol import (
     RPC_FORWARD,
     RPC_INFERENCE,
     RPC_INFO,
+    RPC_PUSH,
     Message,
     ProtocolError,
     encode_metadata,
@@ -42,6 +53,8 @@ from petals_like.server.sessions import ServerSession, SessionManager
 
 logger = logging.getLogger(__name__)
 
+MAX_PUSH_CHAIN = 64  # hops in one push chain; longer chains are nonsense
+
 class Handlers:
     def __init__(
         self,
@@ -56,9 +69,15 @@ class Handlers:
         self.sessions = sessions
         self.config = config
         self.info_fn = info_fn  # the live ServerInfo fields, for rpc_info
+        self.p2p: Optional[P2P] = None
+        self.pushes_sent = 0
+        self.pushes_received = 0
+        self.forward_calls = 0
 
     async def register(self, p2p: P2P) -> None:
+        self.p2p = p2p
         ExpertRequest = runtime_pb2.ExpertRequest
+        await p2p.add_protobuf_handler(RPC_PUSH, self.rpc_push, ExpertRequest)
         await p2p.add_protobuf_handler(RPC_INFO, self.rpc_info, ExpertRequest)
         await p2p.add_protobuf_handler(RPC_FORWARD, self.rpc_forward, ExpertRequest)
         await p2p.add_protobuf_handler(RPC_BACKWARD, self.rpc_backward, ExpertRequest)
@@ -88,6 +107,9 @@ class Handlers:
             iterations=self.scheduler.stats.iterations,
             inference_tokens=self.scheduler.stats.inference_tokens,
             busy_seconds=round(self.scheduler.stats.busy_seconds, 3),
+            pushes_sent=self.pushes_sent,
+            pushes_received=self.pushes_received,
+            forward_calls=self.forward_calls,
         )
         return runtime_pb2.ExpertResponse(metadata=encode_metadata(info))
 
@@ -108,6 +130,7 @@ class Handlers:
 
     async def _forward(self, message: Message) -> list[runtime_pb2.ExpertResponse]:
         (hidden,), pad_lens, blocks = self._forward_inputs(message, 1)
+        self.forward_calls += 1
         out = await asyncio.wait_for(
             self.scheduler.submit(Priority.FORWARD, self.backend.forward, hidden, pad_lens, blocks),
             self.config.request_timeout,
@@ -154,36 +177,110 @@ class Handlers:
         self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
         session: Optional[ServerSession] = None  # this stream's session: the only one it can reach
+        # the client's messages and steps pushed by the previous server meet in one queue
+        inbox: asyncio.Queue = asyncio.Queue()
+        reader = asyncio.create_task(self._read_into(requests, inbox))
         try:
             while True:
                 try:
-                    message = await asyncio.wait_for(
-                        read_message(requests, max_bytes=self.config.max_message_bytes),
-                        self.config.session_idle_timeout,
-                    )
+                    source, message = await asyncio.wait_for(inbox.get(), self.config.session_idle_timeout)
                 except asyncio.TimeoutError:
                     raise ProtocolError(f"session idle for {self.config.session_idle_timeout} s; closed") from None
+                if source == "error":
+                    raise message
                 if message is None:
                     return
                 meta = message.metadata
                 if session is None:
                     session = self.sessions.open(meta, context.remote_id.to_base58())
+                    session.inbox = inbox
                     if meta.get("probe") is True:  # say how much of the client's hashed prefix is cached here
                         yield runtime_pb2.ExpertResponse(metadata=encode_metadata(
                             {"cached_tokens": len(session.cached_pages) * self.sessions.pool.page_size}))
                 elif require(meta, "session_id", str) != session.session_id:
                     raise ProtocolError(f"unknown session {meta['session_id']!r} on this stream")
-                if meta.get("close"):
+                if meta.get("close") and source == "client":
                     return
                 if not message.tensors and session.steps == 0:
                     continue  # an open message without a first step
-                hidden, reuse = self.sessions.check_step(session, message)
-                started = time.perf_counter()
-                out = await self.sessions.run_step(session, hidden, reuse)
-                step_meta = {"step": session.steps, "compute_s": time.perf_counter() - started}
-                for part in pack_message([out.to(hidden.dtype)], step_meta, proto=runtime_pb2.ExpertResponse,
-                                         max_part_bytes=self.config.max_part_bytes):  # fmt: skip
+                for part in await self._inference_step(session, message):
                     yield part
         finally:
+            reader.cancel()
             if session is not None:
                 self.sessions.close(session)
+
+    async def _read_into(self, requests: AsyncIterator[runtime_pb2.ExpertRequest], inbox: asyncio.Queue) -> None:
+        """The client's side of an inference stream, message by message, into the session's inbox."""
+        try:
+            while True:
+                message = await read_message(requests, max_bytes=self.config.max_message_bytes)
+                await inbox.put(("client", message))
+                if message is None:
+                    return
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # malformed input: the session loop answers it and closes
+            await inbox.put(("error", e))
+
+    async def _inference_step(self, session: ServerSession, message: Message) -> list[runtime_pb2.ExpertResponse]:
+        hidden, reuse = self.sessions.check_step(session, message)
+        meta = message.metadata
+        started = time.perf_counter()
+        position = session.length
+        out = self.sessions.repeated_output(session, meta, hidden.shape[1])
+        repeated = out is not None
+        if out is None:
+            out = await self.sessions.run_step(session, hidden, reuse)
+        else:
+            position = require(meta, "position", int)
+        out = out.to(hidden.dtype)
+        step_meta = {"step": session.steps, "position": position, "compute_s": time.perf_counter() - started}
+        chain = meta.get("push_chain")
+        if chain and not repeated:
+            step_meta["pushed"] = await self._push(out, chain)
+        return pack_message([out], step_meta, proto=runtime_pb2.ExpertResponse, max_part_bytes=self.config.max_part_bytes)
+
+    # ---- server-to-server push ----
+
+    async def _push(self, out: torch.Tensor, chain: Any) -> bool:
+        """Send a step's output to the next server of the client's chain; False if it did not take it.
+
+        chain = [{"peer": peer id, "token": push token, "meta": that server's step metadata}, ...];
+        the next server gets the rest of the chain and pushes on in turn.
+        """
+        try:
+            if not isinstance(chain, list) or not chain or len(chain) > MAX_PUSH_CHAIN:
+                raise ProtocolError(f"push_chain must be a list of 1..{MAX_PUSH_CHAIN} hops")
+            hop = chain[0]
+            if not isinstance(hop, dict):
+                raise ProtocolError("each push_chain hop must be a map")
+            peer = PeerID.from_base58(require(hop, "peer", str))
+            token = require(hop, "token", str)
+            hop_meta = require(hop, "meta", dict)
+            parts = pack_message([out], dict(hop_meta, push_token=token, push_chain=chain[1:]),
+                                 max_part_bytes=self.config.max_part_bytes)  # fmt: skip
+            if len(parts) != 1:
+                return False  # prompts too large for one message go through the client
+            await asyncio.wait_for(self.p2p.call_protobuf_handler(peer, RPC_PUSH, parts[0], runtime_pb2.ExpertResponse),
+                                   self.config.push_timeout)  # fmt: skip
+            self.pushes_sent += 1
+            return True
+        except Exception as e:  # the client sends the output itself
+            logger.debug(f"Push failed: {e!r}")
+            return False
+
+    async def rpc_push(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
+        """A step pushed by the previous server of a client's chain, checked against the session's token."""
+        message = unpack_message(request, max_bytes=self.config.max_message_bytes)
+        meta = message.metadata
+        session = self.sessions.sessions.get(require(meta, "session_id", str))
+        token = require(meta, "push_token", str)
+        if session is None or session.push_token is None or not hmac.compare_digest(token, session.push_token):
+            raise ProtocolError("no session with this id accepts pushes with this token")
+        if session.inbox is None or session.inflight is not None or require(meta, "position", int) != session.length:
+            raise ProtocolError("the session is not waiting for this step")
+        message.metadata = {k: v for k, v in meta.items() if k not in ("close", "probe", "push_token")}
+        self.pushes_received += 1
+        await session.inbox.put(("push", message))
+        return runtime_pb2.ExpertResponse()

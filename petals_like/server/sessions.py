@@ -32,6 +32,7 @@ logger = logging.getLogger(__name__)
 
 MAX_SESSION_ID_LENGTH = 128
 MAX_HASH_LENGTH = 128
+KEEP_OUTPUT_TOKENS = 64  # a session keeps its last step's output only for steps up to this many tokens
 
 
 @dataclass
@@ -50,6 +51,9 @@ class ServerSession:
     steps: int = 0
     inflight: Optional[InferenceWork] = None
     last_step_done: float = 0.0  # time.monotonic() when its last step returned
+    push_token: Optional[str] = None  # secret the client gave this session; a push must carry it
+    inbox: Optional[asyncio.Queue] = None  # steps pushed by the previous server, read by the session's stream
+    last_output: Optional[tuple[int, torch.Tensor]] = None  # (position, output) of the last small step
 
     @property
     def length(self) -> int:
@@ -94,6 +98,11 @@ class SessionManager:
         scope = f"{owner}|{blocks.first}:{blocks.last}"
         session = ServerSession(session_id, peer_id, blocks, max_length, batch_size, pad_lens,
                                 [SequencePages() for _ in range(batch_size)], scope)  # fmt: skip
+        token = meta.get("push_token")
+        if token is not None:
+            if not isinstance(token, str) or not 16 <= len(token) <= MAX_SESSION_ID_LENGTH:
+                raise ProtocolError("push_token must be a string of 16..128 characters")
+            session.push_token = token
         self._add_hashes(session, meta)
         if session.hashes and batch_size == 1 and not any(pad_lens) and self.pool.page_size == PREFIX_PAGE_TOKENS:
             session.cached_pages = self.prefix_index.lookup(scope, session.hashes)
@@ -150,6 +159,18 @@ class SessionManager:
         self._add_hashes(session, message.metadata)
         return hidden, reuse
 
+    def repeated_output(self, session: ServerSession, meta: dict, seq: int) -> Optional[torch.Tensor]:
+        """For a step that says where it starts ("position"): None if it is the next one to compute,
+        the kept output if it repeats the last step (a client retrying after a push it could not see
+        through), and a ProtocolError for any other position."""
+        position = require(meta, "position", int, None)
+        if position is None or position == session.length:
+            return None
+        last = session.last_output
+        if last is not None and last[0] == position and position + seq == session.length:
+            return last[1]
+        raise ProtocolError(f"a step at position {position} does not follow the {session.length} tokens of this session")
+
     async def run_step(self, session: ServerSession, hidden: torch.Tensor, reuse: int) -> torch.Tensor:
         if reuse:
             session.sequences[0].attach_prefix(self.pool, session.cached_pages[: reuse // self.pool.page_size])
@@ -158,10 +179,13 @@ class SessionManager:
         work = InferenceWork(hidden.to(self.backend.dtype), session.sequences, session.pad_lens,
                              session.blocks.first, session.blocks.last)  # fmt: skip
         session.inflight = work
+        position = session.length - reuse
         out = await self.scheduler.run_inference(work)
         session.inflight = None
         session.last_step_done = time.monotonic()
         session.steps += 1
+        # kept so that a repeated step (see repeated_output) costs nothing; prompts are not kept
+        session.last_output = (position, out) if out.shape[1] <= KEEP_OUTPUT_TOKENS else None
         self._publish_full_pages(session)
         return out
 

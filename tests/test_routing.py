@@ -1,0 +1,131 @@
+"""Routing on real local swarms: push, slow replicas, load spreading, fail-over in training."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+import torch
+
+from petals_like import AutoDistributedModelForCausalLM
+from petals_like.client.transport import InferenceStream, call_info
+from petals_like.dht.records import default_dht_prefix
+from tests.swarm import start_swarm
+
+NUM_BLOCKS = 8
+
+
+def client(tiny_model: Path, swarm, **kwargs):
+    return AutoDistributedModelForCausalLM.from_pretrained(tiny_model, initial_peers=swarm.peers,
+                                                           torch_dtype="float32", **kwargs)  # fmt: skip
+
+
+def server_info(model, peer: str) -> dict:
+    return model.node.run(call_info(model.node.p2p, peer, timeout=10), timeout=20)
+
+
+@pytest.fixture(scope="module")
+def chain_swarm(tiny_model: Path):
+    swarm = start_swarm(tiny_model, ("0:3", "3:5", "5:8"))
+    try:
+        swarm.wait_for_blocks(default_dht_prefix(tiny_model), NUM_BLOCKS)
+        yield swarm
+    finally:
+        swarm.shutdown()
+
+
+def test_push_skips_the_client_between_servers(chain_swarm, tiny_model: Path, reference):
+    input_ids = torch.tensor([[1, 33, 34, 35, 36]])
+    expected = reference.generate(input_ids, max_new_tokens=24, do_sample=False)
+    sent = {}
+    for use_push in (True, False):
+        model = client(tiny_model, chain_swarm, use_push=use_push)
+        try:
+            before = {s.node.peer_id: server_info(model, s.node.peer_id)["pushes_received"] for s in chain_swarm.servers}
+            with model.inference_session(max_length=32) as session:
+                assert torch.equal(model.generate(input_ids, max_new_tokens=24, session=session), expected)
+                assert len(session._chain) == 3
+                sent[use_push] = [link.stream.messages_sent for link in session._chain]
+                peers = [link.span.peer_id for link in session._chain]
+            received = [server_info(model, p)["pushes_received"] - before[p] for p in peers]
+        finally:
+            model.shutdown()
+        if use_push:
+            # 24 steps: every one reached the 2nd and 3rd servers by push, none through the client
+            assert received[0] == 0 and received[1] >= 23 and received[2] >= 23
+        else:
+            assert received == [0, 0, 0]
+    # the open message only, vs. the open message plus every step
+    assert sent[True][1:] == [1, 1] and sent[False][1] >= 24 and sent[False][2] >= 24
+    assert sent[True][0] == sent[False][0]
+
+
+def test_failed_push_falls_back_to_the_client(chain_swarm, tiny_model: Path, reference, monkeypatch):
+    """A server that cannot reach the next one answers pushed=false; the client relays, outputs unchanged."""
+    for server in chain_swarm.servers:
+        monkeypatch.setattr(server.handlers.config, "push_timeout", 1e-6)  # every push times out
+    input_ids = torch.tensor([[1, 40, 41]])
+    model = client(tiny_model, chain_swarm)
+    try:
+        with model.inference_session(max_length=20) as session:
+            got = model.generate(input_ids, max_new_tokens=12, session=session)
+            assert [link.stream.messages_sent for link in session._chain][1:] == [13, 13]  # open + 12 relayed steps
+        assert torch.equal(got, reference.generate(input_ids, max_new_tokens=12, do_sample=False))
+    finally:
+        model.shutdown()
+
+
+def test_chain_avoids_the_replica_behind_a_slow_link(tiny_model: Path, reference, monkeypatch):
+    swarm = start_swarm(tiny_model, ("0:4", "0:4", "4:8", "4:8"))
+    try:
+        swarm.wait_for_blocks(default_dht_prefix(tiny_model), NUM_BLOCKS)
+        slow = {swarm.servers[0].node.peer_id, swarm.servers[3].node.peer_id}
+
+        # the test's transport: 80 ms more on every exchange with the slow replicas (pings and steps)
+        original_info, original_send = call_info, InferenceStream.send
+
+        async def slow_info(p2p, peer_id, *, timeout):
+            if peer_id in slow:
+                await asyncio.sleep(0.08)
+            return await original_info(p2p, peer_id, timeout=timeout)
+
+        async def slow_send(self, tensors, metadata):
+            if self.span.peer_id in slow:
+                await asyncio.sleep(0.08)
+            return await original_send(self, tensors, metadata)
+
+        monkeypatch.setattr("petals_like.routing.pings.call_info", slow_info)
+        monkeypatch.setattr(InferenceStream, "send", slow_send)
+        model = client(tiny_model, swarm)
+        try:
+            input_ids = torch.tensor([[1, 50, 51, 52]])
+            with model.inference_session(max_length=16) as session:
+                got = model.generate(input_ids, max_new_tokens=8, session=session)
+                chosen = {link.span.peer_id for link in session._chain}
+            assert not chosen & slow and len(chosen) == 2
+            assert model.routes.pings.rtts[next(iter(slow))] > 0.08
+            assert torch.equal(got, reference.generate(input_ids, max_new_tokens=8, do_sample=False))
+        finally:
+            model.shutdown()
+    finally:
+        swarm.shutdown()
+
+
+def test_forward_load_spreads_over_equal_replicas(tiny_model: Path):
+    swarm = start_swarm(tiny_model, ("0:8", "0:8"))
+    clients = []
+    try:
+        swarm.wait_for_blocks(default_dht_prefix(tiny_model), NUM_BLOCKS)
+        clients = [client(tiny_model, swarm) for _ in range(8)]
+        input_ids = torch.randint(4, 300, (1, 12), generator=torch.Generator().manual_seed(0))
+        for _ in range(5):
+            for model in clients:
+                model(input_ids)
+        calls = [server.handlers.forward_calls for server in swarm.servers]
+        assert sum(calls) == 40
+        assert all(0.3 <= c / 40 <= 0.7 for c in calls), calls
+    finally:
+        for model in clients:
+            model.shutdown()
+        swarm.shutdown()
