@@ -8,6 +8,7 @@ its own process, the client in this one.
   (b) prefill of a 512-token prompt through the swarm: seconds
   (c) the same model in one process: transformers generate(), and this project's block math
       without any network: tokens/s
+  (d)-(g) engine workloads, see bench_engine; (h)-(j) routing workloads, see bench_routing
 """
 
 from __future__ import annotations
@@ -131,11 +132,14 @@ def local_runners(model_dir: Path, prompt: torch.Tensor, new_tokens: int) -> dic
 
 
 class BenchSwarm:
-    """1 DHT + 2 servers (each half of the blocks) as subprocesses, and a client in this process."""
+    """1 DHT + servers (by default 2, each half of the blocks) as subprocesses, and a client in this process."""
 
-    def __init__(self, model_dir: Path, server_args: list[str]):
+    def __init__(self, model_dir: Path, server_args: list[str], spans: Optional[list[str]] = None,
+                 client_args: Optional[dict] = None):  # fmt: skip
         self.model_dir = model_dir
         self.server_args = server_args
+        self.span_args = spans  # "A:B" per server; None = halves
+        self.client_args = client_args or {}
         self.children: list = []
         self.model = None
 
@@ -150,17 +154,18 @@ class BenchSwarm:
             self.children.append(dht)
             peers = dht.wait_for_line("--initial_peers", 60).split()[1:]
             num_blocks = ModelSpec.from_pretrained(self.model_dir).num_blocks
-            for span in (f"0:{num_blocks // 2}", f"{num_blocks // 2}:{num_blocks}"):
+            spans = self.span_args or [f"0:{num_blocks // 2}", f"{num_blocks // 2}:{num_blocks}"]
+            for span in spans:
                 cmd = [sys.executable, "-m", "petals_like.cli.run_server", str(self.model_dir), "--block_indices",
                        span, "--initial_peers", *peers, "--host_maddrs", LOCALHOST, "--no_progress",
                        "--log_level", "WARNING", *self.server_args]  # fmt: skip
                 self.children.append(Child(f"server {span}", cmd))
-            for child in self.children[1:]:
-                child.wait_for_line("SERVER READY", 300)
+            self.server_peers = [child.wait_for_line("SERVER READY", 300).split()[2] for child in self.children[1:]]
             self.start_s = time.perf_counter() - started
             self.footprint = [server_footprint(child.process.pid) for child in self.children[1:]]
+            self.peers = peers
             self.model = AutoDistributedModelForCausalLM.from_pretrained(self.model_dir, initial_peers=peers,
-                                                                         torch_dtype="float32")  # fmt: skip
+                                                                         torch_dtype="float32", **self.client_args)  # fmt: skip
         except BaseException:
             self.__exit__()
             raise
@@ -193,7 +198,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--preset", default="bench", choices=["bench", "tiny"], help="model size (tiny = quick check)")
     parser.add_argument("--model_dir", type=Path, default=None, help="checkpoint to use (created if missing)")
     parser.add_argument("--workloads", default="a,b,c",
-                        help="comma-separated subset of a..g, or 'all' (d..g: engine workloads, see bench_engine)")
+                        help="comma-separated subset of a..j, or 'all' (d..g: engine workloads, see bench_engine; "
+                             "h..j: routing, see bench_routing)")  # fmt: skip
     parser.add_argument("--prompt_len", type=int, default=16)
     parser.add_argument("--new_tokens", type=int, default=128)
     parser.add_argument("--prefill_len", type=int, default=512)
@@ -208,7 +214,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     model_dir = args.model_dir or BENCH_DIR / f"{args.preset}-llama"
     make_tiny_model(model_dir, family="llama", preset=args.preset)
     prompt = torch.randint(3, 300, (1, args.prompt_len), generator=torch.Generator().manual_seed(0))
-    workloads = set("abcdefg") if args.workloads == "all" else set(args.workloads.split(","))
+    workloads = set("abcdefghij") if args.workloads == "all" else set(args.workloads.split(","))
+    unknown = workloads - set("abcdefghij")
+    if unknown:
+        parser.error(f"unknown workloads {sorted(unknown)}; choose from a..j")
 
     report: dict = {
         "model": {"preset": args.preset, "path": str(model_dir), "dtype": "float32"},
@@ -260,6 +269,16 @@ def main(argv: Optional[list[str]] = None) -> None:
 
         with BenchSwarm(model_dir, args.server_args.split() + ["--kv_cache_tokens", "4096"]) as small:
             report["g_sessions_in_4096_token_pool"] = bench_engine.sessions_in_pool(small.model)
+    if workloads & {"h", "i", "j"}:
+        from petals_like.cli import bench_routing
+
+        server_args = args.server_args.split()
+        if "h" in workloads:
+            report["h_push_latency"] = bench_routing.push_latency(model_dir, server_args)
+        if "i" in workloads:
+            report["i_failover_recovery"] = bench_routing.failover_recovery(model_dir, server_args)
+        if "j" in workloads:
+            report["j_forward_spread"] = bench_routing.forward_spread(model_dir, server_args)
     print(json.dumps(report, indent=2))
 
 
