@@ -45,7 +45,7 @@ class ServerConfig:
     page_size: int = 16  # tokens per KV page (also the granularity of prefix reuse)
     max_alloc_timeout: float = 1.0  # seconds a step waits for free pages before a retriable error
     token_budget: int = 256  # tokens per batched iteration; longer prompts are split into chunks
-    prefill_chunk: int = 32  # prompt tokens per iteration while other sessions decode (their latency)
+    prefill_chunk: int = 16  # prompt tokens per iteration while other sessions are active (their latency)
     batch_gather_wait: float = 0.02  # seconds to wait for sessions of the last batch before a smaller one
     share_prefix_cache: bool = False  # reuse prefix pages across clients (trusts their claimed hashes)
     max_session_length: int = 8192  # upper bound of a session's max_length

@@ -75,7 +75,8 @@ def test_server_processes_serve_and_leave_cleanly(dht, processes, tiny_model: Pa
 
 
 def test_generation_survives_a_killed_server(dht, processes, tiny_model: Path):
-    """SIGKILL the server a session is using mid-generation: the session moves to the replica."""
+    """SIGKILL a server of the chain in the middle of a 128-token generation: the session moves to
+    the replica and the tokens are exactly those of a run without failure."""
     peers = dht.visible_maddrs()
     for span in ("0:4", "4:8", "4:8"):
         processes.append(ServerProcess(tiny_model, span, peers))
@@ -84,18 +85,33 @@ def test_generation_survives_a_killed_server(dht, processes, tiny_model: Path):
     wait_until(lambda: all(len(b) >= (2 if i >= 4 else 1) for i, b in enumerate(block_states(dht, prefix))), 30)
 
     input_ids = torch.tensor([[1, 90, 91, 92, 93]])
-    expected = AutoModelForCausalLM.from_pretrained(tiny_model).generate(input_ids, max_new_tokens=40, do_sample=False)
+    local = AutoModelForCausalLM.from_pretrained(tiny_model).generate(input_ids, max_new_tokens=128, do_sample=False)
     model = AutoDistributedModelForCausalLM.from_pretrained(tiny_model, initial_peers=peers, ban_timeout=60)
     try:
-        with model.inference_session(max_length=64) as session:
-            first = model.generate(input_ids, max_new_tokens=20, session=session)
-            used = [link.span.peer_id for link in session._chain]
-            victim = next(p for p in processes[1:] if peer_ids[processes.index(p)] in used)
-            victim.stop(signal.SIGKILL)
-            rest = model.generate(None, max_new_tokens=20, session=session)
-            assert session.num_failovers >= 1
-            assert all(link.span.peer_id != peer_ids[processes.index(victim)] for link in session._chain)
-        assert torch.equal(torch.cat([first, rest], dim=1), expected)
+        # the run without failure, past any EOS (so that the kill always lands mid-generation)
+        expected = model.generate(input_ids, max_new_tokens=128, eos_token_id=[])
+        assert torch.equal(expected[:, : local.shape[1]], local)  # equal to transformers up to its EOS
+        with model.inference_session(max_length=160) as session:
+            killed = []
+
+            class KillAtHalf:  # a streamer: kills the server of blocks 4:8 after the 64th token
+                count = 0
+
+                def put(self, tokens):
+                    KillAtHalf.count += 1
+                    if KillAtHalf.count == 64:
+                        victim = peer_ids.index(session._chain[-1].span.peer_id)
+                        assert victim in (1, 2)
+                        processes[victim].stop(signal.SIGKILL)
+                        killed.append(peer_ids[victim])
+
+                def end(self):
+                    pass
+
+            got = model.generate(input_ids, max_new_tokens=128, session=session, streamer=KillAtHalf(), eos_token_id=[])
+            assert killed and session.num_failovers >= 1
+            assert all(link.span.peer_id != killed[0] for link in session._chain)
+        assert torch.equal(got, expected)
     finally:
         model.shutdown()
 

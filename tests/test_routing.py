@@ -129,3 +129,38 @@ def test_forward_load_spreads_over_equal_replicas(tiny_model: Path):
         for model in clients:
             model.shutdown()
         swarm.shutdown()
+
+
+@pytest.mark.parametrize("big_throughput, expected_hops", [(2000.0, 1), (20.0, 3)])
+def test_one_span_or_three_hops_whichever_is_faster(tiny_model: Path, reference, big_throughput, expected_hops):
+    """A server with all 8 blocks vs three with 3 + 2 + 3 blocks at 400 block-steps/s (20 ms in all).
+
+    At 2000 block-steps/s the big server needs 4 ms and one link: it wins. At 20 it needs 400 ms:
+    three hops win. Loopback links cost a few ms, far from either margin.
+    """
+    swarm = start_swarm()
+    try:
+        swarm.add_server(tiny_model, "0:8", throughput=big_throughput)
+        for span in ("0:3", "3:5", "5:8"):
+            swarm.add_server(tiny_model, span, throughput=400.0)
+        swarm.wait_for_blocks(default_dht_prefix(tiny_model), NUM_BLOCKS)
+        wait_for = {s.node.peer_id for s in swarm.servers}
+        model = client(tiny_model, swarm)
+        try:
+            from tests.swarm import wait_until
+
+            def all_seen() -> bool:
+                model.node.run(model.routes.refresh(force=True), timeout=30)
+                return wait_for <= set(model.routes.spans)
+
+            wait_until(all_seen, 30, message="the client sees all four servers")
+            input_ids = torch.tensor([[1, 70, 71]])
+            with model.inference_session(max_length=12) as session:
+                got = model.generate(input_ids, max_new_tokens=6, session=session)
+                hops = len(session._chain)
+            assert hops == expected_hops
+            assert torch.equal(got, reference.generate(input_ids, max_new_tokens=6, do_sample=False))
+        finally:
+            model.shutdown()
+    finally:
+        swarm.shutdown()

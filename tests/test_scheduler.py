@@ -117,3 +117,24 @@ def test_forward_work_waits_for_inference(span):
         assert scheduler.stats.tasks == 1 and scheduler.stats.chunked_steps == 1
     finally:
         scheduler.shutdown()
+
+
+def test_a_prompt_advances_by_chunks_while_other_sessions_are_active(span):
+    """Between their steps, decoding sessions are elsewhere (other servers, their clients): a long
+    prompt still advances only by prefill_chunk, so that they never come back to a long iteration."""
+    scheduler = make_scheduler(span, token_budget=256)
+    scheduler.prefill_chunk = 32
+    active = {"sessions": 1}
+    scheduler.expected_works = lambda: active["sessions"]
+    try:
+        prompt = torch.randn(1, 256, 64)
+        asyncio.run(run_session(scheduler, [prompt]))
+        assert scheduler.stats.max_batch_tokens == 256  # alone: the whole budget at once
+        active["sessions"] = 5  # four more sessions are active, none has a step pending right now
+        before = scheduler.stats.iterations
+        (out,) = asyncio.run(run_session(scheduler, [prompt]))
+        assert scheduler.stats.iterations - before == 256 // 32
+        with torch.inference_mode():
+            assert torch.allclose(out, span(prompt), rtol=1e-4, atol=1e-3)
+    finally:
+        scheduler.shutdown()

@@ -85,15 +85,16 @@ class SchedulerStats:
 
 class Scheduler:
     def __init__(self, span, pool: KVPool, *, token_budget: int, num_threads: Optional[int] = None,
-                 gather_wait: float = 0.02, prefill_chunk: int = 32):  # fmt: skip
+                 gather_wait: float = 0.02, prefill_chunk: int = 16):  # fmt: skip
         if token_budget < 1:
             raise ValueError(f"token_budget={token_budget} must be positive")
         self.span = span
         self.pool = pool
         self.token_budget = token_budget
         self.stats = SchedulerStats()
-        # while decode steps wait, a prompt advances by at most this many tokens per iteration: an
-        # iteration's time grows with its tokens, and every decoding session waits for all of it
+        # while decode steps wait (or other sessions are active), a prompt advances by at most this
+        # many tokens per iteration: an iteration's time grows with its tokens, and every decoding
+        # session waits for all of it
         self.prefill_chunk = prefill_chunk
         # sessions that were in the last iteration come back together after their clients' round
         # trips; waiting a moment for them keeps them in one batch instead of two alternating ones
@@ -194,7 +195,11 @@ class Scheduler:
         chosen, budget = [], self.token_budget
         ordered = sorted(works, key=lambda w: w.remaining)  # stable: FIFO among equals
         decode_tokens = sum(w.hidden.shape[0] for w in ordered if w.remaining == 1)
-        if decode_tokens:
+        prompts = sum(1 for w in ordered if w.remaining > 1)
+        if decode_tokens or self._expected() > prompts:
+            # decoding sessions are waiting, or will be back within this iteration (at the other
+            # servers of their chains, or at their clients): a long prompt advances by a chunk, so
+            # that no decode step ever waits behind a long iteration
             budget = min(budget, decode_tokens + self.prefill_chunk)
         for work in ordered:
             rows = work.hidden.shape[0]
