@@ -40,7 +40,11 @@ class ServerConfig:
     torch_dtype: str = "auto"  # "auto" = the checkpoint's dtype
     quant_type: str = "none"
     num_threads: Optional[int] = None  # torch intra-op threads for the compute loop; None = torch's default
-    throughput: float = 0.0  # announced tokens/s per block; 0 = estimated from a quick forward pass
+    throughput: str | float = "auto"  # "auto" (cached measurement), "eval" (re-measure) or block-steps/s to announce
+    network_mbps: float = 100.0  # uplink assumed when deriving throughput (server/throughput.py)
+    balance_period: float = 120.0  # mean seconds between re-balancing checks (randomized x0.5..1.5); 0 = never move
+    balance_quality: float = 0.75  # move only if the swarm's bottleneck would grow by more than 1 / this
+    join_delay: float = 1.0  # a random wait of up to this many seconds before choosing blocks on join
     kv_cache_tokens: Optional[int] = None  # KV pool size in tokens (all sessions); None = from free memory
     page_size: int = 16  # tokens per KV page (also the granularity of prefix reuse)
     max_alloc_timeout: float = 1.0  # seconds a step waits for free pages before a retriable error

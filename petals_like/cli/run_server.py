@@ -11,6 +11,18 @@ from petals_like.utils.cli import setup_logging, wait_for_stop_signal
 logger = logging.getLogger(__name__)
 
 
+def _throughput(text: str) -> str | float:
+    if text in ("auto", "eval"):
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected auto, eval or a positive number, got {text!r}") from None
+    if not 0 < value < 1e9:
+        raise argparse.ArgumentTypeError(f"throughput must be positive, got {value}")
+    return value
+
+
 def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, str]:
     defaults = ServerConfig(model="")
     p = argparse.ArgumentParser(description=__doc__)
@@ -26,8 +38,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, str]:
     p.add_argument("--device", default=defaults.device, help="cpu, cuda, cuda:1, ...")
     p.add_argument("--torch_dtype", default=defaults.torch_dtype, choices=["auto", "float32", "float16", "bfloat16"])
     p.add_argument("--quant_type", default=defaults.quant_type, choices=["none", "int8", "nf4"])
-    p.add_argument("--throughput", type=float, default=defaults.throughput,
-                   help="announced tokens/s per block (0 = measure at start)")
+    p.add_argument("--throughput", type=_throughput, default=defaults.throughput,
+                   help="auto (measure once, cached on disk), eval (re-measure) or the block-steps/s to announce")
+    p.add_argument("--network_mbps", type=float, default=defaults.network_mbps,
+                   help="uplink in Mbit/s, a cap on the derived throughput")
     p.add_argument("--kv_cache_tokens", type=int, default=defaults.kv_cache_tokens,
                    help="KV pool size in tokens, for all sessions together (default: a quarter of free memory)")
     p.add_argument("--page_size", type=int, default=defaults.page_size, help="tokens per KV page")
@@ -52,7 +66,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, str]:
         model=a.model, initial_peers=a.initial_peers, block_indices=a.block_indices, num_blocks=a.num_blocks,
         dht_prefix=a.dht_prefix, host_maddrs=a.host_maddrs, announce_maddrs=a.announce_maddrs,
         identity_path=a.identity_path, device=a.device, torch_dtype=a.torch_dtype, quant_type=a.quant_type,
-        num_threads=a.num_threads, throughput=a.throughput, kv_cache_tokens=a.kv_cache_tokens,
+        num_threads=a.num_threads, throughput=a.throughput, network_mbps=a.network_mbps,
+        kv_cache_tokens=a.kv_cache_tokens,
         page_size=a.page_size, max_alloc_timeout=a.max_alloc_timeout, token_budget=a.token_budget,
         share_prefix_cache=a.share_prefix_cache, prefill_chunk=a.prefill_chunk,
         max_session_length=a.max_session_length, max_batch_size=a.max_batch_size,

@@ -29,6 +29,7 @@ from petals_like.data_structures import RemoteSpanInfo
 from petals_like.dht.node import SwarmNode
 from petals_like.protocol import PREFIX_PAGE_TOKENS, prefix_page_hashes
 from petals_like.routing.manager import RouteManager
+from petals_like.routing.planner import NoRouteError
 
 logger = logging.getLogger(__name__)
 
@@ -151,13 +152,16 @@ class InferenceSession:
         route = await self.routes.make_route(start, end, needed_tokens=self.max_length * (self.batch_size or 1))
         opened: list[_SpanSession] = []
         reusable = None
+        span = None
         try:
             for span in route:
                 session, cached = await self._open(span, probe=probe)
                 opened.append(session)
                 reusable = cached if reusable is None else min(reusable, cached)
-        except BaseException:
+        except BaseException as e:
             await self._close_all(opened)
+            if isinstance(e, Exception) and span is not None:
+                self.routes.ban(span.peer_id, f"opening a session failed: {e!r}")  # the next route avoids it
             raise
         logger.info(f"Inference chain for blocks {start}:{end}: {route}")
         return opened, reusable or 0
@@ -167,7 +171,15 @@ class InferenceSession:
         reuse = 0
         if not self._chain:
             probe = self.position == 0 and bool(self._hashes)
-            self._chain, cached = await self._open_chain(0, self.num_blocks, probe=probe)
+            for attempt in range(self.config.max_retries + 1):
+                try:
+                    self._chain, cached = await self._open_chain(0, self.num_blocks, probe=probe)
+                    break
+                except NoRouteError:
+                    raise
+                except Exception as e:  # a server of the route went away: ask for another route
+                    if attempt == self.config.max_retries:
+                        raise RuntimeError(f"could not open an inference chain: {e!r}") from e
             # keep at least the last prompt token: its output is what the client needs
             reuse = min(cached, (hidden.shape[1] - 1) // PREFIX_PAGE_TOKENS * PREFIX_PAGE_TOKENS)
             hidden = hidden[:, reuse:]

@@ -177,6 +177,9 @@ class Handlers:
         self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
         session: Optional[ServerSession] = None  # this stream's session: the only one it can reach
+        # bound for the stream's life: after the server moves to other blocks, this session's steps
+        # fail (its scheduler is stopped) instead of running on the new span's blocks and pages
+        sessions = self.sessions
         # the client's messages and steps pushed by the previous server meet in one queue
         inbox: asyncio.Queue = asyncio.Queue()
         reader = asyncio.create_task(self._read_into(requests, inbox))
@@ -192,23 +195,23 @@ class Handlers:
                     return
                 meta = message.metadata
                 if session is None:
-                    session = self.sessions.open(meta, context.remote_id.to_base58())
+                    session = sessions.open(meta, context.remote_id.to_base58())
                     session.inbox = inbox
                     if meta.get("probe") is True:  # say how much of the client's hashed prefix is cached here
                         yield runtime_pb2.ExpertResponse(metadata=encode_metadata(
-                            {"cached_tokens": len(session.cached_pages) * self.sessions.pool.page_size}))
+                            {"cached_tokens": len(session.cached_pages) * sessions.pool.page_size}))
                 elif require(meta, "session_id", str) != session.session_id:
                     raise ProtocolError(f"unknown session {meta['session_id']!r} on this stream")
                 if meta.get("close") and source == "client":
                     return
                 if not message.tensors and session.steps == 0:
                     continue  # an open message without a first step
-                for part in await self._inference_step(session, message):
+                for part in await self._inference_step(sessions, session, message):
                     yield part
         finally:
             reader.cancel()
             if session is not None:
-                self.sessions.close(session)
+                sessions.close(session)
 
     async def _read_into(self, requests: AsyncIterator[runtime_pb2.ExpertRequest], inbox: asyncio.Queue) -> None:
         """The client's side of an inference stream, message by message, into the session's inbox."""
@@ -223,15 +226,15 @@ class Handlers:
         except Exception as e:  # malformed input: the session loop answers it and closes
             await inbox.put(("error", e))
 
-    async def _inference_step(self, session: ServerSession, message: Message) -> list[runtime_pb2.ExpertResponse]:
-        hidden, reuse = self.sessions.check_step(session, message)
+    async def _inference_step(self, sessions: SessionManager, session: ServerSession, message: Message) -> list[runtime_pb2.ExpertResponse]:
+        hidden, reuse = sessions.check_step(session, message)
         meta = message.metadata
         started = time.perf_counter()
         position = session.length
-        out = self.sessions.repeated_output(session, meta, hidden.shape[1])
+        out = sessions.repeated_output(session, meta, hidden.shape[1])
         repeated = out is not None
         if out is None:
-            out = await self.sessions.run_step(session, hidden, reuse)
+            out = await sessions.run_step(session, hidden, reuse)
         else:
             position = require(meta, "position", int)
         out = out.to(hidden.dtype)

@@ -289,10 +289,23 @@ class Scheduler:
             self.stats.busy_seconds += time.monotonic() - started
 
     def shutdown(self) -> None:
+        """Stop the loop; every step and task still waiting gets an error (its client may go elsewhere)."""
         with self._wake:
             self._stopped = True
             self._wake.notify()
         self._thread.join(timeout=30)
+        with self._wake:
+            works, self._pending = list(self._pending), deque()
+            tasks, self._tasks = self._tasks, []
+        error = RuntimeError("the server stopped serving these blocks; retry elsewhere")
+        for work in works:
+            try:
+                self._finish(work, error=error)
+            except RuntimeError:  # its event loop is already closed: nobody waits for it
+                pass
+        for _, _, _, _, loop, future in tasks:
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(_set_exception, future, error)
 
 
 def _set_result(future: asyncio.Future, result: Any) -> None:

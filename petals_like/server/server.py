@@ -7,7 +7,9 @@ Scheduler thread (all block math, continuously batched); that is the whole serve
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import random
 import threading
 import time
 from pathlib import Path
@@ -27,11 +29,12 @@ from petals_like.models.llama.block import LlamaBlock
 from petals_like.models.span import BlockSpan
 from petals_like.models.spec import ModelSpec, resolve_dtype
 from petals_like.routing.pings import PingTable
-from petals_like.server.backend import BlockRange, SpanBackend
-from petals_like.server.block_selection import block_throughputs, choose_best_start
+from petals_like.server.backend import SpanBackend
+from petals_like.server.block_selection import block_throughputs, choose_best_start, should_move
 from petals_like.server.handler import Handlers
 from petals_like.server.kv_cache import KVPool, PrefixIndex
 from petals_like.server.scheduler import Scheduler
+from petals_like.server.throughput import cache_key, get_rates
 from petals_like.server.sessions import SessionManager
 
 logger = logging.getLogger(__name__)
@@ -69,13 +72,17 @@ class Server:
         self.handlers: Optional[Handlers] = None
         self.start_block = self.end_block = 0
         self.state = ServerState.OFFLINE
-        self.throughput = config.throughput
+        self.throughput = 0.0
         self.inference_rps = 0.0
+        self.forward_rps = 0.0
         self._announcer: Optional[asyncio.Future] = None
         self._stopped = threading.Event()
         self._load_mark = (time.monotonic(), 0.0)  # (when, scheduler busy seconds) at the last announcement
         self._announced_load = 0.0
         self.pings = PingTable(timeout=2.0, period=0.0)  # measured once per announcement
+        self._balancer: Optional[threading.Thread] = None
+        self._moving = threading.Lock()
+        self.moves = 0
         self._next_pings: dict[str, float] = {}
 
     # ---- start ----
@@ -89,28 +96,76 @@ class Server:
         try:
             self.start_block, self.end_block = self._choose_blocks()
             self._announce(ServerState.JOINING)
-            logger.info(f"Serving blocks {self.start_block}:{self.end_block} of {self.dht_prefix} "
-                        f"as {self.node.peer_id} ({str(self.dtype).replace('torch.', '')}, {self.device})")  # fmt: skip
-            span = load_span(self.path, self.spec, self.start_block, self.end_block, self.dtype, self.device,
-                             progress=config.progress)  # fmt: skip
-            backend = SpanBackend(span, dtype=self.dtype, device=self.device, max_batch_size=config.max_batch_size,
-                                  max_request_tokens=config.max_request_tokens)  # fmt: skip
-            pool = self._make_pool()
-            prefix_index = PrefixIndex(pool)
-            self.scheduler = Scheduler(span, pool, token_budget=config.token_budget, num_threads=config.num_threads,
-                                       gather_wait=config.batch_gather_wait, prefill_chunk=config.prefill_chunk)  # fmt: skip
-            self.sessions = SessionManager(backend, self.scheduler, pool, prefix_index, config)
-            self.handlers = Handlers(backend, self.scheduler, self.sessions, config, self._info_fields)
-            self.node.run(self.handlers.register(self.node.p2p))
-            if self.throughput <= 0:
-                self._measure_throughput(backend)
+            self._serve_span()
             self._announce(ServerState.ONLINE)
             self._announcer = self.node.submit(self._announce_forever())
+            if config.block_indices is None and config.balance_period > 0:
+                self._balancer = threading.Thread(target=self._balance_forever, name="balancer", daemon=True)
+                self._balancer.start()
         except BaseException:
             self.shutdown()
             raise
         logger.info(f"Server ready in {time.perf_counter() - started:.1f} s: {self.node.visible_maddrs()}")
         return self
+
+    def _serve_span(self) -> None:
+        """Load blocks [start_block, end_block) and serve them: new backend, pool, scheduler and sessions."""
+        config = self.config
+        logger.info(f"Serving blocks {self.start_block}:{self.end_block} of {self.dht_prefix} "
+                    f"as {self.node.peer_id} ({str(self.dtype).replace('torch.', '')}, {self.device})")  # fmt: skip
+        span = load_span(self.path, self.spec, self.start_block, self.end_block, self.dtype, self.device,
+                         progress=config.progress)  # fmt: skip
+        backend = SpanBackend(span, dtype=self.dtype, device=self.device, max_batch_size=config.max_batch_size,
+                              max_request_tokens=config.max_request_tokens)  # fmt: skip
+        pool = self._make_pool()
+        prefix_index = PrefixIndex(pool)
+        self.scheduler = Scheduler(span, pool, token_budget=config.token_budget, num_threads=config.num_threads,
+                                   gather_wait=config.batch_gather_wait, prefill_chunk=config.prefill_chunk)  # fmt: skip
+        self.sessions = SessionManager(backend, self.scheduler, pool, prefix_index, config)
+        if self.handlers is None:
+            self.handlers = Handlers(backend, self.scheduler, self.sessions, config, self._info_fields)
+            self.node.run(self.handlers.register(self.node.p2p))
+        else:  # a move: the registered handlers serve the new span from now on
+            self.handlers.backend, self.handlers.scheduler, self.handlers.sessions = backend, self.scheduler, self.sessions
+        self._set_throughput(span)
+
+    # ---- re-balancing ----
+
+    def _balance_forever(self) -> None:
+        """Every randomized balance period: move if the swarm's bottleneck would gain enough (block_selection)."""
+        while not self._stopped.wait(self.config.balance_period * random.uniform(0.5, 1.5)):
+            try:
+                target = self._move_target()
+                if target is not None:
+                    # servers that noticed the same hole wait a random moment and look again: the
+                    # first to move announces it, and the others see that they are no longer needed
+                    if self._stopped.wait(random.uniform(0, self.config.balance_period)):
+                        return
+                    if self._move_target() == target:
+                        self._move(target)
+            except Exception as e:  # a failed check is retried next period
+                logger.warning(f"Re-balancing check failed: {e!r}")
+
+    def _move_target(self) -> Optional[int]:
+        infos = self.node.run(get_block_infos(self.node.dht, self.dht_prefix, range(self.spec.num_blocks)), timeout=60)
+        totals = block_throughputs(infos, exclude=self.node.peer_id)
+        for block in range(self.start_block, self.end_block):
+            totals[block] += self.throughput  # our own records may not have spread yet
+        return should_move(totals, self.start_block, self.end_block, self.throughput, self.config.balance_quality)
+
+    def _move(self, start: int) -> None:
+        """Leave the current span (its sessions fail over on their clients) and serve [start, start + n)."""
+        old = (self.start_block, self.end_block)
+        num_blocks = old[1] - old[0]
+        logger.info(f"Moving from blocks {old[0]}:{old[1]} to {start}:{start + num_blocks} (swarm re-balancing)")
+        with self._moving:
+            self.node.run(self._declare_range(ServerState.OFFLINE, *old), timeout=60)
+            self.start_block, self.end_block = start, start + num_blocks
+            self._announce(ServerState.JOINING)
+            self.scheduler.shutdown()  # steps in flight get an error; memory for the new span is freed first
+            self._serve_span()
+            self._announce(ServerState.ONLINE)
+            self.moves += 1
 
     def _choose_blocks(self) -> tuple[int, int]:
         num_model_blocks = self.spec.num_blocks
@@ -118,8 +173,11 @@ class Server:
             return parse_block_range(self.config.block_indices, num_model_blocks)
         num_blocks = self.config.num_blocks or self._blocks_that_fit()
         num_blocks = min(num_blocks, num_model_blocks)
+        # servers that start together: a random moment each, so that each sees the others' JOINING records
+        time.sleep(random.uniform(0, self.config.join_delay))
         infos = self.node.run(get_block_infos(self.node.dht, self.dht_prefix, range(num_model_blocks)))
-        start = choose_best_start(block_throughputs(infos, exclude=self.node.peer_id), num_blocks)
+        throughput = self.config.throughput if not isinstance(self.config.throughput, str) else 1.0
+        start = choose_best_start(block_throughputs(infos, exclude=self.node.peer_id), num_blocks, throughput)
         return start, start + num_blocks
 
     def _blocks_that_fit(self) -> int:
@@ -153,18 +211,21 @@ class Server:
         return KVPool(num_layers=num_layers, num_kv_heads=spec.num_kv_heads, head_dim=spec.head_dim,
                       num_pages=num_pages, page_size=config.page_size, dtype=self.dtype, device=self.device)  # fmt: skip
 
-    def _measure_throughput(self, backend: SpanBackend) -> None:
-        """A quick estimate of decode speed: the rebalancing issue replaces it with a cached benchmark."""
-        blocks = BlockRange(0, self.end_block - self.start_block)
-        hidden = torch.zeros(1, 1, self.spec.hidden_size, dtype=torch.float32)
-        cache = backend.new_cache(1, 8, blocks)
-        backend.inference_step(cache, hidden, None, blocks)  # warm-up
-        steps, started = 3, time.perf_counter()
-        for _ in range(steps):
-            backend.inference_step(cache, hidden, None, blocks)
-        elapsed = max(time.perf_counter() - started, 1e-6)
-        self.inference_rps = steps / elapsed
-        self.throughput = self.inference_rps * blocks.length  # block-steps/s: comparable across span lengths
+    def _set_throughput(self, span: BlockSpan) -> None:
+        """The announced numbers (see server/throughput.py for what they mean and how they are derived)."""
+        mode, num_blocks = self.config.throughput, self.end_block - self.start_block
+        if not isinstance(mode, str):
+            self.throughput = float(mode)
+            self.inference_rps = self.throughput / num_blocks
+            self.forward_rps = self.throughput
+            return
+        key = cache_key(self.spec, self.dtype, self.device, self.config.quant_type)
+        rates = get_rates(span, key, mode)
+        self.throughput = rates.throughput(num_blocks, self.spec.hidden_size, self.config.network_mbps)
+        self.inference_rps = rates.inference_block_steps / num_blocks  # decode steps/s over the whole span
+        self.forward_rps = rates.forward_block_tokens / num_blocks  # forward tokens/s over the whole span
+        logger.info(f"Throughput {self.throughput:.1f} block-steps/s ({self.inference_rps:.1f} steps/s over "
+                    f"{num_blocks} blocks, forward {self.forward_rps:.0f} tokens/s)")  # fmt: skip
 
     # ---- announcing ----
 
@@ -178,6 +239,7 @@ class Server:
             end_block=self.end_block,
             throughput=float(self.throughput),
             inference_rps=float(self.inference_rps),
+            forward_rps=float(self.forward_rps),
             cache_tokens_left=self.sessions.free_tokens if self.sessions else 0,
             open_sessions=len(self.sessions.sessions) if self.sessions else 0,
             load=self._announced_load,
@@ -212,6 +274,11 @@ class Server:
         await self.pings.measure(self.node.p2p, peers)
         self._next_pings = self.pings.snapshot(peers)
 
+    async def _declare_range(self, state: ServerState, start: int, end: int) -> None:
+        await declare_blocks(self.node.dht, self.dht_prefix, range(start, end),
+                             dataclasses.replace(self.server_info(state), start_block=start, end_block=end),
+                             expiration=self.config.expiration)  # fmt: skip
+
     async def _declare(self, state: ServerState) -> None:
         if state == ServerState.ONLINE:
             try:
@@ -226,7 +293,7 @@ class Server:
         while True:
             await asyncio.sleep(self.config.announce_period)
             try:
-                await self._declare(ServerState.ONLINE)
+                await self._declare(self.state)
             except Exception as e:  # a failed re-announcement is retried next period
                 logger.warning(f"Re-announcement failed: {e!r}")
 
