@@ -51,3 +51,22 @@ def test_small_gains_do_not_justify_a_move():
 def test_staying_put_when_already_best():
     assert should_move([4, 4, 4, 4, 4, 4, 4, 4], 0, 4, 2.0) is None  # moving only shifts the bottleneck
     assert swarm_bottleneck([3, 1, 2]) == 1 and swarm_bottleneck([]) == 0
+
+
+def test_simulator_runs_the_real_selection_code_and_rebalancing_helps():
+    """A small simulated day: re-balancing keeps the bottleneck near the upper bound, never below join-only."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "scripts" / "simulate_swarm.py"
+    out = subprocess.run([sys.executable, str(script), "--servers", "120", "--hours", "6", "--balance_period", "120",
+                          "--timeline_points", "4"], capture_output=True, text=True, timeout=300, check=True)  # fmt: skip
+    report = json.loads(out.stdout)
+    on, off = report["rebalancing"], report["join_only"]
+    assert on["moves"] > 0 and off["moves"] == 0
+    assert on["bottleneck_vs_upper_bound"]["mean"] >= 0.9
+    assert on["bottleneck_vs_upper_bound"]["mean"] >= off["bottleneck_vs_upper_bound"]["mean"]
+    assert on["uncovered_seconds_after_settling"] == 0
+    assert len(on["timeline"]) >= 4

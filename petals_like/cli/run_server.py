@@ -56,6 +56,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, str]:
     p.add_argument("--max_session_length", type=int, default=defaults.max_session_length)
     p.add_argument("--max_batch_size", type=int, default=defaults.max_batch_size)
     p.add_argument("--num_threads", type=int, default=None, help="torch threads for block math")
+    p.add_argument("--balance_period", type=float, default=defaults.balance_period,
+                   help="mean seconds between re-balancing checks (0 = never move)")
+    p.add_argument("--balance_quality", type=float, default=defaults.balance_quality,
+                   help="move only if the swarm's bottleneck gains more than (1 - this) x our throughput")
     p.add_argument("--announce_period", type=float, default=defaults.announce_period)
     p.add_argument("--expiration", type=float, default=defaults.expiration)
     p.add_argument("--public_name", default="", help="a name shown on the swarm dashboard")
@@ -72,6 +76,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, str]:
         share_prefix_cache=a.share_prefix_cache, prefill_chunk=a.prefill_chunk,
         max_session_length=a.max_session_length, max_batch_size=a.max_batch_size,
         announce_period=a.announce_period, expiration=a.expiration, public_name=a.public_name,
+        balance_period=a.balance_period, balance_quality=a.balance_quality,
         progress=not a.no_progress,
     )  # fmt: skip
     return config, a.log_level

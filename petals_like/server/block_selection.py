@@ -10,11 +10,14 @@ the highest bottleneck first, then the fewest blocks at that bottleneck (so unco
 covered before anything else), then the weakest span (most room to help), then the lowest start.
 
 Move: should_move() compares the swarm's bottleneck now with the bottleneck after this server
-takes the best other span, and says yes only if the gain beats `balance_quality` and no block is
-left uncovered by leaving. The others' reaction is taken into account in the simplest way that
-keeps servers from chasing each other: the target is chosen assuming this server is gone from its
-current span (the others will see the hole it leaves), and a move whose only gain is within the
-threshold is not worth the reload.
+takes the best other span, and says yes only if the gain is more than (1 - balance_quality) of
+the server's own throughput (a server can raise the bottleneck by at most its throughput, so the
+rule means the same for a swarm of 4 servers and of 4,000) and no block is left uncovered by
+leaving. The others' reaction is taken into account in the way that keeps servers from chasing
+each other: the target is chosen with this server already gone from its current span (the hole
+it leaves is priced in), moves happen at randomized moments and are re-checked just before, so
+each server reacts to the moves before it, and a move that gains less than the threshold is not
+worth the reload.
 """
 
 from __future__ import annotations
@@ -34,27 +37,25 @@ def block_throughputs(block_infos: Sequence[Mapping[str, ServerInfo]], *, exclud
     ]
 
 
-def _score(after: np.ndarray) -> tuple[float, int]:
-    """(bottleneck, -number of blocks at it): higher is better."""
-    low = float(after.min())
-    return low, -int(np.count_nonzero(after <= low))
-
-
 def choose_best_start(throughputs: Sequence[float], num_blocks: int, throughput: float = 1.0) -> int:
-    """The start of the span of num_blocks blocks that a server of `throughput` should take (see the module docstring)."""
+    """The start of the span of num_blocks blocks that a server of `throughput` should take (see the module docstring).
+
+    All candidate starts are scored at once (a starts x blocks matrix), so that the swarm
+    simulator can afford hundreds of thousands of calls.
+    """
     totals = np.asarray(throughputs, dtype=np.float64)
     if not 0 < num_blocks <= len(totals):
         raise ValueError(f"num_blocks={num_blocks} not in [1, {len(totals)}]")
     throughput = max(float(throughput), 1e-9)  # a server of unknown speed still covers blocks
-    best_key, best_start = None, 0
-    window_sums = np.convolve(totals, np.ones(num_blocks), mode="valid")  # sum of each candidate span
-    for start in range(len(totals) - num_blocks + 1):
-        after = totals.copy()
-        after[start : start + num_blocks] += throughput
-        key = (*_score(after), -float(window_sums[start]), -start)
-        if best_key is None or key > best_key:
-            best_key, best_start = key, start
-    return best_start
+    starts = np.arange(len(totals) - num_blocks + 1)
+    blocks = np.arange(len(totals))
+    inside = (blocks[None, :] >= starts[:, None]) & (blocks[None, :] < starts[:, None] + num_blocks)
+    after = totals[None, :] + throughput * inside  # [starts, blocks]: the swarm after joining at each start
+    bottleneck = after.min(axis=1)
+    at_bottleneck = (after <= bottleneck[:, None]).sum(axis=1)
+    span_sums = (totals[None, :] * inside).sum(axis=1)
+    # best: highest bottleneck, then fewest blocks at it, then the weakest span, then the lowest start
+    return int(starts[np.lexsort((starts, span_sums, at_bottleneck, -bottleneck))[0]])
 
 
 def swarm_bottleneck(throughputs: Sequence[float]) -> float:
@@ -66,9 +67,9 @@ def should_move(throughputs: Sequence[float], start: int, end: int, throughput: 
     """The new start this server (serving [start, end) at `throughput`, included in `throughputs`)
     should move to, or None to stay.
 
-    Moves only if the swarm's bottleneck after the move is above the current one divided by
-    balance_quality (0 < balance_quality <= 1; 1 moves for any gain), and never if leaving would
-    leave one of its blocks with no server.
+    Moves only if the swarm's bottleneck grows by more than (1 - balance_quality) x throughput
+    (0 < balance_quality <= 1; 1 moves for any gain), and never if leaving would leave one of its
+    blocks with no server.
     """
     if not 0 < balance_quality <= 1:
         raise ValueError(f"balance_quality={balance_quality} not in (0, 1]")
@@ -84,6 +85,6 @@ def should_move(throughputs: Sequence[float], start: int, end: int, throughput: 
     after = without.copy()
     after[target : target + num_blocks] += throughput
     now, then = swarm_bottleneck(totals), swarm_bottleneck(after)
-    if then > now / balance_quality + 1e-9 or (now == 0 and then > 0):
+    if then - now > (1 - balance_quality) * throughput + 1e-9:
         return target
     return None
