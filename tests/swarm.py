@@ -130,3 +130,14 @@ class ServerProcess:
             except psutil.NoSuchProcess:
                 pass
         psutil.wait_procs(children, timeout=10)
+
+
+def loss_and_input_grads(model, reference, input_ids, labels):
+    """(distributed output, its input-embedding gradient, oracle output, the oracle's gradient)."""
+    embeds = model.local.embed(input_ids).detach().requires_grad_(True)
+    out = model(inputs_embeds=embeds, labels=labels)
+    out.loss.backward()
+    ref_embeds = reference.model.embed_tokens(input_ids).detach().requires_grad_(True)
+    ref = reference(inputs_embeds=ref_embeds, labels=labels)
+    ref.loss.backward()
+    return out, embeds.grad, ref, ref_embeds.grad

@@ -30,3 +30,9 @@ def test_linear_keeps_autograd():
     linear(x, w).sum().backward()
     torch.testing.assert_close(x.grad, w.detach().sum(0).expand(4, 8))
     torch.testing.assert_close(w.grad, x.detach().sum(0).expand(3, 8))
+
+
+def test_bfloat16_goes_through_f_linear():
+    x, w = torch.randn(4, 32, dtype=torch.bfloat16), torch.randn(16, 32, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        assert torch.equal(linear(x, w), F.linear(x, w))

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from petals_like.dht.records import default_dht_prefix
-from tests.swarm import Swarm, start_swarm
+from tests.swarm import Swarm, loss_and_input_grads, start_swarm
 
 NUM_BLOCKS = 8
 
@@ -83,17 +83,10 @@ def test_loss_and_gradients_equal_local_autograd(model, reference):
     labels = input_ids.clone()
     labels[0, :3] = -100
 
-    embeds = model.local.embed(input_ids).detach().requires_grad_(True)
-    out = model(inputs_embeds=embeds, labels=labels)
-    out.loss.backward()
-
-    ref_embeds = reference.model.embed_tokens(input_ids).detach().requires_grad_(True)
-    ref = reference(inputs_embeds=ref_embeds, labels=labels)
-    ref.loss.backward()
-
+    out, grad, ref, ref_grad = loss_and_input_grads(model, reference, input_ids, labels)
     assert torch.allclose(out.logits, ref.logits, atol=1e-4)
     assert abs(out.loss.item() - ref.loss.item()) <= 1e-4 * abs(ref.loss.item())
-    rel = (embeds.grad - ref_embeds.grad).norm() / ref_embeds.grad.norm()
+    rel = (grad - ref_grad).norm() / ref_grad.norm()
     assert rel <= 1e-4, f"relative gradient error {rel:.2e}"
 
 

@@ -6,8 +6,9 @@ rows cost 3.4x one row through F.linear for a 32000 x 1024 LM head, 1.9x through
 matmul is up to twice as fast for those shapes and equal for one row. It reads the ordinary
 dense weight, so no second, reordered copy of the weights is kept.
 
-Used only without autograd (oneDNN's op has no backward) and only for float32 / bfloat16 CPU
-tensors; everything else, CUDA included, goes to F.linear. The oneDNN path is checked once
+Used only without autograd (oneDNN's op has no backward) and only for float32 CPU tensors
+(its bfloat16 path needs AVX-512, which this machine lacks); everything else, CUDA included,
+goes to F.linear. The oneDNN path is checked once
 against F.linear at first use and switched off if it is missing or disagrees (a PyTorch build
 without it, or a changed private signature): set PETALS_LIKE_ONEDNN_LINEAR=0 to turn it off.
 """
@@ -22,18 +23,22 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from petals_like.quant.weights import QuantizedWeight
+
 logger = logging.getLogger(__name__)
 
 _MIN_ROWS = 2  # one row: the default BLAS's matrix-vector path is as fast
 _onednn_ok: Optional[bool] = None  # decided at first use
 
 
-def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
-    """x [..., in] @ weight[out, in].T + bias -> [..., out], as F.linear."""
+def linear(x: Tensor, weight, bias: Optional[Tensor] = None) -> Tensor:
+    """x [..., in] @ weight[out, in].T + bias -> [..., out], as F.linear; weight may be a QuantizedWeight."""
+    if isinstance(weight, QuantizedWeight):
+        return weight.linear(x, bias)
     if (
         x.device.type == "cpu"
         and x.dtype == weight.dtype
-        and x.dtype in (torch.float32, torch.bfloat16)
+        and x.dtype == torch.float32  # bfloat16: oneDNN needs AVX-512 for it; F.linear works everywhere
         and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
         and x.numel() >= _MIN_ROWS * x.shape[-1]
         and _onednn_available()

@@ -1,1 +1,1 @@
-"""Blockwise weight quantization of a server's span."""
+"""Blockwise weight quantization of a server's span (weights.py)."""

@@ -28,6 +28,7 @@ from petals_like.models.checkpoint import CheckpointReader, resolve_checkpoint
 from petals_like.models.llama.block import LlamaBlock
 from petals_like.models.span import BlockSpan
 from petals_like.models.spec import ModelSpec, resolve_dtype
+from petals_like.quant.weights import QUANT_TYPES, quantize_block
 from petals_like.routing.pings import PingTable
 from petals_like.server.backend import SpanBackend
 from petals_like.server.block_selection import block_throughputs, choose_best_start, should_move
@@ -40,7 +41,7 @@ from petals_like.server.sessions import SessionManager
 logger = logging.getLogger(__name__)
 
 def load_span(path: Path, spec: ModelSpec, start: int, end: int, dtype: torch.dtype, device: torch.device,
-              progress: bool = True) -> BlockSpan:  # fmt: skip
+              progress: bool = True, quant_type: str = "none") -> BlockSpan:  # fmt: skip
     """Build blocks [start, end) from only their tensors: peak memory follows the span, not the model."""
     reader = CheckpointReader(path)
     blocks = []
@@ -53,6 +54,7 @@ def load_span(path: Path, spec: ModelSpec, start: int, end: int, dtype: torch.dt
     span.requires_grad_(False)
     for block in span.blocks:
         block.fuse_projections()  # last: after the move to the device (see its docstring)
+        quantize_block(block, quant_type)  # the float weights of each block go as soon as it is quantized
     return span.eval()
 
 
@@ -64,8 +66,8 @@ class Server:
         self.dht_prefix = config.dht_prefix or default_dht_prefix(config.model)
         self.dtype = resolve_dtype(config.torch_dtype, self.spec)
         self.device = torch.device(config.device)
-        if config.quant_type != "none":
-            raise NotImplementedError(f"quant_type={config.quant_type!r} is not available yet; use none")
+        if config.quant_type not in QUANT_TYPES:
+            raise ValueError(f"quant_type must be one of {QUANT_TYPES}, got {config.quant_type!r}")
         self.node: Optional[SwarmNode] = None
         self.scheduler: Optional[Scheduler] = None
         self.sessions: Optional[SessionManager] = None
@@ -114,7 +116,7 @@ class Server:
         logger.info(f"Serving blocks {self.start_block}:{self.end_block} of {self.dht_prefix} "
                     f"as {self.node.peer_id} ({str(self.dtype).replace('torch.', '')}, {self.device})")  # fmt: skip
         span = load_span(self.path, self.spec, self.start_block, self.end_block, self.dtype, self.device,
-                         progress=config.progress)  # fmt: skip
+                         progress=config.progress, quant_type=config.quant_type)  # fmt: skip
         backend = SpanBackend(span, dtype=self.dtype, device=self.device, max_batch_size=config.max_batch_size,
                               max_request_tokens=config.max_request_tokens)  # fmt: skip
         pool = self._make_pool()

@@ -85,6 +85,10 @@ class LlamaBlock(nn.Module):
         # set by fuse_projections(): q/k/v and gate/up weights stored as one tensor each
         self._qkv: tuple[Tensor, Tensor | None] | None = None
         self._gate_up: tuple[Tensor, Tensor | None] | None = None
+        # set by petals_like.quant.quantize_block(): every weight matrix quantized, used in all modes
+        self.quant_type = "none"
+        self._o: tuple | None = None
+        self._down: tuple | None = None
 
     @torch.no_grad()
     def fuse_projections(self) -> None:
@@ -117,7 +121,7 @@ class LlamaBlock(nn.Module):
         rotated k [tokens, kv_heads, head_dim], v [tokens, kv_heads, head_dim]."""
         x = self.input_layernorm(hidden)
         tokens = x.shape[0]
-        if self._qkv is not None and not torch.is_grad_enabled():
+        if self._qkv is not None and (self.quant_type != "none" or not torch.is_grad_enabled()):
             qkv = linear(x, *self._qkv)  # [tokens, q_size + 2 * kv_size]
             qk_size = self.q_size + self.kv_size
             qk = apply_rotary(qkv[:, :qk_size].view(tokens, self.num_heads + self.num_kv_heads, self.head_dim), cos, sin)
@@ -131,14 +135,18 @@ class LlamaBlock(nn.Module):
 
     def attention_output(self, residual: Tensor, attended: Tensor) -> Tensor:
         """residual [tokens, hidden], attended [tokens, heads * head_dim] -> [tokens, hidden]."""
+        if self._o is not None:
+            return residual + linear(attended, *self._o)
         o_proj = self.self_attn.o_proj
         return residual + linear(attended, o_proj.weight, o_proj.bias)
 
     def mlp_residual(self, hidden: Tensor) -> Tensor:
         """[tokens, hidden] -> [tokens, hidden]: the feed-forward half of the block."""
         x = self.post_attention_layernorm(hidden)
-        if self._gate_up is not None and not torch.is_grad_enabled():
+        if self._gate_up is not None and (self.quant_type != "none" or not torch.is_grad_enabled()):
             gate, up = linear(x, *self._gate_up).chunk(2, dim=-1)
+            if self._down is not None:
+                return hidden + linear(F.silu(gate) * up, *self._down)
             down = self.mlp.down_proj
             return hidden + linear(F.silu(gate) * up, down.weight, down.bias)
         return hidden + self.mlp(x)

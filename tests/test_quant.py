@@ -1,0 +1,99 @@
+"""Quantized spans: error bounds against float32, memory per block, and a mixed int8 / nf4 swarm."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig
+
+from petals_like.dht.records import default_dht_prefix
+from petals_like.models.llama.block import LlamaBlock
+from petals_like.models.spec import ModelSpec
+from petals_like.models.tiny import PRESETS
+from petals_like.quant.weights import QuantizedWeight, linear_weight_bytes, quantize_block
+from petals_like.server.server import load_span
+from tests.swarm import loss_and_input_grads, start_swarm
+
+# documented bounds (README, quant/weights.py): relative error of one matmul on Gaussian weights,
+# and of one block's output on the random-weight tiny model (random networks amplify noise; a
+# trained model's are far smaller)
+MATMUL_BOUND = {"int8": 0.015, "nf4": 0.11}
+BLOCK_BOUND = {"int8": 0.05, "nf4": 0.35}
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("quant_type", ["int8", "nf4"])
+def test_matmul_error_and_dequantize(quant_type: str):
+    generator = torch.Generator().manual_seed(0)
+    w = torch.randn(256, 512, generator=generator) * 0.02
+    x = torch.randn(8, 512, generator=generator)
+    q = QuantizedWeight(w, quant_type)
+    with torch.inference_mode():
+        assert rel(q.linear(x), x @ w.t()) <= MATMUL_BOUND[quant_type]
+    assert rel(q.dequantize(), w) <= MATMUL_BOUND[quant_type]
+    # autograd through a quantized layer reaches its input
+    xg = x.clone().requires_grad_(True)
+    q.linear(xg).sum().backward()
+    assert rel(xg.grad, w.sum(0).expand(8, 512)) <= MATMUL_BOUND[quant_type]
+
+
+@pytest.mark.parametrize("quant_type", ["int8", "nf4"])
+def test_quantized_span_forward_and_steps_stay_within_bounds(tiny_model: Path, quant_type: str):
+    spec = ModelSpec.from_pretrained(tiny_model)
+    exact = load_span(tiny_model, spec, 0, 1, torch.float32, torch.device("cpu"), progress=False)
+    quantized = load_span(tiny_model, spec, 0, 1, torch.float32, torch.device("cpu"), progress=False,
+                          quant_type=quant_type)  # fmt: skip
+    x = torch.randn(1, 20, spec.hidden_size, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        want, full = exact(x), quantized(x)
+        cache = quantized.new_cache(1, 20)
+        steps = torch.cat([quantized(x[:, :12], cache=cache)] + [quantized(x[:, i : i + 1], cache=cache)
+                                                                 for i in range(12, 20)], dim=1)  # fmt: skip
+    assert rel(full, want) <= BLOCK_BOUND[quant_type]
+    assert rel(steps, full) <= 0.02  # step by step = all at once, up to bfloat16 rounding of activations
+
+
+def test_weight_memory_per_block_of_the_bench_model():
+    config = LlamaConfig(**PRESETS["bench"])
+    spec = ModelSpec.from_hf_config(config)
+    sizes = {}
+    for quant_type in ("none", "int8", "nf4"):
+        block = LlamaBlock(spec, 0).to(torch.bfloat16)
+        block.requires_grad_(False)
+        block.fuse_projections()
+        quantize_block(block, quant_type)
+        sizes[quant_type] = linear_weight_bytes(block)
+    assert sizes["int8"] <= 0.55 * sizes["none"]
+    assert sizes["nf4"] <= 0.35 * sizes["none"]
+
+
+def test_swarm_with_an_int8_and_an_nf4_server(tiny_model: Path, reference):
+    from petals_like import AutoDistributedModelForCausalLM
+
+    swarm = start_swarm()
+    try:
+        swarm.add_server(tiny_model, "0:4", quant_type="int8")
+        swarm.add_server(tiny_model, "4:8", quant_type="nf4")
+        swarm.wait_for_blocks(default_dht_prefix(tiny_model), 8)
+        spans = swarm.spans(default_dht_prefix(tiny_model), 8)
+        assert sorted(s.server_info.quant_type for s in spans.values()) == ["int8", "nf4"]
+        model = AutoDistributedModelForCausalLM.from_pretrained(tiny_model, initial_peers=swarm.peers,
+                                                                torch_dtype="float32")  # fmt: skip
+        try:
+            input_ids = torch.randint(4, 300, (2, 10), generator=torch.Generator().manual_seed(2))
+            out = model.generate(input_ids, max_new_tokens=8)
+            assert out.shape == (2, 18) and torch.equal(out[:, :10], input_ids)
+            result, grad, ref, ref_grad = loss_and_input_grads(model, reference, input_ids, input_ids)
+            assert torch.isfinite(grad).all()
+            assert abs(result.loss.item() - ref.loss.item()) <= 0.2 * ref.loss.item()
+            cosine = torch.nn.functional.cosine_similarity(grad.flatten(), ref_grad.flatten(), dim=0)
+            assert cosine > 0.5, f"gradient direction off: cosine {cosine:.2f}"
+        finally:
+            model.shutdown()
+    finally:
+        swarm.shutdown()
