@@ -42,20 +42,39 @@ logger = logging.getLogger(__name__)
 
 def load_span(path: Path, spec: ModelSpec, start: int, end: int, dtype: torch.dtype, device: torch.device,
               progress: bool = True, quant_type: str = "none") -> BlockSpan:  # fmt: skip
-    """Build blocks [start, end) from only their tensors: peak memory follows the span, not the model."""
+    """Build blocks [start, end) from only their tensors: peak memory follows the span, not the model.
+
+    Each block is moved, fused and quantized as soon as it is read, so a quantized span never holds
+    more than one block in full precision.
+    """
     reader = CheckpointReader(path)
     blocks = []
     for index, state_dict in zip(range(start, end), reader.load_blocks(start, end, dtype, progress=progress)):
         with torch.device("meta"):
             block = LlamaBlock(spec, index)
         block.load_state_dict(state_dict, strict=True, assign=True)
-        blocks.append(block.to(device=device, dtype=dtype))
-    span = BlockSpan(spec, start, end, blocks).to(device)
-    span.requires_grad_(False)
-    for block in span.blocks:
-        block.fuse_projections()  # last: after the move to the device (see its docstring)
-        quantize_block(block, quant_type)  # the float weights of each block go as soon as it is quantized
+        del state_dict
+        block = block.to(device=device, dtype=dtype).requires_grad_(False)
+        block.fuse_projections()  # after the move to the device (see its docstring)
+        if quant_type != "none":
+            quantize_block(block, quant_type)
+            for param in block.parameters():  # norms and biases: own copies, so the checkpoint's
+                param.data = param.data.clone()  # memory map (read zero-copy) can be released
+        blocks.append(block)
+    span = BlockSpan(spec, start, end, blocks)
+    if quant_type != "none":
+        _return_freed_memory()
     return span.eval()
+
+
+def _return_freed_memory() -> None:
+    """Hand the full-precision weights' freed heap back to the OS (glibc keeps it otherwise)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the memory is reused by later allocations anyway
+        pass
 
 
 class Server:
