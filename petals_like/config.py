@@ -22,8 +22,15 @@ class ClientConfig:
     ping_timeout: float = 2.0  # a server slower than this to answer a ping counts as this slow
     default_rtt: float = 0.1  # round trip assumed for servers not measured yet
     use_push: bool = True  # servers send their outputs straight to the next server of an inference chain
-    wire_dtype: Optional[str] = None  # dtype of hidden states on the wire; None = the model's dtype
+    wire: Optional[str] = None  # inference hidden states on the wire: float32, float16, bfloat16 or int8 (8-bit
+    # blocks); None = as computed (the model's dtype: exact)
     host_maddrs: Sequence[str] = ("/ip4/127.0.0.1/tcp/0",)  # where the client's p2p daemon listens
+
+    def __post_init__(self) -> None:
+        from petals_like.protocol import WIRE_FORMATS
+
+        if self.wire is not None and self.wire not in WIRE_FORMATS:
+            raise ValueError(f"wire must be one of {WIRE_FORMATS} or None, got {self.wire!r}")
 
 
 @dataclass
@@ -56,6 +63,7 @@ class ServerConfig:
     max_batch_size: int = 64  # sequences in one request
     max_request_tokens: int = 16384  # batch x new tokens in one request
     max_message_bytes: int = 256 * 1024**2  # one assembled request, all parts together
+    wire_formats: Sequence[str] = ("float32", "float16", "bfloat16", "int8")  # what sessions may choose
     push_timeout: float = 5.0  # seconds for the next server to accept a pushed step before the client relays it
     max_part_bytes: int = DEFAULT_MAX_PART_BYTES
     announce_period: float = 30.0  # seconds between re-announcements

@@ -27,6 +27,10 @@ RPC_PUSH = "petals_like.rpc_push"  # server -> next server: a step's output as t
 
 PROTOCOL_VERSION = 1
 WIRE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# how a session's hidden states travel (chosen by the client when it opens the session): as float32,
+# float16 or bfloat16, or "int8": blocks of WIRE_BLOCK values as int8 plus a float16 scale each
+WIRE_FORMATS = (*WIRE_DTYPES, "int8")
+WIRE_BLOCK = 64
 _TENSOR_DTYPES = {**WIRE_DTYPES, "int64": torch.int64, "int32": torch.int32}
 # numpy dtype with the same bytes (bfloat16 has none: it travels as int16 bits); numpy does the
 # byte work because each torch op costs ~10-20 us of dispatch on a small CPU, numpy ~1 us
@@ -86,11 +90,15 @@ def pack_message(
     *,
     proto: Type[Proto] = runtime_pb2.ExpertRequest,
     max_part_bytes: int = DEFAULT_MAX_PART_BYTES,
+    wire: Optional[str] = None,
 ) -> list[Proto]:
-    """Encode a logical message as parts of at most ~max_part_bytes of tensor data each."""
+    """Encode a logical message as parts of at most ~max_part_bytes of tensor data each.
+
+    wire (see WIRE_FORMATS) compresses floating-point tensors; None sends them as they are.
+    """
     chunks: list[runtime_pb2.Tensor] = []
     for tensor in tensors:
-        serialized = _serialize(tensor)
+        serialized = _serialize(tensor, wire)
         buffer = memoryview(serialized.buffer)
         num_chunks = max(1, -(-len(buffer) // max_part_bytes))
         first = runtime_pb2.Tensor(
@@ -185,9 +193,13 @@ def decode_tensors(chunks: Iterable[runtime_pb2.Tensor]) -> list[torch.Tensor]:
     return tensors
 
 
-def _serialize(tensor: torch.Tensor) -> runtime_pb2.Tensor:
-    """Raw little-endian bytes (hivemind's NONE compression layout)."""
+def _serialize(tensor: torch.Tensor, wire: Optional[str] = None) -> runtime_pb2.Tensor:
+    """Raw little-endian bytes (hivemind's NONE compression layout), or the session's wire format."""
     tensor = tensor.detach()
+    if wire is not None and tensor.is_floating_point():
+        if wire == "int8":
+            return _blockwise_8bit(tensor)
+        tensor = tensor.to(WIRE_DTYPES[wire])
     dtype = str(tensor.dtype)[6:]  # "torch.float32" -> "float32"
     if dtype not in _TENSOR_DTYPES:
         return serialize_torch_tensor(tensor.cpu())
@@ -206,6 +218,8 @@ def _deserialize(head: runtime_pb2.Tensor, buffer: bytes) -> torch.Tensor:
     numel = 1
     for dim in head.size:
         numel *= dim
+    if head.compression == runtime_pb2.CompressionType.BLOCKWISE_8BIT and head.dtype in WIRE_DTYPES:
+        return _from_blockwise_8bit(head, buffer, numel)
     if head.compression == runtime_pb2.CompressionType.NONE:
         if numel * _ITEMSIZE[head.dtype] != len(buffer):
             raise ProtocolError(f"tensor of shape {list(head.size)} and dtype {head.dtype} needs "
@@ -226,6 +240,35 @@ def _deserialize(head: runtime_pb2.Tensor, buffer: bytes) -> torch.Tensor:
     if tuple(tensor.shape) != tuple(head.size):
         raise ProtocolError(f"tensor decoded to shape {tuple(tensor.shape)}, announced {tuple(head.size)}")
     return tensor.detach()
+
+
+def _blockwise_8bit(tensor: torch.Tensor) -> runtime_pb2.Tensor:
+    """Blocks of WIRE_BLOCK values as int8 with one float16 absmax scale each:
+    [scales: float16 x blocks][values: int8 x blocks * WIRE_BLOCK] (the last block zero-padded)."""
+    flat = tensor.detach().float().cpu().reshape(-1).numpy()
+    blocks = -(-flat.size // WIRE_BLOCK)
+    padded = np.zeros(blocks * WIRE_BLOCK, dtype=np.float32)
+    padded[: flat.size] = flat
+    padded = padded.reshape(blocks, WIRE_BLOCK)
+    scales = (np.abs(padded).max(axis=1) / 127).astype(np.float16)
+    safe = np.where(scales == 0, np.float16(1), scales).astype(np.float32)
+    values = np.clip(np.rint(padded / safe[:, None]), -127, 127).astype(np.int8)
+    dtype = str(tensor.dtype)[6:]
+    return runtime_pb2.Tensor(compression=runtime_pb2.CompressionType.BLOCKWISE_8BIT,
+                              buffer=scales.tobytes() + values.tobytes(), size=tensor.shape,
+                              dtype=dtype if dtype in WIRE_DTYPES else "float32", requires_grad=False)  # fmt: skip
+
+
+def _from_blockwise_8bit(head: runtime_pb2.Tensor, buffer: bytes, numel: int) -> torch.Tensor:
+    blocks = -(-numel // WIRE_BLOCK)
+    if len(buffer) != blocks * (2 + WIRE_BLOCK):
+        raise ProtocolError(f"an 8-bit tensor of {numel} values needs {blocks * (2 + WIRE_BLOCK)} bytes, got {len(buffer)}")
+    scales = np.frombuffer(buffer, dtype=np.float16, count=blocks).astype(np.float32)
+    if not np.all(np.isfinite(scales)):
+        raise ProtocolError("8-bit tensor with non-finite scales")
+    values = np.frombuffer(buffer, dtype=np.int8, offset=2 * blocks).reshape(blocks, WIRE_BLOCK)
+    flat = (values.astype(np.float32) * scales[:, None]).reshape(-1)[:numel]
+    return torch.from_numpy(flat.reshape(tuple(head.size))).to(WIRE_DTYPES[head.dtype])
 
 
 _KIND_NAMES = {int: "an integer", str: "a string", float: "a number", list: "a list", dict: "a map", bool: "a boolean"}

@@ -97,3 +97,37 @@ def test_swarm_with_an_int8_and_an_nf4_server(tiny_model: Path, reference):
             model.shutdown()
     finally:
         swarm.shutdown()
+
+
+def test_wire_formats_shrink_steps_and_keep_outputs_close(tiny_model: Path):
+    from petals_like import AutoDistributedModelForCausalLM
+
+    swarm = start_swarm(tiny_model, ("0:4",))
+    swarm.add_server(tiny_model, "4:8", wire_formats=("float32",))  # an operator who allows no compression
+    try:
+        swarm.wait_for_blocks(default_dht_prefix(tiny_model), 8)
+        hidden = torch.randn(1, 6, 64, generator=torch.Generator().manual_seed(3))
+        outputs, sent = {}, {}
+        for wire in (None, "float16", "int8"):
+            # no retries: with them the client would look for another server of 4:8 that takes the format
+            model = AutoDistributedModelForCausalLM.from_pretrained(tiny_model, initial_peers=swarm.peers,
+                                                                    torch_dtype="float32", wire=wire,
+                                                                    max_retries=0, connect_timeout=5)  # fmt: skip
+            try:
+                if wire is not None:  # the second server refuses: a clear error names the formats it takes
+                    with pytest.raises(RuntimeError, match=f"wire format '{wire}' is not supported.*float32"):
+                        with model.inference_session(max_length=8) as session:
+                            session.step(hidden)
+                # blocks 0:4 alone, on the server that accepts every format
+                with model.inference_session(max_length=8) as session:
+                    session.num_blocks = 4
+                    outputs[wire] = session.step(hidden)
+                    sent[wire] = session._chain[0].stream.bytes_sent
+            finally:
+                model.shutdown()
+        assert outputs[None].dtype == outputs["int8"].dtype == torch.float32
+        assert rel(outputs["float16"], outputs[None]) <= 0.01
+        assert rel(outputs["int8"], outputs[None]) <= 0.05
+        assert sent["float16"] <= 0.5 * sent[None] and sent["int8"] <= 0.3 * sent[None]
+    finally:
+        swarm.shutdown()

@@ -132,16 +132,20 @@ class InferenceSession:
 
     async def _open(self, span: RemoteSpanInfo, *, probe: bool = False) -> tuple[_SpanSession, int]:
         """Open a stream; with probe, also ask how many tokens of our hashed prefix the server holds."""
-        stream = InferenceStream(self.node.p2p, span)
+        stream = InferenceStream(self.node.p2p, span, wire=self.config.wire)
         await stream.open(timeout=self.config.connect_timeout)
         session = _SpanSession(span, stream, uuid.uuid4().hex)
         meta = dict(session_id=session.session_id, start=span.start, end=span.end, max_length=self.max_length,
                     batch_size=self.batch_size, pad_lens=self.pad_lens, push_token=session.push_token)  # fmt: skip
         if self._hashes and self._token_ids is not None:
             meta.update(page_hashes=self._hashes, hash_start=0, probe=probe)
+        probe = probe and bool(self._hashes)
+        if self.config.wire is not None:
+            # a server may refuse the format: wait for its answer, so the refusal is what the user sees
+            meta.update(wire=self.config.wire, probe=True)
         await stream.send([], meta)
         cached = 0
-        if probe and self._hashes:
+        if probe or self.config.wire is not None:
             answer = await stream.read(timeout=self.config.connect_timeout)
             cached = answer.metadata.get("cached_tokens", 0) if not answer.tensors else 0
             cached = cached if isinstance(cached, int) else 0

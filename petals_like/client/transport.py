@@ -93,15 +93,16 @@ class InferenceStream:
     server closing the stream is seen at once, and each step costs one write and one read.
     """
 
-    def __init__(self, p2p: P2P, span: RemoteSpanInfo):
+    def __init__(self, p2p: P2P, span: RemoteSpanInfo, wire: Optional[str] = None):
         self.p2p = p2p
         self.span = span
+        self.wire = wire  # compression of hidden states sent on this stream (protocol.WIRE_FORMATS)
         self._reader: Optional[asyncio.StreamReader] = None
         self._writer: Optional[asyncio.StreamWriter] = None
         self._responses: Optional[AsyncIterator[runtime_pb2.ExpertResponse]] = None
         self.closed = False
         self.messages_sent = 0  # logical messages written to this stream (steps, opens, closes)
-        self.bytes_sent = 0  # their tensor bytes
+        self.bytes_sent = 0  # their tensor bytes as sent (after compression)
 
     async def open(self, *, timeout: float) -> None:
         peer = PeerID.from_base58(self.span.peer_id)
@@ -122,9 +123,22 @@ class InferenceStream:
 
     async def send(self, tensors: list[torch.Tensor], metadata: dict) -> None:
         self.messages_sent += 1
-        self.bytes_sent += sum(t.numel() * t.element_size() for t in tensors)
-        for part in pack_message(tensors, metadata, max_part_bytes=DEFAULT_MAX_PART_BYTES):
-            await P2P.send_protobuf(part, self._writer)
+        for part in pack_message(tensors, metadata, max_part_bytes=DEFAULT_MAX_PART_BYTES, wire=self.wire):
+            self.bytes_sent += sum(len(t.buffer) for t in part.tensors)
+            try:
+                await P2P.send_protobuf(part, self._writer)
+            except ConnectionError as e:
+                raise await self._closing_reason(e) from e
+
+    async def _closing_reason(self, error: ConnectionError) -> Exception:
+        """The error the server sent before closing the stream (e.g. why it refused the session), if any."""
+        try:
+            await asyncio.wait_for(self._responses.__anext__(), 1.0)
+        except P2PHandlerError as reason:
+            return reason
+        except Exception:
+            pass
+        return error
 
     async def read_step(self, position: int, *, timeout: float) -> Message:
         """The answer to the step at `position`, skipping answers to earlier steps (a step that reached

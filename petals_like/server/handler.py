@@ -241,12 +241,13 @@ class Handlers:
         step_meta = {"step": session.steps, "position": position, "compute_s": time.perf_counter() - started}
         chain = meta.get("push_chain")
         if chain and not repeated:
-            step_meta["pushed"] = await self._push(out, chain)
-        return pack_message([out], step_meta, proto=runtime_pb2.ExpertResponse, max_part_bytes=self.config.max_part_bytes)
+            step_meta["pushed"] = await self._push(out, chain, session.wire)
+        return pack_message([out], step_meta, proto=runtime_pb2.ExpertResponse, max_part_bytes=self.config.max_part_bytes,
+                            wire=session.wire)  # fmt: skip
 
     # ---- server-to-server push ----
 
-    async def _push(self, out: torch.Tensor, chain: Any) -> bool:
+    async def _push(self, out: torch.Tensor, chain: Any, wire: Optional[str]) -> bool:
         """Send a step's output to the next server of the client's chain; False if it did not take it.
 
         chain = [{"peer": peer id, "token": push token, "meta": that server's step metadata}, ...];
@@ -262,7 +263,7 @@ class Handlers:
             token = require(hop, "token", str)
             hop_meta = require(hop, "meta", dict)
             parts = pack_message([out], dict(hop_meta, push_token=token, push_chain=chain[1:]),
-                                 max_part_bytes=self.config.max_part_bytes)  # fmt: skip
+                                 max_part_bytes=self.config.max_part_bytes, wire=wire)  # fmt: skip
             if len(parts) != 1:
                 return False  # prompts too large for one message go through the client
             await asyncio.wait_for(self.p2p.call_protobuf_handler(peer, RPC_PUSH, parts[0], runtime_pb2.ExpertResponse),

@@ -54,6 +54,7 @@ class ServerSession:
     push_token: Optional[str] = None  # secret the client gave this session; a push must carry it
     inbox: Optional[asyncio.Queue] = None  # steps pushed by the previous server, read by the session's stream
     last_output: Optional[tuple[int, torch.Tensor]] = None  # (position, output) of the last small step
+    wire: Optional[str] = None  # how this session's outputs travel (protocol.WIRE_FORMATS); None = as computed
 
     @property
     def length(self) -> int:
@@ -98,6 +99,11 @@ class SessionManager:
         scope = f"{owner}|{blocks.first}:{blocks.last}"
         session = ServerSession(session_id, peer_id, blocks, max_length, batch_size, pad_lens,
                                 [SequencePages() for _ in range(batch_size)], scope)  # fmt: skip
+        wire = meta.get("wire")
+        if wire is not None and wire not in self.config.wire_formats:
+            raise ProtocolError(f"wire format {wire!r} is not supported by this server "
+                                f"(supported: {', '.join(self.config.wire_formats)})")  # fmt: skip
+        session.wire = wire
         token = meta.get("push_token")
         if token is not None:
             if not isinstance(token, str) or not 16 <= len(token) <= MAX_SESSION_ID_LENGTH:
