@@ -8,7 +8,8 @@ its own process, the client in this one.
   (b) prefill of a 512-token prompt through the swarm: seconds
   (c) the same model in one process: transformers generate(), and this project's block math
       without any network: tokens/s
-  (d)-(g) engine workloads, see bench_engine; (h)-(j) routing workloads, see bench_routing
+  (d)-(g) engine workloads, see bench_engine; (h)-(j) routing workloads, see bench_routing;
+  (k), (l) quantized servers and wire formats, see bench_quant
 """
 
 from __future__ import annotations
@@ -198,8 +199,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--preset", default="bench", choices=["bench", "tiny"], help="model size (tiny = quick check)")
     parser.add_argument("--model_dir", type=Path, default=None, help="checkpoint to use (created if missing)")
     parser.add_argument("--workloads", default="a,b,c",
-                        help="comma-separated subset of a..j, or 'all' (d..g: engine workloads, see bench_engine; "
-                             "h..j: routing, see bench_routing)")  # fmt: skip
+                        help="comma-separated subset of a..l, or 'all' (d..g: engine workloads, see bench_engine; "
+                             "h..j: routing, see bench_routing; k, l: quantization, see bench_quant)")  # fmt: skip
     parser.add_argument("--prompt_len", type=int, default=16)
     parser.add_argument("--new_tokens", type=int, default=128)
     parser.add_argument("--prefill_len", type=int, default=512)
@@ -214,10 +215,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     model_dir = args.model_dir or BENCH_DIR / f"{args.preset}-llama"
     make_tiny_model(model_dir, family="llama", preset=args.preset)
     prompt = torch.randint(3, 300, (1, args.prompt_len), generator=torch.Generator().manual_seed(0))
-    workloads = set("abcdefghij") if args.workloads == "all" else set(args.workloads.split(","))
-    unknown = workloads - set("abcdefghij")
+    workloads = set("abcdefghijkl") if args.workloads == "all" else set(args.workloads.split(","))
+    unknown = workloads - set("abcdefghijkl")
     if unknown:
-        parser.error(f"unknown workloads {sorted(unknown)}; choose from a..j")
+        parser.error(f"unknown workloads {sorted(unknown)}; choose from a..l")
 
     report: dict = {
         "model": {"preset": args.preset, "path": str(model_dir), "dtype": "float32"},
@@ -279,6 +280,13 @@ def main(argv: Optional[list[str]] = None) -> None:
             report["i_failover_recovery"] = bench_routing.failover_recovery(model_dir, server_args)
         if "j" in workloads:
             report["j_forward_spread"] = bench_routing.forward_spread(model_dir, server_args)
+    if workloads & {"k", "l"}:
+        from petals_like.cli import bench_quant
+
+        if "k" in workloads:
+            report["k_quantized_servers"] = bench_quant.quantized_servers(model_dir, args.server_args.split())
+        if "l" in workloads:
+            report["l_wire_formats"] = bench_quant.wire_formats(model_dir, args.server_args.split())
     print(json.dumps(report, indent=2))
 
 

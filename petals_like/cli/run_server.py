@@ -51,6 +51,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, str]:
                    help="tokens per batched iteration; longer prompts run in chunks")
     p.add_argument("--prefill_chunk", type=int, default=defaults.prefill_chunk,
                    help="prompt tokens per iteration while other sessions decode")
+    p.add_argument("--wire_formats", nargs="+", default=list(defaults.wire_formats),
+                   choices=["float32", "float16", "bfloat16", "int8"],
+                   help="formats clients may choose for hidden states on the wire (int8: 8-bit blocks)")
     p.add_argument("--share_prefix_cache", action="store_true",
                    help="reuse cached prefix pages across clients: trusts clients' claimed page hashes")
     p.add_argument("--max_session_length", type=int, default=defaults.max_session_length)
@@ -76,7 +79,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, str]:
         share_prefix_cache=a.share_prefix_cache, prefill_chunk=a.prefill_chunk,
         max_session_length=a.max_session_length, max_batch_size=a.max_batch_size,
         announce_period=a.announce_period, expiration=a.expiration, public_name=a.public_name,
-        balance_period=a.balance_period, balance_quality=a.balance_quality,
+        balance_period=a.balance_period, balance_quality=a.balance_quality, wire_formats=tuple(a.wire_formats),
         progress=not a.no_progress,
     )  # fmt: skip
     return config, a.log_level

@@ -1,0 +1,100 @@
+"""Quantization workloads of the benchmark: quantized servers and compressed hidden states.
+
+  (k) servers in float32, bfloat16, int8 and nf4 (a swarm each): linear-weight bytes per block,
+      one session's tokens/s and p50 per token, 16 sessions' aggregate tokens/s, and the relative
+      error of the final hidden states and of the logits of a 16-token prompt vs float32
+  (l) one float32 swarm, the client's wire format float32, float16 or int8 (8-bit blocks): bytes
+      the client sends per decode step and per 512-token prefill, and the logits' relative error
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from petals_like.cli import bench_engine
+from petals_like.cli.bench import BenchSwarm, TokenTimer, summarize
+
+SETUPS = {"float32": [], "bfloat16": ["--torch_dtype", "bfloat16"], "int8": ["--quant_type", "int8"],
+          "nf4": ["--quant_type", "nf4"]}  # fmt: skip
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return round(float((a.float() - b.float()).norm() / b.float().norm()), 5)
+
+
+def _weight_bytes(model_dir: Path, setup: str) -> int:
+    from petals_like.models.spec import ModelSpec
+    from petals_like.quant.weights import linear_weight_bytes
+    from petals_like.server.server import load_span
+
+    spec = ModelSpec.from_pretrained(model_dir)
+    dtype = torch.bfloat16 if setup == "bfloat16" else torch.float32
+    quant = setup if setup in ("int8", "nf4") else "none"
+    span = load_span(model_dir, spec, 0, 1, dtype, torch.device("cpu"), progress=False, quant_type=quant)
+    return linear_weight_bytes(span.blocks[0])
+
+
+def _prompt_outputs(model, prompt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    with model.inference_session(max_length=prompt.shape[1] + 1, reuse_prefix=False) as session:
+        hidden = session.step(model.local.embed(prompt))
+    return hidden, model.local.logits(hidden)
+
+
+def quantized_servers(model_dir: Path, server_args: list[str], new_tokens: int = 64) -> dict:
+    """(k)"""
+    prompt = torch.randint(4, 300, (1, 16), generator=torch.Generator().manual_seed(5))
+    results: dict = {}
+    reference = None
+    for setup, args in SETUPS.items():
+        with BenchSwarm(model_dir, server_args + args) as swarm:
+            model = swarm.model
+            hidden, logits = _prompt_outputs(model, prompt)
+            if reference is None:
+                reference = (hidden, logits)
+            timer = TokenTimer()
+            model.generate(prompt, max_new_tokens=new_tokens, eos_token_id=[], streamer=timer)
+            one = summarize(timer.latencies())
+            many = bench_engine.concurrent_sessions(model, counts=(16,), new_tokens=32)["16"]
+            results[setup] = {
+                "weight_bytes_per_block": _weight_bytes(model_dir, setup),
+                "one_session_tokens_per_s": one["tokens_per_s"], "one_session_p50_ms": one["p50_ms"],
+                "sessions_16_tokens_per_s": many["aggregate_tokens_per_s"],
+                "hidden_rel_error": _rel(hidden, reference[0]), "logits_rel_error": _rel(logits, reference[1]),
+                "server_rss_mib": [s["rss_mib"] for s in swarm.footprint],
+            }  # fmt: skip
+    base = results["bfloat16"]["weight_bytes_per_block"]
+    for entry in results.values():
+        entry["weight_bytes_vs_bfloat16"] = round(entry["weight_bytes_per_block"] / base, 3)
+    bf16 = results["bfloat16"]["one_session_tokens_per_s"]
+    for entry in results.values():
+        entry["one_session_vs_bfloat16"] = round(entry["one_session_tokens_per_s"] / bf16, 3)
+    return results
+
+
+def wire_formats(model_dir: Path, server_args: list[str], prefill_len: int = 512) -> dict:
+    """(l)"""
+    prompt = torch.randint(4, 300, (1, prefill_len), generator=torch.Generator().manual_seed(6))
+    results: dict = {}
+    with BenchSwarm(model_dir, server_args) as swarm:
+        model = swarm.model
+        reference = None
+        for wire in ("float32", "float16", "int8"):
+            model.config.wire = wire
+            with model.inference_session(max_length=prefill_len + 2, reuse_prefix=False) as session:
+                first = session.step(model.local.embed(prompt))
+                prefill_bytes = session._chain[0].stream.bytes_sent
+                token = model.local.logits(first[:, -1:]).argmax(-1)
+                step = session.step(model.local.embed(token))
+                step_bytes = session._chain[0].stream.bytes_sent - prefill_bytes
+            logits = model.local.logits(torch.cat([first[:, -1:], step], dim=1))
+            if reference is None:
+                reference = logits
+            results[wire] = {"bytes_per_decode_step": step_bytes, "bytes_per_prefill": prefill_bytes,
+                             "logits_rel_error": _rel(logits, reference)}  # fmt: skip
+        model.config.wire = None
+    base = results["float32"]
+    for entry in results.values():
+        entry["step_bytes_vs_float32"] = round(entry["bytes_per_decode_step"] / base["bytes_per_decode_step"], 3)
+    return results
