@@ -164,3 +164,17 @@ def test_one_span_or_three_hops_whichever_is_faster(tiny_model: Path, reference,
             model.shutdown()
     finally:
         swarm.shutdown()
+
+
+def test_servers_announce_round_trips_to_the_servers_that_follow_them(chain_swarm, tiny_model: Path):
+    from petals_like.data_structures import ServerState
+
+    first, second, third = sorted(chain_swarm.servers, key=lambda s: s.start_block)
+    for server in (first, second):
+        server.node.run(server._declare(ServerState.ONLINE), timeout=30)  # a re-announcement, now
+    spans = chain_swarm.spans(default_dht_prefix(tiny_model), NUM_BLOCKS)
+    pings = {peer: span.server_info.next_pings for peer, span in spans.items()}
+    assert set(pings[first.node.peer_id]) == {second.node.peer_id}  # only servers that can follow 0:3
+    assert set(pings[second.node.peer_id]) == {third.node.peer_id}
+    assert 0 < pings[first.node.peer_id][second.node.peer_id] < 1.0
+    assert pings[third.node.peer_id] == {}  # nothing follows the last block
