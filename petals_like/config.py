@@ -7,6 +7,9 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 DEFAULT_MAX_PART_BYTES = 2 * 1024**2  # one P2P message part; hivemind caps unary messages at 4 MiB
+# how a session's hidden states may travel (protocol.pack_message): as float32, float16 or bfloat16,
+# or "int8": blocks of values as int8 plus a float16 scale each
+WIRE_FORMATS = ("float32", "float16", "bfloat16", "int8")
 
 
 @dataclass
@@ -27,8 +30,6 @@ class ClientConfig:
     host_maddrs: Sequence[str] = ("/ip4/127.0.0.1/tcp/0",)  # where the client's p2p daemon listens
 
     def __post_init__(self) -> None:
-        from petals_like.protocol import WIRE_FORMATS
-
         if self.wire is not None and self.wire not in WIRE_FORMATS:
             raise ValueError(f"wire must be one of {WIRE_FORMATS} or None, got {self.wire!r}")
 
@@ -63,7 +64,7 @@ class ServerConfig:
     max_batch_size: int = 64  # sequences in one request
     max_request_tokens: int = 16384  # batch x new tokens in one request
     max_message_bytes: int = 256 * 1024**2  # one assembled request, all parts together
-    wire_formats: Sequence[str] = ("float32", "float16", "bfloat16", "int8")  # what sessions may choose
+    wire_formats: Sequence[str] = WIRE_FORMATS  # what sessions may choose
     push_timeout: float = 5.0  # seconds for the next server to accept a pushed step before the client relays it
     max_part_bytes: int = DEFAULT_MAX_PART_BYTES
     announce_period: float = 30.0  # seconds between re-announcements

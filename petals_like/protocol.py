@@ -27,10 +27,7 @@ RPC_PUSH = "petals_like.rpc_push"  # server -> next server: a step's output as t
 
 PROTOCOL_VERSION = 1
 WIRE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-# how a session's hidden states travel (chosen by the client when it opens the session): as float32,
-# float16 or bfloat16, or "int8": blocks of WIRE_BLOCK values as int8 plus a float16 scale each
-WIRE_FORMATS = (*WIRE_DTYPES, "int8")
-WIRE_BLOCK = 64
+WIRE_BLOCK = 64  # values per float16 scale in the "int8" wire format (config.WIRE_FORMATS)
 _TENSOR_DTYPES = {**WIRE_DTYPES, "int64": torch.int64, "int32": torch.int32}
 # numpy dtype with the same bytes (bfloat16 has none: it travels as int16 bits); numpy does the
 # byte work because each torch op costs ~10-20 us of dispatch on a small CPU, numpy ~1 us
@@ -94,7 +91,7 @@ def pack_message(
 ) -> list[Proto]:
     """Encode a logical message as parts of at most ~max_part_bytes of tensor data each.
 
-    wire (see WIRE_FORMATS) compresses floating-point tensors; None sends them as they are.
+    wire (see config.WIRE_FORMATS) compresses floating-point tensors; None sends them as they are.
     """
     chunks: list[runtime_pb2.Tensor] = []
     for tensor in tensors:

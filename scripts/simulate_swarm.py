@@ -109,11 +109,12 @@ def simulate(args, rebalance: bool) -> dict:
         push(t_sample, "sample", -1)
         t_sample += args.sample_seconds
 
-    def occupy(server: SimServer, start: int, t: float) -> None:
+    def occupy(index: int, start: int, t: float) -> None:
+        server = servers[index]
         server.start, server.loaded = start, False
         server.epoch += 1
         announced[start : start + server.num_blocks] += server.throughput
-        push(t + args.load_seconds_per_block * server.num_blocks, "loaded", servers.index(server), server.epoch)
+        push(t + args.load_seconds_per_block * server.num_blocks, "loaded", index, server.epoch)
 
     def vacate(server: SimServer) -> None:
         span = slice(server.start, server.start + server.num_blocks)
@@ -139,7 +140,7 @@ def simulate(args, rebalance: bool) -> dict:
         server = servers[index]
         if kind == "join":
             start = choose_best_start(announced, server.num_blocks, server.throughput)
-            occupy(server, start, t)
+            occupy(index, start, t)
             if rebalance:
                 push(t + args.balance_period * check_rng.uniform(0.5, 1.5), "check", index, server.epoch)
         elif kind == "leave":
@@ -157,7 +158,7 @@ def simulate(args, rebalance: bool) -> dict:
                                      args.balance_quality)  # fmt: skip
                 if target is not None:
                     vacate(server)
-                    occupy(server, target, t)
+                    occupy(index, target, t)
                     moves += 1
             push(t + args.balance_period * check_rng.uniform(0.5, 1.5), "check", index, server.epoch)
 

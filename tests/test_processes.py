@@ -74,15 +74,21 @@ def test_server_processes_serve_and_leave_cleanly(dht, processes, tiny_model: Pa
                                for c in children[second.process.pid]), 15, message="p2pd of the stopped server exits")
 
 
-def test_generation_survives_a_killed_server(dht, processes, tiny_model: Path):
-    """SIGKILL a server of the chain in the middle of a 128-token generation: the session moves to
-    the replica and the tokens are exactly those of a run without failure."""
+def start_replicated(dht: SwarmNode, processes: list[ServerProcess], tiny_model: Path) -> tuple[list[str], list[str]]:
+    """Server processes on 0:4, 4:8 and 4:8 (a replica to fail over to); returns (initial peers, server peer ids)."""
     peers = dht.visible_maddrs()
     for span in ("0:4", "4:8", "4:8"):
         processes.append(ServerProcess(tiny_model, span, peers))
     peer_ids = [server.wait_ready() for server in processes]
     prefix = default_dht_prefix(tiny_model)
     wait_until(lambda: all(len(b) >= (2 if i >= 4 else 1) for i, b in enumerate(block_states(dht, prefix))), 30)
+    return peers, peer_ids
+
+
+def test_generation_survives_a_killed_server(dht, processes, tiny_model: Path):
+    """SIGKILL a server of the chain in the middle of a 128-token generation: the session moves to
+    the replica and the tokens are exactly those of a run without failure."""
+    peers, peer_ids = start_replicated(dht, processes, tiny_model)
 
     input_ids = torch.tensor([[1, 90, 91, 92, 93]])
     local = AutoModelForCausalLM.from_pretrained(tiny_model).generate(input_ids, max_new_tokens=128, do_sample=False)
@@ -161,12 +167,7 @@ def test_failover_after_prefix_reuse_replays_everything(tiny_model: Path, refere
 
 def test_training_step_survives_a_killed_server(dht, processes, tiny_model: Path, reference):
     """SIGKILL the server that ran a forward pass before its backward: the gradients are still right."""
-    peers = dht.visible_maddrs()
-    for span in ("0:4", "4:8", "4:8"):
-        processes.append(ServerProcess(tiny_model, span, peers))
-    peer_ids = [server.wait_ready() for server in processes]
-    prefix = default_dht_prefix(tiny_model)
-    wait_until(lambda: all(len(b) >= (2 if i >= 4 else 1) for i, b in enumerate(block_states(dht, prefix))), 30)
+    peers, peer_ids = start_replicated(dht, processes, tiny_model)
 
     torch.manual_seed(1)
     input_ids = torch.randint(4, 300, (2, 10))

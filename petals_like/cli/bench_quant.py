@@ -44,7 +44,7 @@ def _prompt_outputs(model, prompt: torch.Tensor) -> tuple[torch.Tensor, torch.Te
 
 def quantized_servers(model_dir: Path, server_args: list[str], new_tokens: int = 64) -> dict:
     """(k)"""
-    prompt = torch.randint(4, 300, (1, 16), generator=torch.Generator().manual_seed(5))
+    prompt = bench_engine._prompt(16, 5)
     results: dict = {}
     reference = None
     for setup, args in SETUPS.items():
@@ -75,7 +75,7 @@ def quantized_servers(model_dir: Path, server_args: list[str], new_tokens: int =
 
 def wire_formats(model_dir: Path, server_args: list[str], prefill_len: int = 512) -> dict:
     """(l)"""
-    prompt = torch.randint(4, 300, (1, prefill_len), generator=torch.Generator().manual_seed(6))
+    prompt = bench_engine._prompt(prefill_len, 6)
     results: dict = {}
     with BenchSwarm(model_dir, server_args) as swarm:
         model = swarm.model

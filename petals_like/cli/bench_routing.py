@@ -23,11 +23,8 @@ from pathlib import Path
 import torch
 
 from petals_like.cli.bench import BenchSwarm, TokenTimer, percentile
+from petals_like.cli.bench_engine import _prompt
 from petals_like.client.transport import InferenceStream
-
-
-def _prompt(length: int, seed: int) -> torch.Tensor:
-    return torch.randint(4, 300, (1, length), generator=torch.Generator().manual_seed(seed))
 
 
 def _latencies(model, new_tokens: int, seed: int) -> list[float]:

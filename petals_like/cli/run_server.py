@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from petals_like.config import ServerConfig
+from petals_like.config import WIRE_FORMATS, ServerConfig
 from petals_like.utils.cli import setup_logging, wait_for_stop_signal
 
 logger = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, str]:
     p.add_argument("--prefill_chunk", type=int, default=defaults.prefill_chunk,
                    help="prompt tokens per iteration while other sessions decode")
     p.add_argument("--wire_formats", nargs="+", default=list(defaults.wire_formats),
-                   choices=["float32", "float16", "bfloat16", "int8"],
+                   choices=list(WIRE_FORMATS),
                    help="formats clients may choose for hidden states on the wire (int8: 8-bit blocks)")
     p.add_argument("--share_prefix_cache", action="store_true",
                    help="reuse cached prefix pages across clients: trusts clients' claimed page hashes")

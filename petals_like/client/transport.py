@@ -96,7 +96,7 @@ class InferenceStream:
     def __init__(self, p2p: P2P, span: RemoteSpanInfo, wire: Optional[str] = None):
         self.p2p = p2p
         self.span = span
-        self.wire = wire  # compression of hidden states sent on this stream (protocol.WIRE_FORMATS)
+        self.wire = wire  # compression of hidden states sent on this stream (config.WIRE_FORMATS)
         self._reader: Optional[asyncio.StreamReader] = None
         self._writer: Optional[asyncio.StreamWriter] = None
         self._responses: Optional[AsyncIterator[runtime_pb2.ExpertResponse]] = None
@@ -125,20 +125,7 @@ class InferenceStream:
         self.messages_sent += 1
         for part in pack_message(tensors, metadata, max_part_bytes=DEFAULT_MAX_PART_BYTES, wire=self.wire):
             self.bytes_sent += sum(len(t.buffer) for t in part.tensors)
-            try:
-                await P2P.send_protobuf(part, self._writer)
-            except ConnectionError as e:
-                raise await self._closing_reason(e) from e
-
-    async def _closing_reason(self, error: ConnectionError) -> Exception:
-        """The error the server sent before closing the stream (e.g. why it refused the session), if any."""
-        try:
-            await asyncio.wait_for(self._responses.__anext__(), 1.0)
-        except P2PHandlerError as reason:
-            return reason
-        except Exception:
-            pass
-        return error
+            await P2P.send_protobuf(part, self._writer)
 
     async def read_step(self, position: int, *, timeout: float) -> Message:
         """The answer to the step at `position`, skipping answers to earlier steps (a step that reached

@@ -153,7 +153,8 @@ class Scheduler:
             with self._wake:
                 while not self._stopped and not self._pending and not self._tasks:
                     self._wake.wait()
-                expected = max(self._last_batch, self._expected())
+                active = self._expected()  # read once per iteration: it walks the session table
+                expected = max(self._last_batch, active)
                 if self._pending and len(self._pending) < expected and self.gather_wait > 0:
                     # an iteration reads every weight once: waiting a fraction of one for the rest of
                     # the last batch is cheaper than running them in a second iteration
@@ -174,7 +175,7 @@ class Scheduler:
                 work._mark_done()
             try:
                 if works:
-                    self._iterate(works)
+                    self._iterate(works, active)
                 elif task is not None:
                     self._run_task(task)
             except BaseException as e:  # the loop must outlive any bug in one iteration
@@ -190,13 +191,15 @@ class Scheduler:
         except Exception:  # a racing read of the session table; the last batch size still applies
             return 0
 
-    def _choose(self, works: list[InferenceWork]) -> list[tuple[InferenceWork, int]]:
-        """Which works run this iteration and how many positions of each: decode-sized steps first."""
+    def _choose(self, works: list[InferenceWork], active: int = 0) -> list[tuple[InferenceWork, int]]:
+        """Which works run this iteration and how many positions of each: decode-sized steps first.
+
+        active: sessions likely to send a step soon (expected_works), pending or not."""
         chosen, budget = [], self.token_budget
         ordered = sorted(works, key=lambda w: w.remaining)  # stable: FIFO among equals
         decode_tokens = sum(w.hidden.shape[0] for w in ordered if w.remaining == 1)
         prompts = sum(1 for w in ordered if w.remaining > 1)
-        if decode_tokens or self._expected() > prompts:
+        if decode_tokens or active > prompts:
             # decoding sessions are waiting, or will be back within this iteration (at the other
             # servers of their chains, or at their clients): a long prompt advances by a chunk, so
             # that no decode step ever waits behind a long iteration
@@ -212,9 +215,9 @@ class Scheduler:
             budget -= positions * rows
         return chosen
 
-    def _iterate(self, works: list[InferenceWork]) -> None:
+    def _iterate(self, works: list[InferenceWork], active: int = 0) -> None:
         started = time.monotonic()
-        chosen = self._choose(works)
+        chosen = self._choose(works, active)
         self._last_batch = len(chosen)
         if self.on_iteration is not None:
             self.on_iteration([w for w, _ in chosen])

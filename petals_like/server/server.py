@@ -102,7 +102,6 @@ class Server:
         self._announced_load = 0.0
         self.pings = PingTable(timeout=2.0, period=0.0)  # measured once per announcement
         self._balancer: Optional[threading.Thread] = None
-        self._moving = threading.Lock()
         self.moves = 0
         self._next_pings: dict[str, float] = {}
 
@@ -179,14 +178,13 @@ class Server:
         old = (self.start_block, self.end_block)
         num_blocks = old[1] - old[0]
         logger.info(f"Moving from blocks {old[0]}:{old[1]} to {start}:{start + num_blocks} (swarm re-balancing)")
-        with self._moving:
-            self.node.run(self._declare_range(ServerState.OFFLINE, *old), timeout=60)
-            self.start_block, self.end_block = start, start + num_blocks
-            self._announce(ServerState.JOINING)
-            self.scheduler.shutdown()  # steps in flight get an error; memory for the new span is freed first
-            self._serve_span()
-            self._announce(ServerState.ONLINE)
-            self.moves += 1
+        self.node.run(self._declare_range(ServerState.OFFLINE, *old), timeout=60)
+        self.start_block, self.end_block = start, start + num_blocks
+        self._announce(ServerState.JOINING)
+        self.scheduler.shutdown()  # steps in flight get an error; memory for the new span is freed first
+        self._serve_span()
+        self._announce(ServerState.ONLINE)
+        self.moves += 1
 
     def _choose_blocks(self) -> tuple[int, int]:
         num_model_blocks = self.spec.num_blocks
@@ -238,7 +236,7 @@ class Server:
         if not isinstance(mode, str):
             self.throughput = float(mode)
             self.inference_rps = self.throughput / num_blocks
-            self.forward_rps = self.throughput
+            self.forward_rps = self.inference_rps  # unmeasured: assume forward runs at the decode rate
             return
         key = cache_key(self.spec, self.dtype, self.device, self.config.quant_type)
         rates = get_rates(span, key, mode)

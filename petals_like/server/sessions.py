@@ -54,7 +54,7 @@ class ServerSession:
     push_token: Optional[str] = None  # secret the client gave this session; a push must carry it
     inbox: Optional[asyncio.Queue] = None  # steps pushed by the previous server, read by the session's stream
     last_output: Optional[tuple[int, torch.Tensor]] = None  # (position, output) of the last small step
-    wire: Optional[str] = None  # how this session's outputs travel (protocol.WIRE_FORMATS); None = as computed
+    wire: Optional[str] = None  # how this session's outputs travel (config.WIRE_FORMATS); None = as computed
 
     @property
     def length(self) -> int:
