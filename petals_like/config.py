@@ -25,11 +25,15 @@ class ClientConfig:
     ping_timeout: float = 2.0  # a server slower than this to answer a ping counts as this slow
     default_rtt: float = 0.1  # round trip assumed for servers not measured yet
     use_push: bool = True  # servers send their outputs straight to the next server of an inference chain
+    num_chains: int = 1  # forward/backward: split a batch over up to this many different chains at once
+    active_adapter: Optional[str] = None  # a server-hosted adapter (run_server --adapters) to run with
     wire: Optional[str] = None  # inference hidden states on the wire: float32, float16, bfloat16 or int8 (8-bit
     # blocks); None = as computed (the model's dtype: exact)
     host_maddrs: Sequence[str] = ("/ip4/127.0.0.1/tcp/0",)  # where the client's p2p daemon listens
 
     def __post_init__(self) -> None:
+        if self.num_chains < 1:
+            raise ValueError(f"num_chains must be >= 1, got {self.num_chains}")
         if self.wire is not None and self.wire not in WIRE_FORMATS:
             raise ValueError(f"wire must be one of {WIRE_FORMATS} or None, got {self.wire!r}")
 
@@ -72,4 +76,8 @@ class ServerConfig:
     session_idle_timeout: float = 600.0  # seconds an inference stream may stay silent before it is closed
     request_timeout: float = 600.0  # seconds one forward/backward may wait in the queue plus compute
     public_name: str = ""
+    adapters: Sequence[str] = ()  # PEFT LoRA folders (or NAME=PATH) to serve for inference; named by folder
+    max_lora_rank: int = 64  # largest rank of a client-held LoRA
+    max_adapter_bytes: int = 256 * 1024**2  # client-held LoRA weights kept for one client
+    adapter_idle_timeout: float = 600.0  # seconds a client's LoRA weights stay without being used
     progress: bool = True  # progress bar while loading blocks

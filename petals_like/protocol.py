@@ -26,6 +26,7 @@ RPC_INFERENCE = "petals_like.rpc_inference"
 RPC_PUSH = "petals_like.rpc_push"  # server -> next server: a step's output as the next span's input
 
 PROTOCOL_VERSION = 1
+ADAPTER_NOT_CACHED = "adapter weights not cached"  # in an error: the client sends its LoRA weights again
 WIRE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 WIRE_BLOCK = 64  # values per float16 scale in the "int8" wire format (config.WIRE_FORMATS)
 _TENSOR_DTYPES = {**WIRE_DTYPES, "int64": torch.int64, "int32": torch.int32}

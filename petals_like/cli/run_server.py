@@ -66,6 +66,14 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, str]:
     p.add_argument("--announce_period", type=float, default=defaults.announce_period)
     p.add_argument("--expiration", type=float, default=defaults.expiration)
     p.add_argument("--public_name", default="", help="a name shown on the swarm dashboard")
+    p.add_argument("--adapters", nargs="*", default=[],
+                   help="PEFT LoRA folders to serve (named by folder, or NAME=PATH); clients pick one by name")
+    p.add_argument("--max_lora_rank", type=int, default=defaults.max_lora_rank,
+                   help="largest rank of the LoRA weights a client may send")
+    p.add_argument("--max_adapter_bytes", type=int, default=defaults.max_adapter_bytes,
+                   help="bytes of LoRA weights kept for one client")
+    p.add_argument("--adapter_idle_timeout", type=float, default=defaults.adapter_idle_timeout,
+                   help="seconds a client's LoRA weights are kept without use")
     p.add_argument("--no_progress", action="store_true", help="no progress bar while loading")
     p.add_argument("--log_level", default="INFO")
     a = p.parse_args(argv)
@@ -80,7 +88,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, str]:
         max_session_length=a.max_session_length, max_batch_size=a.max_batch_size,
         announce_period=a.announce_period, expiration=a.expiration, public_name=a.public_name,
         balance_period=a.balance_period, balance_quality=a.balance_quality, wire_formats=tuple(a.wire_formats),
-        progress=not a.no_progress,
+        progress=not a.no_progress, adapters=tuple(a.adapters), max_lora_rank=a.max_lora_rank,
+        max_adapter_bytes=a.max_adapter_bytes, adapter_idle_timeout=a.adapter_idle_timeout,
     )  # fmt: skip
     return config, a.log_level
 

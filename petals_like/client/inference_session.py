@@ -50,8 +50,10 @@ class InferenceSession:
     the tokens that the keys depend on (model, adapters, client-side prompts)."""
 
     def __init__(self, node: SwarmNode, routes: RouteManager, config: ClientConfig, *, max_length: int,
-                 num_blocks: int, prefix_salt: Optional[str] = None):  # fmt: skip
+                 num_blocks: int, prefix_salt: Optional[str] = None, tuning: Optional[RequestTuning] = None):  # fmt: skip
+        """tuning: deep prompts, a client-held LoRA or a hosted adapter, given to every server at open."""
         self.node = node
+        self.tuning = tuning or RequestTuning(adapter=config.active_adapter)
         self.routes = routes
         self.config = config
         self.max_length = max_length
@@ -137,13 +139,15 @@ class InferenceSession:
         session = _SpanSession(span, stream, uuid.uuid4().hex)
         meta = dict(session_id=session.session_id, start=span.start, end=span.end, max_length=self.max_length,
                     batch_size=self.batch_size, pad_lens=self.pad_lens, push_token=session.push_token)  # fmt: skip
+        extras = self.tuning.extras(span, with_weights=True)  # sent at every open: a replacement server needs them too
+        meta.update(extras.metadata)
         if self._hashes and self._token_ids is not None:
             meta.update(page_hashes=self._hashes, hash_start=0, probe=probe)
         probe = probe and bool(self._hashes)
         if self.config.wire is not None:
             # a server may refuse the format: wait for its answer, so the refusal is what the user sees
             meta.update(wire=self.config.wire, probe=True)
-        await stream.send([], meta)
+        await stream.send(extras.tensors, meta, compress=False)
         cached = 0
         if probe or self.config.wire is not None:
             answer = await stream.read(timeout=self.config.connect_timeout)

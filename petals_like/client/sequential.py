@@ -4,24 +4,86 @@ Forward calls each span of a route in turn and remembers (span, input). Backward
 reverse with rpc_backward; servers recompute their activations, so nothing is held remotely between
 calls. A span that fails in either direction is replaced by a new route over the same blocks; in
 backward the replacement first re-runs the forward to get its inner inputs. Results are unchanged.
+
+Trainable client parameters ride along (client/tuning.py): deep prompts and client-held LoRA
+weights are sent with the requests of the blocks they belong to, and backward returns their
+gradients, which autograd then accumulates like any other. With ClientConfig.num_chains > 1 a
+batch is split into micro-batches that run through different chains at once, sized by the
+chains' throughput; their gradients are summed here.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Any, Optional
 
 import torch
 
-from petals_like.client.transport import call_backward, call_forward
+from petals_like.client.transport import SpanExtras, call_backward, call_forward
+from petals_like.client.tuning import ClientLora
 from petals_like.config import ClientConfig
 from petals_like.data_structures import RemoteSpanInfo
 from petals_like.dht.node import SwarmNode
+from petals_like.protocol import ADAPTER_NOT_CACHED
 from petals_like.routing.manager import RouteManager
 
 logger = logging.getLogger(__name__)
 
 Trace = list[tuple[RemoteSpanInfo, torch.Tensor]]  # (span, the hidden states it received)
+
+
+@dataclass
+class RequestTuning:
+    """One forward/backward pass's trainable extras, frozen at forward time."""
+
+    prompts: Optional[torch.Tensor] = None  # deep prompts [num_blocks, prefix, hidden], detached
+    lora: Optional[ClientLora] = None
+    lora_version: int = 0
+    adapter: Optional[str] = None  # a server-hosted adapter's name
+
+    def extras(self, span: RemoteSpanInfo, with_weights: bool) -> SpanExtras:
+        extras = SpanExtras()
+        if self.prompts is not None:
+            prompts = self.prompts[span.start : span.end]
+            extras.tensors.append(prompts)
+            extras.grad_like.append(prompts)
+            extras.metadata["deep_prompts"] = True
+        if self.adapter is not None:
+            extras.metadata["adapter"] = self.adapter
+        if self.lora is not None:
+            lora = self.lora
+            tensors = [t.detach() for t in lora.tensors(span.start, span.end)]
+            extras.metadata["lora"] = {"id": lora.adapter_id, "version": self.lora_version, "rank": lora.rank,
+                                       "scaling": lora.scaling, "targets": list(lora.targets), "weights": with_weights}  # fmt: skip
+            if with_weights:
+                extras.tensors += tensors
+            extras.grad_like += tensors
+        return extras
+
+
+@dataclass
+class _Grads:
+    """Gradients of the extras, summed over spans and micro-batches."""
+
+    prompts: Optional[torch.Tensor] = None
+    lora: dict[int, list[torch.Tensor]] = field(default_factory=dict)  # block -> wire-order gradients
+
+    def add(self, span: RemoteSpanInfo, tuning: RequestTuning, grads: list[torch.Tensor]) -> None:
+        if tuning.prompts is not None:
+            grad, grads = grads[0], grads[1:]
+            if self.prompts is None:
+                self.prompts = torch.zeros_like(tuning.prompts)
+            self.prompts[span.start : span.end] += grad.to(self.prompts.dtype)
+        if tuning.lora is not None:
+            per_block = 2 * len(tuning.lora.targets)
+            for i, block in enumerate(range(span.start, span.end)):
+                chunk = grads[i * per_block : (i + 1) * per_block]
+                if block in self.lora:
+                    self.lora[block] = [a + b for a, b in zip(self.lora[block], chunk)]
+                else:
+                    self.lora[block] = list(chunk)
 
 
 class RemoteSequential(torch.nn.Module):
@@ -32,23 +94,70 @@ class RemoteSequential(torch.nn.Module):
         self.config = config
         self.num_blocks = num_blocks
         self.last_trace_peers: list[str] = []  # servers of the latest forward pass, in order
+        self.last_chains = 0  # chains the latest forward pass ran through at once
+        self._lora_sent: dict[str, tuple[str, int, set[int]]] = {}  # peer -> (adapter id, version, blocks)
+        self.lora_uploads = 0  # requests that carried LoRA weights (the others named a cached version)
 
-    def forward(self, hidden: torch.Tensor, pad_lens: Optional[list[int]] = None) -> torch.Tensor:
-        """[batch, seq, hidden] -> [batch, seq, hidden] through blocks 0..num_blocks-1, differentiable."""
-        return _RemoteBlocks.apply(hidden, self, pad_lens)
+    def forward(self, hidden: torch.Tensor, pad_lens: Optional[list[int]] = None, *,
+                prompts: Optional[torch.Tensor] = None, lora: Optional[ClientLora] = None,
+                adapter: Optional[str] = None) -> torch.Tensor:  # fmt: skip
+        """[batch, seq, hidden] -> [batch, seq, hidden] through blocks 0..num_blocks-1, differentiable in
+        hidden, in the deep prompts [num_blocks, prefix, hidden] and in the client LoRA's weights."""
+        if prompts is not None and (prompts.dim() != 3 or prompts.shape[0] != self.num_blocks):
+            raise ValueError(f"deep prompts must be [{self.num_blocks}, prefix, hidden], got {list(prompts.shape)}")
+        tuning = RequestTuning(None if prompts is None else prompts.detach().cpu(), lora,
+                         lora.version if lora is not None else 0, adapter)  # fmt: skip
+        lora_tensors = lora.tensors() if lora is not None else []
+        return _RemoteBlocks.apply(hidden, prompts, self, pad_lens, tuning, *lora_tensors)
 
     def _run(self, coro):
         return self.node.run(coro, timeout=self.config.request_timeout * (1 + self.config.max_retries))
 
-    async def forward_range(self, start: int, end: int, hidden: torch.Tensor, pad_lens: Optional[list[int]]
+    # ---- one call, with the adapter weights sent only when the server lacks them ----
+
+    def _needs_weights(self, span: RemoteSpanInfo, tuning: RequestTuning) -> bool:
+        if tuning.lora is None:
+            return False
+        sent = self._lora_sent.get(span.peer_id)
+        return sent is None or sent[:2] != (tuning.lora.adapter_id, tuning.lora_version) or \
+            not set(range(span.start, span.end)) <= sent[2]  # fmt: skip
+
+    def _weights_sent(self, span: RemoteSpanInfo, tuning: RequestTuning) -> None:
+        key = (tuning.lora.adapter_id, tuning.lora_version)
+        sent = self._lora_sent.get(span.peer_id)
+        blocks = sent[2] if sent is not None and sent[:2] == key else set()
+        self._lora_sent[span.peer_id] = (*key, blocks | set(range(span.start, span.end)))
+
+    async def _tuned_call(self, call, span: RemoteSpanInfo, tuning: RequestTuning, *args: Any) -> Any:
+        with_weights = self._needs_weights(span, tuning)
+        try:
+            result = await call(self.node.p2p, span, *args, timeout=self.config.request_timeout,
+                                extras=tuning.extras(span, with_weights))  # fmt: skip
+        except Exception as e:
+            if with_weights or ADAPTER_NOT_CACHED not in str(e):
+                raise
+            with_weights = True  # the server dropped them (idle timeout, restart): send them again
+            result = await call(self.node.p2p, span, *args, timeout=self.config.request_timeout,
+                                extras=tuning.extras(span, with_weights))  # fmt: skip
+        if with_weights:
+            self._weights_sent(span, tuning)
+            self.lora_uploads += 1
+        return result
+
+    # ---- forward / backward over a range of blocks, with fail-over ----
+
+    async def forward_range(self, start: int, end: int, hidden: torch.Tensor, pad_lens: Optional[list[int]],
+                            tuning: Optional[RequestTuning] = None, route: Optional[list[RemoteSpanInfo]] = None
                             ) -> tuple[torch.Tensor, Trace]:  # fmt: skip
+        tuning = tuning or RequestTuning()
         trace: Trace = []
         block, failures = start, 0
         while block < end:
-            route = await self.routes.make_route(block, end, training=True)
+            if route is None:
+                route = await self.routes.make_route(block, end, training=True)
             for span in route:
                 try:
-                    out = await call_forward(self.node.p2p, span, hidden, pad_lens, timeout=self.config.request_timeout)
+                    out = await self._tuned_call(call_forward, span, tuning, hidden, pad_lens)
                 except Exception as e:
                     failures += 1
                     if failures > self.config.max_retries:
@@ -58,40 +167,101 @@ class RemoteSequential(torch.nn.Module):
                 self.routes.succeeded(span.peer_id)
                 trace.append((span, hidden))
                 hidden, block = out, span.end
+            route = None
         return hidden, trace
 
-    async def backward_trace(self, trace: Trace, grad: torch.Tensor, pad_lens: Optional[list[int]]) -> torch.Tensor:
+    async def backward_trace(self, trace: Trace, grad: torch.Tensor, pad_lens: Optional[list[int]],
+                             tuning: Optional[RequestTuning] = None, grads: Optional[_Grads] = None) -> torch.Tensor:  # fmt: skip
+        tuning, grads = tuning or RequestTuning(), grads if grads is not None else _Grads()
         for span, inputs in reversed(trace):
-            grad = await self._backward_span(span, inputs, grad, pad_lens, depth=0)
+            grad = await self._backward_span(span, inputs, grad, pad_lens, tuning, grads, depth=0)
         return grad
 
     async def _backward_span(self, span: RemoteSpanInfo, inputs: torch.Tensor, grad: torch.Tensor,
-                             pad_lens: Optional[list[int]], depth: int) -> torch.Tensor:  # fmt: skip
+                             pad_lens: Optional[list[int]], tuning: RequestTuning, grads: _Grads, depth: int) -> torch.Tensor:  # fmt: skip
         try:
-            result = await call_backward(self.node.p2p, span, inputs, grad, pad_lens, timeout=self.config.request_timeout)
+            result = await self._tuned_call(call_backward, span, tuning, inputs, grad, pad_lens)
         except Exception as e:
             if depth >= self.config.max_retries:
                 raise RuntimeError(f"backward through blocks {span.start}:{span.end} kept failing: {e!r}") from e
             self.routes.ban(span.peer_id, repr(e))
-            _, trace = await self.forward_range(span.start, span.end, inputs, pad_lens)
+            _, trace = await self.forward_range(span.start, span.end, inputs, pad_lens, tuning)
             for inner_span, inner_inputs in reversed(trace):
-                grad = await self._backward_span(inner_span, inner_inputs, grad, pad_lens, depth + 1)
+                grad = await self._backward_span(inner_span, inner_inputs, grad, pad_lens, tuning, grads, depth + 1)
             return grad
         self.routes.succeeded(span.peer_id)
-        return result
+        grads.add(span, tuning, result[1:])
+        return result[0]
+
+    # ---- data parallelism: micro-batches through different chains at once ----
+
+    async def forward_parallel(self, hidden: torch.Tensor, pad_lens: Optional[list[int]], tuning: RequestTuning
+                               ) -> tuple[torch.Tensor, list[tuple[slice, Trace]]]:  # fmt: skip
+        batch = hidden.shape[0]
+        chains = min(self.config.num_chains, batch)
+        if chains <= 1:
+            out, trace = await self.forward_range(0, self.num_blocks, hidden, pad_lens, tuning)
+            return out, [(slice(0, batch), trace)]
+        routes = await self.routes.make_training_routes(0, self.num_blocks, chains)
+        sizes = _split_sizes(batch, [weight for _, weight in routes])
+        slices, offset = [], 0
+        for size in sizes:
+            slices.append(slice(offset, offset + size))
+            offset += size
+        results = await asyncio.gather(*(
+            self.forward_range(0, self.num_blocks, hidden[rows], None if pad_lens is None else pad_lens[rows], tuning,
+                               route=route)
+            for rows, (route, _) in zip(slices, routes)))  # fmt: skip
+        return torch.cat([out for out, _ in results]), [(rows, trace) for rows, (_, trace) in zip(slices, results)]
+
+    async def backward_parallel(self, traces: list[tuple[slice, Trace]], grad: torch.Tensor,
+                                pad_lens: Optional[list[int]], tuning: RequestTuning) -> tuple[torch.Tensor, _Grads]:  # fmt: skip
+        grads = _Grads()
+        parts = await asyncio.gather(*(
+            self.backward_trace(trace, grad[rows].contiguous(), None if pad_lens is None else pad_lens[rows], tuning, grads)
+            for rows, trace in traces))  # fmt: skip
+        return torch.cat(parts), grads
+
+
+def _split_sizes(total: int, weights: list[float]) -> list[int]:
+    """total items split in proportion to weights, at least one each (len(weights) <= total)."""
+    weights = [max(w, 1e-9) for w in weights]
+    scale = sum(weights)
+    sizes = [max(1, int(total * w / scale)) for w in weights]
+    while sum(sizes) < total:  # hand out the rounding remainder to the most under-served
+        i = max(range(len(sizes)), key=lambda j: total * weights[j] / scale - sizes[j])
+        sizes[i] += 1
+    while sum(sizes) > total:
+        i = max((j for j in range(len(sizes)) if sizes[j] > 1), key=lambda j: sizes[j] - total * weights[j] / scale)
+        sizes[i] -= 1
+    return sizes
 
 
 class _RemoteBlocks(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, sequential: RemoteSequential, pad_lens: Optional[list[int]]) -> torch.Tensor:
-        out, trace = sequential._run(sequential.forward_range(0, sequential.num_blocks, hidden.detach().cpu(), pad_lens))
-        ctx.sequential, ctx.trace, ctx.pad_lens = sequential, trace, pad_lens
-        sequential.last_trace_peers = [span.peer_id for span, _ in trace]
+    def forward(ctx, hidden: torch.Tensor, prompts: Optional[torch.Tensor], sequential: RemoteSequential,
+                pad_lens: Optional[list[int]], tuning: RequestTuning, *lora_tensors: torch.Tensor) -> torch.Tensor:  # fmt: skip
+        out, traces = sequential._run(sequential.forward_parallel(hidden.detach().cpu(), pad_lens, tuning))
+        ctx.sequential, ctx.traces, ctx.pad_lens, ctx.tuning = sequential, traces, pad_lens, tuning
+        sequential.last_trace_peers = [span.peer_id for span, _ in traces[0][1]]
+        sequential.last_chains = len(traces)
         ctx.input_device = hidden.device
+        ctx.prompts_meta = None if prompts is None else (prompts.device, prompts.dtype)
+        ctx.lora_meta = [(t.device, t.dtype) for t in lora_tensors]
         return out.to(hidden.device)
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         sequential: RemoteSequential = ctx.sequential
-        grad = sequential._run(sequential.backward_trace(ctx.trace, grad_output.detach().cpu().contiguous(), ctx.pad_lens))
-        return grad.to(ctx.input_device), None, None
+        tuning: RequestTuning = ctx.tuning
+        grad, grads = sequential._run(
+            sequential.backward_parallel(ctx.traces, grad_output.detach().cpu().contiguous(), ctx.pad_lens, tuning))
+        grad_prompts = None
+        if ctx.prompts_meta is not None and grads.prompts is not None:
+            grad_prompts = grads.prompts.to(*ctx.prompts_meta)
+        lora_grads: list[Optional[torch.Tensor]] = []
+        if tuning.lora is not None:
+            for block in range(sequential.num_blocks):
+                lora_grads += grads.lora.get(block, [None] * (2 * len(tuning.lora.targets)))
+            lora_grads = [None if g is None else g.to(*meta) for g, meta in zip(lora_grads, ctx.lora_meta)]
+        return (grad.to(ctx.input_device), grad_prompts, None, None, None, *lora_grads)

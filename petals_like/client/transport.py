@@ -6,6 +6,7 @@ Messages that fit one P2P part go unary (one round trip); larger ones use the st
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Optional
 
 import torch
@@ -39,12 +40,30 @@ async def call_info(p2p: P2P, peer_id: str, *, timeout: float) -> dict[str, Any]
     return decode_metadata(response.metadata)
 
 
-async def _call(p2p: P2P, peer_id: str, name: str, tensors: list[torch.Tensor], metadata: dict, timeout: float) -> Message:
+@dataclass
+class SpanExtras:
+    """What a forward/backward request carries besides the hidden states (server/adapters.py).
+
+    tensors: sent after the hidden states (and grad_outputs); metadata: merged into the request's;
+    grad_like: the tensors whose gradients backward returns after the hidden states', in order.
+    """
+
+    tensors: list[torch.Tensor] = field(default_factory=list)
+    metadata: dict = field(default_factory=dict)
+    grad_like: list[torch.Tensor] = field(default_factory=list)
+
+
+NO_EXTRAS = SpanExtras()
+
+
+async def _call(p2p: P2P, peer_id: str, name: str, tensors: list[torch.Tensor], metadata: dict, timeout: float,
+                response_bytes: int = 0) -> Message:  # fmt: skip
+    """One request; unary when it fits one part and so does the expected response, else streamed."""
     parts = pack_message(tensors, metadata, max_part_bytes=DEFAULT_MAX_PART_BYTES)
     peer = PeerID.from_base58(peer_id)
 
     async def run() -> Message:
-        if len(parts) == 1:
+        if len(parts) == 1 and response_bytes < DEFAULT_MAX_PART_BYTES - (1 << 16):
             response = await p2p.call_protobuf_handler(peer, name, parts[0], runtime_pb2.ExpertResponse)
             return unpack_message(response, max_bytes=MAX_RESPONSE_BYTES)
         responses = await p2p.iterate_protobuf_handler(peer, name + "_stream", _aiter(parts), runtime_pb2.ExpertResponse)
@@ -57,17 +76,25 @@ async def _call(p2p: P2P, peer_id: str, name: str, tensors: list[torch.Tensor], 
 
 
 async def call_forward(p2p: P2P, span: RemoteSpanInfo, hidden: torch.Tensor, pad_lens: Optional[list[int]], *,
-                       timeout: float) -> torch.Tensor:  # fmt: skip
-    meta = {"start": span.start, "end": span.end, "pad_lens": pad_lens}
-    message = await _call(p2p, span.peer_id, RPC_FORWARD, [hidden], meta, timeout)
+                       timeout: float, extras: SpanExtras = NO_EXTRAS) -> torch.Tensor:  # fmt: skip
+    meta = {"start": span.start, "end": span.end, "pad_lens": pad_lens, **extras.metadata}
+    message = await _call(p2p, span.peer_id, RPC_FORWARD, [hidden, *extras.tensors], meta, timeout,
+                          response_bytes=hidden.nbytes)  # fmt: skip
     return _single_tensor(message, hidden)
 
 
 async def call_backward(p2p: P2P, span: RemoteSpanInfo, hidden: torch.Tensor, grad_output: torch.Tensor,
-                        pad_lens: Optional[list[int]], *, timeout: float) -> torch.Tensor:  # fmt: skip
-    meta = {"start": span.start, "end": span.end, "pad_lens": pad_lens}
-    message = await _call(p2p, span.peer_id, RPC_BACKWARD, [hidden, grad_output], meta, timeout)
-    return _single_tensor(message, hidden)
+                        pad_lens: Optional[list[int]], *, timeout: float, extras: SpanExtras = NO_EXTRAS
+                        ) -> list[torch.Tensor]:  # fmt: skip
+    """[d(loss)/d(hidden), then the gradients of extras.grad_like], each checked against its tensor."""
+    meta = {"start": span.start, "end": span.end, "pad_lens": pad_lens, **extras.metadata}
+    response_bytes = hidden.nbytes + sum(t.numel() * 4 for t in extras.grad_like)
+    message = await _call(p2p, span.peer_id, RPC_BACKWARD, [hidden, grad_output, *extras.tensors], meta, timeout,
+                          response_bytes=response_bytes)  # fmt: skip
+    likes = [hidden, *extras.grad_like]
+    if len(message.tensors) != len(likes):
+        raise ProtocolError(f"server answered {len(message.tensors)} gradients, expected {len(likes)}")
+    return [_single_tensor(Message([grad], {}), like) for grad, like in zip(message.tensors, likes)]
 
 
 def _single_tensor(message: Message, like: torch.Tensor) -> torch.Tensor:
@@ -121,9 +148,11 @@ class InferenceStream:
                 raise P2PHandlerError(f"server {self.span.peer_id[-6:]} answered: {error.message}")
             yield response
 
-    async def send(self, tensors: list[torch.Tensor], metadata: dict) -> None:
+    async def send(self, tensors: list[torch.Tensor], metadata: dict, *, compress: bool = True) -> None:
+        """compress=False: the tensors travel as they are (prompts and adapter weights, not hidden states)."""
         self.messages_sent += 1
-        for part in pack_message(tensors, metadata, max_part_bytes=DEFAULT_MAX_PART_BYTES, wire=self.wire):
+        wire = self.wire if compress else None
+        for part in pack_message(tensors, metadata, max_part_bytes=DEFAULT_MAX_PART_BYTES, wire=wire):
             self.bytes_sent += sum(len(t.buffer) for t in part.tensors)
             await P2P.send_protobuf(part, self._writer)
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
+import torch
 from torch import Tensor, nn
 
 from petals_like.models.attention import KVCache, RotaryEmbedding, make_attention_context
 from petals_like.models.llama.block import LlamaBlock
+from petals_like.models.lora import LoraRows
 from petals_like.models.spec import ModelSpec
 
 
@@ -49,8 +51,13 @@ class BlockSpan(nn.Module):
         cache: Optional[KVCache] = None,
         first: int = 0,
         last: Optional[int] = None,
+        prompts: Optional[Tensor] = None,
+        lora: Optional[Sequence[Optional[LoraRows]]] = None,
     ) -> Tensor:
         """hidden [batch, seq, hidden] -> [batch, seq, hidden] through blocks[first:last].
+
+        prompts [last - first, prefix, hidden] (deep prompt tuning) are added to the first `prefix`
+        positions of every sequence before each block; lora[i] are the adapters of block first + i.
 
         With a cache, the new tokens follow the cache's `length` tokens and are appended to it;
         the cache must hold exactly last - first layers. pad_lens [batch] counts left pads; give the
@@ -72,8 +79,15 @@ class BlockSpan(nn.Module):
             pad_lens=pad_lens,
             sliding_window=self.spec.sliding_window,
         )
+        if prompts is not None and (prompts.dim() != 3 or prompts.shape[0] != last - first or prompts.shape[1] > seq):
+            raise ValueError(f"prompts must be [{last - first}, prefix <= {seq}, hidden], got {list(prompts.shape)}")
+        if lora is not None and len(lora) != last - first:
+            raise ValueError(f"got LoRA for {len(lora)} blocks, blocks [{first}, {last}) need {last - first}")
         for layer, block in enumerate(self.blocks[first:last]):
-            hidden = block(hidden, ctx, layer)
+            if prompts is not None:
+                prefix = prompts.shape[1]
+                hidden = torch.cat([hidden[:, :prefix] + prompts[layer].to(hidden.dtype), hidden[:, prefix:]], dim=1)
+            hidden = block(hidden, ctx, layer, None if lora is None else lora[layer])
         if cache is not None:
             cache.advance(seq)
         return hidden

@@ -22,7 +22,7 @@ from petals_like.dht.announce import get_block_infos
 from petals_like.dht.node import SwarmNode
 from petals_like.dht.records import compute_spans
 from petals_like.routing.pings import PingTable
-from petals_like.routing.planner import LatencyModel, NoRouteError, make_route, make_training_route
+from petals_like.routing.planner import LatencyModel, NoRouteError, make_route, make_training_route, make_training_routes
 
 logger = logging.getLogger(__name__)
 
@@ -52,8 +52,13 @@ class RouteManager:
             await self.pings.measure(self.node.p2p, self.spans)
 
     def banned(self) -> set[str]:
+        """Peers not to route through: recently failed ones, and those without the client's adapter."""
         now = time.monotonic()
-        return {peer for peer, until in self._banned_until.items() if until > now}
+        banned = {peer for peer, until in self._banned_until.items() if until > now}
+        adapter = self.config.active_adapter
+        if adapter is not None:
+            banned |= {peer for peer, span in self.spans.items() if adapter not in span.server_info.adapters}
+        return banned
 
     def ban(self, peer_id: str, reason: str) -> None:
         failures = self._failures.get(peer_id, 0) + 1
@@ -69,6 +74,11 @@ class RouteManager:
     def latency_model(self, needed_tokens: int = 0) -> LatencyModel:
         return LatencyModel(dict(self.pings.rtts), push=self.config.use_push, default_rtt=self.config.default_rtt,
                             needed_tokens=needed_tokens)  # fmt: skip
+
+    async def make_training_routes(self, start: int, end: int, count: int) -> list[tuple[list[RemoteSpanInfo], float]]:
+        """Up to `count` different training chains with their throughput weights (planner.make_training_routes)."""
+        await self.make_route(start, end, training=True)  # waits until at least one chain exists
+        return make_training_routes(self.spans, start, end, count, banned=self.banned())
 
     async def make_route(self, start: int, end: int, *, training: bool = False, needed_tokens: int = 0,
                          timeout: Optional[float] = None) -> list[RemoteSpanInfo]:  # fmt: skip

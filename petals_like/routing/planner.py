@@ -180,6 +180,21 @@ def make_training_route(spans: Mapping[str, RemoteSpanInfo], start: int, end: in
     return route
 
 
+def make_training_routes(spans: Mapping[str, RemoteSpanInfo], start: int, end: int, count: int, *,
+                         banned: Collection[str] = (), rng: Optional[random.Random] = None, attempts: int = 8
+                         ) -> list[tuple[list[RemoteSpanInfo], float]]:  # fmt: skip
+    """Up to `count` different training chains (data parallelism), each with its weight: the slowest
+    hop's throughput x (1 - load). Fewer when the swarm has fewer distinct chains; at least one."""
+    rng = rng or random.Random()
+    found: dict[tuple[str, ...], list[RemoteSpanInfo]] = {}
+    for _ in range(count * attempts):
+        route = make_training_route(spans, start, end, banned=banned, rng=rng)
+        found.setdefault(tuple(s.peer_id for s in route), route)
+        if len(found) >= count:
+            break
+    return [(route, min(_weight(s) for s in route)) for route in found.values()]
+
+
 def _weight(span: RemoteSpanInfo) -> float:
     info = span.server_info
     return (info.throughput if info.throughput > 0 else DEFAULT_THROUGHPUT) * max(1.0 - info.load, MIN_IDLE)

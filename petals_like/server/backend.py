@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 
 from petals_like.models.attention import KVCache
+from petals_like.models.lora import BlockLora, to_wire
 from petals_like.models.span import BlockSpan
 from petals_like.protocol import WIRE_DTYPES, ProtocolError, all_finite
+
+if TYPE_CHECKING:
+    from petals_like.server.adapters import AdapterStore, Tuning
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +51,10 @@ class SpanBackend:
         self.device = device
         self.max_batch_size = max_batch_size
         self.max_request_tokens = max_request_tokens
+        from petals_like.server.adapters import AdapterStore  # imports BlockRange from here
+
+        # hosted and client-held LoRA; the server replaces it with one built from its config
+        self.adapters: AdapterStore = AdapterStore(span.spec, span.start, span.end, dtype=dtype, device=device)
 
     @property
     def start(self) -> int:
@@ -100,19 +108,32 @@ class SpanBackend:
         return tensor.to(device=self.device, dtype=self.dtype)
 
     @torch.inference_mode()
-    def forward(self, hidden: torch.Tensor, pad_lens: Optional[torch.Tensor], blocks: BlockRange) -> torch.Tensor:
-        out = self.span(self._to_compute(hidden), pad_lens=pad_lens, first=blocks.first, last=blocks.last)
+    def forward(self, hidden: torch.Tensor, pad_lens: Optional[torch.Tensor], blocks: BlockRange,
+                tuning: Optional[Tuning] = None) -> torch.Tensor:  # fmt: skip
+        out = self.span(self._to_compute(hidden), pad_lens=pad_lens, first=blocks.first, last=blocks.last,
+                        **_tuning_args(tuning.prompts if tuning else None, tuning.lora if tuning else None))  # fmt: skip
         return out.to(device="cpu", dtype=hidden.dtype)
 
-    def backward(
-        self, hidden: torch.Tensor, grad_output: torch.Tensor, pad_lens: Optional[torch.Tensor], blocks: BlockRange
-    ) -> torch.Tensor:
-        """Recompute the forward (servers keep no activations between calls) and return d(loss)/d(hidden)."""
+    def backward(self, hidden: torch.Tensor, grad_output: torch.Tensor, pad_lens: Optional[torch.Tensor],
+                 blocks: BlockRange, tuning: Optional[Tuning] = None) -> list[torch.Tensor]:  # fmt: skip
+        """Recompute the forward (servers keep no activations between calls) and return d(loss)/d(hidden),
+        then (float32) d(loss)/d(prompts) and d(loss)/d(client LoRA tensors) when the request has them."""
         with torch.enable_grad():
             inputs = self._to_compute(hidden).requires_grad_(True)
-            out = self.span(inputs, pad_lens=pad_lens, first=blocks.first, last=blocks.last)
-            (grad,) = torch.autograd.grad(out, inputs, grad_outputs=self._to_compute(grad_output))
-        return grad.to(device="cpu", dtype=hidden.dtype)
+            leaves = [inputs]
+            prompts = lora = None
+            if tuning is not None and tuning.prompts is not None:
+                prompts = tuning.prompts.detach().requires_grad_(True)
+                leaves.append(prompts)
+            if tuning is not None and tuning.lora is not None:
+                lora = tuning.lora
+                if tuning.lora_targets:  # client-held: fresh leaves, the cached tensors stay untouched
+                    lora = [BlockLora(b.scaling, {t: (a.detach().requires_grad_(True), bb.detach().requires_grad_(True))
+                                                  for t, (a, bb) in b.weights.items()}) for b in lora]  # fmt: skip
+                    leaves += to_wire(lora, tuning.lora_targets)
+            out = self.span(inputs, pad_lens=pad_lens, first=blocks.first, last=blocks.last, **_tuning_args(prompts, lora))
+            grads = torch.autograd.grad(out, leaves, grad_outputs=self._to_compute(grad_output))
+        return [grads[0].to(device="cpu", dtype=hidden.dtype)] + [g.to(device="cpu", dtype=torch.float32) for g in grads[1:]]
 
     def new_cache(self, batch_size: int, max_length: int, blocks: BlockRange) -> KVCache:
         return self.span.new_cache(batch_size, max_length, first=blocks.first, last=blocks.last)
@@ -123,3 +144,8 @@ class SpanBackend:
     ) -> torch.Tensor:
         out = self.span(self._to_compute(hidden), pad_lens=pad_lens, cache=cache, first=blocks.first, last=blocks.last)
         return out.to(device="cpu", dtype=hidden.dtype)
+
+
+def _tuning_args(prompts: Optional[torch.Tensor], lora: Optional[list[BlockLora]]) -> dict[str, Any]:
+    """BlockSpan.forward's keywords for deep prompts and one LoRA per block (over all rows)."""
+    return {"prompts": prompts, "lora": None if lora is None else [[(None, block)] for block in lora]}

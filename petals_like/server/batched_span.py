@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from petals_like.models.attention import sdpa
+from petals_like.models.lora import LoraRows
 from petals_like.models.span import BlockSpan
 from petals_like.server.kv_cache import KVPool, SequencePages
 
@@ -76,9 +77,12 @@ class _Plan:
 
 
 def run_batched(span: BlockSpan, pool: KVPool, segments: Sequence[Segment], hidden: Tensor, *,
-                first: int = 0, last: Optional[int] = None) -> Tensor:  # fmt: skip
+                first: int = 0, last: Optional[int] = None, lora: Optional[Sequence[LoraRows]] = None,
+                prompts: Optional[tuple[Tensor, Tensor]] = None) -> Tensor:  # fmt: skip
     """hidden [tokens, hidden] = the segments' new tokens concatenated in order -> [tokens, hidden]
-    through span.blocks[first:last]; block `first + i` uses layer i of the pool.
+    through span.blocks[first:last]; block `first + i` uses layer i of the pool and the adapters
+    lora[i] (rows of `hidden` -> LoRA; None = no adapters). prompts = (rows [n], values [blocks, n, hidden]):
+    deep prompts added to those rows before each block.
 
     Writes each segment's keys/values at [past_len, past_len + num_tokens) of its pages but does not
     advance `pages.length`: the caller commits after the whole span ran, so a failure midway leaves
@@ -105,12 +109,15 @@ def run_batched(span: BlockSpan, pool: KVPool, segments: Sequence[Segment], hidd
             pool.zero_slots(plan.zero_slots)
         heads, head_dim = spec.num_heads, spec.head_dim
         for layer, block in enumerate(span.blocks[first:last]):
-            q, k, v = block.attention_input(hidden, plan.cos, plan.sin)  # [tokens, (kv_)heads, head_dim]
+            adapters = None if lora is None else lora[layer]
+            if prompts is not None:
+                hidden = hidden.index_add(0, prompts[0], prompts[1][layer].to(hidden.dtype))
+            q, k, v = block.attention_input(hidden, plan.cos, plan.sin, adapters)  # [tokens, (kv_)heads, head_dim]
             keys, values = pool.layer(layer)  # [kv_heads, pages, page_size, head_dim]
             keys.view(keys.shape[0], -1, head_dim).index_copy_(1, plan.write_slots, k.transpose(0, 1))
             values.view(values.shape[0], -1, head_dim).index_copy_(1, plan.write_slots, v.transpose(0, 1))
             attended = _attend(plan, q, k, v, keys, values, heads * head_dim)  # [tokens, heads * head_dim]
-            hidden = block.mlp_residual(block.attention_output(hidden, attended))
+            hidden = block.mlp_residual(block.attention_output(hidden, attended, adapters), adapters)
     return hidden
 
 

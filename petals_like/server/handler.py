@@ -46,6 +46,7 @@ from petals_like.protocol import (
     require,
     unpack_message,
 )
+from petals_like.server.adapters import Tuning
 from petals_like.server.backend import BlockRange, SpanBackend
 from petals_like.server.runtime import Priority
 from petals_like.server.scheduler import Scheduler
@@ -115,61 +116,66 @@ class Handlers:
 
     # ---- forward / backward ----
 
-    def _forward_inputs(self, message: Message, num_tensors: int) -> tuple[list[torch.Tensor], Optional[torch.Tensor], BlockRange]:
+    def _forward_inputs(self, message: Message, num_tensors: int, peer_id: str
+                        ) -> tuple[list[torch.Tensor], Optional[torch.Tensor], BlockRange, Tuning]:  # fmt: skip
+        """The hidden states (and grad_outputs), pad_lens, blocks and the tuning tensors of a request."""
         meta = message.metadata
         blocks = self.backend.block_range(require(meta, "start", int), require(meta, "end", int))
-        if len(message.tensors) != num_tensors:
-            raise ProtocolError(f"expected {num_tensors} tensor(s), got {len(message.tensors)}")
-        for name, tensor in zip(("hidden_states", "grad_outputs"), message.tensors):
+        if len(message.tensors) < num_tensors:
+            raise ProtocolError(f"expected at least {num_tensors} tensor(s), got {len(message.tensors)}")
+        tensors = message.tensors[:num_tensors]
+        for name, tensor in zip(("hidden_states", "grad_outputs"), tensors):
             self.backend.check_hidden(tensor, name)
-        if num_tensors == 2 and message.tensors[0].shape != message.tensors[1].shape:
+        if num_tensors == 2 and tensors[0].shape != tensors[1].shape:
             raise ProtocolError("grad_outputs must have the shape of hidden_states")
-        batch, seq, _ = message.tensors[0].shape
+        batch, seq, _ = tensors[0].shape
         pad_lens = self.backend.check_pad_lens(meta.get("pad_lens"), batch, seq)
-        return message.tensors, pad_lens, blocks
+        tuning = self.backend.adapters.resolve(meta, message.tensors[num_tensors:], blocks, peer_id, batch, seq)
+        return tensors, pad_lens, blocks, tuning
 
-    async def _forward(self, message: Message) -> list[runtime_pb2.ExpertResponse]:
-        (hidden,), pad_lens, blocks = self._forward_inputs(message, 1)
+    async def _forward(self, message: Message, peer_id: str) -> list[runtime_pb2.ExpertResponse]:
+        (hidden,), pad_lens, blocks, tuning = self._forward_inputs(message, 1, peer_id)
         self.forward_calls += 1
         out = await asyncio.wait_for(
-            self.scheduler.submit(Priority.FORWARD, self.backend.forward, hidden, pad_lens, blocks),
+            self.scheduler.submit(Priority.FORWARD, self.backend.forward, hidden, pad_lens, blocks, tuning),
             self.config.request_timeout,
         )
         return pack_message([out], proto=runtime_pb2.ExpertResponse, max_part_bytes=self.config.max_part_bytes)
 
-    async def _backward(self, message: Message) -> list[runtime_pb2.ExpertResponse]:
-        (hidden, grad_out), pad_lens, blocks = self._forward_inputs(message, 2)
-        grad = await asyncio.wait_for(
-            self.scheduler.submit(Priority.BACKWARD, self.backend.backward, hidden, grad_out, pad_lens, blocks),
+    async def _backward(self, message: Message, peer_id: str) -> list[runtime_pb2.ExpertResponse]:
+        (hidden, grad_out), pad_lens, blocks, tuning = self._forward_inputs(message, 2, peer_id)
+        grads = await asyncio.wait_for(
+            self.scheduler.submit(Priority.BACKWARD, self.backend.backward, hidden, grad_out, pad_lens, blocks, tuning),
             self.config.request_timeout,
         )
-        return pack_message([grad], proto=runtime_pb2.ExpertResponse, max_part_bytes=self.config.max_part_bytes)
+        return pack_message(grads, proto=runtime_pb2.ExpertResponse, max_part_bytes=self.config.max_part_bytes)
 
-    async def _unary(self, request: runtime_pb2.ExpertRequest, run) -> runtime_pb2.ExpertResponse:
+    async def _unary(self, request: runtime_pb2.ExpertRequest, context: P2PContext, run) -> runtime_pb2.ExpertResponse:
         message = unpack_message(request, max_bytes=self.config.max_message_bytes)
-        parts = await run(message)
-        if len(parts) != 1:  # the answer is as large as the request, which fit in one part
+        parts = await run(message, context.remote_id.to_base58())
+        if len(parts) != 1:  # e.g. LoRA gradients of a request whose weights were cached
             raise ProtocolError("response too large for a unary call; use the streamed variant")
         return parts[0]
 
     async def rpc_forward(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
-        return await self._unary(request, self._forward)
+        return await self._unary(request, context, self._forward)
 
     async def rpc_backward(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
-        return await self._unary(request, self._backward)
+        return await self._unary(request, context, self._backward)
 
-    async def _streamed(self, requests: AsyncIterator[runtime_pb2.ExpertRequest], run) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+    async def _streamed(self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext, run
+                        ) -> AsyncIterator[runtime_pb2.ExpertResponse]:  # fmt: skip
         message = await read_message(requests, max_bytes=self.config.max_message_bytes)
         if message is None:
             raise ProtocolError("empty request stream")
-        for part in await run(message):
+        for part in await run(message, context.remote_id.to_base58()):
             yield part
 
     def rpc_forward_stream(self, requests, context: P2PContext) -> AsyncIterator[runtime_pb2.ExpertResponse]:
-        return self._streamed(requests, self._forward)
+        return self._streamed(requests, context, self._forward)
 
     def rpc_backward_stream(self, requests, context: P2PContext) -> AsyncIterator[runtime_pb2.ExpertResponse]:
-        return self._streamed(requests, self._backward)
+        return self._streamed(requests, context, self._backward)
 
     # ---- inference ----
 
@@ -195,7 +201,11 @@ class Handlers:
                     return
                 meta = message.metadata
                 if session is None:
-                    session = sessions.open(meta, context.remote_id.to_base58())
+                    # with deep prompts or LoRA weights, the opening message's tensors are those, not a step
+                    extras = bool(meta.get("deep_prompts") or meta.get("lora"))
+                    session = sessions.open(meta, context.remote_id.to_base58(), message.tensors if extras else ())
+                    if extras:
+                        message.tensors = []
                     session.inbox = inbox
                     if meta.get("probe") is True:  # say how much of the client's hashed prefix is cached here
                         yield runtime_pb2.ExpertResponse(metadata=encode_metadata(

@@ -25,6 +25,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
+from petals_like.models.lora import BlockLora
 from petals_like.server.batched_span import Segment, run_batched
 from petals_like.server.kv_cache import KVPool, SequencePages
 from petals_like.server.runtime import Priority
@@ -41,6 +42,8 @@ class InferenceWork:
     pad_lens: Sequence[int]  # left padding of each row
     first: int  # blocks [first, last) of the span
     last: int
+    lora: Optional[Sequence[BlockLora]] = None  # the session's adapter, one per block of [first, last)
+    prompts: Optional[torch.Tensor] = None  # deep prompts [last - first, prefix, hidden] for positions < prefix
     loop: asyncio.AbstractEventLoop = field(repr=False, default=None)
     future: asyncio.Future = field(repr=False, default=None)
     done_tokens: int = 0  # positions of `hidden` already run (same for every row)
@@ -228,14 +231,31 @@ class Scheduler:
         tokens = 0
         for (first, last), members in groups.items():
             segments, inputs = [], []
+            lora: list[list] = [[] for _ in range(last - first)]  # per block: (rows, adapter) of works with one
+            prompt_rows: list[torch.Tensor] = []  # rows of the batch at a prompt position, and the prompts for them
+            prompt_values: list[torch.Tensor] = []
+            row = 0
             for work, positions in members:
                 chunk = work.hidden[:, work.done_tokens : work.done_tokens + positions]  # [batch, positions, hidden]
-                for row, pages in enumerate(work.sequences):
-                    segments.append(Segment(pages, pages.length, positions, int(work.pad_lens[row])))
+                for i, pages in enumerate(work.sequences):
+                    segments.append(Segment(pages, pages.length, positions, int(work.pad_lens[i])))
                 inputs.append(chunk.reshape(-1, chunk.shape[-1]))
+                if work.lora is not None:
+                    rows = slice(row, row + chunk.shape[0] * positions)
+                    for layer, adapter in enumerate(work.lora):
+                        lora[layer].append((rows, adapter))
+                past = work.sequences[0].length
+                if work.prompts is not None and past < work.prompts.shape[1]:
+                    covered = torch.arange(past, min(past + positions, work.prompts.shape[1]))
+                    for i in range(chunk.shape[0]):
+                        prompt_rows.append(row + i * positions + covered - past)
+                        prompt_values.append(work.prompts[:, covered])
+                row += chunk.shape[0] * positions
             try:
                 with torch.inference_mode():
-                    out = run_batched(self.span, self.pool, segments, torch.cat(inputs), first=first, last=last)
+                    prompts = (torch.cat(prompt_rows), torch.cat(prompt_values, dim=1)) if prompt_rows else None
+                    out = run_batched(self.span, self.pool, segments, torch.cat(inputs), first=first, last=last,
+                                      lora=lora if any(lora) else None, prompts=prompts)  # fmt: skip
             except BaseException as e:  # one bad group must not take the others down
                 logger.exception("Batched iteration failed")
                 for work, _ in members:

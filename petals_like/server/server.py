@@ -30,6 +30,7 @@ from petals_like.models.span import BlockSpan
 from petals_like.models.spec import ModelSpec, resolve_dtype
 from petals_like.quant.weights import QUANT_TYPES, quantize_block
 from petals_like.routing.pings import PingTable
+from petals_like.server.adapters import AdapterStore, adapter_arg
 from petals_like.server.backend import SpanBackend
 from petals_like.server.block_selection import block_throughputs, choose_best_start, should_move
 from petals_like.server.handler import Handlers
@@ -137,6 +138,11 @@ class Server:
                          progress=config.progress, quant_type=config.quant_type)  # fmt: skip
         backend = SpanBackend(span, dtype=self.dtype, device=self.device, max_batch_size=config.max_batch_size,
                               max_request_tokens=config.max_request_tokens)  # fmt: skip
+        backend.adapters = AdapterStore(self.spec, self.start_block, self.end_block, dtype=self.dtype,
+                                        device=self.device, max_rank=config.max_lora_rank,
+                                        max_bytes_per_peer=config.max_adapter_bytes,
+                                        idle_timeout=config.adapter_idle_timeout)  # fmt: skip
+        backend.adapters.load_hosted(config.adapters)
         pool = self._make_pool()
         prefix_index = PrefixIndex(pool)
         self.scheduler = Scheduler(span, pool, token_budget=config.token_budget, num_threads=config.num_threads,
@@ -265,6 +271,7 @@ class Server:
             version=__version__,
             torch_dtype=str(self.dtype).replace("torch.", ""),
             quant_type=self.config.quant_type,
+            adapters=tuple(adapter_arg(item)[0] for item in self.config.adapters),
             public_name=self.config.public_name,
             next_pings=dict(self._next_pings),
         )

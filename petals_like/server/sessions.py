@@ -18,7 +18,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -55,6 +55,8 @@ class ServerSession:
     inbox: Optional[asyncio.Queue] = None  # steps pushed by the previous server, read by the session's stream
     last_output: Optional[tuple[int, torch.Tensor]] = None  # (position, output) of the last small step
     wire: Optional[str] = None  # how this session's outputs travel (config.WIRE_FORMATS); None = as computed
+    lora: Optional[list] = None  # the session's LoRA (hosted or client-held): a BlockLora per block of its range
+    prompts: Optional[torch.Tensor] = None  # deep prompts [blocks, prefix, hidden] (server/adapters.py)
 
     @property
     def length(self) -> int:
@@ -80,7 +82,8 @@ class SessionManager:
 
     # ---- open / close ----
 
-    def open(self, meta: dict, peer_id: str) -> ServerSession:
+    def open(self, meta: dict, peer_id: str, tensors: Sequence[torch.Tensor] = ()) -> ServerSession:
+        """A new session from its first message; `tensors` are its deep prompts / LoRA weights, if any."""
         session_id = require(meta, "session_id", str)
         if not 0 < len(session_id) <= MAX_SESSION_ID_LENGTH:
             raise ProtocolError(f"session_id must have 1..{MAX_SESSION_ID_LENGTH} characters")
@@ -96,7 +99,11 @@ class SessionManager:
         pad_tensor = self.backend.check_pad_lens(meta.get("pad_lens"), batch_size, max_length)
         pad_lens = [0] * batch_size if pad_tensor is None else pad_tensor.tolist()
         owner = "*" if self.config.share_prefix_cache else peer_id
-        scope = f"{owner}|{blocks.first}:{blocks.last}"
+        tuning = self.backend.adapters.resolve(meta, tensors, blocks, peer_id, batch_size, max_length)
+        # pages computed under another adapter never match; client-held weights and prompts change
+        # with every optimizer step, so their pages are never shared at all
+        private = tuning.prompts is not None or bool(tuning.lora_targets)
+        scope = f"{owner}|{blocks.first}:{blocks.last}|{meta.get('adapter') or ''}" + (f"|{session_id}" if private else "")
         session = ServerSession(session_id, peer_id, blocks, max_length, batch_size, pad_lens,
                                 [SequencePages() for _ in range(batch_size)], scope)  # fmt: skip
         wire = meta.get("wire")
@@ -104,6 +111,7 @@ class SessionManager:
             raise ProtocolError(f"wire format {wire!r} is not supported by this server "
                                 f"(supported: {', '.join(self.config.wire_formats)})")  # fmt: skip
         session.wire = wire
+        session.lora, session.prompts = tuning.lora, tuning.prompts
         token = meta.get("push_token")
         if token is not None:
             if not isinstance(token, str) or not 16 <= len(token) <= MAX_SESSION_ID_LENGTH:
@@ -183,7 +191,7 @@ class SessionManager:
         session.cached_pages = []
         await self._reserve(session, hidden.shape[1])
         work = InferenceWork(hidden.to(self.backend.dtype), session.sequences, session.pad_lens,
-                             session.blocks.first, session.blocks.last)  # fmt: skip
+                             session.blocks.first, session.blocks.last, lora=session.lora, prompts=session.prompts)  # fmt: skip
         session.inflight = work
         position = session.length - reuse
         out = await self.scheduler.run_inference(work)

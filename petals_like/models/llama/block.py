@@ -11,12 +11,15 @@ session in between.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from petals_like.models.attention import AttentionContext, apply_rotary
 from petals_like.models.linear import linear
+from petals_like.models.lora import TARGETS, LoraRows, lora_delta, target_shape
 from petals_like.models.spec import ModelSpec
 
 
@@ -82,6 +85,7 @@ class LlamaBlock(nn.Module):
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.mlp = LlamaMLP(spec)
         self.q_size, self.kv_size = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
+        self.out_features = {name: target_shape(spec, name)[1] for name in TARGETS}
         # set by fuse_projections(): q/k/v and gate/up weights stored as one tensor each
         self._qkv: tuple[Tensor, Tensor | None] | None = None
         self._gate_up: tuple[Tensor, Tensor | None] | None = None
@@ -116,53 +120,68 @@ class LlamaBlock(nn.Module):
             offset += size
         return weight, bias
 
-    def attention_input(self, hidden: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def _plus_lora(self, out: Tensor, x: Tensor, lora: Optional[LoraRows], names: tuple[str, ...]) -> Tensor:
+        """out = x through the projections `names` (fused side by side) -> plus their LoRA deltas."""
+        if not lora:
+            return out
+        deltas = [lora_delta(x, lora, name, self.out_features[name]) for name in names]
+        if all(d is None for d in deltas):
+            return out
+        if len(names) == 1:
+            return out + deltas[0]
+        parts = [x.new_zeros(x.shape[0], self.out_features[n]) if d is None else d for n, d in zip(names, deltas)]
+        return out + torch.cat(parts, dim=-1)
+
+    def attention_input(self, hidden: Tensor, cos: Tensor, sin: Tensor, lora: Optional[LoraRows] = None
+                        ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
         """hidden [tokens, hidden], cos/sin [tokens, head_dim] -> rotated q [tokens, heads, head_dim],
-        rotated k [tokens, kv_heads, head_dim], v [tokens, kv_heads, head_dim]."""
+        rotated k [tokens, kv_heads, head_dim], v [tokens, kv_heads, head_dim]. `lora`: adapters by row."""
         x = self.input_layernorm(hidden)
         tokens = x.shape[0]
         if self._qkv is not None and (self.quant_type != "none" or not torch.is_grad_enabled()):
-            qkv = linear(x, *self._qkv)  # [tokens, q_size + 2 * kv_size]
+            qkv = self._plus_lora(linear(x, *self._qkv), x, lora, ("q_proj", "k_proj", "v_proj"))
             qk_size = self.q_size + self.kv_size
             qk = apply_rotary(qkv[:, :qk_size].view(tokens, self.num_heads + self.num_kv_heads, self.head_dim), cos, sin)
             q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
             return q, k, qkv[:, qk_size:].view(tokens, self.num_kv_heads, self.head_dim)
         attn = self.self_attn
-        q = attn.q_proj(x).view(-1, self.num_heads, self.head_dim)
-        k = attn.k_proj(x).view(-1, self.num_kv_heads, self.head_dim)
-        v = attn.v_proj(x).view(-1, self.num_kv_heads, self.head_dim)
+        q = self._plus_lora(attn.q_proj(x), x, lora, ("q_proj",)).view(-1, self.num_heads, self.head_dim)
+        k = self._plus_lora(attn.k_proj(x), x, lora, ("k_proj",)).view(-1, self.num_kv_heads, self.head_dim)
+        v = self._plus_lora(attn.v_proj(x), x, lora, ("v_proj",)).view(-1, self.num_kv_heads, self.head_dim)
         return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
 
-    def attention_output(self, residual: Tensor, attended: Tensor) -> Tensor:
+    def attention_output(self, residual: Tensor, attended: Tensor, lora: Optional[LoraRows] = None) -> Tensor:
         """residual [tokens, hidden], attended [tokens, heads * head_dim] -> [tokens, hidden]."""
-        if self._o is not None:
-            return residual + linear(attended, *self._o)
         o_proj = self.self_attn.o_proj
-        return residual + linear(attended, o_proj.weight, o_proj.bias)
+        out = linear(attended, *self._o) if self._o is not None else linear(attended, o_proj.weight, o_proj.bias)
+        return residual + self._plus_lora(out, attended, lora, ("o_proj",))
 
-    def mlp_residual(self, hidden: Tensor) -> Tensor:
+    def mlp_residual(self, hidden: Tensor, lora: Optional[LoraRows] = None) -> Tensor:
         """[tokens, hidden] -> [tokens, hidden]: the feed-forward half of the block."""
         x = self.post_attention_layernorm(hidden)
+        mlp = self.mlp
         if self._gate_up is not None and (self.quant_type != "none" or not torch.is_grad_enabled()):
-            gate, up = linear(x, *self._gate_up).chunk(2, dim=-1)
-            if self._down is not None:
-                return hidden + linear(F.silu(gate) * up, *self._down)
-            down = self.mlp.down_proj
-            return hidden + linear(F.silu(gate) * up, down.weight, down.bias)
-        return hidden + self.mlp(x)
+            gate, up = self._plus_lora(linear(x, *self._gate_up), x, lora, ("gate_proj", "up_proj")).chunk(2, dim=-1)
+        else:
+            gate = self._plus_lora(mlp.gate_proj(x), x, lora, ("gate_proj",))
+            up = self._plus_lora(mlp.up_proj(x), x, lora, ("up_proj",))
+        act = F.silu(gate) * up
+        down_proj = mlp.down_proj
+        down = linear(act, *self._down) if self._down is not None else linear(act, down_proj.weight, down_proj.bias)
+        return hidden + self._plus_lora(down, act, lora, ("down_proj",))
 
-    def forward(self, hidden: Tensor, ctx: AttentionContext, layer: int) -> Tensor:
+    def forward(self, hidden: Tensor, ctx: AttentionContext, layer: int, lora: Optional[LoraRows] = None) -> Tensor:
         """hidden [batch, seq, hidden] -> [batch, seq, hidden]; `layer` indexes the span's cache."""
         batch, seq, hidden_size = hidden.shape
         flat = hidden.reshape(batch * seq, hidden_size)  # [tokens, hidden]
         cos = ctx.cos.reshape(batch * seq, self.head_dim)  # [tokens, head_dim]
         sin = ctx.sin.reshape(batch * seq, self.head_dim)
-        q, k, v = self.attention_input(flat, cos, sin)
+        q, k, v = self.attention_input(flat, cos, sin, lora)
 
         def heads_first(x: Tensor) -> Tensor:  # [tokens, h, d] -> [batch, h, seq, d]
             return x.view(batch, seq, x.shape[1], self.head_dim).transpose(1, 2)
 
         attended = ctx.attend(layer, heads_first(q), heads_first(k), heads_first(v))  # [batch, heads, seq, d]
         attended = attended.transpose(1, 2).reshape(batch * seq, self.num_heads * self.head_dim)
-        out = self.mlp_residual(self.attention_output(flat, attended))
+        out = self.mlp_residual(self.attention_output(flat, attended, lora), lora)
         return out.view(batch, seq, hidden_size)

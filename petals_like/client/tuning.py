@@ -1,0 +1,153 @@
+"""Trainable parameters a client keeps while the servers keep the frozen blocks.
+
+PromptTuning: `pre_seq_len` soft prompt vectors prepended to the input embeddings ("ptune"), and
+with "deep_ptune" also one [pre_seq_len, hidden] prompt per block, added to the first pre_seq_len
+positions before that block on the server (the server returns its gradient).
+
+ClientLora: a PEFT LoRA (peft.LoraConfig) on the remote blocks' projections whose weights live
+here. Requests carry them (servers cache them per client, adapter id and version, so a backward or
+a second micro-batch of the same version sends only a reference); servers return their gradients
+and the optimizer step runs here. save_pretrained() writes PEFT's format.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import secrets
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import Tensor, nn
+
+from petals_like.models.lora import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    BlockLora,
+    check_peft_config,
+    peft_state_dict,
+    read_peft_adapter,
+    target_shape,
+)
+from petals_like.models.spec import ModelSpec
+
+TUNING_MODES = ("ptune", "deep_ptune")
+
+
+class PromptTuning(nn.Module):
+    def __init__(self, spec: ModelSpec, mode: str, pre_seq_len: int, init_from: Optional[Tensor] = None):
+        """init_from: the embedding matrix; prompts start as random rows of it (a common warm start)."""
+        super().__init__()
+        if mode not in TUNING_MODES:
+            raise ValueError(f"tuning_mode must be one of {TUNING_MODES}, got {mode!r}")
+        if isinstance(pre_seq_len, bool) or not isinstance(pre_seq_len, int) or pre_seq_len < 1:
+            raise ValueError(f"{mode} needs pre_seq_len >= 1, got {pre_seq_len!r}")
+        self.mode = mode
+        self.pre_seq_len = pre_seq_len
+        if init_from is not None:
+            rows = torch.randint(0, init_from.shape[0], (pre_seq_len,))
+            prompts = init_from.detach()[rows].clone().float()
+        else:
+            prompts = torch.randn(pre_seq_len, spec.hidden_size) * 0.02
+        self.prompts = nn.Parameter(prompts)
+        # deep prompts start at zero: the model is unchanged until training moves them
+        self.deep_prompts = nn.Parameter(torch.zeros(spec.num_blocks, pre_seq_len, spec.hidden_size)) \
+            if mode == "deep_ptune" else None  # fmt: skip
+
+    def prepend(self, embeds: Tensor) -> Tensor:
+        """[batch, seq, hidden] -> [batch, pre_seq_len + seq, hidden]."""
+        prompts = self.prompts.to(embeds.dtype).unsqueeze(0).expand(embeds.shape[0], -1, -1)
+        return torch.cat([prompts, embeds], dim=1)
+
+
+class ClientLora(nn.Module):
+    """LoRA weights for every block: parameters named `{block}_{target}_{A|B}` (A [r, in], B [out, r])."""
+
+    def __init__(self, spec: ModelSpec, config: Any, *, base_model_name_or_path: str = ""):
+        """config: a peft.LoraConfig (or its dict). Initialized as PEFT does: A Kaiming-uniform, B zero."""
+        super().__init__()
+        self.spec = spec
+        self.peft_config = config
+        config_dict = _config_dict(config)
+        self.rank, self.scaling, self.targets = check_peft_config(config_dict, for_training=True)
+        self.base_model_name_or_path = base_model_name_or_path
+        self.weights = nn.ParameterDict()
+        for block in range(spec.num_blocks):
+            for target in self.targets:
+                fan_in, fan_out = target_shape(spec, target)
+                a = torch.empty(self.rank, fan_in)
+                nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+                self.weights[f"{block}_{target}_A"] = nn.Parameter(a)
+                self.weights[f"{block}_{target}_B"] = nn.Parameter(torch.zeros(fan_out, self.rank))
+        self.adapter_id = secrets.token_hex(8)  # names these weights in servers' caches
+        self._version, self._seen = 0, None
+
+    def block_tensors(self, block: int) -> list[Tensor]:
+        """Block `block`'s tensors in wire order (targets in order, A then B)."""
+        return [self.weights[f"{block}_{target}_{which}"] for target in self.targets for which in "AB"]
+
+    def tensors(self, start: int = 0, end: Optional[int] = None) -> list[Tensor]:
+        end = self.spec.num_blocks if end is None else end
+        return [t for block in range(start, end) for t in self.block_tensors(block)]
+
+    @property
+    def version(self) -> int:
+        """Changes whenever any weight changed (an optimizer step, a load): servers' copies are then stale."""
+        seen = tuple(p._version for p in self.weights.values())
+        if seen != self._seen:
+            self._seen = seen
+            self._version += 1
+        return self._version
+
+    def metadata(self, with_weights: bool) -> dict:
+        return {"id": self.adapter_id, "version": self.version, "rank": self.rank, "scaling": self.scaling,
+                "targets": list(self.targets), "weights": with_weights}  # fmt: skip
+
+    def block_loras(self) -> dict[int, BlockLora]:
+        result = {}
+        for block in range(self.spec.num_blocks):
+            tensors = self.block_tensors(block)
+            result[block] = BlockLora(self.scaling, {t: (tensors[2 * i], tensors[2 * i + 1]) for i, t in enumerate(self.targets)})
+        return result
+
+    # ---- PEFT's format ----
+
+    def save_pretrained(self, path: str | Path) -> Path:
+        """adapter_config.json + adapter_model.safetensors, loadable with peft.PeftModel.from_pretrained."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        config = _config_dict(self.peft_config)
+        config.update(base_model_name_or_path=self.base_model_name_or_path or config.get("base_model_name_or_path"),
+                      inference_mode=True, target_modules=list(self.targets), peft_type="LORA",
+                      task_type=config.get("task_type") or "CAUSAL_LM")  # fmt: skip
+        (path / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True, default=str))
+        save_file(peft_state_dict(self.block_loras()), str(path / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        return path
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, spec: ModelSpec) -> ClientLora:
+        config, blocks = read_peft_adapter(path, spec, range(spec.num_blocks), for_training=True)
+        lora = cls(spec, config, base_model_name_or_path=str(config.get("base_model_name_or_path") or ""))
+        with torch.no_grad():
+            for block, weights in blocks.items():
+                for target, (a, b) in weights.weights.items():
+                    lora.weights[f"{block}_{target}_A"].copy_(a)
+                    lora.weights[f"{block}_{target}_B"].copy_(b)
+        return lora
+
+
+def _config_dict(config: Any) -> dict:
+    if isinstance(config, dict):
+        return dict(config)
+    if hasattr(config, "to_dict"):
+        result = config.to_dict()
+        for key, value in list(result.items()):  # sets and enums as PEFT writes them
+            if isinstance(value, set):
+                result[key] = sorted(value)
+            elif hasattr(value, "value"):
+                result[key] = value.value
+        return result
+    raise TypeError(f"expected a peft.LoraConfig or a dict, got {type(config).__name__}")

@@ -1,0 +1,225 @@
+"""Adapters on a server: hosted PEFT LoRA folders, client-held LoRA weights, deep prompts in requests.
+
+Request metadata (forward, backward; "adapter" also on inference streams):
+  "adapter": name        a LoRA this server hosts (run_server --adapters), for inference or training
+                          of other parameters through it; never trained here
+  "deep_prompts": true   one more tensor [blocks, prefix, hidden]: added to the first `prefix`
+                          positions before each block; backward returns its gradient
+  "lora": {"id", "version", "rank", "scaling", "targets", "weights"}
+                          a client-held LoRA. With "weights": true the request carries its tensors
+                          for the request's blocks (models/lora.py wire order) and the server keeps
+                          them for this client and id; later requests of the same version may omit
+                          them. A request naming a version the server does not hold is refused with
+                          ADAPTER_NOT_CACHED, and the client sends the weights again. Backward
+                          returns their gradients after the hidden states' (and the prompts').
+
+Client weights are kept per (client peer id, adapter id), only the newest version, and dropped
+after `adapter_idle_timeout`; a client can never name another client's weights.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+
+from petals_like.config import ServerConfig
+from petals_like.models.lora import BlockLora, from_wire, read_peft_adapter, wire_shapes, canonical_targets
+from petals_like.models.spec import ModelSpec
+from petals_like.protocol import ADAPTER_NOT_CACHED, WIRE_DTYPES, ProtocolError, all_finite, require
+from petals_like.server.backend import BlockRange
+
+logger = logging.getLogger(__name__)
+
+MAX_ADAPTER_ID_LENGTH = 128
+MAX_ADAPTER_NAME_LENGTH = 128
+
+
+@dataclass
+class Tuning:
+    """What a request adds to the plain blocks, resolved to tensors on the compute device."""
+
+    prompts: Optional[torch.Tensor] = None  # [blocks, prefix, hidden]
+    lora: Optional[list[BlockLora]] = None  # one per block of the request
+    lora_targets: tuple[str, ...] = ()  # set for a client-held LoRA: backward returns its gradients
+
+    @property
+    def empty(self) -> bool:
+        return self.prompts is None and self.lora is None
+
+
+@dataclass
+class _ClientEntry:
+    version: int
+    rank: int
+    scaling: float
+    targets: tuple[str, ...]
+    blocks: dict[int, BlockLora]  # absolute block index -> weights
+    last_used: float
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.nbytes for b in self.blocks.values())
+
+
+class AdapterStore:
+    def __init__(self, spec: ModelSpec, span_start: int, span_end: int, *, dtype: torch.dtype, device: torch.device,
+                 max_rank: int = ServerConfig.max_lora_rank, max_bytes_per_peer: int = ServerConfig.max_adapter_bytes,
+                 idle_timeout: float = ServerConfig.adapter_idle_timeout):  # fmt: skip
+        self.spec = spec
+        self.span_start, self.span_end = span_start, span_end
+        self.dtype, self.device = dtype, device
+        self.max_rank = max_rank
+        self.max_bytes_per_peer = max_bytes_per_peer
+        self.idle_timeout = idle_timeout
+        self.hosted: dict[str, dict[int, BlockLora]] = {}
+        self._clients: dict[tuple[str, str], _ClientEntry] = {}
+        self._lock = threading.Lock()  # entries are read on the event loop and by the balance thread
+
+    # ---- hosted adapters ----
+
+    def load_hosted(self, paths: Sequence[str | Path]) -> None:
+        """run_server --adapters: each PEFT folder (or NAME=PATH) for this server's blocks."""
+        for item in paths:
+            name, path = adapter_arg(item)
+            _, blocks = read_peft_adapter(path, self.spec, range(self.span_start, self.span_end))
+            self.hosted[name] = {i: lora.to(self.dtype, self.device) for i, lora in blocks.items()}
+            logger.info(f"Loaded adapter {name!r} from {path} for blocks [{self.span_start}, {self.span_end})")
+
+    def hosted_rows(self, name: Any, blocks: BlockRange) -> list[BlockLora]:
+        if not isinstance(name, str) or name not in self.hosted:
+            raise ProtocolError(f"adapter {name!r} is not hosted here (hosted: {sorted(self.hosted) or 'none'})")
+        first = self.span_start + blocks.first
+        return [self.hosted[name][first + i] for i in range(blocks.length)]
+
+    # ---- requests ----
+
+    def resolve(self, meta: dict, extra: Sequence[torch.Tensor], blocks: BlockRange, peer_id: str, batch: int,
+                seq: int) -> Tuning:  # fmt: skip
+        """The prompts and LoRA of a forward/backward request; `extra` are its tensors after the hidden states."""
+        extra = list(extra)
+        tuning = Tuning()
+        if meta.get("deep_prompts") is True:
+            if not extra:
+                raise ProtocolError("deep_prompts is set but the request has no prompts tensor")
+            prompts = extra.pop(0)
+            if prompts.dim() != 3 or prompts.shape[0] != blocks.length or prompts.shape[2] != self.spec.hidden_size \
+                    or not 1 <= prompts.shape[1] <= seq:  # fmt: skip
+                raise ProtocolError(f"prompts must be [{blocks.length}, prefix in 1..{seq}, {self.spec.hidden_size}], "
+                                    f"got {list(prompts.shape)}")  # fmt: skip
+            _check_values(prompts, "prompts")
+            tuning.prompts = prompts.to(self.device, self.dtype)
+        elif meta.get("deep_prompts") not in (None, False):
+            raise ProtocolError("deep_prompts must be true or false")
+        adapter, lora = meta.get("adapter"), meta.get("lora")
+        if adapter is not None and lora is not None:
+            raise ProtocolError("a request uses either a hosted adapter or a client LoRA, not both")
+        if adapter is not None:
+            tuning.lora = self.hosted_rows(adapter, blocks)
+        elif lora is not None:
+            tuning.lora, tuning.lora_targets, extra = self._client_lora(lora, extra, blocks, peer_id)
+        if extra:
+            raise ProtocolError(f"{len(extra)} unexpected tensor(s) in the request")
+        return tuning
+
+    def _client_lora(self, lora: Any, extra: list[torch.Tensor], blocks: BlockRange, peer_id: str
+                     ) -> tuple[list[BlockLora], tuple[str, ...], list[torch.Tensor]]:  # fmt: skip
+        if not isinstance(lora, dict):
+            raise ProtocolError("lora must be a map")
+        adapter_id = require(lora, "id", str)
+        if not 0 < len(adapter_id) <= MAX_ADAPTER_ID_LENGTH:
+            raise ProtocolError(f"lora id must have 1..{MAX_ADAPTER_ID_LENGTH} characters")
+        version = require(lora, "version", int)
+        with_weights = require(lora, "weights", bool, False)
+        first = self.span_start + blocks.first
+        wanted = range(first, first + blocks.length)
+        key = (peer_id, adapter_id)
+        if not with_weights:
+            with self._lock:
+                entry = self._clients.get(key)
+                if entry is None or entry.version != version or any(i not in entry.blocks for i in wanted):
+                    raise ProtocolError(f"{ADAPTER_NOT_CACHED}: LoRA {adapter_id!r} version {version} for blocks "
+                                        f"[{first}, {first + blocks.length}); send the weights")  # fmt: skip
+                entry.last_used = time.monotonic()
+                return [entry.blocks[i] for i in wanted], entry.targets, extra
+        rank = require(lora, "rank", int)
+        if not 1 <= rank <= self.max_rank:
+            raise ProtocolError(f"LoRA rank {rank} not in [1, {self.max_rank}] (server limit --max_lora_rank)")
+        scaling = lora.get("scaling")
+        if isinstance(scaling, bool) or not isinstance(scaling, (int, float)) or not math.isfinite(scaling) \
+                or abs(scaling) > 1e4:  # fmt: skip
+            raise ProtocolError(f"LoRA scaling must be a finite number of magnitude <= 1e4, got {scaling!r}")
+        targets_raw = require(lora, "targets", list)
+        if not all(isinstance(t, str) for t in targets_raw):
+            raise ProtocolError("LoRA targets must be a list of projection names")
+        try:
+            targets = canonical_targets(targets_raw)
+        except ValueError as e:
+            raise ProtocolError(str(e)) from None
+        if list(targets) != targets_raw:
+            raise ProtocolError(f"LoRA targets must be listed once each in the order {list(targets)}")
+        shapes = wire_shapes(self.spec, rank, targets, blocks.length)
+        if len(extra) < len(shapes):
+            raise ProtocolError(f"LoRA weights: expected {len(shapes)} tensors, got {len(extra)}")
+        tensors, extra = extra[: len(shapes)], extra[len(shapes) :]
+        for i, (tensor, shape) in enumerate(zip(tensors, shapes)):
+            if tuple(tensor.shape) != shape:
+                raise ProtocolError(f"LoRA tensor {i} has shape {tuple(tensor.shape)}, expected {shape}")
+            _check_values(tensor, f"LoRA tensor {i}")
+        nbytes = sum(t.numel() for t in tensors) * 4
+        if nbytes > self.max_bytes_per_peer:
+            raise ProtocolError(f"LoRA weights of {nbytes} bytes exceed the server limit of {self.max_bytes_per_peer} "
+                                f"per client (--max_adapter_bytes)")  # fmt: skip
+        received = from_wire([t.to(self.device, torch.float32) for t in tensors], targets, float(scaling), blocks.length)
+        with self._lock:
+            self._expire_locked()
+            entry = self._clients.get(key)
+            if entry is None or (entry.version, entry.rank, entry.scaling, entry.targets) != (version, rank, scaling, targets):
+                entry = _ClientEntry(version, rank, float(scaling), targets, {}, time.monotonic())
+            entry.blocks.update(zip(wanted, received))
+            entry.last_used = time.monotonic()
+            held = sum(e.nbytes for (peer, _), e in self._clients.items() if peer == peer_id and e is not entry)
+            if held + entry.nbytes > self.max_bytes_per_peer:
+                raise ProtocolError(f"this client's LoRA weights would exceed {self.max_bytes_per_peer} bytes on this "
+                                    f"server (--max_adapter_bytes)")  # fmt: skip
+            self._clients[key] = entry
+        return received, targets, extra
+
+    def expire(self) -> None:
+        with self._lock:
+            self._expire_locked()
+
+    def _expire_locked(self) -> None:
+        now = time.monotonic()
+        for key in [k for k, e in self._clients.items() if now - e.last_used > self.idle_timeout]:
+            del self._clients[key]
+
+    def client_bytes(self) -> int:
+        with self._lock:
+            return sum(e.nbytes for e in self._clients.values())
+
+    def clients(self) -> list[tuple[str, str]]:
+        with self._lock:
+            return list(self._clients)
+
+
+def adapter_arg(item: str | Path) -> tuple[str, str]:
+    """A --adapters item, "NAME=PATH" or "PATH" (named after its folder) -> (name, path)."""
+    name, _, path = str(item).rpartition("=")
+    name = name or Path(path).resolve().name
+    if not 0 < len(name) <= MAX_ADAPTER_NAME_LENGTH:
+        raise ValueError(f"adapter name {name!r} must have 1..{MAX_ADAPTER_NAME_LENGTH} characters")
+    return name, path
+
+
+def _check_values(tensor: torch.Tensor, name: str) -> None:
+    if tensor.dtype not in WIRE_DTYPES.values():
+        raise ProtocolError(f"{name} must be one of {sorted(WIRE_DTYPES)}, got {str(tensor.dtype).replace('torch.', '')}")
+    if not all_finite(tensor):
+        raise ProtocolError(f"{name} contains NaN or infinity")

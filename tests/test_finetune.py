@@ -1,0 +1,349 @@
+"""Fine-tuning through remote frozen blocks: prompts, deep prompts and client-held LoRA, checked
+against local PEFT + transformers on the same checkpoint; server-hosted adapters; bad payloads."""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, PromptTuningConfig, get_peft_model
+from transformers import AutoModelForCausalLM
+
+from petals_like import AutoDistributedModelForCausalLM
+from petals_like.client.transport import SpanExtras, call_forward
+from petals_like.dht.records import default_dht_prefix
+from petals_like.protocol import ADAPTER_NOT_CACHED
+from tests.swarm import Swarm, start_swarm
+
+NUM_BLOCKS = 8
+ALL_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+TOLERANCE = 1e-4
+MAX_RANK = 16
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm().clamp_min(1e-12))
+
+
+def oracle(path: Path) -> torch.nn.Module:
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def hosted_adapter(tiny_model: Path, tmp_path_factory) -> Path:
+    """A PEFT LoRA made with peft itself (non-zero B, so it changes the model), for run_server --adapters."""
+    torch.manual_seed(1)
+    peft_model = get_peft_model(oracle(tiny_model), LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj", "up_proj"]))
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.1)
+    path = tmp_path_factory.mktemp("adapters") / "chat"
+    peft_model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def swarm(tiny_model: Path, hosted_adapter: Path) -> Iterator[Swarm]:
+    """Two servers with the hosted adapter (0:4, 4:8) and one whole-model server without it."""
+    swarm = start_swarm(tiny_model, ["0:4", "4:8"], adapters=(str(hosted_adapter),), max_lora_rank=MAX_RANK)
+    try:
+        swarm.add_server(tiny_model, "0:8", max_lora_rank=MAX_RANK)
+        swarm.wait_for_blocks(default_dht_prefix(tiny_model), NUM_BLOCKS)
+        yield swarm
+    finally:
+        swarm.shutdown()
+
+
+@pytest.fixture
+def client(swarm: Swarm, tiny_model: Path):
+    """client(**from_pretrained kwargs) -> a new distributed model, shut down after the test."""
+    made = []
+
+    def make(**kwargs):
+        made.append(AutoDistributedModelForCausalLM.from_pretrained(tiny_model, initial_peers=swarm.peers,
+                                                                    torch_dtype="float32", **kwargs))  # fmt: skip
+        return made[-1]
+
+    yield make
+    for model in made:
+        model.shutdown()
+
+
+@contextmanager
+def deep_prompt_hooks(reference, deep: torch.Tensor):
+    """The deep-prompt oracle: transformers with block i's prompt added to the first positions before block i."""
+
+    def add_prompt(index):
+        def hook(module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            prefix = deep.shape[1]
+            hidden = torch.cat([hidden[:, :prefix] + deep[index], hidden[:, prefix:]], dim=1)
+            return ((hidden, *args[1:]), kwargs) if args else (args, dict(kwargs, hidden_states=hidden))
+
+        return hook
+
+    handles = [layer.register_forward_pre_hook(add_prompt(i), with_kwargs=True) for i, layer in enumerate(reference.model.layers)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def randomize_b(lora, seed: int = 0) -> None:
+    """PEFT starts B at zero (the adapter is a no-op); random B makes every gradient non-trivial."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, weight in lora.weights.items():
+            if name.endswith("_B"):
+                weight.copy_(torch.randn(weight.shape, generator=generator) * 0.05)
+
+
+def peft_lora_grads(peft_model) -> dict[str, torch.Tensor]:
+    """PEFT's LoRA gradients under our names: '{block}_{target}_{A|B}'."""
+    grads = {}
+    for name, param in peft_model.named_parameters():
+        if "lora_" in name and param.grad is not None:
+            parts = name.split(".")
+            layer = parts.index("layers")
+            grads[f"{parts[layer + 1]}_{parts[layer + 3]}_{'A' if 'lora_A' in name else 'B'}"] = param.grad
+    return grads
+
+
+def assert_lora_matches_peft(model, tiny_model: Path, tmp_path: Path, input_ids: torch.Tensor) -> None:
+    """One distributed forward/backward vs PEFT loading what the client saved: loss, logits, every gradient."""
+    for weight in model.lora.weights.values():
+        weight.grad = None
+    out = model(input_ids, labels=input_ids)
+    out.loss.backward()
+    saved = model.save_pretrained(tmp_path / f"adapter-{time.monotonic_ns()}")
+    peft_model = PeftModel.from_pretrained(oracle(tiny_model), saved, is_trainable=True)
+    ref = peft_model(input_ids=input_ids, labels=input_ids)
+    ref.loss.backward()
+    assert rel(out.logits, ref.logits) <= TOLERANCE
+    assert abs(out.loss.item() - ref.loss.item()) <= TOLERANCE * abs(ref.loss.item())
+    expected = peft_lora_grads(peft_model)
+    assert set(expected) == set(model.lora.weights)
+    for name, grad in expected.items():
+        assert rel(model.lora.weights[name].grad, grad) <= TOLERANCE, name
+
+
+def test_lora_gradients_and_saved_adapter_equal_peft(client, tiny_model, tmp_path):
+    model = client()
+    lora = model.add_lora(LoraConfig(r=4, lora_alpha=8, target_modules=ALL_TARGETS))
+    randomize_b(lora)
+    assert model.trainable_parameters() == list(lora.parameters())  # embeddings and head are frozen
+    assert_lora_matches_peft(model, tiny_model, tmp_path, torch.randint(4, 300, (2, 12), generator=torch.Generator().manual_seed(0)))
+    # an optimizer step changes the weights: the next pass sends the new version, and still matches
+    torch.optim.SGD(lora.parameters(), lr=0.5).step()
+    assert_lora_matches_peft(model, tiny_model, tmp_path, torch.randint(4, 300, (2, 12), generator=torch.Generator().manual_seed(1)))
+
+
+def test_lora_weights_are_sent_once_per_version_and_expire(client, swarm):
+    model = client(ban_timeout=600.0)
+    model.routes.ban(swarm.servers[2].node.peer_id, "pin the chain to 0:4 + 4:8 for counting")
+    lora = model.add_lora(LoraConfig(r=2, target_modules=["v_proj"]))
+    input_ids = torch.randint(4, 300, (1, 8))
+    model(input_ids, labels=input_ids).loss.backward()
+    spans = len(model.remote.last_trace_peers)
+    assert spans == 2
+    assert model.remote.lora_uploads == spans  # forward sent the weights; backward named the cached version
+    model(input_ids, labels=input_ids).loss.backward()
+    assert model.remote.lora_uploads == spans  # unchanged weights: nothing re-sent
+    torch.optim.SGD(lora.parameters(), lr=0.1).step()
+    model(input_ids, labels=input_ids).loss.backward()
+    assert model.remote.lora_uploads == 2 * spans  # a new version goes out once per span
+
+    client_id = model.node.peer_id
+    stores = [s.handlers.backend.adapters for s in swarm.servers]
+    assert any(peer == client_id for store in stores for peer, _ in store.clients())
+    for store in stores:  # past the idle timeout a server keeps nothing of the client
+        store.idle_timeout = 0.0
+        store.expire()
+        store.idle_timeout = 600.0
+        assert not any(peer == client_id for peer, _ in store.clients())
+    before = model.remote.lora_uploads
+    model(input_ids, labels=input_ids).loss.backward()  # named version no longer cached: sent again, works
+    assert model.remote.lora_uploads > before
+
+
+def test_prompt_tuning_gradients_equal_peft(client, tiny_model):
+    model = client(tuning_mode="ptune", pre_seq_len=4)
+    assert model.trainable_parameters() == [model.prompt_tuning.prompts]
+    input_ids = torch.randint(4, 300, (2, 10))
+    out = model(input_ids, labels=input_ids)
+    out.loss.backward()
+
+    peft_model = get_peft_model(oracle(tiny_model), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
+    embedding = peft_model.prompt_encoder["default"].embedding
+    with torch.no_grad():
+        embedding.weight.copy_(model.prompt_tuning.prompts)
+    ref = peft_model(input_ids=input_ids, labels=input_ids)
+    ref.loss.backward()
+    assert abs(out.loss.item() - ref.loss.item()) <= TOLERANCE * abs(ref.loss.item())
+    assert rel(out.logits, ref.logits[:, 4:]) <= TOLERANCE
+    assert rel(model.prompt_tuning.prompts.grad, embedding.weight.grad) <= TOLERANCE
+
+
+def test_deep_prompt_gradients_equal_transformers(client, tiny_model):
+    model = client(tuning_mode="deep_ptune", pre_seq_len=3)
+    tuning = model.prompt_tuning
+    with torch.no_grad():
+        tuning.deep_prompts.normal_(0, 0.1)  # zero at start; random so each block's prompt matters
+    input_ids = torch.randint(4, 300, (2, 9))
+    out = model(input_ids, labels=input_ids)
+    out.loss.backward()
+
+    # the oracle: transformers with a hook that adds each block's prompt before the block runs
+    reference = oracle(tiny_model)
+    prompts = tuning.prompts.detach().clone().requires_grad_(True)
+    deep = tuning.deep_prompts.detach().clone().requires_grad_(True)
+
+    embeds = torch.cat([prompts.expand(2, -1, -1), reference.model.embed_tokens(input_ids)], dim=1)
+    labels = torch.cat([torch.full((2, 3), -100), input_ids], dim=1)
+    with deep_prompt_hooks(reference, deep):
+        ref = reference(inputs_embeds=embeds, labels=labels)
+    ref.loss.backward()
+    assert abs(out.loss.item() - ref.loss.item()) <= TOLERANCE * abs(ref.loss.item())
+    assert rel(out.logits, ref.logits[:, 3:]) <= TOLERANCE
+    assert rel(tuning.prompts.grad, prompts.grad) <= TOLERANCE
+    assert rel(tuning.deep_prompts.grad, deep.grad) <= TOLERANCE
+    assert deep.grad[1:].abs().sum() > 0  # every block's prompt gets a gradient, not just the first
+
+
+def test_data_parallel_chains_give_the_same_gradients(client, tiny_model, tmp_path):
+    model = client(num_chains=2)
+    lora = model.add_lora(LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    randomize_b(lora, seed=3)
+    for attempt in range(5):  # chains are drawn at random: two distinct ones come up almost always at once
+        assert_lora_matches_peft(model, tiny_model, tmp_path, torch.randint(4, 300, (4, 10)))
+        if model.remote.last_chains == 2:
+            break
+    assert model.remote.last_chains == 2
+
+
+def test_two_clients_train_different_adapters_at_once(client, tiny_model, tmp_path):
+    models = [client(), client()]
+    for i, model in enumerate(models):
+        randomize_b(model.add_lora(LoraConfig(r=2 + 2 * i, target_modules=["q_proj", "up_proj"])), seed=10 + i)
+    errors: list[BaseException] = []
+
+    def train(model, seed: int) -> None:
+        try:
+            generator = torch.Generator().manual_seed(seed)
+            for _ in range(3):
+                assert_lora_matches_peft(model, tiny_model, tmp_path, torch.randint(4, 300, (2, 8), generator=generator))
+                torch.optim.SGD(model.lora.parameters(), lr=0.2).step()
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=train, args=(m, i)) for i, m in enumerate(models)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=240)
+    assert not errors, errors
+
+
+def test_bad_lora_payloads_get_clear_errors_and_the_server_serves_on(client, swarm):
+    model = client()
+    lora = model.add_lora(LoraConfig(r=2, target_modules=["q_proj"]))
+    span = next(s for s in model.node.run(_spans(model)) if s.start == 0 and s.end == NUM_BLOCKS)
+    hidden = torch.randn(1, 4, model.spec.hidden_size)
+    good = [t.detach() for t in lora.tensors()]
+
+    def meta(**override):
+        return {"lora": dict(lora.metadata(with_weights=True), **override)}
+
+    def forward(tensors, metadata):
+        return model.node.run(call_forward(model.node.p2p, span, hidden, None, timeout=30,
+                                           extras=SpanExtras(list(tensors), metadata)))  # fmt: skip
+
+    bad = {
+        "has shape": (good[:1] + [torch.zeros(3, 3)] + good[2:], meta()),
+        "not in [1, 16]": ([torch.zeros(32, t.shape[1]) if i % 2 == 0 else torch.zeros(t.shape[0], 32)
+                            for i, t in enumerate(good)], meta(rank=32)),  # fmt: skip
+        "not supported": (good, meta(targets=["lm_head"])),
+        "NaN or infinity": ([good[0].clone().fill_(float("nan"))] + good[1:], meta()),
+        "expected 16 tensors": (good[:3], meta()),
+        ADAPTER_NOT_CACHED: ([], meta(weights=False, version=12345)),
+        "either a hosted adapter or a client LoRA": (good, dict(meta(), adapter="chat")),
+        "is not hosted here": ([], {"adapter": "nonexistent"}),
+    }
+    for expected, (tensors, metadata) in bad.items():
+        with pytest.raises(Exception, match=re.escape(expected)):
+            forward(tensors, metadata)
+    # the same server still serves this client and others
+    assert forward(good, meta()).shape == hidden.shape
+    input_ids = torch.randint(4, 300, (1, 6))
+    assert model(input_ids, labels=input_ids).loss.isfinite()
+
+
+async def _spans(model):
+    await model.routes.refresh(force=True)
+    return list(model.routes.spans.values())
+
+
+def test_hosted_adapter_serves_generation_and_routes_around_servers_without_it(client, swarm, tiny_model, hosted_adapter):
+    model = client(active_adapter="chat")
+    without = swarm.servers[2].node.peer_id
+    infos = {s.peer_id: s.server_info for s in model.node.run(_spans(model))}
+    assert infos[without].adapters == () and all(infos[s.node.peer_id].adapters == ("chat",) for s in swarm.servers[:2])
+
+    reference = PeftModel.from_pretrained(oracle(tiny_model), hosted_adapter)
+    input_ids = torch.tensor([[1, 17, 42, 99, 7]])
+    with torch.no_grad():
+        expected_logits = reference(input_ids=input_ids).logits
+        plain_logits = oracle(tiny_model)(input_ids=input_ids).logits
+    with torch.no_grad():
+        logits = model(input_ids).logits
+    assert rel(logits, expected_logits) <= TOLERANCE
+    assert rel(plain_logits, expected_logits) > 100 * TOLERANCE  # the adapter does change the model
+    assert without not in model.remote.last_trace_peers
+
+    expected = reference.generate(input_ids=input_ids, max_new_tokens=24, do_sample=False)
+    assert torch.equal(model.generate(input_ids, max_new_tokens=24), expected)
+    plain = client()  # a client without the adapter on the same servers, interleaved, is unaffected
+    assert torch.equal(plain.generate(input_ids, max_new_tokens=8), oracle(tiny_model).generate(input_ids, max_new_tokens=8, do_sample=False))
+
+
+def test_generation_with_a_client_held_lora_equals_peft(client, tiny_model, tmp_path):
+    """A session opened with the client's LoRA: the servers batch it with other sessions' tokens."""
+    model = client()
+    lora = model.add_lora(LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "o_proj", "down_proj"]))
+    randomize_b(lora, seed=5)
+    reference = PeftModel.from_pretrained(oracle(tiny_model), model.save_pretrained(tmp_path / "lora"))
+    input_ids = torch.tensor([[1, 70, 71, 72, 9]])
+    expected = reference.generate(input_ids=input_ids, max_new_tokens=20, do_sample=False)
+    assert torch.equal(model.generate(input_ids, max_new_tokens=20), expected)
+
+
+def test_generation_with_prompts_equals_the_oracle(client, tiny_model):
+    """ptune against PEFT's prompt tuning; deep_ptune against a greedy loop of transformers with prompt hooks."""
+    input_ids = torch.tensor([[1, 33, 34, 35]])
+    model = client(tuning_mode="ptune", pre_seq_len=3)
+    peft_model = get_peft_model(oracle(tiny_model), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
+    with torch.no_grad():
+        peft_model.prompt_encoder["default"].embedding.weight.copy_(model.prompt_tuning.prompts)
+    expected = peft_model.generate(input_ids=input_ids, max_new_tokens=12, do_sample=False)
+    assert torch.equal(model.generate(input_ids, max_new_tokens=12)[:, -12:], expected[:, -12:])
+
+    model = client(tuning_mode="deep_ptune", pre_seq_len=2)
+    with torch.no_grad():
+        model.prompt_tuning.deep_prompts.normal_(0, 0.2)
+    reference = oracle(tiny_model)
+    deep = model.prompt_tuning.deep_prompts.detach()
+
+    tokens = input_ids
+    with torch.no_grad(), deep_prompt_hooks(reference, deep):
+        for _ in range(12):  # full recomputation each step: the oracle has no cache to get wrong
+            embeds = torch.cat([model.prompt_tuning.prompts[None], reference.model.embed_tokens(tokens)], dim=1)
+            tokens = torch.cat([tokens, reference(inputs_embeds=embeds).logits[:, -1:].argmax(-1)], dim=1)
+    assert torch.equal(model.generate(input_ids, max_new_tokens=12), tokens)
