@@ -9,7 +9,8 @@ its own process, the client in this one.
   (c) the same model in one process: transformers generate(), and this project's block math
       without any network: tokens/s
   (d)-(g) engine workloads, see bench_engine; (h)-(j) routing workloads, see bench_routing;
-  (k), (l) quantized servers and wire formats, see bench_quant
+  (k), (l) quantized servers and wire formats, see bench_quant; (m) LoRA training steps vs. local
+      peft, see bench_finetune
 """
 
 from __future__ import annotations
@@ -199,8 +200,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--preset", default="bench", choices=["bench", "tiny"], help="model size (tiny = quick check)")
     parser.add_argument("--model_dir", type=Path, default=None, help="checkpoint to use (created if missing)")
     parser.add_argument("--workloads", default="a,b,c",
-                        help="comma-separated subset of a..l, or 'all' (d..g: engine workloads, see bench_engine; "
-                             "h..j: routing, see bench_routing; k, l: quantization, see bench_quant)")  # fmt: skip
+                        help="comma-separated subset of a..m, or 'all' (d..g: engine workloads, see bench_engine; "
+                             "h..j: routing, see bench_routing; k, l: quantization, see bench_quant; "
+                             "m: fine-tuning, see bench_finetune)")  # fmt: skip
     parser.add_argument("--prompt_len", type=int, default=16)
     parser.add_argument("--new_tokens", type=int, default=128)
     parser.add_argument("--prefill_len", type=int, default=512)
@@ -215,10 +217,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     model_dir = args.model_dir or BENCH_DIR / f"{args.preset}-llama"
     make_tiny_model(model_dir, family="llama", preset=args.preset)
     prompt = torch.randint(3, 300, (1, args.prompt_len), generator=torch.Generator().manual_seed(0))
-    workloads = set("abcdefghijkl") if args.workloads == "all" else set(args.workloads.split(","))
-    unknown = workloads - set("abcdefghijkl")
+    workloads = set("abcdefghijklm") if args.workloads == "all" else set(args.workloads.split(","))
+    unknown = workloads - set("abcdefghijklm")
     if unknown:
-        parser.error(f"unknown workloads {sorted(unknown)}; choose from a..l")
+        parser.error(f"unknown workloads {sorted(unknown)}; choose from a..m")
 
     report: dict = {
         "model": {"preset": args.preset, "path": str(model_dir), "dtype": "float32"},
@@ -287,6 +289,10 @@ def main(argv: Optional[list[str]] = None) -> None:
             report["k_quantized_servers"] = bench_quant.quantized_servers(model_dir, args.server_args.split())
         if "l" in workloads:
             report["l_wire_formats"] = bench_quant.wire_formats(model_dir, args.server_args.split())
+    if "m" in workloads:
+        from petals_like.cli import bench_finetune
+
+        report["m_training_step"] = bench_finetune.training_steps(model_dir, args.server_args.split())
     print(json.dumps(report, indent=2))
 
 
