@@ -1,0 +1,108 @@
+"""LocalSwarm: a DHT and servers on 127.0.0.1, each its own process, for scripts that need a swarm.
+
+    with LocalSwarm(model_dir, spans=["0:4", "4:8"]) as swarm:
+        model = AutoDistributedModelForCausalLM.from_pretrained(model_dir, initial_peers=swarm.peers)
+
+Every process it started is stopped when the block exits, whether by return, exception, Ctrl-C or
+SIGTERM (turned into SystemExit while the swarm is up, so that the block's cleanup still runs).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from petals_like.cli.demo import LOCALHOST, Child
+
+logger = logging.getLogger(__name__)
+
+KEPT_OUTPUT_LINES = 100  # of each child, shown if it dies
+
+
+class LocalSwarm:
+    def __init__(self, model_dir: str | Path, spans: Sequence[str] = ("0:4", "4:8"), *,
+                 server_args: Sequence[str] = (), start_timeout: float = 300.0):  # fmt: skip
+        """spans: one "A:B" per server. server_args: extra run_server arguments, e.g. ["--num_threads", "1"]."""
+        if not spans:
+            raise ValueError("a local swarm needs at least one server span")
+        self.model_dir = Path(model_dir)
+        self.spans = list(spans)
+        self.server_args = list(server_args)
+        self.start_timeout = start_timeout
+        self.children: list[Child] = []
+        self.peers: list[str] = []  # the DHT's multiaddrs: pass as initial_peers
+        self.server_peer_ids: list[str] = []
+        self._previous_sigterm: Any = None
+
+    def __enter__(self) -> LocalSwarm:
+        self._catch_sigterm()
+        try:
+            dht = self._start("run_dht", ["petals_like.cli.run_dht", "--host_maddrs", LOCALHOST])
+            self.peers = dht.wait_for_line("--initial_peers", 60).split()[1:]
+            self._drain(dht)
+            servers = [
+                self._start(f"server {span}", ["petals_like.cli.run_server", str(self.model_dir), "--block_indices", span,
+                                               "--initial_peers", *self.peers, "--host_maddrs", LOCALHOST,
+                                               "--no_progress", "--log_level", "WARNING", *self.server_args])
+                for span in self.spans
+            ]  # fmt: skip
+            for server in servers:  # they load in parallel; this waits for the slowest
+                self.server_peer_ids.append(server.wait_for_line("SERVER READY", self.start_timeout).split()[2])
+                self._drain(server)
+        except BaseException:
+            self.__exit__(*sys.exc_info())
+            raise
+        return self
+
+    def __exit__(self, exc_type: Optional[type] = None, *_: Any) -> None:
+        try:
+            if exc_type is not None:
+                self._report_dead_children()
+        finally:
+            for child in reversed(self.children):
+                child.stop()
+            self.children.clear()
+            self._restore_sigterm()
+
+    def _start(self, name: str, module_args: list[str]) -> Child:
+        child = Child(name, [sys.executable, "-m", *module_args])
+        self.children.append(child)  # appended before anything can fail, so that __exit__ stops it
+        return child
+
+    @staticmethod
+    def _drain(child: Child) -> None:
+        """Keep reading a child's output after it is ready: a full pipe would block the child's next write."""
+
+        def drain() -> None:
+            for line in child.process.stdout:
+                child.output.append(line)
+                if len(child.output) > 2 * KEPT_OUTPUT_LINES:
+                    del child.output[:-KEPT_OUTPUT_LINES]
+
+        threading.Thread(target=drain, name=f"drain {child.name}", daemon=True).start()
+
+    def _report_dead_children(self) -> None:
+        """A server that crashed is the likely cause of a client error; log its last words."""
+        for child in self.children:
+            code = child.process.poll()
+            if code is not None:
+                tail = "".join(child.output[-30:])
+                logger.error(f"{child.name} exited with code {code}; its last output:\n{tail}")
+
+    def _catch_sigterm(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers can only be set from the main thread
+
+        def handler(signum: int, _frame: Any) -> None:
+            raise SystemExit(128 + signum)
+
+        self._previous_sigterm = signal.signal(signal.SIGTERM, handler)
+
+    def _restore_sigterm(self) -> None:
+        if self._previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, self._previous_sigterm)
+            self._previous_sigterm = None
