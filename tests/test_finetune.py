@@ -16,7 +16,7 @@ from peft import LoraConfig, PeftModel, PromptTuningConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from petals_like import AutoDistributedModelForCausalLM
-from petals_like.client.transport import SpanExtras, call_forward
+from petals_like.client.transport import InferenceStream, SpanExtras, call_forward
 from petals_like.dht.records import default_dht_prefix
 from petals_like.protocol import ADAPTER_NOT_CACHED
 from tests.swarm import Swarm, start_swarm
@@ -347,3 +347,29 @@ def test_generation_with_prompts_equals_the_oracle(client, tiny_model):
             embeds = torch.cat([model.prompt_tuning.prompts[None], reference.model.embed_tokens(tokens)], dim=1)
             tokens = torch.cat([tokens, reference(inputs_embeds=embeds).logits[:, -1:].argmax(-1)], dim=1)
     assert torch.equal(model.generate(input_ids, max_new_tokens=12), tokens)
+
+
+def test_bad_lora_at_session_open_is_refused_and_others_go_on(client):
+    model = client()
+    lora = model.add_lora(LoraConfig(r=2, target_modules=["k_proj"]))
+    span = next(s for s in model.node.run(_spans(model)) if s.start == 0 and s.end == NUM_BLOCKS)
+    tensors = [t.detach() for t in lora.tensors()]
+    tensors[3] = torch.zeros(5, 5)
+
+    async def open_with_bad_weights():
+        stream = InferenceStream(model.node.p2p, span)
+        await stream.open(timeout=10)
+        meta = {"session_id": "bad-lora", "start": 0, "end": NUM_BLOCKS, "max_length": 16, "batch_size": 1,
+                "lora": lora.metadata(with_weights=True)}  # fmt: skip
+        await stream.send(tensors, meta, compress=False)
+        try:
+            return await stream.read(timeout=10)
+        finally:
+            await stream.close()
+
+    with pytest.raises(Exception, match=re.escape("LoRA tensor 3 has shape (5, 5)")):
+        model.node.run(open_with_bad_weights())
+    other = client()
+    input_ids = torch.tensor([[1, 40, 41]])  # not 2 or 3: the oracle would mask the pad id (3)
+    assert torch.equal(other.generate(input_ids, max_new_tokens=4),
+                       oracle(other.name_or_path).generate(input_ids, max_new_tokens=4, do_sample=False))

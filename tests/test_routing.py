@@ -90,10 +90,10 @@ def test_chain_avoids_the_replica_behind_a_slow_link(tiny_model: Path, reference
                 await asyncio.sleep(0.08)
             return await original_info(p2p, peer_id, timeout=timeout)
 
-        async def slow_send(self, tensors, metadata):
+        async def slow_send(self, tensors, metadata, **kwargs):
             if self.span.peer_id in slow:
                 await asyncio.sleep(0.08)
-            return await original_send(self, tensors, metadata)
+            return await original_send(self, tensors, metadata, **kwargs)
 
         monkeypatch.setattr("petals_like.routing.pings.call_info", slow_info)
         monkeypatch.setattr(InferenceStream, "send", slow_send)

@@ -4,21 +4,30 @@ key    = "{dht_prefix}.{block_index}"  (one key per block of a model; many model
 subkey = the server's peer id (base58)
 value  = ServerInfo.to_record(), expiring unless re-announced
 
-Readers validate every record (ServerInfo.from_record) and skip malformed ones with a log line.
+The list of models in the swarm, so that a reader (the dashboard) can find every model:
+key    = MODELS_KEY
+subkey = the model's dht_prefix
+value  = ModelInfo.to_record(), stored by each of its servers with their block records
+
+Readers validate every record (ServerInfo.from_record, ModelInfo.from_record) and skip malformed
+ones with a log line.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from petals_like.data_structures import RemoteSpanInfo, ServerInfo, ServerState
+from petals_like.data_structures import MAX_BLOCKS, MAX_TEXT, RemoteSpanInfo, ServerInfo, ServerState
 
 logger = logging.getLogger(__name__)
 
 _PREFIX_ALLOWED = re.compile(r"[^A-Za-z0-9_\-]")
+MODELS_KEY = "petals_like.models"  # not "{prefix}.{int}", so it never meets a block key
+MAX_PREFIX = 128  # characters in a dht_prefix read from a record
 
 
 def default_dht_prefix(name_or_path: str | Path) -> str:
@@ -88,3 +97,53 @@ def compute_spans(
                 spans[peer_id] = RemoteSpanInfo(peer_id, span.start, index + 1, info)
     return spans
 
+
+def check_dht_prefix(prefix: Any) -> str:
+    """A dht_prefix read from a record: a short printable string without spaces (it becomes part of keys)."""
+    if not isinstance(prefix, str) or not 0 < len(prefix) <= MAX_PREFIX:
+        raise ValueError(f"dht_prefix must be a string of 1 to {MAX_PREFIX} characters")
+    if not prefix.isprintable() or any(c.isspace() for c in prefix):
+        raise ValueError("dht_prefix must be printable and without spaces")
+    return prefix
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a server announces about the model it serves part of (one record per model)."""
+
+    num_blocks: int  # transformer blocks of the whole model
+    name: str = ""  # hub name or checkpoint folder name, for people reading the dashboard
+
+    def to_record(self) -> dict[str, Any]:
+        return {"num_blocks": self.num_blocks, "name": self.name}
+
+    @classmethod
+    def from_record(cls, raw: Any) -> ModelInfo:
+        """Validate a record read from the DHT; unknown fields are dropped so versions can mix."""
+        if not isinstance(raw, Mapping):
+            raise ValueError(f"model info must be a mapping, got {type(raw).__name__}")
+        num_blocks = raw.get("num_blocks")
+        if isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or not 0 < num_blocks <= MAX_BLOCKS:
+            raise ValueError(f"num_blocks={num_blocks!r} is not in [1, {MAX_BLOCKS}]")
+        name = raw.get("name", "")
+        if not isinstance(name, str) or len(name) > MAX_TEXT:
+            raise ValueError(f"name must be a string of at most {MAX_TEXT} characters")
+        return cls(num_blocks=num_blocks, name=name)
+
+
+def parse_model_entries(raw: Any) -> dict[str, ModelInfo]:
+    """The {dht_prefix: ModelInfo} of the MODELS_KEY value; malformed entries are dropped with a warning."""
+    result: dict[str, ModelInfo] = {}
+    if raw is None:
+        return result
+    entries = getattr(raw, "value", raw)
+    if not isinstance(entries, Mapping):
+        logger.warning("Ignoring the DHT list of models: not a mapping of models")
+        return result
+    for prefix, entry in entries.items():
+        value = getattr(entry, "value", entry)
+        try:
+            result[check_dht_prefix(prefix)] = ModelInfo.from_record(value)
+        except ValueError as e:
+            logger.warning(f"Ignoring model record {str(prefix)[:32]!r}: {e}")
+    return result

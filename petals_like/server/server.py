@@ -20,10 +20,10 @@ import torch
 
 from petals_like import __version__
 from petals_like.config import ServerConfig
-from petals_like.data_structures import MAX_PINGS, ServerInfo, ServerState, parse_block_range
+from petals_like.data_structures import MAX_PINGS, MAX_TEXT, ServerInfo, ServerState, parse_block_range
 from petals_like.dht.announce import declare_blocks, get_block_infos
 from petals_like.dht.node import SwarmNode
-from petals_like.dht.records import default_dht_prefix
+from petals_like.dht.records import ModelInfo, default_dht_prefix
 from petals_like.models.checkpoint import CheckpointReader, resolve_checkpoint
 from petals_like.models.llama.block import LlamaBlock
 from petals_like.models.span import BlockSpan
@@ -78,12 +78,19 @@ def _return_freed_memory() -> None:
         pass
 
 
+def _public_model_name(model: str | Path) -> str:
+    """The model's name in the swarm's list of models: a hub name as it is, a local folder by its name only."""
+    path = Path(model).expanduser()
+    return (path.name if path.is_dir() else str(model))[:MAX_TEXT]
+
+
 class Server:
     def __init__(self, config: ServerConfig):
         self.config = config
         self.path = resolve_checkpoint(config.model)
         self.spec = ModelSpec.from_pretrained(self.path)
         self.dht_prefix = config.dht_prefix or default_dht_prefix(config.model)
+        self.model_info = ModelInfo(num_blocks=self.spec.num_blocks, name=_public_model_name(config.model))
         self.dtype = resolve_dtype(config.torch_dtype, self.spec)
         self.device = torch.device(config.device)
         if config.quant_type not in QUANT_TYPES:
@@ -312,8 +319,9 @@ class Server:
             except Exception as e:  # pings are a hint for routing; announcing matters more
                 logger.debug(f"Measuring next pings failed: {e!r}")
         self._announced_load = self._load()
+        model = self.model_info if state != ServerState.OFFLINE else None
         await declare_blocks(self.node.dht, self.dht_prefix, range(self.start_block, self.end_block),
-                             self.server_info(state), expiration=self.config.expiration)  # fmt: skip
+                             self.server_info(state), expiration=self.config.expiration, model=model)  # fmt: skip
 
     async def _announce_forever(self) -> None:
         while True:
