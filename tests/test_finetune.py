@@ -19,6 +19,7 @@ from petals_like import AutoDistributedModelForCausalLM
 from petals_like.client.transport import InferenceStream, SpanExtras, call_forward
 from petals_like.dht.records import default_dht_prefix
 from petals_like.protocol import ADAPTER_NOT_CACHED
+from petals_like.protocol import ProtocolError as ProtocolErrorType
 from tests.swarm import Swarm, start_swarm
 
 NUM_BLOCKS = 8
@@ -160,15 +161,19 @@ def test_lora_weights_are_sent_once_per_version_and_expire(client, swarm):
     torch.optim.SGD(lora.parameters(), lr=0.1).step()
     model(input_ids, labels=input_ids).loss.backward()
     assert model.remote.lora_uploads == 2 * spans  # a new version goes out once per span
+    with torch.no_grad():  # writes through .data bump no version counter; the content fingerprint sees them
+        next(iter(lora.weights.values())).data.add_(0.01)
+    model(input_ids, labels=input_ids).loss.backward()
+    assert model.remote.lora_uploads == 3 * spans
 
     client_id = model.node.peer_id
     stores = [s.handlers.backend.adapters for s in swarm.servers]
-    assert any(peer == client_id for store in stores for peer, _ in store.clients())
+    assert any(peer == client_id for store in stores for peer, _, _ in store.clients())
     for store in stores:  # past the idle timeout a server keeps nothing of the client
         store.idle_timeout = 0.0
         store.expire()
         store.idle_timeout = 600.0
-        assert not any(peer == client_id for peer, _ in store.clients())
+        assert not any(peer == client_id for peer, _, _ in store.clients())
     before = model.remote.lora_uploads
     model(input_ids, labels=input_ids).loss.backward()  # named version no longer cached: sent again, works
     assert model.remote.lora_uploads > before
@@ -373,3 +378,36 @@ def test_bad_lora_at_session_open_is_refused_and_others_go_on(client):
     input_ids = torch.tensor([[1, 40, 41]])  # not 2 or 3: the oracle would mask the pad id (3)
     assert torch.equal(other.generate(input_ids, max_new_tokens=4),
                        oracle(other.name_or_path).generate(input_ids, max_new_tokens=4, do_sample=False))
+
+
+def test_adapter_store_limits_cover_sessions_and_refusals_change_nothing(tiny_model):
+    """No network: the per-client byte limit counts cached weights and what open sessions pin."""
+    from petals_like.models.spec import ModelSpec
+    from petals_like.server.adapters import AdapterStore
+    from petals_like.server.backend import BlockRange
+
+    spec = ModelSpec.from_pretrained(tiny_model)
+    fan = spec.hidden_size
+    per_version = 2 * (2 * fan + fan * 2) * 4  # 2 blocks x q_proj (A [2, fan] + B [fan, 2]) in float32
+    store = AdapterStore(spec, 0, 2, dtype=torch.float32, device=torch.device("cpu"), max_bytes_per_peer=2 * per_version + 100)
+    blocks = BlockRange(0, 2)
+
+    def upload(peer: str, version: int, value: float = 0.1):
+        meta = {"lora": {"id": "a", "version": version, "rank": 2, "scaling": 1.0, "targets": ["q_proj"], "weights": True}}
+        tensors = [torch.full((2, fan), value), torch.full((fan, 2), value)] * 2
+        return store.resolve(meta, tensors, blocks, peer, 1, 4)
+
+    release_1 = store.pin("peer-1", upload("peer-1", 1))  # an inference session runs with version 1
+    release_2 = store.pin("peer-1", upload("peer-1", 2))  # and another with version 2: both stay cached
+    assert {k[2] for k in store.clients()} == {1, 2}
+    with pytest.raises(ProtocolErrorType, match="max_adapter_bytes"):
+        upload("peer-1", 3)  # a third version would exceed the limit while both are pinned
+    assert {k[2] for k in store.clients()} == {1, 2} and store.held_bytes("peer-1") == 2 * per_version  # unchanged
+    upload("peer-2", 1)  # another client has its own budget
+    release_1()
+    upload("peer-1", 3)  # version 1 is free again and superseded; version 2 is still pinned
+    assert sorted(k[2] for k in store.clients() if k[0] == "peer-1") == [2, 3]
+    release_2()
+    store.idle_timeout = 0.0
+    store.expire()
+    assert store.clients() == [] and store.held_bytes("peer-1") == 0

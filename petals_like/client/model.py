@@ -114,6 +114,8 @@ class DistributedModelForCausalLM(torch.nn.Module):
         """Attach a PEFT LoRA folder (e.g. saved by save_pretrained) as a trainable client-held LoRA."""
         if self.lora is not None:
             raise ValueError("this model already has a LoRA adapter")
+        if self.config.active_adapter is not None:
+            raise ValueError("a client-held LoRA cannot be combined with a server-hosted active_adapter")
         self.lora = ClientLora.from_pretrained(path, self.spec)
         self.local.requires_grad_(False)
         return self.lora
@@ -197,8 +199,7 @@ class DistributedModelForCausalLM(torch.nn.Module):
         if max_length < 1:
             raise ValueError(f"max_length must be >= 1, got {max_length}")
         prompts = self.prompt_tuning.deep_prompts if self.prompt_tuning is not None else None
-        tuning = RequestTuning(None if prompts is None else prompts.detach().cpu().clone(), self.lora,
-                               self.lora.version if self.lora is not None else 0, self.config.active_adapter)  # fmt: skip
+        tuning = RequestTuning.snapshot(prompts, self.lora, self.config.active_adapter)
         # a client-held LoRA's pages are never reused: its weights change with every optimizer step
         if reuse_prefix and self.lora is None:
             salt = f"{self.dht_prefix}|{self.spec.torch_dtype}|{self.config.active_adapter or ''}"

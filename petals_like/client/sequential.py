@@ -22,7 +22,7 @@ from typing import Any, Optional
 import torch
 
 from petals_like.client.transport import SpanExtras, call_backward, call_forward
-from petals_like.client.tuning import ClientLora
+from petals_like.client.tuning import ClientLora, weights_version
 from petals_like.config import ClientConfig
 from petals_like.data_structures import RemoteSpanInfo
 from petals_like.dht.node import SwarmNode
@@ -36,12 +36,20 @@ Trace = list[tuple[RemoteSpanInfo, torch.Tensor]]  # (span, the hidden states it
 
 @dataclass
 class RequestTuning:
-    """One forward/backward pass's trainable extras, frozen at forward time."""
+    """The trainable extras of one forward/backward pass or inference session, as they were when it
+    began: later optimizer steps change the live parameters, not what this pass sends."""
 
-    prompts: Optional[torch.Tensor] = None  # deep prompts [num_blocks, prefix, hidden], detached
+    prompts: Optional[torch.Tensor] = None  # deep prompts [num_blocks, prefix, hidden], a copy
     lora: Optional[ClientLora] = None
-    lora_version: int = 0
+    lora_tensors: list[torch.Tensor] = field(default_factory=list)  # a copy of its weights, wire order
+    lora_version: int = 0  # their fingerprint
     adapter: Optional[str] = None  # a server-hosted adapter's name
+
+    @classmethod
+    def snapshot(cls, prompts: Optional[torch.Tensor], lora: Optional[ClientLora], adapter: Optional[str]) -> RequestTuning:
+        tensors = [t.detach().to("cpu", copy=True) for t in lora.tensors()] if lora is not None else []
+        return cls(None if prompts is None else prompts.detach().to("cpu", copy=True), lora, tensors,
+                   weights_version(tensors) if lora is not None else 0, adapter)  # fmt: skip
 
     def extras(self, span: RemoteSpanInfo, with_weights: bool) -> SpanExtras:
         extras = SpanExtras()
@@ -54,7 +62,8 @@ class RequestTuning:
             extras.metadata["adapter"] = self.adapter
         if self.lora is not None:
             lora = self.lora
-            tensors = [t.detach() for t in lora.tensors(span.start, span.end)]
+            per_block = 2 * len(lora.targets)
+            tensors = self.lora_tensors[span.start * per_block : span.end * per_block]
             extras.metadata["lora"] = {"id": lora.adapter_id, "version": self.lora_version, "rank": lora.rank,
                                        "scaling": lora.scaling, "targets": list(lora.targets), "weights": with_weights}  # fmt: skip
             if with_weights:
@@ -105,8 +114,7 @@ class RemoteSequential(torch.nn.Module):
         hidden, in the deep prompts [num_blocks, prefix, hidden] and in the client LoRA's weights."""
         if prompts is not None and (prompts.dim() != 3 or prompts.shape[0] != self.num_blocks):
             raise ValueError(f"deep prompts must be [{self.num_blocks}, prefix, hidden], got {list(prompts.shape)}")
-        tuning = RequestTuning(None if prompts is None else prompts.detach().cpu(), lora,
-                         lora.version if lora is not None else 0, adapter)  # fmt: skip
+        tuning = RequestTuning.snapshot(prompts, lora, adapter)
         lora_tensors = lora.tensors() if lora is not None else []
         return _RemoteBlocks.apply(hidden, prompts, self, pad_lens, tuning, *lora_tensors)
 

@@ -12,6 +12,7 @@ and the optimizer step runs here. save_pretrained() writes PEFT's format.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import secrets
@@ -81,7 +82,6 @@ class ClientLora(nn.Module):
                 self.weights[f"{block}_{target}_A"] = nn.Parameter(a)
                 self.weights[f"{block}_{target}_B"] = nn.Parameter(torch.zeros(fan_out, self.rank))
         self.adapter_id = secrets.token_hex(8)  # names these weights in servers' caches
-        self._version, self._seen = 0, None
 
     def block_tensors(self, block: int) -> list[Tensor]:
         """Block `block`'s tensors in wire order (targets in order, A then B)."""
@@ -93,12 +93,8 @@ class ClientLora(nn.Module):
 
     @property
     def version(self) -> int:
-        """Changes whenever any weight changed (an optimizer step, a load): servers' copies are then stale."""
-        seen = tuple(p._version for p in self.weights.values())
-        if seen != self._seen:
-            self._seen = seen
-            self._version += 1
-        return self._version
+        """A fingerprint of the current weights: servers' copies under another version are stale."""
+        return weights_version(self.tensors())
 
     def metadata(self, with_weights: bool) -> dict:
         return {"id": self.adapter_id, "version": self.version, "rank": self.rank, "scaling": self.scaling,
@@ -137,6 +133,16 @@ class ClientLora(nn.Module):
                     lora.weights[f"{block}_{target}_A"].copy_(a)
                     lora.weights[f"{block}_{target}_B"].copy_(b)
         return lora
+
+
+def weights_version(tensors: list[Tensor]) -> int:
+    """A 63-bit hash of the tensors' contents. Content, not torch's in-place counters: fused optimizers
+    and `.data` writes change weights without bumping those, and a stale cached copy would silently
+    give gradients of the old weights."""
+    digest = hashlib.blake2b(digest_size=8)
+    for tensor in tensors:
+        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return int.from_bytes(digest.digest(), "big") >> 1
 
 
 def _config_dict(config: Any) -> dict:

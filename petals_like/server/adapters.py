@@ -13,8 +13,11 @@ Request metadata (forward, backward; "adapter" also on inference streams):
                           ADAPTER_NOT_CACHED, and the client sends the weights again. Backward
                           returns their gradients after the hidden states' (and the prompts').
 
-Client weights are kept per (client peer id, adapter id), only the newest version, and dropped
-after `adapter_idle_timeout`; a client can never name another client's weights.
+Client weights are kept per (client peer id, adapter id, version): a new version replaces the old
+ones unless an open inference session still uses them. Unused weights are dropped after
+`adapter_idle_timeout`. A client can never name another client's weights. Everything a client
+makes the server hold (cached weights, weights and deep prompts of its open sessions) counts
+against `max_adapter_bytes` for that client; a request over it is refused and changes nothing.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
@@ -48,6 +51,7 @@ class Tuning:
     prompts: Optional[torch.Tensor] = None  # [blocks, prefix, hidden]
     lora: Optional[list[BlockLora]] = None  # one per block of the request
     lora_targets: tuple[str, ...] = ()  # set for a client-held LoRA: backward returns its gradients
+    lora_key: Optional[tuple[str, str, int]] = None  # (peer, adapter id, version) of a client-held LoRA
 
     @property
     def empty(self) -> bool:
@@ -56,12 +60,12 @@ class Tuning:
 
 @dataclass
 class _ClientEntry:
-    version: int
     rank: int
     scaling: float
     targets: tuple[str, ...]
     blocks: dict[int, BlockLora]  # absolute block index -> weights
     last_used: float
+    sessions: int = 0  # open inference sessions that use these weights: never dropped meanwhile
 
     @property
     def nbytes(self) -> int:
@@ -79,7 +83,8 @@ class AdapterStore:
         self.max_bytes_per_peer = max_bytes_per_peer
         self.idle_timeout = idle_timeout
         self.hosted: dict[str, dict[int, BlockLora]] = {}
-        self._clients: dict[tuple[str, str], _ClientEntry] = {}
+        self._clients: dict[tuple[str, str, int], _ClientEntry] = {}  # (peer, adapter id, version) -> weights
+        self._prompt_bytes: dict[str, int] = {}  # peer -> bytes of deep prompts held by its open sessions
         self._lock = threading.Lock()  # entries are read on the event loop and by the balance thread
 
     # ---- hosted adapters ----
@@ -123,13 +128,13 @@ class AdapterStore:
         if adapter is not None:
             tuning.lora = self.hosted_rows(adapter, blocks)
         elif lora is not None:
-            tuning.lora, tuning.lora_targets, extra = self._client_lora(lora, extra, blocks, peer_id)
+            tuning.lora, tuning.lora_targets, extra, tuning.lora_key = self._client_lora(lora, extra, blocks, peer_id)
         if extra:
             raise ProtocolError(f"{len(extra)} unexpected tensor(s) in the request")
         return tuning
 
     def _client_lora(self, lora: Any, extra: list[torch.Tensor], blocks: BlockRange, peer_id: str
-                     ) -> tuple[list[BlockLora], tuple[str, ...], list[torch.Tensor]]:  # fmt: skip
+                     ) -> tuple[list[BlockLora], tuple[str, ...], list[torch.Tensor], tuple[str, str, int]]:  # fmt: skip
         if not isinstance(lora, dict):
             raise ProtocolError("lora must be a map")
         adapter_id = require(lora, "id", str)
@@ -139,15 +144,15 @@ class AdapterStore:
         with_weights = require(lora, "weights", bool, False)
         first = self.span_start + blocks.first
         wanted = range(first, first + blocks.length)
-        key = (peer_id, adapter_id)
+        key = (peer_id, adapter_id, version)
         if not with_weights:
             with self._lock:
                 entry = self._clients.get(key)
-                if entry is None or entry.version != version or any(i not in entry.blocks for i in wanted):
+                if entry is None or any(i not in entry.blocks for i in wanted):
                     raise ProtocolError(f"{ADAPTER_NOT_CACHED}: LoRA {adapter_id!r} version {version} for blocks "
                                         f"[{first}, {first + blocks.length}); send the weights")  # fmt: skip
                 entry.last_used = time.monotonic()
-                return [entry.blocks[i] for i in wanted], entry.targets, extra
+                return [entry.blocks[i] for i in wanted], entry.targets, extra, key
         rank = require(lora, "rank", int)
         if not 1 <= rank <= self.max_rank:
             raise ProtocolError(f"LoRA rank {rank} not in [1, {self.max_rank}] (server limit --max_lora_rank)")
@@ -179,17 +184,52 @@ class AdapterStore:
         received = from_wire([t.to(self.device, torch.float32) for t in tensors], targets, float(scaling), blocks.length)
         with self._lock:
             self._expire_locked()
+            # older versions of this adapter are superseded, unless a session still runs with them
+            for old in [k for k, e in self._clients.items() if k[:2] == key[:2] and k != key and not e.sessions]:
+                del self._clients[old]
             entry = self._clients.get(key)
-            if entry is None or (entry.version, entry.rank, entry.scaling, entry.targets) != (version, rank, scaling, targets):
-                entry = _ClientEntry(version, rank, float(scaling), targets, {}, time.monotonic())
+            if entry is not None and (entry.rank, entry.scaling, entry.targets) != (rank, scaling, targets):
+                raise ProtocolError(f"LoRA {adapter_id!r} version {version} is already held with another rank, "
+                                    f"scaling or targets; a changed adapter needs a new version")  # fmt: skip
+            replaced = sum(entry.blocks[i].nbytes for i in wanted if i in entry.blocks) if entry is not None else 0
+            if self.held_bytes(peer_id) - replaced + nbytes > self.max_bytes_per_peer:
+                raise ProtocolError(f"this client's LoRA weights and prompts would exceed {self.max_bytes_per_peer} "
+                                    f"bytes on this server (--max_adapter_bytes)")  # fmt: skip
+            if entry is None:
+                entry = self._clients[key] = _ClientEntry(rank, float(scaling), targets, {}, time.monotonic())
             entry.blocks.update(zip(wanted, received))
             entry.last_used = time.monotonic()
-            held = sum(e.nbytes for (peer, _), e in self._clients.items() if peer == peer_id and e is not entry)
-            if held + entry.nbytes > self.max_bytes_per_peer:
-                raise ProtocolError(f"this client's LoRA weights would exceed {self.max_bytes_per_peer} bytes on this "
-                                    f"server (--max_adapter_bytes)")  # fmt: skip
-            self._clients[key] = entry
-        return received, targets, extra
+        return received, targets, extra, key
+
+    def held_bytes(self, peer_id: str) -> int:
+        """Bytes held for one client: its cached LoRA weights and its open sessions' deep prompts."""
+        return sum(e.nbytes for k, e in self._clients.items() if k[0] == peer_id) + self._prompt_bytes.get(peer_id, 0)
+
+    def pin(self, peer_id: str, tuning: Tuning) -> Callable[[], None]:
+        """An inference session starts using `tuning` for its life: its client LoRA stays cached and its
+        deep prompts count against the client's bytes. Returns the release to call when it closes."""
+        prompt_bytes = 0 if tuning.prompts is None else tuning.prompts.numel() * tuning.prompts.element_size()
+        with self._lock:
+            if self.held_bytes(peer_id) + prompt_bytes > self.max_bytes_per_peer:
+                raise ProtocolError(f"this client's LoRA weights and prompts would exceed {self.max_bytes_per_peer} "
+                                    f"bytes on this server (--max_adapter_bytes)")  # fmt: skip
+            self._prompt_bytes[peer_id] = self._prompt_bytes.get(peer_id, 0) + prompt_bytes
+            entry = self._clients.get(tuning.lora_key) if tuning.lora_key is not None else None
+            if entry is not None:
+                entry.sessions += 1
+
+        def release() -> None:
+            with self._lock:
+                left = self._prompt_bytes.get(peer_id, 0) - prompt_bytes
+                if left > 0:
+                    self._prompt_bytes[peer_id] = left
+                else:
+                    self._prompt_bytes.pop(peer_id, None)
+                if entry is not None:
+                    entry.sessions -= 1
+                    entry.last_used = time.monotonic()
+
+        return release
 
     def expire(self) -> None:
         with self._lock:
@@ -197,14 +237,11 @@ class AdapterStore:
 
     def _expire_locked(self) -> None:
         now = time.monotonic()
-        for key in [k for k, e in self._clients.items() if now - e.last_used > self.idle_timeout]:
+        for key in [k for k, e in self._clients.items() if not e.sessions and now - e.last_used > self.idle_timeout]:
             del self._clients[key]
 
-    def client_bytes(self) -> int:
-        with self._lock:
-            return sum(e.nbytes for e in self._clients.values())
-
-    def clients(self) -> list[tuple[str, str]]:
+    def clients(self) -> list[tuple[str, str, int]]:
+        """(peer, adapter id, version) of every client LoRA held."""
         with self._lock:
             return list(self._clients)
 

@@ -246,7 +246,7 @@ class Scheduler:
                         lora[layer].append((rows, adapter))
                 past = work.sequences[0].length
                 if work.prompts is not None and past < work.prompts.shape[1]:
-                    covered = torch.arange(past, min(past + positions, work.prompts.shape[1]))
+                    covered = torch.arange(past, min(past + positions, work.prompts.shape[1]), device=work.prompts.device)
                     for i in range(chunk.shape[0]):
                         prompt_rows.append(row + i * positions + covered - past)
                         prompt_values.append(work.prompts[:, covered])

@@ -326,6 +326,8 @@ class Server:
     async def _announce_forever(self) -> None:
         while True:
             await asyncio.sleep(self.config.announce_period)
+            if self.handlers is not None:
+                self.handlers.backend.adapters.expire()  # client LoRA weights unused for adapter_idle_timeout
             try:
                 await self._declare(self.state)
             except Exception as e:  # a failed re-announcement is retried next period

@@ -18,7 +18,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -57,6 +57,7 @@ class ServerSession:
     wire: Optional[str] = None  # how this session's outputs travel (config.WIRE_FORMATS); None = as computed
     lora: Optional[list] = None  # the session's LoRA (hosted or client-held): a BlockLora per block of its range
     prompts: Optional[torch.Tensor] = None  # deep prompts [blocks, prefix, hidden] (server/adapters.py)
+    release_tuning: Optional[Callable[[], None]] = None  # unpins its client LoRA and prompts (AdapterStore.pin)
 
     @property
     def length(self) -> int:
@@ -117,7 +118,14 @@ class SessionManager:
             if not isinstance(token, str) or not 16 <= len(token) <= MAX_SESSION_ID_LENGTH:
                 raise ProtocolError("push_token must be a string of 16..128 characters")
             session.push_token = token
-        self._add_hashes(session, meta)
+        if not tuning.empty:
+            session.release_tuning = self.backend.adapters.pin(peer_id, tuning)
+        try:
+            self._add_hashes(session, meta)
+        except BaseException:
+            if session.release_tuning is not None:
+                session.release_tuning()
+            raise
         if session.hashes and batch_size == 1 and not any(pad_lens) and self.pool.page_size == PREFIX_PAGE_TOKENS:
             session.cached_pages = self.prefix_index.lookup(scope, session.hashes)
         self.sessions[session_id] = session
@@ -126,6 +134,9 @@ class SessionManager:
     def close(self, session: ServerSession) -> None:
         """Forget the session; its pages go back once no iteration can still write into them."""
         self.sessions.pop(session.session_id, None)
+        if session.release_tuning is not None:
+            session.release_tuning()
+            session.release_tuning = None
 
         def release() -> None:
             for pages in session.sequences:
