@@ -3,7 +3,6 @@ real swarm of two models watched by `python -m petals_like.cli.dashboard` and re
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -331,13 +330,6 @@ def fetch(url: str) -> str:
 
 # ---- a real swarm, the dashboard as users run it, and the page in headless Chromium ----
 
-def ghost_peer_id() -> str:
-    """A valid peer id that nobody runs."""
-    from hivemind.p2p import PeerID
-
-    return PeerID(b"\x12\x20" + hashlib.sha256(os.urandom(16)).digest()).to_base58()  # a sha2-256 multihash
-
-
 class Node:
     """An element of the rendered page: tag, attributes, children and text."""
 
@@ -482,36 +474,49 @@ HOSTILE_PREFIX = "<script>alert(1)</script>"
 REFRESH_PERIOD = 1.0
 
 
-def plant_records(swarm, ghost: str) -> None:
-    """What the test's own DHT node writes: a JOINING server, a dead one, and records from a hostile peer."""
+def plant_records(swarm) -> str:
+    """What the test writes: a JOINING server, a server that announced ONLINE and died, and records from
+    a hostile peer (signed by the test's own node, as any stranger can sign under its own peer id, and
+    unsigned ones, which readers drop). Returns the dead server's peer id."""
     from hivemind.utils.timed_storage import get_dht_time
 
     from petals_like.dht.announce import declare_blocks
+    from petals_like.dht.node import SwarmNode
     from petals_like.dht.records import block_key
+
+    # announced ONLINE, then gone: it must be shown unreachable, not covering its blocks
+    ghost = SwarmNode(swarm.peers, host_maddrs=["/ip4/127.0.0.1/tcp/0"], name="ghost")
+    try:
+        ghost_id = ghost.peer_id
+        ghost.run(declare_blocks(ghost.dht, "tiny-llama", range(6, 8), info(6, 8, throughput=3.0, public_name="ghost"),
+                                 identity=ghost.identity, expiration=300), timeout=60)  # fmt: skip
+    finally:
+        ghost.shutdown()
 
     node = swarm.dht
     expiration = get_dht_time() + 300
+    own = node.identity.owner_subkey(node.peer_id)
 
     async def plant() -> None:
         await declare_blocks(node.dht, "tiny-mistral", range(0, 3), info(0, 3, JOINING, 5.0, public_name="joiner"),
-                             expiration=300)  # fmt: skip
-        for block in (6, 7):  # announced ONLINE, but the peer is gone: it must be shown unreachable, not covering
-            await node.dht.store(block_key("tiny-llama", block), info(6, 8, throughput=3.0, public_name="ghost").to_record(),
-                                 expiration, subkey=ghost)  # fmt: skip
-        hostile_blocks = {
+                             identity=node.identity, expiration=300)  # fmt: skip
+        signed_hostile = info(0, 100_000, throughput=1e9, public_name=HOSTILE_TEXT).to_record()
+        await node.dht.store(block_key("tiny-llama", 2), signed_hostile, expiration, subkey=own)
+        unsigned = {
             "x" * 300: info(0, 4).to_record(), "evil1": {"state": 9, "start_block": 0, "end_block": 4},
             "evil2": {**info(0, 4).to_record(), "throughput": "fast"}, "evil3": "not a record",
-            "evil4": info(0, 100_000, throughput=1e9, public_name=HOSTILE_TEXT).to_record(),
+            ghost_id: info(0, 8, throughput=50.0, public_name="impostor").to_record(),  # speaking for another peer
         }
-        for subkey, value in hostile_blocks.items():
+        for subkey, value in unsigned.items():
             await node.dht.store(block_key("tiny-llama", 2), value, expiration, subkey=subkey)
         hostile_models = {HOSTILE_PREFIX: {"num_blocks": 3, "name": "<img src=x onerror=alert(1)>"},
                           "huge": {"num_blocks": 10**9}, "many": {"num_blocks": 50_000}, "bad": [1, 2, 3],
                           "with space": {"num_blocks": 2}}  # fmt: skip
-        for subkey, value in hostile_models.items():
-            await node.dht.store(MODELS_KEY, value, expiration, subkey=subkey)
+        for prefix, value in hostile_models.items():
+            await node.dht.store(MODELS_KEY, value, expiration, subkey=node.identity.owner_subkey(f"{prefix}@{node.peer_id}"))
 
     node.run(plant(), timeout=60)
+    return ghost_id
 
 
 @pytest.fixture(scope="module")
@@ -522,8 +527,7 @@ def world(tiny_model: Path, make_model, tmp_path_factory: pytest.TempPathFactory
     try:
         leaver = swarm.add_server(tiny_model, "4:6", public_name="leaver")
         swarm.add_server(mistral, "0:8", public_name="beta", throughput=2.5)
-        ghost = ghost_peer_id()
-        plant_records(swarm, ghost)
+        ghost = plant_records(swarm)
         log = tmp_path_factory.mktemp("dashboard") / "dashboard.log"
         dashboard = DashboardProcess(swarm.peers, log, "--refresh_period", str(REFRESH_PERIOD), "--rpc_timeout", "1",
                                      "--models", "ghost-model:2")  # fmt: skip

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
-from typing import Optional, Sequence
+from collections import Counter
+from typing import Any, Mapping, Optional, Sequence
 
 from hivemind.dht.node import DHTNode
 from hivemind.utils.timed_storage import get_dht_time
 
 from petals_like.data_structures import ServerInfo
+from petals_like.dht.identity import Identity, signed_peer_id, split_owner_subkey
 from petals_like.dht.records import MODELS_KEY, ModelInfo, block_key, parse_block_entries, parse_model_entries
 
 logger = logging.getLogger(__name__)
@@ -20,19 +22,20 @@ async def declare_blocks(
     block_indices: Sequence[int],
     info: ServerInfo,
     *,
+    identity: Identity,
     expiration: float,
     model: Optional[ModelInfo] = None,
 ) -> bool:
-    """Store `info` under each block's key with this server's peer id as the subkey; True if all stores took.
-
-    With `model`, the model's entry in the swarm's list of models (MODELS_KEY) is refreshed too.
+    """Store `info` under each block's key, signed, with this server's peer id as the subkey; True if all
+    stores took. With `model`, the model's entry in the swarm's list of models (MODELS_KEY) is refreshed too.
     """
     peer_id = node.peer_id.to_base58()
     expiration_time = get_dht_time() + expiration
     keys = [block_key(dht_prefix, i) for i in block_indices]
-    values, subkeys = [info.to_record()] * len(keys), [peer_id] * len(keys)
+    values, subkeys = [info.to_record()] * len(keys), [identity.owner_subkey(peer_id)] * len(keys)
     if model is not None:
-        keys, values, subkeys = [*keys, MODELS_KEY], [*values, model.to_record()], [*subkeys, dht_prefix]
+        keys, values = [*keys, MODELS_KEY], [*values, model.to_record()]
+        subkeys = [*subkeys, identity.owner_subkey(f"{dht_prefix}@{peer_id}")]
     results = await node.store_many(keys, values, expiration_time, subkeys=subkeys, num_workers=len(keys))
     ok = all(results.values())
     if not ok:
@@ -46,10 +49,48 @@ async def get_block_infos(
     """For each block, the valid {peer id: ServerInfo} records found in the DHT (empty dict if none)."""
     keys = [block_key(dht_prefix, i) for i in block_indices]
     found = await node.get_many(keys, sufficient_expiration_time=float("inf") if latest else None)
-    return [parse_block_entries(found.get(key), index) for key, index in zip(keys, block_indices)]
+    return [parse_block_entries(_signed_entries(found.get(key), key), index) for key, index in zip(keys, block_indices)]
 
 
 async def get_models(node: DHTNode, *, latest: bool = True) -> dict[str, ModelInfo]:
-    """Every model announced in the swarm: the valid {dht_prefix: ModelInfo} entries of MODELS_KEY."""
+    """Every model announced in the swarm: {dht_prefix: ModelInfo}, by what most of its servers say."""
     found = await node.get(MODELS_KEY, latest=latest)
-    return parse_model_entries(found)
+    signed = _signed_entries(found, MODELS_KEY)
+    if signed is None:
+        return {}
+    # one entry per (model, server): the value most of a model's servers give wins over a stranger's
+    votes: dict[str, Counter] = {}
+    values: dict[tuple[str, str], Any] = {}
+    for (prefix, _), value in signed.items():
+        votes.setdefault(prefix, Counter())[repr(value)] += 1
+        values.setdefault((prefix, repr(value)), value)
+    chosen = {prefix: values[prefix, counter.most_common(1)[0][0]] for prefix, counter in votes.items()}
+    return parse_model_entries(chosen)
+
+
+def _signed_entries(raw: Any, key: str) -> Optional[dict]:
+    """A DHT value's entries keyed by what their signed subkeys name: the peer id for block records,
+    (dht_prefix, peer id) for the list of models. Unsigned entries, and entries signed by a key that is
+    not the named peer's, are dropped."""
+    if raw is None:
+        return None
+    entries = getattr(raw, "value", raw)
+    if not isinstance(entries, Mapping):
+        return entries  # parse_*_entries reports it
+    result: dict = {}
+    dropped = 0
+    for subkey, entry in entries.items():
+        parts = split_owner_subkey(subkey)
+        name = parts[0] if parts is not None else None
+        if key == MODELS_KEY and name is not None:
+            prefix, _, peer = name.rpartition("@")
+            if prefix and signed_peer_id(subkey.replace(name, peer, 1)) == peer:
+                result[prefix, peer] = getattr(entry, "value", entry)
+                continue
+        elif signed_peer_id(subkey) is not None:
+            result[name] = entry
+            continue
+        dropped += 1
+    if dropped:
+        logger.info(f"Ignoring {dropped} unsigned or foreign-signed record(s) under {key!r}")
+    return result

@@ -2,6 +2,8 @@
 
 Servers and clients both talk to the swarm through it: the DHT node and the RPC handlers share the
 daemon (one p2pd per process, not one per role), and synchronous code reaches the loop with run().
+Its RSA identity (dht/identity.py) is the daemon's peer id and signs the records it stores; every
+node checks the signatures of records it is asked to store or receives.
 """
 
 from __future__ import annotations
@@ -12,8 +14,11 @@ import logging
 import threading
 from typing import Any, Awaitable, Callable, Optional, Sequence, TypeVar
 
+from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.dht.node import DHTNode
 from hivemind.p2p import P2P
+
+from petals_like.dht.identity import Identity
 
 logger = logging.getLogger(__name__)
 
@@ -38,8 +43,10 @@ class SwarmNode:
         self._thread.start()
         self.p2p: Optional[P2P] = None
         self.dht: Optional[DHTNode] = None
+        self.identity: Optional[Identity] = None
         try:
-            self.run(self._start(initial_peers, host_maddrs, announce_maddrs, identity_path), timeout=start_timeout)
+            self.identity = Identity(identity_path)
+            self.run(self._start(initial_peers, host_maddrs, announce_maddrs), timeout=start_timeout)
         except BaseException:
             self.shutdown()
             raise
@@ -48,16 +55,18 @@ class SwarmNode:
         asyncio.set_event_loop(self._loop)
         self._loop.run_forever()
 
-    async def _start(self, initial_peers, host_maddrs, announce_maddrs, identity_path) -> None:
+    async def _start(self, initial_peers, host_maddrs, announce_maddrs) -> None:
         self.p2p = await P2P.create(
             initial_peers=list(initial_peers) or None,
             host_maddrs=list(host_maddrs),
             announce_maddrs=list(announce_maddrs) or None,
-            identity_path=identity_path,
+            identity_path=self.identity.path,
+            check_if_identity_free=not self.identity.fresh,  # a key made just now is nobody else's
             dht_mode="client" if self.client_mode else "server",
         )
         self.dht = await DHTNode.create(
             p2p=self.p2p,
+            record_validator=RSASignatureValidator(self.identity.private_key),
             initial_peers=list(initial_peers),
             client_mode=self.client_mode,
             num_workers=8,
@@ -120,3 +129,5 @@ class SwarmNode:
                 self.p2p._terminate()  # last resort: never leave a p2pd daemon behind
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=5)
+        if self.identity is not None:
+            self.identity.close()

@@ -1,16 +1,16 @@
 """The DHT record schema, in one place.
 
 key    = "{dht_prefix}.{block_index}"  (one key per block of a model; many models share one swarm)
-subkey = the server's peer id (base58)
+subkey = "{peer id}[owner:{public key}]": the server's peer id, signed (dht/identity.py)
 value  = ServerInfo.to_record(), expiring unless re-announced
 
 The list of models in the swarm, so that a reader (the dashboard) can find every model:
 key    = MODELS_KEY
-subkey = the model's dht_prefix
+subkey = "{dht_prefix}@{peer id}[owner:{public key}]": one entry per model and server, signed
 value  = ModelInfo.to_record(), stored by each of its servers with their block records
 
-Readers validate every record (ServerInfo.from_record, ModelInfo.from_record) and skip malformed
-ones with a log line.
+Readers keep only records signed by the peer they name (announce._signed_entries), validate every
+record (ServerInfo.from_record, ModelInfo.from_record) and skip malformed ones with a log line.
 """
 
 from __future__ import annotations

@@ -310,7 +310,7 @@ class Server:
     async def _declare_range(self, state: ServerState, start: int, end: int) -> None:
         await declare_blocks(self.node.dht, self.dht_prefix, range(start, end),
                              dataclasses.replace(self.server_info(state), start_block=start, end_block=end),
-                             expiration=self.config.expiration)  # fmt: skip
+                             identity=self.node.identity, expiration=self.config.expiration)  # fmt: skip
 
     async def _declare(self, state: ServerState) -> None:
         if state == ServerState.ONLINE:
@@ -321,7 +321,8 @@ class Server:
         self._announced_load = self._load()
         model = self.model_info if state != ServerState.OFFLINE else None
         await declare_blocks(self.node.dht, self.dht_prefix, range(self.start_block, self.end_block),
-                             self.server_info(state), expiration=self.config.expiration, model=model)  # fmt: skip
+                             self.server_info(state), identity=self.node.identity, expiration=self.config.expiration,
+                             model=model)  # fmt: skip
 
     async def _announce_forever(self) -> None:
         while True:

@@ -1,0 +1,73 @@
+"""Signed DHT records: only a peer can write the records that name it, and readers drop the rest."""
+
+from __future__ import annotations
+
+import pytest
+from hivemind.utils.timed_storage import get_dht_time
+
+from petals_like.data_structures import ServerInfo, ServerState
+from petals_like.dht.announce import declare_blocks, get_block_infos, get_models
+from petals_like.dht.identity import Identity, peer_id_of, signed_peer_id
+from petals_like.dht.node import SwarmNode
+from petals_like.dht.records import MODELS_KEY, ModelInfo, block_key
+from tests.swarm import LOCALHOST
+
+
+def test_a_subkey_names_a_peer_only_with_that_peers_own_key():
+    mine, other = Identity(), Identity()
+    try:
+        me, them = peer_id_of(mine.public_key), peer_id_of(other.public_key)
+        assert me != them and me.startswith("Qm")
+        assert signed_peer_id(mine.owner_subkey(me)) == me
+        assert signed_peer_id(mine.owner_subkey(them)) is None  # my key cannot speak for them
+        for junk in (me, f"{me}[owner:ssh-rsa AAAA]", f"{me}[owner:{mine.public_key}][owner:x]", 42, None, "x" * 5000):
+            assert signed_peer_id(junk) is None
+    finally:
+        mine.close()
+        other.close()
+
+
+@pytest.fixture(scope="module")
+def nodes():
+    first = SwarmNode(host_maddrs=LOCALHOST, name="first")
+    made = [first]
+    try:
+        made += [SwarmNode(first.visible_maddrs(), host_maddrs=LOCALHOST, name=name) for name in ("victim", "stranger")]
+        yield made
+    finally:
+        for node in made:
+            node.shutdown()
+
+
+def test_strangers_cannot_write_or_fake_another_servers_records(nodes):
+    reader, victim, stranger = nodes
+    info = ServerInfo(ServerState.ONLINE, 0, 2, throughput=1.0, public_name="real")
+    assert victim.run(declare_blocks(victim.dht, "model", range(2), info, identity=victim.identity, expiration=60,
+                                     model=ModelInfo(num_blocks=2)))  # fmt: skip
+    fake = ServerInfo(ServerState.OFFLINE, 0, 2, public_name="fake").to_record()
+    expiration = get_dht_time() + 60
+
+    async def attack() -> list[bool]:
+        return [
+            # the victim's own subkey: the stranger cannot sign it, so every node refuses the store
+            await stranger.dht.store(block_key("model", 0), fake, expiration,
+                                     subkey=victim.identity.owner_subkey(victim.peer_id)),
+            # the victim's peer id under the stranger's key: stored, but readers see it is not the victim's
+            await stranger.dht.store(block_key("model", 1), fake, expiration,
+                                     subkey=stranger.identity.owner_subkey(victim.peer_id)),
+            # a plain subkey (the old, unsigned form)
+            await stranger.dht.store(block_key("model", 1), fake, expiration, subkey=victim.peer_id),
+            # a lie about the model, outvoted by what its servers say
+            await stranger.dht.store(MODELS_KEY, ModelInfo(num_blocks=9).to_record(), expiration,
+                                     subkey=stranger.identity.owner_subkey(f"model@{stranger.peer_id}")),
+        ]  # fmt: skip
+
+    stored = stranger.run(attack(), timeout=60)
+    assert stored[0] is False
+    blocks = reader.run(get_block_infos(reader.dht, "model", range(2)), timeout=60)
+    assert [{p: i.public_name for p, i in block.items()} for block in blocks] == [{victim.peer_id: "real"}] * 2
+    # two servers (the victim and one more honest one) outvote the stranger
+    honest = ServerInfo(ServerState.ONLINE, 0, 2)
+    assert reader.run(declare_blocks(reader.dht, "model", range(2), honest, identity=reader.identity, expiration=60,
+                                     model=ModelInfo(num_blocks=2)))  # fmt: skip
+    assert reader.run(get_models(reader.dht), timeout=60)["model"].num_blocks == 2
