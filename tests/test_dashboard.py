@@ -500,8 +500,10 @@ def plant_records(swarm) -> str:
     async def plant() -> None:
         await declare_blocks(node.dht, "tiny-mistral", range(0, 3), info(0, 3, JOINING, 5.0, public_name="joiner"),
                              identity=node.identity, expiration=300)  # fmt: skip
-        signed_hostile = info(0, 100_000, throughput=1e9, public_name=HOSTILE_TEXT).to_record()
+        signed_hostile = info(0, 4, throughput=7.0, public_name=HOSTILE_TEXT).to_record()
         await node.dht.store(block_key("tiny-llama", 2), signed_hostile, expiration, subkey=own)
+        past_the_model = info(0, 100_000, throughput=1e9, public_name="past the end").to_record()  # dropped by readers
+        await node.dht.store(block_key("tiny-llama", 3), past_the_model, expiration, subkey=own)
         unsigned = {
             "x" * 300: info(0, 4).to_record(), "evil1": {"state": 9, "start_block": 0, "end_block": 4},
             "evil2": {**info(0, 4).to_record(), "throughput": "fast"}, "evil3": "not a record",

@@ -71,3 +71,11 @@ def test_strangers_cannot_write_or_fake_another_servers_records(nodes):
     assert reader.run(declare_blocks(reader.dht, "model", range(2), honest, identity=reader.identity, expiration=60,
                                      model=ModelInfo(num_blocks=2)))  # fmt: skip
     assert reader.run(get_models(reader.dht), timeout=60)["model"].num_blocks == 2
+
+
+def test_spans_past_the_models_end_are_ignored():
+    from petals_like.dht.records import parse_block_entries
+
+    raw = {"inside": ServerInfo(ServerState.ONLINE, 0, 8).to_record(), "past": ServerInfo(ServerState.ONLINE, 0, 100).to_record()}
+    assert set(parse_block_entries(raw, 2)) == {"inside", "past"}  # the model's size unknown: both plausible
+    assert set(parse_block_entries(raw, 2, num_blocks=8)) == {"inside"}

@@ -73,7 +73,8 @@ class SwarmReader:
 
         block_infos = {}
         results = await asyncio.gather(
-            *(get_block_infos(self.node.dht, prefix, range(model.num_blocks)) for prefix, model in models.items()),
+            *(get_block_infos(self.node.dht, prefix, range(model.num_blocks), num_blocks=model.num_blocks)
+              for prefix, model in models.items()),
             return_exceptions=True,
         )
         for prefix, result in zip(models, results):

@@ -44,12 +44,14 @@ async def declare_blocks(
 
 
 async def get_block_infos(
-    node: DHTNode, dht_prefix: str, block_indices: Sequence[int], *, latest: bool = True
+    node: DHTNode, dht_prefix: str, block_indices: Sequence[int], *, latest: bool = True, num_blocks: Optional[int] = None
 ) -> list[dict[str, ServerInfo]]:
-    """For each block, the valid {peer id: ServerInfo} records found in the DHT (empty dict if none)."""
+    """For each block, the valid {peer id: ServerInfo} records found in the DHT (empty dict if none);
+    with the model's num_blocks, records of spans past its end are dropped too."""
     keys = [block_key(dht_prefix, i) for i in block_indices]
     found = await node.get_many(keys, sufficient_expiration_time=float("inf") if latest else None)
-    return [parse_block_entries(_signed_entries(found.get(key), key), index) for key, index in zip(keys, block_indices)]
+    return [parse_block_entries(_signed_entries(found.get(key), key), index, num_blocks)
+            for key, index in zip(keys, block_indices)]
 
 
 async def get_models(node: DHTNode, *, latest: bool = True) -> dict[str, ModelInfo]:

@@ -19,7 +19,7 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Optional
 
 from petals_like.data_structures import MAX_BLOCKS, MAX_TEXT, RemoteSpanInfo, ServerInfo, ServerState
 
@@ -46,10 +46,11 @@ def block_key(dht_prefix: str, block_index: int) -> str:
     return f"{dht_prefix}.{block_index}"
 
 
-def parse_block_entries(raw: Any, block_index: int) -> dict[str, ServerInfo]:
+def parse_block_entries(raw: Any, block_index: int, num_blocks: Optional[int] = None) -> dict[str, ServerInfo]:
     """The {peer id: ServerInfo} of one block's DHT value; malformed entries are dropped with a warning.
 
-    A record claiming a span that does not contain the block it was stored under is nonsense too.
+    A record claiming a span that does not contain the block it was stored under, or (given the model's
+    num_blocks) that reaches past the model's last block, is nonsense too.
     """
     result: dict[str, ServerInfo] = {}
     if raw is None:
@@ -66,6 +67,8 @@ def parse_block_entries(raw: Any, block_index: int) -> dict[str, ServerInfo]:
             info = ServerInfo.from_record(value)
             if not info.start_block <= block_index < info.end_block:
                 raise ValueError(f"span {info.start_block}:{info.end_block} does not contain block {block_index}")
+            if num_blocks is not None and info.end_block > num_blocks:
+                raise ValueError(f"span {info.start_block}:{info.end_block} reaches past the model's {num_blocks} blocks")
         except ValueError as e:
             logger.warning(f"Ignoring record of {str(peer_id)[:16]!r} for block {block_index}: {e}")
             continue

@@ -45,7 +45,7 @@ class RouteManager:
         async with self._lock:
             if not force and time.monotonic() - self._updated_at < self.config.update_period:
                 return
-            infos = await get_block_infos(self.node.dht, self.dht_prefix, range(self.num_blocks))
+            infos = await get_block_infos(self.node.dht, self.dht_prefix, range(self.num_blocks), num_blocks=self.num_blocks)
             self.spans = compute_spans(infos)
             self._updated_at = time.monotonic()
             self.pings.forget(self.spans)

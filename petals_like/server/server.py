@@ -180,7 +180,8 @@ class Server:
                 logger.warning(f"Re-balancing check failed: {e!r}")
 
     def _move_target(self) -> Optional[int]:
-        infos = self.node.run(get_block_infos(self.node.dht, self.dht_prefix, range(self.spec.num_blocks)), timeout=60)
+        infos = self.node.run(get_block_infos(self.node.dht, self.dht_prefix, range(self.spec.num_blocks),
+                                              num_blocks=self.spec.num_blocks), timeout=60)  # fmt: skip
         totals = block_throughputs(infos, exclude=self.node.peer_id)
         for block in range(self.start_block, self.end_block):
             totals[block] += self.throughput  # our own records may not have spread yet
@@ -207,7 +208,8 @@ class Server:
         num_blocks = min(num_blocks, num_model_blocks)
         # servers that start together: a random moment each, so that each sees the others' JOINING records
         time.sleep(random.uniform(0, self.config.join_delay))
-        infos = self.node.run(get_block_infos(self.node.dht, self.dht_prefix, range(num_model_blocks)))
+        infos = self.node.run(get_block_infos(self.node.dht, self.dht_prefix, range(num_model_blocks),
+                                              num_blocks=num_model_blocks))  # fmt: skip
         throughput = self.config.throughput if not isinstance(self.config.throughput, str) else 1.0
         start = choose_best_start(block_throughputs(infos, exclude=self.node.peer_id), num_blocks, throughput)
         return start, start + num_blocks
@@ -300,7 +302,7 @@ class Server:
         """Round trips to the servers that can follow this span (they serve block end_block)."""
         if self.end_block >= self.spec.num_blocks:
             return
-        (following,) = await get_block_infos(self.node.dht, self.dht_prefix, [self.end_block])
+        (following,) = await get_block_infos(self.node.dht, self.dht_prefix, [self.end_block], num_blocks=self.spec.num_blocks)
         peers = [p for p, info in following.items() if p != self.node.peer_id and info.state == ServerState.ONLINE]
         peers = peers[:MAX_PINGS]
         self.pings.forget(peers)
