@@ -73,6 +73,23 @@ def test_strangers_cannot_write_or_fake_another_servers_records(nodes):
     assert reader.run(get_models(reader.dht), timeout=60)["model"].num_blocks == 2
 
 
+def test_nodes_refuse_signed_records_that_break_the_schema(nodes):
+    reader, _, stranger = nodes
+    expiration = get_dht_time() + 60
+    own = stranger.identity.owner_subkey(stranger.peer_id)
+
+    async def store(key: str, value, subkey: str) -> bool:
+        return await stranger.dht.store(key, value, expiration, subkey=subkey)
+
+    junk = [(block_key("junk", 0), {"state": 7, "start_block": 0, "end_block": 1}, own),
+            (block_key("junk", 0), "not a record", own),
+            (MODELS_KEY, {"num_blocks": -1}, stranger.identity.owner_subkey(f"junk@{stranger.peer_id}"))]  # fmt: skip
+    assert [stranger.run(store(*args), timeout=60) for args in junk] == [False, False, False]
+    assert reader.run(get_block_infos(reader.dht, "junk", range(1)), timeout=60) == [{}]
+    good = ServerInfo(ServerState.ONLINE, 0, 1).to_record()
+    assert stranger.run(store(block_key("junk", 0), good, own), timeout=60)  # the same peer, a valid record
+
+
 def test_spans_past_the_models_end_are_ignored():
     from petals_like.dht.records import parse_block_entries
 

@@ -16,9 +16,11 @@ from typing import Any, Awaitable, Callable, Optional, Sequence, TypeVar
 
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.dht.node import DHTNode
+from hivemind.dht.validation import CompositeValidator
 from hivemind.p2p import P2P
 
 from petals_like.dht.identity import Identity
+from petals_like.dht.records import RecordSchemaValidator
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +68,8 @@ class SwarmNode:
         )
         self.dht = await DHTNode.create(
             p2p=self.p2p,
-            record_validator=RSASignatureValidator(self.identity.private_key),
+            # signatures first (they are stripped before the schema check), then the records' schema
+            record_validator=CompositeValidator([RSASignatureValidator(self.identity.private_key), RecordSchemaValidator()]),
             initial_peers=list(initial_peers),
             client_mode=self.client_mode,
             num_workers=8,

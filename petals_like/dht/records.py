@@ -21,7 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional
 
+from hivemind.dht.validation import DHTRecord, RecordValidatorBase
+from hivemind.utils import MSGPackSerializer
+
 from petals_like.data_structures import MAX_BLOCKS, MAX_TEXT, RemoteSpanInfo, ServerInfo, ServerState
+from petals_like.dht.identity import split_owner_subkey
 
 logger = logging.getLogger(__name__)
 
@@ -150,3 +154,35 @@ def parse_model_entries(raw: Any) -> dict[str, ModelInfo]:
         except ValueError as e:
             logger.warning(f"Ignoring model record {str(prefix)[:32]!r}: {e}")
     return result
+
+
+class RecordSchemaValidator(RecordValidatorBase):
+    """Every node's check of a signed record of this project, when asked to store it and when it is
+    returned by a search: its value must parse as a ServerInfo (block records) or a ModelInfo (the list
+    of models), so hostile values do not even take space in honest nodes' storage. Readers check again
+    (parse_block_entries), with what only they know: the block it is stored under, the model's size.
+    Runs after hivemind's signature validator, which has stripped the signature by then."""
+
+    def validate(self, record: DHTRecord) -> bool:
+        try:
+            parts = split_owner_subkey(MSGPackSerializer.loads(record.subkey))
+        except Exception:
+            return True  # not a subkey of ours: unsigned records are ignored by readers anyway
+        if parts is None:
+            return True
+        try:
+            value = MSGPackSerializer.loads(record.value)
+            prefix, at, _ = parts[0].rpartition("@")
+            if at:
+                check_dht_prefix(prefix)
+                ModelInfo.from_record(value)
+            else:
+                ServerInfo.from_record(value)
+        except Exception as e:
+            logger.info(f"Refusing a DHT record under {parts[0][:64]!r}: {e}")
+            return False
+        return True
+
+    @property
+    def priority(self) -> int:
+        return 0
