@@ -8,6 +8,7 @@ Everything read from the wire is validated here before any other code sees it.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Iterable, Optional, Sequence, Type, TypeVar, Union
 
@@ -216,6 +217,9 @@ def _deserialize(head: runtime_pb2.Tensor, buffer: bytes) -> torch.Tensor:
     numel = 1
     for dim in head.size:
         numel *= dim
+    # numpy cannot describe a shape whose nonzero dims multiply past 2**63 bytes, even with no values
+    if math.prod(dim for dim in head.size if dim) * 8 >= 1 << 63:
+        raise ProtocolError(f"tensor shape {list(head.size)} is too large")
     if head.compression == runtime_pb2.CompressionType.BLOCKWISE_8BIT and head.dtype in WIRE_DTYPES:
         return _from_blockwise_8bit(head, buffer, numel)
     if head.compression == runtime_pb2.CompressionType.NONE:

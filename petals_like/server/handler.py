@@ -191,10 +191,16 @@ class Handlers:
         reader = asyncio.create_task(self._read_into(requests, inbox))
         try:
             while True:
+                # not asyncio.wait_for: before Python 3.12 it returns a message that arrives as the
+                # client disconnects and drops the cancellation, and the session then lingers idle
+                getter = asyncio.ensure_future(inbox.get())
                 try:
-                    source, message = await asyncio.wait_for(inbox.get(), self.config.session_idle_timeout)
-                except asyncio.TimeoutError:
-                    raise ProtocolError(f"session idle for {self.config.session_idle_timeout} s; closed") from None
+                    done, _ = await asyncio.wait({getter}, timeout=self.config.session_idle_timeout)
+                finally:
+                    getter.cancel()  # a no-op once it is done
+                if not done:
+                    raise ProtocolError(f"session idle for {self.config.session_idle_timeout} s; closed")
+                source, message = getter.result()
                 if source == "error":
                     raise message
                 if message is None:

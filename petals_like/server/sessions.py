@@ -9,7 +9,9 @@ and the server answers {"cached_tokens": n}; the client then sends its first ste
 first "reuse_tokens" positions (the minimum over its chain), and those positions come from the
 shared pages. Pages are cached under a scope: the client's peer id by default, because a server
 sees hidden states, not tokens, and cannot check a claimed hash; --share_prefix_cache drops the
-peer id from the scope for operators who trust their clients.
+peer id from the scope for operators who trust their clients. The pages found at the open are
+held until the first step, so that pool pressure in between cannot evict them and hand them to
+another session.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ class ServerSession:
     sequences: list[SequencePages]
     scope: str  # prefix-cache namespace of this session's pages
     hashes: list[str] = field(default_factory=list)  # chained hashes of full pages, from the client
-    cached_pages: list[int] = field(default_factory=list)  # prefix pages found at open, offered for reuse
+    cached_pages: list[int] = field(default_factory=list)  # prefix pages found at open, held and offered for reuse
     inserted_pages: int = 0  # full pages already published to the prefix index
     steps: int = 0
     inflight: Optional[InferenceWork] = None
@@ -128,12 +130,14 @@ class SessionManager:
             raise
         if session.hashes and batch_size == 1 and not any(pad_lens) and self.pool.page_size == PREFIX_PAGE_TOKENS:
             session.cached_pages = self.prefix_index.lookup(scope, session.hashes)
+            self.pool.retain(session.cached_pages)  # released by the first step or by close()
         self.sessions[session_id] = session
         return session
 
     def close(self, session: ServerSession) -> None:
         """Forget the session; its pages go back once no iteration can still write into them."""
         self.sessions.pop(session.session_id, None)
+        self._release_cached(session)
         if session.release_tuning is not None:
             session.release_tuning()
             session.release_tuning = None
@@ -179,7 +183,9 @@ class SessionManager:
             if session.steps or reuse % page_size or not 0 < reuse <= len(session.cached_pages) * page_size:
                 raise ProtocolError(f"reuse_tokens={reuse} must be a multiple of {page_size} within the "
                                     f"{len(session.cached_pages) * page_size} cached tokens, on the first step")  # fmt: skip
-        if session.length + reuse + seq > session.max_length:
+        # a step at another position can only repeat the last one (repeated_output) and adds no tokens
+        position = require(message.metadata, "position", int, session.length)
+        if position == session.length and session.length + reuse + seq > session.max_length:
             raise ProtocolError(f"{session.length + reuse} + {seq} tokens exceed the session's max_length={session.max_length}")
         self._add_hashes(session, message.metadata)
         return hidden, reuse
@@ -199,7 +205,7 @@ class SessionManager:
     async def run_step(self, session: ServerSession, hidden: torch.Tensor, reuse: int) -> torch.Tensor:
         if reuse:
             session.sequences[0].attach_prefix(self.pool, session.cached_pages[: reuse // self.pool.page_size])
-        session.cached_pages = []
+        self._release_cached(session)
         await self._reserve(session, hidden.shape[1])
         work = InferenceWork(hidden.to(self.backend.dtype), session.sequences, session.pad_lens,
                              session.blocks.first, session.blocks.last, lora=session.lora, prompts=session.prompts)  # fmt: skip
@@ -213,6 +219,11 @@ class SessionManager:
         session.last_output = (position, out) if out.shape[1] <= KEEP_OUTPUT_TOKENS else None
         self._publish_full_pages(session)
         return out
+
+    def _release_cached(self, session: ServerSession) -> None:
+        """Drop the hold on the prefix pages offered at open (attach_prefix holds the reused ones itself)."""
+        pages, session.cached_pages = session.cached_pages, []
+        self.pool.release(pages)
 
     async def _reserve(self, session: ServerSession, new_tokens: int) -> None:
         """Pages for new_tokens more positions in every row; waits up to max_alloc_timeout for free pages."""
