@@ -254,6 +254,7 @@ def test_two_clients_train_different_adapters_at_once(client, tiny_model, tmp_pa
         thread.start()
     for thread in threads:
         thread.join(timeout=240)
+    assert not any(thread.is_alive() for thread in threads), "a training thread hung"
     assert not errors, errors
 
 
@@ -411,3 +412,19 @@ def test_adapter_store_limits_cover_sessions_and_refusals_change_nothing(tiny_mo
     store.idle_timeout = 0.0
     store.expire()
     assert store.clients() == [] and store.held_bytes("peer-1") == 0
+
+
+def test_lora_rows_apply_each_adapter_to_its_own_rows_only():
+    """No network: one batch with rows of two adapters and rows of none, as a batched iteration has."""
+    from petals_like.models.lora import BlockLora, lora_delta
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(7, 6, generator=generator)
+    first = BlockLora(0.5, {"q_proj": (torch.randn(2, 6, generator=generator), torch.randn(4, 2, generator=generator))})
+    second = BlockLora(2.0, {"q_proj": (torch.randn(3, 6, generator=generator), torch.randn(4, 3, generator=generator))})
+    delta = lora_delta(x, [(slice(0, 2), first), (slice(4, 7), second)], "q_proj", 4)
+    for rows, lora in ((slice(0, 2), first), (slice(4, 7), second)):
+        a, b = lora.weights["q_proj"]
+        torch.testing.assert_close(delta[rows], x[rows] @ a.t() @ b.t() * lora.scaling)
+    assert delta[2:4].abs().sum() == 0
+    assert lora_delta(x, [(slice(0, 2), first)], "v_proj", 4) is None  # a target the adapter lacks

@@ -69,7 +69,7 @@ def _swarm_steps(swarm: BenchSwarm, input_ids: torch.Tensor, steps: int, chains:
     """Steps with each num_chains in `chains` and local steps, interleaved in rounds, so that machine
     noise (other processes, the servers' background work) hits every setting alike."""
     model = swarm.model
-    lora = model.add_lora(_lora_config())
+    model.add_lora(_lora_config())
     step = _trainer(model, model.trainable_parameters(), input_ids)
     local_times: list[float] = []
     times: dict[int, list[float]] = {n: [] for n in chains}
@@ -81,21 +81,19 @@ def _swarm_steps(swarm: BenchSwarm, input_ids: torch.Tensor, steps: int, chains:
             local_times.append(local_seconds)
         for n in chains:
             model.config.num_chains = n
-            before = model.remote.lora_uploads
+            before = model.remote.lora_uploads, model.remote.lora_upload_bytes
             seconds = step()
             used[n] = model.remote.last_chains
             if round_index > 0:
                 times[n].append(seconds)
-                uploads[n].append(model.remote.lora_uploads - before)
-    # every span in these swarms holds half of the blocks, so an upload carries half of the adapter
-    adapter_bytes = sum(p.nbytes for p in lora.parameters())
+                uploads[n].append((model.remote.lora_uploads - before[0], model.remote.lora_upload_bytes - before[1]))
     local = statistics.median(local_times)
     result: dict = {"local_peft": _stats(local_times)}
     for n in chains:
-        per_step = round(statistics.mean(uploads[n]), 2)
         result[f"{n}_chain" + ("s" if n > 1 else "")] = dict(
             _stats(times[n]), vs_local=round(statistics.median(times[n]) / local, 3), last_chains=used[n],
-            lora_uploads_per_step=per_step, lora_bytes_sent_per_step=int(per_step * adapter_bytes / 2))  # fmt: skip
+            lora_uploads_per_step=round(statistics.mean(u for u, _ in uploads[n]), 2),
+            lora_bytes_sent_per_step=int(statistics.mean(b for _, b in uploads[n])))  # fmt: skip
     return result
 
 

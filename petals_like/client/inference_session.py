@@ -23,6 +23,7 @@ from typing import Optional
 
 import torch
 
+from petals_like.client.sequential import RequestTuning
 from petals_like.client.transport import InferenceStream
 from petals_like.config import ClientConfig
 from petals_like.data_structures import RemoteSpanInfo

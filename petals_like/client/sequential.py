@@ -51,6 +51,11 @@ class RequestTuning:
         return cls(None if prompts is None else prompts.detach().to("cpu", copy=True), lora, tensors,
                    weights_version(tensors) if lora is not None else 0, adapter)  # fmt: skip
 
+    def span_lora_tensors(self, span: RemoteSpanInfo) -> list[torch.Tensor]:
+        """The LoRA weights of the span's blocks, in wire order."""
+        per_block = 2 * len(self.lora.targets)
+        return self.lora_tensors[span.start * per_block : span.end * per_block]
+
     def extras(self, span: RemoteSpanInfo, with_weights: bool) -> SpanExtras:
         extras = SpanExtras()
         if self.prompts is not None:
@@ -62,8 +67,7 @@ class RequestTuning:
             extras.metadata["adapter"] = self.adapter
         if self.lora is not None:
             lora = self.lora
-            per_block = 2 * len(lora.targets)
-            tensors = self.lora_tensors[span.start * per_block : span.end * per_block]
+            tensors = self.span_lora_tensors(span)
             extras.metadata["lora"] = {"id": lora.adapter_id, "version": self.lora_version, "rank": lora.rank,
                                        "scaling": lora.scaling, "targets": list(lora.targets), "weights": with_weights}  # fmt: skip
             if with_weights:
@@ -106,6 +110,7 @@ class RemoteSequential(torch.nn.Module):
         self.last_chains = 0  # chains the latest forward pass ran through at once
         self._lora_sent: dict[str, tuple[str, int, set[int]]] = {}  # peer -> (adapter id, version, blocks)
         self.lora_uploads = 0  # requests that carried LoRA weights (the others named a cached version)
+        self.lora_upload_bytes = 0  # the bytes of those weights
 
     def forward(self, hidden: torch.Tensor, pad_lens: Optional[list[int]] = None, *,
                 prompts: Optional[torch.Tensor] = None, lora: Optional[ClientLora] = None,
@@ -150,6 +155,7 @@ class RemoteSequential(torch.nn.Module):
         if with_weights:
             self._weights_sent(span, tuning)
             self.lora_uploads += 1
+            self.lora_upload_bytes += sum(t.nbytes for t in tuning.span_lora_tensors(span))
         return result
 
     # ---- forward / backward over a range of blocks, with fail-over ----

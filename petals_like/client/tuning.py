@@ -27,6 +27,7 @@ from petals_like.models.lora import (
     ADAPTER_WEIGHTS,
     BlockLora,
     check_peft_config,
+    from_wire,
     peft_state_dict,
     read_peft_adapter,
     target_shape,
@@ -101,11 +102,7 @@ class ClientLora(nn.Module):
                 "targets": list(self.targets), "weights": with_weights}  # fmt: skip
 
     def block_loras(self) -> dict[int, BlockLora]:
-        result = {}
-        for block in range(self.spec.num_blocks):
-            tensors = self.block_tensors(block)
-            result[block] = BlockLora(self.scaling, {t: (tensors[2 * i], tensors[2 * i + 1]) for i, t in enumerate(self.targets)})
-        return result
+        return dict(enumerate(from_wire(self.tensors(), self.targets, self.scaling, self.spec.num_blocks)))
 
     # ---- PEFT's format ----
 

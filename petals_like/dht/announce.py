@@ -10,7 +10,7 @@ from hivemind.dht.node import DHTNode
 from hivemind.utils.timed_storage import get_dht_time
 
 from petals_like.data_structures import ServerInfo
-from petals_like.dht.identity import Identity, signed_peer_id, split_owner_subkey
+from petals_like.dht.identity import Identity, peer_id_of, signed_peer_id, split_owner_subkey
 from petals_like.dht.records import MODELS_KEY, ModelInfo, block_key, parse_block_entries, parse_model_entries
 
 logger = logging.getLogger(__name__)
@@ -83,15 +83,17 @@ def _signed_entries(raw: Any, key: str) -> Optional[dict]:
     dropped = 0
     for subkey, entry in entries.items():
         parts = split_owner_subkey(subkey)
-        name = parts[0] if parts is not None else None
-        if key == MODELS_KEY and name is not None:
-            prefix, _, peer = name.rpartition("@")
-            if prefix and signed_peer_id(subkey.replace(name, peer, 1)) == peer:
-                result[prefix, peer] = getattr(entry, "value", entry)
-                continue
-        elif signed_peer_id(subkey) is not None:
-            result[name] = entry
-            continue
+        if parts is not None:
+            name, owner = parts
+            if key != MODELS_KEY:
+                if signed_peer_id(subkey) == name:
+                    result[name] = entry
+                    continue
+            else:
+                prefix, _, peer = name.rpartition("@")
+                if prefix and peer_id_of(owner) == peer:
+                    result[prefix, peer] = getattr(entry, "value", entry)
+                    continue
         dropped += 1
     if dropped:
         logger.info(f"Ignoring {dropped} unsigned or foreign-signed record(s) under {key!r}")

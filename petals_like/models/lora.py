@@ -86,8 +86,7 @@ def lora_delta(x: Tensor, rows: Optional[LoraRows], target: str, out_features: i
         return (x @ a.to(x.dtype).t()) @ b.to(x.dtype).t() * scaling
     delta = x.new_zeros(x.shape[0], out_features)
     for where, scaling, (a, b) in terms:
-        part = (x[where] @ a.to(x.dtype).t()) @ b.to(x.dtype).t() * scaling
-        delta = delta.index_add(0, torch.arange(x.shape[0], device=x.device)[where], part)
+        delta[where] += (x[where] @ a.to(x.dtype).t()) @ b.to(x.dtype).t() * scaling
     return delta
 
 

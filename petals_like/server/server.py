@@ -91,6 +91,7 @@ class Server:
         self.spec = ModelSpec.from_pretrained(self.path)
         self.dht_prefix = config.dht_prefix or default_dht_prefix(config.model)
         self.model_info = ModelInfo(num_blocks=self.spec.num_blocks, name=_public_model_name(config.model))
+        self.adapter_names = tuple(adapter_arg(item)[0] for item in config.adapters)  # announced in every record
         self.dtype = resolve_dtype(config.torch_dtype, self.spec)
         self.device = torch.device(config.device)
         if config.quant_type not in QUANT_TYPES:
@@ -280,7 +281,7 @@ class Server:
             version=__version__,
             torch_dtype=str(self.dtype).replace("torch.", ""),
             quant_type=self.config.quant_type,
-            adapters=tuple(adapter_arg(item)[0] for item in self.config.adapters),
+            adapters=self.adapter_names,
             public_name=self.config.public_name,
             next_pings=dict(self._next_pings),
         )
