@@ -25,6 +25,8 @@ class ClientConfig:
     ping_timeout: float = 2.0  # a server slower than this to answer a ping counts as this slow
     default_rtt: float = 0.1  # round trip assumed for servers not measured yet
     use_push: bool = True  # servers send their outputs straight to the next server of an inference chain
+    spot_check: float = 0.0  # fraction of forward calls and inference steps re-run on another server to compare
+    spot_check_ban: float = 3600.0  # seconds to avoid a server whose output a spot check found wrong
     num_chains: int = 1  # forward/backward: split a batch over up to this many different chains at once
     active_adapter: Optional[str] = None  # a server-hosted adapter (run_server --adapters) to run with
     wire: Optional[str] = None  # inference hidden states on the wire: float32, float16, bfloat16 or int8 (8-bit
@@ -32,6 +34,8 @@ class ClientConfig:
     host_maddrs: Sequence[str] = ("/ip4/127.0.0.1/tcp/0",)  # where the client's p2p daemon listens
 
     def __post_init__(self) -> None:
+        if not 0 <= self.spot_check <= 1:
+            raise ValueError(f"spot_check must be a fraction in [0, 1], got {self.spot_check}")
         if self.num_chains < 1:
             raise ValueError(f"num_chains must be >= 1, got {self.num_chains}")
         if self.wire is not None and self.wire not in WIRE_FORMATS:
@@ -65,6 +69,8 @@ class ServerConfig:
     batch_gather_wait: float = 0.02  # seconds to wait for sessions of the last batch before a smaller one
     share_prefix_cache: bool = False  # reuse prefix pages across clients (trusts their claimed hashes)
     max_session_length: int = 8192  # upper bound of a session's max_length
+    max_sessions_per_peer: int = 128  # inference sessions one client (peer id) may hold open at once
+    max_cache_share: float = 0.5  # KV pool share one client may hold while other clients hold sessions too
     max_batch_size: int = 64  # sequences in one request
     max_request_tokens: int = 16384  # batch x new tokens in one request
     max_message_bytes: int = 256 * 1024**2  # one assembled request, all parts together
@@ -81,3 +87,9 @@ class ServerConfig:
     max_adapter_bytes: int = 256 * 1024**2  # client-held LoRA weights kept for one client
     adapter_idle_timeout: float = 600.0  # seconds a client's LoRA weights stay without being used
     progress: bool = True  # progress bar while loading blocks
+
+    def __post_init__(self) -> None:
+        if not 0 < self.max_cache_share <= 1:
+            raise ValueError(f"max_cache_share must be in (0, 1], got {self.max_cache_share}")
+        if self.max_sessions_per_peer < 1:
+            raise ValueError(f"max_sessions_per_peer must be >= 1, got {self.max_sessions_per_peer}")

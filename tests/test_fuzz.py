@@ -621,7 +621,7 @@ async def stream_exchange(h: Harness, name: str, actions: Sequence[Any], end: st
         try:
             for action in actions:
                 if isinstance(action, Push):
-                    await unary(h, 0, RPC_PUSH, h.request(action.items, action.meta))
+                    await unary(h, 0, RPC_PUSH, h.request(action.items, {"pushes": [action.meta]}))
                     continue
                 if isinstance(action, Raw):
                     parts = [action.request]
@@ -743,13 +743,13 @@ def test_inference_fuzz(healthy: Harness):
 @settings(max_examples=60, **FUZZ_SETTINGS)
 @given(meta=mutated({"session_id": GOOD_SID, "push_token": "k" * 16, "position": 4},
                     ("close", "probe", "push_chain", "reuse_tokens", "_parts")),
-       items=st.lists(tensors((1, 1, HIDDEN)) | raw_tensors(), max_size=2))  # fmt: skip
-def fuzz_push(h: Harness, meta: dict, items: list) -> None:
+       items=st.lists(tensors((1, 1, HIDDEN)) | raw_tensors(), max_size=2), wrapped=st.booleans())  # fmt: skip
+def fuzz_push(h: Harness, meta: dict, items: list, wrapped: bool) -> None:
     h.own.clear()
 
     async def exchange() -> None:
-        answer = await unary(h, 0, RPC_PUSH, h.request(items, meta))
-        assert answer is None, "a push without the session's token was taken"
+        answer = await unary(h, 0, RPC_PUSH, h.request(items, {"pushes": [meta]} if wrapped else meta))
+        assert answer is None or answer.metadata == {"accepted": [False]}, "a push without the session's token was taken"
 
     h.run(exchange())
 

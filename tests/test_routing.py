@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from pathlib import Path
 
 import pytest
@@ -59,6 +60,39 @@ def test_push_skips_the_client_between_servers(chain_swarm, tiny_model: Path, re
     # the open message only, vs. the open message plus every step
     assert sent[True][1:] == [1, 1] and sent[False][1] >= 24 and sent[False][2] >= 24
     assert sent[True][0] == sent[False][0]
+
+
+def test_pushes_of_one_iteration_travel_together(chain_swarm, tiny_model: Path, reference):
+    """Sessions that share a chain are batched together, so each server pushes their outputs to the
+    next one in one message per iteration, not one per session; every output stays exact."""
+    prompts = [torch.tensor([[1, 40 + i, 50 + i, 60 + i]]) for i in range(6)]
+    expected = [reference.generate(p, max_new_tokens=12, do_sample=False) for p in prompts]
+    model = client(tiny_model, chain_swarm)
+    try:
+        peers = [s.node.peer_id for s in chain_swarm.servers]
+        before = {p: server_info(model, p) for p in peers}
+        outputs: list = [None] * len(prompts)
+        barrier = threading.Barrier(len(prompts))
+
+        def run(i: int) -> None:
+            with model.inference_session(max_length=20) as session:
+                barrier.wait()
+                outputs[i] = model.generate(prompts[i], max_new_tokens=12, session=session)
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        after = {p: server_info(model, p) for p in peers}
+    finally:
+        model.shutdown()
+    for i, (out, exp) in enumerate(zip(outputs, expected)):
+        assert out is not None and torch.equal(out, exp), f"session {i} differs"
+    pushes = sum(after[p]["pushes_sent"] - before[p]["pushes_sent"] for p in peers)
+    messages = sum(after[p]["push_messages_sent"] - before[p]["push_messages_sent"] for p in peers)
+    # 6 sessions x 12 steps x 2 hops; batched, the messages are a small fraction of the pushes
+    assert pushes >= 6 * 12 * 2 - 12 and messages <= pushes / 2, (pushes, messages)
 
 
 def test_failed_push_falls_back_to_the_client(chain_swarm, tiny_model: Path, reference, monkeypatch):

@@ -56,8 +56,19 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, str]:
                    help="formats clients may choose for hidden states on the wire (int8: 8-bit blocks)")
     p.add_argument("--share_prefix_cache", action="store_true",
                    help="reuse cached prefix pages across clients: trusts clients' claimed page hashes")
-    p.add_argument("--max_session_length", type=int, default=defaults.max_session_length)
-    p.add_argument("--max_batch_size", type=int, default=defaults.max_batch_size)
+    limits = p.add_argument_group("limits (a request or client over one gets a clear error; others are served)")
+    for name, kind, help_text in (
+        ("max_session_length", int, "largest max_length of an inference session, in tokens"),
+        ("max_batch_size", int, "sequences in one request"),
+        ("max_request_tokens", int, "batch x new tokens in one request"),
+        ("max_message_bytes", int, "bytes of one assembled request (all its parts)"),
+        ("max_sessions_per_peer", int, "inference sessions one client (peer id) may hold open at once"),
+        ("max_cache_share", float, "share of the KV pool one client may hold while other clients hold sessions too "
+                                   "(alone it may use all of it)"),
+        ("session_idle_timeout", float, "seconds an inference session may stay silent before it is closed"),
+        ("request_timeout", float, "seconds a forward/backward call may wait and run"),
+    ):  # fmt: skip
+        limits.add_argument(f"--{name}", type=kind, default=getattr(defaults, name), help=f"{help_text} (%(default)s)")
     p.add_argument("--num_threads", type=int, default=None, help="torch threads for block math")
     p.add_argument("--balance_period", type=float, default=defaults.balance_period,
                    help="mean seconds between re-balancing checks (0 = never move)")
@@ -86,6 +97,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, str]:
         page_size=a.page_size, max_alloc_timeout=a.max_alloc_timeout, token_budget=a.token_budget,
         share_prefix_cache=a.share_prefix_cache, prefill_chunk=a.prefill_chunk,
         max_session_length=a.max_session_length, max_batch_size=a.max_batch_size,
+        max_request_tokens=a.max_request_tokens, max_message_bytes=a.max_message_bytes,
+        max_sessions_per_peer=a.max_sessions_per_peer, max_cache_share=a.max_cache_share,
+        session_idle_timeout=a.session_idle_timeout, request_timeout=a.request_timeout,
         announce_period=a.announce_period, expiration=a.expiration, public_name=a.public_name,
         balance_period=a.balance_period, balance_quality=a.balance_quality, wire_formats=tuple(a.wire_formats),
         progress=not a.no_progress, adapters=tuple(a.adapters), max_lora_rank=a.max_lora_rank,

@@ -24,7 +24,8 @@ from typing import Optional
 import torch
 
 from petals_like.client.sequential import RequestTuning
-from petals_like.client.transport import InferenceStream
+from petals_like.client.spot_check import SpotChecker, SpotCheckFailed
+from petals_like.client.transport import InferenceStream, call_forward
 from petals_like.config import ClientConfig
 from petals_like.data_structures import RemoteSpanInfo
 from petals_like.dht.node import SwarmNode
@@ -51,12 +52,15 @@ class InferenceSession:
     the tokens that the keys depend on (model, adapters, client-side prompts)."""
 
     def __init__(self, node: SwarmNode, routes: RouteManager, config: ClientConfig, *, max_length: int,
-                 num_blocks: int, prefix_salt: Optional[str] = None, tuning: Optional[RequestTuning] = None):  # fmt: skip
-        """tuning: deep prompts, a client-held LoRA or a hosted adapter, given to every server at open."""
+                 num_blocks: int, prefix_salt: Optional[str] = None, tuning: Optional[RequestTuning] = None,
+                 spot_checker: Optional[SpotChecker] = None):  # fmt: skip
+        """tuning: deep prompts, a client-held LoRA or a hosted adapter, given to every server at open.
+        spot_checker: re-runs a random fraction of steps elsewhere (client/spot_check.py)."""
         self.node = node
         self.tuning = tuning or RequestTuning(adapter=config.active_adapter)
         self.routes = routes
         self.config = config
+        self.spot_checker = spot_checker or SpotChecker(routes, config)
         self.max_length = max_length
         self.num_blocks = num_blocks
         self.position = 0  # tokens processed by every span so far
@@ -222,6 +226,8 @@ class InferenceSession:
                     await link.stream.send([hidden], meta)
                 message = await link.stream.read_step(position, timeout=self.config.request_timeout)
                 out = link.stream.output(message, hidden)
+                if not self.reused_tokens and self.spot_checker.draw():
+                    await self._spot_check(link, hidden, out)
             except (Exception, asyncio.CancelledError) as e:
                 if isinstance(e, asyncio.CancelledError) and asyncio.current_task().cancelling():
                     raise
@@ -230,6 +236,11 @@ class InferenceSession:
                     raise RuntimeError(f"inference step failed {attempts} times; last error: {e!r}") from e
                 self.routes.ban(link.span.peer_id, repr(e))
                 relay, delivered = True, False
+                if isinstance(e, SpotCheckFailed):
+                    # the servers after it may already hold its wrong output (pushed): rebuild them too,
+                    # from the inputs the client kept for them
+                    for later in range(len(self._chain) - 1, index, -1):
+                        await self._replace(later)
                 if self.reused_tokens:
                     # links after the first never saw the reused prefix's hidden states: rebuild all
                     hidden = await self._rebuild_all(full_input)
@@ -249,6 +260,19 @@ class InferenceSession:
             skipped = full_input.shape[1] - hidden.shape[1]
             hidden = torch.cat([hidden.new_zeros(hidden.shape[0], skipped, hidden.shape[2]), hidden], dim=1)
         return hidden
+
+    async def _spot_check(self, link: _SpanSession, hidden: torch.Tensor, out: torch.Tensor) -> None:
+        """Compare a step's output with another server's forward over the link's whole input history."""
+        inputs = torch.cat(link.history + [hidden], dim=1)
+        steps = hidden.shape[1]
+
+        async def run_on(other: RemoteSpanInfo) -> torch.Tensor:
+            extras = self.tuning.extras(other, with_weights=True)
+            full = await call_forward(self.node.p2p, other, inputs, self.pad_lens, timeout=self.config.request_timeout,
+                                      extras=extras)  # fmt: skip
+            return full[:, -steps:]
+
+        await self.spot_checker.verify(link.span, out, run_on, wire=self.config.wire)
 
     async def _rebuild_all(self, current: torch.Tensor) -> torch.Tensor:
         """Replace the whole chain and replay every input so far plus this step, computing everything."""

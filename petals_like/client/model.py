@@ -207,7 +207,8 @@ class DistributedModelForCausalLM(torch.nn.Module):
             salt = None
         prefix = self.prompt_tuning.pre_seq_len if self.prompt_tuning is not None else 0
         return InferenceSession(self.node, self.routes, self.config, max_length=max_length + prefix,
-                                num_blocks=self.spec.num_blocks, prefix_salt=salt, tuning=tuning)  # fmt: skip
+                                num_blocks=self.spec.num_blocks, prefix_salt=salt, tuning=tuning,
+                                spot_checker=self.remote.spot_checker)  # fmt: skip
 
     @torch.inference_mode()
     def generate(

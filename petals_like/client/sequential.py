@@ -21,6 +21,7 @@ from typing import Any, Optional
 
 import torch
 
+from petals_like.client.spot_check import SpotChecker
 from petals_like.client.transport import SpanExtras, call_backward, call_forward
 from petals_like.client.tuning import ClientLora, weights_version
 from petals_like.config import ClientConfig
@@ -111,6 +112,7 @@ class RemoteSequential(torch.nn.Module):
         self._lora_sent: dict[str, tuple[str, int, set[int]]] = {}  # peer -> (adapter id, version, blocks)
         self.lora_uploads = 0  # requests that carried LoRA weights (the others named a cached version)
         self.lora_upload_bytes = 0  # the bytes of those weights
+        self.spot_checker = SpotChecker(routes, config)  # shared with the model's inference sessions
 
     def forward(self, hidden: torch.Tensor, pad_lens: Optional[list[int]] = None, *,
                 prompts: Optional[torch.Tensor] = None, lora: Optional[ClientLora] = None,
@@ -172,6 +174,9 @@ class RemoteSequential(torch.nn.Module):
             for span in route:
                 try:
                     out = await self._tuned_call(call_forward, span, tuning, hidden, pad_lens)
+                    if self.spot_checker.draw():
+                        await self.spot_checker.verify(
+                            span, out, lambda other: self._tuned_call(call_forward, other, tuning, hidden, pad_lens))
                 except Exception as e:
                     failures += 1
                     if failures > self.config.max_retries:

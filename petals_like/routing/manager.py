@@ -36,7 +36,8 @@ class RouteManager:
         self.spans: dict[str, RemoteSpanInfo] = {}
         self._updated_at = -float("inf")
         self._failures: dict[str, int] = {}
-        self._banned_until: dict[str, float] = {}
+        self._banned_until: dict[str, float] = {}  # after failures; a success lifts it
+        self._distrusted_until: dict[str, float] = {}  # after wrong answers; only time lifts it
         self._lock = asyncio.Lock()
         self.pings = PingTable(timeout=config.ping_timeout, period=config.ping_period)
 
@@ -54,18 +55,25 @@ class RouteManager:
     def banned(self) -> set[str]:
         """Peers not to route through: recently failed ones, and those without the client's adapter."""
         now = time.monotonic()
-        banned = {peer for peer, until in self._banned_until.items() if until > now}
+        banned = {peer for bans in (self._banned_until, self._distrusted_until) for peer, until in bans.items() if until > now}
         adapter = self.config.active_adapter
         if adapter is not None:
             banned |= {peer for peer, span in self.spans.items() if adapter not in span.server_info.adapters}
         return banned
 
-    def ban(self, peer_id: str, reason: str) -> None:
+    def ban(self, peer_id: str, reason: str, duration: Optional[float] = None) -> None:
+        """Avoid the peer: after a failure for ban_timeout seconds, doubling with consecutive failures,
+        until it succeeds again; with `duration` (a wrong answer, client/spot_check.py) for that long,
+        whatever happens meanwhile. A ban never shortens an earlier, longer one."""
         failures = self._failures.get(peer_id, 0) + 1
         self._failures[peer_id] = failures
-        duration = self.config.ban_timeout * 2 ** min(failures - 1, 6)
-        self._banned_until[peer_id] = time.monotonic() + duration
-        logger.warning(f"Avoiding server {peer_id[-6:]} for {duration:.0f} s: {reason}")
+        bans = self._banned_until if duration is None else self._distrusted_until
+        if duration is None:
+            duration = self.config.ban_timeout * 2 ** min(failures - 1, 6)
+        until = time.monotonic() + duration
+        if until > bans.get(peer_id, 0.0):
+            bans[peer_id] = until
+            logger.warning(f"Avoiding server {peer_id[-6:]} for {duration:.0f} s: {reason}")
 
     def succeeded(self, peer_id: str) -> None:
         if self._failures.pop(peer_id, None) is not None:

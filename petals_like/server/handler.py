@@ -10,7 +10,8 @@ goes on serving everyone else.
 Push: a step may carry "push_chain", the rest of the client's chain (peer, push token, that
 server's step metadata per hop). The server then sends its output to the next server with
 rpc_push before answering the client ({"pushed": true}); the next server runs it as if the client
-had sent it, answers the client on its own stream and pushes on. The token, chosen by the client
+had sent it, answers the client on its own stream and pushes on. Pushes to the same next server
+that one iteration finished travel as one message (server.push). The token, chosen by the client
 when it opened the next server's session, is what lets a server write into that session; a push
 that fails or does not fit one message is answered {"pushed": false} and the client relays the
 output itself. Steps carry "position" (tokens before them) so a step that arrives twice (pushed,
@@ -48,6 +49,7 @@ from petals_like.protocol import (
 )
 from petals_like.server.adapters import Tuning
 from petals_like.server.backend import BlockRange, SpanBackend
+from petals_like.server.push import MAX_PUSH_BATCH, PushBatcher
 from petals_like.server.runtime import Priority
 from petals_like.server.scheduler import Scheduler
 from petals_like.server.sessions import ServerSession, SessionManager
@@ -71,12 +73,13 @@ class Handlers:
         self.config = config
         self.info_fn = info_fn  # the live ServerInfo fields, for rpc_info
         self.p2p: Optional[P2P] = None
-        self.pushes_sent = 0
+        self.pusher: Optional[PushBatcher] = None
         self.pushes_received = 0
         self.forward_calls = 0
 
     async def register(self, p2p: P2P) -> None:
         self.p2p = p2p
+        self.pusher = PushBatcher(p2p, self.config)
         ExpertRequest = runtime_pb2.ExpertRequest
         await p2p.add_protobuf_handler(RPC_PUSH, self.rpc_push, ExpertRequest)
         await p2p.add_protobuf_handler(RPC_INFO, self.rpc_info, ExpertRequest)
@@ -108,9 +111,15 @@ class Handlers:
             iterations=self.scheduler.stats.iterations,
             inference_tokens=self.scheduler.stats.inference_tokens,
             busy_seconds=round(self.scheduler.stats.busy_seconds, 3),
-            pushes_sent=self.pushes_sent,
+            pushes_sent=self.pusher.pushes_sent if self.pusher else 0,
+            push_messages_sent=self.pusher.messages_sent if self.pusher else 0,
             pushes_received=self.pushes_received,
             forward_calls=self.forward_calls,
+            # for health checks: with no session open, free + prefix-cached pages make the whole pool,
+            # and the loop's task count returns to its idle level (a leak shows as growth)
+            cache_tokens_total=self.sessions.pool.num_pages * self.sessions.pool.page_size,
+            prefix_cache_tokens=len(self.sessions.prefix_index) * self.sessions.pool.page_size,
+            asyncio_tasks=len(asyncio.all_tasks()),
         )
         return runtime_pb2.ExpertResponse(metadata=encode_metadata(info))
 
@@ -276,31 +285,39 @@ class Handlers:
             if not isinstance(hop, dict):
                 raise ProtocolError("each push_chain hop must be a map")
             peer = PeerID.from_base58(require(hop, "peer", str))
-            token = require(hop, "token", str)
-            hop_meta = require(hop, "meta", dict)
-            parts = pack_message([out], dict(hop_meta, push_token=token, push_chain=chain[1:]),
-                                 max_part_bytes=self.config.max_part_bytes, wire=wire)  # fmt: skip
-            if len(parts) != 1:
-                return False  # prompts too large for one message go through the client
-            await asyncio.wait_for(self.p2p.call_protobuf_handler(peer, RPC_PUSH, parts[0], runtime_pb2.ExpertResponse),
-                                   self.config.push_timeout)  # fmt: skip
-            self.pushes_sent += 1
-            return True
+            meta = dict(require(hop, "meta", dict), push_token=require(hop, "token", str), push_chain=chain[1:])
         except Exception as e:  # the client sends the output itself
-            logger.debug(f"Push failed: {e!r}")
+            logger.debug(f"Push refused: {e!r}")
             return False
+        return await self.pusher.push(peer, meta, out, wire)
 
     async def rpc_push(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
-        """A step pushed by the previous server of a client's chain, checked against the session's token."""
+        """Steps pushed by the previous server of clients' chains, each checked against its session's token.
+
+        Answers {"accepted": [bool per push]}: one push refused does not refuse the others."""
         message = unpack_message(request, max_bytes=self.config.max_message_bytes)
-        meta = message.metadata
+        pushes = require(message.metadata, "pushes", list)
+        if not 1 <= len(pushes) <= MAX_PUSH_BATCH or len(pushes) != len(message.tensors):
+            raise ProtocolError(f"pushes must list 1..{MAX_PUSH_BATCH} steps, one per tensor")
+        accepted = []
+        for meta, tensor in zip(pushes, message.tensors):
+            try:
+                self._accept_push(meta, tensor)
+                accepted.append(True)
+            except ProtocolError as e:
+                logger.debug(f"Push refused: {e}")
+                accepted.append(False)
+        return runtime_pb2.ExpertResponse(metadata=encode_metadata({"accepted": accepted}))
+
+    def _accept_push(self, meta: Any, tensor: torch.Tensor) -> None:
+        if not isinstance(meta, dict):
+            raise ProtocolError("each push must be a map")
         session = self.sessions.sessions.get(require(meta, "session_id", str))
         token = require(meta, "push_token", str)
         if session is None or session.push_token is None or not hmac.compare_digest(token, session.push_token):
             raise ProtocolError("no session with this id accepts pushes with this token")
         if session.inbox is None or session.inflight is not None or require(meta, "position", int) != session.length:
             raise ProtocolError("the session is not waiting for this step")
-        message.metadata = {k: v for k, v in meta.items() if k not in ("close", "probe", "push_token")}
+        meta = {k: v for k, v in meta.items() if k not in ("close", "probe", "push_token")}
         self.pushes_received += 1
-        await session.inbox.put(("push", message))
-        return runtime_pb2.ExpertResponse()
+        session.inbox.put_nowait(("push", Message([tensor], meta)))

@@ -204,9 +204,11 @@ class Scheduler:
         prompts = sum(1 for w in ordered if w.remaining > 1)
         if decode_tokens or active > prompts:
             # decoding sessions are waiting, or will be back within this iteration (at the other
-            # servers of their chains, or at their clients): a long prompt advances by a chunk, so
-            # that no decode step ever waits behind a long iteration
-            budget = min(budget, decode_tokens + self.prefill_chunk)
+            # servers of their chains, or at their clients): each prompt advances by a chunk, so
+            # that no decode step ever waits behind a long iteration, while many short prompts
+            # arriving together (sessions starting at once) still join in one iteration, not one each
+            prompt_rows = sum(w.hidden.shape[0] for w in ordered if w.remaining > 1)
+            budget = min(budget, decode_tokens + self.prefill_chunk * max(1, prompt_rows))
         for work in ordered:
             rows = work.hidden.shape[0]
             positions = min(work.remaining, budget // rows)
@@ -274,27 +276,41 @@ class Scheduler:
         self.stats.iterations += 1
         self.stats.inference_tokens += tokens
         self.stats.max_batch_tokens = max(self.stats.max_batch_tokens, tokens)
+        finished: list[tuple[InferenceWork, Any, Optional[BaseException]]] = []
         for work, positions in chosen:
             if id(work) in failed:
-                self._finish(work, error=failed[id(work)])
+                finished.append((work, None, failed[id(work)]))
                 continue
             work.done_tokens += positions
             if work.remaining == 0:
                 if len(work.outputs) > 1:
                     self.stats.chunked_steps += 1
-                self._finish(work, result=torch.cat(work.outputs, dim=1))
+                finished.append((work, torch.cat(work.outputs, dim=1), None))
+        self._finish_all(finished)
 
     def _finish(self, work: InferenceWork, *, result: Any = None, error: Optional[BaseException] = None) -> None:
+        self._finish_all([(work, result, error)])
+
+    def _finish_all(self, finished: Sequence[tuple[InferenceWork, Any, Optional[BaseException]]]) -> None:
+        """Deliver results (or errors) to their event loops, one callback per loop.
+
+        The steps of one iteration then resume in the same turn of their loop, so their pushes to
+        the next server leave together (see server.push)."""
+        if not finished:
+            return
         with self._wake:
-            try:
-                self._pending.remove(work)
-            except ValueError:
-                pass
-        if error is not None:
-            work.loop.call_soon_threadsafe(_set_exception, work.future, error)
-        else:
-            work.loop.call_soon_threadsafe(_set_result, work.future, result)
-        work._mark_done()
+            for work, _, _ in finished:
+                try:
+                    self._pending.remove(work)
+                except ValueError:
+                    pass
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for work, result, error in finished:
+            by_loop.setdefault(work.loop, []).append((work.future, result, error))
+        for loop, outcomes in by_loop.items():
+            loop.call_soon_threadsafe(_deliver, outcomes)
+        for work, _, _ in finished:
+            work._mark_done()
 
     def _run_task(self, task) -> None:
         _, _, fn, args, loop, future = task
@@ -329,6 +345,14 @@ class Scheduler:
         for _, _, _, _, loop, future in tasks:
             if not loop.is_closed():
                 loop.call_soon_threadsafe(_set_exception, future, error)
+
+
+def _deliver(outcomes: list[tuple[asyncio.Future, Any, Optional[BaseException]]]) -> None:
+    for future, result, error in outcomes:
+        if error is not None:
+            _set_exception(future, error)
+        else:
+            _set_result(future, result)
 
 
 def _set_result(future: asyncio.Future, result: Any) -> None:

@@ -92,6 +92,10 @@ class SessionManager:
             raise ProtocolError(f"session_id must have 1..{MAX_SESSION_ID_LENGTH} characters")
         if session_id in self.sessions:
             raise ProtocolError(f"session {session_id!r} is already open on this server")
+        limit = self.config.max_sessions_per_peer
+        if sum(1 for s in self.sessions.values() if s.peer_id == peer_id) >= limit:
+            raise ProtocolError(f"this client already has {limit} open sessions on this server "
+                                f"(--max_sessions_per_peer); close some or use another server")  # fmt: skip
         blocks = self.backend.block_range(require(meta, "start", int), require(meta, "end", int))
         max_length = require(meta, "max_length", int)
         if not 0 < max_length <= self.config.max_session_length:
@@ -231,7 +235,7 @@ class SessionManager:
         deadline = loop.time() + self.config.max_alloc_timeout
         while True:
             try:
-                reserve_rows(self.pool, session.sequences, new_tokens)
+                reserve_rows(self.pool, session.sequences, new_tokens, check=lambda: self._check_share(session))
                 return
             except CacheExhausted as e:
                 remaining = deadline - loop.time()
@@ -242,6 +246,25 @@ class SessionManager:
                     await asyncio.wait_for(self._pages_freed.wait(), min(remaining, 0.5))
                 except asyncio.TimeoutError:
                     pass
+
+    def _check_share(self, session: ServerSession) -> None:
+        """CacheExhausted if the session's client now holds more than --max_cache_share of the pool
+        while other clients hold pages too (alone, a client may use all of it)."""
+        share = self.config.max_cache_share
+        if share >= 1:
+            return
+        mine = others = 0
+        for s in self.sessions.values():
+            pages = sum(len(row.pages) for row in s.sequences)
+            if s.peer_id == session.peer_id:
+                mine += pages
+            else:
+                others += pages
+        limit = int(share * self.pool.num_pages)
+        if others and mine > limit:
+            raise CacheExhausted(f"KV cache share used up: this client would hold {mine} of {self.pool.num_pages} "
+                                 f"pages, and while other clients hold sessions one client may hold {limit} "
+                                 f"(--max_cache_share {share})")  # fmt: skip
 
     def _publish_full_pages(self, session: ServerSession) -> None:
         """Offer this session's full pages (whose hashes the client sent) to later sessions in its scope."""
@@ -257,14 +280,19 @@ class SessionManager:
         return self.pool.num_free * self.pool.page_size
 
 
-def reserve_rows(pool: KVPool, sequences: list[SequencePages], new_tokens: int) -> None:
-    """Reserve for every row or for none: a batch never holds half of what one step needs."""
+def reserve_rows(pool: KVPool, sequences: list[SequencePages], new_tokens: int,
+                 check: Optional[Callable[[], None]] = None) -> None:  # fmt: skip
+    """Reserve for every row or for none: a batch never holds half of what one step needs.
+
+    check runs once everything is reserved; if it raises CacheExhausted, the reservation is undone."""
     reserved: list[tuple[SequencePages, int]] = []  # (row, its page count before this call)
     try:
         for pages in sequences:
             before = len(pages.pages)
             pages.reserve(pool, new_tokens)
             reserved.append((pages, before))
+        if check is not None and any(len(pages.pages) > before for pages, before in reserved):
+            check()
     except CacheExhausted:
         for pages, before in reserved:
             extra = pages.pages[before:]
