@@ -38,6 +38,22 @@ def p2pd_children(pid: Optional[int] = None) -> list[psutil.Process]:
     return [c for c in children if _name(c) == "p2pd"]
 
 
+def kill_new_descendants(before: set[int]) -> list[int]:
+    """Kill (by PID) every live process below this one that is not in `before` and has not exited
+    within a few seconds; returns their PIDs (empty: whatever was started was also stopped)."""
+    from petals_like.utils.soak_health import live_descendants
+
+    new = [p for p in live_descendants() if p.pid not in before]
+    _, alive = psutil.wait_procs(new, timeout=5)  # a daemon told to stop may take a moment to exit
+    for process in alive:
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=10)
+    return [p.pid for p in alive]
+
+
 def _name(process: psutil.Process) -> str:
     try:
         return process.name()

@@ -96,7 +96,7 @@ def test_abrupt_disconnects_return_every_page(swarm, model):
         stream, sid = await open_raw(swarm, node)
         await stream.send([torch.randn(1, prefill, 64)], open_meta(sid))
         await asyncio.sleep(0.001 * (prefill % 5))
-        stream._writer.close()  # no close message, no end of stream: the client just vanishes
+        stream.abort()  # no close message, no end of stream: the client just vanishes
 
     async def complete() -> None:
         stream, sid = await open_raw(swarm, node)

@@ -9,9 +9,11 @@ from pathlib import Path
 from types import ModuleType
 from typing import Iterator
 
-import psutil
 import pytest
 import torch
+
+from petals_like.utils.soak_health import live_descendants
+from tests.swarm import kill_new_descendants
 
 SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 
@@ -26,18 +28,10 @@ def load_script(name: str) -> ModuleType:
 @pytest.fixture(autouse=True)
 def reap_new_children() -> Iterator[None]:
     """The scripts stop their swarm themselves; should one fail to, its processes still go, by PID."""
-    me = psutil.Process()
-    before = {p.pid for p in me.children(recursive=True)}
+    before = {p.pid for p in live_descendants()}
     yield
-    new = [p for p in me.children(recursive=True) if p.pid not in before]
-    _, alive = psutil.wait_procs(new, timeout=5)  # a daemon told to stop may take a moment to exit
-    for process in alive:
-        try:
-            process.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(alive, timeout=10)
-    assert not alive, f"the script left processes running: {[p.pid for p in alive]}"
+    left = kill_new_descendants(before)
+    assert not left, f"the script left processes running: {left}"
 
 
 def test_lora_script_halves_the_loss_and_saves_a_peft_adapter(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

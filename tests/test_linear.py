@@ -36,3 +36,11 @@ def test_bfloat16_goes_through_f_linear():
     x, w = torch.randn(4, 32, dtype=torch.bfloat16), torch.randn(16, 32, dtype=torch.bfloat16)
     with torch.inference_mode():
         assert torch.equal(linear(x, w), F.linear(x, w))
+
+
+def test_many_rows_go_through_f_linear():
+    """oneDNN keeps a compiled kernel per row count; above a handful of rows, where it gains nothing,
+    F.linear runs instead, so a server's memory does not grow with every batch size it meets."""
+    x, w = torch.randn(33, 32), torch.randn(16, 32)
+    with torch.inference_mode():
+        assert torch.equal(linear(x, w), F.linear(x, w))

@@ -187,3 +187,34 @@ def test_training_step_survives_a_killed_server(dht, processes, tiny_model: Path
         assert rel <= 1e-4, f"relative gradient error {rel:.2e}"
     finally:
         model.shutdown()
+
+
+def test_a_crashed_server_is_pinged_before_it_is_routed_through_again(dht, processes, tiny_model: Path):
+    """A SIGKILLed server's records stay ONLINE in the DHT until they expire. Once a ping could not
+    reach it, or once its ban after a failed request is over, the client pings it again before
+    routing through it, and bans it if it does not answer: no caller's retry is spent on it."""
+    peers = dht.visible_maddrs()
+    for _ in range(2):
+        processes.append(ServerProcess(tiny_model, "0:8", peers))
+    dead, live = [server.wait_ready() for server in processes]
+    model = AutoDistributedModelForCausalLM.from_pretrained(tiny_model, initial_peers=peers, ban_timeout=2.0)
+    try:
+        routes = model.routes
+        wait_until(lambda: model.node.run(routes.refresh(force=True)) or {dead, live} <= set(routes.spans), 30)
+        processes[0].stop(signal.SIGKILL)
+
+        def route_prefers_the_dead_one() -> list[str]:
+            routes.pings.rtts.update({dead: 1e-4, live: 1.0})  # the dead one is the planner's first choice
+            return [span.peer_id for span in model.node.run(routes.make_route(0, NUM_BLOCKS))]
+
+        model.node.run(routes.pings.measure(model.node.p2p, [dead], force=True))
+        assert dead in routes.pings.unreachable
+        assert route_prefers_the_dead_one() == [live]
+        assert dead in routes.banned()
+
+        routes.pings.unreachable.clear()
+        wait_until(lambda: dead not in routes.banned(), 10)  # a failure on record, its ban over
+        assert route_prefers_the_dead_one() == [live]
+        assert dead in routes.banned()
+    finally:
+        model.shutdown()

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Optional
@@ -30,14 +31,35 @@ class Child:
         self.output: list[str] = []
 
     def wait_for_line(self, prefix: str, timeout: float) -> str:
-        deadline = time.monotonic() + timeout
-        for line in self.process.stdout:
-            self.output.append(line)
-            if line.strip().startswith(prefix):
-                return line.strip()
-            if time.monotonic() > deadline:
-                break
-        raise RuntimeError(f"{self.name} did not start; its output:\n" + "".join(self.output[-30:]))
+        """The first output line that starts with prefix. A child without it in `timeout` seconds is
+        killed: reading its output blocks until a line comes, so a silent child would hold us forever."""
+        expired = threading.Event()
+
+        def expire() -> None:
+            expired.set()
+            self._kill_group()
+
+        timer = threading.Timer(timeout, expire)
+        timer.daemon = True
+        timer.start()
+        try:
+            for line in self.process.stdout:
+                self.output.append(line)
+                if line.strip().startswith(prefix) and not expired.is_set():
+                    return line.strip()
+        finally:
+            timer.cancel()
+        if expired.is_set():
+            reason = f"did not start in {timeout:.0f} s"
+        else:
+            reason = f"ended its output (exit code {self.process.poll()})"
+        raise RuntimeError(f"{self.name} {reason}; its output:\n" + "".join(self.output[-30:]))
+
+    def _kill_group(self) -> None:
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -47,10 +69,7 @@ class Child:
             except subprocess.TimeoutExpired:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
-        try:  # anything left in its process group (its p2pd) goes too
-            os.killpg(self.process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        self._kill_group()  # anything left in its process group (its p2pd) goes too
 
 
 def main(argv: Optional[list[str]] = None) -> None:

@@ -129,6 +129,13 @@ class InferenceSession:
         except Exception as e:
             logger.debug(f"Closing an inference session: {e!r}")
 
+    def abort(self) -> None:
+        """Drop every connection at once, with no close message: what servers see when a client vanishes
+        (they free the session's pages on their own). For tests of that path; close() is the polite way."""
+        self.closed = True
+        for link in self._chain:
+            link.stream.abort()
+
     def __enter__(self) -> InferenceSession:
         return self
 
@@ -193,6 +200,7 @@ class InferenceSession:
                 except Exception as e:  # a server of the route went away: ask for another route
                     if attempt == self.config.max_retries:
                         raise RuntimeError(f"could not open an inference chain: {e!r}") from e
+                    await self.routes.refresh(force=True)  # the swarm changed: read it again
             # keep at least the last prompt token: its output is what the client needs
             reuse = min(cached, (hidden.shape[1] - 1) // PREFIX_PAGE_TOKENS * PREFIX_PAGE_TOKENS)
             hidden = hidden[:, reuse:]

@@ -198,6 +198,12 @@ class InferenceStream:
             raise ConnectionError(f"server {self.span.peer_id[-6:]} closed the inference stream")
         return message
 
+    def abort(self) -> None:
+        """Close the connection without a close message or end of stream."""
+        self.closed = True
+        if self._writer is not None:
+            self._writer.close()
+
     async def close(self, metadata: Optional[dict] = None) -> None:
         if self.closed or self._writer is None:
             return

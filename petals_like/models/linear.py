@@ -6,9 +6,13 @@ rows cost 3.4x one row through F.linear for a 32000 x 1024 LM head, 1.9x through
 matmul is up to twice as fast for those shapes and equal for one row. It reads the ordinary
 dense weight, so no second, reordered copy of the weights is kept.
 
-Used only without autograd (oneDNN's op has no backward) and only for float32 CPU tensors
-(its bfloat16 path needs AVX-512, which this machine lacks); everything else, CUDA included,
-goes to F.linear. The oneDNN path is checked once
+Used only without autograd (oneDNN's op has no backward), only for float32 CPU tensors (its
+bfloat16 path needs AVX-512, which this machine lacks) and only for 2..32 rows; everything else,
+CUDA included, goes to F.linear. The row limit bounds memory: oneDNN compiles and keeps a kernel
+for every input shape it meets (~0.6 MiB each, whatever the weight's size, and not given back
+when its cache evicts one): a server whose batches took every size up to its token budget kept
+growing (by ~190 MiB in five minutes of scripts/soak.py); with the limit it is ~75 MiB for the
+four weight shapes of a block, reached once every batch size up to 32 has occurred. The oneDNN path is checked once
 against F.linear at first use and switched off if it is missing or disagrees (a PyTorch build
 without it, or a changed private signature): set PETALS_LIKE_ONEDNN_LINEAR=0 to turn it off.
 """
@@ -28,6 +32,7 @@ from petals_like.quant.weights import QuantizedWeight
 logger = logging.getLogger(__name__)
 
 _MIN_ROWS = 2  # one row: the default BLAS's matrix-vector path is as fast
+_MAX_ROWS = 32  # oneDNN's gain is for a handful of rows; each new row count costs a kernel kept in memory
 _onednn_ok: Optional[bool] = None  # decided at first use
 
 
@@ -40,7 +45,7 @@ def linear(x: Tensor, weight, bias: Optional[Tensor] = None) -> Tensor:
         and x.dtype == weight.dtype
         and x.dtype == torch.float32  # bfloat16: oneDNN needs AVX-512 for it; F.linear works everywhere
         and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-        and x.numel() >= _MIN_ROWS * x.shape[-1]
+        and _MIN_ROWS * x.shape[-1] <= x.numel() <= _MAX_ROWS * x.shape[-1]
         and _onednn_available()
     ):
         flat = x.reshape(-1, x.shape[-1])

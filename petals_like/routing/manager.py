@@ -16,6 +16,7 @@ import logging
 import time
 from typing import Optional
 
+from petals_like.client.transport import call_info
 from petals_like.config import ClientConfig
 from petals_like.data_structures import RemoteSpanInfo
 from petals_like.dht.announce import get_block_infos
@@ -104,11 +105,34 @@ class RouteManager:
                 else:
                     route = make_route(self.spans, start, end, banned=self.banned(),
                                        model=self.latency_model(needed_tokens))  # fmt: skip
-                logger.debug(f"Route for blocks {start}:{end}: {route}")
-                return route
             except NoRouteError:
                 if time.monotonic() + delay > deadline:
                     raise
+            else:
+                if await self._answer_pings(route):
+                    logger.debug(f"Route for blocks {start}:{end}: {route}")
+                    return route
+                continue  # banned again: plan without them
             await asyncio.sleep(delay)
             delay = min(delay * 2, 2.0)
             await self.refresh(force=True)
+
+    async def _answer_pings(self, route: list[RemoteSpanInfo]) -> bool:
+        """Whether the suspect servers of the route answer a ping now; those that do not are banned.
+
+        Suspects failed a request before (their ban is over) or their latest ping could not reach
+        them. A crashed server's records stay in the DHT, as they were, until they expire: without
+        this check each one could cost a caller one of its retries, every time its ban ends, and a
+        caller could give up while live servers serve every block.
+        """
+        suspects = [span.peer_id for span in route
+                    if span.peer_id in self._failures or span.peer_id in self.pings.unreachable]  # fmt: skip
+        if not suspects:
+            return True
+        answers = await asyncio.gather(*(call_info(self.node.p2p, peer, timeout=self.config.ping_timeout)
+                                         for peer in suspects), return_exceptions=True)  # fmt: skip
+        unreachable = [(peer, answer) for peer, answer in zip(suspects, answers) if isinstance(answer, Exception)]
+        for peer, error in unreachable:
+            self.ban(peer, f"does not answer a ping: {error!r}")
+        self.pings.unreachable -= set(suspects) - {peer for peer, _ in unreachable}
+        return not unreachable

@@ -3,7 +3,9 @@
 Clients keep one for the servers they may route through; servers keep one for the servers that
 can follow their span and announce it (next_pings) so that clients can price server-to-server
 hops. A peer that does not answer within the timeout is recorded at the timeout: slow, not gone
-(failures are for the ban list to judge).
+(failures are for the ban list to judge). A peer that refuses the call outright (its daemon
+cannot be dialled: a crashed server whose records have not expired yet) is recorded the same
+way and also listed in `unreachable`, so that a client pings it again before routing through it.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ class PingTable:
         self.period = period  # a peer measured more recently than this is not measured again
         self.max_parallel = max_parallel
         self.rtts: dict[str, float] = {}
+        self.unreachable: set[str] = set()  # peers whose latest ping failed, and not by timing out
         self._measured_at: dict[str, float] = {}
 
     def record(self, peer_id: str, seconds: float) -> None:
@@ -38,6 +41,7 @@ class PingTable:
         for peer in [p for p in self.rtts if p not in keep]:
             self.rtts.pop(peer, None)
             self._measured_at.pop(peer, None)
+        self.unreachable &= keep
 
     def due(self, peers: Iterable[str]) -> list[str]:
         now = time.monotonic()
@@ -54,8 +58,12 @@ class PingTable:
                 try:
                     await call_info(p2p, peer, timeout=self.timeout)
                     elapsed: Optional[float] = time.perf_counter() - started
+                    self.unreachable.discard(peer)
+                except asyncio.TimeoutError:
+                    elapsed = self.timeout
                 except Exception:
                     elapsed = self.timeout
+                    self.unreachable.add(peer)
                 self.record(peer, elapsed)
 
         await asyncio.gather(*(one(peer) for peer in targets))

@@ -9,9 +9,11 @@ SIGTERM (turned into SystemExit while the swarm is up, so that the block's clean
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import sys
+import tempfile
 import threading
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -36,23 +38,21 @@ class LocalSwarm:
         self.children: list[Child] = []
         self.peers: list[str] = []  # the DHT's multiaddrs: pass as initial_peers
         self.server_peer_ids: list[str] = []
+        self.identities: dict[Child, str] = {}  # each server's identity name (see start_server)
+        self._identity_dir: Optional[tempfile.TemporaryDirectory] = None
         self._previous_sigterm: Any = None
 
     def __enter__(self) -> LocalSwarm:
         self._catch_sigterm()
+        # servers keep their identities here, not in a directory of their own that a killed one leaves behind
+        self._identity_dir = tempfile.TemporaryDirectory(prefix="petals_like_swarm_")
         try:
             dht = self._start("run_dht", ["petals_like.cli.run_dht", "--host_maddrs", LOCALHOST])
             self.peers = dht.wait_for_line("--initial_peers", 60).split()[1:]
             self._drain(dht)
-            servers = [
-                self._start(f"server {span}", ["petals_like.cli.run_server", str(self.model_dir), "--block_indices", span,
-                                               "--initial_peers", *self.peers, "--host_maddrs", LOCALHOST,
-                                               "--no_progress", "--log_level", "WARNING", *self.server_args])
-                for span in self.spans
-            ]  # fmt: skip
+            servers = [self.start_server(span) for span in self.spans]
             for server in servers:  # they load in parallel; this waits for the slowest
-                self.server_peer_ids.append(server.wait_for_line("SERVER READY", self.start_timeout).split()[2])
-                self._drain(server)
+                self.server_peer_ids.append(self.wait_ready(server))
         except BaseException:
             self.__exit__(*sys.exc_info())
             raise
@@ -66,7 +66,41 @@ class LocalSwarm:
             for child in reversed(self.children):
                 child.stop()
             self.children.clear()
+            self.identities.clear()
+            if self._identity_dir is not None:
+                self._identity_dir.cleanup()
+                self._identity_dir = None
             self._restore_sigterm()
+
+    def start_server(self, span: str, identity: Optional[str] = None) -> Child:
+        """One more run_server process for blocks "A:B", joining this swarm; wait_ready() waits for it.
+
+        identity: the name of its identity (peer id) in this swarm; a server started under the name of
+        one that stopped comes back as that peer. Default: a new one.
+        """
+        identity = identity or f"server-{len(self.identities)}"
+        identity_path = Path(self._identity_dir.name) / f"{identity}.key"
+        child = self._start(f"server {span}", ["petals_like.cli.run_server", str(self.model_dir), "--block_indices", span,
+                                               "--initial_peers", *self.peers, "--host_maddrs", LOCALHOST,
+                                               "--identity_path", str(identity_path), "--no_progress",
+                                               "--log_level", "WARNING", *self.server_args])  # fmt: skip
+        self.identities[child] = identity
+        return child
+
+    def wait_ready(self, server: Child, timeout: Optional[float] = None) -> str:
+        """Wait until a server serves; returns its peer id. Raises (and kills it) if it does not in time."""
+        peer_id = server.wait_for_line("SERVER READY", self.start_timeout if timeout is None else timeout).split()[2]
+        self._drain(server)
+        return peer_id
+
+    def kill(self, child: Child) -> None:
+        """SIGKILL a child by its PID, as a crash: it announces nothing. Its process group (its p2pd) goes too."""
+        if child.process.poll() is None:
+            child.process.kill()
+            child.process.wait()
+        child.stop()  # the child is gone: this only kills what is left of its group
+        with contextlib.suppress(ValueError):  # killed twice, by two threads
+            self.children.remove(child)
 
     def _start(self, name: str, module_args: list[str]) -> Child:
         child = Child(name, [sys.executable, "-m", *module_args])

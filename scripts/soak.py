@@ -1,0 +1,84 @@
+"""Soak test: many inference sessions through a local swarm for minutes, with clients vanishing at
+random, then a check that the servers kept nothing behind.
+
+    python scripts/soak.py                                   # 30 sessions for 5 minutes, tiny random Llama
+    python scripts/soak.py --duration 600 --sessions 40 --clients 4 --kill_every 20 --seed 3
+
+A DHT and one server process per span (--spans, default 0:4 4:8) serve the model; --clients
+processes run --sessions sessions at once between them, each session greedy generation in steps
+of random lengths, sometimes with new input in between. About every --kill_every seconds one
+client process is SIGKILLed with its p2p daemon and a new one takes its place; a share of sessions
+(--abandon) is dropped in the middle of a step. Every other session is checked token by token
+against local transformers.
+
+Prints one JSON report: sessions run, dropped on purpose, outputs wrong, outputs lost; per server
+the RSS after the warm-up and at the end (MiB, growth %), KV tokens in use, open sessions, asyncio
+tasks, threads and open files; child processes before and after. Exits with 1 if a check failed
+(report["failures"] says which), 130 on Ctrl-C. Every process it starts is stopped by PID.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import traceback
+from pathlib import Path
+from typing import Optional
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from a checkout without installing
+
+from petals_like.utils.soak import SoakConfig, run_soak  # noqa: E402
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    d = SoakConfig()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--duration", type=float, default=d.duration, help="seconds of load")
+    p.add_argument("--sessions", type=int, default=d.sessions, help="sessions running at once, over all clients")
+    p.add_argument("--clients", type=int, default=d.clients, help="client processes sharing the sessions")
+    p.add_argument("--seed", type=int, default=d.seed, help="makes the sessions' plans and the kill times repeatable")
+    p.add_argument("--kill_every", type=float, default=d.kill_every,
+                   help="mean seconds between SIGKILLs of a client process (0: never)")
+    p.add_argument("--abandon", type=float, default=d.abandon, help="share of sessions dropped in the middle of a step")
+    p.add_argument("--warmup", type=float, default=d.warmup,
+                   help="seconds of load before the reference RSS is read (at most a third of --duration)")
+    p.add_argument("--max_rss_growth", type=float, default=d.max_rss_growth,
+                   help="largest allowed RSS growth of a server after the warm-up, in percent (negative: not checked)")
+    p.add_argument("--max_length", type=int, default=d.max_length, help="max_length of every session (>= 128)")
+    p.add_argument("--kv_cache_tokens", type=int, default=d.kv_cache_tokens, help="KV pool of each server, in tokens")
+    p.add_argument("--spans", nargs="+", default=list(d.spans), help="one server per span, e.g. 0:4 4:8")
+    p.add_argument("--settle_timeout", type=float, default=d.settle_timeout,
+                   help="seconds for the servers to become idle after the clients stop")
+    p.add_argument("--model", type=Path, default=None,
+                   help="checkpoint to serve (default: a tiny random Llama made in a temporary folder)")
+    p.add_argument("--no_progress", action="store_true", help="no progress bar on stderr")
+    args = p.parse_args(argv)
+    try:
+        config = SoakConfig(
+            duration=args.duration, sessions=args.sessions, clients=args.clients, seed=args.seed,
+            kill_every=args.kill_every, abandon=args.abandon, warmup=args.warmup, max_length=args.max_length,
+            kv_cache_tokens=args.kv_cache_tokens, spans=tuple(args.spans), settle_timeout=args.settle_timeout,
+            max_rss_growth=args.max_rss_growth if args.max_rss_growth >= 0 else None, model=args.model,
+            progress=not args.no_progress,
+        )  # fmt: skip
+    except ValueError as e:
+        p.error(str(e))
+
+    from petals_like.utils.cli import setup_logging
+
+    setup_logging("WARNING")
+    try:
+        report = run_soak(config)
+    except KeyboardInterrupt:
+        print("Interrupted; every process started was stopped", file=sys.stderr)
+        return 130
+    except Exception as e:  # e.g. a server crashed: still one JSON report, and a failing exit status
+        traceback.print_exc()
+        report = {"passed": False, "failures": [f"the soak run stopped: {e!r}"]}
+    print(json.dumps(report, indent=2))
+    return 0 if report["passed"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
