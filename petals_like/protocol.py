@@ -24,9 +24,9 @@ RPC_INFO = "petals_like.rpc_info"
 RPC_FORWARD = "petals_like.rpc_forward"
 RPC_BACKWARD = "petals_like.rpc_backward"
 RPC_INFERENCE = "petals_like.rpc_inference"
-RPC_PUSH = "petals_like.rpc_push"  # server -> next server: a step's output as the next span's input
+RPC_PUSH = "petals_like.rpc_push"  # server -> next server: steps' outputs as the next span's inputs
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: rpc_push carries a list of steps (server/push.py)
 ADAPTER_NOT_CACHED = "adapter weights not cached"  # in an error: the client sends its LoRA weights again
 WIRE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 WIRE_BLOCK = 64  # values per float16 scale in the "int8" wire format (config.WIRE_FORMATS)
