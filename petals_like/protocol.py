@@ -214,9 +214,7 @@ def _deserialize(head: runtime_pb2.Tensor, buffer: bytes) -> torch.Tensor:
         raise ProtocolError(f"unsupported tensor dtype {head.dtype!r}")
     if len(head.size) > 8:
         raise ProtocolError(f"tensor of {len(head.size)} dimensions")
-    numel = 1
-    for dim in head.size:
-        numel *= dim
+    numel = math.prod(head.size)
     # numpy cannot describe a shape whose nonzero dims multiply past 2**63 bytes, even with no values
     if math.prod(dim for dim in head.size if dim) * 8 >= 1 << 63:
         raise ProtocolError(f"tensor shape {list(head.size)} is too large")

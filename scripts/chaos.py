@@ -35,58 +35,56 @@ from typing import Optional
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from a checkout without installing
 
 from petals_like.utils.chaos import ChaosConfig, ChaosReport, run_chaos  # noqa: E402
+from petals_like.utils.cli import add_config_flags, config_values  # noqa: E402
 from petals_like.utils.finetune import run_script  # noqa: E402
 
 DEFAULTS = ChaosConfig()
 
 
+FLAGS = {  # config fields given as flags, by argument group: (field, help)
+    "faults": [
+        ("duration", "seconds of load under faults, once the swarm is up"),
+        ("max_faults", "kill at most this many servers"),
+        ("seed", "seeds which servers die and when, prompts, training batches, LoRA init"),
+        ("kill_interval", "seconds between two kills, drawn uniformly"),
+        ("down_time", "seconds a killed server stays down before it is restarted"),
+    ],
+    "swarm": [
+        ("servers", "number of servers: the whole model, then its halves in turn"),
+        ("restart_timeout", "seconds a (re)started server may take to serve"),
+    ],
+    "load": [
+        ("generators", "threads generating at once through one client"),
+        ("prompts", "distinct prompts of 4-40 tokens, each with its reference output"),
+        ("max_new_tokens", "tokens per generation, drawn between half this and this"),
+        ("batch_size", "training batch"),
+        ("seq_len", "training tokens per row"),
+        ("lora_rank", "LoRA rank"),
+        ("lr", "AdamW learning rate"),
+    ],
+    "checks": [
+        ("tolerance", "relative error allowed for the loss and each LoRA gradient vs float64 PEFT, besides float32 rounding"),
+        ("op_timeout", "deadline of one generation or training step; past it the run stops, failed"),
+        ("request_timeout", "the clients' timeout for one step on one server"),
+    ],
+}
+
+
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    group = parser.add_argument_group("faults")
-    group.add_argument("--duration", type=float, default=DEFAULTS.duration,
-                       help="seconds of load under faults, once the swarm is up (default: %(default)s)")
-    group.add_argument("--max_faults", type=int, default=DEFAULTS.max_faults,
-                       help="kill at most this many servers (default: %(default)s)")
-    group.add_argument("--seed", type=int, default=DEFAULTS.seed,
-                       help="seeds which servers die and when, prompts, training batches, LoRA init (default: %(default)s)")
-    group.add_argument("--kill_interval", type=float, nargs=2, metavar=("LOW", "HIGH"), default=DEFAULTS.kill_interval,
-                       help="seconds between two kills, drawn uniformly (default: %(default)s)")
-    group.add_argument("--down_time", type=float, nargs=2, metavar=("LOW", "HIGH"), default=DEFAULTS.down_time,
-                       help="seconds a killed server stays down before it is restarted (default: %(default)s)")
-    group = parser.add_argument_group("swarm")
+    groups = {name: parser.add_argument_group(name) for name in (*FLAGS, "output")}
+    for name, flags in FLAGS.items():
+        add_config_flags(groups[name], DEFAULTS, flags)
+    group = groups["swarm"]
     group.add_argument("--model_dir", default=None,
                        help="where to write the tiny random Llama (default: a temp dir, removed after)")
-    group.add_argument("--servers", type=int, default=DEFAULTS.servers,
-                       help="number of servers: the whole model, then its halves in turn (default: %(default)s)")
     group.add_argument("--spans", nargs="+", default=None, help="blocks of each server instead, e.g. 0:8 0:4 4:8")
     group.add_argument("--server_args", default=" ".join(DEFAULTS.server_args),
                        help="extra run_server arguments (default: %(default)r)")
-    group.add_argument("--restart_timeout", type=float, default=DEFAULTS.restart_timeout,
-                       help="seconds a (re)started server may take to serve (default: %(default)s)")
     group.add_argument("--same_identity", action="store_true",
                        help="a restarted server keeps the killed one's peer id (default: a new one, as a new machine)")
-    group = parser.add_argument_group("load")
-    group.add_argument("--generators", type=int, default=DEFAULTS.generators,
-                       help="threads generating at once through one client (default: %(default)s)")
-    group.add_argument("--prompts", type=int, default=DEFAULTS.prompts,
-                       help="distinct prompts of 4-40 tokens, each with its reference output (default: %(default)s)")
-    group.add_argument("--max_new_tokens", type=int, default=DEFAULTS.max_new_tokens,
-                       help="tokens per generation, drawn between half this and this (default: %(default)s)")
-    group.add_argument("--no_train", action="store_true", help="no training thread (generation only)")
-    group.add_argument("--batch_size", type=int, default=DEFAULTS.batch_size, help="training batch (default: %(default)s)")
-    group.add_argument("--seq_len", type=int, default=DEFAULTS.seq_len, help="training tokens per row (default: %(default)s)")
-    group.add_argument("--lora_rank", type=int, default=DEFAULTS.lora_rank, help="LoRA rank (default: %(default)s)")
-    group.add_argument("--lr", type=float, default=DEFAULTS.lr, help="AdamW learning rate (default: %(default)s)")
-    group = parser.add_argument_group("checks")
-    group.add_argument("--tolerance", type=float, default=DEFAULTS.tolerance,
-                       help="relative error allowed for the loss and each LoRA gradient vs float64 PEFT, besides float32 "
-                            "rounding (default: %(default)s)")
-    group.add_argument("--op_timeout", type=float, default=DEFAULTS.op_timeout,
-                       help="deadline of one generation or training step; past it the run stops, failed "
-                            "(default: %(default)s)")
-    group.add_argument("--request_timeout", type=float, default=DEFAULTS.request_timeout,
-                       help="the clients' timeout for one step on one server (default: %(default)s)")
-    group = parser.add_argument_group("output")
+    groups["load"].add_argument("--no_train", action="store_true", help="no training thread (generation only)")
+    group = groups["output"]
     group.add_argument("--log_level", default="ERROR", help="log level of this process (default: %(default)s)")
     group.add_argument("--no_progress", action="store_true", help="no progress bar on stderr")
     args = parser.parse_args(argv)
@@ -115,14 +113,9 @@ def main(argv: Optional[list[str]] = None) -> ChaosReport:
 
     setup_logging(args.log_level)
     config = ChaosConfig(
-        duration=args.duration, max_faults=args.max_faults, seed=args.seed, servers=args.servers, spans=args.spans,
-        kill_interval=tuple(args.kill_interval), down_time=tuple(args.down_time), generators=args.generators,
-        prompts=args.prompts, max_new_tokens=args.max_new_tokens, train=not args.no_train, batch_size=args.batch_size,
-        seq_len=args.seq_len, lora_rank=args.lora_rank, lr=args.lr, tolerance=args.tolerance,
-        op_timeout=args.op_timeout, request_timeout=args.request_timeout, restart_timeout=args.restart_timeout,
-        same_identity=args.same_identity,
-        server_args=args.server_args.split(),
-    )  # fmt: skip
+        **{k: v for flags in FLAGS.values() for k, v in config_values(args, flags).items()}, spans=args.spans,
+        train=not args.no_train, same_identity=args.same_identity, server_args=args.server_args.split(),
+    )
     with contextlib.ExitStack() as stack:
         if args.model_dir is not None:
             root = Path(args.model_dir)

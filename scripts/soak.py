@@ -28,40 +28,39 @@ from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from a checkout without installing
 
+from petals_like.utils.cli import add_config_flags, config_values  # noqa: E402
 from petals_like.utils.soak import SoakConfig, run_soak  # noqa: E402
+
+
+FLAGS = [  # SoakConfig fields given as flags: (field, help)
+    ("duration", "seconds of load"),
+    ("sessions", "sessions running at once, over all clients"),
+    ("clients", "client processes sharing the sessions"),
+    ("seed", "makes the sessions' plans and the kill times repeatable"),
+    ("kill_every", "mean seconds between SIGKILLs of a client process (0: never)"),
+    ("abandon", "share of sessions dropped in the middle of a step"),
+    ("warmup", "seconds of load before the reference RSS is read (at most a third of --duration)"),
+    ("max_length", "max_length of every session (>= 128)"),
+    ("kv_cache_tokens", "KV pool of each server, in tokens"),
+    ("settle_timeout", "seconds for the servers to become idle after the clients stop"),
+]
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     d = SoakConfig()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--duration", type=float, default=d.duration, help="seconds of load")
-    p.add_argument("--sessions", type=int, default=d.sessions, help="sessions running at once, over all clients")
-    p.add_argument("--clients", type=int, default=d.clients, help="client processes sharing the sessions")
-    p.add_argument("--seed", type=int, default=d.seed, help="makes the sessions' plans and the kill times repeatable")
-    p.add_argument("--kill_every", type=float, default=d.kill_every,
-                   help="mean seconds between SIGKILLs of a client process (0: never)")
-    p.add_argument("--abandon", type=float, default=d.abandon, help="share of sessions dropped in the middle of a step")
-    p.add_argument("--warmup", type=float, default=d.warmup,
-                   help="seconds of load before the reference RSS is read (at most a third of --duration)")
+    add_config_flags(p, d, FLAGS)
     p.add_argument("--max_rss_growth", type=float, default=d.max_rss_growth,
                    help="largest allowed RSS growth of a server after the warm-up, in percent (negative: not checked)")
-    p.add_argument("--max_length", type=int, default=d.max_length, help="max_length of every session (>= 128)")
-    p.add_argument("--kv_cache_tokens", type=int, default=d.kv_cache_tokens, help="KV pool of each server, in tokens")
     p.add_argument("--spans", nargs="+", default=list(d.spans), help="one server per span, e.g. 0:4 4:8")
-    p.add_argument("--settle_timeout", type=float, default=d.settle_timeout,
-                   help="seconds for the servers to become idle after the clients stop")
     p.add_argument("--model", type=Path, default=None,
                    help="checkpoint to serve (default: a tiny random Llama made in a temporary folder)")
     p.add_argument("--no_progress", action="store_true", help="no progress bar on stderr")
     args = p.parse_args(argv)
     try:
-        config = SoakConfig(
-            duration=args.duration, sessions=args.sessions, clients=args.clients, seed=args.seed,
-            kill_every=args.kill_every, abandon=args.abandon, warmup=args.warmup, max_length=args.max_length,
-            kv_cache_tokens=args.kv_cache_tokens, spans=tuple(args.spans), settle_timeout=args.settle_timeout,
-            max_rss_growth=args.max_rss_growth if args.max_rss_growth >= 0 else None, model=args.model,
-            progress=not args.no_progress,
-        )  # fmt: skip
+        config = SoakConfig(**config_values(args, FLAGS), spans=tuple(args.spans), model=args.model,
+                            max_rss_growth=args.max_rss_growth if args.max_rss_growth >= 0 else None,
+                            progress=not args.no_progress)  # fmt: skip
     except ValueError as e:
         p.error(str(e))
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -18,6 +17,7 @@ from petals_like.dht.announce import get_block_infos
 from petals_like.dht.node import SwarmNode
 from petals_like.dht.records import compute_spans
 from petals_like.server.server import Server
+from petals_like.utils.soak_health import live_descendants, p2pd_children, reap  # noqa: F401 (p2pd_children: for tests)
 
 LOCALHOST = ["/ip4/127.0.0.1/tcp/0"]
 
@@ -30,35 +30,10 @@ def wait_until(condition: Callable[[], bool], timeout: float, interval: float = 
         time.sleep(interval)
 
 
-def p2pd_children(pid: Optional[int] = None) -> list[psutil.Process]:
-    try:
-        children = psutil.Process(pid or os.getpid()).children(recursive=True)
-    except psutil.NoSuchProcess:
-        return []
-    return [c for c in children if _name(c) == "p2pd"]
-
-
 def kill_new_descendants(before: set[int]) -> list[int]:
     """Kill (by PID) every live process below this one that is not in `before` and has not exited
     within a few seconds; returns their PIDs (empty: whatever was started was also stopped)."""
-    from petals_like.utils.soak_health import live_descendants
-
-    new = [p for p in live_descendants() if p.pid not in before]
-    _, alive = psutil.wait_procs(new, timeout=5)  # a daemon told to stop may take a moment to exit
-    for process in alive:
-        try:
-            process.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(alive, timeout=10)
-    return [p.pid for p in alive]
-
-
-def _name(process: psutil.Process) -> str:
-    try:
-        return process.name()
-    except psutil.Error:
-        return ""
+    return reap([p for p in live_descendants() if p.pid not in before], grace=5)
 
 
 @dataclass

@@ -413,6 +413,19 @@ def test_adapter_store_limits_cover_sessions_and_refusals_change_nothing(tiny_mo
     store.expire()
     assert store.clients() == [] and store.held_bytes("peer-1") == 0
 
+    # a refused new version leaves the older one cached: superseded versions go only once one is accepted
+    def upload_rank(adapter: str, version: int, rank: int):
+        meta = {"lora": {"id": adapter, "version": version, "rank": rank, "scaling": 1.0, "targets": ["q_proj"],
+                         "weights": True}}  # fmt: skip
+        return store.resolve(meta, [torch.full((rank, fan), 0.1), torch.full((fan, rank), 0.1)] * 2, blocks, "peer-3", 1, 4)
+
+    store.idle_timeout = 600.0
+    upload_rank("b", 1, 2)
+    upload_rank("a", 1, 2)
+    with pytest.raises(ProtocolErrorType, match="max_adapter_bytes"):
+        upload_rank("a", 2, 4)  # twice the bytes: over the limit even without version 1
+    assert sorted((k[1], k[2]) for k in store.clients() if k[0] == "peer-3") == [("a", 1), ("b", 1)]
+
 
 def test_lora_rows_apply_each_adapter_to_its_own_rows_only():
     """No network: one batch with rows of two adapters and rows of none, as a batched iteration has."""

@@ -49,6 +49,8 @@ from petals_like.protocol import (
     pack_message,
     read_message,
 )
+from petals_like.server.handler import MAX_PUSH_CHAIN
+from petals_like.server.sessions import MAX_HASH_LENGTH, MAX_SESSION_ID_LENGTH
 from tests.swarm import Swarm, start_swarm, wait_until
 from tests.test_bad_input import HIDDEN, assert_still_serves
 from tests.test_finetune import hosted_adapter  # noqa: F401  (a fixture: a PEFT LoRA the servers host as "chat")
@@ -366,13 +368,13 @@ HOP = st.fixed_dictionaries({
 FIELDS: dict[str, st.SearchStrategy] = {
     "start": st.integers(-1, 9),
     "end": st.integers(-1, 9),
-    "session_id": st.sampled_from([GOOD_SID, OWN_SID, "", "s" * 129]) | HEX,
+    "session_id": st.sampled_from([GOOD_SID, OWN_SID, "", "s" * (MAX_SESSION_ID_LENGTH + 1)]) | HEX,
     "max_length": st.sampled_from([-1, 0, 1, 3, 16, 64, 65, 2**63]),
     "batch_size": st.integers(-1, MAX_BATCH_SIZE + 1),
     "pad_lens": st.lists(st.integers(-1, 20), max_size=5),
     "wire": st.sampled_from([*WIRE_FORMATS, "int4", ""]),
-    "push_token": st.just(OWN_TOKEN) | tokens(0, 15, 16, 128, 129),
-    "page_hashes": st.lists(HEX, max_size=5) | st.lists(st.sampled_from(["", "h" * 129]), min_size=1, max_size=2),
+    "push_token": st.just(OWN_TOKEN) | tokens(0, 15, 16, MAX_SESSION_ID_LENGTH, MAX_SESSION_ID_LENGTH + 1),
+    "page_hashes": st.lists(HEX, max_size=5) | st.lists(st.sampled_from(["", "h" * (MAX_HASH_LENGTH + 1)]), min_size=1, max_size=2),
     "hash_start": st.integers(-1, 6),
     "probe": st.booleans(),
     "adapter": st.sampled_from(["chat", "", "nope"]),  # "chat" is hosted (tests/test_finetune.py)
@@ -384,7 +386,7 @@ FIELDS: dict[str, st.SearchStrategy] = {
     "version": st.integers(-1, 2),
     "position": st.integers(-1, 70),
     "reuse_tokens": st.sampled_from([-16, 0, 1, 16, 32, 80]),
-    "push_chain": st.lists(HOP, max_size=2) | st.lists(HOP, min_size=65, max_size=65),
+    "push_chain": st.lists(HOP, max_size=2) | st.lists(HOP, min_size=MAX_PUSH_CHAIN + 1, max_size=MAX_PUSH_CHAIN + 1),
     "close": st.booleans(),
     "_parts": st.sampled_from([0, 2, MAX_PARTS + 1, True]),
 }

@@ -6,9 +6,22 @@ import argparse
 import logging
 
 from petals_like.config import WIRE_FORMATS, ServerConfig
-from petals_like.utils.cli import setup_logging, wait_for_stop_signal
+from petals_like.utils.cli import add_config_flags, config_values, setup_logging, wait_for_stop_signal
 
 logger = logging.getLogger(__name__)
+
+
+LIMITS = [  # ServerConfig fields given as flags: (field, help)
+    ("max_session_length", "largest max_length of an inference session, in tokens"),
+    ("max_batch_size", "sequences in one request"),
+    ("max_request_tokens", "batch x new tokens in one request"),
+    ("max_message_bytes", "bytes of one assembled request (all its parts)"),
+    ("max_sessions_per_peer", "inference sessions one client (peer id) may hold open at once"),
+    ("max_cache_share", "share of the KV pool one client may hold while other clients hold sessions too "
+                        "(alone it may use all of it)"),
+    ("session_idle_timeout", "seconds an inference session may stay silent before it is closed"),
+    ("request_timeout", "seconds a forward/backward call may wait and run"),
+]
 
 
 def _throughput(text: str) -> str | float:
@@ -56,19 +69,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, str]:
                    help="formats clients may choose for hidden states on the wire (int8: 8-bit blocks)")
     p.add_argument("--share_prefix_cache", action="store_true",
                    help="reuse cached prefix pages across clients: trusts clients' claimed page hashes")
-    limits = p.add_argument_group("limits (a request or client over one gets a clear error; others are served)")
-    for name, kind, help_text in (
-        ("max_session_length", int, "largest max_length of an inference session, in tokens"),
-        ("max_batch_size", int, "sequences in one request"),
-        ("max_request_tokens", int, "batch x new tokens in one request"),
-        ("max_message_bytes", int, "bytes of one assembled request (all its parts)"),
-        ("max_sessions_per_peer", int, "inference sessions one client (peer id) may hold open at once"),
-        ("max_cache_share", float, "share of the KV pool one client may hold while other clients hold sessions too "
-                                   "(alone it may use all of it)"),
-        ("session_idle_timeout", float, "seconds an inference session may stay silent before it is closed"),
-        ("request_timeout", float, "seconds a forward/backward call may wait and run"),
-    ):  # fmt: skip
-        limits.add_argument(f"--{name}", type=kind, default=getattr(defaults, name), help=f"{help_text} (%(default)s)")
+    add_config_flags(p.add_argument_group("limits (a request or client over one gets a clear error; others are served)"),
+                     defaults, LIMITS)  # fmt: skip
     p.add_argument("--num_threads", type=int, default=None, help="torch threads for block math")
     p.add_argument("--balance_period", type=float, default=defaults.balance_period,
                    help="mean seconds between re-balancing checks (0 = never move)")
@@ -96,10 +98,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, str]:
         kv_cache_tokens=a.kv_cache_tokens,
         page_size=a.page_size, max_alloc_timeout=a.max_alloc_timeout, token_budget=a.token_budget,
         share_prefix_cache=a.share_prefix_cache, prefill_chunk=a.prefill_chunk,
-        max_session_length=a.max_session_length, max_batch_size=a.max_batch_size,
-        max_request_tokens=a.max_request_tokens, max_message_bytes=a.max_message_bytes,
-        max_sessions_per_peer=a.max_sessions_per_peer, max_cache_share=a.max_cache_share,
-        session_idle_timeout=a.session_idle_timeout, request_timeout=a.request_timeout,
+        **config_values(a, LIMITS),
         announce_period=a.announce_period, expiration=a.expiration, public_name=a.public_name,
         balance_period=a.balance_period, balance_quality=a.balance_quality, wire_formats=tuple(a.wire_formats),
         progress=not a.no_progress, adapters=tuple(a.adapters), max_lora_rank=a.max_lora_rank,

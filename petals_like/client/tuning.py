@@ -138,7 +138,7 @@ def weights_version(tensors: list[Tensor]) -> int:
     give gradients of the old weights."""
     digest = hashlib.blake2b(digest_size=8)
     for tensor in tensors:
-        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy())
     return int.from_bytes(digest.digest(), "big") >> 1
 
 

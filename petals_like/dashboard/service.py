@@ -28,6 +28,7 @@ class DashboardService:
         self.history = history if history is not None else History()
         self.reads = {"total": 0, "failures": 0, "last_success": None, "last_seconds": None}
         self._state: Optional[dict[str, Any]] = None
+        self._history_json = self.history.to_json()  # rebuilt once per read, not per request
         self._last_error = ""
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -62,7 +63,9 @@ class DashboardService:
                 self._last_error = f"the last read of the swarm failed: {e!r}"
             return
         self.history.add(state)
+        history_json = self.history.to_json()
         with self._lock:
+            self._history_json = history_json
             self.reads["total"] += 1
             self.reads["last_success"] = state["generated_at"]
             self.reads["last_seconds"] = state["read_seconds"]
@@ -72,7 +75,7 @@ class DashboardService:
     def snapshot(self, *, history: bool = True) -> dict[str, Any]:
         """The latest view plus the service's own fields: ready, refresh_period and the history columns."""
         with self._lock:
-            state, last_error = self._state, self._last_error
+            state, last_error, history_json = self._state, self._last_error, self._history_json
         if state is None:
             state = {"version": STATE_VERSION, "generated_at": None, "read_seconds": None,
                      "summary": {"models": 0, "healthy_models": 0, "servers_by_status": dict.fromkeys(STATUSES, 0)},
@@ -81,7 +84,7 @@ class DashboardService:
         snapshot = {**state, "errors": errors, "ready": state["generated_at"] is not None,
                     "refresh_period": self.refresh_period}  # fmt: skip
         if history:
-            snapshot["history"] = self.history.to_json()
+            snapshot["history"] = history_json
         return snapshot
 
     def metrics(self) -> str:

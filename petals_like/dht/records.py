@@ -182,7 +182,3 @@ class RecordSchemaValidator(RecordValidatorBase):
             logger.info(f"Refusing a DHT record under {parts[0][:64]!r}: {e}")
             return False
         return True
-
-    @property
-    def priority(self) -> int:
-        return 0

@@ -181,20 +181,24 @@ class AdapterStore:
         if nbytes > self.max_bytes_per_peer:
             raise ProtocolError(f"LoRA weights of {nbytes} bytes exceed the server limit of {self.max_bytes_per_peer} "
                                 f"per client (--max_adapter_bytes)")  # fmt: skip
-        received = from_wire([t.to(self.device, torch.float32) for t in tensors], targets, float(scaling), blocks.length)
         with self._lock:
             self._expire_locked()
-            # older versions of this adapter are superseded, unless a session still runs with them
-            for old in [k for k, e in self._clients.items() if k[:2] == key[:2] and k != key and not e.sessions]:
-                del self._clients[old]
             entry = self._clients.get(key)
             if entry is not None and (entry.rank, entry.scaling, entry.targets) != (rank, scaling, targets):
                 raise ProtocolError(f"LoRA {adapter_id!r} version {version} is already held with another rank, "
                                     f"scaling or targets; a changed adapter needs a new version")  # fmt: skip
+            # older versions of this adapter are superseded, unless a session still runs with them; they go
+            # only once the upload is accepted (a refused one changes nothing)
+            superseded = [k for k, e in self._clients.items() if k[:2] == key[:2] and k != key and not e.sessions]
+            freed = sum(self._clients[k].nbytes for k in superseded)
             replaced = sum(entry.blocks[i].nbytes for i in wanted if i in entry.blocks) if entry is not None else 0
-            if self.held_bytes(peer_id) - replaced + nbytes > self.max_bytes_per_peer:
+            if self.held_bytes(peer_id) - freed - replaced + nbytes > self.max_bytes_per_peer:
                 raise ProtocolError(f"this client's LoRA weights and prompts would exceed {self.max_bytes_per_peer} "
                                     f"bytes on this server (--max_adapter_bytes)")  # fmt: skip
+            for old in superseded:
+                del self._clients[old]
+            received = from_wire([t.to(self.device, torch.float32) for t in tensors], targets, float(scaling),
+                                 blocks.length)  # fmt: skip
             if entry is None:
                 entry = self._clients[key] = _ClientEntry(rank, float(scaling), targets, {}, time.monotonic())
             entry.blocks.update(zip(wanted, received))

@@ -27,6 +27,8 @@ from typing import Any, Callable, Optional, Sequence
 
 import psutil
 
+from petals_like.utils.soak_health import reap
+
 logger = logging.getLogger(__name__)
 
 MAX_ERRORS = 20  # messages kept in the report
@@ -213,7 +215,7 @@ def run_chaos(model_path: str | Path, config: ChaosConfig, *, progress: bool = F
                 for client in clients:
                     _bounded(client.shutdown, SHUTDOWN_TIMEOUT)
     finally:
-        report.leaked_processes = _reap(list(tracked.values()))
+        report.leaked_processes = reap(list(tracked.values()))
         for pid in report.leaked_processes:
             report.error(f"process {pid} was still running after the swarm stopped")
         report.seconds = time.monotonic() - started
@@ -248,19 +250,3 @@ def _bounded(fn: Callable[[], Any], timeout: float) -> bool:
     if thread.is_alive():
         logger.error(f"{thread.name} did not finish in {timeout:.0f} s")
     return not thread.is_alive()
-
-
-def _reap(processes: list[psutil.Process], timeout: float = 10.0) -> list[int]:
-    """Wait for these processes to exit; kill (by PID) and return those still running after `timeout`."""
-    _, alive = psutil.wait_procs(processes, timeout=timeout)
-    leaked = []
-    for process in alive:
-        try:
-            if process.status() == psutil.STATUS_ZOMBIE:
-                continue
-            process.kill()
-            leaked.append(process.pid)
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(alive, timeout=timeout)
-    return leaked

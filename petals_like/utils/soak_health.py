@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import asdict, dataclass
-from typing import Sequence
+from typing import Optional, Sequence
 
 import psutil
 
@@ -57,7 +57,7 @@ class HealthMonitor:
         process = psutil.Process(pid)
         with process.oneshot():
             rss, threads, files = process.memory_info().rss, process.num_threads(), process.num_fds()
-        daemons = [c for c in process.children(recursive=True) if _name(c) == "p2pd"]
+        daemons = p2pd_children(pid)
         return ServerHealth(
             rss_mib=round(rss / MIB, 1),
             p2pd_rss_mib=round(sum(_rss(d) for d in daemons) / MIB, 1),
@@ -91,13 +91,38 @@ def is_idle(health: ServerHealth, baseline: ServerHealth, slack: int) -> bool:
             and health.open_files <= baseline.open_files + slack)  # fmt: skip
 
 
-def live_descendants(pid: int | None = None) -> list[psutil.Process]:
-    """Every process below `pid` (default: this one) that is still running (zombies do not count)."""
+def _descendants(pid: int | None) -> list[psutil.Process]:
     try:
-        children = psutil.Process(pid or os.getpid()).children(recursive=True)
+        return psutil.Process(pid or os.getpid()).children(recursive=True)
     except psutil.NoSuchProcess:
         return []
-    return [c for c in children if _alive(c)]
+
+
+def live_descendants(pid: int | None = None) -> list[psutil.Process]:
+    """Every process below `pid` (default: this one) that is still running (zombies do not count)."""
+    return [c for c in _descendants(pid) if _alive(c)]
+
+
+def p2pd_children(pid: int | None = None) -> list[psutil.Process]:
+    """The p2p daemons below `pid` (default: this one)."""
+    return [c for c in _descendants(pid) if _name(c) == "p2pd"]
+
+
+def reap(processes: Sequence[psutil.Process], timeout: float = 10.0, grace: Optional[float] = None) -> list[int]:
+    """Wait `grace` seconds (default: timeout) for these processes to exit; kill (by PID) those still
+    running and return their PIDs."""
+    _, alive = psutil.wait_procs(processes, timeout=timeout if grace is None else grace)
+    leaked = []
+    for process in alive:
+        try:
+            if process.status() == psutil.STATUS_ZOMBIE:
+                continue
+            process.kill()
+            leaked.append(process.pid)
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=timeout)
+    return leaked
 
 
 def count_by_name(processes: Sequence[psutil.Process]) -> dict[str, int]:
