@@ -1,11 +1,10 @@
-"""HeadBatcher: concurrent callers share one head pass and each gets its own rows."""
+"""HeadBatcher: concurrent generate() coroutines share one head pass and each gets its own rows."""
 
 from __future__ import annotations
 
-import threading
+import asyncio
 import time
 
-import pytest
 import torch
 
 from petals_like.client.head_batcher import HeadBatcher
@@ -21,18 +20,18 @@ def test_concurrent_callers_share_a_round_and_get_their_rows():
 
     batcher = HeadBatcher(head, window=5.0)  # only the arrival of all 4 callers ends the wait
     inputs = [torch.randn(i + 1, 8) for i in range(4)]
-    results: list = [None] * 4
     for _ in inputs:
         batcher.session_started()
 
-    def run(i: int) -> None:
-        results[i] = batcher(inputs[i])
+    async def main() -> list[torch.Tensor]:
+        async def one(i: int) -> torch.Tensor:
+            await asyncio.sleep(0.01 * i)  # arrivals spread over 30 ms
+            return await batcher(inputs[i])
 
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(10)
+        return await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(4))), 10)
+
+    results = asyncio.run(main())
+    batcher.close()
     assert calls == [10] and batcher.rounds == 1
     for x, y in zip(inputs, results):
         assert torch.allclose(y, x @ weight.T, atol=1e-5)
@@ -40,15 +39,50 @@ def test_concurrent_callers_share_a_round_and_get_their_rows():
 
 def test_a_lone_session_does_not_wait_and_errors_reach_every_caller():
     batcher = HeadBatcher(lambda h: h * 2, window=5.0)
-    batcher.session_started()
-    assert torch.equal(batcher(torch.ones(1, 3)), torch.full((1, 3), 2.0))
-    batcher.session_ended()
+
+    async def lone() -> tuple[torch.Tensor, float]:
+        batcher.session_started()
+        started = time.monotonic()
+        out = await batcher(torch.ones(1, 3))
+        batcher.session_ended()
+        return out, time.monotonic() - started
+
+    out, waited = asyncio.run(lone())
+    assert torch.equal(out, torch.full((1, 3), 2.0)) and waited < 2.0  # not the 5 s window
 
     def boom(h):
         raise RuntimeError("head failed")
 
-    with pytest.raises(RuntimeError, match="head failed"):
-        HeadBatcher(boom)(torch.ones(1, 3))
+    failing = HeadBatcher(boom, window=5.0)
+
+    async def two() -> list:
+        for _ in range(2):
+            failing.session_started()
+        return await asyncio.gather(failing(torch.ones(1, 3)), failing(torch.ones(2, 3)), return_exceptions=True)
+
+    errors = asyncio.run(two())
+    assert [str(e) for e in errors] == ["head failed", "head failed"]
+    batcher.close()
+    failing.close()
+
+
+def test_a_departing_session_ends_the_wait():
+    """A leader waiting for a session that finishes instead of arriving computes at once."""
+    batcher = HeadBatcher(lambda h: h, window=5.0)
+
+    async def main() -> float:
+        batcher.session_started("a")
+        batcher.session_started("b")
+        started = time.monotonic()
+        waiting = asyncio.ensure_future(batcher(torch.ones(1, 2), "a"))
+        await asyncio.sleep(0.05)
+        assert not waiting.done()  # still waiting for "b"
+        batcher.session_ended("b")
+        await asyncio.wait_for(waiting, 2)
+        return time.monotonic() - started
+
+    assert asyncio.run(main()) < 2.0
+    batcher.close()
 
 
 def _pace(last: float, period: float):
@@ -63,7 +97,7 @@ def test_leader_waits_for_out_of_phase_sessions_only():
     from petals_like.client.head_batcher import _Request
 
     batcher = HeadBatcher(lambda h: h, window=0.005, max_wait=0.5)
-    batcher._pending = [_Request(torch.ones(1, 2), "leader")]  # the leader's own request is in the round
+    batcher._pending = [_Request(torch.ones(1, 2), "leader", None)]  # the leader's own request is in the round
     now = time.monotonic()
     leader = _pace(now, 0.2)
     batcher._paces = {
@@ -77,27 +111,46 @@ def test_leader_waits_for_out_of_phase_sessions_only():
     del batcher._paces["half_a_period_behind"]
     assert batcher._deadline(now, leader) == now + 0.005  # nobody worth waiting for: the short window
     assert batcher._deadline(now, _pace(now, None)) == now + 0.005  # the leader's pace is unknown yet
+    batcher.close()
 
 
 def test_two_groups_taking_turns_merge_into_one_round():
     """Two sessions with the same period, half a period apart, end up sharing head passes."""
     rows: list[int] = []
     batcher = HeadBatcher(lambda h: rows.append(h.shape[0]) or h, window=0.005, max_wait=0.5)
-    keys = ["a", "b"]
-    for key in keys:
+
+    async def run(key: str, delay: float) -> None:
         batcher.session_started(key)
+        try:
+            await asyncio.sleep(delay)
+            for _ in range(10):
+                await batcher(torch.ones(1, 4), key)
+                await asyncio.sleep(0.1)  # the "servers"
+        finally:
+            batcher.session_ended(key)
 
-    def run(key: str, delay: float) -> None:
-        time.sleep(delay)
-        for _ in range(10):
-            batcher(torch.ones(1, 4), key)
-            time.sleep(0.1)  # the "servers"
-        batcher.session_ended(key)
+    async def main() -> None:
+        await asyncio.wait_for(asyncio.gather(run("a", 0.0), run("b", 0.05)), 30)
 
-    threads = [threading.Thread(target=run, args=(key, delay)) for key, delay in zip(keys, (0.0, 0.05))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(30)
+    asyncio.run(main())
+    batcher.close()
     assert sum(rows) == 20
     assert rows.count(2) >= 5, rows  # without phase alignment every round would hold one row
+
+
+def test_a_cancelled_round_fails_its_callers_instead_of_hanging():
+    batcher = HeadBatcher(lambda h: h, window=5.0)
+
+    async def main() -> BaseException:
+        batcher.session_started()
+        batcher.session_started()  # a second session that never arrives: the leader waits
+        caller = asyncio.ensure_future(batcher(torch.ones(1, 2)))
+        await asyncio.sleep(0.05)
+        batcher._leader.cancel()
+        done, _ = await asyncio.wait({caller}, timeout=2)
+        assert done, "the caller hangs"
+        return caller.exception()
+
+    error = asyncio.run(main())
+    batcher.close()
+    assert isinstance(error, RuntimeError) and "cancelled" in str(error)

@@ -11,8 +11,6 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from petals_like.client.inference_session import InferenceSession
-
 
 @dataclass
 class SamplingParams:
@@ -70,8 +68,68 @@ def left_pad_lens(attention_mask: Optional[torch.Tensor], input_ids: torch.Tenso
     return pad_lens if any(pad_lens) else None
 
 
+class Generation:
+    """The token loop of generate() without its I/O: which tokens go in next, and what to make of logits.
+
+    A driver alternates `next_inputs()` (token ids [batch, n] for the next step) and `accept(logits)`
+    (the step's last-position logits [batch, vocab]) while `running`, then calls `result()`. The
+    blocking driver is generate_tokens(); the remote model drives it on the client's event loop
+    (DistributedModelForCausalLM.generate), where many concurrent calls share one thread.
+    """
+
+    def __init__(self, session, input_ids: Optional[torch.Tensor], *, pad_lens: Optional[list[int]],
+                 max_new_tokens: int, sampling: SamplingParams, eos_token_ids: Sequence[int], pad_token_id: int,
+                 streamer: Optional[Any] = None):  # fmt: skip
+        """`session` needs position, last_token_ids and finished (a remote or a local session)."""
+        self.session = session
+        self.pending = session.last_token_ids
+        if input_ids is None and self.pending is None:
+            raise ValueError("input_ids are required to start a session")
+        pending = self.pending
+        self.inputs = input_ids if pending is None else pending if input_ids is None else torch.cat([pending, input_ids], dim=1)
+        batch = self.inputs.shape[0]
+        finished = session.finished
+        self.finished = finished if finished is not None and finished.shape[0] == batch else torch.zeros(batch, dtype=torch.bool)
+        self.eos = torch.tensor(list(eos_token_ids), dtype=torch.long)
+        self.sampling = sampling
+        self.pad_token_id = pad_token_id
+        self.streamer = streamer
+        self.max_new_tokens = max_new_tokens
+        self.new_tokens: list[torch.Tensor] = []
+        self.first_pad_lens = pad_lens if session.position == 0 else None  # the first step only
+        self.running = max_new_tokens > 0
+
+    def next_inputs(self) -> tuple[torch.Tensor, Optional[list[int]]]:
+        """Token ids [batch, n] of the next step and its pad_lens (only a session's first step has any)."""
+        pad_lens, self.first_pad_lens = self.first_pad_lens, None
+        return self.inputs, pad_lens
+
+    def accept(self, logits: torch.Tensor) -> None:
+        """The last position's logits [batch, vocab] of the step just run: choose the next tokens."""
+        tokens = self.sampling.choose(logits.float())
+        tokens = torch.where(self.finished, torch.full_like(tokens, self.pad_token_id), tokens)
+        self.new_tokens.append(tokens)
+        if self.streamer is not None:
+            self.streamer.put(tokens)
+        if len(self.eos):
+            self.finished = self.finished | torch.isin(tokens, self.eos)
+        self.inputs = tokens[:, None]
+        self.running = len(self.new_tokens) < self.max_new_tokens and not bool(self.finished.all())
+
+    def result(self) -> torch.Tensor:
+        """The new tokens [batch, n] (pad after EOS); the session remembers where it stopped."""
+        if self.streamer is not None:
+            self.streamer.end()
+        session = self.session
+        session.last_token_ids = self.inputs if self.new_tokens else self.pending
+        session.finished = self.finished
+        if not self.new_tokens:
+            return torch.empty(self.inputs.shape[0], 0, dtype=torch.long)
+        return torch.stack(self.new_tokens, dim=1)
+
+
 def generate_tokens(
-    session: InferenceSession,
+    session,
     embed: Callable[[torch.Tensor], torch.Tensor],
     logits_fn: Callable[[torch.Tensor], torch.Tensor],
     input_ids: Optional[torch.Tensor],
@@ -83,41 +141,17 @@ def generate_tokens(
     pad_token_id: int,
     streamer: Optional[Any] = None,
 ) -> torch.Tensor:
-    """Generate up to max_new_tokens per sequence; returns them as [batch, n] (pad after EOS).
+    """Generate up to max_new_tokens per sequence, blocking; returns them as [batch, n] (pad after EOS).
 
-    `session` needs only step(), position, last_token_ids and finished, so the same loop drives a
+    `session` needs step(), position, last_token_ids and finished, so the same loop drives a
     remote InferenceSession and a local one (benchmarks). `streamer` gets put(tokens [batch]) per
-    step and end() at the end, as transformers' streamers do.
+    step and end() at the end, as transformers' streamers do. logits_fn: [batch, 1, hidden] ->
+    [batch, 1, vocab].
     """
-    pending = session.last_token_ids
-    if input_ids is None and pending is None:
-        raise ValueError("input_ids are required to start a session")
-    inputs = input_ids if pending is None else pending if input_ids is None else torch.cat([pending, input_ids], dim=1)
-    batch = inputs.shape[0]
-    finished = session.finished
-    if finished is None or finished.shape[0] != batch:
-        finished = torch.zeros(batch, dtype=torch.bool)
-    eos = torch.tensor(list(eos_token_ids), dtype=torch.long)
-    new_tokens: list[torch.Tensor] = []
-    first = session.position == 0
-    for _ in range(max_new_tokens):
-        hidden = session.step(embed(inputs), pad_lens=pad_lens if first else None, token_ids=inputs)
-        first = False
-        logits = logits_fn(hidden[:, -1:, :])[:, -1, :].float()
-        tokens = sampling.choose(logits)
-        tokens = torch.where(finished, torch.full_like(tokens, pad_token_id), tokens)
-        new_tokens.append(tokens)
-        if streamer is not None:
-            streamer.put(tokens)
-        if len(eos):
-            finished = finished | torch.isin(tokens, eos)
-        inputs = tokens[:, None]
-        if finished.all():
-            break
-    if streamer is not None:
-        streamer.end()
-    session.last_token_ids = inputs if new_tokens else pending
-    session.finished = finished
-    if not new_tokens:
-        return torch.empty(batch, 0, dtype=torch.long)
-    return torch.stack(new_tokens, dim=1)
+    run = Generation(session, input_ids, pad_lens=pad_lens, max_new_tokens=max_new_tokens, sampling=sampling,
+                     eos_token_ids=eos_token_ids, pad_token_id=pad_token_id, streamer=streamer)  # fmt: skip
+    while run.running:
+        inputs, step_pad_lens = run.next_inputs()
+        hidden = session.step(embed(inputs), pad_lens=step_pad_lens, token_ids=inputs)
+        run.accept(logits_fn(hidden[:, -1:, :])[:, -1, :])
+    return run.result()

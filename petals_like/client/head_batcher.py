@@ -3,8 +3,11 @@
 The LM head is the client's largest matrix (vocab x hidden: 131 MB for 32000 x 1024 in float32);
 reading it costs ~10 ms per token on a CPU. When many sessions of one process generate at once
 (a chat service, a benchmark), computing their next-token logits together reads it once per round
-instead of once per session. The first caller of a round leads: it waits for the other sessions
-in progress, computes all logits in one matmul, and hands each caller its rows. A lone session
+instead of once per session. Every generate() call runs as a coroutine on the client's event loop
+(one thread for all of them, so a round's sessions leave for the servers within a few ms of each
+other instead of queueing for the GIL one thread at a time). The first caller of a round leads:
+it waits for the other sessions in progress, computes all logits in one matmul on a worker
+thread (the loop keeps reading answers meanwhile), and hands each caller its rows. A lone session
 never waits.
 
 How long the leader waits (phase alignment): every session's arrivals are timed, giving its
@@ -20,7 +23,8 @@ fail-over) is not waited for beyond `window`, so it never sets everyone's pace.
 
 from __future__ import annotations
 
-import threading
+import asyncio
+import concurrent.futures
 import time
 from typing import Callable, Hashable, Optional
 
@@ -32,13 +36,12 @@ _SLACK = 1.25  # predicted arrival = last arrival + period x this
 
 
 class _Request:
-    __slots__ = ("hidden", "logits", "error", "key")
+    __slots__ = ("hidden", "key", "future")
 
-    def __init__(self, hidden: torch.Tensor, key: Optional[Hashable]):
+    def __init__(self, hidden: torch.Tensor, key: Optional[Hashable], future: asyncio.Future):
         self.hidden = hidden
         self.key = key
-        self.logits: Optional[torch.Tensor] = None
-        self.error: Optional[BaseException] = None
+        self.future = future
 
 
 class _Pace:
@@ -56,71 +59,86 @@ class _Pace:
 
 
 class HeadBatcher:
+    """Used from one event loop only (the client node's); nothing here is thread-safe, nothing needs to be."""
+
     def __init__(self, logits_fn: Callable[[torch.Tensor], torch.Tensor], window: float = 0.005,
                  max_wait: float = 0.5):  # fmt: skip
         self.logits_fn = logits_fn  # [rows, hidden] -> [rows, vocab]
         self.window = window  # how long a leader always waits for the other sessions
         self.max_wait = max_wait  # how long it may wait for an out-of-phase session (see the module docstring)
-        self._cond = threading.Condition()
         self._pending: list[_Request] = []
-        self._leading = False
+        self._leader: Optional[asyncio.Task] = None  # gathering the current round
+        self._changed: Optional[asyncio.Event] = None  # an arrival or a departure: the leader recounts
         self._paces: dict[Hashable, _Pace] = {}  # sessions in progress that identified themselves
+        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="lm-head")
         self.active = 0  # generate() calls in progress; a round waits for at most this many
         self.rounds = 0  # head passes (a counter for tests and benchmarks)
 
     def session_started(self, key: Optional[Hashable] = None) -> None:
         """A generate() call begins; `key` (any hashable, unique per call) lets its arrivals be timed."""
-        with self._cond:
-            self.active += 1
-            if key is not None:
-                self._paces[key] = _Pace()
+        self.active += 1
+        if key is not None:
+            self._paces[key] = _Pace()
 
     def session_ended(self, key: Optional[Hashable] = None) -> None:
-        with self._cond:
-            self.active -= 1
-            self._paces.pop(key, None)
-            self._cond.notify_all()  # a leader waiting for this session must not wait in vain
+        self.active -= 1
+        self._paces.pop(key, None)
+        if self._changed is not None:
+            self._changed.set()  # a leader waiting for this session must not wait in vain
 
-    def __call__(self, hidden: torch.Tensor, key: Optional[Hashable] = None) -> torch.Tensor:
+    async def __call__(self, hidden: torch.Tensor, key: Optional[Hashable] = None) -> torch.Tensor:
         """hidden [batch, hidden] -> logits [batch, vocab], computed together with concurrent callers."""
-        request = _Request(hidden, key)
-        with self._cond:
-            arrived = time.monotonic()
-            pace = self._paces.get(key)
-            if pace is not None:
-                pace.arrive(arrived)
-            self._pending.append(request)
-            lead = not self._leading
-            if lead:
-                self._leading = True
-                while len(self._pending) < self.active:
-                    left = self._deadline(arrived, pace) - time.monotonic()
-                    if left <= 0:
-                        break
-                    self._cond.wait(left)
-                batch, self._pending, self._leading = self._pending, [], False
-            else:
-                self._cond.notify_all()  # the leader counts arrivals
-                while request.logits is None and request.error is None:
-                    self._cond.wait()
-        if not lead:
-            if request.error is not None:
-                raise request.error
-            return request.logits
+        loop = asyncio.get_running_loop()
+        arrived = time.monotonic()
+        pace = self._paces.get(key)
+        if pace is not None:
+            pace.arrive(arrived)
+        request = _Request(hidden, key, loop.create_future())
+        self._pending.append(request)
+        if self._leader is None:
+            self._changed = asyncio.Event()
+            self._leader = asyncio.ensure_future(self._lead(arrived, pace))
+        else:
+            self._changed.set()
+        return await request.future
+
+    async def _lead(self, arrived: float, pace: Optional[_Pace]) -> None:
+        """Gather one round, then compute it off the loop; the next arrival starts the next round."""
+        batch: list[_Request] = []
         try:
+            while len(self._pending) < self.active:
+                left = self._deadline(arrived, pace) - time.monotonic()
+                if left <= 0:
+                    break
+                self._changed.clear()
+                try:
+                    await asyncio.wait_for(self._changed.wait(), left)
+                except asyncio.TimeoutError:
+                    pass
+            batch, self._pending, self._leader = self._pending, [], None
             rows = [r.hidden.shape[0] for r in batch]
-            logits = self.logits_fn(torch.cat([r.hidden for r in batch]))
-            for r, part in zip(batch, logits.split(rows)):
-                r.logits = part
-        except BaseException as e:
-            for r in batch:
-                r.error = e
-        with self._cond:
+            joined = torch.cat([r.hidden for r in batch])
+            logits = await asyncio.get_running_loop().run_in_executor(self._executor, self._compute, joined)
             self.rounds += 1
-            self._cond.notify_all()
-        if request.error is not None:
-            raise request.error
-        return request.logits
+            for r, part in zip(batch, logits.split(rows)):
+                if not r.future.done():
+                    r.future.set_result(part)
+        except BaseException as e:
+            if self._leader is asyncio.current_task():  # failed while gathering
+                batch, self._pending, self._leader = self._pending, [], None
+            error = e if isinstance(e, Exception) else RuntimeError("the LM head round was cancelled")
+            for r in batch:
+                if not r.future.done():
+                    r.future.set_exception(error)
+            if not isinstance(e, Exception):
+                raise
+
+    def _compute(self, hidden: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return self.logits_fn(hidden)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False)
 
     def _deadline(self, arrived: float, leader: Optional[_Pace]) -> float:
         """Until when the leader waits: `window`, or the predicted arrival of out-of-phase sessions."""

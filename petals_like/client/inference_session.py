@@ -90,6 +90,11 @@ class InferenceSession:
         positions taken from a server's prefix cache (the first `reused_tokens` of the first step)
         come back as zeros, since no server computed them.
         """
+        return self.node.run(self.astep(hidden, pad_lens=pad_lens, token_ids=token_ids))
+
+    async def astep(self, hidden: torch.Tensor, *, pad_lens: Optional[list[int]] = None,
+                    token_ids: Optional[torch.Tensor] = None) -> torch.Tensor:  # fmt: skip
+        """step() as a coroutine on the node's loop (many sessions of one process then share its thread)."""
         if self.closed:
             raise RuntimeError("this inference session is closed")
         if hidden.ndim != 3:
@@ -103,7 +108,11 @@ class InferenceSession:
         if self.position + hidden.shape[1] > self.max_length:
             raise ValueError(f"{self.position} + {hidden.shape[1]} tokens exceed the session's max_length={self.max_length}")
         self._track_tokens(token_ids, hidden)
-        out = self.node.run(self._step(hidden.detach().cpu()), timeout=self.config.request_timeout * (1 + self.config.max_retries))
+        timeout = self.config.request_timeout * (1 + self.config.max_retries)
+        try:
+            out = await asyncio.wait_for(self._step(hidden.detach().cpu()), timeout)
+        except asyncio.TimeoutError:
+            raise TimeoutError(f"an inference step did not finish in {timeout} s") from None
         self.position += hidden.shape[1]
         return out
 

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from transformers.modeling_outputs import CausalLMOutput
 
 from petals_like.client.head_batcher import HeadBatcher
-from petals_like.client.generation import SamplingParams, generate_tokens, left_pad_lens
+from petals_like.client.generation import Generation, SamplingParams, left_pad_lens
 from petals_like.client.inference_session import InferenceSession
 from petals_like.client.sequential import RemoteSequential, RequestTuning
 from petals_like.client.tuning import ClientLora, PromptTuning
@@ -232,6 +232,8 @@ class DistributedModelForCausalLM(torch.nn.Module):
 
         With a session, input_ids may be None to continue from the last generated token, and the
         result then holds only the new tokens. Finished sequences (EOS) are filled with pad_token_id.
+        The streamer's put() and end() are called on the client's network thread: keep them quick
+        (hand tokens to a queue, as transformers' TextIteratorStreamer does).
         """
         sampling = SamplingParams(do_sample, temperature, top_k, top_p, generator)
         if input_ids is not None and input_ids.ndim == 1:
@@ -255,20 +257,34 @@ class DistributedModelForCausalLM(torch.nn.Module):
         pad_lens = left_pad_lens(attention_mask, input_ids) if input_ids is not None and session.position == 0 else None
         if pad_lens is not None and self.prompt_tuning is not None:
             raise ValueError("left-padded batches are not supported with prompt tuning; generate them one by one")
-        key = object()  # this call's identity in the head batcher
-        self.head_batcher.session_started(key)
+        run = Generation(session, input_ids, pad_lens=pad_lens, max_new_tokens=max_new_tokens, sampling=sampling,
+                         eos_token_ids=eos_ids, pad_token_id=pad, streamer=streamer)  # fmt: skip
         try:
-            new_tokens = generate_tokens(
-                session, lambda ids: self._embed_step(ids, session), lambda hidden: self._next_token_logits(hidden, key),
-                input_ids, pad_lens=pad_lens,
-                max_new_tokens=max_new_tokens, sampling=sampling, eos_token_ids=eos_ids, pad_token_id=pad,
-                streamer=streamer,
-            )  # fmt: skip
+            new_tokens = self.node.run(self._drive(run, session))
         finally:
-            self.head_batcher.session_ended(key)
             if own_session:
                 session.close()
         return new_tokens if input_ids is None else torch.cat([input_ids, new_tokens], dim=1)
+
+    async def _drive(self, run: Generation, session: InferenceSession) -> torch.Tensor:
+        """One generate() call on the node's loop: every concurrent call shares that thread and the LM
+        head passes (client/head_batcher.py). Torch work between awaits runs in inference mode; the
+        mode is per thread, so it is never held across an await, where other coroutines run."""
+        key = object()  # this call's identity in the head batcher
+        self.head_batcher.session_started(key)
+        try:
+            while run.running:
+                with torch.inference_mode():
+                    inputs, pad_lens = run.next_inputs()
+                    embeds = self._embed_step(inputs, session)
+                hidden = await session.astep(embeds, pad_lens=pad_lens, token_ids=inputs)
+                logits = await self.head_batcher(hidden[:, -1, :], key)
+                with torch.inference_mode():
+                    run.accept(logits)
+            with torch.inference_mode():
+                return run.result()
+        finally:
+            self.head_batcher.session_ended(key)
 
     def _embed_step(self, input_ids: torch.Tensor, session: InferenceSession) -> torch.Tensor:
         """A step's input embeddings; a session's first step starts with the soft prompts (ptune)."""
@@ -277,12 +293,9 @@ class DistributedModelForCausalLM(torch.nn.Module):
             embeds = self.prompt_tuning.prepend(embeds)
         return embeds
 
-    def _next_token_logits(self, hidden: torch.Tensor, key: object = None) -> torch.Tensor:
-        """[batch, 1, hidden] -> [batch, 1, vocab] through the shared HeadBatcher."""
-        return self.head_batcher(hidden[:, -1, :], key)[:, None, :]
-
     def shutdown(self) -> None:
         """Leave the swarm: stop this client's p2p daemon."""
+        self.head_batcher.close()
         self.node.shutdown()
 
     def __del__(self) -> None:

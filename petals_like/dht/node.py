@@ -102,6 +102,9 @@ class SwarmNode:
         except concurrent.futures.TimeoutError:
             future.cancel()
             raise TimeoutError(f"swarm call did not finish in {timeout} s") from None
+        except BaseException:  # e.g. KeyboardInterrupt in the waiting thread: the coroutine stops too
+            future.cancel()
+            raise
 
     def call_soon(self, fn: Callable[..., Any], *args: Any) -> None:
         self._loop.call_soon_threadsafe(fn, *args)

@@ -1,13 +1,14 @@
 """linear(): F.linear for inference, through oneDNN on CPU when it is faster.
 
-Decode steps of many sessions multiply a handful of rows (2-32) by each weight matrix. On CPUs
-where PyTorch's default BLAS picks a slow small-matrix path (measured on an AVX2 AMD EPYC: 4
-rows cost 3.4x one row through F.linear for a 32000 x 1024 LM head, 1.9x through oneDNN), oneDNN's
-matmul is up to twice as fast for those shapes and equal for one row. It reads the ordinary
-dense weight, so no second, reordered copy of the weights is kept.
+Decode steps multiply a handful of rows (1-32) by each weight matrix. On CPUs where PyTorch's
+default BLAS picks a slow small-matrix path (measured on an AVX2 AMD EPYC: 4 rows cost 3.4x one
+row through F.linear for a 32000 x 1024 LM head, 1.9x through oneDNN), oneDNN's matmul is up to
+twice as fast for those shapes, and faster for one row too (the 32 matrices of 8 bench-model
+blocks: 17 ms vs 26 ms through F.linear; a whole 8-block decode step 25 ms vs 29 ms). It reads
+the ordinary dense weight, so no second, reordered copy of the weights is kept.
 
 Used only without autograd (oneDNN's op has no backward), only for float32 CPU tensors (its
-bfloat16 path needs AVX-512, which this machine lacks) and only for 2..32 rows; everything else,
+bfloat16 path needs AVX-512, which this machine lacks) and only for 1..32 rows; everything else,
 CUDA included, goes to F.linear. The row limit bounds memory: oneDNN compiles and keeps a kernel
 for every input shape it meets (~0.6 MiB each, whatever the weight's size, and not given back
 when its cache evicts one): a server whose batches took every size up to its token budget kept
@@ -31,7 +32,7 @@ from petals_like.quant.weights import QuantizedWeight
 
 logger = logging.getLogger(__name__)
 
-_MIN_ROWS = 2  # one row: the default BLAS's matrix-vector path is as fast
+_MIN_ROWS = 1  # one row too: faster than the default BLAS's matrix-vector path on the CPUs measured
 _MAX_ROWS = 32  # oneDNN's gain is for a handful of rows; each new row count costs a kernel kept in memory
 _onednn_ok: Optional[bool] = None  # decided at first use
 
