@@ -154,3 +154,77 @@ def test_a_cancelled_round_fails_its_callers_instead_of_hanging():
     error = asyncio.run(main())
     batcher.close()
     assert isinstance(error, RuntimeError) and "cancelled" in str(error)
+
+
+def test_sessions_that_start_together_send_their_first_step_together():
+    """first_step holds a session whose chain opened until the others starting with it have opened."""
+    batcher = HeadBatcher(lambda h: h, window=0.005, max_wait=2.0)
+    batcher.start_quiet = 0.0
+    released: dict[str, float] = {}
+
+    async def session(key: str, open_delay: float) -> None:
+        batcher.session_started(key, opening=True)
+        try:
+            await asyncio.sleep(open_delay)  # opening its chain
+            await batcher.first_step(key)
+            released[key] = time.monotonic()
+        finally:
+            batcher.session_ended(key)
+
+    async def main() -> float:
+        started = time.monotonic()
+        await asyncio.wait_for(asyncio.gather(session("fast", 0.0), session("slow", 0.3)), 5)
+        return started
+
+    started = asyncio.run(main())
+    batcher.close()
+    assert released["fast"] - started >= 0.29  # waited for the slow one's chain
+    assert abs(released["fast"] - released["slow"]) < 0.1
+
+
+def test_first_step_waits_at_most_max_wait_and_not_for_a_session_that_ends():
+    batcher = HeadBatcher(lambda h: h, window=0.005, max_wait=0.2)
+    batcher.start_quiet = 0.0
+
+    async def main() -> tuple[float, float]:
+        batcher.session_started("a", opening=True)
+        batcher.session_started("never_opens", opening=True)
+        started = time.monotonic()
+        await batcher.first_step("a")  # "never_opens" never opens: max_wait
+        capped = time.monotonic() - started
+        batcher.session_ended("never_opens")
+        batcher.session_started("b", opening=True)
+        batcher.session_started("fails", opening=True)
+        started = time.monotonic()
+        waiting = asyncio.ensure_future(batcher.first_step("b"))
+        await asyncio.sleep(0.02)
+        batcher.session_ended("fails")  # its chain could not open: "b" goes at once
+        await asyncio.wait_for(waiting, 1)
+        return capped, time.monotonic() - started
+
+    capped, released = asyncio.run(main())
+    batcher.close()
+    assert 0.15 <= capped < 1.0
+    assert released < 0.15
+
+
+def test_a_first_round_waits_for_the_first_answers_of_its_cohort():
+    """Prompt outputs arrive spread over tens of ms; the first head round waits for them, later
+    rounds of a session with a known pace do not wait for a newcomer."""
+    rows: list[int] = []
+    batcher = HeadBatcher(lambda h: rows.append(h.shape[0]) or h, window=0.005, max_wait=0.5)
+
+    async def cohort() -> None:
+        for key in ("a", "b"):
+            batcher.session_started(key)
+
+        async def late_b() -> None:
+            await asyncio.sleep(0.04)
+            await batcher(torch.ones(1, 2), "b")
+
+        # "b" arrives 40 ms after "a", well past the 5 ms window: still one round of two rows
+        await asyncio.wait_for(asyncio.gather(batcher(torch.ones(1, 2), "a"), late_b()), 5)
+
+    asyncio.run(cohort())
+    batcher.close()
+    assert rows == [2]

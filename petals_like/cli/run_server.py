@@ -111,7 +111,9 @@ def main(argv: list[str] | None = None) -> None:
     config, log_level = parse_args(argv)
     setup_logging(log_level)
     from petals_like.server.server import Server
+    from petals_like.utils.threads import serial_thread
 
+    serial_thread()  # this thread only waits; the scheduler's thread computes (utils/threads.py)
     server = Server(config).start()
     print(f"SERVER READY {server.node.peer_id} blocks {server.start_block}:{server.end_block}", flush=True)
     try:

@@ -19,6 +19,11 @@ stay merged: each server runs one iteration per round instead of one per group, 
 server that shares its cores does the same work in about half the time. A session that is late
 (past its predicted arrival) or slower (a longer period: a slower route, a replay after a
 fail-over) is not waited for beyond `window`, so it never sets everyone's pace.
+
+Sessions that start together also send their prompts together: each waits, once its chain is
+open, until every session that started with it has opened its own and no other has started for
+`start_quiet` (`first_step`, at most `max_wait`). The servers then run all prompts in one iteration, and the sessions decode in step
+from their first token on instead of taking turns in groups that need many rounds to merge.
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ import time
 from typing import Callable, Hashable, Optional
 
 import torch
+
+from petals_like.utils.threads import use_threads
 
 _EMA = 0.3  # weight of the newest interval in a session's smoothed period
 _SAME_PACE = 1.5  # a missing session is "out of phase" (worth waiting for) if its period <= this x the leader's
@@ -70,21 +77,59 @@ class HeadBatcher:
         self._leader: Optional[asyncio.Task] = None  # gathering the current round
         self._changed: Optional[asyncio.Event] = None  # an arrival or a departure: the leader recounts
         self._paces: dict[Hashable, _Pace] = {}  # sessions in progress that identified themselves
-        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="lm-head")
+        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="lm-head", initializer=use_threads)
+        self._starting: set[Hashable] = set()  # sessions whose chain is not open yet (see first_step)
+        self._ready: list[asyncio.Future] = []  # sessions with an open chain waiting for those
+        self._last_start = float("-inf")  # when the latest opening session started
+        self.start_quiet = 0.03  # how long no session may start before a waiting first step goes
+        self.first_window = 0.1  # how long a first round waits for the other sessions' first answers
         self.active = 0  # generate() calls in progress; a round waits for at most this many
         self.rounds = 0  # head passes (a counter for tests and benchmarks)
 
-    def session_started(self, key: Optional[Hashable] = None) -> None:
-        """A generate() call begins; `key` (any hashable, unique per call) lets its arrivals be timed."""
+    def session_started(self, key: Optional[Hashable] = None, *, opening: bool = False) -> None:
+        """A generate() call begins; `key` (any hashable, unique per call) lets its arrivals be timed.
+        opening: its session has no chain yet and will call first_step() once it has one."""
         self.active += 1
         if key is not None:
             self._paces[key] = _Pace()
+            if opening:
+                self._starting.add(key)
+                self._last_start = time.monotonic()
 
     def session_ended(self, key: Optional[Hashable] = None) -> None:
         self.active -= 1
         self._paces.pop(key, None)
+        self._opened(key)  # sessions waiting for this one to open must not wait in vain
         if self._changed is not None:
             self._changed.set()  # a leader waiting for this session must not wait in vain
+
+    async def first_step(self, key: Hashable) -> None:
+        """Called by a session whose chain just opened, before it sends its prompt: waits until every
+        session that is still opening has opened too (at most max_wait), so that the prompts reach
+        the servers together."""
+        self._opened(key)
+        deadline = time.monotonic() + self.max_wait
+        while True:
+            now = time.monotonic()
+            quiet_at = self._last_start + self.start_quiet
+            if now >= deadline or (not self._starting and now >= quiet_at):
+                return
+            waiter = asyncio.get_running_loop().create_future()
+            self._ready.append(waiter)  # woken when the last opening session opens (or ends)
+            wake = deadline if self._starting else min(quiet_at, deadline)
+            try:
+                await asyncio.wait({waiter}, timeout=wake - now)
+            finally:
+                if waiter in self._ready:
+                    self._ready.remove(waiter)
+
+    def _opened(self, key: Optional[Hashable]) -> None:
+        self._starting.discard(key)
+        if not self._starting:
+            for waiter in self._ready:
+                if not waiter.done():
+                    waiter.set_result(None)
+            self._ready = []
 
     async def __call__(self, hidden: torch.Tensor, key: Optional[Hashable] = None) -> torch.Tensor:
         """hidden [batch, hidden] -> logits [batch, vocab], computed together with concurrent callers."""
@@ -143,9 +188,15 @@ class HeadBatcher:
     def _deadline(self, arrived: float, leader: Optional[_Pace]) -> float:
         """Until when the leader waits: `window`, or the predicted arrival of out-of-phase sessions."""
         deadline = arrived + self.window
-        if leader is None or leader.period is None:
-            return deadline
         here = {r.key for r in self._pending}
+        if leader is not None and leader.period is None:
+            # the leader's first round: sessions that sent their prompts with it (see first_step) get
+            # their answers over a few tens of ms (a prompt's output is large): wait for them too
+            if any(p.last is None and k not in here and k not in self._starting for k, p in self._paces.items()):
+                deadline = max(deadline, arrived + self.first_window)
+            return deadline
+        if leader is None:
+            return deadline
         now = time.monotonic()
         for key, pace in self._paces.items():
             if key in here or pace.period is None or pace.period > _SAME_PACE * leader.period:

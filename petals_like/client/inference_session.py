@@ -19,7 +19,7 @@ import asyncio
 import logging
 import uuid
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Awaitable, Callable, Optional
 
 import torch
 
@@ -79,6 +79,9 @@ class InferenceSession:
         # without reuse, each link's own history is enough and this stays empty
         self._inputs: list[torch.Tensor] = []
         self._sent_hashes = 0  # hashes every link of the chain has received
+        # awaited once the first chain is open, before the first step leaves: lets sessions that
+        # start together send their prompts together (generate() sets it; see client/head_batcher.py)
+        self.before_first_step: Optional[Callable[[], Awaitable[None]]] = None
 
     # ---- public, synchronous ----
 
@@ -210,6 +213,8 @@ class InferenceSession:
                     if attempt == self.config.max_retries:
                         raise RuntimeError(f"could not open an inference chain: {e!r}") from e
                     await self.routes.refresh(force=True)  # the swarm changed: read it again
+            if self.before_first_step is not None and self.position == 0:
+                await self.before_first_step()
             # keep at least the last prompt token: its output is what the client needs
             reuse = min(cached, (hidden.shape[1] - 1) // PREFIX_PAGE_TOKENS * PREFIX_PAGE_TOKENS)
             hidden = hidden[:, reuse:]

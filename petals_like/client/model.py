@@ -271,7 +271,10 @@ class DistributedModelForCausalLM(torch.nn.Module):
         head passes (client/head_batcher.py). Torch work between awaits runs in inference mode; the
         mode is per thread, so it is never held across an await, where other coroutines run."""
         key = object()  # this call's identity in the head batcher
-        self.head_batcher.session_started(key)
+        opening = session.position == 0 and session.before_first_step is None
+        self.head_batcher.session_started(key, opening=opening)
+        if opening:
+            session.before_first_step = lambda: self.head_batcher.first_step(key)
         try:
             while run.running:
                 with torch.inference_mode():
@@ -284,6 +287,8 @@ class DistributedModelForCausalLM(torch.nn.Module):
             with torch.inference_mode():
                 return run.result()
         finally:
+            if opening:
+                session.before_first_step = None
             self.head_batcher.session_ended(key)
 
     def _embed_step(self, input_ids: torch.Tensor, session: InferenceSession) -> torch.Tensor:

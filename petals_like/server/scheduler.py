@@ -29,6 +29,7 @@ from petals_like.models.lora import BlockLora
 from petals_like.server.batched_span import Segment, run_batched
 from petals_like.server.kv_cache import KVPool, SequencePages
 from petals_like.server.runtime import Priority
+from petals_like.utils.threads import use_threads
 
 logger = logging.getLogger(__name__)
 
@@ -150,8 +151,7 @@ class Scheduler:
     # ---- the loop (scheduler thread) ----
 
     def _run(self) -> None:
-        if self._num_threads:
-            torch.set_num_threads(self._num_threads)
+        use_threads(self._num_threads)  # the one thread of a server that computes on several cores (utils/threads.py)
         while True:
             with self._wake:
                 while not self._stopped and not self._pending and not self._tasks:

@@ -35,9 +35,11 @@ from petals_like.server.backend import SpanBackend
 from petals_like.server.block_selection import block_throughputs, choose_best_start, should_move
 from petals_like.server.handler import Handlers
 from petals_like.server.kv_cache import KVPool, PrefixIndex
+from petals_like.server.runtime import Priority
 from petals_like.server.scheduler import Scheduler
 from petals_like.server.throughput import cache_key, get_rates
 from petals_like.server.sessions import SessionManager
+from petals_like.utils.threads import in_compute_thread, serial_thread
 
 logger = logging.getLogger(__name__)
 
@@ -122,6 +124,7 @@ class Server:
         self.node = SwarmNode(config.initial_peers, host_maddrs=config.host_maddrs,
                               announce_maddrs=config.announce_maddrs, identity_path=config.identity_path,
                               name="server")  # fmt: skip
+        self.node.call_soon(serial_thread)  # the event loop decodes and routes; it does not compute
         try:
             self.start_block, self.end_block = self._choose_blocks()
             self._announce(ServerState.JOINING)
@@ -142,8 +145,10 @@ class Server:
         config = self.config
         logger.info(f"Serving blocks {self.start_block}:{self.end_block} of {self.dht_prefix} "
                     f"as {self.node.peer_id} ({str(self.dtype).replace('torch.', '')}, {self.device})")  # fmt: skip
-        span = load_span(self.path, self.spec, self.start_block, self.end_block, self.dtype, self.device,
-                         progress=config.progress, quant_type=config.quant_type)  # fmt: skip
+        # on a thread of its own, so that no long-lived thread but the scheduler's keeps a team of
+        # compute threads (utils/threads.py)
+        span = in_compute_thread(load_span, self.path, self.spec, self.start_block, self.end_block, self.dtype,
+                                 self.device, config.progress, config.quant_type, num_threads=config.num_threads)  # fmt: skip
         backend = SpanBackend(span, dtype=self.dtype, device=self.device, max_batch_size=config.max_batch_size,
                               max_request_tokens=config.max_request_tokens)  # fmt: skip
         backend.adapters = AdapterStore(self.spec, self.start_block, self.end_block, dtype=self.dtype,
@@ -161,12 +166,14 @@ class Server:
             self.node.run(self.handlers.register(self.node.p2p))
         else:  # a move: the registered handlers serve the new span from now on
             self.handlers.backend, self.handlers.scheduler, self.handlers.sessions = backend, self.scheduler, self.sessions
-        self._set_throughput(span)
+        # measured where steps will run: on the scheduler's thread, with its thread count
+        self.node.run(self.scheduler.submit(Priority.FORWARD, self._set_throughput, span))
 
     # ---- re-balancing ----
 
     def _balance_forever(self) -> None:
         """Every randomized balance period: move if the swarm's bottleneck would gain enough (block_selection)."""
+        serial_thread()
         while not self._stopped.wait(self.config.balance_period * random.uniform(0.5, 1.5)):
             try:
                 target = self._move_target()

@@ -53,6 +53,7 @@ class ServerSession:
     steps: int = 0
     inflight: Optional[InferenceWork] = None
     last_step_done: float = 0.0  # time.monotonic() when its last step returned
+    opened: float = field(default_factory=time.monotonic)  # when its stream opened it
     push_token: Optional[str] = None  # secret the client gave this session; a push must carry it
     inbox: Optional[asyncio.Queue] = None  # steps pushed by the previous server, read by the session's stream
     last_output: Optional[tuple[int, torch.Tensor]] = None  # (position, output) of the last small step
@@ -78,10 +79,16 @@ class SessionManager:
         self._pages_freed = asyncio.Event()
         scheduler.expected_works = self.active_sessions
 
-    def active_sessions(self, recent: float = 0.5) -> int:
-        """Sessions with a step in flight or one that returned within `recent` seconds (any thread)."""
+    def active_sessions(self, recent: float = 0.5, starting: float = 5.0) -> int:
+        """Sessions with a step in flight, one that returned within `recent` seconds, or opened within
+        `starting` seconds and not stepped yet. Sessions that start together send their prompts
+        within a few ms (or, on later servers of their chains, are pushed them by one iteration of
+        the previous server): the scheduler waits for them instead of running the first prompt
+        alone and the rest one long iteration later. Any thread."""
         now = time.monotonic()
-        return sum(1 for s in list(self.sessions.values()) if s.inflight is not None or now - s.last_step_done < recent)
+        return sum(1 for s in list(self.sessions.values())
+                   if s.inflight is not None or now - s.last_step_done < recent
+                   or (s.steps == 0 and now - s.opened < starting))  # fmt: skip
 
     # ---- open / close ----
 

@@ -1,0 +1,59 @@
+"""Which threads of a server process run torch on several cores.
+
+PyTorch's CPU ops run on OpenMP (GNU libgomp in the pip wheels). Every thread that starts a
+parallel region gets a team of its own, and the team stays alive as long as that thread does.
+Once libgomp manages more threads than there are CPUs, it stops spinning between parallel regions
+and puts idle team threads to sleep after ~1000 spins, so each of the hundreds of short regions
+of a decode iteration pays a sleep and a wake-up. Measured on the bench model (2 cores, 8 blocks,
+one iteration): 28 ms for 1 row and 67 ms for 16 rows when only the computing thread had ever run
+parallel ops, 39 ms and 92 ms when the process's main thread had run some before (loading).
+
+So a server computes with several threads on one thread only, its scheduler's; heavy one-off work
+(loading and quantizing blocks) runs on a short-lived thread whose team goes with it, and every
+other long-lived thread (the main thread of run_server, the event loop, the balancer) keeps torch
+on one core. torch.set_num_threads also sets the count that threads starting later inherit, so
+the threads that compute set theirs explicitly.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Callable, Optional, TypeVar
+
+import torch
+
+T = TypeVar("T")
+
+DEFAULT_THREADS = torch.get_num_threads()  # torch's own default, read before anything here changes it
+
+
+def use_threads(num_threads: Optional[int] = None) -> None:
+    """This thread computes: num_threads torch threads (None = torch's default)."""
+    torch.set_num_threads(num_threads or DEFAULT_THREADS)
+
+
+def serial_thread() -> None:
+    """This thread only coordinates: its torch ops run on one core and start no thread team."""
+    torch.set_num_threads(1)
+
+
+def in_compute_thread(fn: Callable[..., T], *args, num_threads: Optional[int] = None) -> T:
+    """fn(*args) on a new thread with num_threads torch threads; returns its result or raises its error.
+
+    The thread, and the OpenMP team it started, end before this returns."""
+    result: list = []
+    error: list[BaseException] = []
+
+    def run() -> None:
+        use_threads(num_threads)
+        try:
+            result.append(fn(*args))
+        except BaseException as e:  # handed to the caller
+            error.append(e)
+
+    thread = threading.Thread(target=run, name="compute", daemon=True)
+    thread.start()
+    thread.join()
+    if error:
+        raise error[0]
+    return result[0]
