@@ -261,6 +261,7 @@ class Handlers:
         if out is None:
             out = await sessions.run_step(session, hidden, reuse)
         else:
+            session.push_pending = False
             position = require(meta, "position", int)
         out = out.to(hidden.dtype)
         step_meta = {"step": session.steps, "position": position, "compute_s": time.perf_counter() - started}
@@ -320,4 +321,5 @@ class Handlers:
             raise ProtocolError("the session is not waiting for this step")
         meta = {k: v for k, v in meta.items() if k not in ("close", "probe", "push_token")}
         self.pushes_received += 1
+        session.push_pending = True  # the scheduler waits for it with the rest of this message's steps
         session.inbox.put_nowait(("push", Message([tensor], meta)))

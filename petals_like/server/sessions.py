@@ -54,6 +54,7 @@ class ServerSession:
     inflight: Optional[InferenceWork] = None
     last_step_done: float = 0.0  # time.monotonic() when its last step returned
     opened: float = field(default_factory=time.monotonic)  # when its stream opened it
+    push_pending: bool = False  # a pushed step was accepted and is on its way to the scheduler
     push_token: Optional[str] = None  # secret the client gave this session; a push must carry it
     inbox: Optional[asyncio.Queue] = None  # steps pushed by the previous server, read by the session's stream
     last_output: Optional[tuple[int, torch.Tensor]] = None  # (position, output) of the last small step
@@ -79,16 +80,17 @@ class SessionManager:
         self._pages_freed = asyncio.Event()
         scheduler.expected_works = self.active_sessions
 
-    def active_sessions(self, recent: float = 0.5, starting: float = 5.0) -> int:
-        """Sessions with a step in flight, one that returned within `recent` seconds, or opened within
-        `starting` seconds and not stepped yet. Sessions that start together send their prompts
-        within a few ms (or, on later servers of their chains, are pushed them by one iteration of
-        the previous server): the scheduler waits for them instead of running the first prompt
-        alone and the rest one long iteration later. Any thread."""
+    def active_sessions(self, recent: float = 0.5) -> int:
+        """Sessions likely to submit a step soon: with a step in flight or a pushed one on its way,
+        one that returned within `recent` seconds, or opened within `recent` seconds and not
+        stepped yet. Sessions that start together send their prompts within a few ms, and one
+        iteration of the previous server pushes all their outputs in one message: the scheduler
+        waits for them instead of running the first alone and the rest one long iteration later.
+        Any thread."""
         now = time.monotonic()
         return sum(1 for s in list(self.sessions.values())
-                   if s.inflight is not None or now - s.last_step_done < recent
-                   or (s.steps == 0 and now - s.opened < starting))  # fmt: skip
+                   if s.inflight is not None or s.push_pending or now - s.last_step_done < recent
+                   or (s.steps == 0 and now - s.opened < recent))  # fmt: skip
 
     # ---- open / close ----
 
@@ -221,6 +223,7 @@ class SessionManager:
         work = InferenceWork(hidden.to(self.backend.dtype), session.sequences, session.pad_lens,
                              session.blocks.first, session.blocks.last, lora=session.lora, prompts=session.prompts)  # fmt: skip
         session.inflight = work
+        session.push_pending = False
         position = session.length - reuse
         out = await self.scheduler.run_inference(work)
         session.inflight = None
