@@ -219,3 +219,36 @@ def test_record_announces_free_cache_and_sessions(swarm, model, tiny_model):
         assert info.cache_tokens_left <= total - 48  # 40 tokens hold 3 pages of 16
         assert 0.0 <= info.load <= 1.0
     wait_until(lambda: announced().open_sessions == 0, 10)
+
+
+def test_a_prompt_chunk_waits_for_decoders_due_back_instead_of_running_alone():
+    """_decoders_due: a prompt-only iteration that would still run when the decoding sessions
+    are back is held for them (bounded); one that fits before they are back is not."""
+    import time as _time
+
+    from petals_like.server.scheduler import MAX_DECODE_WAIT, InferenceWork, Scheduler
+
+    class _Span:  # never computed with: the scheduler thread only waits here
+        pass
+
+    scheduler = Scheduler(_Span(), None, token_budget=64)
+    try:
+        prompt = InferenceWork(torch.zeros(1, 32, 8), [], [0], 0, 1)
+        scheduler._pending.append(prompt)
+        now = _time.monotonic()
+        scheduler._decode_gap, scheduler._prompt_only_duration = 0.1, 0.06
+        scheduler._decode_done = now - 0.06  # decoders due back in ~40 ms; a chunk takes 60 ms
+        due = scheduler._decoders_due()
+        assert now + 0.035 <= due <= now + 0.04 + 0.25 * 0.1 + 0.01
+        scheduler._decode_done = now  # due back in 100 ms: a 60 ms chunk fits first
+        assert scheduler._decoders_due() == 0.0
+        scheduler._decode_done = now - 0.5  # long overdue: they are not coming back soon
+        assert scheduler._decoders_due() == 0.0
+        scheduler._decode_gap = 5.0  # a slow client: never hold a chunk longer than MAX_DECODE_WAIT
+        scheduler._decode_done, scheduler._prompt_only_duration = now - 4.99, 1.0
+        assert scheduler._decoders_due() <= _time.monotonic() + MAX_DECODE_WAIT
+        scheduler._pending.append(InferenceWork(torch.zeros(1, 1, 8), [], [0], 0, 1))
+        assert scheduler._decoders_due() == 0.0  # a decode step is already here
+    finally:
+        scheduler._pending.clear()
+        scheduler.shutdown()

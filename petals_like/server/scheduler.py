@@ -33,6 +33,9 @@ from petals_like.utils.threads import use_threads
 
 logger = logging.getLogger(__name__)
 
+MAX_DECODE_WAIT = 0.25  # seconds a prompt chunk is held back at most for decoding sessions (_decoders_due)
+_EMA = 0.3  # weight of the newest sample in the decode-pace averages
+
 
 @dataclass(eq=False)  # identity, not field equality: works are found in queues by `is`
 class InferenceWork:
@@ -48,6 +51,7 @@ class InferenceWork:
     loop: asyncio.AbstractEventLoop = field(repr=False, default=None)
     future: asyncio.Future = field(repr=False, default=None)
     done_tokens: int = 0  # positions of `hidden` already run (same for every row)
+    submitted: float = 0.0  # time.monotonic() when it reached the scheduler
     outputs: list[torch.Tensor] = field(default_factory=list)  # [batch, chunk, hidden] each
     cancelled: bool = False  # the session went away: finish nothing, deliver nothing
     _finished: bool = False
@@ -105,6 +109,12 @@ class Scheduler:
         self.gather_wait = gather_wait
         self._last_batch = 0
         self._last_duration = 0.0  # seconds of the last iteration
+        # when decode steps come back (see _decoders_due): end of the last iteration with decode
+        # steps, smoothed time from there to the next decode step's arrival, smoothed duration of
+        # iterations that ran prompt chunks only
+        self._decode_done: Optional[float] = None
+        self._decode_gap: Optional[float] = None
+        self._prompt_only_duration: Optional[float] = None
         # how many sessions are likely to send a step soon (set by the session manager); the gather
         # wait waits for them, not only for the last batch's size, so split batches merge again
         self.expected_works: Optional[Callable[[], int]] = None
@@ -125,6 +135,7 @@ class Scheduler:
         self._check_alive()
         work.loop = asyncio.get_running_loop()
         work.future = work.loop.create_future()
+        work.submitted = time.monotonic()
         with self._wake:
             self._pending.append(work)
             self._wake.notify()
@@ -162,7 +173,7 @@ class Scheduler:
                     # an iteration reads every weight once: waiting a fraction of one for the rest of
                     # the last batch is cheaper than running them in a second iteration
                     window = min(0.05, max(self.gather_wait, 0.5 * self._last_duration))
-                    deadline = time.monotonic() + window
+                    deadline = max(time.monotonic() + window, self._decoders_due())
                     while len(self._pending) < expected and not self._stopped:
                         left = deadline - time.monotonic()
                         if left <= 0:
@@ -185,6 +196,23 @@ class Scheduler:
                 logger.exception("Scheduler iteration failed")
                 for work in works:
                     self._finish(work, error=e)
+
+    def _decoders_due(self) -> float:
+        """Until when to hold a prompt chunk back for decoding sessions that are elsewhere (0: no need).
+
+        With only prompt chunks pending while decoding sessions are at other servers or at their
+        clients, a prompt-only iteration is free time if it ends before they are back. If it would
+        not (it still runs when their steps arrive, and on a machine shared with the next server it
+        also slows that server's decode iteration), the chunk waits and rides along in their
+        iteration instead. Bounded: at most a quarter of the gap past their expected return."""
+        gap, done, duration = self._decode_gap, self._decode_done, self._prompt_only_duration
+        if gap is None or done is None or duration is None or any(w.remaining == 1 for w in self._pending):
+            return 0.0
+        now = time.monotonic()
+        due = done + gap
+        if now + duration <= due or now > due + gap:  # the chunk fits, or they are not coming back soon
+            return 0.0
+        return min(due + 0.25 * gap, now + MAX_DECODE_WAIT)
 
     def _expected(self) -> int:
         if self.expected_works is None:
@@ -271,7 +299,9 @@ class Scheduler:
                 for pages in work.sequences:
                     pages.length += positions  # commit only after every block ran
                 tokens += rows * positions
-        self._last_duration = time.monotonic() - started
+        ended = time.monotonic()
+        self._last_duration = ended - started
+        self._track_decode_pace([w for w, _ in chosen], started, ended)
         self.stats.busy_seconds += self._last_duration
         self.stats.iterations += 1
         self.stats.inference_tokens += tokens
@@ -287,6 +317,19 @@ class Scheduler:
                     self.stats.chunked_steps += 1
                 finished.append((work, torch.cat(work.outputs, dim=1), None))
         self._finish_all(finished)
+
+    def _track_decode_pace(self, chosen: list[InferenceWork], started: float, ended: float) -> None:
+        """Learn when decode steps come back after an iteration (see _decoders_due)."""
+        arrivals = [w.submitted for w in chosen if w.remaining == 1 and w.done_tokens == 0]
+        if arrivals:
+            if self._decode_done is not None and min(arrivals) > self._decode_done:
+                gap = min(arrivals) - self._decode_done
+                self._decode_gap = gap if self._decode_gap is None else (1 - _EMA) * self._decode_gap + _EMA * gap
+            self._decode_done = ended
+        elif all(w.remaining > 1 for w in chosen):
+            duration = ended - started
+            known = self._prompt_only_duration
+            self._prompt_only_duration = duration if known is None else (1 - _EMA) * known + _EMA * duration
 
     def _finish(self, work: InferenceWork, *, result: Any = None, error: Optional[BaseException] = None) -> None:
         self._finish_all([(work, result, error)])
