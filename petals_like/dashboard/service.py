@@ -13,7 +13,7 @@ from typing import Any, Callable, Optional
 
 from petals_like.dashboard.history import History
 from petals_like.dashboard.metrics import render_metrics
-from petals_like.dashboard.state import STATE_VERSION, STATUSES
+from petals_like.dashboard.state import build_state
 
 logger = logging.getLogger(__name__)
 
@@ -76,10 +76,8 @@ class DashboardService:
         """The latest view plus the service's own fields: ready, refresh_period and the history columns."""
         with self._lock:
             state, last_error, history_json = self._state, self._last_error, self._history_json
-        if state is None:
-            state = {"version": STATE_VERSION, "generated_at": None, "read_seconds": None,
-                     "summary": {"models": 0, "healthy_models": 0, "servers_by_status": dict.fromkeys(STATUSES, 0)},
-                     "models": [], "errors": []}  # fmt: skip
+        if state is None:  # nothing read yet: the view of an empty swarm, generated at no time
+            state = build_state({}, {}, {}, now=None, read_seconds=None)
         errors = [*state["errors"], last_error] if last_error else state["errors"]
         snapshot = {**state, "errors": errors, "ready": state["generated_at"] is not None,
                     "refresh_period": self.refresh_period}  # fmt: skip

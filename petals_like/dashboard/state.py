@@ -13,7 +13,7 @@ what it adds is the verdict per model:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Iterable, Mapping, Optional, Sequence
 
 from petals_like.data_structures import ServerInfo, ServerState
 from petals_like.dht.records import ModelInfo
@@ -126,7 +126,7 @@ def build_model(
     servers.sort(key=lambda s: (s["start_block"], s["end_block"], STATUSES.index(s["status"]), s["peer_id"]))
 
     uncovered = [b["index"] for b in blocks if b["servers"] == 0]
-    by_status = {status: len({s["peer_id"] for s in servers if s["status"] == status}) for status in STATUSES}
+    by_status = _count_peers_by_status(servers)
     return {
         "dht_prefix": dht_prefix,
         "name": model.name,
@@ -142,13 +142,21 @@ def build_model(
     }
 
 
+def _count_peers_by_status(servers: Iterable[Mapping[str, Any]]) -> dict[str, int]:
+    """Distinct peer ids per status over server rows (a peer with two spans counts once)."""
+    peers: dict[str, set] = {status: set() for status in STATUSES}
+    for server in servers:
+        peers[server["status"]].add(server["peer_id"])
+    return {status: len(ids) for status, ids in peers.items()}
+
+
 def build_state(
     models: Mapping[str, ModelInfo],
     block_infos: Mapping[str, Sequence[Mapping[str, ServerInfo]]],
     probes: Mapping[str, Probe],
     *,
-    now: float,
-    read_seconds: float = 0.0,
+    now: Optional[float],
+    read_seconds: Optional[float] = 0.0,
     errors: Sequence[str] = (),
 ) -> dict[str, Any]:
     """The whole view: every model (those with servers first), and a summary over the swarm.
@@ -158,10 +166,6 @@ def build_state(
     """
     views = [build_model(prefix, model, block_infos.get(prefix, ()), probes) for prefix, model in models.items()]
     views.sort(key=lambda view: not view["servers"])  # models someone serves first, otherwise in `models` order
-    peers_by_status = {status: set() for status in STATUSES}
-    for view in views:
-        for server in view["servers"]:
-            peers_by_status[server["status"]].add(server["peer_id"])
     return {
         "version": STATE_VERSION,
         "generated_at": now,
@@ -169,7 +173,8 @@ def build_state(
         "summary": {
             "models": len(views),
             "healthy_models": sum(view["healthy"] for view in views),
-            "servers_by_status": {status: len(peers) for status, peers in peers_by_status.items()},
+            # a peer serving several models counts once
+            "servers_by_status": _count_peers_by_status(server for view in views for server in view["servers"]),
         },
         "models": views,
         "errors": list(errors),
