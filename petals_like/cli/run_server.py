@@ -115,6 +115,7 @@ def main(argv: list[str] | None = None) -> None:
 
     serial_thread()  # this thread only waits; the scheduler's thread computes (utils/threads.py)
     server = Server(config).start()
+    server.node.call_soon(serial_thread)  # so does the event loop: it decodes messages and routes them
     print(f"SERVER READY {server.node.peer_id} blocks {server.start_block}:{server.end_block}", flush=True)
     try:
         signum = wait_for_stop_signal()

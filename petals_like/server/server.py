@@ -39,7 +39,7 @@ from petals_like.server.runtime import Priority
 from petals_like.server.scheduler import Scheduler
 from petals_like.server.throughput import cache_key, get_rates
 from petals_like.server.sessions import SessionManager
-from petals_like.utils.threads import in_compute_thread, serial_thread
+from petals_like.utils.threads import in_compute_thread
 
 logger = logging.getLogger(__name__)
 
@@ -124,7 +124,6 @@ class Server:
         self.node = SwarmNode(config.initial_peers, host_maddrs=config.host_maddrs,
                               announce_maddrs=config.announce_maddrs, identity_path=config.identity_path,
                               name="server")  # fmt: skip
-        self.node.call_soon(serial_thread)  # the event loop decodes and routes; it does not compute
         try:
             self.start_block, self.end_block = self._choose_blocks()
             self._announce(ServerState.JOINING)
@@ -173,7 +172,6 @@ class Server:
 
     def _balance_forever(self) -> None:
         """Every randomized balance period: move if the swarm's bottleneck would gain enough (block_selection)."""
-        serial_thread()
         while not self._stopped.wait(self.config.balance_period * random.uniform(0.5, 1.5)):
             try:
                 target = self._move_target()

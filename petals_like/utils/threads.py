@@ -9,10 +9,11 @@ one iteration): 28 ms for 1 row and 67 ms for 16 rows when only the computing th
 parallel ops, 39 ms and 92 ms when the process's main thread had run some before (loading).
 
 So a server computes with several threads on one thread only, its scheduler's; heavy one-off work
-(loading and quantizing blocks) runs on a short-lived thread whose team goes with it, and every
-other long-lived thread (the main thread of run_server, the event loop, the balancer) keeps torch
+(loading and quantizing blocks) runs on a short-lived thread whose team goes with it, and the
+other long-lived threads of a run_server process (its main thread and the event loop) keep torch
 on one core. torch.set_num_threads also sets the count that threads starting later inherit, so
-the threads that compute set theirs explicitly.
+the threads that compute set theirs explicitly; a Server started inside another program (tests)
+leaves that program's threads as they are.
 """
 
 from __future__ import annotations
