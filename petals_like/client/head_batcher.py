@@ -79,7 +79,8 @@ class HeadBatcher:
         self._paces: dict[Hashable, _Pace] = {}  # sessions in progress that identified themselves
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="lm-head", initializer=use_threads)
         self._starting: set[Hashable] = set()  # sessions whose chain is not open yet (see first_step)
-        self._ready: list[asyncio.Future] = []  # sessions with an open chain waiting for those
+        self._all_open = asyncio.Event()  # set while no session is opening
+        self._all_open.set()
         self._last_start = float("-inf")  # when the latest opening session started
         self.start_quiet = 0.03  # how long no session may start before a waiting first step goes
         self.first_window = 0.1  # how long a first round waits for the other sessions' first answers
@@ -94,6 +95,7 @@ class HeadBatcher:
             self._paces[key] = _Pace()
             if opening:
                 self._starting.add(key)
+                self._all_open.clear()
                 self._last_start = time.monotonic()
 
     def session_ended(self, key: Optional[Hashable] = None) -> None:
@@ -114,22 +116,18 @@ class HeadBatcher:
             quiet_at = self._last_start + self.start_quiet
             if now >= deadline or (not self._starting and now >= quiet_at):
                 return
-            waiter = asyncio.get_running_loop().create_future()
-            self._ready.append(waiter)  # woken when the last opening session opens (or ends)
-            wake = deadline if self._starting else min(quiet_at, deadline)
-            try:
-                await asyncio.wait({waiter}, timeout=wake - now)
-            finally:
-                if waiter in self._ready:
-                    self._ready.remove(waiter)
+            if self._starting:  # until the last opening session opens (or ends)
+                try:
+                    await asyncio.wait_for(self._all_open.wait(), deadline - now)
+                except asyncio.TimeoutError:
+                    pass
+            else:
+                await asyncio.sleep(min(quiet_at, deadline) - now)
 
     def _opened(self, key: Optional[Hashable]) -> None:
         self._starting.discard(key)
         if not self._starting:
-            for waiter in self._ready:
-                if not waiter.done():
-                    waiter.set_result(None)
-            self._ready = []
+            self._all_open.set()
 
     async def __call__(self, hidden: torch.Tensor, key: Optional[Hashable] = None) -> torch.Tensor:
         """hidden [batch, hidden] -> logits [batch, vocab], computed together with concurrent callers."""
