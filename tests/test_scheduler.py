@@ -138,3 +138,47 @@ def test_a_prompt_advances_by_chunks_while_other_sessions_are_active(span):
             assert torch.allclose(out, span(prompt), rtol=1e-4, atol=1e-3)
     finally:
         scheduler.shutdown()
+
+
+class _CancelledAsItIsRead(InferenceWork):
+    """A work whose session goes away just as the scheduler first looks at it: the flag reads
+    False once, then True (the event loop sets it from another thread at any moment)."""
+
+    _reads = 0
+
+    @property
+    def cancelled(self) -> bool:
+        self._reads += 1
+        return self._reads > 1
+
+    @cancelled.setter
+    def cancelled(self, value: bool) -> None:
+        pass
+
+
+def test_a_work_cancelled_while_the_queue_is_read_keeps_its_pages_until_it_is_done(span):
+    """The scheduler decides once whether a work runs or is dropped: a work that both ran and was
+    dropped would have its pages freed (after_done) while an iteration still writes into them."""
+    scheduler = make_scheduler(span)
+    try:
+        async def main() -> tuple[torch.Tensor, list[int]]:
+            pages = SequencePages()
+            pages.reserve(scheduler.pool, 40)
+            work = _CancelledAsItIsRead(torch.randn(1, 40, 64), [pages], [0], 0, len(span.blocks))
+            remaining_at_release = []
+
+            def release() -> None:  # what SessionManager.close does for a session with a step in flight
+                remaining_at_release.append(work.remaining)
+                pages.free(scheduler.pool)
+
+            work.after_done(release)
+            out = await scheduler.run_inference(work)
+            await asyncio.sleep(0.05)  # the release callback runs on this loop
+            return out, remaining_at_release
+
+        out, remaining_at_release = asyncio.run(main())
+        assert out.shape == (1, 40, 64)
+        assert remaining_at_release == [0]  # released once, after its last token ran
+        assert scheduler.pool.num_free == scheduler.pool.num_pages
+    finally:
+        scheduler.shutdown()

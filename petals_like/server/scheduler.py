@@ -21,7 +21,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
 
@@ -181,8 +181,7 @@ class Scheduler:
                         self._wake.wait(left)
                 if self._stopped:
                     return
-                works = [w for w in self._pending if not w.cancelled]
-                dropped = [w for w in self._pending if w.cancelled]
+                works, dropped = _partition_cancelled(self._pending)
                 self._pending = deque(works)
                 task = heapq.heappop(self._tasks) if not works and self._tasks else None
             for work in dropped:
@@ -388,6 +387,15 @@ class Scheduler:
         for _, _, _, _, loop, future in tasks:
             if not loop.is_closed():
                 loop.call_soon_threadsafe(_set_exception, future, error)
+
+
+def _partition_cancelled(pending: Iterable[InferenceWork]) -> tuple[list[InferenceWork], list[InferenceWork]]:
+    """(works to run, cancelled works): each work's flag read once, since the event loop may set it
+    at any moment. A work put in both lists would be run while its pages go back to the pool."""
+    works, dropped = [], []
+    for work in pending:
+        (dropped if work.cancelled else works).append(work)
+    return works, dropped
 
 
 def _deliver(outcomes: list[tuple[asyncio.Future, Any, Optional[BaseException]]]) -> None:
