@@ -24,6 +24,22 @@ def test_linear_matches_f_linear(rows: int, bias: bool):
         assert linear(x.view(1, rows, 96), w, b).shape == (1, rows, 80)
 
 
+@pytest.mark.parametrize("rows", [1, 5])
+def test_linear_output_is_contiguous_and_takes_any_weight_layout(rows: int):
+    """From 2 rows on, the product runs as (weight @ x.T).T: what comes back is still a plain
+    [rows, out] tensor, and a weight that is a view (e.g. a transposed matrix) gives the same values."""
+    generator = torch.Generator().manual_seed(5)
+    x = torch.randn(rows, 40, generator=generator)
+    w = torch.randn(40, 24, generator=generator).t()  # [24, 40], not contiguous
+    b = torch.randn(24, generator=generator)
+    with torch.inference_mode():
+        got = linear(x, w, b)
+        plain = linear(x, w.contiguous(), b)
+    assert got.is_contiguous() and plain.is_contiguous()
+    torch.testing.assert_close(got, F.linear(x, w, b), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(plain, F.linear(x, w, b), rtol=1e-5, atol=1e-4)
+
+
 def test_linear_keeps_autograd():
     x = torch.randn(4, 8, requires_grad=True)
     w = torch.randn(3, 8, requires_grad=True)

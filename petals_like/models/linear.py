@@ -4,8 +4,15 @@ Decode steps multiply a handful of rows (1-32) by each weight matrix. On CPUs wh
 default BLAS picks a slow small-matrix path (measured on an AVX2 AMD EPYC: 4 rows cost 3.4x one
 row through F.linear for a 32000 x 1024 LM head, 1.9x through oneDNN), oneDNN's matmul is up to
 twice as fast for those shapes, and faster for one row too (the 32 matrices of 8 bench-model
-blocks: 17 ms vs 26 ms through F.linear; a whole 8-block decode step 25 ms vs 29 ms). It reads
-the ordinary dense weight, so no second, reordered copy of the weights is kept.
+blocks: 17 ms vs 26 ms through F.linear; a whole 8-block decode step 25 ms vs 29 ms).
+
+From 2 rows on, the product is computed the other way round: (weight @ x.T).T, i.e. oneDNN sees
+the weight as its input matrix and the few rows as its weight. It then streams the big matrix
+in its stored layout and only rearranges the few rows, instead of repacking a weight matrix
+(or much of it) on every call. Measured on the same machine, the four matrices of 8 fused bench
+blocks: 16 rows 31-33 ms vs 43-45 ms, 8 rows 25 vs 38 ms, 2 rows 25 vs 29 ms, and a 16-row LM
+head 12 ms vs 16 ms. It reads the ordinary dense weight, so no second, reordered copy of the
+weights is kept.
 
 Used only without autograd (oneDNN's op has no backward), only for float32 CPU tensors (its
 bfloat16 path needs AVX-512, which this machine lacks) and only for 1..32 rows; everything else,
@@ -13,9 +20,10 @@ CUDA included, goes to F.linear. The row limit bounds memory: oneDNN compiles an
 for every input shape it meets (~0.6 MiB each, whatever the weight's size, and not given back
 when its cache evicts one): a server whose batches took every size up to its token budget kept
 growing (by ~190 MiB in five minutes of scripts/soak.py); with the limit it is ~75 MiB for the
-four weight shapes of a block, reached once every batch size up to 32 has occurred. The oneDNN path is checked once
-against F.linear at first use and switched off if it is missing or disagrees (a PyTorch build
-without it, or a changed private signature): set PETALS_LIKE_ONEDNN_LINEAR=0 to turn it off.
+four weight shapes of a block, reached once every batch size up to 32 has occurred. The oneDNN
+path is checked once against F.linear at first use (both orientations) and switched off if it
+is missing or disagrees (a PyTorch build without it, or a changed private signature): set
+PETALS_LIKE_ONEDNN_LINEAR=0 to turn it off.
 """
 
 from __future__ import annotations
@@ -52,9 +60,20 @@ def linear(x: Tensor, weight, bias: Optional[Tensor] = None) -> Tensor:
         flat = x.reshape(-1, x.shape[-1])
         if not flat.is_contiguous():
             flat = flat.contiguous()
-        out = torch.ops.mkldnn._linear_pointwise(flat, weight, bias, "none", [], "")
+        if flat.shape[0] == 1 or not weight.is_contiguous():
+            out = torch.ops.mkldnn._linear_pointwise(flat, weight, bias, "none", [], "")
+        else:
+            out = _swapped(flat, weight, bias)
         return out.view(*x.shape[:-1], weight.shape[0])
     return F.linear(x, weight, bias)
+
+
+def _swapped(flat: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """flat [rows, in] @ weight.T + bias as (weight @ flat.T).T, contiguous [rows, out]."""
+    out = torch.ops.mkldnn._linear_pointwise(weight, flat, None, "none", [], "").t().contiguous()
+    if bias is not None:
+        out += bias
+    return out
 
 
 def _onednn_available() -> bool:
@@ -71,8 +90,9 @@ def _check_onednn() -> bool:
         generator = torch.Generator().manual_seed(0)
         x, w, b = (torch.randn(shape, generator=generator) for shape in ((3, 64), (48, 64), (48,)))
         with torch.inference_mode():
-            got = torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
-        ok = got.shape == (3, 48) and torch.allclose(got, F.linear(x, w, b), rtol=1e-4, atol=1e-4)
+            expected = F.linear(x, w, b)
+            results = (torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], ""), _swapped(x, w, b))
+        ok = all(got.shape == (3, 48) and torch.allclose(got, expected, rtol=1e-4, atol=1e-4) for got in results)
     except Exception as e:  # an op missing from this build or with another signature
         logger.debug(f"oneDNN linear unavailable: {e!r}")
         return False
