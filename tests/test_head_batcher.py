@@ -114,6 +114,23 @@ def test_leader_waits_for_out_of_phase_sessions_only():
     batcher.close()
 
 
+def test_a_slow_round_delays_the_expected_arrival_of_the_leaders_cohort():
+    """The machine was busy: the leader's last round took 0.3 s against its usual 0.2 s. A session
+    that arrived together with the leader last time is expected as much later, not dropped as overdue."""
+    from petals_like.client.head_batcher import _Request
+
+    batcher = HeadBatcher(lambda h: h, window=0.005, max_wait=0.5)
+    batcher._pending = [_Request(torch.ones(1, 2), "leader", None)]
+    now = time.monotonic()
+    leader = _pace(now, 0.2)
+    leader.interval = 0.3
+    batcher._paces = {"leader": leader, "cohort": _pace(now - 0.3, 0.2)}
+    assert abs(batcher._deadline(now, leader) - (now - 0.3 + 1.25 * 0.3)) < 1e-6
+    leader.interval = 0.2  # an ordinary round: the same session is overdue (expected at now - 0.05)
+    assert batcher._deadline(now, leader) == now + 0.005
+    batcher.close()
+
+
 def test_two_groups_taking_turns_merge_into_one_round():
     """Two sessions with the same period, half a period apart, end up sharing head passes."""
     rows: list[int] = []

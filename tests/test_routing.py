@@ -12,7 +12,7 @@ import torch
 from petals_like import AutoDistributedModelForCausalLM
 from petals_like.client.transport import InferenceStream, call_info
 from petals_like.dht.records import default_dht_prefix
-from tests.swarm import start_swarm
+from tests.swarm import start_swarm, wait_until
 
 NUM_BLOCKS = 8
 
@@ -150,8 +150,14 @@ def test_forward_load_spreads_over_equal_replicas(tiny_model: Path):
     swarm = start_swarm(tiny_model, ("0:8", "0:8"))
     clients = []
     try:
-        swarm.wait_for_blocks(default_dht_prefix(tiny_model), NUM_BLOCKS)
+        prefix = default_dht_prefix(tiny_model)
+        # both replicas announced, not just the blocks covered: a client that saw only the first
+        # would send it everything until its next refresh of the swarm view
+        wait_until(lambda: len(swarm.spans(prefix, NUM_BLOCKS)) == 2, 30, message="both replicas announced")
         clients = [client(tiny_model, swarm) for _ in range(8)]
+        for model in clients:
+            model.node.run(model.routes.refresh(force=True), timeout=30)
+            assert len(model.routes.spans) == 2
         input_ids = torch.randint(4, 300, (1, 12), generator=torch.Generator().manual_seed(0))
         for _ in range(5):
             for model in clients:

@@ -262,7 +262,7 @@ def main(argv: Optional[list[str]] = None) -> None:
             from petals_like.cli import bench_engine
 
             if "d" in workloads:
-                report["d_concurrent_sessions"] = bench_engine.concurrent_sessions(swarm.model)
+                report["d_concurrent_sessions"] = bench_engine.concurrent_sessions(swarm.model, rounds=args.repeats)
             if "e" in workloads:
                 report["e_decode_during_prefill"] = bench_engine.decode_during_prefill(swarm.model)
             if "f" in workloads:

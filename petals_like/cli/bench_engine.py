@@ -64,10 +64,12 @@ def _server_counters(model) -> dict[str, tuple[int, int]]:
     return model.node.run(read(), timeout=60)
 
 
-def concurrent_sessions(model, counts=(1, 4, 16, 32), prompt_len: int = 16, new_tokens: int = 64) -> dict:
-    """(d)"""
-    results = {}
-    for count in counts:
+def concurrent_sessions(model, counts=(1, 4, 16, 32), prompt_len: int = 16, new_tokens: int = 64, rounds: int = 1) -> dict:
+    """(d). Each round runs every count once, in order; per count, the median round is reported, and
+    vs_one_session is the median over rounds of its rate over the one-session rate of the same
+    round (a noisy moment of the machine then weighs on both sides of a ratio alike)."""
+
+    def run(count: int) -> dict:
         before = _server_counters(model)
         timers = [TokenTimer() for _ in range(count)]
 
@@ -81,15 +83,25 @@ def concurrent_sessions(model, counts=(1, 4, 16, 32), prompt_len: int = 16, new_
         latencies = [lat for timer in timers for lat in timer.latencies()[1:]]  # decode steps
         after = _server_counters(model)
         per_iteration = [(after[p][1] - before[p][1]) / max(1, after[p][0] - before[p][0]) for p in after if p in before]
-        results[str(count)] = {
+        return {
             "tokens_per_server_iteration": round(statistics.mean(per_iteration), 2) if per_iteration else None,
             "aggregate_tokens_per_s": round(count * new_tokens / wall, 2),
             "p50_ms": round(1000 * statistics.median(latencies), 1),
             "p90_ms": round(1000 * percentile(latencies, 0.9), 1),
         }
-    one_rate = results[str(counts[0])]["aggregate_tokens_per_s"]
-    for entry in results.values():
-        entry["vs_one_session"] = round(entry["aggregate_tokens_per_s"] / one_rate, 2)
+
+    runs: dict[int, list[dict]] = {count: [] for count in counts}
+    for _ in range(rounds):
+        for count in counts:
+            runs[count].append(run(count))
+    results = {}
+    for count, measured in runs.items():
+        ratios = [m["aggregate_tokens_per_s"] / one["aggregate_tokens_per_s"] for m, one in zip(measured, runs[counts[0]])]
+        median_round = sorted(measured, key=lambda m: m["aggregate_tokens_per_s"])[len(measured) // 2]
+        results[str(count)] = dict(median_round, vs_one_session=round(statistics.median(ratios), 2))
+        if rounds > 1:
+            results[str(count)]["tokens_per_s_per_round"] = [m["aggregate_tokens_per_s"] for m in measured]
+            results[str(count)]["vs_one_session_per_round"] = [round(r, 2) for r in ratios]
     return results
 
 

@@ -14,7 +14,8 @@ How long the leader waits (phase alignment): every session's arrivals are timed,
 period (one step through the servers plus the head, smoothed). A missing session whose period is
 about the leader's own is just out of phase, e.g. the other half of sessions that split into two
 groups taking turns on the servers; its next arrival is predictable, and the leader waits for it
-(up to `max_wait`). The merged round then travels through the servers as one batch, and they
+(up to `max_wait`); when the leader's own round took longer than its period (the machine was busy),
+the others are expected that much later too. The merged round then travels through the servers as one batch, and they
 stay merged: each server runs one iteration per round instead of one per group, which on a
 server that shares its cores does the same work in about half the time. A session that is late
 (past its predicted arrival) or slower (a longer period: a slower route, a replay after a
@@ -52,16 +53,17 @@ class _Request:
 
 
 class _Pace:
-    __slots__ = ("last", "period")
+    __slots__ = ("last", "period", "interval")
 
     def __init__(self) -> None:
         self.last: Optional[float] = None  # time of the latest arrival
         self.period: Optional[float] = None  # smoothed time between arrivals
+        self.interval: Optional[float] = None  # the latest time between arrivals, unsmoothed
 
     def arrive(self, now: float) -> None:
         if self.last is not None:
-            interval = now - self.last
-            self.period = interval if self.period is None else (1 - _EMA) * self.period + _EMA * interval
+            self.interval = now - self.last
+            self.period = self.interval if self.period is None else (1 - _EMA) * self.period + _EMA * self.interval
         self.last = now
 
 
@@ -196,10 +198,13 @@ class HeadBatcher:
         if leader is None:
             return deadline
         now = time.monotonic()
+        # a round that took the leader longer than usual (a busy moment of the machine) delays the
+        # sessions that travelled with it alike: expect them after as long, not after their usual period
+        this_round = leader.interval or 0.0
         for key, pace in self._paces.items():
             if key in here or pace.period is None or pace.period > _SAME_PACE * leader.period:
                 continue
-            expected = pace.last + _SLACK * pace.period
+            expected = pace.last + _SLACK * max(pace.period, this_round)
             if now <= expected <= arrived + self.max_wait:
                 deadline = max(deadline, expected)
         return deadline
