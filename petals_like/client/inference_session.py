@@ -113,7 +113,8 @@ class InferenceSession:
         self._track_tokens(token_ids, hidden)
         timeout = self.config.request_timeout * (1 + self.config.max_retries)
         try:
-            out = await asyncio.wait_for(self._step(hidden.detach().cpu()), timeout)
+            async with asyncio.timeout(timeout):
+                out = await self._step(hidden.detach().cpu())
         except asyncio.TimeoutError:
             raise TimeoutError(f"an inference step did not finish in {timeout} s") from None
         self.position += hidden.shape[1]

@@ -171,7 +171,8 @@ class InferenceStream:
                 if answered == position:
                     return message
 
-        return await asyncio.wait_for(read(), timeout)
+        async with asyncio.timeout(timeout):  # no extra task per step, unlike asyncio.wait_for
+            return await read()
 
     @staticmethod
     def output(message: Message, like: torch.Tensor) -> torch.Tensor:
@@ -184,7 +185,8 @@ class InferenceStream:
             return await read_message(self._responses, max_bytes=MAX_RESPONSE_BYTES)
 
         try:
-            message = await asyncio.wait_for(exchange(), timeout)
+            async with asyncio.timeout(timeout):
+                message = await exchange()
         except ConnectionError as e:  # the write found the stream already closed
             raise ConnectionError(f"server {self.span.peer_id[-6:]} closed the inference stream ({e})") from e
         if message is None:
@@ -193,7 +195,8 @@ class InferenceStream:
 
     async def read(self, *, timeout: float) -> Message:
         """The next whole message from the server (e.g. the answer to a probe)."""
-        message = await asyncio.wait_for(read_message(self._responses, max_bytes=MAX_RESPONSE_BYTES), timeout)
+        async with asyncio.timeout(timeout):
+            message = await read_message(self._responses, max_bytes=MAX_RESPONSE_BYTES)
         if message is None:
             raise ConnectionError(f"server {self.span.peer_id[-6:]} closed the inference stream")
         return message
