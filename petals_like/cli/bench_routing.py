@@ -44,10 +44,10 @@ class _ClientLinkDelay:
     def __enter__(self) -> _ClientLinkDelay:
         link = self
 
-        async def send(stream, tensors, metadata):
+        async def send(stream, tensors, metadata, **kwargs):
             if link.delay:
                 await asyncio.sleep(link.delay)
-            return await link._send(stream, tensors, metadata)
+            return await link._send(stream, tensors, metadata, **kwargs)
 
         async def read_step(stream, position, *, timeout):
             message = await link._read(stream, position, timeout=timeout)
