@@ -266,6 +266,10 @@ class Harness:
         """Run a hostile coroutine with a good step alongside, check the servers settled, return its result."""
 
         async def both() -> Any:
+            if with_good and self.good.stream is None:
+                # open the good session first: a hostile open naming its id must meet a session that
+                # exists, not race the good client to create it (whoever comes first owns an id)
+                await self.good.step()
             calls = [hostile, self.good.step()] if with_good else [hostile]
             results = await asyncio.gather(*calls, return_exceptions=True)  # both end before the next example
             for result in results:

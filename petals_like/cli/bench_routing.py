@@ -25,6 +25,7 @@ import torch
 from petals_like.cli.bench import BenchSwarm, TokenTimer, percentile
 from petals_like.cli.bench_engine import _prompt
 from petals_like.client.transport import InferenceStream
+from petals_like.models.spec import ModelSpec
 
 
 def _latencies(model, new_tokens: int, seed: int) -> list[float]:
@@ -32,6 +33,17 @@ def _latencies(model, new_tokens: int, seed: int) -> list[float]:
     with model.inference_session(max_length=16 + new_tokens, reuse_prefix=False) as session:
         model.generate(_prompt(16, seed), max_new_tokens=new_tokens, session=session, eos_token_id=[], streamer=timer)
     return timer.latencies()[1:]
+
+
+def _thirds(model_dir: Path) -> tuple[str, str, str]:
+    """A 3-server chain: 0:5, 5:10, 10:16 on the 16-block bench model, in proportion on others."""
+    n = ModelSpec.from_pretrained(model_dir).num_blocks
+    a, b = round(n * 5 / 16), round(n * 10 / 16)
+    return f"0:{a}", f"{a}:{b}", f"{b}:{n}"
+
+
+def _whole(model_dir: Path) -> str:
+    return f"0:{ModelSpec.from_pretrained(model_dir).num_blocks}"
 
 
 class _ClientLinkDelay:
@@ -64,7 +76,7 @@ class _ClientLinkDelay:
 
 def push_latency(model_dir: Path, server_args: list[str], new_tokens: int = 48, rounds: int = 3) -> dict:
     """(h)"""
-    with BenchSwarm(model_dir, server_args, spans=["0:5", "5:10", "10:16"]) as swarm, _ClientLinkDelay() as link:
+    with BenchSwarm(model_dir, server_args, spans=list(_thirds(model_dir))) as swarm, _ClientLinkDelay() as link:
         model = swarm.model
         _latencies(model, 8, 0)  # warm-up: routes, pings, streams
         result = {}
@@ -87,13 +99,14 @@ def push_latency(model_dir: Path, server_args: list[str], new_tokens: int = 48, 
 
 def failover_recovery(model_dir: Path, server_args: list[str], new_tokens: int = 48, kill_after: int = 16) -> dict:
     """(i)"""
-    with BenchSwarm(model_dir, server_args, spans=["0:5", "5:10", "5:10", "10:16"], client_args={"ban_timeout": 600}) as swarm:
+    first, middle, last = _thirds(model_dir)
+    with BenchSwarm(model_dir, server_args, spans=[first, middle, middle, last], client_args={"ban_timeout": 600}) as swarm:
         model = swarm.model
         _latencies(model, 8, 0)
 
         def kill_middle(session) -> None:
-            middle = session._chain[1].span.peer_id
-            child = swarm.children[1 + swarm.server_peers.index(middle)]
+            victim = session._chain[1].span.peer_id
+            child = swarm.children[1 + swarm.server_peers.index(victim)]
             os.killpg(child.process.pid, signal.SIGKILL)
 
         class KillingTimer(TokenTimer):
@@ -120,7 +133,7 @@ def forward_spread(model_dir: Path, server_args: list[str], clients: int = 8, ca
     from petals_like.client.transport import call_info
 
     # equal by construction: a measured throughput differs between two starts by machine noise
-    with BenchSwarm(model_dir, server_args + ["--throughput", "100"], spans=["0:16", "0:16"]) as swarm:
+    with BenchSwarm(model_dir, server_args + ["--throughput", "100"], spans=[_whole(model_dir)] * 2) as swarm:
         models = [AutoDistributedModelForCausalLM.from_pretrained(model_dir, initial_peers=swarm.peers,
                                                                   torch_dtype="float32") for _ in range(clients - 1)]  # fmt: skip
         models.append(swarm.model)
