@@ -166,14 +166,16 @@ def test_a_work_cancelled_while_the_queue_is_read_keeps_its_pages_until_it_is_do
             pages.reserve(scheduler.pool, 40)
             work = _CancelledAsItIsRead(torch.randn(1, 40, 64), [pages], [0], 0, len(span.blocks))
             remaining_at_release = []
+            released = asyncio.Event()
 
             def release() -> None:  # what SessionManager.close does for a session with a step in flight
                 remaining_at_release.append(work.remaining)
                 pages.free(scheduler.pool)
+                released.set()
 
             work.after_done(release)
             out = await scheduler.run_inference(work)
-            await asyncio.sleep(0.05)  # the release callback runs on this loop
+            await asyncio.wait_for(released.wait(), 10)  # the scheduler hands the release to this loop
             return out, remaining_at_release
 
         out, remaining_at_release = asyncio.run(main())

@@ -95,10 +95,10 @@ def server_footprint(pid: int) -> dict:
     return {"processes": len(processes), "rss_mib": round(rss / 2**20, 1)}
 
 
-def pick_median(results: list[dict]) -> dict:
-    """The run with the median tokens/s, plus the best tokens/s seen."""
-    ordered = sorted(results, key=lambda r: r["tokens_per_s"])
-    return dict(ordered[len(ordered) // 2], best_tokens_per_s=ordered[-1]["tokens_per_s"], runs=len(results))
+def pick_median(results: list[dict], key: str = "tokens_per_s") -> dict:
+    """The run with the median `key`, plus the best value of it seen (best_<key>)."""
+    ordered = sorted(results, key=lambda r: r[key])
+    return dict(ordered[len(ordered) // 2], **{f"best_{key}": ordered[-1][key]}, runs=len(results))
 
 
 def local_runners(model_dir: Path, prompt: torch.Tensor, new_tokens: int) -> dict[str, Callable[[], dict]]:

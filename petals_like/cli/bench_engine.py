@@ -18,7 +18,7 @@ from typing import Callable
 
 import torch
 
-from petals_like.cli.bench import TokenTimer, percentile
+from petals_like.cli.bench import TokenTimer, percentile, pick_median
 
 
 def _prompt(length: int, seed: int, vocab: int = 300) -> torch.Tensor:
@@ -97,11 +97,10 @@ def concurrent_sessions(model, counts=(1, 4, 16, 32), prompt_len: int = 16, new_
     results = {}
     for count, measured in runs.items():
         ratios = [m["aggregate_tokens_per_s"] / one["aggregate_tokens_per_s"] for m, one in zip(measured, runs[counts[0]])]
-        median_round = sorted(measured, key=lambda m: m["aggregate_tokens_per_s"])[len(measured) // 2]
-        results[str(count)] = dict(median_round, vs_one_session=round(statistics.median(ratios), 2))
-        if rounds > 1:
-            results[str(count)]["tokens_per_s_per_round"] = [m["aggregate_tokens_per_s"] for m in measured]
-            results[str(count)]["vs_one_session_per_round"] = [round(r, 2) for r in ratios]
+        results[str(count)] = dict(pick_median(measured, "aggregate_tokens_per_s"),
+                                   vs_one_session=round(statistics.median(ratios), 2),
+                                   tokens_per_s_per_round=[m["aggregate_tokens_per_s"] for m in measured],
+                                   vs_one_session_per_round=[round(r, 2) for r in ratios])  # fmt: skip
     return results
 
 
