@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from petals_like.models import linear as linear_module
 from petals_like.models.linear import linear
 
 
@@ -48,10 +49,29 @@ def test_linear_keeps_autograd():
     torch.testing.assert_close(w.grad, x.detach().sum(0).expand(3, 8))
 
 
-def test_bfloat16_goes_through_f_linear():
+def test_few_bfloat16_rows_go_through_f_linear():
     x, w = torch.randn(4, 32, dtype=torch.bfloat16), torch.randn(16, 32, dtype=torch.bfloat16)
     with torch.inference_mode():
         assert torch.equal(linear(x, w), F.linear(x, w))
+
+
+@pytest.mark.parametrize("rows", [8, 40])
+@pytest.mark.parametrize("bias", [False, True])
+def test_many_bfloat16_rows_are_multiplied_in_float32_a_weight_slice_at_a_time(monkeypatch, rows: int, bias: bool):
+    """Without native bfloat16 matmuls, 8+ rows go through float32 products against slices of the
+    weight; the answer is the float32 product rounded to bfloat16, whatever the slicing."""
+    monkeypatch.setattr(linear_module, "_native_bf16", False)
+    monkeypatch.setattr(linear_module, "_UPCAST_SLICE_BYTES", 7 * 64 * 4)  # 50 weight rows: 8 slices of <= 7
+    generator = torch.Generator().manual_seed(rows)
+    x = torch.randn(2, rows // 2, 64, generator=generator).bfloat16()
+    w = torch.randn(50, 64, generator=generator).bfloat16()
+    b = torch.randn(50, generator=generator).bfloat16() if bias else None
+    with torch.inference_mode():
+        got = linear(x, w, b)
+    expected = F.linear(x.float(), w.float(), None if b is None else b.float()).bfloat16()
+    assert got.dtype == torch.bfloat16 and got.shape == (2, rows // 2, 50)
+    # the float32 sums may differ in their last bits (another kernel), so allow one bfloat16 step
+    torch.testing.assert_close(got.float(), expected.float(), rtol=2**-7, atol=1e-2)
 
 
 def test_many_rows_go_through_f_linear():

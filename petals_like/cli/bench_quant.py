@@ -3,12 +3,17 @@
   (k) servers in float32, bfloat16, int8 and nf4 (a swarm each): linear-weight bytes per block,
       one session's tokens/s and p50 per token, 16 sessions' aggregate tokens/s, and the relative
       error of the final hidden states and of the logits of a 16-token prompt vs float32
-  (l) one float32 swarm, the client's wire format float32, float16 or int8 (8-bit blocks): bytes
-      the client sends per decode step and per 512-token prefill, and the logits' relative error
+  (l) one float32 swarm, the client's wire format float32, float16, bfloat16 or int8 (8-bit
+      blocks): bytes the client sends per decode step and per 512-token prefill (every hop of the
+      chain carries the same), the logits' relative error, how far one hop moves a hidden state, and
+      how much the chain amplifies that. From the amplification, the fewest bits per value that any
+      codec needs to keep the logits within 1% (the rate-distortion bound of a Gaussian source, which
+      the random-weight model's embeddings are)
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -20,8 +25,8 @@ SETUPS = {"float32": [], "bfloat16": ["--torch_dtype", "bfloat16"], "int8": ["--
           "nf4": ["--quant_type", "nf4"]}  # fmt: skip
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return round(float((a.float() - b.float()).norm() / b.float().norm()), 5)
+def _rel(a: torch.Tensor, b: torch.Tensor, digits: int = 5) -> float:
+    return round(float((a.float() - b.float()).norm() / b.float().norm()), digits)
 
 
 def _weight_bytes(model_dir: Path, setup: str) -> int:
@@ -73,6 +78,12 @@ def quantized_servers(model_dir: Path, server_args: list[str], new_tokens: int =
     return results
 
 
+def _round_trip(tensor: torch.Tensor, wire: str) -> torch.Tensor:
+    from petals_like.protocol import _serialize, decode_tensors
+
+    return decode_tensors([_serialize(tensor, None if wire == "float32" else wire)])[0].float()
+
+
 def wire_formats(model_dir: Path, server_args: list[str], prefill_len: int = 512) -> dict:
     """(l)"""
     prompt = bench_engine._prompt(prefill_len, 6)
@@ -80,21 +91,31 @@ def wire_formats(model_dir: Path, server_args: list[str], prefill_len: int = 512
     with BenchSwarm(model_dir, server_args) as swarm:
         model = swarm.model
         reference = None
-        for wire in ("float32", "float16", "int8"):
+        for wire in ("float32", "float16", "bfloat16", "int8"):
             model.config.wire = wire
             with model.inference_session(max_length=prefill_len + 2, reuse_prefix=False) as session:
-                first = session.step(model.local.embed(prompt))
+                embedded = model.local.embed(prompt)
+                first = session.step(embedded)
                 prefill_bytes = session._chain[0].stream.bytes_sent
                 token = model.local.logits(first[:, -1:]).argmax(-1)
                 step = session.step(model.local.embed(token))
                 step_bytes = session._chain[0].stream.bytes_sent - prefill_bytes
+                hops = len(session._chain) + 1  # client -> each span -> client (spans push to the next)
             logits = model.local.logits(torch.cat([first[:, -1:], step], dim=1))
             if reference is None:
                 reference = logits
             results[wire] = {"bytes_per_decode_step": step_bytes, "bytes_per_prefill": prefill_bytes,
-                             "logits_rel_error": _rel(logits, reference)}  # fmt: skip
+                             "logits_rel_error": _rel(logits, reference), "hops": hops,
+                             "one_hop_hidden_rel_error": _rel(_round_trip(embedded, wire), embedded, 7)}  # fmt: skip
         model.config.wire = None
     base = results["float32"]
     for entry in results.values():
         entry["step_bytes_vs_float32"] = round(entry["bytes_per_decode_step"] / base["bytes_per_decode_step"], 3)
+        if entry["one_hop_hidden_rel_error"] > 0:
+            entry["amplification"] = round(entry["logits_rel_error"] / entry["one_hop_hidden_rel_error"], 1)
+    # Measured where the perturbation is smallest, so the chain is closest to linear
+    amplification = results["float16"]["amplification"]
+    bits = math.log2(amplification / 0.01)  # rms error of a Gaussian at R bits/value >= 2**-R of its rms
+    results["bound_for_1pct_logits"] = {"amplification": amplification, "min_bits_per_value": round(bits, 2),
+                                        "min_bytes_vs_float32": round(bits / 32, 3)}  # fmt: skip
     return results
