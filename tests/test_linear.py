@@ -80,3 +80,22 @@ def test_many_rows_go_through_f_linear():
     x, w = torch.randn(33, 32), torch.randn(16, 32)
     with torch.inference_mode():
         assert torch.equal(linear(x, w), F.linear(x, w))
+
+
+@pytest.mark.parametrize("rows", [4, 40])
+def test_int8_weights_match_their_dequantized_product_below_and_above_the_float32_row_threshold(monkeypatch, rows: int):
+    """Few rows go through the int8 kernel (bfloat16 activations), many through float32 products
+    of weight slices with the row scales applied: both are the product with the dequantized weight."""
+    from petals_like.quant.weights import QuantizedWeight
+
+    monkeypatch.setattr(linear_module, "_native_bf16", False)
+    monkeypatch.setattr(linear_module, "_UPCAST_SLICE_BYTES", 7 * 64 * 4)  # 50 weight rows: 8 slices of <= 7
+    generator = torch.Generator().manual_seed(rows)
+    weight = QuantizedWeight(torch.randn(50, 64, generator=generator), "int8")
+    x, b = torch.randn(rows, 64, generator=generator), torch.randn(50, generator=generator)
+    with torch.inference_mode():
+        got = linear(x, weight, b)
+    expected = F.linear(x, weight.dequantize(torch.float32), b)
+    tolerance = 1e-5 if rows >= linear_module._INT8_MIN_ROWS else 2e-2  # the kernel rounds x to bfloat16
+    assert got.shape == (rows, 50) and got.dtype == torch.float32
+    assert float((got - expected).norm() / expected.norm()) < tolerance

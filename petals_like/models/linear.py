@@ -19,7 +19,11 @@ has none): F.linear's bfloat16 product costs about as much per row as a whole ma
 so 16 rows took 18 ms per bench block and a 512-token prefill 565 ms. From 8 rows on, the rows are
 multiplied in float32 instead, against the weight converted to float32 a slice (<= 64 MiB) at a
 time: 16 rows 5.4 ms, 32 rows 8 ms, 512 rows 82 ms per block; the result is rounded back to
-bfloat16 (it differs from F.linear's bfloat16 product only by that rounding).
+bfloat16 (it differs from F.linear's bfloat16 product only by that rounding). int8 weights
+(quant/weights.py) take the same path from 16 rows on, each slice converted to float32 and the
+row scales applied to the product: about even with torch's int8 kernel for 16-32 rows, 1.6x
+faster for a 512-token prefill (90 vs 144 ms per bench block), and without the kernel's rounding
+of the activations to bfloat16.
 
 Used only without autograd (oneDNN's op has no backward), only for float32 CPU tensors and only
 for 1..32 rows (bfloat16 as above); everything else,
@@ -51,6 +55,7 @@ _MIN_ROWS = 1  # one row too: faster than the default BLAS's matrix-vector path 
 _MAX_ROWS = 32  # oneDNN's gain is for a handful of rows; each new row count costs a kernel kept in memory
 _onednn_ok: Optional[bool] = None  # decided at first use
 _BF16_MIN_ROWS = 8  # float32 products of bfloat16 rows: 4 rows about break even, 8 rows are 2x faster
+_INT8_MIN_ROWS = 16  # of int8 weights, vs the int8 kernel: 16-32 rows even, 128 rows 1.1x, 512 rows 1.6x faster
 _UPCAST_SLICE_BYTES = 64 << 20  # float32 copy of the weight alive at once
 _native_bf16: Optional[bool] = None
 
@@ -58,6 +63,9 @@ _native_bf16: Optional[bool] = None
 def linear(x: Tensor, weight, bias: Optional[Tensor] = None) -> Tensor:
     """x [..., in] @ weight[out, in].T + bias -> [..., out], as F.linear; weight may be a QuantizedWeight."""
     if isinstance(weight, QuantizedWeight):
+        if weight.quant_type == "int8" and _float32_products_apply(x, weight.data, _INT8_MIN_ROWS):
+            out = _float32_products(x.reshape(-1, x.shape[-1]), weight.data, bias, weight.scale)
+            return out.view(*x.shape[:-1], weight.shape[0])
         return weight.linear(x, bias)
     if (
         x.device.type == "cpu"
@@ -75,27 +83,36 @@ def linear(x: Tensor, weight, bias: Optional[Tensor] = None) -> Tensor:
         else:
             out = _swapped(flat, weight, bias)
         return out.view(*x.shape[:-1], weight.shape[0])
-    if (
-        x.device.type == "cpu"
-        and x.dtype == weight.dtype == torch.bfloat16
-        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-        and x.numel() >= _BF16_MIN_ROWS * x.shape[-1]
-        and not _has_native_bf16()
-    ):
+    if x.dtype == weight.dtype == torch.bfloat16 and _float32_products_apply(x, weight, _BF16_MIN_ROWS):
         out = _float32_products(x.reshape(-1, x.shape[-1]), weight, bias)
         return out.view(*x.shape[:-1], weight.shape[0])
     return F.linear(x, weight, bias)
 
 
-def _float32_products(flat: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-    """bfloat16 flat [rows, in] @ weight.T + bias computed in float32, the weight a slice at a time."""
+def _float32_products_apply(x: Tensor, weight: Tensor, min_rows: int) -> bool:
+    return (
+        x.device.type == "cpu"
+        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+        and x.numel() >= min_rows * x.shape[-1]
+        and not _has_native_bf16()
+    )
+
+
+def _float32_products(flat: Tensor, weight: Tensor, bias: Optional[Tensor], row_scale: Optional[Tensor] = None) -> Tensor:
+    """flat [rows, in] @ (weight * row_scale[:, None]).T + bias computed in float32, converting the
+    (bfloat16 or int8) weight a slice at a time; the result has flat's dtype."""
     rows = flat.float()
     out = torch.empty(flat.shape[0], weight.shape[0], dtype=flat.dtype)
     slices = -(-weight.numel() * 4 // _UPCAST_SLICE_BYTES)
     step = -(-weight.shape[0] // slices)  # equal slices: fewer distinct shapes for oneDNN to compile
     for start in range(0, weight.shape[0], step):
         part = slice(start, start + step)
-        out[:, part] = linear(rows, weight[part].float(), None if bias is None else bias[part].float())
+        product = linear(rows, weight[part].float())
+        if row_scale is not None:
+            product *= row_scale[part].float()
+        if bias is not None:
+            product += bias[part].float()
+        out[:, part] = product
     return out
 
 
