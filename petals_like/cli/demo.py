@@ -22,12 +22,15 @@ LOCALHOST = "/ip4/127.0.0.1/tcp/0"
 
 
 class Child:
-    """A subprocess of the demo, stopped by PID together with its own children (the p2pd daemon)."""
+    """A subprocess of the demo, stopped by PID together with its own children (the p2pd daemon).
+    It shares this machine's cores with the other children (utils.threads.shared_cores_env)."""
 
     def __init__(self, name: str, cmd: list[str]):
+        from petals_like.utils.threads import shared_cores_env
+
         self.name = name
         self.process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                        start_new_session=True)  # fmt: skip
+                                        start_new_session=True, env=shared_cores_env())  # fmt: skip
         self.output: list[str] = []
 
     def wait_for_line(self, prefix: str, timeout: float) -> str:
