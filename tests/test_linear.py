@@ -55,23 +55,61 @@ def test_few_bfloat16_rows_go_through_f_linear():
         assert torch.equal(linear(x, w), F.linear(x, w))
 
 
-@pytest.mark.parametrize("rows", [8, 40])
+@pytest.fixture
+def float32_products(monkeypatch) -> list[int]:
+    """Float32 products on (as on CPUs without native bfloat16 matmuls), 64-wide weights sliced
+    5 rows at a time, and the row counts of every call that took the path."""
+    monkeypatch.setattr(linear_module, "_float32_products_on", True)
+    monkeypatch.setattr(linear_module, "_UPCAST_SLICE_BYTES", 7 * 64 * 4)  # 50 rows: 10 slices of 5
+    calls: list[int] = []
+    real = linear_module._float32_products
+
+    def spy(flat, weight, *args):
+        calls.append(flat.shape[0])
+        return real(flat, weight, *args)
+
+    monkeypatch.setattr(linear_module, "_float32_products", spy)
+    return calls
+
+
+def test_weight_slices_are_equal_where_they_can_be(monkeypatch):
+    monkeypatch.setattr(linear_module, "_UPCAST_SLICE_BYTES", 7 * 64 * 4)
+    assert linear_module._slice_rows(50, 64) == 5  # 8 slices would be the fewest; 10 divide 50
+    assert linear_module._slice_rows(53, 64) == 7  # a prime: 8 slices, the last one shorter
+    assert linear_module._slice_rows(7, 64) == 7  # fits in one
+
+
+@pytest.mark.parametrize("rows", [7, 8, 40])
 @pytest.mark.parametrize("bias", [False, True])
-def test_many_bfloat16_rows_are_multiplied_in_float32_a_weight_slice_at_a_time(monkeypatch, rows: int, bias: bool):
-    """Without native bfloat16 matmuls, 8+ rows go through float32 products against slices of the
-    weight; the answer is the float32 product rounded to bfloat16, whatever the slicing."""
-    monkeypatch.setattr(linear_module, "_native_bf16", False)
-    monkeypatch.setattr(linear_module, "_UPCAST_SLICE_BYTES", 7 * 64 * 4)  # 50 weight rows: 8 slices of <= 7
+def test_many_bfloat16_rows_are_multiplied_in_float32_a_weight_slice_at_a_time(float32_products, rows: int, bias: bool):
+    """From 8 rows on, bfloat16 rows go through float32 products against slices of the weight;
+    the answer is the float32 product rounded to bfloat16, whatever the slicing or input layout."""
     generator = torch.Generator().manual_seed(rows)
-    x = torch.randn(2, rows // 2, 64, generator=generator).bfloat16()
+    x = torch.randn(rows // 2 + 1, 2, 64, generator=generator).bfloat16().transpose(0, 1)[:, : rows // 2]
+    x = x if rows % 2 == 0 else torch.randn(1, rows, 64, generator=generator).bfloat16()
     w = torch.randn(50, 64, generator=generator).bfloat16()
     b = torch.randn(50, generator=generator).bfloat16() if bias else None
     with torch.inference_mode():
         got = linear(x, w, b)
+    assert float32_products == ([] if rows < 8 else [rows])
+    assert got.dtype == torch.bfloat16 and got.shape == (*x.shape[:-1], 50)
+    if rows < 8:
+        assert torch.equal(got, F.linear(x, w, b))
+        return
     expected = F.linear(x.float(), w.float(), None if b is None else b.float()).bfloat16()
-    assert got.dtype == torch.bfloat16 and got.shape == (2, rows // 2, 50)
     # the float32 sums may differ in their last bits (another kernel), so allow one bfloat16 step
     torch.testing.assert_close(got.float(), expected.float(), rtol=2**-7, atol=1e-2)
+
+
+def test_bfloat16_rows_stay_on_f_linear_where_bfloat16_is_native_or_gradients_are_needed(float32_products, monkeypatch):
+    x, w = torch.randn(16, 64, dtype=torch.bfloat16), torch.randn(50, 64, dtype=torch.bfloat16)
+    monkeypatch.setattr(linear_module, "_float32_products_on", False)
+    with torch.inference_mode():
+        assert torch.equal(linear(x, w), F.linear(x, w))
+    monkeypatch.setattr(linear_module, "_float32_products_on", True)
+    x.requires_grad_(True)
+    linear(x, w).float().sum().backward()
+    assert float32_products == [] and x.grad is not None and x.grad.shape == x.shape
 
 
 def test_many_rows_go_through_f_linear():
@@ -82,20 +120,19 @@ def test_many_rows_go_through_f_linear():
         assert torch.equal(linear(x, w), F.linear(x, w))
 
 
-@pytest.mark.parametrize("rows", [4, 40])
-def test_int8_weights_match_their_dequantized_product_below_and_above_the_float32_row_threshold(monkeypatch, rows: int):
-    """Few rows go through the int8 kernel (bfloat16 activations), many through float32 products
+@pytest.mark.parametrize("rows", [4, 16, 40])
+def test_int8_weights_match_their_dequantized_product_below_and_above_the_float32_row_threshold(float32_products, rows: int):
+    """Few rows go through the int8 kernel (bfloat16 activations), 16+ through float32 products
     of weight slices with the row scales applied: both are the product with the dequantized weight."""
     from petals_like.quant.weights import QuantizedWeight
 
-    monkeypatch.setattr(linear_module, "_native_bf16", False)
-    monkeypatch.setattr(linear_module, "_UPCAST_SLICE_BYTES", 7 * 64 * 4)  # 50 weight rows: 8 slices of <= 7
     generator = torch.Generator().manual_seed(rows)
     weight = QuantizedWeight(torch.randn(50, 64, generator=generator), "int8")
-    x, b = torch.randn(rows, 64, generator=generator), torch.randn(50, generator=generator)
+    x, b = torch.randn(2, rows // 2, 64, generator=generator), torch.randn(50, generator=generator)
     with torch.inference_mode():
         got = linear(x, weight, b)
     expected = F.linear(x, weight.dequantize(torch.float32), b)
-    tolerance = 1e-5 if rows >= linear_module._INT8_MIN_ROWS else 2e-2  # the kernel rounds x to bfloat16
-    assert got.shape == (rows, 50) and got.dtype == torch.float32
+    assert float32_products == ([] if rows < 16 else [rows])
+    tolerance = 1e-5 if rows >= 16 else 2e-2  # the kernel rounds x to bfloat16
+    assert got.shape == (2, rows // 2, 50) and got.dtype == torch.float32
     assert float((got - expected).norm() / expected.norm()) < tolerance

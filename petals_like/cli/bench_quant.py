@@ -5,10 +5,11 @@
       error of the final hidden states and of the logits of a 16-token prompt vs float32
   (l) one float32 swarm, the client's wire format float32, float16, bfloat16 or int8 (8-bit
       blocks): bytes the client sends per decode step and per 512-token prefill (every hop of the
-      chain carries the same), the logits' relative error, how far one hop moves a hidden state, and
-      how much the chain amplifies that. From the amplification, the fewest bits per value that any
-      codec needs to keep the logits within 1% (the rate-distortion bound of a Gaussian source, which
-      the random-weight model's embeddings are)
+      chain carries the same), the logits' relative error, how far one hop moves a hidden state (the
+      client's embeddings), and the amplification: logits error / one hop's error, every hop using
+      the format, as a session's wire does. From it, the fewest bits per value that any codec used on
+      every hop needs to keep the logits within 1% (the rate-distortion bound of a Gaussian source,
+      which the random-weight model's embeddings are)
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ SETUPS = {"float32": [], "bfloat16": ["--torch_dtype", "bfloat16"], "int8": ["--
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor, digits: int = 5) -> float:
-    return round(float((a.float() - b.float()).norm() / b.float().norm()), digits)
+    a, b = a.detach().float(), b.detach().float()
+    return round(float((a - b).norm() / b.norm()), digits)
 
 
 def _weight_bytes(model_dir: Path, setup: str) -> int:

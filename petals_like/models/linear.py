@@ -14,27 +14,37 @@ blocks: 16 rows 31-33 ms vs 43-45 ms, 8 rows 25 vs 38 ms, 2 rows 25 vs 29 ms, an
 head 12 ms vs 16 ms. It reads the ordinary dense weight, so no second, reordered copy of the
 weights is kept.
 
-bfloat16 on a CPU without native bfloat16 matmuls (oneDNN's needs AVX-512; the AVX2 EPYC above
-has none): F.linear's bfloat16 product costs about as much per row as a whole matrix-vector pass,
-so 16 rows took 18 ms per bench block and a 512-token prefill 565 ms. From 8 rows on, the rows are
-multiplied in float32 instead, against the weight converted to float32 a slice (<= 64 MiB) at a
-time: 16 rows 5.4 ms, 32 rows 8 ms, 512 rows 82 ms per block; the result is rounded back to
-bfloat16 (it differs from F.linear's bfloat16 product only by that rounding). int8 weights
-(quant/weights.py) take the same path from 16 rows on, each slice converted to float32 and the
-row scales applied to the product: about even with torch's int8 kernel for 16-32 rows, 1.6x
-faster for a 512-token prefill (90 vs 144 ms per bench block), and without the kernel's rounding
-of the activations to bfloat16.
+bfloat16 on a CPU without native bfloat16 matmuls (oneDNN's needs AVX-512; the AVX2 EPYC above has
+none): F.linear's bfloat16 product costs about as much per row as a whole matrix-vector pass, so
+the matrices of one bench block took 18 ms for 16 rows and 565 ms for a 512-token prefill. From 8
+rows on, the rows are multiplied in float32 instead, against the weight converted to float32 a
+slice (~8 MiB) at a time: 16 rows 5.8 ms, 32 rows 11 ms, 512 rows 89 ms for one block's matrices (a
+whole 8-block prefill: 0.94 s instead of 4.8 s). Small slices matter on big weights: one 4096 x
+11008 matrix at 16 rows takes 19 ms in 8 MiB slices, 31 ms in 16 MiB ones, 123 ms in 64 MiB ones
+(each slice is then written to memory and read back instead of staying in cache), and 66 ms through
+F.linear. The result is rounded back to bfloat16; it differs from F.linear's bfloat16 product only
+by that rounding.
 
-Used only without autograd (oneDNN's op has no backward), only for float32 CPU tensors and only
-for 1..32 rows (bfloat16 as above); everything else,
-CUDA included, goes to F.linear. The row limit bounds memory: oneDNN compiles and keeps a kernel
-for every input shape it meets (~0.6 MiB each, whatever the weight's size, and not given back
-when its cache evicts one): a server whose batches took every size up to its token budget kept
-growing (by ~190 MiB in five minutes of scripts/soak.py); with the limit it is ~75 MiB for the
-four weight shapes of a block, reached once every batch size up to 32 has occurred. The oneDNN
-path is checked once against F.linear at first use (both orientations) and switched off if it
-is missing or disagrees (a PyTorch build without it, or a changed private signature): set
-PETALS_LIKE_ONEDNN_LINEAR=0 to turn it off.
+int8 weights (quant/weights.py) take the same path from 16 rows on, on the same CPUs: each slice
+converted to float32 and the row scales applied to the product. That is a little faster than
+torch's int8 kernel for 16-32 rows (16 rows 6.0 vs 7.3 ms) and about 2x for a 512-token prefill (87
+vs 191 ms per block), and it keeps the activations in float32 where the kernel rounds them to
+bfloat16, so an int8 server's outputs depend slightly on how many rows its iteration carries
+(within the int8 error bounds). Set PETALS_LIKE_FLOAT32_PRODUCTS=0 to keep bfloat16 and int8 on
+F.linear and the int8 kernel.
+
+oneDNN runs float32 products of 1..32 rows without autograd (its op has no backward): those of
+float32 CPU tensors and those of the slices above. Everything else, CUDA included, goes to
+F.linear (or the quantized weight's own kernel). The row limit bounds memory: oneDNN compiles
+and keeps a kernel for every input shape it meets (~0.6 MiB each, whatever the weight's size,
+and not given back when its cache evicts one): a server whose batches took every size up to its
+token budget kept growing (by ~190 MiB in five minutes of scripts/soak.py); with the limit it is
+~75 MiB for the four weight shapes of a float32 block, reached once every batch size up to 32
+has occurred. Slices are equal where the slice count divides the weight's rows (else the last is
+shorter: one more shape), so a bfloat16 or int8 block meets a few shapes per matrix, times the
+row counts 8 (int8: 16) to 32. The oneDNN path is checked once against F.linear at first use
+(both orientations) and switched off if it is missing or disagrees (a PyTorch build without it,
+or a changed private signature): set PETALS_LIKE_ONEDNN_LINEAR=0 to turn it off.
 """
 
 from __future__ import annotations
@@ -55,9 +65,9 @@ _MIN_ROWS = 1  # one row too: faster than the default BLAS's matrix-vector path 
 _MAX_ROWS = 32  # oneDNN's gain is for a handful of rows; each new row count costs a kernel kept in memory
 _onednn_ok: Optional[bool] = None  # decided at first use
 _BF16_MIN_ROWS = 8  # float32 products of bfloat16 rows: 4 rows about break even, 8 rows are 2x faster
-_INT8_MIN_ROWS = 16  # of int8 weights, vs the int8 kernel: 16-32 rows even, 128 rows 1.1x, 512 rows 1.6x faster
-_UPCAST_SLICE_BYTES = 64 << 20  # float32 copy of the weight alive at once
-_native_bf16: Optional[bool] = None
+_INT8_MIN_ROWS = 16  # of int8 weights, vs the int8 kernel: 8 rows even, 16 rows 1.2x, 512 rows 2x faster
+_UPCAST_SLICE_BYTES = 8 << 20  # float32 copy of the weight alive at once; larger slices fall out of cache
+_float32_products_on: Optional[bool] = None  # decided at first use
 
 
 def linear(x: Tensor, weight, bias: Optional[Tensor] = None) -> Tensor:
@@ -94,7 +104,7 @@ def _float32_products_apply(x: Tensor, weight: Tensor, min_rows: int) -> bool:
         x.device.type == "cpu"
         and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
         and x.numel() >= min_rows * x.shape[-1]
-        and not _has_native_bf16()
+        and _float32_products_enabled()
     )
 
 
@@ -102,9 +112,8 @@ def _float32_products(flat: Tensor, weight: Tensor, bias: Optional[Tensor], row_
     """flat [rows, in] @ (weight * row_scale[:, None]).T + bias computed in float32, converting the
     (bfloat16 or int8) weight a slice at a time; the result has flat's dtype."""
     rows = flat.float()
-    out = torch.empty(flat.shape[0], weight.shape[0], dtype=flat.dtype)
-    slices = -(-weight.numel() * 4 // _UPCAST_SLICE_BYTES)
-    step = -(-weight.shape[0] // slices)  # equal slices: fewer distinct shapes for oneDNN to compile
+    out = torch.empty(flat.shape[0], weight.shape[0], dtype=flat.dtype, device=flat.device)
+    step = _slice_rows(weight.shape[0], weight.shape[1])
     for start in range(0, weight.shape[0], step):
         part = slice(start, start + step)
         product = linear(rows, weight[part].float())
@@ -116,14 +125,24 @@ def _float32_products(flat: Tensor, weight: Tensor, bias: Optional[Tensor], row_
     return out
 
 
-def _has_native_bf16() -> bool:
-    global _native_bf16
-    if _native_bf16 is None:
+def _slice_rows(out_features: int, in_features: int) -> int:
+    """Weight rows per float32 slice: within _UPCAST_SLICE_BYTES, and dividing out_features evenly
+    when a slice count up to twice the least one does (one shape for oneDNN to compile, not two)."""
+    least = -(-out_features * in_features * 4 // _UPCAST_SLICE_BYTES)
+    count = next((n for n in range(least, 2 * least + 1) if out_features % n == 0), least)
+    return -(-out_features // count)
+
+
+def _float32_products_enabled() -> bool:
+    """Off where bfloat16 matmuls are native (oneDNN with AVX-512) or PETALS_LIKE_FLOAT32_PRODUCTS=0."""
+    global _float32_products_on
+    if _float32_products_on is None:
         try:
-            _native_bf16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+            native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
         except Exception:  # an op missing from this build: assume the slow path, float32 is always right
-            _native_bf16 = False
-    return _native_bf16
+            native = False
+        _float32_products_on = not native and os.environ.get("PETALS_LIKE_FLOAT32_PRODUCTS", "1") != "0"
+    return _float32_products_on
 
 
 def _swapped(flat: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:

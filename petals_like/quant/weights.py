@@ -6,8 +6,9 @@ batch 1: float32 2.0 ms, bfloat16 5.0 ms, bitsandbytes int8/nf4 10-30x float32):
   int8: symmetric per-output-channel absmax (LLM.int8's vector-wise weight quantization, without
         its outlier split): int8 [out, in] + one scale per output row. CPU: torch's
         `_weight_int8pack_mm` kernel with bfloat16 activations (3.7 ms, faster than bfloat16
-        itself), 0.8% relative error per matmul on Gaussian weights. From 16 rows on, linear()
-        multiplies in float32 against weight slices instead (models/linear.py).
+        itself), 0.8% relative error per matmul on Gaussian weights. From 16 rows on, on CPUs
+        without native bfloat16 matmuls, linear() multiplies in float32 against weight slices
+        instead (models/linear.py).
   nf4:  4 bits per weight in groups of 64 along the input dimension, each group with its own scale
         and offset (16 levels). CPU: torch's `_weight_int4pack_mm_for_cpu` (2.3 ms with bfloat16
         activations). NF4's non-uniform codebook has no fast CPU kernel; uniform 16-level groups of

@@ -62,15 +62,16 @@ def in_compute_thread(fn: Callable[..., T], *args, num_threads: Optional[int] = 
 
 
 def shared_cores_env() -> dict[str, str]:
-    """The environment for a server process started beside others on the same cores (the demo's
-    and the benchmark's local swarms): idle OpenMP threads sleep at once (OMP_WAIT_POLICY=PASSIVE)
-    instead of spinning for a while after each parallel region on cores another server is computing
-    on. A value the caller's environment sets is kept.
+    """The environment for a process of a local swarm (the demo's and the benchmark's servers, DHT
+    and helper clients), which shares this machine's cores with the others: idle OpenMP threads
+    sleep at once (OMP_WAIT_POLICY=PASSIVE) instead of spinning for a while after each parallel
+    region on cores another process is computing on. A value the caller's environment sets is kept.
 
-    Measured with the bench model on 2 cores: two training chains over four servers, 15.4 s a step
-    spinning vs 5.7 s passive; one session through two servers about the same (13.9 vs 14.2 tok/s).
-    A server alone on its machine is better off spinning (one 16-row iteration of 8 blocks: 31 vs
-    47 ms passive), so run_server itself leaves the policy to the environment."""
+    Measured with the bench model on 2 cores: two training chains over four servers took 15.4 s a
+    step with spinning servers and 6.6-7.6 s with passive ones; one session through two servers is
+    the same within the noise (13-14 tok/s). A server alone on its machine is better off spinning
+    (one 16-row iteration of 8 blocks: 31 vs 47 ms passive), so run_server itself leaves the policy
+    to the environment."""
     env = dict(os.environ)
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     return env
