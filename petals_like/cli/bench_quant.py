@@ -83,9 +83,12 @@ def quantized_servers(model_dir: Path, server_args: list[str], new_tokens: int =
 
 
 def _round_trip(tensor: torch.Tensor, wire: str) -> torch.Tensor:
-    from petals_like.protocol import _serialize, decode_tensors
+    """The tensor as a server receives it in this wire format (one message, as the protocol packs it)."""
+    from petals_like.protocol import pack_message, unpack_message
 
-    return decode_tensors([_serialize(tensor, None if wire == "float32" else wire)])[0].float()
+    size = 2 * tensor.numel() * tensor.element_size() + (1 << 20)
+    (part,) = pack_message([tensor.detach()], max_part_bytes=size, wire=wire)
+    return unpack_message(part, max_bytes=size).tensors[0].float()
 
 
 def wire_formats(model_dir: Path, server_args: list[str], prefill_len: int = 512) -> dict:

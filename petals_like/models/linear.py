@@ -34,18 +34,18 @@ bfloat16, so an int8 server's outputs depend slightly on how many rows its itera
 F.linear and the int8 kernel.
 
 oneDNN runs float32 products of 1..32 rows without autograd (its op has no backward): those of
-float32 CPU tensors and those of the slices above. Everything else, CUDA included, goes to
-F.linear (or the quantized weight's own kernel). The row limit bounds memory: oneDNN compiles
-and keeps a kernel for every input shape it meets (~0.6 MiB each, whatever the weight's size,
-and not given back when its cache evicts one): a server whose batches took every size up to its
-token budget kept growing (by ~190 MiB in five minutes of scripts/soak.py); with the limit it is
-~75 MiB for the four weight shapes of a float32 block, reached once every batch size up to 32
-has occurred. Slices are equal where the slice count divides the weight's rows (else the last is
-shorter: one more shape), so a bfloat16 or int8 block meets a few shapes per matrix, times the
-row counts 8 (int8: 16) to 32. Measured on 8 bench blocks after every row count 1..32 had run:
-float32 +79 MiB, bfloat16 +67 MiB, int8 +65 MiB, and nothing more after a second pass. The oneDNN path is checked once against F.linear at first use
-(both orientations) and switched off if it is missing or disagrees (a PyTorch build without it,
-or a changed private signature): set PETALS_LIKE_ONEDNN_LINEAR=0 to turn it off.
+float32 CPU tensors and those of the slices above. Everything else, CUDA included, goes to F.linear
+(or the quantized weight's own kernel). The row limit bounds memory: oneDNN compiles and keeps a
+kernel for every input shape it meets (~0.6 MiB each, whatever the weight's size, and not given
+back when its cache evicts one): a server whose batches took every size up to its token budget kept
+growing (by ~190 MiB in five minutes of scripts/soak.py); with the limit it is ~75 MiB for the four
+weight shapes of a float32 block, reached once every batch size up to 32 has occurred. Slices are
+equal where the slice count divides the weight's rows (else the last is shorter: one more shape),
+so a bfloat16 or int8 block meets a few shapes per matrix, times the row counts 8 (int8: 16) to 32.
+Measured on 8 bench blocks after every row count 1..32 had run: float32 +79 MiB, bfloat16 +67 MiB,
+int8 +65 MiB, and nothing more after a second pass. The oneDNN path is checked once against
+F.linear at first use (both orientations) and switched off if it is missing or disagrees (a PyTorch
+build without it, or a changed private signature): set PETALS_LIKE_ONEDNN_LINEAR=0 to turn it off.
 """
 
 from __future__ import annotations
@@ -75,8 +75,7 @@ def linear(x: Tensor, weight, bias: Optional[Tensor] = None) -> Tensor:
     """x [..., in] @ weight[out, in].T + bias -> [..., out], as F.linear; weight may be a QuantizedWeight."""
     if isinstance(weight, QuantizedWeight):
         if weight.quant_type == "int8" and _float32_products_apply(x, weight.data, _INT8_MIN_ROWS):
-            out = _float32_products(x.reshape(-1, x.shape[-1]), weight.data, bias, weight.scale)
-            return out.view(*x.shape[:-1], weight.shape[0])
+            return _float32_products(x, weight.data, bias, weight.scale)
         return weight.linear(x, bias)
     if (
         x.device.type == "cpu"
@@ -95,8 +94,7 @@ def linear(x: Tensor, weight, bias: Optional[Tensor] = None) -> Tensor:
             out = _swapped(flat, weight, bias)
         return out.view(*x.shape[:-1], weight.shape[0])
     if x.dtype == weight.dtype == torch.bfloat16 and _float32_products_apply(x, weight, _BF16_MIN_ROWS):
-        out = _float32_products(x.reshape(-1, x.shape[-1]), weight, bias)
-        return out.view(*x.shape[:-1], weight.shape[0])
+        return _float32_products(x, weight, bias)
     return F.linear(x, weight, bias)
 
 
@@ -109,11 +107,11 @@ def _float32_products_apply(x: Tensor, weight: Tensor, min_rows: int) -> bool:
     )
 
 
-def _float32_products(flat: Tensor, weight: Tensor, bias: Optional[Tensor], row_scale: Optional[Tensor] = None) -> Tensor:
-    """flat [rows, in] @ (weight * row_scale[:, None]).T + bias computed in float32, converting the
-    (bfloat16 or int8) weight a slice at a time; the result has flat's dtype."""
-    rows = flat.float()
-    out = torch.empty(flat.shape[0], weight.shape[0], dtype=flat.dtype, device=flat.device)
+def _float32_products(x: Tensor, weight: Tensor, bias: Optional[Tensor], row_scale: Optional[Tensor] = None) -> Tensor:
+    """x [..., in] @ (weight * row_scale[:, None]).T + bias computed in float32, converting the
+    (bfloat16 or int8) weight a slice at a time; the result [..., out] has x's dtype."""
+    rows = x.reshape(-1, x.shape[-1]).float()
+    out = torch.empty(rows.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
     step = _slice_rows(weight.shape[0], weight.shape[1])
     for start in range(0, weight.shape[0], step):
         part = slice(start, start + step)
@@ -123,7 +121,7 @@ def _float32_products(flat: Tensor, weight: Tensor, bias: Optional[Tensor], row_
         if bias is not None:
             product += bias[part].float()
         out[:, part] = product
-    return out
+    return out.view(*x.shape[:-1], weight.shape[0])
 
 
 def _slice_rows(out_features: int, in_features: int) -> int:
