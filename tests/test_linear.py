@@ -138,3 +138,83 @@ def test_int8_weights_match_their_dequantized_product_below_and_above_the_float3
     tolerance = 1e-5 if rows >= 16 else 2e-2  # the kernel rounds x to bfloat16
     assert got.shape == (2, rows // 2, 50) and got.dtype == torch.float32
     assert float((got - expected).norm() / expected.norm()) < tolerance
+
+
+def _kernel_weight(weight) -> torch.Tensor:
+    """A 4-bit weight as the CPU kernel itself multiplies by: its product with the identity
+    (rounded to bfloat16, the kernel's output dtype), independent of the unpacking in float32."""
+    with torch.inference_mode():
+        return weight._int4_mm(torch.eye(weight.shape[1], dtype=torch.bfloat16)).t().float()
+
+
+@pytest.mark.parametrize("rows", [16, 127, 128, 300])
+def test_nf4_weights_match_their_dequantized_product_below_and_above_the_float32_row_threshold(float32_products, rows: int):
+    """4-bit weights: up to 127 rows through the 4-bit kernel (bfloat16 activations), from 128 on
+    through float32 products of weight slices unpacked from the kernel's layout (here 2 slices of
+    32 rows): both are the product with the weight the kernel holds."""
+    from petals_like.quant.weights import QuantizedWeight
+
+    generator = torch.Generator().manual_seed(rows)
+    weight = QuantizedWeight(torch.randn(64, 128, generator=generator), "nf4")
+    if not weight.unpacks_to_float32:
+        pytest.skip("this CPU's 4-bit layout is not one that is unpacked")
+    assert linear_module._slice_rows(64, 128, weight.row_multiple) == 32
+    x, b = torch.randn(rows, 1, 128, generator=generator), torch.randn(64, generator=generator)
+    with torch.inference_mode():
+        got = linear(x, weight, b)
+    assert float32_products == ([] if rows < 128 else [rows])
+    assert got.shape == (rows, 1, 64) and got.dtype == torch.float32
+    # against the kernel's own weight (bfloat16-rounded: up to 2^-9 of each value), and, for the
+    # float32 path, exactly against the whole dequantized weight (slicing and bias)
+    expected = F.linear(x, _kernel_weight(weight), b)
+    assert float((got - expected).norm() / expected.norm()) < (4e-3 if rows >= 128 else 2e-2)
+    if rows >= 128:
+        exact = F.linear(x, weight.dequantize(torch.float32), b)
+        assert float((got - exact).norm() / exact.norm()) < 1e-5
+
+
+def test_nf4_slices_need_not_divide_the_blocks_evenly(float32_products, monkeypatch):
+    """224 rows = 7 blocks of 32, in slices of at most 4 blocks: 128 + 96 rows."""
+    from petals_like.quant.weights import QuantizedWeight
+
+    monkeypatch.setattr(linear_module, "_UPCAST_SLICE_BYTES", 112 * 128 * 4)
+    generator = torch.Generator().manual_seed(4)
+    weight = QuantizedWeight(torch.randn(224, 128, generator=generator), "nf4")
+    if not weight.unpacks_to_float32:
+        pytest.skip("this CPU's 4-bit layout is not one that is unpacked")
+    assert linear_module._slice_rows(224, 128, weight.row_multiple) == 128
+    x = torch.randn(130, 128, generator=generator)
+    with torch.inference_mode():
+        got = linear(x, weight)
+    expected = F.linear(x, _kernel_weight(weight))
+    assert float32_products == [130] and float((got - expected).norm() / expected.norm()) < 4e-3
+
+
+def test_nf4_weights_stay_on_the_kernel_where_the_rows_or_the_layout_do_not_fit(float32_products, monkeypatch):
+    """The kernel packs output rows in blocks of 32: a weight with 48 rows is not unpacked, nor is
+    any weight where this torch's layout is not the one read; products and the dequantized weight
+    then come from the kernel."""
+    from petals_like.quant import weights
+
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(130, 128, generator=generator)
+    for rows, layout_known in ((48, True), (64, False)):
+        monkeypatch.setattr(weights, "_int4_layout_ok", layout_known)
+        w = torch.randn(rows, 128, generator=generator)
+        weight = weights.QuantizedWeight(w, "nf4")
+        with torch.inference_mode():
+            got = linear(x, weight)
+        assert weight.kernel_layout and not weight.unpacks_to_float32 and float32_products == []
+        assert torch.equal(weight.dequantize(), _kernel_weight(weight))
+        from_kernel = F.linear(x, _kernel_weight(weight))
+        assert float((got - from_kernel).norm() / from_kernel.norm()) < 2e-2  # x rounded to bfloat16
+        assert float((got - F.linear(x, w)).norm() / F.linear(x, w).norm()) < 0.11
+
+
+def test_float32_slices_of_quantized_weights_keep_their_row_multiple(monkeypatch):
+    monkeypatch.setattr(linear_module, "_UPCAST_SLICE_BYTES", 40 * 64 * 4)
+    assert linear_module._slice_rows(128, 64, 32) == 32  # 40 rows fit: 4 slices of 32
+    assert linear_module._slice_rows(96, 64, 32) == 32
+    assert linear_module._slice_rows(64, 1024, 32) == 32  # not even 32 rows fit: one block a slice
+    with pytest.raises(ValueError):
+        linear_module._slice_rows(48, 64, 32)

@@ -131,3 +131,48 @@ def test_wire_formats_shrink_steps_and_keep_outputs_close(tiny_model: Path):
         assert sent["float16"] <= 0.5 * sent[None] and sent["int8"] <= 0.3 * sent[None]
     finally:
         swarm.shutdown()
+
+
+def test_4bit_weights_unpack_to_what_the_kernel_multiplies_by():
+    """The kernel's 4-bit layout is torch's private one, checked at first use: where it is the one
+    read, the unpacked weight is what the kernel's product with the identity gives (up to its
+    bfloat16 rounding), a slice of whole 32-row blocks at a time as well as whole."""
+    from petals_like.quant import weights
+
+    generator = torch.Generator().manual_seed(2)
+    q = QuantizedWeight(torch.randn(96, 192, generator=generator) * 0.02, "nf4")
+    assert q.kernel_layout
+    if not weights._int4_layout_known():
+        pytest.skip("this CPU's 4-bit layout is not one that is unpacked")
+    with torch.inference_mode():
+        from_kernel = q._int4_mm(torch.eye(192, dtype=torch.bfloat16)).t().float()
+        whole = q.dequantize()
+        middle, row_scale = q.float32_rows(32, 64)
+    assert row_scale is None and middle.shape == (32, 192)
+    torch.testing.assert_close(whole, from_kernel, rtol=2**-8, atol=1e-6)
+    assert torch.equal(middle, whole[32:64])
+    with pytest.raises(ValueError, match="whole blocks"):
+        q.float32_rows(16, 48)  # would read halves of two blocks
+
+
+def test_4bit_weights_without_the_cpu_kernel_pack_two_per_byte(monkeypatch):
+    """CUDA's path (and that of a CPU build without the 4-bit kernel): the same levels and scales,
+    packed two per byte in order, dequantized before each matmul; same bytes, same weight."""
+    from petals_like.quant import weights
+
+    generator = torch.Generator().manual_seed(5)
+    w = torch.randn(48, 256, generator=generator) * 0.02
+    with_kernel = QuantizedWeight(w, "nf4")
+    monkeypatch.setattr(weights, "_int4_kernel_available", lambda: False)
+    portable = QuantizedWeight(w, "nf4")
+    assert not portable.kernel_layout and portable.unpacks_to_float32 and portable.row_multiple == 1
+    assert portable.nbytes == with_kernel.nbytes
+    torch.testing.assert_close(portable.dequantize(), with_kernel.dequantize(), rtol=2**-8, atol=1e-6)
+    torch.testing.assert_close(portable.float32_rows(5, 9)[0], portable.dequantize()[5:9])
+    x = torch.randn(3, 256, generator=generator)
+    with torch.inference_mode():
+        assert rel(portable.linear(x), x @ w.t()) <= MATMUL_BOUND["nf4"]
+        torch.testing.assert_close(portable.linear(x), x @ portable.dequantize().t())
+    xg = x.clone().requires_grad_(True)
+    portable.linear(xg).sum().backward()
+    torch.testing.assert_close(xg.grad, portable.dequantize().sum(0).expand(3, 256))

@@ -30,8 +30,13 @@ converted to float32 and the row scales applied to the product. That is a little
 torch's int8 kernel for 16-32 rows (16 rows 6.0 vs 7.3 ms) and about 2x for a 512-token prefill (87
 vs 191 ms per block), and it keeps the activations in float32 where the kernel rounds them to
 bfloat16, so an int8 server's outputs depend slightly on how many rows its iteration carries
-(within the int8 error bounds). Set PETALS_LIKE_FLOAT32_PRODUCTS=0 to keep bfloat16 and int8 on
-F.linear and the int8 kernel.
+(within the int8 error bounds). 4-bit weights take it from 128 rows on (prefill chunks), where
+their packed layout is one quant/weights.py reads: each slice, a whole number of the kernel's
+32-row blocks, unpacked into float32 with the group scales applied. One bench block's matrices, in
+three runs on two threads: 128 rows 1.0-1.3x, 256 rows 1.6-2.1x, 512 rows 1.8-2.3x faster than
+through the 4-bit kernel (512 rows: 92-105 ms instead of 172-220 ms; one thread gains as much).
+Unpacking costs too much for fewer rows (64: even). Set PETALS_LIKE_FLOAT32_PRODUCTS=0 to keep
+bfloat16 and the quantized weights on F.linear and their kernels.
 
 oneDNN runs float32 products of 1..32 rows without autograd (its op has no backward): those of
 float32 CPU tensors and those of the slices above. Everything else, CUDA included, goes to F.linear
@@ -66,7 +71,10 @@ _MIN_ROWS = 1  # one row too: faster than the default BLAS's matrix-vector path 
 _MAX_ROWS = 32  # oneDNN's gain is for a handful of rows; each new row count costs a kernel kept in memory
 _onednn_ok: Optional[bool] = None  # decided at first use
 _BF16_MIN_ROWS = 8  # float32 products of bfloat16 rows: 4 rows about break even, 8 rows are 2x faster
-_INT8_MIN_ROWS = 16  # of int8 weights, vs the int8 kernel: 8 rows even, 16 rows 1.2x, 512 rows 2x faster
+_QUANT_MIN_ROWS = {  # of quantized weights, against their own kernels
+    "int8": 16,  # 8 rows even, 16 rows 1.2x, 512 rows 2x faster
+    "nf4": 128,  # unpacking 4 bits costs more: 64 rows even, 128 rows 1.0-1.3x, 512 rows 1.8-2.3x faster
+}
 _UPCAST_SLICE_BYTES = 8 << 20  # float32 copy of the weight alive at once; larger slices fall out of cache
 _float32_products_on: Optional[bool] = None  # decided at first use
 
@@ -74,8 +82,8 @@ _float32_products_on: Optional[bool] = None  # decided at first use
 def linear(x: Tensor, weight, bias: Optional[Tensor] = None) -> Tensor:
     """x [..., in] @ weight[out, in].T + bias -> [..., out], as F.linear; weight may be a QuantizedWeight."""
     if isinstance(weight, QuantizedWeight):
-        if weight.quant_type == "int8" and _float32_products_apply(x, weight.data, _INT8_MIN_ROWS):
-            return _float32_products(x, weight.data, bias, weight.scale)
+        if _float32_products_apply(x, weight, _QUANT_MIN_ROWS[weight.quant_type]) and weight.unpacks_to_float32:
+            return _float32_products(x, weight, bias)
         return weight.linear(x, bias)
     if (
         x.device.type == "cpu"
@@ -98,38 +106,49 @@ def linear(x: Tensor, weight, bias: Optional[Tensor] = None) -> Tensor:
     return F.linear(x, weight, bias)
 
 
-def _float32_products_apply(x: Tensor, weight: Tensor, min_rows: int) -> bool:
+def _float32_products_apply(x: Tensor, weight, min_rows: int) -> bool:
+    weight_grad = isinstance(weight, Tensor) and weight.requires_grad
     return (
         x.device.type == "cpu"
-        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+        and not (torch.is_grad_enabled() and (x.requires_grad or weight_grad))
         and x.numel() >= min_rows * x.shape[-1]
         and _float32_products_enabled()
     )
 
 
-def _float32_products(x: Tensor, weight: Tensor, bias: Optional[Tensor], row_scale: Optional[Tensor] = None) -> Tensor:
-    """x [..., in] @ (weight * row_scale[:, None]).T + bias computed in float32, converting the
-    (bfloat16 or int8) weight a slice at a time; the result [..., out] has x's dtype."""
+def _float32_products(x: Tensor, weight, bias: Optional[Tensor]) -> Tensor:
+    """x [..., in] @ weight.T + bias computed in float32, converting the weight (bfloat16, or a
+    QuantizedWeight that unpacks_to_float32) a slice at a time; the result [..., out] has x's dtype."""
     rows = x.reshape(-1, x.shape[-1]).float()
-    out = torch.empty(rows.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
-    step = _slice_rows(weight.shape[0], weight.shape[1])
-    for start in range(0, weight.shape[0], step):
+    out_features, in_features = weight.shape
+    out = torch.empty(rows.shape[0], out_features, dtype=x.dtype, device=x.device)
+    quantized = isinstance(weight, QuantizedWeight)
+    step = _slice_rows(out_features, in_features, weight.row_multiple if quantized else 1)
+    for start in range(0, out_features, step):
         part = slice(start, start + step)
-        product = linear(rows, weight[part].float())
+        if quantized:
+            values, row_scale = weight.float32_rows(start, min(start + step, out_features))
+        else:
+            values, row_scale = weight[part].float(), None
+        product = linear(rows, values)
         if row_scale is not None:
-            product *= row_scale[part].float()
+            product *= row_scale
         if bias is not None:
             product += bias[part].float()
         out[:, part] = product
-    return out.view(*x.shape[:-1], weight.shape[0])
+    return out.view(*x.shape[:-1], out_features)
 
 
-def _slice_rows(out_features: int, in_features: int) -> int:
-    """Weight rows per float32 slice: within _UPCAST_SLICE_BYTES, and dividing out_features evenly
-    when a slice count up to twice the least one does (one shape for oneDNN to compile, not two)."""
+def _slice_rows(out_features: int, in_features: int, multiple: int = 1) -> int:
+    """Weight rows per float32 slice, a multiple of `multiple` (which divides out_features): within
+    _UPCAST_SLICE_BYTES where it can be, and dividing out_features evenly when a slice count up to
+    twice the least one does (one shape for oneDNN to compile, not two)."""
+    if out_features % multiple:
+        raise ValueError(f"{out_features} rows do not split into slices of a multiple of {multiple}")
+    units = out_features // multiple
     least = -(-out_features * in_features * 4 // _UPCAST_SLICE_BYTES)
-    count = next((n for n in range(least, 2 * least + 1) if out_features % n == 0), least)
-    return -(-out_features // count)
+    count = next((n for n in range(least, 2 * least + 1) if units % n == 0), least)
+    return -(-units // count) * multiple
 
 
 def _float32_products_enabled() -> bool:

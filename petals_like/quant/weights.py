@@ -13,8 +13,18 @@ batch 1: float32 2.0 ms, bfloat16 5.0 ms, bitsandbytes int8/nf4 10-30x float32):
         and offset (16 levels). CPU: torch's `_weight_int4pack_mm_for_cpu` (2.3 ms with bfloat16
         activations). NF4's non-uniform codebook has no fast CPU kernel; uniform 16-level groups of
         64 keep the same memory (4 bits + 1 bit of group scales per weight) at ~9% relative error
-        per matmul instead of NF4's ~7.5%. On CUDA the same layouts are dequantized into the
-        activation dtype before the matmul (bitsandbytes would be faster there; see the issue log).
+        per matmul instead of NF4's ~7.5%. The kernel's time grows with the rows about as if
+        each were a matrix-vector pass (one bench block's matrices: 1 row 1.0-1.2 ms, 16 rows
+        5-6 ms, 512 rows 172-220 ms), so on CPUs without native bfloat16 matmuls, from 128 rows on
+        (prefill chunks), linear() unpacks the weight into float32 a slice at a time and multiplies
+        in float32 instead (512 rows: 92-105 ms). That reads the kernel's private packed layout,
+        which depends on the CPU: the AVX2 one is read, after a check at first use; with another
+        (AVX-512's, say) the kernel keeps all rows.
+
+  On CUDA (and on a CPU build without the 4-bit kernel) 4-bit values are packed two per byte in
+  their natural order, and both formats are dequantized into the activation dtype before each
+  matmul: the stored weights stay as small, the speed is that of a matmul in that dtype plus the
+  dequantization (bitsandbytes' fused kernels would be faster there; see the issue log).
 
 Memory per weight: bfloat16 2 bytes; int8 1 byte + 4 / in_features; nf4 0.5 byte + 8 / 64
 (bfloat16 scale and offset per group of 64): int8 ~0.50x, nf4 ~0.31x of bfloat16.
@@ -25,14 +35,19 @@ backward pass multiplies by the dequantized weight.
 
 from __future__ import annotations
 
+import logging
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+logger = logging.getLogger(__name__)
+
 QUANT_TYPES = ("none", "int8", "nf4")
 GROUP_SIZE = 64  # input features per 4-bit group
+INT4_BLOCK_ROWS = 32  # output rows per block of the CPU 4-bit kernel's packed layout
+_int4_layout_ok: Optional[bool] = None  # whether _unpack_int4 reads this torch's layout; decided at first use
 
 
 class QuantizedWeight:
@@ -46,6 +61,7 @@ class QuantizedWeight:
         self.quant_type = quant_type
         self.shape = tuple(weight.shape)
         self.device = weight.device
+        self.kernel_layout = False  # 4 bits packed for torch's CPU kernel (else two per byte, in order)
         w = weight.detach().float()
         out_features, in_features = self.shape
         if quant_type == "int8":
@@ -62,7 +78,12 @@ class QuantizedWeight:
         # kernel convention: w = (level - 8) * scale + zero, scales_and_zeros [groups, out, 2]
         zero = low + 8 * step
         self.scales_and_zeros = torch.stack([step.t(), zero.t()], dim=-1).to(torch.bfloat16).contiguous()
-        self.data = _pack_int4(levels.view(out_features, in_features), self.device)
+        levels = levels.view(out_features, in_features)
+        self.kernel_layout = self.device.type == "cpu" and _int4_kernel_available()
+        if self.kernel_layout:
+            self.data = torch.ops.aten._convert_weight_to_int4pack_for_cpu(levels.contiguous(), 1)
+        else:
+            self.data = (levels[:, 0::2] | (levels[:, 1::2] << 4)).to(torch.uint8)  # [out, in / 2]
 
     @property
     def nbytes(self) -> int:
@@ -70,18 +91,57 @@ class QuantizedWeight:
         return self.data.numel() * self.data.element_size() + extra.numel() * extra.element_size()
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
-        if self.quant_type == "int8":
-            return (self.data.to(dtype) * self.scale.to(dtype)[:, None]).contiguous()
+        if self.unpacks_to_float32:
+            values, row_scale = self.float32_rows(0, self.shape[0])
+            if row_scale is not None:
+                values = values * row_scale[:, None]
+            return values.to(dtype).contiguous()
         eye = torch.eye(self.shape[1], dtype=torch.bfloat16, device=self.device)
         return self._int4_mm(eye).t().to(dtype).contiguous()  # x = I recovers the weight, [in, out] -> [out, in]
+
+    @property
+    def unpacks_to_float32(self) -> bool:
+        """Whether float32_rows() works: always, except for 4 bits in the CPU kernel's layout where
+        the rows do not make whole blocks of it or this torch packs in a layout _unpack_int4 does
+        not know."""
+        if not self.kernel_layout:
+            return True
+        return self.shape[0] % INT4_BLOCK_ROWS == 0 and _int4_layout_known()
+
+    @property
+    def row_multiple(self) -> int:
+        """float32_rows() takes row ranges in multiples of this."""
+        return INT4_BLOCK_ROWS if self.kernel_layout else 1
+
+    def float32_rows(self, start: int, stop: int) -> tuple[Tensor, Optional[Tensor]]:
+        """Weight rows [start, stop) in float32 for a float32 product, and the scale per row that
+        the product still needs. int8: the raw levels and the row scales; 4 bits: the weight itself
+        ([rows, in], not contiguous in the kernel's layout) and None."""
+        if start % self.row_multiple or stop % self.row_multiple:
+            raise ValueError(f"rows [{start}, {stop}) of a 4-bit weight must be whole blocks of {self.row_multiple}")
+        if self.quant_type == "int8":
+            return self.data[start:stop].float(), self.scale[start:stop].float()
+        step, zero = self.scales_and_zeros[:, start:stop].float().unbind(-1)  # [groups, rows] each
+        step, offset = step.contiguous(), zero - 8 * step  # (level - 8) * step + zero = level * step + offset
+        if not self.kernel_layout:
+            packed = self.data[start:stop]
+            weight = torch.stack([packed & 15, packed >> 4], dim=-1).view(stop - start, -1).float()  # [rows, in]
+            grouped = weight.view(stop - start, -1, GROUP_SIZE)
+            grouped.mul_(step.t()[..., None]).add_(offset.t()[..., None])
+            return weight, None
+        weight_t = _unpack_int4(self.data[start:stop], self.shape[1])  # [in, rows], levels 0..15
+        grouped = weight_t.view(-1, GROUP_SIZE, stop - start)
+        grouped.mul_(step[:, None]).add_(offset[:, None])  # contiguous factors: strided ones take 4x longer
+        return weight_t.t(), None
 
     def linear(self, x: Tensor, bias: Optional[Tensor] = None) -> Tensor:
         if torch.is_grad_enabled() and x.requires_grad:
             return F.linear(x, self.dequantize(x.dtype), bias)
         flat = x.reshape(-1, x.shape[-1])
-        if x.device.type == "cpu" and (self.quant_type == "nf4" or self.shape[1] % 16 == 0):
-            # (the int8 kernel reads rows in steps of 16: other widths, in tiny test models only,
-            # take the dequantizing path below)
+        # (the int8 kernel reads rows in steps of 16: other widths, in tiny test models only, take
+        # the dequantizing path below, as CUDA does)
+        kernel = self.kernel_layout if self.quant_type == "nf4" else self.shape[1] % 16 == 0
+        if x.device.type == "cpu" and kernel:
             compute = flat.to(torch.bfloat16)
             if self.quant_type == "int8":
                 out = torch.ops.aten._weight_int8pack_mm(compute, self.data, self.scale)
@@ -98,10 +158,38 @@ class QuantizedWeight:
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.data, GROUP_SIZE, self.scales_and_zeros)
 
 
-def _pack_int4(levels: Tensor, device: torch.device) -> Tensor:
-    if device.type != "cpu":
-        raise NotImplementedError("4-bit weights are implemented for CPU servers; use int8 or none on CUDA")
-    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(levels.contiguous(), 1)
+def _int4_kernel_available() -> bool:
+    """Whether this torch build has the CPU 4-bit kernel (and its packing op)."""
+    return all(hasattr(torch.ops.aten, op) for op in ("_convert_weight_to_int4pack_for_cpu", "_weight_int4pack_mm_for_cpu"))
+
+
+def _unpack_int4(packed: Tensor, in_features: int) -> Tensor:
+    """float32 levels [in, rows] of packed rows that make whole blocks of the CPU 4-bit kernel's
+    layout (torch's own and private, so _int4_layout_known checks it): each block of 32 output
+    rows is in_features runs of 16 bytes, and byte j of input k's run holds the level of the
+    block's row j in its low four bits and of its row 16 + j in the high four. (That is the
+    layout of AVX2 builds; AVX-512 ones use blocks of 64 and are recognized as unknown.)"""
+    runs = packed.view(-1, in_features, 16).permute(1, 0, 2)  # [in, blocks, 16]
+    levels = torch.empty(in_features, runs.shape[1], 2, 16, device=packed.device)
+    levels[:, :, 0] = runs & 15
+    levels[:, :, 1] = runs >> 4
+    return levels.view(in_features, -1)
+
+
+def _int4_layout_known() -> bool:
+    global _int4_layout_ok
+    if _int4_layout_ok is None:
+        shape = (2 * INT4_BLOCK_ROWS, 2 * GROUP_SIZE)
+        levels = torch.randint(0, 16, shape, dtype=torch.int32, generator=torch.Generator().manual_seed(0))
+        try:
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(levels, 1)
+            _int4_layout_ok = torch.equal(_unpack_int4(packed, shape[1]).t(), levels.float())
+        except Exception:  # the private ops missing, or packing another way
+            _int4_layout_ok = False
+        if not _int4_layout_ok:
+            logger.info("this torch build packs 4-bit weights in a layout not read here: "
+                        "4-bit products of many rows stay on its kernel")  # fmt: skip
+    return _int4_layout_ok
 
 
 def quantize(weight: Tensor, quant_type: str) -> QuantizedWeight:
