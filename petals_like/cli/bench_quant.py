@@ -1,9 +1,9 @@
 """Quantization workloads of the benchmark: quantized servers and compressed hidden states.
 
   (k) servers in float32, bfloat16, int8 and nf4 (a swarm each): linear-weight bytes per block,
-      one session's tokens/s and p50 per token, 16 sessions' aggregate tokens/s, the seconds of a
-      512-token prefill, and the relative error of the final hidden states and of the logits of a
-      16-token prompt vs float32
+      one session's tokens/s and p50 per token, 16 sessions' aggregate tokens/s and p50 per decode
+      step, the seconds of a 512-token prefill, and the relative error of the final hidden states
+      and of the logits of a 16-token prompt vs float32
   (l) one float32 swarm, the client's wire format float32, float16, bfloat16 or int8 (8-bit
       blocks): bytes the client sends per decode step and per 512-token prefill (every hop of the
       chain carries the same), the logits' relative error, how far one hop moves a hidden state (the
@@ -69,7 +69,8 @@ def quantized_servers(model_dir: Path, server_args: list[str], new_tokens: int =
             results[setup] = {
                 "weight_bytes_per_block": _weight_bytes(model_dir, setup),
                 "one_session_tokens_per_s": one["tokens_per_s"], "one_session_p50_ms": one["p50_ms"],
-                "sessions_16_tokens_per_s": many["aggregate_tokens_per_s"], "prefill_512_s": round(prefill_s, 3),
+                "sessions_16_tokens_per_s": many["aggregate_tokens_per_s"], "sessions_16_p50_ms": many["p50_ms"],
+                "prefill_512_s": round(prefill_s, 3),
                 "hidden_rel_error": _rel(hidden, reference[0]), "logits_rel_error": _rel(logits, reference[1]),
                 "server_rss_mib": [s["rss_mib"] for s in swarm.footprint],
             }  # fmt: skip
