@@ -66,3 +66,40 @@ def reference(tiny_model: Path):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+
+
+@pytest.fixture
+def int4_kernel() -> None:
+    """Skips a test unless 4-bit weights go through torch's CPU kernel on this build."""
+    from petals_like.quant import weights
+
+    if not weights._int4_kernel_available():
+        pytest.skip("this torch build has no CPU 4-bit kernel")
+
+
+@pytest.fixture
+def int4_unpacked(int4_kernel) -> None:
+    """Skips a test unless the CPU 4-bit kernel's packed layout here is the one weights.py unpacks."""
+    from petals_like.quant import weights
+
+    if not weights._int4_layout_known():
+        pytest.skip("this CPU's 4-bit layout is not one that is unpacked")
+
+
+@pytest.fixture
+def float32_products(monkeypatch) -> list[int]:
+    """Float32 products on (as on CPUs without native bfloat16 matmuls), 64-wide weights sliced
+    5 rows at a time, and the row counts of every call that took the path."""
+    from petals_like.models import linear as linear_module
+
+    monkeypatch.setattr(linear_module, "_float32_products_on", True)
+    monkeypatch.setattr(linear_module, "_UPCAST_SLICE_BYTES", 7 * 64 * 4)  # 50 rows: 10 slices of 5
+    calls: list[int] = []
+    real = linear_module._float32_products
+
+    def spy(x, weight, *args):
+        calls.append(x.numel() // x.shape[-1])
+        return real(x, weight, *args)
+
+    monkeypatch.setattr(linear_module, "_float32_products", spy)
+    return calls

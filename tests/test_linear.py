@@ -55,23 +55,6 @@ def test_few_bfloat16_rows_go_through_f_linear():
         assert torch.equal(linear(x, w), F.linear(x, w))
 
 
-@pytest.fixture
-def float32_products(monkeypatch) -> list[int]:
-    """Float32 products on (as on CPUs without native bfloat16 matmuls), 64-wide weights sliced
-    5 rows at a time, and the row counts of every call that took the path."""
-    monkeypatch.setattr(linear_module, "_float32_products_on", True)
-    monkeypatch.setattr(linear_module, "_UPCAST_SLICE_BYTES", 7 * 64 * 4)  # 50 rows: 10 slices of 5
-    calls: list[int] = []
-    real = linear_module._float32_products
-
-    def spy(x, weight, *args):
-        calls.append(x.numel() // x.shape[-1])
-        return real(x, weight, *args)
-
-    monkeypatch.setattr(linear_module, "_float32_products", spy)
-    return calls
-
-
 def test_weight_slices_are_equal_where_they_can_be(monkeypatch):
     monkeypatch.setattr(linear_module, "_UPCAST_SLICE_BYTES", 7 * 64 * 4)
     assert linear_module._slice_rows(50, 64) == 5  # 8 slices would be the fewest; 10 divide 50
@@ -123,7 +106,9 @@ def test_many_rows_go_through_f_linear():
 
 
 @pytest.mark.parametrize("rows", [4, 16, 40])
-def test_int8_weights_match_their_dequantized_product_below_and_above_the_float32_row_threshold(float32_products, rows: int):
+def test_int8_weights_match_their_dequantized_product_below_and_above_the_float32_row_threshold(
+    float32_products, rows: int
+):
     """Few rows go through the int8 kernel (bfloat16 activations), 16+ through float32 products
     of weight slices with the row scales applied: both are the product with the dequantized weight."""
     from petals_like.quant.weights import QuantizedWeight
@@ -140,15 +125,10 @@ def test_int8_weights_match_their_dequantized_product_below_and_above_the_float3
     assert float((got - expected).norm() / expected.norm()) < tolerance
 
 
-def _kernel_weight(weight) -> torch.Tensor:
-    """A 4-bit weight as the CPU kernel itself multiplies by: its product with the identity
-    (rounded to bfloat16, the kernel's output dtype), independent of the unpacking in float32."""
-    with torch.inference_mode():
-        return weight._int4_mm(torch.eye(weight.shape[1], dtype=torch.bfloat16)).t().float()
-
-
 @pytest.mark.parametrize("rows", [16, 127, 128, 300])
-def test_nf4_weights_match_their_dequantized_product_below_and_above_the_float32_row_threshold(float32_products, rows: int):
+def test_nf4_weights_match_the_kernel_product_below_and_above_the_float32_row_threshold(
+    float32_products, int4_unpacked, rows: int
+):
     """4-bit weights: up to 127 rows through the 4-bit kernel (bfloat16 activations), from 128 on
     through float32 products of weight slices unpacked from the kernel's layout (here 2 slices of
     32 rows): both are the product with the weight the kernel holds."""
@@ -156,9 +136,7 @@ def test_nf4_weights_match_their_dequantized_product_below_and_above_the_float32
 
     generator = torch.Generator().manual_seed(rows)
     weight = QuantizedWeight(torch.randn(64, 128, generator=generator), "nf4")
-    if not weight.unpacks_to_float32:
-        pytest.skip("this CPU's 4-bit layout is not one that is unpacked")
-    assert linear_module._slice_rows(64, 128, weight.row_multiple) == 32
+    assert weight.unpacks_to_float32 and linear_module._slice_rows(64, 128, weight.row_multiple) == 32
     x, b = torch.randn(rows, 1, 128, generator=generator), torch.randn(64, generator=generator)
     with torch.inference_mode():
         got = linear(x, weight, b)
@@ -166,31 +144,31 @@ def test_nf4_weights_match_their_dequantized_product_below_and_above_the_float32
     assert got.shape == (rows, 1, 64) and got.dtype == torch.float32
     # against the kernel's own weight (bfloat16-rounded: up to 2^-9 of each value), and, for the
     # float32 path, exactly against the whole dequantized weight (slicing and bias)
-    expected = F.linear(x, _kernel_weight(weight), b)
+    expected = F.linear(x, weight.kernel_weight(), b)
     assert float((got - expected).norm() / expected.norm()) < (4e-3 if rows >= 128 else 2e-2)
     if rows >= 128:
         exact = F.linear(x, weight.dequantize(torch.float32), b)
         assert float((got - exact).norm() / exact.norm()) < 1e-5
 
 
-def test_nf4_slices_need_not_divide_the_blocks_evenly(float32_products, monkeypatch):
+def test_nf4_slices_need_not_divide_the_blocks_evenly(float32_products, int4_unpacked, monkeypatch):
     """224 rows = 7 blocks of 32, in slices of at most 4 blocks: 128 + 96 rows."""
     from petals_like.quant.weights import QuantizedWeight
 
     monkeypatch.setattr(linear_module, "_UPCAST_SLICE_BYTES", 112 * 128 * 4)
     generator = torch.Generator().manual_seed(4)
     weight = QuantizedWeight(torch.randn(224, 128, generator=generator), "nf4")
-    if not weight.unpacks_to_float32:
-        pytest.skip("this CPU's 4-bit layout is not one that is unpacked")
     assert linear_module._slice_rows(224, 128, weight.row_multiple) == 128
     x = torch.randn(130, 128, generator=generator)
     with torch.inference_mode():
         got = linear(x, weight)
-    expected = F.linear(x, _kernel_weight(weight))
+    expected = F.linear(x, weight.kernel_weight())
     assert float32_products == [130] and float((got - expected).norm() / expected.norm()) < 4e-3
 
 
-def test_nf4_weights_stay_on_the_kernel_where_the_rows_or_the_layout_do_not_fit(float32_products, monkeypatch):
+def test_nf4_weights_stay_on_the_kernel_where_the_rows_or_the_layout_do_not_fit(
+    float32_products, int4_kernel, monkeypatch
+):
     """The kernel packs output rows in blocks of 32: a weight with 48 rows is not unpacked, nor is
     any weight where this torch's layout is not the one read; products and the dequantized weight
     then come from the kernel."""
@@ -205,8 +183,8 @@ def test_nf4_weights_stay_on_the_kernel_where_the_rows_or_the_layout_do_not_fit(
         with torch.inference_mode():
             got = linear(x, weight)
         assert weight.kernel_layout and not weight.unpacks_to_float32 and float32_products == []
-        assert torch.equal(weight.dequantize(), _kernel_weight(weight))
-        from_kernel = F.linear(x, _kernel_weight(weight))
+        assert torch.equal(weight.dequantize(), weight.kernel_weight())
+        from_kernel = F.linear(x, weight.kernel_weight())
         assert float((got - from_kernel).norm() / from_kernel.norm()) < 2e-2  # x rounded to bfloat16
         assert float((got - F.linear(x, w)).norm() / F.linear(x, w).norm()) < 0.11
 

@@ -58,11 +58,11 @@ def test_quantized_span_forward_and_steps_stay_within_bounds(tiny_model: Path, q
     assert rel(steps, full) <= 0.02  # step by step = all at once, up to bfloat16 rounding of activations
 
 
-def test_span_with_every_matrix_in_4_bits(make_model):
+def test_span_with_every_matrix_in_4_bits(make_model, int4_unpacked, float32_products: list[int]):
     """On shapes the 4-bit kernel takes (the tiny preset's are too small for some matrices), every
-    matrix is held in 4 bits; a 132-token prefill (float32 products of unpacked slices where the
-    layout is known) followed by steps (the kernel) agrees with the whole sequence at once, and
-    both stay within the bound of float32."""
+    matrix is held in 4 bits; a 132-token prefill (float32 products of unpacked slices) followed by
+    steps (the kernel) agrees with the whole sequence at once, and both stay within the bound of
+    float32."""
     model = make_model(preset="tiny", hidden_size=128, intermediate_size=256, num_hidden_layers=2)
     spec = ModelSpec.from_pretrained(model)
     exact = load_span(model, spec, 0, 2, torch.float32, torch.device("cpu"), progress=False)
@@ -78,6 +78,8 @@ def test_span_with_every_matrix_in_4_bits(make_model):
                                                                   for i in range(132, 140)], dim=1)  # fmt: skip
     assert rel(full, want) <= 2 * BLOCK_BOUND["nf4"]  # two blocks
     assert rel(steps, full) <= 0.02
+    # the whole sequence, then the prefill, through each block's four matrices; no step
+    assert float32_products == [140] * 8 + [132] * 8
 
 
 def test_weight_memory_per_block_of_the_bench_model():
@@ -155,19 +157,15 @@ def test_wire_formats_shrink_steps_and_keep_outputs_close(tiny_model: Path):
         swarm.shutdown()
 
 
-def test_4bit_weights_unpack_to_what_the_kernel_multiplies_by():
+def test_4bit_weights_unpack_to_what_the_kernel_multiplies_by(int4_unpacked):
     """The kernel's 4-bit layout is torch's private one, checked at first use: where it is the one
     read, the unpacked weight is what the kernel's product with the identity gives (up to its
     bfloat16 rounding), a slice of whole 32-row blocks at a time as well as whole."""
-    from petals_like.quant import weights
-
     generator = torch.Generator().manual_seed(2)
     q = QuantizedWeight(torch.randn(96, 192, generator=generator) * 0.02, "nf4")
-    assert q.kernel_layout
-    if not weights._int4_layout_known():
-        pytest.skip("this CPU's 4-bit layout is not one that is unpacked")
+    assert q.kernel_layout and q.unpacks_to_float32
     with torch.inference_mode():
-        from_kernel = q._int4_mm(torch.eye(192, dtype=torch.bfloat16)).t().float()
+        from_kernel = q.kernel_weight()
         whole = q.dequantize()
         middle, row_scale = q.float32_rows(32, 64)
     assert row_scale is None and middle.shape == (32, 192)

@@ -26,8 +26,8 @@ batch 1: float32 2.0 ms, bfloat16 5.0 ms, bitsandbytes int8/nf4 10-30x float32):
   matmul: the stored weights stay as small, the speed is that of a matmul in that dtype plus the
   dequantization (bitsandbytes' fused kernels would be faster there; see the issue log).
 
-Memory per weight: bfloat16 2 bytes; int8 1 byte + 4 / in_features; nf4 0.5 byte + 8 / 64
-(bfloat16 scale and offset per group of 64): int8 ~0.50x, nf4 ~0.31x of bfloat16.
+Memory per weight: bfloat16 2 bytes; int8 1 byte + 2 / in_features (a bfloat16 scale per row); nf4
+0.5 byte + 4 / 64 (a bfloat16 scale and offset per group of 64): int8 ~0.50x, nf4 ~0.28x of bfloat16.
 
 Autograd works through a quantized layer with respect to its input (the weight is frozen): the
 backward pass multiplies by the dequantized weight.
@@ -91,13 +91,20 @@ class QuantizedWeight:
         return self.data.numel() * self.data.element_size() + extra.numel() * extra.element_size()
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """The weight [out, in] in dtype: what CUDA multiplies by, and autograd on any device."""
+        if self.quant_type == "int8":
+            return self.data.to(dtype) * self.scale.to(dtype)[:, None]
+        if not self.kernel_layout:
+            return self._nibble_rows(0, self.shape[0], dtype)
         if self.unpacks_to_float32:
-            values, row_scale = self.float32_rows(0, self.shape[0])
-            if row_scale is not None:
-                values = values * row_scale[:, None]
-            return values.to(dtype).contiguous()
+            return self.float32_rows(0, self.shape[0])[0].to(dtype).contiguous()
+        return self.kernel_weight().to(dtype)
+
+    def kernel_weight(self) -> Tensor:
+        """A 4-bit weight as the CPU kernel multiplies by, float32 [out, in]: the kernel's product
+        with the identity (so rounded to bfloat16, the kernel's output dtype)."""
         eye = torch.eye(self.shape[1], dtype=torch.bfloat16, device=self.device)
-        return self._int4_mm(eye).t().to(dtype).contiguous()  # x = I recovers the weight, [in, out] -> [out, in]
+        return self._int4_mm(eye).t().float().contiguous()  # [in, out] -> [out, in]
 
     @property
     def unpacks_to_float32(self) -> bool:
@@ -121,18 +128,27 @@ class QuantizedWeight:
             raise ValueError(f"rows [{start}, {stop}) of a 4-bit weight must be whole blocks of {self.row_multiple}")
         if self.quant_type == "int8":
             return self.data[start:stop].float(), self.scale[start:stop].float()
-        step, zero = self.scales_and_zeros[:, start:stop].float().unbind(-1)  # [groups, rows] each
-        step, offset = step.contiguous(), zero - 8 * step  # (level - 8) * step + zero = level * step + offset
         if not self.kernel_layout:
-            packed = self.data[start:stop]
-            weight = torch.stack([packed & 15, packed >> 4], dim=-1).view(stop - start, -1).float()  # [rows, in]
-            grouped = weight.view(stop - start, -1, GROUP_SIZE)
-            grouped.mul_(step.t()[..., None]).add_(offset.t()[..., None])
-            return weight, None
+            return self._nibble_rows(start, stop, torch.float32), None
+        step, offset = self._group_affine(start, stop, torch.float32)
         weight_t = _unpack_int4(self.data[start:stop], self.shape[1])  # [in, rows], levels 0..15
         grouped = weight_t.view(-1, GROUP_SIZE, stop - start)
         grouped.mul_(step[:, None]).add_(offset[:, None])  # contiguous factors: strided ones take 4x longer
         return weight_t.t(), None
+
+    def _nibble_rows(self, start: int, stop: int, dtype: torch.dtype) -> Tensor:
+        """Rows [start, stop) of a 4-bit weight packed two per byte, in dtype, [rows, in]."""
+        step, offset = self._group_affine(start, stop, dtype)
+        packed = self.data[start:stop]
+        weight = torch.stack([packed & 15, packed >> 4], dim=-1).view(stop - start, -1).to(dtype)
+        weight.view(stop - start, -1, GROUP_SIZE).mul_(step.t()[..., None]).add_(offset.t()[..., None])
+        return weight
+
+    def _group_affine(self, start: int, stop: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """(step, offset) per group and row [groups, rows], contiguous, in dtype: a 4-bit level
+        stands for level * step + offset = (level - 8) * step + zero."""
+        step, zero = self.scales_and_zeros[:, start:stop].float().unbind(-1)
+        return step.to(dtype).contiguous(), (zero - 8 * step).to(dtype)
 
     def linear(self, x: Tensor, bias: Optional[Tensor] = None) -> Tensor:
         if torch.is_grad_enabled() and x.requires_grad:
@@ -160,7 +176,8 @@ class QuantizedWeight:
 
 def _int4_kernel_available() -> bool:
     """Whether this torch build has the CPU 4-bit kernel (and its packing op)."""
-    return all(hasattr(torch.ops.aten, op) for op in ("_convert_weight_to_int4pack_for_cpu", "_weight_int4pack_mm_for_cpu"))
+    ops = ("_convert_weight_to_int4pack_for_cpu", "_weight_int4pack_mm_for_cpu")
+    return all(hasattr(torch.ops.aten, op) for op in ops)
 
 
 def _unpack_int4(packed: Tensor, in_features: int) -> Tensor:
