@@ -27,6 +27,18 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
+def whole_and_steps(exact, quantized, hidden_size: int, tokens: int, prefill: int) -> tuple[torch.Tensor, ...]:
+    """Outputs for one random sequence: the exact span's, the quantized span's all at once, and the
+    quantized span's as a `prefill`-token prompt followed by one step per remaining token."""
+    x = torch.randn(1, tokens, hidden_size, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        want, full = exact(x), quantized(x)
+        cache = quantized.new_cache(1, tokens)
+        outputs = [quantized(x[:, :prefill], cache=cache)]
+        outputs += [quantized(x[:, i : i + 1], cache=cache) for i in range(prefill, tokens)]
+    return want, full, torch.cat(outputs, dim=1)
+
+
 @pytest.mark.parametrize("quant_type", ["int8", "nf4"])
 def test_matmul_error_and_dequantize(quant_type: str):
     generator = torch.Generator().manual_seed(0)
@@ -48,12 +60,7 @@ def test_quantized_span_forward_and_steps_stay_within_bounds(tiny_model: Path, q
     exact = load_span(tiny_model, spec, 0, 1, torch.float32, torch.device("cpu"), progress=False)
     quantized = load_span(tiny_model, spec, 0, 1, torch.float32, torch.device("cpu"), progress=False,
                           quant_type=quant_type)  # fmt: skip
-    x = torch.randn(1, 20, spec.hidden_size, generator=torch.Generator().manual_seed(1))
-    with torch.inference_mode():
-        want, full = exact(x), quantized(x)
-        cache = quantized.new_cache(1, 20)
-        steps = torch.cat([quantized(x[:, :12], cache=cache)] + [quantized(x[:, i : i + 1], cache=cache)
-                                                                 for i in range(12, 20)], dim=1)  # fmt: skip
+    want, full, steps = whole_and_steps(exact, quantized, spec.hidden_size, tokens=20, prefill=12)
     assert rel(full, want) <= BLOCK_BOUND[quant_type]
     assert rel(steps, full) <= 0.02  # step by step = all at once, up to bfloat16 rounding of activations
 
@@ -70,12 +77,7 @@ def test_span_with_every_matrix_in_4_bits(make_model, int4_unpacked, float32_pro
     for block in quantized.blocks:
         matrices = (block._qkv[0], block._gate_up[0], block._o[0], block._down[0])
         assert all(isinstance(w, QuantizedWeight) and w.quant_type == "nf4" for w in matrices)
-    x = torch.randn(1, 140, spec.hidden_size, generator=torch.Generator().manual_seed(1))
-    with torch.inference_mode():
-        want, full = exact(x), quantized(x)
-        cache = quantized.new_cache(1, 140)
-        steps = torch.cat([quantized(x[:, :132], cache=cache)] + [quantized(x[:, i : i + 1], cache=cache)
-                                                                  for i in range(132, 140)], dim=1)  # fmt: skip
+    want, full, steps = whole_and_steps(exact, quantized, spec.hidden_size, tokens=140, prefill=132)
     assert rel(full, want) <= 2 * BLOCK_BOUND["nf4"]  # two blocks
     assert rel(steps, full) <= 0.02
     # the whole sequence, then the prefill, through each block's four matrices; no step
