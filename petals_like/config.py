@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Collection, Optional, Sequence
+
+from petals_like.dht.records import MAX_LIFETIME
 
 DEFAULT_MAX_PART_BYTES = 2 * 1024**2  # one P2P message part; hivemind caps unary messages at 4 MiB
 # how a session's hidden states may travel (protocol.pack_message): as float32, float16 or bfloat16,
@@ -32,6 +34,8 @@ class ClientConfig:
     wire: Optional[str] = None  # inference hidden states on the wire: float32, float16, bfloat16 or int8 (8-bit
     # blocks); None = as computed (the model's dtype: exact)
     host_maddrs: Sequence[str] = ("/ip4/127.0.0.1/tcp/0",)  # where the client's p2p daemon listens
+    allowed_servers: Optional[Collection[str]] = None  # peer ids: route only through these (None = any server)
+    blocked_servers: Collection[str] = ()  # peer ids never to route through
 
     def __post_init__(self) -> None:
         if not 0 <= self.spot_check <= 1:
@@ -40,6 +44,12 @@ class ClientConfig:
             raise ValueError(f"num_chains must be >= 1, got {self.num_chains}")
         if self.wire is not None and self.wire not in WIRE_FORMATS:
             raise ValueError(f"wire must be one of {WIRE_FORMATS} or None, got {self.wire!r}")
+        for name in ("allowed_servers", "blocked_servers"):
+            value = getattr(self, name)
+            if isinstance(value, str):  # one peer id, not the collection of its characters
+                raise TypeError(f"{name} must be a collection of peer ids, got the string {value!r}")
+            if value is not None:
+                setattr(self, name, frozenset(str(peer) for peer in value))  # PeerID objects too
 
 
 @dataclass
@@ -93,3 +103,6 @@ class ServerConfig:
             raise ValueError(f"max_cache_share must be in (0, 1], got {self.max_cache_share}")
         if self.max_sessions_per_peer < 1:
             raise ValueError(f"max_sessions_per_peer must be >= 1, got {self.max_sessions_per_peer}")
+        if not 0 < self.announce_period < self.expiration <= MAX_LIFETIME:
+            raise ValueError(f"need 0 < announce_period < expiration <= {MAX_LIFETIME:.0f} s (other nodes refuse records "
+                             f"that live longer), got {self.announce_period} and {self.expiration}")  # fmt: skip

@@ -30,7 +30,7 @@ from petals_like.dashboard.service import DashboardService
 from petals_like.dashboard.state import Probe, build_state
 from petals_like.dashboard.terminal import render_state
 from petals_like.dashboard.web import DashboardHTTPServer, embed_json
-from petals_like.dht.records import MODELS_KEY, ModelInfo, parse_block_entries, parse_model_entries
+from petals_like.dht.records import MODELS_KEY, ModelInfo, model_record, parse_block_entries, parse_model_record
 from tests.swarm import start_swarm, wait_until
 
 ONLINE, JOINING, OFFLINE = ServerState.ONLINE, ServerState.JOINING, ServerState.OFFLINE
@@ -123,10 +123,13 @@ def test_model_records_are_validated():
                 {"num_blocks": 8, "name": 5}, {"num_blocks": 8, "name": "x" * 1000}):  # fmt: skip
         with pytest.raises(ValueError):
             ModelInfo.from_record(bad)
-    raw = {"good": {"num_blocks": 4}, "with space": {"num_blocks": 4}, "": {"num_blocks": 4}, 7: {"num_blocks": 4},
-           "y" * 200: {"num_blocks": 4}, "bad": {"num_blocks": -1}, "odd\x00": {"num_blocks": 4}}  # fmt: skip
-    assert parse_model_entries(raw) == {"good": ModelInfo(4)}
-    assert parse_model_entries(None) == {} and parse_model_entries([1, 2]) == {}
+    assert parse_model_record(model_record("good", ModelInfo(4))) == ("good", ModelInfo(4))
+    for prefix in ("with space", "", 7, "y" * 200, "odd\x00", None):
+        with pytest.raises(ValueError):
+            parse_model_record({"dht_prefix": prefix, "num_blocks": 4})
+    for bad in (None, [1, 2], {"num_blocks": 4}, {"dht_prefix": "good", "num_blocks": -1}):
+        with pytest.raises(ValueError):
+            parse_model_record(bad)
 
 
 def test_parse_model_arg():
@@ -143,15 +146,14 @@ def test_hostile_records_do_not_break_any_view():
         "good": info(0, 4, public_name=HOSTILE_TEXT, version=HOSTILE_TEXT, adapters=(HOSTILE_TEXT,),
                      next_pings={HOSTILE_TEXT: 0.5}).to_record(),  # fmt: skip
         "huge-span": info(0, 100_000, throughput=1e9).to_record(),
-        "x" * 500: info(0, 4).to_record(),
         "bad-state": {"state": 9, "start_block": 0, "end_block": 4},
         "bad-number": {**info(0, 4).to_record(), "throughput": float("inf")},
         "not-a-record": "hello",
     }
     entries = parse_block_entries(raw_block, 2)
     assert set(entries) == {"good", "huge-span"}
-    models = parse_model_entries({HOSTILE_TEXT.replace(" ", "").replace("\n", ""): {"num_blocks": 4, "name": HOSTILE_TEXT}})
-    ((prefix, model),) = models.items()
+    prefix, model = parse_model_record(model_record(HOSTILE_TEXT.replace(" ", "").replace("\n", ""),
+                                                    ModelInfo(4, HOSTILE_TEXT)))  # fmt: skip
     blocks = [entries if b == 2 else {} for b in range(4)]
     state = build_state({prefix: model}, {prefix: blocks}, {"good": Probe(True, 0.1), "huge-span": Probe(False)}, now=1.0)
     view = state["models"][0]
@@ -482,14 +484,17 @@ def plant_records(swarm) -> str:
 
     from petals_like.dht.announce import declare_blocks
     from petals_like.dht.node import SwarmNode
-    from petals_like.dht.records import block_key
+    from petals_like.dht.records import block_key, model_record
 
-    # announced ONLINE, then gone: it must be shown unreachable, not covering its blocks
+    # announced ONLINE, then gone: it must be shown unreachable, not covering its blocks; it also listed a
+    # model too large to watch
     ghost = SwarmNode(swarm.peers, host_maddrs=["/ip4/127.0.0.1/tcp/0"], name="ghost")
     try:
         ghost_id = ghost.peer_id
         ghost.run(declare_blocks(ghost.dht, "tiny-llama", range(6, 8), info(6, 8, throughput=3.0, public_name="ghost"),
                                  identity=ghost.identity, expiration=300), timeout=60)  # fmt: skip
+        assert ghost.run(ghost.dht.store(MODELS_KEY, model_record("many", ModelInfo(50_000)), get_dht_time() + 300,
+                                         subkey=ghost.identity.owner_subkey(ghost_id)), timeout=60)  # fmt: skip
     finally:
         ghost.shutdown()
 
@@ -501,21 +506,20 @@ def plant_records(swarm) -> str:
         await declare_blocks(node.dht, "tiny-mistral", range(0, 3), info(0, 3, JOINING, 5.0, public_name="joiner"),
                              identity=node.identity, expiration=300)  # fmt: skip
         signed_hostile = info(0, 4, throughput=7.0, public_name=HOSTILE_TEXT).to_record()
-        await node.dht.store(block_key("tiny-llama", 2), signed_hostile, expiration, subkey=own)
+        assert await node.dht.store(block_key("tiny-llama", 2), signed_hostile, expiration, subkey=own)
         past_the_model = info(0, 100_000, throughput=1e9, public_name="past the end").to_record()  # dropped by readers
-        await node.dht.store(block_key("tiny-llama", 3), past_the_model, expiration, subkey=own)
-        unsigned = {
+        assert await node.dht.store(block_key("tiny-llama", 3), past_the_model, expiration, subkey=own)
+        refused = {  # by every node, this one first
             "x" * 300: info(0, 4).to_record(), "evil1": {"state": 9, "start_block": 0, "end_block": 4},
             "evil2": {**info(0, 4).to_record(), "throughput": "fast"}, "evil3": "not a record",
             ghost_id: info(0, 8, throughput=50.0, public_name="impostor").to_record(),  # speaking for another peer
         }
-        for subkey, value in unsigned.items():
-            await node.dht.store(block_key("tiny-llama", 2), value, expiration, subkey=subkey)
-        hostile_models = {HOSTILE_PREFIX: {"num_blocks": 3, "name": "<img src=x onerror=alert(1)>"},
-                          "huge": {"num_blocks": 10**9}, "many": {"num_blocks": 50_000}, "bad": [1, 2, 3],
-                          "with space": {"num_blocks": 2}}  # fmt: skip
-        for prefix, value in hostile_models.items():
-            await node.dht.store(MODELS_KEY, value, expiration, subkey=node.identity.owner_subkey(f"{prefix}@{node.peer_id}"))
+        for subkey, value in refused.items():
+            assert not await node.dht.store(block_key("tiny-llama", 2), value, expiration, subkey=subkey)
+        hostile_model = model_record(HOSTILE_PREFIX, ModelInfo(3, "<img src=x onerror=alert(1)>"))
+        assert await node.dht.store(MODELS_KEY, hostile_model, expiration, subkey=own)
+        for value in ({"dht_prefix": "huge", "num_blocks": 10**9}, [1, 2, 3], {"dht_prefix": "with space", "num_blocks": 2}):
+            assert not await node.dht.store(MODELS_KEY, value, expiration + 1, subkey=own)
 
     node.run(plant(), timeout=60)
     return ghost_id

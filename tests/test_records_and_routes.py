@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import pytest
+from hivemind.utils.timed_storage import ValueWithExpiration
 
 from petals_like.data_structures import RemoteSpanInfo, ServerInfo, ServerState, parse_block_range
+from petals_like.dht.announce import signed_entries
+from petals_like.dht.identity import Identity, peer_id_of
 from petals_like.dht.records import compute_spans, default_dht_prefix, parse_block_entries
 from petals_like.routing.planner import NoRouteError, make_route
 from petals_like.server.block_selection import block_throughputs, choose_best_start
@@ -51,8 +54,24 @@ def test_parse_block_entries_skips_bad_and_misplaced_records(caplog):
     }
     assert set(parse_block_entries(raw, 2)) == {"good"}
     assert "Ignoring record" in caplog.text
-    assert parse_block_entries(None, 0) == {}
-    assert parse_block_entries(["not", "a", "map"], 0) == {}
+
+
+def test_only_signed_dictionary_entries_are_read():
+    """What a node returns is read as entries only when it is a dictionary of entries under subkeys signed by
+    the peer they name: a plain value of any shape (even a dict keyed by signed subkeys) yields nothing."""
+    me, other = Identity(), Identity()
+    try:
+        peer, record = peer_id_of(me.public_key), info(0, 4).to_record()
+        entry = ValueWithExpiration(record, 1.0)
+        found = ValueWithExpiration({me.owner_subkey(peer): entry, peer: entry, 5: entry,
+                                     other.owner_subkey(peer): entry}, 1.0)  # fmt: skip
+        assert signed_entries(found, "m.0") == {peer: record}
+        for plain in ({me.owner_subkey(peer): record}, ["not", "a", "map"], "text"):
+            assert signed_entries(ValueWithExpiration(plain, 1.0), "m.0") == {}
+        assert signed_entries(None, "m.0") == {}
+    finally:
+        me.close()
+        other.close()
 
 
 def test_compute_spans_joins_consecutive_blocks_and_skips_joining():

@@ -54,6 +54,7 @@ class SwarmReader:
         self.max_blocks = max_blocks  # announced models with more blocks than this are not read
         self.max_probes = max_probes  # servers probed per read; the rest are shown unprobed
         self.probe_concurrency = probe_concurrency
+        self._last_probes: dict[str, tuple[float, Probe]] = {}  # peer -> (when, result) of its latest probe
 
     def read(self, timeout: Optional[float] = None) -> dict[str, Any]:
         """Read the swarm once and return build_state()'s view of it."""
@@ -107,16 +108,29 @@ class SwarmReader:
         return chosen
 
     async def probe_all(self, peers: list[str]) -> dict[str, Probe]:
-        if len(peers) > self.max_probes:
-            logger.warning(f"Probing only {self.max_probes} of {len(peers)} online servers")
-            peers = peers[: self.max_probes]
+        """Probe up to max_probes of `peers`; the others keep the result of their latest probe, if any.
+
+        Anyone can announce servers that do not exist, as many as they like: which max_probes are
+        probed must not be theirs to choose. Servers that answered their latest probe go first, then
+        those never probed, then the rest, least recently probed first; so every server is probed
+        within a few reads, and a flood of records does not push live servers out of the budget.
+        """
+        last = self._last_probes
+        order = sorted(peers, key=lambda p: (p not in last or not last[p][1].reachable, p in last,
+                                             last[p][0] if p in last else 0.0, p))  # fmt: skip
+        chosen = order[: self.max_probes]
+        if len(order) > self.max_probes:
+            logger.warning(f"Probing {self.max_probes} of {len(peers)} online servers (the rest show their last probe)")
         limit = asyncio.Semaphore(self.probe_concurrency)
 
         async def probe(peer: str) -> Probe:
             async with limit:
                 return await self.probe(peer)
 
-        return dict(zip(peers, await asyncio.gather(*(probe(peer) for peer in peers))))
+        fresh = dict(zip(chosen, await asyncio.gather(*(probe(peer) for peer in chosen))))
+        now = time.monotonic()
+        self._last_probes = {p: (now, fresh[p]) if p in fresh else last[p] for p in peers if p in fresh or p in last}
+        return {p: self._last_probes[p][1] for p in peers if p in self._last_probes}
 
     async def probe(self, peer_id: str) -> Probe:
         """Call rpc_info once: reachable if a valid answer comes back within rpc_timeout."""

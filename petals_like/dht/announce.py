@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections import Counter
 from typing import Any, Mapping, Optional, Sequence
 
 from hivemind.dht.node import DHTNode
-from hivemind.utils.timed_storage import get_dht_time
+from hivemind.utils.timed_storage import ValueWithExpiration, get_dht_time
 
 from petals_like.data_structures import ServerInfo
-from petals_like.dht.identity import Identity, peer_id_of, signed_peer_id, split_owner_subkey
-from petals_like.dht.records import MODELS_KEY, ModelInfo, block_key, parse_block_entries, parse_model_entries
+from petals_like.dht.identity import Identity, signed_peer_id
+from petals_like.dht.records import MODELS_KEY, ModelInfo, block_key, model_record, parse_block_entries, parse_model_record
 
 logger = logging.getLogger(__name__)
 
@@ -32,10 +33,10 @@ async def declare_blocks(
     peer_id = node.peer_id.to_base58()
     expiration_time = get_dht_time() + expiration
     keys = [block_key(dht_prefix, i) for i in block_indices]
-    values, subkeys = [info.to_record()] * len(keys), [identity.owner_subkey(peer_id)] * len(keys)
+    values = [info.to_record()] * len(keys)
     if model is not None:
-        keys, values = [*keys, MODELS_KEY], [*values, model.to_record()]
-        subkeys = [*subkeys, identity.owner_subkey(f"{dht_prefix}@{peer_id}")]
+        keys, values = [*keys, MODELS_KEY], [*values, model_record(dht_prefix, model)]
+    subkeys = [identity.owner_subkey(peer_id)] * len(keys)
     results = await node.store_many(keys, values, expiration_time, subkeys=subkeys, num_workers=len(keys))
     ok = all(results.values())
     if not ok:
@@ -49,52 +50,45 @@ async def get_block_infos(
     """For each block, the valid {peer id: ServerInfo} records found in the DHT (empty dict if none);
     with the model's num_blocks, records of spans past its end are dropped too."""
     keys = [block_key(dht_prefix, i) for i in block_indices]
-    found = await node.get_many(keys, sufficient_expiration_time=float("inf") if latest else None)
-    return [parse_block_entries(_signed_entries(found.get(key), key), index, num_blocks)
-            for key, index in zip(keys, block_indices)]
+    # one key per search: hivemind asks for several keys in one request when given several, and the reply
+    # must hold all their dictionaries within the daemon's message limit (dht/storage.py)
+    found = await asyncio.gather(*(node.get(key, latest=latest) for key in keys))
+    return [parse_block_entries(signed_entries(value, key), index, num_blocks)
+            for key, value, index in zip(keys, found, block_indices)]
 
 
 async def get_models(node: DHTNode, *, latest: bool = True) -> dict[str, ModelInfo]:
     """Every model announced in the swarm: {dht_prefix: ModelInfo}, by what most of its servers say."""
-    found = await node.get(MODELS_KEY, latest=latest)
-    signed = _signed_entries(found, MODELS_KEY)
-    if signed is None:
-        return {}
-    # one entry per (model, server): the value most of a model's servers give wins over a stranger's
     votes: dict[str, Counter] = {}
-    values: dict[tuple[str, str], Any] = {}
-    for (prefix, _), value in signed.items():
-        votes.setdefault(prefix, Counter())[repr(value)] += 1
-        values.setdefault((prefix, repr(value)), value)
-    chosen = {prefix: values[prefix, counter.most_common(1)[0][0]] for prefix, counter in votes.items()}
-    return parse_model_entries(chosen)
+    for peer_id, value in signed_entries(await node.get(MODELS_KEY, latest=latest), MODELS_KEY).items():
+        try:
+            prefix, model = parse_model_record(value)
+        except ValueError as e:
+            logger.warning(f"Ignoring the model record of {peer_id[-6:]}: {e}")
+            continue
+        votes.setdefault(prefix, Counter())[model] += 1  # a stranger's lie about a model is outvoted by its servers
+    return {prefix: counter.most_common(1)[0][0] for prefix, counter in votes.items()}
 
 
-def _signed_entries(raw: Any, key: str) -> Optional[dict]:
-    """A DHT value's entries keyed by what their signed subkeys name: the peer id for block records,
-    (dht_prefix, peer id) for the list of models. Unsigned entries, and entries signed by a key that is
-    not the named peer's, are dropped."""
-    if raw is None:
-        return None
-    entries = getattr(raw, "value", raw)
+def signed_entries(found: Optional[ValueWithExpiration], key: str) -> dict[str, Any]:
+    """{peer id: value} of the entries of a DHT value whose subkeys are signed by the peer they name.
+
+    The nodes that returned the value checked this already (records.SwarmRecordValidator), but it is
+    cheap to hold to here too: a value without subkeys (a plain value, whatever its shape) yields nothing,
+    and so does an entry under any other subkey."""
+    if found is None:
+        return {}
+    entries = found.value
     if not isinstance(entries, Mapping):
-        return entries  # parse_*_entries reports it
-    result: dict = {}
-    dropped = 0
+        logger.info(f"Ignoring a plain value under {key!r}: the swarm's records are all signed dictionary entries")
+        return {}
+    result, dropped = {}, 0
     for subkey, entry in entries.items():
-        parts = split_owner_subkey(subkey)
-        if parts is not None:
-            name, owner = parts
-            if key != MODELS_KEY:
-                if signed_peer_id(subkey) == name:
-                    result[name] = entry
-                    continue
-            else:
-                prefix, _, peer = name.rpartition("@")
-                if prefix and peer_id_of(owner) == peer:
-                    result[prefix, peer] = getattr(entry, "value", entry)
-                    continue
-        dropped += 1
+        peer_id = signed_peer_id(subkey)
+        if peer_id is None or not isinstance(entry, ValueWithExpiration):  # a plain dict's items are not entries
+            dropped += 1
+        else:
+            result[peer_id] = entry.value
     if dropped:
         logger.info(f"Ignoring {dropped} unsigned or foreign-signed record(s) under {key!r}")
     return result

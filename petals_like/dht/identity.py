@@ -2,10 +2,11 @@
 
 Every node runs its libp2p daemon with an RSA identity whose key also signs DHT records (hivemind's
 RSASignatureValidator, registered on every node, rejects a record under an "[owner:KEY]" subkey
-unless KEY signed it). A server's records use the subkey "{peer id}[owner:KEY]", and readers keep
-such a record only if the peer id is the hash of KEY (libp2p's peer id of an RSA key). A stranger
-can sign records with its own key, but only under its own peer id: it cannot speak for another
-server, and records with plain subkeys (unsigned) are ignored.
+unless KEY signed it). Every record of the project uses the subkey "{peer id}[owner:KEY]", and a
+record counts only if the peer id is the hash of KEY (libp2p's peer id of an RSA key): nodes refuse
+to store anything else (dht/records.py) and readers drop anything else they are sent. A stranger can
+sign records with its own key, but only under its own peer id: it cannot speak for another server,
+and it gets one entry per key for each identity it makes.
 """
 
 from __future__ import annotations
@@ -19,13 +20,16 @@ from typing import Optional
 
 import base58
 import multihash
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 from hivemind.p2p import P2P
 from hivemind.proto import crypto_pb2
 from hivemind.utils.crypto import RSAPrivateKey
 
 _OWNER = re.compile(r"^(?P<name>[^\[\]]+)\[owner:(?P<key>[^\[\]]+)\]$")
 MAX_SUBKEY = 1024  # characters: a name plus an RSA-2048 key in OpenSSH format is ~420
+RSA_BITS = (2048, 4096)  # key sizes accepted: libp2p's minimum, and a bound on the cost of checking a signature
 
 
 class Identity:
@@ -70,11 +74,14 @@ def split_owner_subkey(subkey: object) -> Optional[tuple[str, str]]:
 
 @functools.lru_cache(maxsize=4096)
 def peer_id_of(public_key: str) -> Optional[str]:
-    """libp2p's peer id (base58) of an RSA public key in OpenSSH format; None if it is not one."""
+    """libp2p's peer id (base58) of an RSA public key in OpenSSH format; None if it is not one, or if
+    its size is outside RSA_BITS."""
     try:
         key = serialization.load_ssh_public_key(public_key.encode())
+        if not isinstance(key, rsa.RSAPublicKey) or not RSA_BITS[0] <= key.key_size <= RSA_BITS[1]:
+            return None
         der = key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-    except (ValueError, TypeError, UnicodeError):
+    except (ValueError, TypeError, UnicodeError, UnsupportedAlgorithm):
         return None
     encoded = crypto_pb2.PublicKey(key_type=crypto_pb2.RSA, data=der).SerializeToString()
     digest = multihash.encode(hashlib.sha256(encoded).digest(), multihash.coerce_code("sha2-256"))

@@ -3,7 +3,7 @@
 Servers and clients both talk to the swarm through it: the DHT node and the RPC handlers share the
 daemon (one p2pd per process, not one per role), and synchronous code reaches the loop with run().
 Its RSA identity (dht/identity.py) is the daemon's peer id and signs the records it stores; every
-node checks the signatures of records it is asked to store or receives.
+node checks the signature and the schema (dht/records.py) of records it is asked to store or receives.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ from hivemind.dht.validation import CompositeValidator
 from hivemind.p2p import P2P
 
 from petals_like.dht.identity import Identity
-from petals_like.dht.records import RecordSchemaValidator
+from petals_like.dht.records import SwarmRecordValidator
+from petals_like.dht.storage import BoundedStorage
 
 logger = logging.getLogger(__name__)
 
@@ -68,14 +69,18 @@ class SwarmNode:
         )
         self.dht = await DHTNode.create(
             p2p=self.p2p,
-            # signatures first (they are stripped before the schema check), then the records' schema
-            record_validator=CompositeValidator([RSASignatureValidator(self.identity.private_key), RecordSchemaValidator()]),
+            # signatures first (they are stripped before the schema check), then what the project writes
+            record_validator=CompositeValidator([RSASignatureValidator(self.identity.private_key), SwarmRecordValidator()]),
             initial_peers=list(initial_peers),
             client_mode=self.client_mode,
             num_workers=8,
             # a lone bootstrap node has no peers yet; joining peers must reach theirs
             ensure_bootstrap_success=bool(initial_peers),
         )
+        # hivemind makes its storage unbounded per key, and takes no other kind: swapped here, before this
+        # node answers its first search (nothing has awaited since create() returned); see dht/storage.py
+        protocol = self.dht.protocol
+        protocol.storage, protocol.cache = BoundedStorage.replacing(protocol.storage), BoundedStorage.replacing(protocol.cache)
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:

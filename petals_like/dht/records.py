@@ -1,4 +1,4 @@
-"""The DHT record schema, in one place.
+"""The DHT record schema, in one place, and the rule every node applies to what it stores and reads.
 
 key    = "{dht_prefix}.{block_index}"  (one key per block of a model; many models share one swarm)
 subkey = "{peer id}[owner:{public key}]": the server's peer id, signed (dht/identity.py)
@@ -6,11 +6,15 @@ value  = ServerInfo.to_record(), expiring unless re-announced
 
 The list of models in the swarm, so that a reader (the dashboard) can find every model:
 key    = MODELS_KEY
-subkey = "{dht_prefix}@{peer id}[owner:{public key}]": one entry per model and server, signed
-value  = ModelInfo.to_record(), stored by each of its servers with their block records
+subkey = "{peer id}[owner:{public key}]", as above: one entry per server
+value  = model_record(): ModelInfo.to_record() plus the model's dht_prefix
 
-Readers keep only records signed by the peer they name (announce._signed_entries), validate every
-record (ServerInfo.from_record, ModelInfo.from_record) and skip malformed ones with a log line.
+Nothing else is ever written, so nothing else is accepted (SwarmRecordValidator): every node refuses to
+store, and drops from what other nodes send back, any value without a subkey (hivemind would let it
+replace the whole dictionary of signed entries), any subkey that is not a string signed by the peer it
+names, a value that breaks the schema or is larger than MAX_RECORD_BYTES, and an expiration further than
+MAX_LIFETIME ahead. Readers (dht/announce.py) check again what only they know: the block a record is
+stored under, the model's size. docs/security.md lists what these rules stop and what they cannot.
 """
 
 from __future__ import annotations
@@ -21,17 +25,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional
 
+from hivemind.dht.routing import DHTID
 from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 from hivemind.utils import MSGPackSerializer
+from hivemind.utils.timed_storage import MAX_DHT_TIME_DISCREPANCY_SECONDS, get_dht_time
 
 from petals_like.data_structures import MAX_BLOCKS, MAX_TEXT, RemoteSpanInfo, ServerInfo, ServerState
-from petals_like.dht.identity import split_owner_subkey
+from petals_like.dht.identity import MAX_SUBKEY, signed_peer_id
 
 logger = logging.getLogger(__name__)
 
 _PREFIX_ALLOWED = re.compile(r"[^A-Za-z0-9_\-]")
 MODELS_KEY = "petals_like.models"  # not "{prefix}.{int}", so it never meets a block key
 MAX_PREFIX = 128  # characters in a dht_prefix read from a record
+MAX_RECORD_BYTES = 32 * 1024  # a record as stored (with its signature); the largest valid ServerInfo is ~25 KiB
+MAX_LIFETIME = 3600.0  # seconds ahead of now that a record may expire (servers re-announce every ~30 s)
 
 
 def default_dht_prefix(name_or_path: str | Path) -> str:
@@ -50,24 +58,16 @@ def block_key(dht_prefix: str, block_index: int) -> str:
     return f"{dht_prefix}.{block_index}"
 
 
-def parse_block_entries(raw: Any, block_index: int, num_blocks: Optional[int] = None) -> dict[str, ServerInfo]:
-    """The {peer id: ServerInfo} of one block's DHT value; malformed entries are dropped with a warning.
+def parse_block_entries(entries: Mapping[str, Any], block_index: int, num_blocks: Optional[int] = None) -> dict[str, ServerInfo]:
+    """{peer id: ServerInfo} of one block's signed entries ({peer id: record}, announce.signed_entries);
+    malformed records are dropped with a warning.
 
     A record claiming a span that does not contain the block it was stored under, or (given the model's
     num_blocks) that reaches past the model's last block, is nonsense too.
     """
     result: dict[str, ServerInfo] = {}
-    if raw is None:
-        return result
-    entries = getattr(raw, "value", raw)
-    if not isinstance(entries, Mapping):
-        logger.warning(f"Ignoring DHT value of block {block_index}: not a mapping of servers")
-        return result
-    for peer_id, entry in entries.items():
-        value = getattr(entry, "value", entry)
+    for peer_id, value in entries.items():
         try:
-            if not isinstance(peer_id, str) or not 0 < len(peer_id) <= 128:
-                raise ValueError("subkey is not a peer id")
             info = ServerInfo.from_record(value)
             if not info.start_block <= block_index < info.end_block:
                 raise ValueError(f"span {info.start_block}:{info.end_block} does not contain block {block_index}")
@@ -138,47 +138,52 @@ class ModelInfo:
         return cls(num_blocks=num_blocks, name=name)
 
 
-def parse_model_entries(raw: Any) -> dict[str, ModelInfo]:
-    """The {dht_prefix: ModelInfo} of the MODELS_KEY value; malformed entries are dropped with a warning."""
-    result: dict[str, ModelInfo] = {}
-    if raw is None:
-        return result
-    entries = getattr(raw, "value", raw)
-    if not isinstance(entries, Mapping):
-        logger.warning("Ignoring the DHT list of models: not a mapping of models")
-        return result
-    for prefix, entry in entries.items():
-        value = getattr(entry, "value", entry)
-        try:
-            result[check_dht_prefix(prefix)] = ModelInfo.from_record(value)
-        except ValueError as e:
-            logger.warning(f"Ignoring model record {str(prefix)[:32]!r}: {e}")
-    return result
+def model_record(dht_prefix: str, model: ModelInfo) -> dict[str, Any]:
+    """A server's entry in the list of models (MODELS_KEY)."""
+    return {"dht_prefix": dht_prefix, **model.to_record()}
 
 
-class RecordSchemaValidator(RecordValidatorBase):
-    """Every node's check of a signed record of this project, when asked to store it and when it is
-    returned by a search: its value must parse as a ServerInfo (block records) or a ModelInfo (the list
-    of models), so hostile values do not even take space in honest nodes' storage. Readers check again
-    (parse_block_entries), with what only they know: the block it is stored under, the model's size.
-    Runs after hivemind's signature validator, which has stripped the signature by then."""
+def parse_model_record(raw: Any) -> tuple[str, ModelInfo]:
+    """(dht_prefix, ModelInfo) of an entry in the list of models; raises ValueError if it is malformed."""
+    if not isinstance(raw, Mapping):
+        raise ValueError(f"model record must be a mapping, got {type(raw).__name__}")
+    return check_dht_prefix(raw.get("dht_prefix")), ModelInfo.from_record(raw)
+
+
+def check_record(subkey_bytes: bytes, value_bytes: bytes, expiration_time: float, *, models: bool) -> None:
+    """Raise ValueError unless this is an entry the project writes: a string subkey signed by the peer it
+    names, a value within MAX_RECORD_BYTES that parses as a model record (`models`: stored under
+    MODELS_KEY) or a ServerInfo, expiring at most MAX_LIFETIME from now. The signature itself is
+    hivemind's RSASignatureValidator's to check (it runs first)."""
+    if len(subkey_bytes) > MAX_SUBKEY + 8 or len(value_bytes) > MAX_RECORD_BYTES:
+        raise ValueError(f"subkey of {len(subkey_bytes)} bytes or value of {len(value_bytes)} bytes is too large")
+    subkey = MSGPackSerializer.loads(subkey_bytes)
+    if signed_peer_id(subkey) is None:
+        shown = subkey[:64] if isinstance(subkey, str) else type(subkey).__name__
+        raise ValueError(f"subkey {shown!r} is not a peer id signed by that peer's own key")
+    if expiration_time > get_dht_time() + MAX_LIFETIME + MAX_DHT_TIME_DISCREPANCY_SECONDS:
+        raise ValueError(f"expires {expiration_time - get_dht_time():.0f} s from now, more than {MAX_LIFETIME:.0f} s")
+    value = MSGPackSerializer.loads(value_bytes)
+    if models:
+        parse_model_record(value)
+    else:
+        ServerInfo.from_record(value)
+
+
+class SwarmRecordValidator(RecordValidatorBase):
+    """Every node's check of a record, when asked to store it and when another node returns it
+    (check_record). hivemind calls it once per dictionary entry, and with the reserved "no subkey"
+    marker for a plain value, which fails the subkey check. Refusals are logged at DEBUG: a hostile
+    peer decides how many there are. Runs after hivemind's signature validator, which has checked the
+    signature and stripped it by then."""
+
+    def __init__(self) -> None:
+        self._models_key_id = DHTID.generate(source=MODELS_KEY).to_bytes()  # what hivemind calls MODELS_KEY
 
     def validate(self, record: DHTRecord) -> bool:
         try:
-            parts = split_owner_subkey(MSGPackSerializer.loads(record.subkey))
-        except Exception:
-            return True  # not a subkey of ours: unsigned records are ignored by readers anyway
-        if parts is None:
-            return True
-        try:
-            value = MSGPackSerializer.loads(record.value)
-            prefix, at, _ = parts[0].rpartition("@")
-            if at:
-                check_dht_prefix(prefix)
-                ModelInfo.from_record(value)
-            else:
-                ServerInfo.from_record(value)
-        except Exception as e:
-            logger.info(f"Refusing a DHT record under {parts[0][:64]!r}: {e}")
+            check_record(record.subkey, record.value, record.expiration_time, models=record.key == self._models_key_id)
+        except Exception as e:  # anything a stranger's bytes make msgpack or the parsers raise
+            logger.debug(f"Refusing a DHT record: {e!r}")
             return False
         return True

@@ -7,6 +7,11 @@ chains are drawn at random, weighted by throughput and load (planner.make_traini
 
 A peer that fails is banned for ban_timeout seconds, doubling with each consecutive failure, so a
 flapping server is tried less and less; a success clears its record.
+
+Records are claims: anyone can announce servers that do not exist (docs/security.md). Every server
+in the view is pinged once per ping_period, in parallel, and chains are planned around the ones that
+could not be dialled, so a flood of records for servers that do not exist costs one ping each, not a
+failed request (and a retry) each. Only where nothing else covers some block are those tried again.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Optional
+from typing import Callable, Optional, TypeVar
 
 from petals_like.client.transport import call_info
 from petals_like.config import ClientConfig
@@ -26,6 +31,8 @@ from petals_like.routing.pings import PingTable
 from petals_like.routing.planner import LatencyModel, NoRouteError, make_route, make_training_route, make_training_routes
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 class RouteManager:
@@ -48,10 +55,15 @@ class RouteManager:
             if not force and time.monotonic() - self._updated_at < self.config.update_period:
                 return
             infos = await get_block_infos(self.node.dht, self.dht_prefix, range(self.num_blocks), num_blocks=self.num_blocks)
-            self.spans = compute_spans(infos)
+            self.spans = {peer: span for peer, span in compute_spans(infos).items() if self._may_use(peer)}
             self._updated_at = time.monotonic()
             self.pings.forget(self.spans)
             await self.pings.measure(self.node.p2p, self.spans)
+
+    def _may_use(self, peer_id: str) -> bool:
+        """The user's own choice of servers (allowed_servers, blocked_servers): others are not even pinged."""
+        allowed, blocked = self.config.allowed_servers, self.config.blocked_servers
+        return (allowed is None or peer_id in allowed) and peer_id not in blocked
 
     def banned(self) -> set[str]:
         """Peers not to route through: recently failed ones, and those without the client's adapter."""
@@ -84,10 +96,23 @@ class RouteManager:
         return LatencyModel(dict(self.pings.rtts), push=self.config.use_push, default_rtt=self.config.default_rtt,
                             needed_tokens=needed_tokens)  # fmt: skip
 
+    def avoided(self) -> set[str]:
+        """Peers to plan around: banned ones, and those whose latest ping could not reach them."""
+        return self.banned() | self.pings.unreachable
+
+    def _plan(self, plan: Callable[[set[str]], T]) -> T:
+        """plan(peers to avoid), around unreachable peers too unless only they cover some block."""
+        try:
+            return plan(self.avoided())
+        except NoRouteError:
+            if not self.pings.unreachable:
+                raise
+            return plan(self.banned())  # _answer_pings asks them again before they are used
+
     async def make_training_routes(self, start: int, end: int, count: int) -> list[tuple[list[RemoteSpanInfo], float]]:
         """Up to `count` different training chains with their throughput weights (planner.make_training_routes)."""
         await self.make_route(start, end, training=True)  # waits until at least one chain exists
-        return make_training_routes(self.spans, start, end, count, banned=self.banned())
+        return self._plan(lambda avoid: make_training_routes(self.spans, start, end, count, banned=avoid))
 
     async def make_route(self, start: int, end: int, *, training: bool = False, needed_tokens: int = 0,
                          timeout: Optional[float] = None) -> list[RemoteSpanInfo]:  # fmt: skip
@@ -101,10 +126,10 @@ class RouteManager:
         while True:
             try:
                 if training:
-                    route = make_training_route(self.spans, start, end, banned=self.banned())
+                    route = self._plan(lambda avoid: make_training_route(self.spans, start, end, banned=avoid))
                 else:
-                    route = make_route(self.spans, start, end, banned=self.banned(),
-                                       model=self.latency_model(needed_tokens))  # fmt: skip
+                    model = self.latency_model(needed_tokens)
+                    route = self._plan(lambda avoid: make_route(self.spans, start, end, banned=avoid, model=model))
             except NoRouteError:
                 if time.monotonic() + delay > deadline:
                     raise
@@ -129,6 +154,7 @@ class RouteManager:
                     if span.peer_id in self._failures or span.peer_id in self.pings.unreachable]  # fmt: skip
         if not suspects:
             return True
+        self.pings.sent += len(suspects)
         answers = await asyncio.gather(*(call_info(self.node.p2p, peer, timeout=self.config.ping_timeout)
                                          for peer in suspects), return_exceptions=True)  # fmt: skip
         unreachable = [(peer, answer) for peer, answer in zip(suspects, answers) if isinstance(answer, Exception)]

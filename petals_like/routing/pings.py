@@ -29,6 +29,7 @@ class PingTable:
         self.rtts: dict[str, float] = {}
         self.unreachable: set[str] = set()  # peers whose latest ping failed, and not by timing out
         self._measured_at: dict[str, float] = {}
+        self.sent = 0  # pings sent so far (what a flood of records for servers that do not exist costs)
 
     def record(self, peer_id: str, seconds: float) -> None:
         old = self.rtts.get(peer_id)
@@ -50,6 +51,7 @@ class PingTable:
     async def measure(self, p2p: P2P, peers: Iterable[str], *, force: bool = False) -> None:
         """Ping the given peers (only those not measured within `period`, unless forced), in parallel."""
         targets = list(peers) if force else self.due(peers)
+        self.sent += len(targets)
         semaphore = asyncio.Semaphore(self.max_parallel)
 
         async def one(peer: str) -> None:

@@ -310,8 +310,13 @@ class Server:
             return
         (following,) = await get_block_infos(self.node.dht, self.dht_prefix, [self.end_block], num_blocks=self.spec.num_blocks)
         peers = [p for p, info in following.items() if p != self.node.peer_id and info.state == ServerState.ONLINE]
-        peers = peers[:MAX_PINGS]
         self.pings.forget(peers)
+        # at most MAX_PINGS of them: those that answered before first, the rest at random (records are claims,
+        # and whoever floods the DHT with servers that do not exist must not crowd out the real ones)
+        answered = {p for p in peers if p in self.pings.rtts and p not in self.pings.unreachable}
+        others = [p for p in peers if p not in answered]
+        random.shuffle(others)
+        peers = (sorted(answered) + others)[:MAX_PINGS]
         await self.pings.measure(self.node.p2p, peers)
         self._next_pings = self.pings.snapshot(peers)
 
