@@ -72,14 +72,17 @@ class HostileNode:
         self.node = SwarmNode(initial_peers, host_maddrs=LOCALHOST, name="hostile")
         self.key = Key(self.node.identity.private_key)  # its own identity, as a server's would be
 
-    def store(self, peers: Sequence[str], key: str, subkey: Any, value: Any, expiration: float,
-              *, raw: bool = False) -> dict[str, Optional[list[bool]]]:  # fmt: skip
+    def store(self, peers: Sequence[str], key: str, subkey: Any, value: Any, expiration: float, *, raw: bool = False,
+              in_cache: bool = False) -> dict[str, Optional[list[bool]]]:  # fmt: skip
         """Ask each peer to store one entry; {peer: its answer (None: no answer)}. `value` is msgpack-encoded
         unless `raw` (bytes signed by Key.sign, or a DictionaryDHTValue sent whole)."""
-        return self.store_many(peers, [(key, subkey, value if raw else MSGPackSerializer.dumps(value), expiration)])
+        value = value if raw else MSGPackSerializer.dumps(value)
+        return self.store_many(peers, [(key, subkey, value, expiration)], in_cache=in_cache)
 
-    def store_many(self, peers: Sequence[str], entries: Sequence[tuple[str, Any, Any, float]]) -> dict[str, Optional[list[bool]]]:
-        """Ask each peer to store (key, subkey, value bytes, expiration) entries in one request."""
+    def store_many(self, peers: Sequence[str], entries: Sequence[tuple[str, Any, Any, float]],
+                   *, in_cache: bool = False) -> dict[str, Optional[list[bool]]]:  # fmt: skip
+        """Ask each peer to store (key, subkey, value bytes, expiration) entries in one request; `in_cache`: in
+        the cache that hivemind keeps beside each node's storage, as nodes do with what their searches found."""
         keys = [DHTID.generate(source=key) for key, *_ in entries]
         subkeys = [None if subkey is NO_SUBKEY else subkey for _, subkey, _, _ in entries]
         for (_, subkey, value, _) in entries:
@@ -92,17 +95,22 @@ class HostileNode:
             protocol = self.node.dht.protocol
             answers = {}
             for peer in peers:
-                answer = await protocol.call_store(PeerID.from_base58(peer), keys, values, expirations, subkeys=subkeys)
+                answer = await protocol.call_store(PeerID.from_base58(peer), keys, values, expirations, subkeys=subkeys,
+                                                   in_cache=[in_cache] * len(keys))  # fmt: skip
                 answers[peer] = None if answer is None else list(answer)
             return answers
 
         return self.node.run(send(), timeout=120)
 
     def plant(self, key: str, subkey: Any, value: Any, expiration: float) -> None:
-        """Put an entry into this node's own storage, unchecked, for it to serve to every reader that asks:
-        a node that runs no validators (the one here still refuses nothing it is asked to store after this)."""
+        """Put an entry (or, with NO_SUBKEY, a plain value or a whole DictionaryDHTValue) into this node's own
+        storage, unchecked, for it to serve to every reader that asks, as a node that runs no validators
+        would (this one accepts anything it is asked to store from then on)."""
         self.node.dht.protocol.record_validator = None
         storage, key_id = self.node.dht.protocol.storage, DHTID.generate(source=key)
+        if isinstance(value, DictionaryDHTValue):  # a whole dictionary, dated as the caller likes
+            assert subkey is NO_SUBKEY and storage.store(key_id, value, expiration)
+            return
         value = value if isinstance(value, bytes) else MSGPackSerializer.dumps(value)
         if subkey is NO_SUBKEY:
             assert storage.store(key_id, value, expiration)

@@ -7,9 +7,9 @@ generates (equal to transformers) and a fresh dashboard reader lists the servers
 
 from __future__ import annotations
 
-import time
+import math
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 import pytest
 import torch
@@ -44,9 +44,9 @@ class World:
         """Every validating node of the swarm: the bootstrap DHT and the servers."""
         return [self.dht_peer, *self.swarm.server_peer_ids]
 
-    def online_servers(self) -> dict[str, tuple[int, int]]:
-        """{peer id: span} of the ONLINE servers a fresh reader finds."""
-        reader = SwarmNode(self.swarm.peers, host_maddrs=LOCALHOST, client_mode=True, name="reader")
+    def online_servers(self, initial_peers: Optional[list[str]] = None) -> dict[str, tuple[int, int]]:
+        """{peer id: span} of the ONLINE servers a fresh reader finds (joining through initial_peers)."""
+        reader = SwarmNode(initial_peers or self.swarm.peers, host_maddrs=LOCALHOST, client_mode=True, name="reader")
         try:
             infos = reader.run(get_block_infos(reader.dht, PREFIX, range(NUM_BLOCKS), num_blocks=NUM_BLOCKS), timeout=60)
         finally:
@@ -66,8 +66,8 @@ def world(tiny_model: Path) -> Iterator[World]:
 
 def check_generation(world: World, tiny_model: Path, reference, **kwargs) -> AutoDistributedModelForCausalLM:
     """A fresh client generates what transformers does, and no server failed it; returns it, still open."""
-    model = AutoDistributedModelForCausalLM.from_pretrained(tiny_model, initial_peers=world.swarm.peers,
-                                                            torch_dtype="float32", **kwargs)  # fmt: skip
+    kwargs.setdefault("initial_peers", world.swarm.peers)
+    model = AutoDistributedModelForCausalLM.from_pretrained(tiny_model, torch_dtype="float32", **kwargs)
     try:
         input_ids = torch.tensor([[1, 17, 42, 99]])
         expected = reference.generate(input_ids, max_new_tokens=16, do_sample=False)
@@ -129,6 +129,9 @@ def test_hostile_stores_are_refused_by_every_validating_node(world: World, tiny_
         "victim's name, attacker's key": signed(own, b0, own.subkey(victim), offline, later),
         "own record, far future": signed(own, b0, own.subkey(), fake, far),
         "own record, past MAX_LIFETIME": signed(own, b0, own.subkey(), fake, now + MAX_LIFETIME + 60),
+        # NaN passes any `expiration > limit` check and, stored, stops hivemind's expiry of the whole key
+        "own record, NaN expiration": signed(own, b0, own.subkey(), fake, math.nan),
+        "own record, infinite expiration": signed(own, b0, own.subkey(), fake, math.inf),
         "own record, broken schema": signed(own, b0, own.subkey(), {"state": 7, "start_block": 0, "end_block": 1}, later),
         "own record, not a mapping": signed(own, b0, own.subkey(), "hello", later),
         "own record, oversized": signed(own, b1, own.subkey(), {**fake, "padding": "x" * MAX_RECORD_BYTES}, later),
@@ -140,6 +143,11 @@ def test_hostile_stores_are_refused_by_every_validating_node(world: World, tiny_
         raw = isinstance(value, bytes)
         answers = hostile.store(honest, key, subkey, value, expiration, raw=raw)
         assert answers == {peer: [False] for peer in honest}, name
+    # its own valid record into the cache hivemind keeps beside each node's storage: a node answers from the
+    # cache instead of the storage whenever the cached copy expires later, which would hide every real record
+    answers = hostile.store(honest, b0, own.subkey(), own.sign(b0, own.subkey(), fake, later), later, raw=True,
+                            in_cache=True)  # fmt: skip
+    assert answers == {peer: [False] for peer in honest}
     # a whole dictionary that hivemind's storage cannot even load: the store fails, the node keeps serving
     answers = hostile.store(honest, b1, None, ints, later, raw=True)
     assert all(answer in (None, [False]) for answer in answers.values())
@@ -172,6 +180,25 @@ def test_what_a_node_without_validators_serves_is_ignored_by_readers(world: Worl
     check_generation(world, tiny_model, reference).shutdown()
     view = dashboard_view(world)
     assert view["healthy"] and online_rows(view) == {victim: (0, 4), other: (4, 8)} and view["num_blocks"] == NUM_BLOCKS
+
+
+def test_a_reply_dated_infinity_does_not_end_a_search(world: World, tiny_model: Path, reference):
+    """hivemind checks each entry of a reply, not the date of the whole, and ends a search for the latest
+    value once a reply is dated that late: a node answering every block with its own entry, dated
+    infinity, would be the only node a reader heard. Readers date a reply by its latest entry."""
+    hostile, own = world.hostile, world.hostile.key
+    later = get_dht_time() + 600
+    fake = ServerInfo(ServerState.ONLINE, 0, NUM_BLOCKS, throughput=1e6, public_name="fake").to_record()
+    for key in [block_key(PREFIX, i) for i in range(NUM_BLOCKS)] + [MODELS_KEY]:
+        value = model_record(PREFIX, ModelInfo(2)) if key == MODELS_KEY else fake
+        entries = DictionaryDHTValue()
+        entries.store(own.subkey(), own.sign(key, own.subkey(), value, later), later)
+        hostile.plant(key, NO_SUBKEY, entries, math.inf)
+    via_hostile = hostile.node.visible_maddrs()  # the reader asks the hostile node first
+    seen = world.online_servers(via_hostile)
+    victim, other = world.swarm.server_peer_ids[:2]
+    assert seen[victim] == (0, 4) and seen[other] == (4, 8)
+    check_generation(world, tiny_model, reference, initial_peers=via_hostile).shutdown()
 
 
 def test_replayed_records_do_not_take_a_server_out_or_hang_a_client(world: World, tiny_model: Path, reference):

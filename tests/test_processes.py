@@ -215,6 +215,7 @@ def test_a_crashed_server_is_pinged_before_it_is_routed_through_again(dht, proce
         assert dead not in routes.banned() and dead in routes.avoided() and routes.pings.sent == sent  # no more pings
 
         routes.pings.unreachable.clear()  # as if its latest ping had answered
+        routes.pings.unanswered.clear()
         routes.ban(dead, "a request failed")
         wait_until(lambda: dead not in routes.banned(), 10)  # a failure on record, its ban over
         assert route_prefers_the_dead_one() == [live]

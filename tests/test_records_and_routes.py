@@ -121,3 +121,15 @@ def test_joining_server_takes_the_weakest_blocks():
     assert choose_best_start([0, 0, 0, 0], 2) == 0
     with pytest.raises(ValueError):
         choose_best_start([1, 1], 3)
+
+
+def test_allowed_and_blocked_servers_are_sets_of_peer_ids():
+    from petals_like.config import ClientConfig, ServerConfig
+
+    config = ClientConfig(allowed_servers=["a", "b", "a"], blocked_servers=("c",))
+    assert config.allowed_servers == {"a", "b"} and config.blocked_servers == {"c"}
+    assert ClientConfig().allowed_servers is None
+    with pytest.raises(TypeError):
+        ClientConfig(allowed_servers="QmOnePeer")  # a string is not a collection of peer ids
+    with pytest.raises(ValueError):
+        ServerConfig(model="m", expiration=7200)  # other nodes would refuse its records

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
+from hivemind.utils import MSGPackSerializer
 from hivemind.utils.timed_storage import get_dht_time
 
 from petals_like.data_structures import ServerInfo, ServerState
@@ -102,3 +105,100 @@ def test_spans_past_the_models_end_are_ignored():
     raw = {"inside": ServerInfo(ServerState.ONLINE, 0, 8).to_record(), "past": ServerInfo(ServerState.ONLINE, 0, 100).to_record()}
     assert set(parse_block_entries(raw, 2)) == {"inside", "past"}  # the model's size unknown: both plausible
     assert set(parse_block_entries(raw, 2, num_blocks=8)) == {"inside"}
+
+
+def test_each_key_keeps_its_dictionary_within_the_byte_budget(monkeypatch):
+    import hivemind.utils.timed_storage as timed_storage
+    from hivemind.dht.routing import DHTID
+
+    from petals_like.dht.storage import REFRESH_HEADROOM, BoundedStorage
+
+    clock = [1000.0]
+    monkeypatch.setattr(timed_storage, "get_dht_time", lambda: clock[0])
+    storage, key, other = BoundedStorage(max_key_bytes=10_000), DHTID.generate(source="k"), DHTID.generate(source="o")
+    assert all(storage.store_subkey(key, f"s{i}", b"x" * 998, 1060.0) for i in range(5))  # 5 x (2 + 998) bytes
+    assert storage.store_subkey(key, "s5", b"x" * 4_998, 1100.0)  # exactly the budget
+    assert not storage.store_subkey(key, "s6", b"", 1100.0)  # a new subkey past it
+    assert storage.store_subkey(key, "s0", b"y" * (998 + REFRESH_HEADROOM), 1061.0)  # a refresh may grow a little
+    assert not storage.store_subkey(key, "s1", b"y" * 999, 1061.0)  # not more
+    assert storage.store_subkey(other, "s6", b"x" * 9_000, 1100.0)  # the budget is per key
+    clock[0] = 1062.0  # s0..s4 have expired: room again
+    assert storage.store_subkey(key, "s6", b"", 1100.0)
+    copy = BoundedStorage.replacing(storage)
+    assert len(copy) == 2  # what the storage it replaces held
+    assert dict(copy.get(other).value.items()) == dict(storage.get(other).value.items())
+
+
+def test_a_record_that_passed_is_checked_once(monkeypatch):
+    from hivemind.dht.validation import DHTRecord
+    from hivemind.utils import MSGPackSerializer
+
+    from petals_like.dht.records import SwarmRecordValidator, SwarmValidator
+
+    identity = Identity()
+    try:
+        validator, calls = SwarmValidator(identity.private_key, remembered=2), []
+        check = SwarmRecordValidator.validate
+        monkeypatch.setattr(SwarmRecordValidator, "validate", lambda self, record: calls.append(record) or check(self, record))
+        subkey = MSGPackSerializer.dumps(identity.owner_subkey(peer_id_of(identity.public_key)))
+        value = MSGPackSerializer.dumps(ServerInfo(ServerState.ONLINE, 0, 1).to_record())
+
+        def signed(expiration: float) -> DHTRecord:
+            record = DHTRecord(b"k" * 20, subkey, value, expiration)
+            return DHTRecord(record.key, subkey, validator.sign_value(record), expiration)
+
+        now = get_dht_time()
+        first, second, third = signed(now + 60), signed(now + 61), signed(now + 62)
+        assert validator.validate(first) and validator.validate(first) and len(calls) == 1
+        assert not validator.validate(DHTRecord(first.key, first.subkey, first.value, now + 70))  # not what was signed
+        assert not validator.validate(DHTRecord(first.key, first.subkey, first.value, now + 70))  # failures: checked again
+        assert validator.validate(second) and validator.validate(third) and validator.validate(first)  # first: forgotten
+        assert len(calls) == 4  # the bad one never reached the schema check: its signature failed first
+    finally:
+        identity.close()
+
+
+def test_a_refused_replay_leaves_the_newer_entry_in_place(monkeypatch):
+    """hivemind's TimedStorage moves an entry's expiry to an older store's time before refusing that store:
+    the replay of an old record would delete the server's current one when the old one expires."""
+    import hivemind.utils.timed_storage as timed_storage
+    from hivemind.dht.routing import DHTID
+
+    from petals_like.dht.storage import BoundedStorage
+
+    clock = [1000.0]
+    monkeypatch.setattr(timed_storage, "get_dht_time", lambda: clock[0])
+    storage, key = BoundedStorage(), DHTID.generate(source="k")
+    assert storage.store_subkey(key, "server", b"old", 1090.0) and storage.store_subkey(key, "server", b"new", 1120.0)
+    assert not storage.store_subkey(key, "server", b"same time", 1120.0)
+    assert not storage.store_subkey(key, "server", b"old", 1090.0)  # the replay, last
+    for bad in (math.nan, math.inf, -math.inf):
+        assert not storage.store_subkey(key, "other", b"x", bad)
+    clock[0] = 1100.0  # past the replay's expiration, before the newer one's
+    assert dict(storage.get(key).value.items())["server"].value == b"new"
+
+
+def test_a_search_cannot_write_into_the_storage_it_starts_from():
+    """A search merges every reply into the first value it has, the node's own: get() hands out a copy."""
+    from hivemind.dht.routing import DHTID
+
+    from petals_like.dht.storage import BoundedStorage
+
+    storage, key = BoundedStorage(), DHTID.generate(source="k")
+    assert storage.store_subkey(key, "mine", b"x", get_dht_time() + 60)
+    storage.get(key).value.store("merged from a reply", b"y" * 10_000, get_dht_time() + 60)
+    assert [subkey for subkey, _ in storage.get(key).value.items()] == ["mine"]
+
+
+def test_nodes_refuse_expirations_that_are_not_times_within_the_lifetime():
+    from petals_like.dht.records import MAX_LIFETIME, check_envelope
+
+    identity = Identity()
+    try:
+        subkey = MSGPackSerializer.dumps(identity.owner_subkey(peer_id_of(identity.public_key)))
+        check_envelope(subkey, b"\x80", get_dht_time() + 60)
+        for expiration in (math.nan, math.inf, get_dht_time() + MAX_LIFETIME + 60):
+            with pytest.raises(ValueError):
+                check_envelope(subkey, b"\x80", expiration)
+    finally:
+        identity.close()

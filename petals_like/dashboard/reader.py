@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from typing import Any, Mapping, Optional
 
@@ -116,8 +117,9 @@ class SwarmReader:
         within a few reads, and a flood of records does not push live servers out of the budget.
         """
         last = self._last_probes
+        ties = {p: random.random() for p in peers}  # not by peer id: anyone can make ids that sort first
         order = sorted(peers, key=lambda p: (p not in last or not last[p][1].reachable, p in last,
-                                             last[p][0] if p in last else 0.0, p))  # fmt: skip
+                                             last[p][0] if p in last else 0.0, ties[p]))  # fmt: skip
         chosen = order[: self.max_probes]
         if len(order) > self.max_probes:
             logger.warning(f"Probing {self.max_probes} of {len(peers)} online servers (the rest show their last probe)")

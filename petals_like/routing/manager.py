@@ -9,9 +9,9 @@ A peer that fails is banned for ban_timeout seconds, doubling with each consecut
 flapping server is tried less and less; a success clears its record.
 
 Records are claims: anyone can announce servers that do not exist (docs/security.md). Every server
-in the view is pinged once per ping_period, in parallel, and chains are planned around the ones that
-could not be dialled, so a flood of records for servers that do not exist costs one ping each, not a
-failed request (and a retry) each. Only where nothing else covers some block are those tried again.
+in the view is pinged once per ping_period, in parallel, and chains are planned around the ones whose
+latest ping got no answer, so a flood of records for servers that do not exist costs one ping each,
+not a failed request (and a retry) each. Only where nothing else covers some block are those tried.
 """
 
 from __future__ import annotations
@@ -97,17 +97,17 @@ class RouteManager:
                             needed_tokens=needed_tokens)  # fmt: skip
 
     def avoided(self) -> set[str]:
-        """Peers to plan around: banned ones, and those whose latest ping could not reach them."""
-        return self.banned() | self.pings.unreachable
+        """Peers to plan around: banned ones, and those whose latest ping got no answer."""
+        return self.banned() | self.pings.unanswered
 
     def _plan(self, plan: Callable[[set[str]], T]) -> T:
-        """plan(peers to avoid), around unreachable peers too unless only they cover some block."""
+        """plan(peers to avoid), around unanswered peers too unless only they cover some block."""
         try:
             return plan(self.avoided())
         except NoRouteError:
-            if not self.pings.unreachable:
+            if not self.pings.unanswered:
                 raise
-            return plan(self.banned())  # _answer_pings asks them again before they are used
+            return plan(self.banned())  # _answer_pings asks the unreachable ones again before they are used
 
     async def make_training_routes(self, start: int, end: int, count: int) -> list[tuple[list[RemoteSpanInfo], float]]:
         """Up to `count` different training chains with their throughput weights (planner.make_training_routes)."""
@@ -137,6 +137,8 @@ class RouteManager:
                 if await self._answer_pings(route):
                     logger.debug(f"Route for blocks {start}:{end}: {route}")
                     return route
+                if time.monotonic() > deadline:  # each pass bans one or more: bounded, but not by the count
+                    raise NoRouteError(f"no chain for blocks {start}:{end} answered in time")
                 continue  # banned again: plan without them
             await asyncio.sleep(delay)
             delay = min(delay * 2, 2.0)
@@ -160,5 +162,7 @@ class RouteManager:
         unreachable = [(peer, answer) for peer, answer in zip(suspects, answers) if isinstance(answer, Exception)]
         for peer, error in unreachable:
             self.ban(peer, f"does not answer a ping: {error!r}")
-        self.pings.unreachable -= set(suspects) - {peer for peer, _ in unreachable}
+        answered = set(suspects) - {peer for peer, _ in unreachable}
+        self.pings.unreachable -= answered
+        self.pings.unanswered -= answered
         return not unreachable

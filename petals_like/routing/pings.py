@@ -28,6 +28,7 @@ class PingTable:
         self.max_parallel = max_parallel
         self.rtts: dict[str, float] = {}
         self.unreachable: set[str] = set()  # peers whose latest ping failed, and not by timing out
+        self.unanswered: set[str] = set()  # peers whose latest ping got no answer: unreachable or timed out
         self._measured_at: dict[str, float] = {}
         self.sent = 0  # pings sent so far (what a flood of records for servers that do not exist costs)
 
@@ -43,6 +44,7 @@ class PingTable:
             self.rtts.pop(peer, None)
             self._measured_at.pop(peer, None)
         self.unreachable &= keep
+        self.unanswered &= keep
 
     def due(self, peers: Iterable[str]) -> list[str]:
         now = time.monotonic()
@@ -61,11 +63,14 @@ class PingTable:
                     await call_info(p2p, peer, timeout=self.timeout)
                     elapsed: Optional[float] = time.perf_counter() - started
                     self.unreachable.discard(peer)
+                    self.unanswered.discard(peer)
                 except asyncio.TimeoutError:
                     elapsed = self.timeout
+                    self.unanswered.add(peer)
                 except Exception:
                     elapsed = self.timeout
                     self.unreachable.add(peer)
+                    self.unanswered.add(peer)
                 self.record(peer, elapsed)
 
         await asyncio.gather(*(one(peer) for peer in targets))

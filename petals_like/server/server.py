@@ -313,7 +313,7 @@ class Server:
         self.pings.forget(peers)
         # at most MAX_PINGS of them: those that answered before first, the rest at random (records are claims,
         # and whoever floods the DHT with servers that do not exist must not crowd out the real ones)
-        answered = {p for p in peers if p in self.pings.rtts and p not in self.pings.unreachable}
+        answered = {p for p in peers if p in self.pings.rtts and p not in self.pings.unanswered}
         others = [p for p in peers if p not in answered]
         random.shuffle(others)
         peers = (sorted(answered) + others)[:MAX_PINGS]
