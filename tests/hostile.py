@@ -16,7 +16,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.dht.routing import DHTID
-from hivemind.dht.storage import DictionaryDHTValue
+from hivemind.dht.storage import DHTLocalStorage, DictionaryDHTValue
 from hivemind.dht.validation import DHTRecord
 from hivemind.p2p import PeerID
 from hivemind.utils import MSGPackSerializer
@@ -104,12 +104,16 @@ class HostileNode:
 
     def plant(self, key: str, subkey: Any, value: Any, expiration: float) -> None:
         """Put an entry (or, with NO_SUBKEY, a plain value or a whole DictionaryDHTValue) into this node's own
-        storage, unchecked, for it to serve to every reader that asks, as a node that runs no validators
-        would (this one accepts anything it is asked to store from then on)."""
-        self.node.dht.protocol.record_validator = None
-        storage, key_id = self.node.dht.protocol.storage, DHTID.generate(source=key)
-        if isinstance(value, DictionaryDHTValue):  # a whole dictionary, dated as the caller likes
-            assert subkey is NO_SUBKEY and storage.store(key_id, value, expiration)
+        storage, unchecked, for it to serve to every reader that asks. From the first call on, this node
+        runs hivemind's storage as it comes and no validators: it accepts anything it is asked to store."""
+        protocol = self.node.dht.protocol
+        if protocol.record_validator is not None:
+            protocol.record_validator, protocol.storage = None, DHTLocalStorage()
+        storage, key_id = protocol.storage, DHTID.generate(source=key)
+        if isinstance(value, DictionaryDHTValue):  # a whole dictionary, dated as the caller likes, replacing any
+            assert subkey is NO_SUBKEY
+            del storage[key_id]
+            assert storage.store(key_id, value, expiration)
             return
         value = value if isinstance(value, bytes) else MSGPackSerializer.dumps(value)
         if subkey is NO_SUBKEY:

@@ -13,7 +13,9 @@ from typing import Iterator, Optional
 
 import pytest
 import torch
+from hivemind.dht.routing import DHTID
 from hivemind.dht.storage import DictionaryDHTValue
+from hivemind.p2p import PeerID
 from hivemind.utils.timed_storage import ValueWithExpiration, get_dht_time
 
 from petals_like import AutoDistributedModelForCausalLM
@@ -172,11 +174,12 @@ def test_what_a_node_without_validators_serves_is_ignored_by_readers(world: Worl
     hostile.plant(MODELS_KEY, NO_SUBKEY, {own.subkey(): model_record(PREFIX, ModelInfo(2))}, far)
     hostile.plant(b[4], other, ServerInfo(ServerState.OFFLINE, 4, 8).to_record(), far)  # unsigned
     hostile.plant(b[5], own.subkey(other), own.sign(b[5], own.subkey(other), fake, far), far)  # not the peer it names
-    hostile.plant(b[6], 5, fake, later)  # an integer subkey beside a string one
+    hostile.plant(b[6], 5, fake, later)  # an integer subkey beside a string one: dropped, the valid entry kept
     hostile.plant(b[6], own.subkey(), own.sign(b[6], own.subkey(), fake, later + 1), later + 1)
     hostile.plant(b[7], own.subkey(), own.sign(b[7], own.subkey(), fake, far), far)  # its own record, far future
 
-    assert world.online_servers() == {victim: (0, 4), other: (4, 8)}
+    # the real servers with their spans; besides them only the attacker's own valid record (block 6)
+    assert world.online_servers() == {victim: (0, 4), other: (4, 8), own.peer_id: (6, 7)}
     check_generation(world, tiny_model, reference).shutdown()
     view = dashboard_view(world)
     assert view["healthy"] and online_rows(view) == {victim: (0, 4), other: (4, 8)} and view["num_blocks"] == NUM_BLOCKS
@@ -195,6 +198,26 @@ def test_a_reply_dated_infinity_does_not_end_a_search(world: World, tiny_model: 
         entries.store(own.subkey(), own.sign(key, own.subkey(), value, later), later)
         hostile.plant(key, NO_SUBKEY, entries, math.inf)
     via_hostile = hostile.node.visible_maddrs()  # the reader asks the hostile node first
+    seen = world.online_servers(via_hostile)
+    victim, other = world.swarm.server_peer_ids[:2]
+    assert seen[victim] == (0, 4) and seen[other] == (4, 8)
+    check_generation(world, tiny_model, reference, initial_peers=via_hostile).shutdown()
+
+
+def test_a_reply_that_hivemind_cannot_read_is_no_answer(world: World, tiny_model: Path, reference):
+    """A dictionary's `maxsize` travels in the reply, and hivemind compares it with the number of entries
+    when it reads them: a string there made a reader's search raise inside one of its workers, and the
+    search, waiting for that worker, never ended (clients hung, servers stopped announcing)."""
+    hostile, own = world.hostile, world.hostile.key
+    later = get_dht_time() + 600
+    fake = ServerInfo(ServerState.ONLINE, 0, NUM_BLOCKS, public_name="fake").to_record()
+    for key in [block_key(PREFIX, i) for i in range(NUM_BLOCKS)] + [MODELS_KEY]:
+        value = model_record(PREFIX, ModelInfo(2)) if key == MODELS_KEY else fake
+        entries = DictionaryDHTValue()
+        entries.store(own.subkey(), own.sign(key, own.subkey(), value, later), later)
+        entries.maxsize, entries.frozen = "x", True  # frozen: the hostile node itself never compares it
+        hostile.plant(key, NO_SUBKEY, entries, later)
+    via_hostile = hostile.node.visible_maddrs()
     seen = world.online_servers(via_hostile)
     victim, other = world.swarm.server_peer_ids[:2]
     assert seen[victim] == (0, 4) and seen[other] == (4, 8)
@@ -275,18 +298,30 @@ def test_a_thousand_fake_servers_cost_a_client_one_ping_each(world: World, fakes
     assert view["healthy"] and view["servers_by_status"]["unreachable"] >= NUM_FAKES
 
 
-def test_a_key_flooded_past_the_message_limit_stays_readable(world: World, fakes: list, tiny_model: Path, reference):
+def test_keys_flooded_past_the_message_limit_stay_readable(world: World, fakes: list, tiny_model: Path, reference):
     """hivemind answers a search with a key's whole dictionary in one message, which the daemon does not send
-    over 4 MiB. The fake servers refresh their entries under block 0 with records of ~30 KiB each (6 MiB in
-    all): every node keeps that key's dictionary within its budget, so the key stays readable from each."""
-    b0, expiration = block_key(PREFIX, 0), get_dht_time() + 1200
+    over 4 MiB, and asks for several keys in one message. The fake servers refresh their entries under
+    every block with records of ~30 KiB each (3.3 MiB per key): every node keeps each key within its
+    budget, each key stays readable from each node, and a client, whose search asks for 8 keys, generates."""
+    expiration = get_dht_time() + 1200
     padded = {**ServerInfo(ServerState.ONLINE, 0, NUM_BLOCKS, throughput=1e6).to_record(), "padding": "x" * 30_000}
-    entries = [(b0, key.subkey(), key.sign(b0, key.subkey(), padded, expiration), expiration) for key, _ in fakes[:200]]
-    for start in range(0, len(entries), 50):
-        answers = world.hostile.store_many(world.honest, entries[start : start + 50])
-        assert all(answer is not None for answer in answers.values())
-    for peer in world.honest:  # each node answers, within the limit, with the real server's record among the rest
-        held = world.hostile.read_signed(peer, b0)
-        assert any(subkey.startswith(world.swarm.server_peer_ids[0]) for subkey in held), peer
-        assert sum(len(subkey) + len(value) for subkey, (value, _) in held.items()) <= MAX_KEY_BYTES + REFRESH_HEADROOM
+    for block in range(NUM_BLOCKS):
+        key = block_key(PREFIX, block)
+        entries = [(key, k.subkey(), k.sign(key, k.subkey(), padded, expiration), expiration) for k, _ in fakes[:110]]
+        for start in range(0, len(entries), 55):
+            answers = world.hostile.store_many(world.honest, entries[start : start + 55])
+            assert all(answer is not None for answer in answers.values())
+    servers = {block: world.swarm.server_peer_ids[0 if block < 4 else 1] for block in range(NUM_BLOCKS)}
+    reader = SwarmNode(world.swarm.peers, host_maddrs=LOCALHOST, client_mode=True, name="reader")
+    try:
+        ids = [DHTID.generate(source=block_key(PREFIX, block)) for block in range(NUM_BLOCKS)]
+        for peer in world.honest:  # one search asks a node for all 8 keys: each answers, the real server among the rest
+            found = reader.run(reader.dht.protocol.call_find(PeerID.from_base58(peer), ids), timeout=60)
+            assert found is not None, peer
+            for block, key_id in enumerate(ids):
+                held = dict(found[key_id][0].value.items())
+                assert any(subkey.startswith(servers[block]) for subkey in held), (peer, block)
+                assert MAX_KEY_BYTES - 40_000 < sum(len(s) + len(v) for s, (v, _) in held.items()) <= MAX_KEY_BYTES + REFRESH_HEADROOM
+    finally:
+        reader.shutdown()
     check_generation(world, tiny_model, reference).shutdown()

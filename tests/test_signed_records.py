@@ -202,3 +202,52 @@ def test_nodes_refuse_expirations_that_are_not_times_within_the_lifetime():
                 check_envelope(subkey, b"\x80", expiration)
     finally:
         identity.close()
+
+
+def test_a_dictionary_loses_its_bad_entries_not_its_good_ones():
+    """hivemind refuses a whole dictionary (a reply, a store) for one bad entry; nodes keep the valid ones, and
+    the sender's `maxsize` (a string made every reader's search hang) is ignored."""
+    from types import SimpleNamespace
+
+    from hivemind.dht.routing import DHTID
+    from hivemind.dht.storage import DictionaryDHTValue
+    from hivemind.dht.validation import DHTRecord
+
+    from petals_like.dht.guards import _keep_valid_entries
+    from petals_like.dht.records import SwarmValidator
+
+    identity = Identity()
+    try:
+        validator = SwarmValidator(identity.private_key)
+        protocol = SimpleNamespace(record_validator=validator, serializer=MSGPackSerializer)
+        key, expiration = DHTID.generate(source="m.0").to_bytes(), get_dht_time() + 60
+        good = identity.owner_subkey(peer_id_of(identity.public_key))
+        value = MSGPackSerializer.dumps(ServerInfo(ServerState.ONLINE, 0, 1).to_record())
+        signed = validator.sign_value(DHTRecord(key, MSGPackSerializer.dumps(good), value, expiration))
+        entries = DictionaryDHTValue()
+        entries.store(good, signed, expiration)
+        entries.store("unsigned", value, expiration + 1)
+        entries.store(good.replace("Qm", "Xx", 1), signed, expiration + 2)  # signed, but not by the peer named
+        entries.maxsize = "x"
+        assert _keep_valid_entries(protocol, key, entries)
+        assert [subkey for subkey, _ in entries.items()] == [good] and entries.maxsize == math.inf
+    finally:
+        identity.close()
+
+
+def test_a_node_keeps_all_its_keys_within_its_budget(monkeypatch):
+    import hivemind.utils.timed_storage as timed_storage
+    from hivemind.dht.routing import DHTID
+
+    from petals_like.dht.storage import BoundedStorage
+
+    clock = [1000.0]
+    monkeypatch.setattr(timed_storage, "get_dht_time", lambda: clock[0])
+    storage = BoundedStorage(max_key_bytes=10_000, max_node_bytes=25_000)
+    keys = [DHTID.generate(source=f"k{i}") for i in range(4)]
+    assert all(storage.store_subkey(key, "s", b"x" * 7_999, 1060.0 + i) for i, key in enumerate(keys[:3]))  # 24,000
+    assert not storage.store_subkey(keys[3], "s", b"x" * 1_999, 1100.0)  # a new key past the node's budget
+    assert not storage.store_subkey(keys[0], "t", b"", 1100.0)  # a new subkey too
+    assert storage.store_subkey(keys[0], "s", b"y" * 7_999, 1070.0)  # a refresh of the same size
+    clock[0] = 1061.5  # keys[1]'s entry has expired: room again
+    assert storage.store_subkey(keys[3], "s", b"x" * 1_999, 1100.0)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections import Counter
 from typing import Any, Mapping, Optional, Sequence
@@ -50,11 +49,9 @@ async def get_block_infos(
     """For each block, the valid {peer id: ServerInfo} records found in the DHT (empty dict if none);
     with the model's num_blocks, records of spans past its end are dropped too."""
     keys = [block_key(dht_prefix, i) for i in block_indices]
-    # one key per search: hivemind asks for several keys in one request when given several, and the reply
-    # must hold all their dictionaries within the daemon's message limit (dht/storage.py)
-    found = await asyncio.gather(*(node.get(key, latest=latest) for key in keys))
-    return [parse_block_entries(signed_entries(value, key), index, num_blocks)
-            for key, value, index in zip(keys, found, block_indices)]
+    found = await node.get_many(keys, sufficient_expiration_time=float("inf") if latest else None)
+    return [parse_block_entries(signed_entries(found.get(key), key), index, num_blocks)
+            for key, index in zip(keys, block_indices)]
 
 
 async def get_models(node: DHTNode, *, latest: bool = True) -> dict[str, ModelInfo]:

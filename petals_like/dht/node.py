@@ -12,47 +12,18 @@ import asyncio
 import concurrent.futures
 import logging
 import threading
-from typing import Any, Awaitable, Callable, Collection, Optional, Sequence, TypeVar
+from typing import Any, Awaitable, Callable, Optional, Sequence, TypeVar
 
 from hivemind.dht.node import DHTNode
-from hivemind.dht.routing import DHTID
-from hivemind.dht.storage import DictionaryDHTValue
-from hivemind.p2p import P2P, PeerID
-from hivemind.utils.timed_storage import ValueWithExpiration
+from hivemind.p2p import P2P
 
+from petals_like.dht import guards
 from petals_like.dht.identity import Identity
 from petals_like.dht.records import SwarmValidator
-from petals_like.dht.storage import BoundedStorage, NoCache
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-
-def _dated_by_entries(call_find: Callable[..., Awaitable[Optional[dict]]]) -> Callable[..., Awaitable[Optional[dict]]]:
-    """DHTProtocol.call_find, with each dictionary a node returns dated by its latest entry, not by what the
-    node says. hivemind checks every entry of a reply but not the date of the whole, and ends a search for
-    the latest value as soon as a reply is dated that late (never, for reads with latest=True, unless a reply
-    says "infinity"): one node answering with its own entries dated infinity would be the only one a reader
-    heard. An empty dictionary is no answer."""
-
-    async def call(peer: PeerID, keys: Collection[DHTID]) -> Optional[dict]:
-        found = await call_find(peer, keys)
-        if found is None:
-            return None
-        return {key: (_dated(value), nearest) for key, (value, nearest) in found.items()}
-
-    return call
-
-
-def _dated(found: Optional[ValueWithExpiration]) -> Optional[ValueWithExpiration]:
-    if found is None or not isinstance(found.value, DictionaryDHTValue):
-        return found
-    latest = max((expiration for _, (_, expiration) in found.value.items()), default=None)
-    if latest is None:
-        return None
-    found.value.latest_expiration_time = latest
-    return ValueWithExpiration(found.value, latest)
 
 
 class SwarmNode:
@@ -102,13 +73,9 @@ class SwarmNode:
             num_workers=8,
             # a lone bootstrap node has no peers yet; joining peers must reach theirs
             ensure_bootstrap_success=bool(initial_peers),
-            cache_locally=False, cache_nearest=0, cache_on_store=False,  # no cache: see NoCache
+            cache_locally=False, cache_nearest=0, cache_on_store=False,  # no cache: see storage.NoCache
         )
-        # hivemind makes its storage unbounded per key, and takes no other kind: swapped here, before this
-        # node answers its first search (nothing has awaited since create() returned); see dht/storage.py
-        protocol = self.dht.protocol
-        protocol.storage, protocol.cache = BoundedStorage.replacing(protocol.storage), NoCache()
-        protocol.call_find = _dated_by_entries(protocol.call_find)
+        guards.install(self.dht.protocol)  # see dht/guards.py; nothing has awaited since create() returned
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:

@@ -54,7 +54,9 @@ class RouteManager:
         async with self._lock:
             if not force and time.monotonic() - self._updated_at < self.config.update_period:
                 return
-            infos = await get_block_infos(self.node.dht, self.dht_prefix, range(self.num_blocks), num_blocks=self.num_blocks)
+            # bounded, as every read of what strangers serve should be: the lock waits on it
+            infos = await asyncio.wait_for(get_block_infos(self.node.dht, self.dht_prefix, range(self.num_blocks),
+                                                           num_blocks=self.num_blocks), self.config.connect_timeout)
             self.spans = {peer: span for peer, span in compute_spans(infos).items() if self._may_use(peer)}
             self._updated_at = time.monotonic()
             self.pings.forget(self.spans)

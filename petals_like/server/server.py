@@ -327,9 +327,9 @@ class Server:
 
     async def _declare(self, state: ServerState) -> None:
         if state == ServerState.ONLINE:
-            try:
-                await self._measure_next_pings()
-            except Exception as e:  # pings are a hint for routing; announcing matters more
+            try:  # bounded: pings are a hint for routing; announcing matters more
+                await asyncio.wait_for(self._measure_next_pings(), self.config.announce_period / 2)
+            except Exception as e:
                 logger.debug(f"Measuring next pings failed: {e!r}")
         self._announced_load = self._load()
         model = self.model_info if state != ServerState.OFFLINE else None
