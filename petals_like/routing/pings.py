@@ -4,8 +4,10 @@ Clients keep one for the servers they may route through; servers keep one for th
 can follow their span and announce it (next_pings) so that clients can price server-to-server
 hops. A peer that does not answer within the timeout is recorded at the timeout: slow, not gone
 (failures are for the ban list to judge). A peer that refuses the call outright (its daemon
-cannot be dialled: a crashed server whose records have not expired yet) is recorded the same
-way and also listed in `unreachable`, so that a client pings it again before routing through it.
+cannot be dialled: a crashed server whose records have not expired yet, or a record of a server
+that never existed) is recorded the same way and also listed in `unreachable`, so that a client
+pings it again before routing through it. Both kinds are in `unanswered`: clients plan around
+them while anything else covers their blocks (routing/manager.py).
 """
 
 from __future__ import annotations
