@@ -16,7 +16,7 @@ from petals_like.quant.weights import QuantizedWeight, linear_weight_bytes, quan
 from petals_like.server.server import load_span
 from tests.swarm import loss_and_input_grads, start_swarm
 
-# documented bounds (README, quant/weights.py): relative error of one matmul on Gaussian weights,
+# documented bounds (docs/quantization.md, quant/weights.py): relative error of one matmul on Gaussian weights,
 # and of one block's output on the random-weight tiny model (random networks amplify noise; a
 # trained model's are far smaller)
 MATMUL_BOUND = {"int8": 0.015, "nf4": 0.11}

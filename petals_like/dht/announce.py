@@ -70,7 +70,7 @@ async def get_models(node: DHTNode, *, latest: bool = True) -> dict[str, ModelIn
 def signed_entries(found: Optional[ValueWithExpiration], key: str) -> dict[str, Any]:
     """{peer id: value} of the entries of a DHT value whose subkeys are signed by the peer they name.
 
-    The nodes that returned the value checked this already (records.SwarmRecordValidator), but it is
+    The nodes that returned the value checked this already (records.SwarmValidator), but it is
     cheap to hold to here too: a value without subkeys (a plain value, whatever its shape) yields nothing,
     and so does an entry under any other subkey."""
     if found is None:

@@ -9,7 +9,7 @@ outlast the records of others (docs/security.md). install() does it all, before 
 - a reply is dated by its latest entry, not by the date the replying node gives it: hivemind ends a
   search for the latest value as soon as a reply is dated that late (never, for reads with
   latest=True, unless a reply says "infinity"), so one node dating its own entries infinity would be
-  the only node a reader heard. An empty reply is no answer, and a reply that cannot be read is none;
+  the only node a reader heard. An empty reply is no answer;
 - one key per request: hivemind asks a node for several keys in one request (stores look for the
   nodes to store at this way too), and the reply, which holds every key's whole dictionary, must fit
   the daemon's 4 MiB message limit.
@@ -18,7 +18,6 @@ outlast the records of others (docs/security.md). install() does it all, before 
 from __future__ import annotations
 
 import asyncio
-import logging
 import math
 from typing import Awaitable, Callable, Collection, Optional
 
@@ -30,8 +29,6 @@ from hivemind.p2p import PeerID
 from hivemind.utils.timed_storage import ValueWithExpiration
 
 from petals_like.dht.storage import BoundedStorage, NoCache
-
-logger = logging.getLogger(__name__)
 
 CallFind = Callable[[PeerID, Collection[DHTID]], Awaitable[Optional[dict]]]
 
@@ -72,17 +69,14 @@ def _dated_by_entries(call_find: CallFind) -> CallFind:
 
 
 def _dated(found: Optional[ValueWithExpiration]) -> Optional[ValueWithExpiration]:
+    """A reply's dictionary, dated by its latest entry. Its entries and types passed _keep_valid_entries."""
     if found is None or not isinstance(found.value, DictionaryDHTValue):
         return found
-    try:
-        entries = DictionaryDHTValue()  # rebuilt: the search merges into it, and keeps nothing of the sender's
-        for subkey, (value, expiration_time) in found.value.data.items():
-            entries.store(subkey, value, expiration_time)
-        latest = max((expiration for _, (_, expiration) in entries.items()), default=None)
-    except Exception as e:  # the entries passed the validators; anything else about them is no answer
-        logger.debug(f"Ignoring an unreadable reply: {e!r}")
+    latest = max((item.expiration_time for item in found.value.data.values()), default=None)
+    if latest is None:
         return None
-    return None if latest is None else ValueWithExpiration(entries, latest)
+    found.value.latest_expiration_time = latest
+    return ValueWithExpiration(found.value, latest)
 
 
 def _one_key_per_request(call_find: CallFind) -> CallFind:

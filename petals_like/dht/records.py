@@ -9,7 +9,7 @@ key    = MODELS_KEY
 subkey = "{peer id}[owner:{public key}]", as above: one entry per server
 value  = model_record(): ModelInfo.to_record() plus the model's dht_prefix
 
-Nothing else is ever written, so nothing else is accepted (SwarmRecordValidator): every node refuses to
+Nothing else is ever written, so nothing else is accepted (SwarmValidator): every node refuses to
 store, and drops from what other nodes send back, any value without a subkey (hivemind would let it
 replace the whole dictionary of signed entries), any subkey that is not a string signed by the peer it
 names, a value that breaks the schema or is larger than MAX_RECORD_BYTES, and an expiration further than
@@ -158,7 +158,9 @@ def parse_model_record(raw: Any) -> tuple[str, ModelInfo]:
 
 
 def check_envelope(subkey_bytes: bytes, value_bytes: bytes, expiration_time: float) -> None:
-    """The cheap part of check_record: sizes, the subkey, the expiration. Raises ValueError."""
+    """Raise ValueError unless the record's sizes, subkey and expiration are what the project writes: a
+    subkey (string) signed by the peer it names, a value within MAX_RECORD_BYTES, a finite expiration at
+    most MAX_LIFETIME from now. Cheap: it runs before the signature is checked."""
     if len(subkey_bytes) > MAX_SUBKEY + 8 or len(value_bytes) > MAX_RECORD_BYTES:
         raise ValueError(f"subkey of {len(subkey_bytes)} bytes or value of {len(value_bytes)} bytes is too large")
     subkey = MSGPackSerializer.loads(subkey_bytes)
@@ -170,12 +172,9 @@ def check_envelope(subkey_bytes: bytes, value_bytes: bytes, expiration_time: flo
         raise ValueError(f"expiration {expiration_time} is not a time within {MAX_LIFETIME:.0f} s from now")
 
 
-def check_record(subkey_bytes: bytes, value_bytes: bytes, expiration_time: float, *, models: bool) -> None:
-    """Raise ValueError unless this is an entry the project writes: a string subkey signed by the peer it
-    names, a value within MAX_RECORD_BYTES that parses as a model record (`models`: stored under
-    MODELS_KEY) or a ServerInfo, expiring at most MAX_LIFETIME from now. The signature itself is
-    hivemind's RSASignatureValidator's to check (it runs first)."""
-    check_envelope(subkey_bytes, value_bytes, expiration_time)
+def check_value(value_bytes: bytes, *, models: bool) -> None:
+    """Raise ValueError unless the (signature-stripped) value parses as a model record (`models`: stored
+    under MODELS_KEY) or a ServerInfo."""
     value = MSGPackSerializer.loads(value_bytes)
     if models:
         parse_model_record(value)
@@ -184,18 +183,16 @@ def check_record(subkey_bytes: bytes, value_bytes: bytes, expiration_time: float
 
 
 class SwarmRecordValidator(RecordValidatorBase):
-    """Every node's check of a record, when asked to store it and when another node returns it
-    (check_record). hivemind calls it once per dictionary entry, and with the reserved "no subkey"
-    marker for a plain value, which fails the subkey check. Refusals are logged at DEBUG: a hostile
-    peer decides how many there are. Runs after hivemind's signature validator, which has checked the
-    signature and stripped it by then."""
+    """The schema part of SwarmValidator: the value of a record whose envelope (check_envelope) and
+    signature passed. Runs after hivemind's signature validator, which has stripped the signature by
+    then. Refusals are logged at DEBUG: a hostile peer decides how many there are."""
 
     def __init__(self) -> None:
         self._models_key_id = DHTID.generate(source=MODELS_KEY).to_bytes()  # what hivemind calls MODELS_KEY
 
     def validate(self, record: DHTRecord) -> bool:
         try:
-            check_record(record.subkey, record.value, record.expiration_time, models=record.key == self._models_key_id)
+            check_value(record.value, models=record.key == self._models_key_id)
         except Exception as e:  # anything a stranger's bytes make msgpack or the parsers raise
             logger.debug(f"Refusing a DHT record: {e!r}")
             return False
@@ -203,7 +200,9 @@ class SwarmRecordValidator(RecordValidatorBase):
 
 
 class SwarmValidator(CompositeValidator):
-    """What every node runs: hivemind's RSASignatureValidator, then SwarmRecordValidator; records that
+    """What every node runs, on every record it is asked to store and every entry of every reply
+    (hivemind calls it with the reserved "no subkey" marker for a plain value, which fails the subkey
+    check): check_envelope, then hivemind's RSASignatureValidator, then SwarmRecordValidator. Records that
     passed are remembered (by a digest of key, subkey, signed value and expiration), so each is checked
     once, not once per node whose reply carries it and again at every refresh. Checking a signature is
     about half of the cost of reading a key (~60 of ~130 us per entry of each reply); remembering them
