@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Collection, Optional, Sequence
 
 from petals_like.dht.records import MAX_LIFETIME
+from petals_like.dht.relay import RelayLimits
 
 DEFAULT_MAX_PART_BYTES = 2 * 1024**2  # one P2P message part; hivemind caps unary messages at 4 MiB
 # how a session's hidden states may travel (protocol.pack_message): as float32, float16 or bfloat16,
@@ -59,8 +60,14 @@ class ServerConfig:
     block_indices: Optional[str] = None  # "A:B" pins the span; otherwise num_blocks are chosen
     num_blocks: Optional[int] = None  # span length when choosing where to serve
     dht_prefix: Optional[str] = None  # the model's name in the swarm; derived from the checkpoint when None
-    host_maddrs: Sequence[str] = ("/ip4/127.0.0.1/tcp/0",)
-    announce_maddrs: Sequence[str] = ()
+    host_maddrs: Optional[Sequence[str]] = None  # where to listen; None = every interface on `port` (dht/reach.py)
+    announce_maddrs: Sequence[str] = ()  # what to announce instead of the interfaces' addresses
+    port: int = 0  # TCP and UDP port when host_maddrs is None; 0 = a free one
+    public_ip: Optional[str] = None  # announce this address (e.g. a router's, with the port forwarded to this host)
+    force_reachability: Optional[str] = None  # "public" / "private" instead of asking peers to dial back
+    relay_limits: Optional[RelayLimits] = field(default_factory=RelayLimits)  # relay for NATed servers; None = never
+    max_relays: int = 2  # relays to hold slots on when behind NAT (0: none: nobody can reach this server)
+    reachability_period: float = 600.0  # seconds between dial-back checks after the one at start
     identity_path: Optional[str] = None  # private key file: a stable peer id across restarts
     device: str = "cpu"
     torch_dtype: str = "auto"  # "auto" = the checkpoint's dtype

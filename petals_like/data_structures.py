@@ -18,6 +18,7 @@ MAX_RATE = 1e9  # tokens/s; a larger announced throughput is nonsense
 MAX_TEXT = 256  # characters in free-form record fields (dtype, public name, version, ...)
 MAX_ADAPTERS = 64
 MAX_PINGS = 64
+MAX_ADDRS = 8  # multiaddrs in a record: a few transports and relays
 
 
 class ServerState(IntEnum):
@@ -60,12 +61,15 @@ class ServerInfo:
     adapters: tuple[str, ...] = ()
     public_name: str = ""
     next_pings: Mapping[str, float] = field(default_factory=dict)  # peer id -> round-trip seconds
+    using_relay: bool = False  # behind NAT: reached through the relays in addrs (dht/relay.py)
+    addrs: tuple[str, ...] = ()  # multiaddrs to dial it at: its own, or relay circuits when using_relay
 
     def to_record(self) -> dict[str, Any]:
         record = dataclasses.asdict(self)
         record["state"] = int(self.state)
         record["adapters"] = list(self.adapters)
         record["next_pings"] = dict(self.next_pings)
+        record["addrs"] = list(self.addrs)
         return record
 
     @classmethod
@@ -105,6 +109,17 @@ class ServerInfo:
             kwargs["next_pings"] = {
                 _check_text("peer id", k): _check_number("ping", v, 0.0, 3600.0) for k, v in pings.items()
             }
+        if "using_relay" in raw:
+            if not isinstance(raw["using_relay"], bool):
+                raise ValueError("using_relay must be true or false")
+            kwargs["using_relay"] = raw["using_relay"]
+        if "addrs" in raw:
+            addrs = raw["addrs"]
+            if not isinstance(addrs, (list, tuple)) or len(addrs) > MAX_ADDRS:
+                raise ValueError(f"addrs must be a list of at most {MAX_ADDRS} multiaddrs")
+            kwargs["addrs"] = tuple(_check_text("multiaddr", a) for a in addrs)
+            if not all(a.startswith("/") for a in kwargs["addrs"]):
+                raise ValueError("addrs must be multiaddrs (/ip4/...)")
         return cls(**kwargs)
 
     @property

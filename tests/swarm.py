@@ -50,6 +50,7 @@ class Swarm:
         return compute_spans(infos)
 
     def add_server(self, model: Path, block_indices: str, **kwargs) -> Server:
+        kwargs.setdefault("host_maddrs", LOCALHOST)
         config = ServerConfig(model=model, initial_peers=self.peers, block_indices=block_indices, device="cpu",
                               progress=False, throughput=kwargs.pop("throughput", 1.0), **kwargs)  # fmt: skip
         server = Server(config).start()

@@ -206,7 +206,7 @@ SERVER_SCHEMA = strict({
     "load": {"type": "number", "minimum": 0, "maximum": 1}, "version": {"type": "string"},
     "torch_dtype": {"type": "string"}, "quant_type": {"type": "string"},
     "adapters": {"type": "array", "items": {"type": "string"}},
-    "next_pings": {"type": "object", "additionalProperties": NUMBER},
+    "next_pings": {"type": "object", "additionalProperties": NUMBER}, "using_relay": {"type": "boolean"},
 })  # fmt: skip
 MODEL_SCHEMA = strict({
     "dht_prefix": {"type": "string", "minLength": 1}, "name": {"type": "string"}, "num_blocks": COUNT,
@@ -505,7 +505,7 @@ def plant_records(swarm) -> str:
     async def plant() -> None:
         await declare_blocks(node.dht, "tiny-mistral", range(0, 3), info(0, 3, JOINING, 5.0, public_name="joiner"),
                              identity=node.identity, expiration=300)  # fmt: skip
-        signed_hostile = info(0, 4, throughput=7.0, public_name=HOSTILE_TEXT).to_record()
+        signed_hostile = info(0, 4, throughput=7.0, public_name=HOSTILE_TEXT, using_relay=True).to_record()
         assert await node.dht.store(block_key("tiny-llama", 2), signed_hostile, expiration, subkey=own)
         past_the_model = info(0, 100_000, throughput=1e9, public_name="past the end").to_record()  # dropped by readers
         assert await node.dht.store(block_key("tiny-llama", 3), past_the_model, expiration, subkey=own)
@@ -597,6 +597,8 @@ def test_page_json_and_metrics_of_a_live_swarm(world: World, chromium: Chromium)
     rows = {r.attrs["data-peer-id"]: r for r in llama_page.find_all("tr") if "data-peer-id" in r.attrs}
     assert "leaver" in rows[world.leaver_id].text and "4:6" in rows[world.leaver_id].text
     assert "no answer" in rows[world.ghost_id].text
+    assert rows[world.joiner_id].find_all("span", class_="relayed")  # it announced using_relay
+    assert not rows[world.leaver_id].find_all("span", class_="relayed")
     assert any("alpha <b>&amp;</b>" in r.text for r in rows.values())  # shown as text, not as markup
 
     mistral_page = sections["tiny-mistral"]

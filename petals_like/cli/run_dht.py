@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import argparse
 
-from petals_like.utils.cli import setup_logging, wait_for_stop_signal
+from petals_like.utils.cli import add_network_flags, network_values, setup_logging, wait_for_stop_signal
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--initial_peers", nargs="*", default=[], help="multiaddrs of an existing swarm to join")
-    parser.add_argument("--host_maddrs", nargs="+", default=["/ip4/0.0.0.0/tcp/31337"],
-                        help="where to listen, e.g. /ip4/127.0.0.1/tcp/0 (port 0 = any free port)")
-    parser.add_argument("--announce_maddrs", nargs="*", default=[], help="public addresses to advertise")
+    add_network_flags(parser, default_port=31337)  # a bootstrap peer is worth a stable address
     parser.add_argument("--identity_path", default=None, help="private key file for a stable peer id")
     parser.add_argument("--log_level", default="INFO")
     args = parser.parse_args(argv)
@@ -20,10 +18,11 @@ def main(argv: list[str] | None = None) -> None:
 
     from petals_like.dht.node import SwarmNode
 
-    node = SwarmNode(args.initial_peers, host_maddrs=args.host_maddrs, announce_maddrs=args.announce_maddrs,
-                     identity_path=args.identity_path, name="dht")  # fmt: skip
+    node = SwarmNode(args.initial_peers, **network_values(args), identity_path=args.identity_path, name="dht")
     try:
-        maddrs = node.visible_maddrs()
+        maddrs = [m for m in node.visible_maddrs() if "/quic" not in m]
+        if node.using_relay:
+            print("This node is behind NAT: other hosts cannot join through it (see docs/network.md)", flush=True)
         print("DHT is running. To join, pass:", flush=True)
         print("  --initial_peers " + " ".join(maddrs), flush=True)
         wait_for_stop_signal()

@@ -6,7 +6,8 @@ import argparse
 import logging
 
 from petals_like.config import WIRE_FORMATS, ServerConfig
-from petals_like.utils.cli import add_config_flags, config_values, setup_logging, wait_for_stop_signal
+from petals_like.utils.cli import (add_config_flags, add_network_flags, config_values, network_values, setup_logging,
+                                   wait_for_stop_signal)
 
 logger = logging.getLogger(__name__)
 
@@ -44,8 +45,6 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, str]:
     span.add_argument("--block_indices", help="serve exactly these blocks, e.g. 0:8 (turns moving off)")
     span.add_argument("--num_blocks", type=int, help="serve this many blocks where the swarm needs them most")
     p.add_argument("--initial_peers", nargs="*", default=[], help="multiaddrs of any peer of the swarm")
-    p.add_argument("--host_maddrs", nargs="+", default=list(defaults.host_maddrs), help="where to listen")
-    p.add_argument("--announce_maddrs", nargs="*", default=[], help="public addresses to advertise")
     p.add_argument("--identity_path", help="private key file for a stable peer id")
     p.add_argument("--dht_prefix", help="the model's name in the swarm (default: from the checkpoint name)")
     p.add_argument("--device", default=defaults.device, help="cpu, cuda, cuda:1, ...")
@@ -87,12 +86,13 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, str]:
                    help="bytes of LoRA weights kept for one client")
     p.add_argument("--adapter_idle_timeout", type=float, default=defaults.adapter_idle_timeout,
                    help="seconds a client's LoRA weights are kept without use")
+    add_network_flags(p)
     p.add_argument("--no_progress", action="store_true", help="no progress bar while loading")
     p.add_argument("--log_level", default="INFO")
     a = p.parse_args(argv)
     config = ServerConfig(
         model=a.model, initial_peers=a.initial_peers, block_indices=a.block_indices, num_blocks=a.num_blocks,
-        dht_prefix=a.dht_prefix, host_maddrs=a.host_maddrs, announce_maddrs=a.announce_maddrs,
+        dht_prefix=a.dht_prefix, **network_values(a),
         identity_path=a.identity_path, device=a.device, torch_dtype=a.torch_dtype, quant_type=a.quant_type,
         num_threads=a.num_threads, throughput=a.throughput, network_mbps=a.network_mbps,
         kv_cache_tokens=a.kv_cache_tokens,

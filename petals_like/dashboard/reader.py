@@ -88,6 +88,10 @@ class SwarmReader:
 
         online = {peer for infos in block_infos.values() for servers in infos
                   for peer, info in servers.items() if info.state == ServerState.ONLINE}  # fmt: skip
+        for infos in block_infos.values():  # probes reach servers behind NAT through their relays
+            for servers in infos:
+                for peer, info in servers.items():
+                    self.node.routes.learn(peer, info.addrs, info.using_relay)
         probes = await self.probe_all(sorted(online))
         return build_state(models, block_infos, probes, now=time.time(), read_seconds=time.monotonic() - started,
                            errors=errors)  # fmt: skip

@@ -86,6 +86,7 @@ def _server_row(peer_id: str, info: ServerInfo, blocks_seen: int, probe: Optiona
         "quant_type": info.quant_type,
         "adapters": list(info.adapters),
         "next_pings": dict(info.next_pings),
+        "using_relay": info.using_relay,  # behind NAT: clients reach it through a relay
     }
 
 

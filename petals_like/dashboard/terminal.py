@@ -50,6 +50,8 @@ def servers_table(model: Mapping[str, Any]) -> Table:
         name = Text(s["short_id"])
         if s["public_name"]:
             name.append(f" {s['public_name']}", style="dim")
+        if s["using_relay"]:
+            name.append(" relayed", style="yellow")
         if s["reachable"] is None:
             reach = "–"
         else:

@@ -4,6 +4,11 @@ Servers and clients both talk to the swarm through it: the DHT node and the RPC 
 daemon (one p2pd per process, not one per role), and synchronous code reaches the loop with run().
 Its RSA identity (dht/identity.py) is the daemon's peer id and signs the records it stores; every
 node checks the signature and the schema (dht/records.py) of records it is asked to store or receives.
+
+Across hosts (dht/reach.py, dht/relay.py): without host_maddrs a node listens on every interface and
+announces its interfaces' addresses; a node that may store keys for others first asks peers to dial it
+back, and one that nobody can dial runs its DHT in client mode and serves through relays it reserves
+on public peers. Public nodes answer dial-back checks and (with relay_limits) relay for others.
 """
 
 from __future__ import annotations
@@ -15,11 +20,13 @@ import threading
 from typing import Any, Awaitable, Callable, Optional, Sequence, TypeVar
 
 from hivemind.dht.node import DHTNode
-from hivemind.p2p import P2P
+from hivemind.p2p import P2P, PeerID
 
 from petals_like.dht import guards
 from petals_like.dht.identity import Identity
+from petals_like.dht.reach import check_reachability, connection_maddr, listen_plan, only_loopback, serve_dial_back, tcp_ports
 from petals_like.dht.records import SwarmValidator
+from petals_like.dht.relay import RelayingClient, RelayLimits, RelayService, Routes, circuit_addr, reserve
 
 logger = logging.getLogger(__name__)
 
@@ -31,14 +38,34 @@ class SwarmNode:
         self,
         initial_peers: Sequence[str] = (),
         *,
-        host_maddrs: Sequence[str] = ("/ip4/127.0.0.1/tcp/0",),
+        host_maddrs: Optional[Sequence[str]] = ("/ip4/127.0.0.1/tcp/0",),
         announce_maddrs: Sequence[str] = (),
         client_mode: bool = False,
         identity_path: Optional[str] = None,
         start_timeout: float = 60.0,
         name: str = "swarm",
+        port: int = 0,
+        public_ip: Optional[str] = None,
+        force_reachability: Optional[str] = None,
+        relay_limits: Optional[RelayLimits] = RelayLimits(),
+        max_relays: int = 2,
     ):
+        """host_maddrs=None: every interface on `port` (0: a free one), announcing public_ip or the interfaces'
+        addresses unless announce_maddrs says otherwise. force_reachability: "public" or "private" instead of
+        the dial-back check. relay_limits: offer relay service when public (None: never)."""
+        if force_reachability not in (None, "public", "private"):
+            raise ValueError(f"force_reachability must be public, private or None, got {force_reachability!r}")
+        if host_maddrs is None:
+            host_maddrs, announce_maddrs = listen_plan(port, public_ip, announce_maddrs)
+        elif port or public_ip:
+            raise ValueError("port and public_ip apply only without explicit host_maddrs")
         self.client_mode = client_mode
+        self.host_maddrs, self.announce_maddrs = list(host_maddrs), list(announce_maddrs)
+        self.force_reachability, self.relay_limits, self.max_relays = force_reachability, relay_limits, max_relays
+        self.routes = Routes()
+        self.reachable: Optional[bool] = None  # None: not checked (a local swarm, or nobody answered)
+        self.relays: dict[str, str] = {}  # relay peer id -> circuit address, while behind NAT
+        self.relay_service: Optional[RelayService] = None
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._run_loop, name=f"{name}-loop", daemon=True)
         self._thread.start()
@@ -47,7 +74,7 @@ class SwarmNode:
         self.identity: Optional[Identity] = None
         try:
             self.identity = Identity(identity_path)
-            self.run(self._start(initial_peers, host_maddrs, announce_maddrs), timeout=start_timeout)
+            self.run(self._start(initial_peers, self.host_maddrs, self.announce_maddrs), timeout=start_timeout)
         except BaseException:
             self.shutdown()
             raise
@@ -65,17 +92,77 @@ class SwarmNode:
             check_if_identity_free=not self.identity.fresh,  # a key made just now is nobody else's
             dht_mode="client" if self.client_mode else "server",
         )
+        self.p2p._client = RelayingClient(self.p2p._client, self.routes)  # calls to relayed peers go via relays
+        self.initial_peer_ids = [PeerID.from_base58(m.split("/p2p/")[-1].split("/")[0]) for m in map(str, initial_peers)
+                                 if "/p2p/" in m]  # fmt: skip
+        if not self.client_mode:
+            await serve_dial_back(self.p2p)
+            await self._check_reachability(self.initial_peer_ids)
+            if self.reachable is False:
+                await self._find_relays(self.initial_peer_ids)
+            elif self.relay_limits is not None:
+                self.relay_service = await RelayService(self.p2p, self.relay_limits).start()
         self.dht = await DHTNode.create(
             p2p=self.p2p,
             record_validator=SwarmValidator(self.identity.private_key),
             initial_peers=list(initial_peers),
-            client_mode=self.client_mode,
+            client_mode=self.client_mode or self.reachable is False,  # others could not reach it to store
             num_workers=8,
             # a lone bootstrap node has no peers yet; joining peers must reach theirs
             ensure_bootstrap_success=bool(initial_peers),
             cache_locally=False, cache_nearest=0, cache_on_store=False,  # no cache: see storage.NoCache
         )
         guards.install(self.dht.protocol)  # see dht/guards.py; nothing has awaited since create() returned
+
+    # ---- reachability and relays
+
+    @property
+    def using_relay(self) -> bool:
+        return self.reachable is False
+
+    def record_addrs(self) -> list[str]:
+        """The addresses to announce in records: relay circuits behind NAT, else the direct ones."""
+        return list(self.relays.values()) if self.using_relay else list(self.announce_maddrs)[:8]
+
+    async def _check_reachability(self, peers: Sequence[PeerID]) -> None:
+        if self.force_reachability is not None:
+            self.reachable = self.force_reachability == "public"
+        elif peers and not only_loopback(self.host_maddrs):
+            self.reachable, _ = await check_reachability(self.p2p, peers, tcp_ports(self.host_maddrs))
+            logger.info(f"Reachability: {dict([(True, 'public'), (False, 'behind NAT: serving through relays'), (None, 'unknown (nobody answered), assumed public')])[self.reachable]}")
+
+    async def _find_relays(self, candidates: Sequence[PeerID]) -> None:
+        """Renew the slots held, and reserve new ones on candidates until max_relays are held."""
+        for relay_id in list(self.relays):
+            if not await reserve(self.p2p, PeerID.from_base58(relay_id)):
+                del self.relays[relay_id]
+        for peer in candidates:
+            if len(self.relays) >= self.max_relays:
+                break
+            key = peer.to_base58()
+            if key in self.relays or key == self.peer_id:
+                continue
+            maddr = await connection_maddr(self.p2p, peer)
+            if maddr is not None and await reserve(self.p2p, peer):
+                self.relays[key] = circuit_addr(maddr, key)
+        if not self.relays:
+            logger.warning("Behind NAT and no relay took a reservation: clients cannot reach this server")
+
+    async def maintain_reachability(self, recheck: bool = False) -> None:
+        """Called periodically by servers: renew relay slots (finding new relays if some left); with recheck,
+        ask peers to dial back again and follow the answer (the DHT mode stays what it was at start)."""
+        if self.client_mode:
+            return
+        known = list(self.dht.protocol.routing_table.peer_id_to_uid) if self.dht is not None else []
+        if recheck:
+            was = self.reachable
+            await self._check_reachability(known + self.initial_peer_ids)
+            if was is not False and self.reachable is False:
+                logger.warning("This server is no longer reachable directly: serving through relays")
+            if self.reachable is not False:
+                self.relays.clear()
+        if self.reachable is False:
+            await self._find_relays(self.initial_peer_ids + known)
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:

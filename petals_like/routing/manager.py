@@ -46,6 +46,7 @@ class RouteManager:
         self._failures: dict[str, int] = {}
         self._banned_until: dict[str, float] = {}  # after failures; a success lifts it
         self._distrusted_until: dict[str, float] = {}  # after wrong answers; only time lifts it
+        self.ban_reasons: dict[str, str] = {}  # peer -> why it was last avoided
         self._lock = asyncio.Lock()
         self.pings = PingTable(timeout=config.ping_timeout, period=config.ping_period)
 
@@ -58,6 +59,8 @@ class RouteManager:
             infos = await asyncio.wait_for(get_block_infos(self.node.dht, self.dht_prefix, range(self.num_blocks),
                                                            num_blocks=self.num_blocks), self.config.connect_timeout)
             self.spans = {peer: span for peer, span in compute_spans(infos).items() if self._may_use(peer)}
+            for peer, span in self.spans.items():  # how to reach each: directly, or through its relays
+                self.node.routes.learn(peer, span.server_info.addrs, span.server_info.using_relay)
             self._updated_at = time.monotonic()
             self.pings.forget(self.spans)
             await self.pings.measure(self.node.p2p, self.spans)
@@ -86,6 +89,7 @@ class RouteManager:
         if duration is None:
             duration = self.config.ban_timeout * 2 ** min(failures - 1, 6)
         until = time.monotonic() + duration
+        self.ban_reasons[peer_id] = reason
         if until > bans.get(peer_id, 0.0):
             bans[peer_id] = until
             logger.warning(f"Avoiding server {peer_id[-6:]} for {duration:.0f} s: {reason}")

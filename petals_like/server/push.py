@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Optional
+from typing import Awaitable, Callable, Optional
 
 import torch
 from hivemind.p2p import P2P, PeerID
@@ -36,6 +36,8 @@ class PushBatcher:
         self.config = config  # max_part_bytes, push_timeout
         self._queues: dict[tuple[str, Optional[str]], list] = {}  # (peer, wire) -> [(meta, tensor, future)]
         self._senders: set[asyncio.Task] = set()
+        # learns how to reach a next server not met yet (directly or through its relays; dht/relay.py)
+        self.resolve: Optional[Callable[[str], Awaitable[None]]] = None
         self.messages_sent = 0
         self.pushes_sent = 0
 
@@ -68,6 +70,11 @@ class PushBatcher:
             for _, _, future in self._queues.pop(key):
                 future.set_result(False)
             raise
+        if self.resolve is not None:
+            try:
+                await asyncio.wait_for(self.resolve(key[0]), self.config.push_timeout / 2)
+            except Exception as e:  # pushing may still work (or the clients relay)
+                logger.debug(f"Could not look up how to reach {key[0]}: {e!r}")
         items = self._queues.pop(key)
         batches, batch, nbytes = [], [], 0
         for item in items:

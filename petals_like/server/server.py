@@ -24,6 +24,7 @@ from petals_like.data_structures import MAX_PINGS, MAX_TEXT, ServerInfo, ServerS
 from petals_like.dht.announce import declare_blocks, get_block_infos
 from petals_like.dht.node import SwarmNode
 from petals_like.dht.records import ModelInfo, default_dht_prefix
+from petals_like.dht.relay import RELAY_PENALTY
 from petals_like.models.checkpoint import CheckpointReader, resolve_checkpoint
 from petals_like.models.llama.block import LlamaBlock
 from petals_like.models.span import BlockSpan
@@ -42,6 +43,9 @@ from petals_like.server.sessions import SessionManager
 from petals_like.utils.threads import in_compute_thread
 
 logger = logging.getLogger(__name__)
+
+ROUTE_LOOKUP_PERIOD = 30.0  # seconds between DHT look-ups for one next server we cannot reach yet
+
 
 def load_span(path: Path, spec: ModelSpec, start: int, end: int, dtype: torch.dtype, device: torch.device,
               progress: bool = True, quant_type: str = "none") -> BlockSpan:  # fmt: skip
@@ -115,15 +119,16 @@ class Server:
         self._balancer: Optional[threading.Thread] = None
         self.moves = 0
         self._next_pings: dict[str, float] = {}
+        self._looked_up: dict[str, float] = {}  # peer -> when the DHT was last read to reach it (_learn_route)
 
     # ---- start ----
 
     def start(self) -> Server:
         started = time.perf_counter()
         config = self.config
-        self.node = SwarmNode(config.initial_peers, host_maddrs=config.host_maddrs,
-                              announce_maddrs=config.announce_maddrs, identity_path=config.identity_path,
-                              name="server")  # fmt: skip
+        self.node = SwarmNode(config.initial_peers, host_maddrs=config.host_maddrs, announce_maddrs=config.announce_maddrs,
+                              port=config.port, public_ip=config.public_ip, force_reachability=config.force_reachability,
+                              relay_limits=config.relay_limits, max_relays=config.max_relays, identity_path=config.identity_path, name="server")  # fmt: skip
         try:
             self.start_block, self.end_block = self._choose_blocks()
             self._announce(ServerState.JOINING)
@@ -163,6 +168,7 @@ class Server:
         if self.handlers is None:
             self.handlers = Handlers(backend, self.scheduler, self.sessions, config, self._info_fields)
             self.node.run(self.handlers.register(self.node.p2p))
+            self.handlers.pusher.resolve = self._learn_route
         else:  # a move: the registered handlers serve the new span from now on
             self.handlers.backend, self.handlers.scheduler, self.handlers.sessions = backend, self.scheduler, self.sessions
         # measured where steps will run: on the scheduler's thread, with its thread count
@@ -277,7 +283,8 @@ class Server:
             state=state,
             start_block=self.start_block,
             end_block=self.end_block,
-            throughput=float(self.throughput),
+            # a relayed server costs every step an extra hop: routing prefers a direct one (data_structures.py)
+            throughput=float(self.throughput) * (RELAY_PENALTY if self.node.using_relay else 1.0),
             inference_rps=float(self.inference_rps),
             forward_rps=float(self.forward_rps),
             cache_tokens_left=self.sessions.free_tokens if self.sessions else 0,
@@ -289,6 +296,8 @@ class Server:
             adapters=self.adapter_names,
             public_name=self.config.public_name,
             next_pings=dict(self._next_pings),
+            using_relay=self.node.using_relay,
+            addrs=tuple(self.node.record_addrs()),
         )
 
     def _load(self) -> float:
@@ -304,12 +313,29 @@ class Server:
         self.state = state
         self.node.run(self._declare(state), timeout=60)
 
-    async def _measure_next_pings(self) -> None:
-        """Round trips to the servers that can follow this span (they serve block end_block)."""
+    async def _following(self) -> list[str]:
+        """The online servers that can follow this span (they serve block end_block); learns how to reach
+        each (directly or through its relays) for pushes."""
         if self.end_block >= self.spec.num_blocks:
-            return
+            return []
         (following,) = await get_block_infos(self.node.dht, self.dht_prefix, [self.end_block], num_blocks=self.spec.num_blocks)
         peers = [p for p, info in following.items() if p != self.node.peer_id and info.state == ServerState.ONLINE]
+        for peer in peers:
+            self.node.routes.learn(peer, following[peer].addrs, following[peer].using_relay)
+        self._looked_up = {peer: time.monotonic() for peer in peers}
+        return peers
+
+    async def _learn_route(self, peer_id: str) -> None:
+        """Before the first push to a server met since the last look-up: read how to reach it (at most once
+        a ROUTE_LOOKUP_PERIOD per unknown peer, so that clients naming strangers cost little)."""
+        if peer_id in self.node.routes.peers or time.monotonic() - self._looked_up.get(peer_id, -1e9) < ROUTE_LOOKUP_PERIOD:
+            return
+        self._looked_up[peer_id] = time.monotonic()
+        await self._following()
+
+    async def _measure_next_pings(self) -> None:
+        """Round trips to the servers that can follow this span (they serve block end_block)."""
+        peers = await self._following()
         self.pings.forget(peers)
         # at most MAX_PINGS of them: those that answered before first, the rest at random (records are claims,
         # and whoever floods the DHT with servers that do not exist must not crowd out the real ones)
@@ -338,8 +364,15 @@ class Server:
                              model=model)  # fmt: skip
 
     async def _announce_forever(self) -> None:
+        rounds = 0
         while True:
             await asyncio.sleep(self.config.announce_period)
+            rounds += 1
+            try:  # relay slots are renewed with every announcement; reachability is checked again now and then
+                recheck = rounds % max(1, round(self.config.reachability_period / self.config.announce_period)) == 0
+                await asyncio.wait_for(self.node.maintain_reachability(recheck), self.config.announce_period / 2)
+            except Exception as e:
+                logger.warning(f"Renewing relays / checking reachability failed: {e!r}")
             if self.handlers is not None:
                 self.handlers.backend.adapters.expire()  # client LoRA weights unused for adapter_idle_timeout
             try:

@@ -249,7 +249,8 @@
       const reach = s.reachable === null ? "–" : s.reachable ? ms(s.rpc_rtt) : "no answer";
       return el("tr", { "data-peer-id": s.peer_id, "data-status": s.status },
         el("td", {}, el("span", { class: "peer", title: s.peer_id }, s.short_id),
-          s.public_name ? el("span", { class: "name public-name", title: s.public_name }, shorten(s.public_name, 40)) : null),
+          s.public_name ? el("span", { class: "name public-name", title: s.public_name }, shorten(s.public_name, 40)) : null,
+          s.using_relay ? el("span", { class: "relayed", title: "behind NAT: clients reach it through a relay" }, "relayed") : null),
         el("td", { class: "span-text" }, `${s.start_block}:${s.end_block}`),
         el("td", {}, el("span", { class: `status ${state}`, title: s.error || null }, state)),
         el("td", { class: "num", title: s.error || null }, reach),

@@ -1,0 +1,326 @@
+"""Relays: how a server behind NAT serves, through a public peer it keeps a connection to.
+
+A server that nobody can dial (dht/reach.py) reserves a slot on one or two public peers (RPC_RESERVE
+over the connection it opened to them) and announces `using_relay` with one address per relay,
+written as libp2p circuit addresses: /ip4/R/tcp/P/p2p/<relay>/p2p-circuit. Whoever calls that server
+then sends the call to the relay, which forwards it over the server's own connection:
+
+    unary calls  RPC_RELAY_UNARY   {t: target, n: protocol, d: request}  -> the target's answer (or error)
+    streams      RPC_RELAY_STREAM  header {t, n}, one status byte, then the stream's bytes both ways
+
+Why not libp2p's own circuits: the p2pd that hivemind ships grants circuit-v2 reservations with
+libp2p's default limit (2 minutes and 128 KiB per direction per connection, whatever -relayDataLimit
+says: measured), which cuts an inference session after a few hundred steps of a small model and
+cannot carry one prompt of a large one. Each hop here is its own encrypted libp2p connection; the
+relay sees the relayed messages, as the server itself does, and the client's spot checks cover both.
+
+Limits (RelayLimits): slots, concurrent circuits (in all and per caller), bytes and seconds per circuit;
+a public server offers the service unless started with --no_relay.
+
+On the calling side RelayingClient wraps hivemind's daemon client: every call and stream to a peer
+known to be relayed goes through one of its relays, and every first call to a peer with announced
+direct addresses dials those addresses. Nothing above it changes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import struct
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Optional, Sequence
+
+import msgpack
+from hivemind.p2p import P2P, PeerID
+
+from petals_like.dht.reach import WireAddr
+
+logger = logging.getLogger(__name__)
+
+RPC_RESERVE = "petals_like.relay.reserve"
+RPC_RELAY_UNARY = "petals_like.relay.unary"
+RPC_RELAY_STREAM = "petals_like.relay.stream"
+RPC_RELAY_INFO = "petals_like.relay.info"
+RESERVATION_TTL = 300.0  # seconds a slot lasts unless renewed (servers renew with every announcement)
+CONNECT_TTL = 60.0  # seconds a successful dial of a peer's announced addresses is trusted without redialing
+MAX_HEADER = 1024
+# a relayed server announces this share of its throughput: every step costs it one more hop, so routing
+# prefers a direct server of equal compute, and balancing counts it as the weaker server it is to clients
+RELAY_PENALTY = 0.2
+
+
+class UnreachableError(ConnectionError):
+    """A server no route leads to (no direct address that answers, and no relay)."""
+
+
+@dataclass
+class RelayLimits:
+    max_reservations: int = 128  # servers behind NAT one relay serves
+    max_circuits: int = 256  # relayed streams open at once, all callers together
+    max_circuits_per_peer: int = 32  # ... of one caller
+    max_circuit_bytes: int = 16 * 1024**3  # bytes one relayed stream may carry (both directions)
+    max_circuit_seconds: float = 24 * 3600.0  # seconds one relayed stream may stay open
+
+
+class RelayService:
+    """The relay side: slots for servers behind NAT, and forwarding to them."""
+
+    def __init__(self, p2p: P2P, limits: RelayLimits = RelayLimits()):
+        self.p2p, self.limits = p2p, limits
+        self.reservations: dict[PeerID, float] = {}  # server -> expiry (monotonic)
+        self.circuits: Counter = Counter()  # caller -> open relayed streams
+        self.stats = Counter()  # unary calls, streams, bytes relayed, refusals
+
+    async def start(self) -> RelayService:
+        client = self.p2p._client
+        await client.add_unary_handler(RPC_RESERVE, self._reserve)
+        await client.add_unary_handler(RPC_RELAY_UNARY, self._unary)
+        await client.add_unary_handler(RPC_RELAY_INFO, self._info)
+        await self.p2p.add_binary_stream_handler(RPC_RELAY_STREAM, self._stream)
+        return self
+
+    def _live(self, target: PeerID) -> bool:
+        expiry = self.reservations.get(target)
+        if expiry is not None and expiry < time.monotonic():
+            del self.reservations[target]
+            expiry = None
+        return expiry is not None
+
+    async def _reserve(self, request: bytes, remote_id: PeerID) -> bytes:
+        now = time.monotonic()
+        for peer in [p for p, expiry in self.reservations.items() if expiry < now]:
+            del self.reservations[peer]
+        if remote_id not in self.reservations and len(self.reservations) >= self.limits.max_reservations:
+            self.stats["refused"] += 1
+            raise RelayRefused(f"relay full: {self.limits.max_reservations} servers")
+        self.reservations[remote_id] = now + RESERVATION_TTL
+        return msgpack.packb({"ttl": RESERVATION_TTL})
+
+    async def _info(self, request: bytes, remote_id: PeerID) -> bytes:
+        live = [peer for peer in list(self.reservations) if self._live(peer)]
+        return msgpack.packb({"reservations": [p.to_base58() for p in live], "circuits": sum(self.circuits.values()),
+                              **self.stats})  # fmt: skip
+
+    def _target(self, header: Any) -> tuple[PeerID, str]:
+        if not isinstance(header, dict) or not isinstance(header.get("t"), str) or not isinstance(header.get("n"), str):
+            raise RelayRefused("bad relay header")
+        target, name = PeerID.from_base58(header["t"]), header["n"]
+        if name.startswith("petals_like.relay."):
+            raise RelayRefused("relays do not chain")
+        if not self._live(target):
+            self.stats["refused"] += 1
+            raise RelayRefused(f"no reservation for {header['t']} on this relay")
+        return target, name
+
+    async def _unary(self, request: bytes, remote_id: PeerID) -> bytes:
+        call = msgpack.unpackb(request, raw=False)
+        target, name = self._target(call)
+        data = call.get("d")
+        if not isinstance(data, bytes):
+            raise RelayRefused("bad relay request")
+        self.stats["unary"] += 1
+        self.stats["bytes"] += len(data)
+        try:
+            answer = await self.p2p._client.call_unary_handler(target, name, data)
+        except Exception as e:  # the target's own error text, unchanged
+            raise RelayedError(str(e) if not hasattr(e, "args") or not e.args else e.args[0]) from None
+        self.stats["bytes"] += len(answer)
+        return answer
+
+    async def _stream(self, info: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        caller = info.peer_id
+        try:
+            (size,) = struct.unpack("<I", await reader.readexactly(4))
+            if size > MAX_HEADER:
+                raise RelayRefused("relay header too long")
+            target, name = self._target(msgpack.unpackb(await reader.readexactly(size), raw=False))
+            if sum(self.circuits.values()) >= self.limits.max_circuits or self.circuits[caller] >= self.limits.max_circuits_per_peer:
+                self.stats["refused"] += 1
+                raise RelayRefused("relay busy: too many relayed streams")
+            _, target_reader, target_writer = await asyncio.wait_for(self.p2p._client.stream_open(target, (name,)), 30)
+        except Exception as e:
+            writer.write(_status(str(e) or repr(e)))
+            writer.close()
+            return
+        writer.write(_status(None))
+        self.circuits[caller] += 1
+        self.stats["streams"] += 1
+        budget = [self.limits.max_circuit_bytes]
+        try:
+            pipes = [asyncio.create_task(self._pipe(reader, target_writer, budget)),
+                     asyncio.create_task(self._pipe(target_reader, writer, budget))]  # fmt: skip
+            await asyncio.wait(pipes, timeout=self.limits.max_circuit_seconds, return_when=asyncio.FIRST_COMPLETED)
+            for pipe in pipes:
+                pipe.cancel()
+        finally:
+            self.circuits[caller] -= 1
+            if self.circuits[caller] <= 0:
+                del self.circuits[caller]
+            for w in (writer, target_writer):
+                w.close()
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, budget: list[int]) -> None:
+        while True:
+            chunk = await reader.read(1 << 16)
+            if not chunk:
+                return
+            budget[0] -= len(chunk)
+            if budget[0] < 0:
+                self.stats["cut"] += 1
+                return
+            self.stats["bytes"] += len(chunk)
+            writer.write(chunk)
+            await writer.drain()
+
+
+class RelayRefused(Exception):
+    pass
+
+
+class RelayedError(Exception):
+    """An error of the relayed call, passed on with the target's own text (hivemind sends repr())."""
+
+    def __repr__(self) -> str:
+        return str(self.args[0])
+
+
+def _status(error: Optional[str]) -> bytes:
+    if error is None:
+        return b"\x00"
+    text = error.encode()[:1000]
+    return b"\x01" + struct.pack("<H", len(text)) + text
+
+
+# ---- the calling side
+
+
+@dataclass
+class PeerRoute:
+    """How to reach one peer: its announced direct addresses, or its relays (peer id, relay's address)."""
+
+    addrs: tuple[str, ...] = ()
+    relays: tuple[tuple[str, str], ...] = ()
+    using_relay: bool = False
+
+
+def parse_route(addrs: Sequence[str], using_relay: bool) -> PeerRoute:
+    direct, relays = [], []
+    for addr in addrs:
+        parts = addr.strip("/").split("/")
+        if "p2p-circuit" in parts:
+            i = parts.index("p2p-circuit")
+            if i >= 2 and parts[i - 2] == "p2p":
+                relays.append((parts[i - 1], "/" + "/".join(parts[: i - 2])))
+        else:
+            direct.append(addr)
+    return PeerRoute(tuple(direct), tuple(relays), using_relay)
+
+
+def circuit_addr(relay_maddr: str, relay_id: str) -> str:
+    return f"{relay_maddr}/p2p/{relay_id}/p2p-circuit"
+
+
+@dataclass
+class Routes:
+    """What this node knows of how to reach other peers (learned from their records)."""
+
+    peers: dict[str, PeerRoute] = field(default_factory=dict)
+    dialed: dict[str, float] = field(default_factory=dict)  # peer -> when its addresses were last dialed
+    relayed_calls: Counter = field(default_factory=Counter)  # relay -> calls and streams sent through it
+
+    def learn(self, peer_id: str, addrs: Iterable[str], using_relay: bool) -> None:
+        route = parse_route(list(addrs), using_relay)
+        if self.peers.get(peer_id) != route:
+            self.peers[peer_id] = route
+            self.dialed.pop(peer_id, None)
+
+
+class RelayingClient:
+    """hivemind's daemon client, with calls to relayed peers sent through their relays (see above)."""
+
+    def __init__(self, inner: Any, routes: Routes):
+        self._inner = inner
+        self.routes = routes
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    async def call_unary_handler(self, peer_id: PeerID, proto: str, data: bytes) -> bytes:
+        route = await self._prepare(peer_id)
+        if route is None:
+            return await self._inner.call_unary_handler(peer_id, proto, data)
+        request = msgpack.packb({"t": peer_id.to_base58(), "n": proto, "d": data}, use_bin_type=True)
+        return await self._via_relays(route, lambda relay: self._inner.call_unary_handler(relay, RPC_RELAY_UNARY, request))
+
+    async def stream_open(self, peer_id: PeerID, protocols: Sequence[str]) -> Any:
+        route = await self._prepare(peer_id)
+        if route is None:
+            return await self._inner.stream_open(peer_id, protocols)
+        header = msgpack.packb({"t": peer_id.to_base58(), "n": protocols[0]})
+
+        async def through(relay: PeerID) -> Any:
+            info, reader, writer = await self._inner.stream_open(relay, (RPC_RELAY_STREAM,))
+            writer.write(struct.pack("<I", len(header)) + header)
+            await writer.drain()
+            if (await reader.readexactly(1)) != b"\x00":
+                (size,) = struct.unpack("<H", await reader.readexactly(2))
+                writer.close()
+                raise ConnectionError(f"relay {relay.to_base58()[-6:]}: {(await reader.readexactly(size)).decode()}")
+            return info, reader, writer
+
+        return await self._via_relays(route, through)
+
+    async def _prepare(self, peer_id: PeerID) -> Optional[PeerRoute]:
+        """The route if the peer is relayed; dials its announced addresses first if it is not."""
+        key = peer_id.to_base58()
+        route = self.routes.peers.get(key)
+        if route is None:
+            return None
+        if route.using_relay:
+            if not route.relays:
+                raise UnreachableError(f"server {key[-6:]} unreachable: no direct address and no relay")
+            return route
+        if route.addrs and time.monotonic() - self.routes.dialed.get(key, -CONNECT_TTL) >= CONNECT_TTL:
+            try:
+                await self._inner.connect(peer_id, [WireAddr(a) for a in route.addrs])
+            except Exception as e:
+                raise UnreachableError(f"server {key[-6:]} unreachable at {list(route.addrs)}: {e}") from None
+            self.routes.dialed[key] = time.monotonic()
+        return None
+
+    async def _via_relays(self, route: PeerRoute, call: Any) -> Any:
+        errors = []
+        for relay_id, relay_maddr in route.relays:
+            relay = PeerID.from_base58(relay_id)
+            try:
+                if time.monotonic() - self.routes.dialed.get(relay_id, -CONNECT_TTL) >= CONNECT_TTL:
+                    await self._inner.connect(relay, [WireAddr(relay_maddr)])
+                    self.routes.dialed[relay_id] = time.monotonic()
+                self.routes.relayed_calls[relay_id] += 1
+                return await call(relay)
+            except (ConnectionError, OSError) as e:
+                errors.append(f"{relay_id[-6:]}: {e}")
+                self.routes.dialed.pop(relay_id, None)
+            except Exception as e:
+                if "relay" not in str(e).lower() and "dial" not in str(e).lower():
+                    raise  # the target's own answer (e.g. a refused request), passed on by the relay
+                errors.append(f"{relay_id[-6:]}: {e}")
+                self.routes.dialed.pop(relay_id, None)
+        raise UnreachableError(f"server unreachable through its relays: {'; '.join(errors)}")
+
+
+async def reserve(p2p: P2P, relay: PeerID, *, timeout: float = 10.0) -> bool:
+    """Take or renew a slot on `relay` (over our own connection to it)."""
+    try:
+        await asyncio.wait_for(p2p._client.call_unary_handler(relay, RPC_RESERVE, b""), timeout)
+        return True
+    except Exception as e:
+        logger.info(f"Relay {relay.to_base58()[-6:]} refused or failed a reservation: {e}")
+        return False
+
+
+async def relay_info(p2p: P2P, relay: PeerID, *, timeout: float = 10.0) -> dict:
+    answer = await asyncio.wait_for(p2p._client.call_unary_handler(relay, RPC_RELAY_INFO, b""), timeout)
+    return msgpack.unpackb(answer, raw=False)
