@@ -192,6 +192,14 @@ def decode_tensors(chunks: Iterable[runtime_pb2.Tensor]) -> list[torch.Tensor]:
     return tensors
 
 
+def wire_nbytes(tensor: torch.Tensor, wire: Optional[str] = None) -> int:
+    """Bytes a floating tensor takes on the wire in `wire` format (None: as it is)."""
+    if wire == "int8":
+        return -(-tensor.numel() // WIRE_BLOCK) * (2 + WIRE_BLOCK)
+    itemsize = WIRE_DTYPES[wire].itemsize if wire in WIRE_DTYPES else tensor.element_size()
+    return tensor.numel() * itemsize
+
+
 def _serialize(tensor: torch.Tensor, wire: Optional[str] = None) -> runtime_pb2.Tensor:
     """Raw little-endian bytes (hivemind's NONE compression layout), or the session's wire format."""
     tensor = tensor.detach()

@@ -10,7 +10,8 @@ its own process, the client in this one.
       without any network: tokens/s
   (d)-(g) engine workloads, see bench_engine; (h)-(j) routing workloads, see bench_routing;
   (k), (l) quantized servers and wire formats, see bench_quant; (m) LoRA training steps vs. local
-      peft, see bench_finetune
+      peft, see bench_finetune; (n) direct and relayed chains over links with delay, NAT and 20 Mbit/s
+      uplinks (a network test bed: needs root), see bench_network
 """
 
 from __future__ import annotations
@@ -200,9 +201,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--preset", default="bench", choices=["bench", "tiny"], help="model size (tiny = quick check)")
     parser.add_argument("--model_dir", type=Path, default=None, help="checkpoint to use (created if missing)")
     parser.add_argument("--workloads", default="a,b,c",
-                        help="comma-separated subset of a..m, or 'all' (d..g: engine workloads, see bench_engine; "
+                        help="comma-separated subset of a..n, or 'all' (d..g: engine workloads, see bench_engine; "
                              "h..j: routing, see bench_routing; k, l: quantization, see bench_quant; "
-                             "m: fine-tuning, see bench_finetune)")  # fmt: skip
+                             "m: fine-tuning, see bench_finetune; n: network test bed, see bench_network)")  # fmt: skip
     parser.add_argument("--prompt_len", type=int, default=16)
     parser.add_argument("--new_tokens", type=int, default=128)
     parser.add_argument("--prefill_len", type=int, default=512)
@@ -217,10 +218,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     model_dir = args.model_dir or BENCH_DIR / f"{args.preset}-llama"
     make_tiny_model(model_dir, family="llama", preset=args.preset)
     prompt = torch.randint(3, 300, (1, args.prompt_len), generator=torch.Generator().manual_seed(0))
-    workloads = set("abcdefghijklm") if args.workloads == "all" else set(args.workloads.split(","))
-    unknown = workloads - set("abcdefghijklm")
+    workloads = set("abcdefghijklmn") if args.workloads == "all" else set(args.workloads.split(","))
+    unknown = workloads - set("abcdefghijklmn")
     if unknown:
-        parser.error(f"unknown workloads {sorted(unknown)}; choose from a..m")
+        parser.error(f"unknown workloads {sorted(unknown)}; choose from a..n")
 
     report: dict = {
         "model": {"preset": args.preset, "path": str(model_dir), "dtype": "float32"},
@@ -293,6 +294,11 @@ def main(argv: Optional[list[str]] = None) -> None:
         from petals_like.cli import bench_finetune
 
         report["m_training_step"] = bench_finetune.training_steps(model_dir, args.server_args.split())
+    if "n" in workloads:
+        from petals_like.cli import bench_network
+
+        report["n_network_chains"] = bench_network.network_chains(args.preset, args.server_args.split(), model_dir=args.model_dir,
+                                                                  prefill_len=args.prefill_len, rounds=args.repeats)  # fmt: skip
     print(json.dumps(report, indent=2))
 
 

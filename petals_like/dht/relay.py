@@ -46,6 +46,7 @@ RPC_RELAY_INFO = "petals_like.relay.info"
 RESERVATION_TTL = 300.0  # seconds a slot lasts unless renewed (servers renew with every announcement)
 CONNECT_TTL = 60.0  # seconds a successful dial of a peer's announced addresses is trusted without redialing
 MAX_HEADER = 1024
+HEADER_TIMEOUT = 10.0  # seconds a caller has to say where its relayed stream goes
 # a relayed server announces this share of its throughput: every step costs it one more hop, so routing
 # prefers a direct server of equal compute, and balancing counts it as the weaker server it is to clients
 RELAY_PENALTY = 0.2
@@ -132,10 +133,11 @@ class RelayService:
     async def _stream(self, info: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         caller = info.peer_id
         try:
-            (size,) = struct.unpack("<I", await reader.readexactly(4))
+            (size,) = struct.unpack("<I", await asyncio.wait_for(reader.readexactly(4), HEADER_TIMEOUT))
             if size > MAX_HEADER:
                 raise RelayRefused("relay header too long")
-            target, name = self._target(msgpack.unpackb(await reader.readexactly(size), raw=False))
+            header = await asyncio.wait_for(reader.readexactly(size), HEADER_TIMEOUT)
+            target, name = self._target(msgpack.unpackb(header, raw=False))
             if sum(self.circuits.values()) >= self.limits.max_circuits or self.circuits[caller] >= self.limits.max_circuits_per_peer:
                 self.stats["refused"] += 1
                 raise RelayRefused("relay busy: too many relayed streams")

@@ -22,7 +22,7 @@ from hivemind.p2p import P2P, PeerID
 from hivemind.proto import runtime_pb2
 
 from petals_like.config import ServerConfig
-from petals_like.protocol import RPC_PUSH, decode_metadata, pack_message
+from petals_like.protocol import RPC_PUSH, decode_metadata, pack_message, wire_nbytes
 
 logger = logging.getLogger(__name__)
 
@@ -43,8 +43,8 @@ class PushBatcher:
 
     async def push(self, peer: PeerID, meta: dict, tensor: torch.Tensor, wire: Optional[str]) -> bool:
         """Queue one push; True once the next server took it, False if the client must relay it."""
-        if tensor.numel() * tensor.element_size() > self.config.max_part_bytes:
-            return False  # prompts too large for one message go through the client
+        if wire_nbytes(tensor, wire) > self.config.max_part_bytes:
+            return False  # prompts too large for one message (in the session's wire format) go through the client
         key = (peer.to_base58(), wire)
         future = asyncio.get_running_loop().create_future()
         queue = self._queues.get(key)
@@ -78,7 +78,7 @@ class PushBatcher:
         items = self._queues.pop(key)
         batches, batch, nbytes = [], [], 0
         for item in items:
-            size = item[1].numel() * item[1].element_size()
+            size = wire_nbytes(item[1], key[1])
             if batch and (nbytes + size > self.config.max_part_bytes or len(batch) == MAX_PUSH_BATCH):
                 batches.append(batch)
                 batch, nbytes = [], 0

@@ -148,6 +148,7 @@ class NetBed:
         self._homes = itertools.count(1)
         self._ports = itertools.count(1)
         self._previous_sigterm: Any = None
+        self.shaped: list[tuple[str, str]] = []  # (namespace, device) with delay or rate limits
 
     # ---- building
 
@@ -184,8 +185,10 @@ class NetBed:
             from petals_like.utils import netshape
 
             netshape.shape(netns, dev, delay_ms=delay_ms, rate_mbit=uplink_mbit)
+            self.shaped.append((netns, dev))
             if delay_ms:
                 netshape.shape(self.internet, port, delay_ms=delay_ms)
+                self.shaped.append((self.internet, port))
 
     def add_host(self, name: str, *, nat: bool = False, delay_ms: float = 0.0,
                  uplink_mbit: Optional[float] = None) -> Host:  # fmt: skip
@@ -213,6 +216,13 @@ class NetBed:
             host = Host(self, name, netns, ip, wan, nat=True, router=router)
         self.hosts[name] = host
         return host
+
+    def unshape(self) -> None:
+        """Take every delay and rate limit off the bed; hosts, NAT and processes stay (a loopback-like baseline)."""
+        from petals_like.utils import netshape
+
+        while self.shaped:
+            netshape.unshape(*self.shaped.pop())
 
     # ---- faults
 
