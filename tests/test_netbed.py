@@ -85,6 +85,7 @@ def test_generation_through_a_relayed_server_behind_nat_equals_transformers(bed,
     out = result(bed.client("generate", "--max_new_tokens", "12"))
     assert out["tokens"] == expected[:12]
     assert out["chain"] == [bed.peer_id("pub"), bed.peer_id("nat")]
+    assert out["using_relay"] == {bed.peer_id("pub"): False, bed.peer_id("nat"): True}  # what their records say
     # its traffic went through a relay: the relay holds its slot and counts the relayed streams and calls
     boot_id = bed.peers[0].split("/p2p/")[-1]
     stats = relay_stats(bed, bed.peers[0])

@@ -153,9 +153,11 @@ class RelayService:
         try:
             pipes = [asyncio.create_task(self._pipe(reader, target_writer, budget)),
                      asyncio.create_task(self._pipe(target_reader, writer, budget))]  # fmt: skip
-            await asyncio.wait(pipes, timeout=self.limits.max_circuit_seconds, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait(pipes, timeout=self.limits.max_circuit_seconds, return_when=asyncio.FIRST_COMPLETED)
             for pipe in pipes:
                 pipe.cancel()
+            if budget[0] < 0 or not done:
+                self.stats["cut"] += 1  # over its bytes or its time: both ends are closed below
         finally:
             self.circuits[caller] -= 1
             if self.circuits[caller] <= 0:
@@ -170,7 +172,6 @@ class RelayService:
                 return
             budget[0] -= len(chunk)
             if budget[0] < 0:
-                self.stats["cut"] += 1
                 return
             self.stats["bytes"] += len(chunk)
             writer.write(chunk)

@@ -62,6 +62,7 @@ def main(argv: list[str] | None = None) -> None:
             result = _generate(model, a) if a.task == "generate" else _lora(model, a.out)
         result["relayed_calls"] = dict(model.node.routes.relayed_calls)
         result["ban_reasons"] = dict(model.routes.ban_reasons)
+        result["using_relay"] = {peer: span.server_info.using_relay for peer, span in model.routes.spans.items()}
         print("RESULT " + json.dumps(result), flush=True)
     finally:
         model.shutdown()
