@@ -86,12 +86,7 @@ def test_calls_and_streams_reach_a_relayed_peer_through_its_relay_within_limits(
 
         await target.add_protobuf_handler("test.echo", echo, runtime_pb2.ExpertRequest)
         await target.add_protobuf_handler("test.fail", fail, runtime_pb2.ExpertRequest)
-        await target.add_protobuf_handler("test.stream", _stream_echo, runtime_pb2.ExpertRequest,
-                                          stream_input=True, stream_output=True)  # fmt: skip
-        routes = Routes()
-        caller._client = RelayingClient(caller._client, routes)
-        relay_maddr = str((await relay.get_visible_maddrs())[0]).split("/p2p/")[0]
-        routes.learn(target.peer_id.to_base58(), [circuit_addr(relay_maddr, relay.peer_id.to_base58())], using_relay=True)
+        routes = await relayed_stream_echo(relay, target, caller)
 
         with pytest.raises(Exception, match="no reservation"):  # not reserved yet: the relay refuses
             await caller.call_protobuf_handler(target.peer_id, "test.echo", runtime_pb2.ExpertRequest(metadata=b"ab"),
@@ -142,6 +137,17 @@ def test_dial_back_tells_a_listening_peer_from_a_closed_port(nodes):
         loop.run_until_complete(asyncio.wait_for(scenario(), 60))
 
 
+async def relayed_stream_echo(relay: P2P, target: P2P, caller: P2P) -> Routes:
+    """The target serves "test.stream" (an echo); the caller knows it is reached through `relay`."""
+    await target.add_protobuf_handler("test.stream", _stream_echo, runtime_pb2.ExpertRequest,
+                                      stream_input=True, stream_output=True)  # fmt: skip
+    routes = Routes()
+    caller._client = RelayingClient(caller._client, routes)
+    relay_maddr = str((await relay.get_visible_maddrs())[0]).split("/p2p/")[0]
+    routes.learn(target.peer_id.to_base58(), [circuit_addr(relay_maddr, relay.peer_id.to_base58())], using_relay=True)
+    return routes
+
+
 async def _stream_echo(requests, context):
     async for request in requests:
         yield runtime_pb2.ExpertResponse(metadata=request.metadata)
@@ -166,12 +172,7 @@ def test_a_relayed_stream_is_cut_at_its_byte_limit_and_its_circuit_released(node
     async def scenario() -> None:
         relay, target, caller = await make(3)
         service = await RelayService(relay, RelayLimits(max_circuit_bytes=1_000_000)).start()
-        await target.add_protobuf_handler("test.stream", _stream_echo, runtime_pb2.ExpertRequest,
-                                          stream_input=True, stream_output=True)  # fmt: skip
-        routes = Routes()
-        caller._client = RelayingClient(caller._client, routes)
-        relay_maddr = str((await relay.get_visible_maddrs())[0]).split("/p2p/")[0]
-        routes.learn(target.peer_id.to_base58(), [circuit_addr(relay_maddr, relay.peer_id.to_base58())], using_relay=True)
+        await relayed_stream_echo(relay, target, caller)
         assert await reserve(target, relay.peer_id)
         replies = await caller.iterate_protobuf_handler(target.peer_id, "test.stream", _requests(b"x" * 300_000, 5),
                                                         runtime_pb2.ExpertResponse)  # fmt: skip
