@@ -6,7 +6,7 @@ import asyncio
 
 import msgpack
 import pytest
-from hivemind.p2p import P2P, P2PHandlerError
+from hivemind.p2p import P2P, P2PHandlerError, PeerID
 from hivemind.proto import runtime_pb2
 
 from petals_like.data_structures import ServerInfo, ServerState
@@ -190,3 +190,29 @@ def test_a_relayed_stream_is_cut_at_its_byte_limit_and_its_circuit_released(node
         assert service.circuits.total() == 0 and service.stats["cut"] == 1
 
     loop.run_until_complete(asyncio.wait_for(scenario(), 60))
+
+
+def test_a_node_behind_nat_reserves_relays_announces_them_and_renews_them():
+    from petals_like.dht.node import SwarmNode
+
+    first = SwarmNode(name="public")
+    second = SwarmNode(first.visible_maddrs(), name="public-2")
+    hidden = None
+    try:
+        assert first.relay_service is not None and not first.using_relay  # public nodes relay for others
+        peers = first.visible_maddrs() + second.visible_maddrs()
+        hidden = SwarmNode(peers, force_reachability="private", max_relays=1, name="behind-nat")
+        assert hidden.using_relay and hidden.dht.protocol.client_mode  # stores no keys for others
+        (relay_id,) = hidden.relays
+        relay = first if relay_id == first.peer_id else second
+        (addr,) = hidden.record_addrs()
+        assert addr.endswith(f"/p2p/{relay_id}/p2p-circuit") and "/tcp/" in addr
+        assert PeerID.from_base58(hidden.peer_id) in relay.relay_service.reservations
+        relay.shutdown()  # its relay is gone: the next round takes a slot on the other public node
+        hidden.run(hidden.maintain_reachability(), timeout=60)
+        (new_relay,) = hidden.relays
+        assert new_relay != relay_id and PeerID.from_base58(hidden.peer_id) in (first if relay is second else second).relay_service.reservations
+    finally:
+        for node in (hidden, second, first):
+            if node is not None:
+                node.shutdown()
