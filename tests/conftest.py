@@ -60,6 +60,14 @@ def model(swarm, tiny_model: Path):
 
 
 @pytest.fixture(scope="module")
+def hosted_adapter(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A PEFT LoRA of the tiny model (non-zero B), for run_server --adapters; hosted as "chat"."""
+    from tests.oracles import make_hosted_adapter
+
+    return make_hosted_adapter(tiny_model, tmp_path_factory.mktemp("adapters") / "chat")
+
+
+@pytest.fixture(scope="module")
 def reference(tiny_model: Path):
     """The oracle: local transformers on the same checkpoint, float32."""
     import torch

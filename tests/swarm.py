@@ -11,8 +11,11 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import psutil
+import torch
 
+from petals_like.client.transport import call_forward
 from petals_like.config import ServerConfig
+from petals_like.data_structures import RemoteSpanInfo
 from petals_like.dht.announce import get_block_infos
 from petals_like.dht.node import SwarmNode
 from petals_like.dht.records import compute_spans
@@ -20,6 +23,18 @@ from petals_like.server.server import Server
 from petals_like.utils.soak_health import live_descendants, p2pd_children, reap  # noqa: F401 (p2pd_children: for tests)
 
 LOCALHOST = ["/ip4/127.0.0.1/tcp/0"]
+HIDDEN = 64  # hidden size of the tiny preset
+
+
+def forward(client: SwarmNode, span: RemoteSpanInfo, hidden: torch.Tensor, pad_lens=None) -> torch.Tensor:
+    """One rpc_forward of `hidden` through `span`, from a client node."""
+    return client.run(call_forward(client.p2p, span, hidden, pad_lens, timeout=30))
+
+
+def assert_still_serves(client: SwarmNode, span: RemoteSpanInfo) -> None:
+    """After whatever a test sent it, the server still answers a good forward call."""
+    out = forward(client, span, torch.randn(1, 3, HIDDEN))
+    assert out.shape == (1, 3, HIDDEN) and torch.isfinite(out).all()
 
 
 def wait_until(condition: Callable[[], bool], timeout: float, interval: float = 0.1, message: str = "") -> None:

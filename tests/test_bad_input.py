@@ -12,14 +12,11 @@ import torch
 from hivemind.p2p import P2PDaemonError, P2PHandlerError, PeerID
 from hivemind.proto import runtime_pb2
 
-from petals_like.client.transport import InferenceStream, call_forward, call_info
+from petals_like.client.transport import InferenceStream, call_info
 from petals_like.data_structures import RemoteSpanInfo, ServerInfo, ServerState
 from petals_like.dht.node import SwarmNode
 from petals_like.protocol import RPC_BACKWARD, RPC_FORWARD, RPC_INFERENCE, encode_metadata, pack_message
-from tests.swarm import Swarm, start_swarm, wait_until
-
-HIDDEN = 64  # the tiny preset
-
+from tests.swarm import HIDDEN, Swarm, assert_still_serves, forward, start_swarm, wait_until
 
 @pytest.fixture(scope="module")
 def swarm(tiny_model: Path) -> Iterator[Swarm]:
@@ -41,15 +38,6 @@ def client(swarm: Swarm) -> Iterator[SwarmNode]:
 def span(swarm: Swarm) -> RemoteSpanInfo:
     server = swarm.servers[0]
     return RemoteSpanInfo(server.node.peer_id, 2, 6, ServerInfo(ServerState.ONLINE, 2, 6))
-
-
-def forward(client: SwarmNode, span: RemoteSpanInfo, hidden: torch.Tensor, pad_lens=None) -> torch.Tensor:
-    return client.run(call_forward(client.p2p, span, hidden, pad_lens, timeout=30))
-
-
-def assert_still_serves(client: SwarmNode, span: RemoteSpanInfo) -> None:
-    out = forward(client, span, torch.randn(1, 3, HIDDEN))
-    assert out.shape == (1, 3, HIDDEN) and torch.isfinite(out).all()
 
 
 def raw_call(client: SwarmNode, span: RemoteSpanInfo, name: str, request: runtime_pb2.ExpertRequest):

@@ -13,41 +13,18 @@ from typing import Iterator
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, PromptTuningConfig, get_peft_model
-from transformers import AutoModelForCausalLM
 
 from petals_like import AutoDistributedModelForCausalLM
 from petals_like.client.transport import InferenceStream, SpanExtras, call_forward
 from petals_like.dht.records import default_dht_prefix
 from petals_like.protocol import ADAPTER_NOT_CACHED
 from petals_like.protocol import ProtocolError as ProtocolErrorType
+from tests.oracles import TOLERANCE, oracle, peft_lora_grads, rel
 from tests.swarm import Swarm, start_swarm
 
 NUM_BLOCKS = 8
 ALL_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-TOLERANCE = 1e-4
 MAX_RANK = 16
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm().clamp_min(1e-12))
-
-
-def oracle(path: Path) -> torch.nn.Module:
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-
-
-@pytest.fixture(scope="module")
-def hosted_adapter(tiny_model: Path, tmp_path_factory) -> Path:
-    """A PEFT LoRA made with peft itself (non-zero B, so it changes the model), for run_server --adapters."""
-    torch.manual_seed(1)
-    peft_model = get_peft_model(oracle(tiny_model), LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj", "up_proj"]))
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.1)
-    path = tmp_path_factory.mktemp("adapters") / "chat"
-    peft_model.save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -105,17 +82,6 @@ def randomize_b(lora, seed: int = 0) -> None:
         for name, weight in lora.weights.items():
             if name.endswith("_B"):
                 weight.copy_(torch.randn(weight.shape, generator=generator) * 0.05)
-
-
-def peft_lora_grads(peft_model) -> dict[str, torch.Tensor]:
-    """PEFT's LoRA gradients under our names: '{block}_{target}_{A|B}'."""
-    grads = {}
-    for name, param in peft_model.named_parameters():
-        if "lora_" in name and param.grad is not None:
-            parts = name.split(".")
-            layer = parts.index("layers")
-            grads[f"{parts[layer + 1]}_{parts[layer + 3]}_{'A' if 'lora_A' in name else 'B'}"] = param.grad
-    return grads
 
 
 def assert_lora_matches_peft(model, tiny_model: Path, tmp_path: Path, input_ids: torch.Tensor) -> None:

@@ -51,9 +51,7 @@ from petals_like.protocol import (
 )
 from petals_like.server.handler import MAX_PUSH_CHAIN
 from petals_like.server.sessions import MAX_HASH_LENGTH, MAX_SESSION_ID_LENGTH
-from tests.swarm import Swarm, start_swarm, wait_until
-from tests.test_bad_input import HIDDEN, assert_still_serves
-from tests.test_finetune import hosted_adapter  # noqa: F401  (a fixture: a PEFT LoRA the servers host as "chat")
+from tests.swarm import HIDDEN, Swarm, assert_still_serves, start_swarm, wait_until
 
 NUM_BLOCKS = 8
 MAX_SESSION_LENGTH = 64
