@@ -8,6 +8,7 @@ Everything read from the wire is validated here before any other code sees it.
 
 from __future__ import annotations
 
+import asyncio
 import math
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Iterable, Optional, Sequence, Type, TypeVar, Union
@@ -16,6 +17,7 @@ import msgpack
 import numpy as np
 import torch
 from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
+from hivemind.p2p import P2P, PeerID
 from hivemind.proto import runtime_pb2
 
 from petals_like.config import DEFAULT_MAX_PART_BYTES
@@ -316,3 +318,13 @@ def prefix_page_hashes(token_ids: Sequence[int], salt: str, *, start_page: int =
         previous = digest.hexdigest()
         hashes.append(previous)
     return hashes
+
+
+async def call_info(p2p: P2P, peer_id: str, *, timeout: float) -> dict[str, Any]:
+    """A server's rpc_info answer (its live ServerInfo fields and counters): what clients ping, servers
+    measure their next hops with, and the dashboard probes."""
+    response = await asyncio.wait_for(
+        p2p.call_protobuf_handler(PeerID.from_base58(peer_id), RPC_INFO, runtime_pb2.ExpertRequest(), runtime_pb2.ExpertResponse),
+        timeout,
+    )
+    return decode_metadata(response.metadata)

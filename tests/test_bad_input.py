@@ -12,7 +12,8 @@ import torch
 from hivemind.p2p import P2PDaemonError, P2PHandlerError, PeerID
 from hivemind.proto import runtime_pb2
 
-from petals_like.client.transport import InferenceStream, call_info
+from petals_like.client.transport import InferenceStream
+from petals_like.protocol import call_info
 from petals_like.data_structures import RemoteSpanInfo, ServerInfo, ServerState
 from petals_like.dht.node import SwarmNode
 from petals_like.protocol import RPC_BACKWARD, RPC_FORWARD, RPC_INFERENCE, encode_metadata, pack_message

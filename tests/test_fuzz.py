@@ -28,7 +28,8 @@ from hivemind.proto import runtime_pb2
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
-from petals_like.client.transport import InferenceStream, call_forward, call_info
+from petals_like.client.transport import InferenceStream, call_forward
+from petals_like.protocol import call_info
 from petals_like.config import WIRE_FORMATS
 from petals_like.data_structures import RemoteSpanInfo, ServerInfo, ServerState
 from petals_like.dht.node import SwarmNode

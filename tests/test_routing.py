@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from petals_like import AutoDistributedModelForCausalLM
-from petals_like.client.transport import InferenceStream, call_info
+from petals_like.client.transport import InferenceStream
+from petals_like.protocol import call_info
 from petals_like.dht.records import default_dht_prefix
 from tests.swarm import start_swarm, wait_until
 

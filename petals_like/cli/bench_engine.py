@@ -51,7 +51,7 @@ def _run_concurrently(count: int, fn: Callable[[int], None]) -> float:
 
 def _server_counters(model) -> dict[str, tuple[int, int]]:
     """(iterations, inference tokens) of every server the model can see."""
-    from petals_like.client.transport import call_info
+    from petals_like.protocol import call_info
 
     async def read() -> dict:
         await model.routes.refresh(force=True)

@@ -130,7 +130,7 @@ def failover_recovery(model_dir: Path, server_args: list[str], new_tokens: int =
 def forward_spread(model_dir: Path, server_args: list[str], clients: int = 8, calls: int = 10) -> dict:
     """(j)"""
     from petals_like import AutoDistributedModelForCausalLM
-    from petals_like.client.transport import call_info
+    from petals_like.protocol import call_info
 
     # equal by construction: a measured throughput differs between two starts by machine noise
     with BenchSwarm(model_dir, server_args + ["--throughput", "100"], spans=[_whole(model_dir)] * 2) as swarm:

@@ -1,4 +1,4 @@
-"""Calls to one server: rpc_info, rpc_forward, rpc_backward, and the inference stream.
+"""Calls to one server: rpc_forward, rpc_backward, and the inference stream (rpc_info: protocol.call_info).
 
 Messages that fit one P2P part go unary (one round trip); larger ones use the streamed variants.
 """
@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Optional
+from typing import AsyncIterator, Optional
 
 import torch
 from hivemind.p2p import P2P, P2PHandlerError, PeerID
@@ -19,25 +19,15 @@ from petals_like.protocol import (
     RPC_BACKWARD,
     RPC_FORWARD,
     RPC_INFERENCE,
-    RPC_INFO,
     Message,
     ProtocolError,
     all_finite,
-    decode_metadata,
     pack_message,
     read_message,
     unpack_message,
 )
 
 MAX_RESPONSE_BYTES = 1 << 31
-
-
-async def call_info(p2p: P2P, peer_id: str, *, timeout: float) -> dict[str, Any]:
-    response = await asyncio.wait_for(
-        p2p.call_protobuf_handler(PeerID.from_base58(peer_id), RPC_INFO, runtime_pb2.ExpertRequest(), runtime_pb2.ExpertResponse),
-        timeout,
-    )
-    return decode_metadata(response.metadata)
 
 
 @dataclass

@@ -13,7 +13,7 @@ import random
 import time
 from typing import Any, Mapping, Optional
 
-from petals_like.client.transport import call_info
+from petals_like.protocol import call_info
 from petals_like.data_structures import ServerInfo, ServerState
 from petals_like.dashboard.state import Probe, build_state
 from petals_like.dht.announce import get_block_infos, get_models

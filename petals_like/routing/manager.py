@@ -21,7 +21,7 @@ import logging
 import time
 from typing import Callable, Optional, TypeVar
 
-from petals_like.client.transport import call_info
+from petals_like.protocol import call_info
 from petals_like.config import ClientConfig
 from petals_like.data_structures import RemoteSpanInfo
 from petals_like.dht.announce import get_block_infos

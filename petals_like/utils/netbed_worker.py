@@ -117,7 +117,7 @@ def _lora(model, out: str) -> dict:
 
 
 def _call_info(model, peer: str, timeout: float) -> dict:
-    from petals_like.client.transport import call_info
+    from petals_like.protocol import call_info
 
     model.node.run(model.routes.refresh(force=True), timeout=timeout)
     started = time.perf_counter()

@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 
 import psutil
 
-from petals_like.client.transport import call_info
+from petals_like.protocol import call_info
 from petals_like.dht.node import SwarmNode
 
 INFO_TIMEOUT = 10.0  # seconds for one rpc_info

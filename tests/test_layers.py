@@ -1,0 +1,40 @@
+"""The package's layers, read from the source: lower layers never import the client.
+
+Data flows client -> routing -> protocol -> server and back (docs/layout.md); the server, routing,
+the DHT code, the dashboard and the block math must work without loading client code.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import petals_like
+
+PACKAGE = Path(petals_like.__file__).parent
+BELOW_CLIENT = ("server", "routing", "dht", "dashboard", "models", "quant", "protocol.py", "config.py", "data_structures.py")
+
+
+def imports(path: Path) -> set[str]:
+    """Every petals_like module a file imports, at the top or inside functions."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+        elif isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+    return {name for name in found if name == "petals_like" or name.startswith("petals_like.")}
+
+
+def test_nothing_below_the_client_imports_it():
+    files = [f for part in BELOW_CLIENT for f in ([PACKAGE / part] if part.endswith(".py") else (PACKAGE / part).rglob("*.py"))]
+    assert len(files) > 30  # the walk found the package
+    upward = {str(f.relative_to(PACKAGE)): sorted(m for m in imports(f) if m.startswith("petals_like.client"))
+              for f in files}  # fmt: skip
+    assert {f: m for f, m in upward.items() if m} == {}
+
+
+def test_the_import_reader_sees_function_level_imports(tmp_path):
+    probe = tmp_path / "probe.py"
+    probe.write_text("import os\nfrom petals_like.protocol import call_info\n\ndef f():\n    from petals_like.client import model\n")
+    assert imports(probe) == {"petals_like.protocol", "petals_like.client"}
