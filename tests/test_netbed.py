@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Iterator
 
@@ -51,6 +50,13 @@ class Bed:
     def peer_id(self, host: str) -> str:
         return self.servers[host][1]
 
+    def maddr(self, host: str) -> str:
+        """A server's TCP multiaddr, as it logged it when ready."""
+        ip = self.bed.hosts[host].ip
+        line = next(line for line in self.servers[host][0].output if "Server ready in" in line)
+        port = line.split(f"/ip4/{ip}/tcp/")[1].split("/")[0]
+        return f"/ip4/{ip}/tcp/{port}/p2p/{self.peer_id(host)}"
+
     def client(self, task: str, *args: str, host: Host | None = None) -> BedProcess:
         return (host or self.home).start(f"client {task}", ["petals_like.utils.netbed_worker", task, str(self.model),
                                                            "--initial_peers", *self.peers, *args])  # fmt: skip
@@ -76,7 +82,10 @@ def expected(reference) -> list[int]:
 
 
 def relay_stats(bed: Bed, relay_maddr: str) -> dict:
-    return result(bed.client("relay_info", "--relay", relay_maddr, host=bed.pub), timeout=60)
+    """The relay's counters, asked from the public server's host (joining through the relay itself)."""
+    proc = bed.pub.start("relay info", ["petals_like.utils.netbed_worker", "relay_info", str(bed.model),
+                                        "--initial_peers", relay_maddr, "--relay", relay_maddr])  # fmt: skip
+    return result(proc, timeout=60)
 
 
 def test_generation_through_a_relayed_server_behind_nat_equals_transformers(bed, expected):
@@ -96,10 +105,9 @@ def test_generation_through_a_relayed_server_behind_nat_equals_transformers(bed,
 
 
 def test_a_server_with_default_flags_is_reached_from_another_namespace(bed):
-    log = "\n".join(bed.servers["pub"][0].output)
-    ready = next(line for line in log.splitlines() if "Server ready in" in line)
+    ready = next(line for line in bed.servers["pub"][0].output if "Server ready in" in line)
     assert "127.0.0.1" not in ready and bed.pub.ip in ready  # it announces its own address, not loopback
-    port = int(ready.split(f"/ip4/{bed.pub.ip}/tcp/")[1].split("/")[0])
+    port = int(bed.maddr("pub").split("/tcp/")[1].split("/")[0])
     probe = f"import asyncio; from petals_like.dht.reach import dial; print(asyncio.run(dial('{bed.pub.ip}', {port})))"
     assert bed.home.run(sys.executable, "-c", probe).strip() == "True"  # a libp2p listener answers across the bed
     assert bed.nat.run(sys.executable, "-c", probe).strip() == "True"
@@ -130,10 +138,12 @@ def test_a_server_without_address_or_relay_gets_a_clear_error_and_generation_goe
                           "--throughput", "1000", wait=False)  # fmt: skip
     ghost_id = ghost.wait_for_line("SERVER READY", 120).split()[2]
     try:
-        time.sleep(2)  # its record is stored
-        call = result(bed.client("call_info", "--peer", ghost_id, "--request_timeout", "20"))
-        assert "unreachable: no direct address and no relay" in call["error"]
-        assert call["seconds"] < 20  # at once, not after a timeout
+        for _ in range(10):  # until a client has read its record (announced as the server got ready)
+            call = result(bed.client("call_info", "--peer", ghost_id, "--request_timeout", "600"))
+            if "no direct address" in call.get("error", ""):
+                break
+        # refused at once with the reason (a timeout, with this request_timeout, would be a TimeoutError)
+        assert call["error"].startswith("UnreachableError: server") and "no direct address and no relay" in call["error"]
         out = result(bed.client("generate", "--max_new_tokens", "8"))
         assert out["tokens"] == expected[:8]
         assert ghost_id not in out["chain"]  # routing goes around it (it never answered a ping)
@@ -157,14 +167,13 @@ def test_the_relay_host_dies_mid_session_and_the_session_fails_over(bed, expecte
     client = bed.client("generate", "--max_new_tokens", "30", "--step_pause", "0.4")
     client.wait_for_line("STEP 3", 120)
     _, spare = bed.server(bed.bed.add_host("pub3"), "4:8", wait=False)  # somewhere to fail over to
-    spare_id = spare.wait_for_line("SERVER READY", 120).split()[2]
-    time.sleep(1)
+    spare_id = spare.wait_for_line("SERVER READY", 120).split()[2]  # ready = announced online
     assert not [line for line in client.output if line.startswith("RESULT")], "the session ended before the relay died"
     bed.bed.kill_host("boot")  # SIGKILL: the DHT bootstrap and the nat server's relay
     out = result(client, timeout=180)
     assert out["tokens"] == expected[:30]
     # the session moved to the spare, or reached the nat server again through the relay it took on "pub"
-    assert spare_id in out["chain"] or out["relayed_calls"].get(bed.peer_id("pub"), 0) >= 1
+    assert spare_id in out["chain"] or relay_stats(bed, bed.maddr("pub"))["streams"] >= 1
 
 
 def test_the_bed_removes_everything_it_made_even_on_failure():

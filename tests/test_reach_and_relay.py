@@ -11,7 +11,18 @@ from hivemind.proto import runtime_pb2
 
 from petals_like.data_structures import ServerInfo, ServerState
 from petals_like.dht.reach import WireAddr, check_reachability, dial, listen_plan, only_loopback, serve_dial_back, tcp_ports
-from petals_like.dht.relay import RelayingClient, RelayLimits, RelayService, Routes, UnreachableError, circuit_addr, parse_route, relay_info, reserve
+from petals_like.dht.relay import (
+    MAX_ROUTES,
+    RelayingClient,
+    RelayLimits,
+    RelayService,
+    Routes,
+    UnreachableError,
+    circuit_addr,
+    parse_route,
+    relay_info,
+    reserve,
+)
 
 LOCAL = ["/ip4/127.0.0.1/tcp/0"]
 
@@ -37,10 +48,21 @@ def test_wire_addr_encodes_peer_ids_as_go_libp2p_reads_them():
     assert raw == bytes.fromhex("0401020304060001a503") + bytes([len(multihash)]) + multihash + bytes.fromhex("a202")
 
 
-def test_routes_parse_direct_and_relay_addresses():
+def test_routes_parse_direct_and_relay_addresses_and_drop_malformed_ones():
     relay = "QmSoLnSGccFuZQJzRadHn95W2CrSFmZuTdDWP8HXaHca9z"
-    route = parse_route(["/ip4/10.0.0.2/tcp/5", circuit_addr("/ip4/10.0.0.1/tcp/7", relay)], using_relay=True)
-    assert route.addrs == ("/ip4/10.0.0.2/tcp/5",) and route.relays == ((relay, "/ip4/10.0.0.1/tcp/7"),)
+    good = ["/ip4/10.0.0.2/tcp/5", "/ip6/fd00::2/udp/5/quic-v1", circuit_addr("/ip4/10.0.0.1/tcp/7", relay)]
+    bad = ["/ip4/10.0.0.2/tcp/0", "/ip4/not-an-ip/tcp/5", "/unix/tmp/socket", "/ip4/10.0.0.2/tcp/5/ws",
+           circuit_addr("/ip4/10.0.0.1/tcp/7", "not-a-peer-id"), "/ip4/10.0.0.1/tcp/7/p2p-circuit", "x" * 400]  # fmt: skip
+    route = parse_route(good + bad, using_relay=True)
+    assert route.addrs == tuple(good[:2]) and route.relays == ((relay, "/ip4/10.0.0.1/tcp/7"),)
+
+
+def test_routes_remember_the_most_recent_peers_only():
+    routes = Routes()
+    for i in range(MAX_ROUTES + 10):
+        routes.learn(f"peer-{i}", ["/ip4/10.0.0.2/tcp/5"], using_relay=False)
+    routes.learn("peer-0", ["/ip4/10.0.0.3/tcp/5"], using_relay=False)  # learned again: kept as the newest
+    assert len(routes.peers) == MAX_ROUTES and "peer-0" in routes.peers and "peer-1" not in routes.peers
 
 
 def test_server_info_carries_relay_fields_and_refuses_bad_ones():
@@ -76,13 +98,15 @@ def test_calls_and_streams_reach_a_relayed_peer_through_its_relay_within_limits(
 
     async def scenario() -> None:
         relay, target, caller, stranger = await make(4)
-        service = await RelayService(relay, RelayLimits(max_reservations=1)).start()
+        service = await RelayService(relay, relay._client, RelayLimits(max_reservations=1)).start()
+        failures = []
 
         async def echo(request, context):
             return runtime_pb2.ExpertResponse(metadata=request.metadata[::-1])
 
         async def fail(request, context):
-            raise ValueError("the target's own 'error'")
+            failures.append(context.remote_id)
+            raise ValueError("the target's own 'error': no relay, cannot dial")  # words a relay failure has too
 
         await target.add_protobuf_handler("test.echo", echo, runtime_pb2.ExpertRequest)
         await target.add_protobuf_handler("test.fail", fail, runtime_pb2.ExpertRequest)
@@ -99,6 +123,7 @@ def test_calls_and_streams_reach_a_relayed_peer_through_its_relay_within_limits(
         with pytest.raises(P2PHandlerError, match="the target's own 'error'"):  # its own error text, as if direct
             await caller.call_protobuf_handler(target.peer_id, "test.fail", runtime_pb2.ExpertRequest(),
                                                runtime_pb2.ExpertResponse)  # fmt: skip
+        assert len(failures) == 1  # delivered once: the target's error is an answer, not a relay failure
         replies = await caller.iterate_protobuf_handler(target.peer_id, "test.stream", _requests(b"x" * 300_000, 5),
                                                   runtime_pb2.ExpertResponse)  # fmt: skip
         assert [len(r.metadata) async for r in replies] == [300_000] * 5
@@ -123,18 +148,16 @@ def test_dial_back_tells_a_listening_peer_from_a_closed_port(nodes):
         await serve_dial_back(checker)
         port = tcp_ports([str(m) for m in await asker.get_visible_maddrs()])[0]
         assert await dial("127.0.0.1", port)
-        reachable, answered = await check_reachability(asker, [checker.peer_id], [port])
-        assert reachable is True and answered == [checker.peer_id]
+        reachable, seen = await check_reachability(asker, [checker.peer_id], [port])
+        assert reachable is True and seen == {"127.0.0.1"}
         closed = _closed_port()
         assert not await dial("127.0.0.1", closed)
-        reachable, _ = await check_reachability(asker, [checker.peer_id], [closed])
-        assert reachable is False
-        answer = await asker._client.call_unary_handler(checker.peer_id, "petals_like.dial_back",
-                                                        msgpack.packb({"ports": ["x"]}))  # fmt: skip
-        assert answer is None  # unreachable code: the bad request raises above
+        assert await check_reachability(asker, [checker.peer_id], [closed]) == (False, set())
+        assert await check_reachability(asker, [checker.peer_id], []) == (None, set())  # no TCP port: no verdict
+        with pytest.raises(P2PHandlerError, match="ports must be"):
+            await asker._client.call_unary_handler(checker.peer_id, "petals_like.dial_back", msgpack.packb({"ports": ["x"]}))
 
-    with pytest.raises(P2PHandlerError, match="ports must be"):
-        loop.run_until_complete(asyncio.wait_for(scenario(), 60))
+    loop.run_until_complete(asyncio.wait_for(scenario(), 60))
 
 
 async def relayed_stream_echo(relay: P2P, target: P2P, caller: P2P) -> Routes:
@@ -142,7 +165,7 @@ async def relayed_stream_echo(relay: P2P, target: P2P, caller: P2P) -> Routes:
     await target.add_protobuf_handler("test.stream", _stream_echo, runtime_pb2.ExpertRequest,
                                       stream_input=True, stream_output=True)  # fmt: skip
     routes = Routes()
-    caller._client = RelayingClient(caller._client, routes)
+    caller._client = RelayingClient(caller._client, routes, caller.peer_id.to_base58())
     relay_maddr = str((await relay.get_visible_maddrs())[0]).split("/p2p/")[0]
     routes.learn(target.peer_id.to_base58(), [circuit_addr(relay_maddr, relay.peer_id.to_base58())], using_relay=True)
     return routes
@@ -171,7 +194,7 @@ def test_a_relayed_stream_is_cut_at_its_byte_limit_and_its_circuit_released(node
 
     async def scenario() -> None:
         relay, target, caller = await make(3)
-        service = await RelayService(relay, RelayLimits(max_circuit_bytes=1_000_000)).start()
+        service = await RelayService(relay, relay._client, RelayLimits(max_circuit_bytes=1_000_000)).start()
         await relayed_stream_echo(relay, target, caller)
         assert await reserve(target, relay.peer_id)
         replies = await caller.iterate_protobuf_handler(target.peer_id, "test.stream", _requests(b"x" * 300_000, 5),
@@ -216,3 +239,30 @@ def test_a_node_behind_nat_reserves_relays_announces_them_and_renews_them():
         for node in (hidden, second, first):
             if node is not None:
                 node.shutdown()
+
+
+def test_a_relay_that_knows_its_target_is_relayed_reaches_it_directly_and_counts_circuits_at_once(nodes):
+    loop, make = nodes
+
+    async def scenario() -> None:
+        relay, target, caller = await make(3)
+        daemon = relay._client
+        service = await RelayService(relay, daemon, RelayLimits(max_circuits=1)).start()
+        routes = await relayed_stream_echo(relay, target, caller)
+        relay._client = RelayingClient(daemon, Routes(peers=dict(routes.peers)), relay.peer_id.to_base58())
+        assert await reserve(target, relay.peer_id)
+        # the relay read the target's record too: it is "reached through" the relay itself, i.e. directly
+        replies = await relay.iterate_protobuf_handler(target.peer_id, "test.stream", _requests(b"ab", 1),
+                                                       runtime_pb2.ExpertResponse)  # fmt: skip
+        assert [r.metadata async for r in replies] == [b"ab"]
+        # three streams opened at once through a relay of one circuit: one gets it, the others are refused
+        opened = await asyncio.gather(*(caller._client.stream_open(target.peer_id, ("test.stream",)) for _ in range(3)),
+                                      return_exceptions=True)  # fmt: skip
+        assert sum(not isinstance(o, BaseException) for o in opened) == 1
+        assert all("busy" in str(o) for o in opened if isinstance(o, BaseException)), opened
+        for o in opened:
+            if not isinstance(o, BaseException):
+                o[2].close()
+        assert service.stats["refused"] == 2
+
+    loop.run_until_complete(asyncio.wait_for(scenario(), 60))

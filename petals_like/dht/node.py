@@ -25,6 +25,7 @@ from hivemind.p2p import P2P, PeerID
 from petals_like.dht import guards
 from petals_like.dht.identity import Identity
 from petals_like.dht.reach import check_reachability, connection_maddr, listen_plan, only_loopback, serve_dial_back, tcp_ports
+from petals_like.data_structures import MAX_ADDRS
 from petals_like.dht.records import SwarmValidator
 from petals_like.dht.relay import RelayingClient, RelayLimits, RelayService, Routes, circuit_addr, reserve
 
@@ -60,7 +61,9 @@ class SwarmNode:
         elif port or public_ip:
             raise ValueError("port and public_ip apply only without explicit host_maddrs")
         self.client_mode = client_mode
+        self.announce_chosen = bool(announce_maddrs or public_ip)  # by the operator: announced as given
         self.host_maddrs, self.announce_maddrs = list(host_maddrs), list(announce_maddrs)
+        self.observed_ips: set[str] = set()  # where peers that reached us saw us come from (dial-back)
         self.force_reachability, self.relay_limits, self.max_relays = force_reachability, relay_limits, max_relays
         self.routes = Routes()
         self.reachable: Optional[bool] = None  # None: not checked (a local swarm, or nobody answered)
@@ -92,7 +95,8 @@ class SwarmNode:
             check_if_identity_free=not self.identity.fresh,  # a key made just now is nobody else's
             dht_mode="client" if self.client_mode else "server",
         )
-        self.p2p._client = RelayingClient(self.p2p._client, self.routes)  # calls to relayed peers go via relays
+        self.daemon = self.p2p._client  # hivemind's own client: what a relay forwards with (dht/relay.py)
+        self.p2p._client = RelayingClient(self.daemon, self.routes, self.peer_id)  # calls to relayed peers go via relays
         self.initial_peer_ids = [PeerID.from_base58(m.split("/p2p/")[-1].split("/")[0]) for m in map(str, initial_peers)
                                  if "/p2p/" in m]  # fmt: skip
         if not self.client_mode:
@@ -100,8 +104,8 @@ class SwarmNode:
             await self._check_reachability(self.initial_peer_ids)
             if self.reachable is False:
                 await self._find_relays(self.initial_peer_ids)
-            elif self.relay_limits is not None:
-                self.relay_service = await RelayService(self.p2p, self.relay_limits).start()
+            else:
+                await self._offer_relay()
         self.dht = await DHTNode.create(
             p2p=self.p2p,
             record_validator=SwarmValidator(self.identity.private_key),
@@ -121,15 +125,36 @@ class SwarmNode:
         return self.reachable is False
 
     def record_addrs(self) -> list[str]:
-        """The addresses to announce in records: relay circuits behind NAT, else the direct ones."""
-        return list(self.relays.values()) if self.using_relay else list(self.announce_maddrs)[:8]
+        """The addresses to announce in records: relay circuits behind NAT; else the direct ones, with the
+        address peers saw us at first where it is none of ours (a 1:1 NAT, as cloud machines have)."""
+        if self.using_relay:
+            return list(self.relays.values())
+        addrs = list(self.announce_maddrs)
+        if not self.announce_chosen:
+            own = {a.split("/")[2] for a in addrs}
+            seen = [f"/{'ip6' if ':' in ip else 'ip4'}/{ip}/tcp/{port}" for ip in sorted(self.observed_ips - own)
+                    for port in tcp_ports(addrs)]  # fmt: skip
+            addrs = seen + addrs
+        return addrs[:MAX_ADDRS]
 
     async def _check_reachability(self, peers: Sequence[PeerID]) -> None:
+        """Set `reachable`: forced, or by asking peers to dial us back. A check nobody answers changes
+        nothing once an answer was had (a NATed server must not announce addresses nobody can reach)."""
         if self.force_reachability is not None:
             self.reachable = self.force_reachability == "public"
-        elif peers and not only_loopback(self.host_maddrs):
-            self.reachable, _ = await check_reachability(self.p2p, peers, tcp_ports(self.host_maddrs))
-            logger.info(f"Reachability: {dict([(True, 'public'), (False, 'behind NAT: serving through relays'), (None, 'unknown (nobody answered), assumed public')])[self.reachable]}")
+            return
+        if not peers or only_loopback(self.host_maddrs):
+            return
+        ports = tcp_ports([str(m) for m in await self.p2p.get_visible_maddrs()])  # the ports we really listen on
+        reachable, self.observed_ips = await check_reachability(self.p2p, peers, ports)
+        if reachable is not None or self.reachable is None:
+            self.reachable = reachable
+        verdicts = {True: "public", False: "behind NAT: serving through relays", None: "unknown (nobody answered), assumed public"}
+        logger.info(f"Reachability: {verdicts[self.reachable]}")
+
+    async def _offer_relay(self) -> None:
+        if self.relay_limits is not None and self.relay_service is None:
+            self.relay_service = await RelayService(self.p2p, self.daemon, self.relay_limits).start()
 
     async def _find_relays(self, candidates: Sequence[PeerID]) -> None:
         """Renew the slots held, and reserve new ones on candidates until max_relays are held."""
@@ -161,6 +186,7 @@ class SwarmNode:
                 logger.warning("This server is no longer reachable directly: serving through relays")
             if self.reachable is not False:
                 self.relays.clear()
+                await self._offer_relay()
         if self.reachable is False:
             await self._find_relays(self.initial_peer_ids + known)
 

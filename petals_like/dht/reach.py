@@ -20,7 +20,7 @@ import ipaddress
 import logging
 import random
 import socket
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import msgpack
 import psutil
@@ -162,25 +162,46 @@ def _uvarint(n: int) -> bytes:
             return bytes(out)
 
 
-async def connection_ip(p2p: P2P, peer: PeerID) -> Optional[str]:
-    """The IP address a direct connection to `peer` comes from (None if not connected directly)."""
-    for info in await p2p._client.list_peers():
-        if info.peer_id == peer:
-            for addr in info.addrs:
-                parts = str(addr).strip("/").split("/")
-                if parts[0] in ("ip4", "ip6") and "p2p-circuit" not in parts:
-                    return parts[1]
-    return None
+def parse_maddr(addr: Any) -> Optional[tuple[str, Optional[str]]]:
+    """A record's address as (its dialable part, the relay's peer id if it is a relay circuit), or None if it
+    is not an IP / DNS address with a TCP or UDP (QUIC) port, optionally behind /p2p/<relay>/p2p-circuit."""
+    if not isinstance(addr, str) or len(addr) > 300:
+        return None
+    parts, relay = addr.strip("/").split("/"), None
+    if "p2p-circuit" in parts:
+        if len(parts) < 3 or parts[-1] != "p2p-circuit" or parts[-3] != "p2p":
+            return None
+        relay, parts = parts[-2], parts[:-3]
+        try:
+            PeerID.from_base58(relay)
+        except Exception:
+            return None
+    if len(parts) < 4 or parts[0] not in ("ip4", "ip6", "dns", "dns4", "dns6") or parts[2] not in ("tcp", "udp"):
+        return None
+    if not parts[3].isdigit() or not 0 < int(parts[3]) < 65536 or parts[4:] not in ([], ["quic-v1"]):
+        return None
+    if parts[0] in ("ip4", "ip6"):
+        try:
+            ipaddress.ip_address(parts[1])
+        except ValueError:
+            return None
+    return "/" + "/".join(parts), relay
 
 
 async def connection_maddr(p2p: P2P, peer: PeerID) -> Optional[str]:
-    """The multiaddr of a direct connection to `peer` (ip and port it listens on, if we dialed it)."""
+    """The multiaddr of a direct connection to `peer`: where it listens if we dialed it, where its
+    connection came from (the address its NAT shows) if it dialed us. None if not connected directly."""
     for info in await p2p._client.list_peers():
         if info.peer_id == peer:
-            for addr in info.addrs:
-                if "p2p-circuit" not in str(addr):
-                    return str(addr)
+            for addr in map(str, info.addrs):
+                if "p2p-circuit" not in addr and addr.split("/")[1:2] in (["ip4"], ["ip6"]):
+                    return addr
     return None
+
+
+async def connection_ip(p2p: P2P, peer: PeerID) -> Optional[str]:
+    maddr = await connection_maddr(p2p, peer)
+    return None if maddr is None else maddr.split("/")[2]
 
 
 # ---- the dial-back check
@@ -222,25 +243,27 @@ async def dial(ip: str, port: int, timeout: float = DIAL_TIMEOUT) -> bool:
 
 
 async def check_reachability(p2p: P2P, peers: Sequence[PeerID], ports: Sequence[int], *,
-                             timeout: float = 2 * DIAL_TIMEOUT + 2) -> tuple[Optional[bool], list[PeerID]]:  # fmt: skip
-    """Ask up to CHECKERS of `peers` to dial us back: (True if any reached us, False if all who answered
-    could not, None if nobody answered; the peers that answered, who are public themselves)."""
+                             timeout: float = 2 * DIAL_TIMEOUT + 2) -> tuple[Optional[bool], set[str]]:  # fmt: skip
+    """Ask up to CHECKERS of `peers` to dial us back on our TCP `ports`: (True if any reached us, False if
+    all who answered could not, None if nobody answered or there is no TCP port to try; the addresses
+    the peers that reached us saw us coming from)."""
     peers = list(peers)
     random.shuffle(peers)
     request = msgpack.packb({"ports": list(ports)[:MAX_PORTS]})
 
-    async def ask(peer: PeerID) -> Optional[bool]:
+    async def ask(peer: PeerID) -> dict:
         try:
             answer = msgpack.unpackb(await asyncio.wait_for(p2p._client.call_unary_handler(peer, RPC_DIAL_BACK, request),
                                                             timeout), raw=False)  # fmt: skip
-            return answer.get("reachable") if isinstance(answer, dict) else None
+            return answer if isinstance(answer, dict) and isinstance(answer.get("reachable"), bool) else {}
         except Exception as e:
             logger.debug(f"Dial-back check by {peer} failed: {e!r}")
-            return None
+            return {}
 
-    asked = peers[:CHECKERS]
-    results = await asyncio.gather(*(ask(peer) for peer in asked))
-    answered = [peer for peer, result in zip(asked, results) if result is not None]
-    if not answered:
-        return None, []
-    return any(results), answered
+    if not ports:
+        return None, set()
+    answers = [a for a in await asyncio.gather(*(ask(peer) for peer in peers[:CHECKERS])) if a]
+    if not answers:
+        return None, set()
+    seen = {a["ip"] for a in answers if a["reachable"] and isinstance(a.get("ip"), str)}
+    return any(a["reachable"] for a in answers), seen

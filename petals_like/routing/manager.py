@@ -32,6 +32,8 @@ from petals_like.routing.planner import LatencyModel, NoRouteError, make_route, 
 
 logger = logging.getLogger(__name__)
 
+MAX_BAN_REASONS = 1024
+
 T = TypeVar("T")
 
 
@@ -46,7 +48,7 @@ class RouteManager:
         self._failures: dict[str, int] = {}
         self._banned_until: dict[str, float] = {}  # after failures; a success lifts it
         self._distrusted_until: dict[str, float] = {}  # after wrong answers; only time lifts it
-        self.ban_reasons: dict[str, str] = {}  # peer -> why it was last avoided
+        self.ban_reasons: dict[str, str] = {}  # peer -> why it was last avoided (the last MAX_BAN_REASONS peers)
         self._lock = asyncio.Lock()
         self.pings = PingTable(timeout=config.ping_timeout, period=config.ping_period)
 
@@ -89,7 +91,10 @@ class RouteManager:
         if duration is None:
             duration = self.config.ban_timeout * 2 ** min(failures - 1, 6)
         until = time.monotonic() + duration
+        self.ban_reasons.pop(peer_id, None)  # re-inserted last: the oldest reasons are forgotten first
         self.ban_reasons[peer_id] = reason
+        while len(self.ban_reasons) > MAX_BAN_REASONS:
+            del self.ban_reasons[next(iter(self.ban_reasons))]
         if until > bans.get(peer_id, 0.0):
             bans[peer_id] = until
             logger.warning(f"Avoiding server {peer_id[-6:]} for {duration:.0f} s: {reason}")

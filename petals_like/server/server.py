@@ -320,9 +320,10 @@ class Server:
             return []
         (following,) = await get_block_infos(self.node.dht, self.dht_prefix, [self.end_block], num_blocks=self.spec.num_blocks)
         peers = [p for p, info in following.items() if p != self.node.peer_id and info.state == ServerState.ONLINE]
+        now = time.monotonic()
         for peer in peers:
             self.node.routes.learn(peer, following[peer].addrs, following[peer].using_relay)
-        self._looked_up = {peer: time.monotonic() for peer in peers}
+        self._looked_up = {p: t for p, t in self._looked_up.items() if now - t < ROUTE_LOOKUP_PERIOD} | dict.fromkeys(peers, now)
         return peers
 
     async def _learn_route(self, peer_id: str) -> None:

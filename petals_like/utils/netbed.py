@@ -235,6 +235,10 @@ class NetBed:
 
     def close(self) -> None:
         """Kill every process in the bed's namespaces, then delete them. Safe to call twice."""
+        try:
+            self.unshape()  # stops the delay forwarders this process started (and reaps them)
+        except Exception as e:  # the namespaces go below anyway, and their processes with them
+            logger.warning(f"could not unshape the bed's links: {e!r}")
         for netns in self.namespaces:
             for pid in _netns_pids(netns):
                 _kill(pid)

@@ -31,6 +31,7 @@ import ctypes
 import errno
 import fcntl
 import os
+import platform
 import select
 import socket
 import struct
@@ -41,7 +42,7 @@ import time
 import zlib
 from typing import Optional
 
-_SYS_BPF = 321  # x86_64
+_SYS_BPF = {"x86_64": 321, "aarch64": 280}.get(platform.machine())  # bpf(2)'s number differs per architecture
 _PROG_LOAD, _OBJ_PIN, _PROG_TEST_RUN = 5, 6, 10
 _SCHED_CLS = 3
 _TSTAMP_OFF, _MARK_OFF = 152, 8  # offsets in struct __sk_buff
@@ -80,6 +81,8 @@ def _redirect_program(ifindex: int) -> bytes:
 
 
 def _bpf(cmd: int, attr: ctypes.Array) -> int:
+    if _SYS_BPF is None:
+        raise OSError(errno.ENOSYS, f"bpf(2) syscall number unknown on {platform.machine()}")
     if (ret := _libc.syscall(_SYS_BPF, ctypes.c_int(cmd), attr, ctypes.c_uint(len(attr)))) < 0:
         raise OSError(ctypes.get_errno(), f"bpf(cmd={cmd}): {os.strerror(ctypes.get_errno())}")
     return ret
