@@ -111,5 +111,7 @@ class ServerConfig:
         if self.max_sessions_per_peer < 1:
             raise ValueError(f"max_sessions_per_peer must be >= 1, got {self.max_sessions_per_peer}")
         if not 0 < self.announce_period < self.expiration <= MAX_LIFETIME:
-            raise ValueError(f"need 0 < announce_period < expiration <= {MAX_LIFETIME:.0f} s (other nodes refuse records "
-                             f"that live longer), got {self.announce_period} and {self.expiration}")  # fmt: skip
+            raise ValueError(
+                f"need 0 < announce_period < expiration <= {MAX_LIFETIME:.0f} s (other nodes refuse records "
+                f"that live longer), got {self.announce_period} and {self.expiration}"
+            )

@@ -106,9 +106,7 @@ class ServerInfo:
             pings = raw["next_pings"]
             if not isinstance(pings, Mapping) or len(pings) > MAX_PINGS:
                 raise ValueError("next_pings must be a small mapping")
-            kwargs["next_pings"] = {
-                _check_text("peer id", k): _check_number("ping", v, 0.0, 3600.0) for k, v in pings.items()
-            }
+            kwargs["next_pings"] = {_check_text("peer id", k): _check_number("ping", v, 0.0, 3600.0) for k, v in pings.items()}
         if "using_relay" in raw:
             if not isinstance(raw["using_relay"], bool):
                 raise ValueError("using_relay must be true or false")

@@ -37,8 +37,11 @@ _TENSOR_DTYPES = {**WIRE_DTYPES, "int64": torch.int64, "int32": torch.int32}
 # byte work because each torch op costs ~10-20 us of dispatch on a small CPU, numpy ~1 us
 _NUMPY_VIEWS = {"float32": np.float32, "float16": np.float16, "bfloat16": np.int16, "int64": np.int64, "int32": np.int32}
 _ITEMSIZE = {name: np.dtype(view).itemsize for name, view in _NUMPY_VIEWS.items()}
-_FLOAT_BITS = {torch.float32: (torch.int32, 0x7F800000), torch.float16: (torch.int16, 0x7C00),
-               torch.bfloat16: (torch.int16, 0x7F80)}  # fmt: skip
+_FLOAT_BITS = {
+    torch.float32: (torch.int32, 0x7F800000),
+    torch.float16: (torch.int16, 0x7C00),
+    torch.bfloat16: (torch.int16, 0x7F80),
+}
 
 
 def all_finite(tensor: torch.Tensor) -> bool:
@@ -49,6 +52,8 @@ def all_finite(tensor: torch.Tensor) -> bool:
     int_dtype, mask = bits
     values = tensor.detach().contiguous().view(int_dtype).numpy()
     return not np.any((values & mask) == mask)
+
+
 _PARTS_KEY = "_parts"
 MAX_PARTS = 1 << 16
 MAX_METADATA_BYTES = 1 << 20
@@ -103,9 +108,13 @@ def pack_message(
         buffer = memoryview(serialized.buffer)
         num_chunks = max(1, -(-len(buffer) // max_part_bytes))
         first = runtime_pb2.Tensor(
-            compression=serialized.compression, size=serialized.size, dtype=serialized.dtype,
-            requires_grad=serialized.requires_grad, chunks=num_chunks, buffer=buffer[:max_part_bytes].tobytes(),
-        )  # fmt: skip
+            compression=serialized.compression,
+            size=serialized.size,
+            dtype=serialized.dtype,
+            requires_grad=serialized.requires_grad,
+            chunks=num_chunks,
+            buffer=buffer[:max_part_bytes].tobytes(),
+        )
         chunks.append(first)
         for offset in range(max_part_bytes, len(buffer), max_part_bytes):
             chunks.append(runtime_pb2.Tensor(buffer=buffer[offset : offset + max_part_bytes].tobytes()))
@@ -215,8 +224,13 @@ def _serialize(tensor: torch.Tensor, wire: Optional[str] = None) -> runtime_pb2.
     if tensor.device.type != "cpu":
         tensor = tensor.cpu()
     raw = tensor.view(torch.int16) if tensor.dtype == torch.bfloat16 else tensor
-    return runtime_pb2.Tensor(compression=runtime_pb2.CompressionType.NONE, buffer=raw.numpy().tobytes(),
-                              size=tensor.shape, dtype=dtype, requires_grad=tensor.requires_grad)  # fmt: skip
+    return runtime_pb2.Tensor(
+        compression=runtime_pb2.CompressionType.NONE,
+        buffer=raw.numpy().tobytes(),
+        size=tensor.shape,
+        dtype=dtype,
+        requires_grad=tensor.requires_grad,
+    )
 
 
 def _deserialize(head: runtime_pb2.Tensor, buffer: bytes) -> torch.Tensor:
@@ -232,8 +246,10 @@ def _deserialize(head: runtime_pb2.Tensor, buffer: bytes) -> torch.Tensor:
         return _from_blockwise_8bit(head, buffer, numel)
     if head.compression == runtime_pb2.CompressionType.NONE:
         if numel * _ITEMSIZE[head.dtype] != len(buffer):
-            raise ProtocolError(f"tensor of shape {list(head.size)} and dtype {head.dtype} needs "
-                                f"{numel * _ITEMSIZE[head.dtype]} bytes, got {len(buffer)}")  # fmt: skip
+            raise ProtocolError(
+                f"tensor of shape {list(head.size)} and dtype {head.dtype} needs "
+                f"{numel * _ITEMSIZE[head.dtype]} bytes, got {len(buffer)}"
+            )
         array = np.frombuffer(bytearray(buffer), dtype=_NUMPY_VIEWS[head.dtype]).reshape(tuple(head.size))
         tensor = torch.from_numpy(array)
         return tensor.view(torch.bfloat16) if head.dtype == "bfloat16" else tensor
@@ -264,9 +280,13 @@ def _blockwise_8bit(tensor: torch.Tensor) -> runtime_pb2.Tensor:
     safe = np.where(scales == 0, np.float16(1), scales).astype(np.float32)
     values = np.clip(np.rint(padded / safe[:, None]), -127, 127).astype(np.int8)
     dtype = str(tensor.dtype)[6:]
-    return runtime_pb2.Tensor(compression=runtime_pb2.CompressionType.BLOCKWISE_8BIT,
-                              buffer=scales.tobytes() + values.tobytes(), size=tensor.shape,
-                              dtype=dtype if dtype in WIRE_DTYPES else "float32", requires_grad=False)  # fmt: skip
+    return runtime_pb2.Tensor(
+        compression=runtime_pb2.CompressionType.BLOCKWISE_8BIT,
+        buffer=scales.tobytes() + values.tobytes(),
+        size=tensor.shape,
+        dtype=dtype if dtype in WIRE_DTYPES else "float32",
+        requires_grad=False,
+    )
 
 
 def _from_blockwise_8bit(head: runtime_pb2.Tensor, buffer: bytes, numel: int) -> torch.Tensor:
@@ -292,16 +312,16 @@ def require(metadata: dict[str, Any], key: str, kind: type, default: Any = ...) 
         return default
     value = metadata[key]
     if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
-        raise ProtocolError(f"metadata field {key!r} must be {_KIND_NAMES.get(kind, kind.__name__)}, "
-                            f"got {type(value).__name__}")  # fmt: skip
+        raise ProtocolError(f"metadata field {key!r} must be {_KIND_NAMES.get(kind, kind.__name__)}, got {type(value).__name__}")
     return value
 
 
 PREFIX_PAGE_TOKENS = 16  # granularity of prefix hashes; servers with another page size do not reuse prefixes
 
 
-def prefix_page_hashes(token_ids: Sequence[int], salt: str, *, start_page: int = 0, parent: str = "",
-                       page_tokens: int = PREFIX_PAGE_TOKENS) -> list[str]:  # fmt: skip
+def prefix_page_hashes(
+    token_ids: Sequence[int], salt: str, *, start_page: int = 0, parent: str = "", page_tokens: int = PREFIX_PAGE_TOKENS
+) -> list[str]:
     """Chained hashes of the full pages of a token sequence: hash i covers tokens [0, page_tokens * (i + 1)).
 
     Equal hashes mean equal whole prefixes under the same salt (model, adapters, prompts in use),

@@ -76,13 +76,18 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     for name, flags in FLAGS.items():
         add_config_flags(groups[name], DEFAULTS, flags)
     group = groups["swarm"]
-    group.add_argument("--model_dir", default=None,
-                       help="where to write the tiny random Llama (default: a temp dir, removed after)")
+    group.add_argument(
+        "--model_dir", default=None, help="where to write the tiny random Llama (default: a temp dir, removed after)"
+    )
     group.add_argument("--spans", nargs="+", default=None, help="blocks of each server instead, e.g. 0:8 0:4 4:8")
-    group.add_argument("--server_args", default=" ".join(DEFAULTS.server_args),
-                       help="extra run_server arguments (default: %(default)r)")
-    group.add_argument("--same_identity", action="store_true",
-                       help="a restarted server keeps the killed one's peer id (default: a new one, as a new machine)")
+    group.add_argument(
+        "--server_args", default=" ".join(DEFAULTS.server_args), help="extra run_server arguments (default: %(default)r)"
+    )
+    group.add_argument(
+        "--same_identity",
+        action="store_true",
+        help="a restarted server keeps the killed one's peer id (default: a new one, as a new machine)",
+    )
     groups["load"].add_argument("--no_train", action="store_true", help="no training thread (generation only)")
     group = groups["output"]
     group.add_argument("--log_level", default="ERROR", help="log level of this process (default: %(default)s)")
@@ -113,8 +118,11 @@ def main(argv: Optional[list[str]] = None) -> ChaosReport:
 
     setup_logging(args.log_level)
     config = ChaosConfig(
-        **{k: v for flags in FLAGS.values() for k, v in config_values(args, flags).items()}, spans=args.spans,
-        train=not args.no_train, same_identity=args.same_identity, server_args=args.server_args.split(),
+        **{k: v for flags in FLAGS.values() for k, v in config_values(args, flags).items()},
+        spans=args.spans,
+        train=not args.no_train,
+        same_identity=args.same_identity,
+        server_args=args.server_args.split(),
     )
     with contextlib.ExitStack() as stack:
         if args.model_dir is not None:

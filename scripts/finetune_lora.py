@@ -34,10 +34,17 @@ def main(argv: Optional[list[str]] = None) -> list[float]:
     group = parser.add_argument_group("LoRA")
     group.add_argument("--rank", type=int, default=8)
     group.add_argument("--alpha", type=float, default=16, help="LoRA scaling is alpha / rank")
-    group.add_argument("--target_modules", nargs="+", default=DEFAULT_TARGETS,
-                       help="projections of each block to adapt: q_proj k_proj v_proj o_proj gate_proj up_proj down_proj")
-    group.add_argument("--check", action="store_true",
-                       help="load the saved adapter with peft onto local transformers and compare logits with the swarm")
+    group.add_argument(
+        "--target_modules",
+        nargs="+",
+        default=DEFAULT_TARGETS,
+        help="projections of each block to adapt: q_proj k_proj v_proj o_proj gate_proj up_proj down_proj",
+    )
+    group.add_argument(
+        "--check",
+        action="store_true",
+        help="load the saved adapter with peft onto local transformers and compare logits with the swarm",
+    )
     args = parser.parse_args(argv)
     check_common_args(parser, args)
     if args.rank < 1:
@@ -53,8 +60,9 @@ def main(argv: Optional[list[str]] = None) -> list[float]:
     print("Starting a local swarm" if not args.initial_peers else "Joining the swarm", flush=True)
     with swarm_for(args) as (model_path, peers):
         print(f"Model: {model_path}; initial peers: {' '.join(peers)}", flush=True)
-        model = AutoDistributedModelForCausalLM.from_pretrained(model_path, initial_peers=peers, torch_dtype="float32",
-                                                                num_chains=args.num_chains)  # fmt: skip
+        model = AutoDistributedModelForCausalLM.from_pretrained(
+            model_path, initial_peers=peers, torch_dtype="float32", num_chains=args.num_chains
+        )
         try:
             lora = model.add_lora(LoraConfig(r=args.rank, lora_alpha=args.alpha, target_modules=args.target_modules))
             description = f"LoRA r={args.rank} alpha={args.alpha} on {' '.join(lora.targets)}"

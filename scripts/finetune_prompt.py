@@ -46,8 +46,13 @@ def main(argv: Optional[list[str]] = None) -> list[float]:
     with swarm_for(args) as (model_path, peers):
         print(f"Model: {model_path}; initial peers: {' '.join(peers)}", flush=True)
         model = AutoDistributedModelForCausalLM.from_pretrained(
-            model_path, initial_peers=peers, torch_dtype="float32", tuning_mode=args.tuning_mode,
-            pre_seq_len=args.pre_seq_len, num_chains=args.num_chains)  # fmt: skip
+            model_path,
+            initial_peers=peers,
+            torch_dtype="float32",
+            tuning_mode=args.tuning_mode,
+            pre_seq_len=args.pre_seq_len,
+            num_chains=args.num_chains,
+        )
         try:
             description = f"{args.tuning_mode}, pre_seq_len={args.pre_seq_len}"
             losses, _, _ = train_and_save(model, model_path, args, description, "prompts")

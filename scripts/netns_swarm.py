@@ -42,14 +42,32 @@ def main() -> None:
         num_blocks = json.loads((Path(model) / "config.json").read_text())["num_hidden_layers"]
         with NetBed() as bed:
             boot = bed.add_host("boot", delay_ms=a.delay_ms)
-            peers = boot.start("dht", ["petals_like.cli.run_dht", "--port", "31337"]).wait_for_line("  --initial_peers", 60).split()[1:]
+            peers = (
+                boot.start("dht", ["petals_like.cli.run_dht", "--port", "31337"])
+                .wait_for_line("  --initial_peers", 60)
+                .split()[1:]
+            )
             servers = []
             for i, spec in enumerate(a.hosts):
                 name, _, kind = spec.partition(":")
-                host = bed.add_host(name, nat=kind == "nat", delay_ms=a.delay_ms, uplink_mbit=a.uplink_mbit if kind == "nat" else None)
+                host = bed.add_host(
+                    name, nat=kind == "nat", delay_ms=a.delay_ms, uplink_mbit=a.uplink_mbit if kind == "nat" else None
+                )
                 span = f"{num_blocks * i // len(a.hosts)}:{num_blocks * (i + 1) // len(a.hosts)}"
-                servers.append(host.start("server", ["petals_like.cli.run_server", model, "--block_indices", span,
-                                                     "--initial_peers", *peers, "--no_progress"]))  # fmt: skip
+                servers.append(
+                    host.start(
+                        "server",
+                        [
+                            "petals_like.cli.run_server",
+                            model,
+                            "--block_indices",
+                            span,
+                            "--initial_peers",
+                            *peers,
+                            "--no_progress",
+                        ],
+                    )
+                )
             for server in servers:
                 print(server.name, server.wait_for_line("SERVER READY", 300), flush=True)
             home = bed.add_host("home", nat=True, delay_ms=a.delay_ms, uplink_mbit=a.uplink_mbit)
@@ -57,7 +75,9 @@ def main() -> None:
             print("client:", client.wait_for_line("RESULT", 300), flush=True)
             print("\nhosts (run commands in one with `ip netns exec NAMESPACE ...`):")
             for host in bed.hosts.values():
-                print(f"  {host.name:8} {host.netns:24} {host.ip:14} {'behind NAT at ' + host.public_ip if host.nat else 'public'}")
+                print(
+                    f"  {host.name:8} {host.netns:24} {host.ip:14} {'behind NAT at ' + host.public_ip if host.nat else 'public'}"
+                )
             print("  --initial_peers " + " ".join(peers), flush=True)
             if not a.no_wait:
                 print("Ctrl-C stops everything", flush=True)

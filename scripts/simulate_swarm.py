@@ -134,8 +134,7 @@ def simulate(args, rebalance: bool) -> dict:
             online = [s for s in servers if s.start >= 0 and s.loaded]
             bound = sum(s.throughput * s.num_blocks for s in online) / args.num_blocks
             capacity = sum(s.num_blocks for s in servers if s.start >= 0) >= args.num_blocks
-            samples.append((t, float(serving.min()), bound, int(np.count_nonzero(serving <= 1e-9)), capacity,
-                            len(online)))  # fmt: skip
+            samples.append((t, float(serving.min()), bound, int(np.count_nonzero(serving <= 1e-9)), capacity, len(online)))
             continue
         server = servers[index]
         if kind == "join":
@@ -154,8 +153,9 @@ def simulate(args, rebalance: bool) -> dict:
             if server.start < 0 or epoch != server.epoch:
                 continue  # left (or moved) since this check was scheduled
             if server.loaded:
-                target = should_move(announced, server.start, server.start + server.num_blocks, server.throughput,
-                                     args.balance_quality)  # fmt: skip
+                target = should_move(
+                    announced, server.start, server.start + server.num_blocks, server.throughput, args.balance_quality
+                )
                 if target is not None:
                     vacate(server)
                     occupy(index, target, t)
@@ -176,10 +176,15 @@ def simulate(args, rebalance: bool) -> dict:
         "uncovered_seconds_while_capacity_allows": uncovered_s,  # includes the first joins loading
         "uncovered_seconds_after_settling": uncovered_settled_s,
         "timeline": [
-            {"hour": round(s[0] / 3600, 2), "bottleneck": round(s[1], 1), "upper_bound": round(s[2], 1),
-             "uncovered_blocks": s[3], "online_servers": s[5]}
+            {
+                "hour": round(s[0] / 3600, 2),
+                "bottleneck": round(s[1], 1),
+                "upper_bound": round(s[2], 1),
+                "uncovered_blocks": s[3],
+                "online_servers": s[5],
+            }
             for s in samples[:: max(1, len(samples) // args.timeline_points)]
-        ],  # fmt: skip
+        ],
     }
 
 
@@ -200,8 +205,7 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
 
-    report: dict = {"config": vars(args), "devices": [dict(zip(("name", "share", "blocks", "throughput"), d))
-                                                      for d in DEVICES]}  # fmt: skip
+    report: dict = {"config": vars(args), "devices": [dict(zip(("name", "share", "blocks", "throughput"), d)) for d in DEVICES]}
     for name, rebalance in (("rebalancing", True), ("join_only", False)):
         started = time.perf_counter()
         result = simulate(args, rebalance)

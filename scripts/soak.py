@@ -31,7 +31,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from
 from petals_like.utils.cli import add_config_flags, config_values  # noqa: E402
 from petals_like.utils.soak import SoakConfig, run_soak  # noqa: E402
 
-
 FLAGS = [  # SoakConfig fields given as flags: (field, help)
     ("duration", "seconds of load"),
     ("sessions", "sessions running at once, over all clients"),
@@ -50,17 +49,26 @@ def main(argv: Optional[list[str]] = None) -> int:
     d = SoakConfig()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_flags(p, d, FLAGS)
-    p.add_argument("--max_rss_growth", type=float, default=d.max_rss_growth,
-                   help="largest allowed RSS growth of a server after the warm-up, in percent (negative: not checked)")
+    p.add_argument(
+        "--max_rss_growth",
+        type=float,
+        default=d.max_rss_growth,
+        help="largest allowed RSS growth of a server after the warm-up, in percent (negative: not checked)",
+    )
     p.add_argument("--spans", nargs="+", default=list(d.spans), help="one server per span, e.g. 0:4 4:8")
-    p.add_argument("--model", type=Path, default=None,
-                   help="checkpoint to serve (default: a tiny random Llama made in a temporary folder)")
+    p.add_argument(
+        "--model", type=Path, default=None, help="checkpoint to serve (default: a tiny random Llama made in a temporary folder)"
+    )
     p.add_argument("--no_progress", action="store_true", help="no progress bar on stderr")
     args = p.parse_args(argv)
     try:
-        config = SoakConfig(**config_values(args, FLAGS), spans=tuple(args.spans), model=args.model,
-                            max_rss_growth=args.max_rss_growth if args.max_rss_growth >= 0 else None,
-                            progress=not args.no_progress)  # fmt: skip
+        config = SoakConfig(
+            **config_values(args, FLAGS),
+            spans=tuple(args.spans),
+            model=args.model,
+            max_rss_growth=args.max_rss_growth if args.max_rss_growth >= 0 else None,
+            progress=not args.no_progress,
+        )
     except ValueError as e:
         p.error(str(e))
 

@@ -39,9 +39,14 @@ def client_round(model_dir: Path, peers: list[str]) -> dict[str, float]:
         model.generate(torch.tensor([[1, 17, 42, 99]]), max_new_tokens=16)
         generated = time.perf_counter()
         model.node.run(model.routes.refresh(force=True))
-        return {"join_s": joined - started, "first_generate_s": generated - joined,
-                "refresh_s": time.perf_counter() - generated, "pings_sent": model.routes.pings.sent,
-                "servers_seen": len(model.routes.spans), "banned": len(model.routes.banned())}  # fmt: skip
+        return {
+            "join_s": joined - started,
+            "first_generate_s": generated - joined,
+            "refresh_s": time.perf_counter() - generated,
+            "pings_sent": model.routes.pings.sent,
+            "servers_seen": len(model.routes.spans),
+            "banned": len(model.routes.banned()),
+        }
     finally:
         model.shutdown()
 

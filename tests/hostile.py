@@ -49,8 +49,9 @@ class Key:
 
     def sign(self, key: str, subkey: Any, value: Any, expiration: float) -> bytes:
         """The stored bytes of `value` under (key, subkey), signed with this key for this expiration."""
-        record = DHTRecord(DHTID.generate(source=key).to_bytes(), MSGPackSerializer.dumps(subkey),
-                           MSGPackSerializer.dumps(value), expiration)  # fmt: skip
+        record = DHTRecord(
+            DHTID.generate(source=key).to_bytes(), MSGPackSerializer.dumps(subkey), MSGPackSerializer.dumps(value), expiration
+        )
         return RSASignatureValidator(self.private_key).sign_value(record)
 
 
@@ -63,8 +64,13 @@ def make_fake_servers(count: int, records: Mapping[str, Any], expiration: float)
     """`count` new identities, each with its own signed entry of records[key] under every key: entries for
     HostileNode.store_many. A key costs ~50 ms to make: both cores make them."""
     with ProcessPoolExecutor(2) as pool:
-        return list(pool.map(functools.partial(_fake_server, records=records, expiration=expiration), range(count),
-                             chunksize=max(1, count // 8)))  # fmt: skip
+        return list(
+            pool.map(
+                functools.partial(_fake_server, records=records, expiration=expiration),
+                range(count),
+                chunksize=max(1, count // 8),
+            )
+        )
 
 
 class HostileNode:
@@ -72,20 +78,30 @@ class HostileNode:
         self.node = SwarmNode(initial_peers, host_maddrs=LOCALHOST, name="hostile")
         self.key = Key(self.node.identity.private_key)  # its own identity, as a server's would be
 
-    def store(self, peers: Sequence[str], key: str, subkey: Any, value: Any, expiration: float, *, raw: bool = False,
-              in_cache: bool = False) -> dict[str, Optional[list[bool]]]:  # fmt: skip
+    def store(
+        self,
+        peers: Sequence[str],
+        key: str,
+        subkey: Any,
+        value: Any,
+        expiration: float,
+        *,
+        raw: bool = False,
+        in_cache: bool = False,
+    ) -> dict[str, Optional[list[bool]]]:
         """Ask each peer to store one entry; {peer: its answer (None: no answer)}. `value` is msgpack-encoded
         unless `raw` (bytes signed by Key.sign, or a DictionaryDHTValue sent whole)."""
         value = value if raw else MSGPackSerializer.dumps(value)
         return self.store_many(peers, [(key, subkey, value, expiration)], in_cache=in_cache)
 
-    def store_many(self, peers: Sequence[str], entries: Sequence[tuple[str, Any, Any, float]],
-                   *, in_cache: bool = False) -> dict[str, Optional[list[bool]]]:  # fmt: skip
+    def store_many(
+        self, peers: Sequence[str], entries: Sequence[tuple[str, Any, Any, float]], *, in_cache: bool = False
+    ) -> dict[str, Optional[list[bool]]]:
         """Ask each peer to store (key, subkey, value bytes, expiration) entries in one request; `in_cache`: in
         the cache that hivemind keeps beside each node's storage, as nodes do with what their searches found."""
         keys = [DHTID.generate(source=key) for key, *_ in entries]
         subkeys = [None if subkey is NO_SUBKEY else subkey for _, subkey, _, _ in entries]
-        for (_, subkey, value, _) in entries:
+        for _, subkey, value, _ in entries:
             if subkey is None and not isinstance(value, DictionaryDHTValue):
                 raise ValueError("pass NO_SUBKEY for a plain value (hivemind reserves None)")
         values = [value for _, _, value, _ in entries]
@@ -95,8 +111,9 @@ class HostileNode:
             protocol = self.node.dht.protocol
             answers = {}
             for peer in peers:
-                answer = await protocol.call_store(PeerID.from_base58(peer), keys, values, expirations, subkeys=subkeys,
-                                                   in_cache=[in_cache] * len(keys))  # fmt: skip
+                answer = await protocol.call_store(
+                    PeerID.from_base58(peer), keys, values, expirations, subkeys=subkeys, in_cache=[in_cache] * len(keys)
+                )
                 answers[peer] = None if answer is None else list(answer)
             return answers
 

@@ -34,7 +34,9 @@ def make_hosted_adapter(tiny_model: Path, path: Path) -> Path:
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(1)
-    peft_model = get_peft_model(oracle(tiny_model), LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj", "up_proj"]))
+    peft_model = get_peft_model(
+        oracle(tiny_model), LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj", "up_proj"])
+    )
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
             if "lora_B" in name:

@@ -66,8 +66,15 @@ class Swarm:
 
     def add_server(self, model: Path, block_indices: str, **kwargs) -> Server:
         kwargs.setdefault("host_maddrs", LOCALHOST)
-        config = ServerConfig(model=model, initial_peers=self.peers, block_indices=block_indices, device="cpu",
-                              progress=False, throughput=kwargs.pop("throughput", 1.0), **kwargs)  # fmt: skip
+        config = ServerConfig(
+            model=model,
+            initial_peers=self.peers,
+            block_indices=block_indices,
+            device="cpu",
+            progress=False,
+            throughput=kwargs.pop("throughput", 1.0),
+            **kwargs,
+        )
         server = Server(config).start()
         self.servers.append(server)
         return server
@@ -100,9 +107,24 @@ class ServerProcess:
     """run_server as a subprocess (what volunteers run); stopped by PID, with its p2pd, on exit."""
 
     def __init__(self, model: Path, block_indices: str, initial_peers: Sequence[str], *extra: str):
-        cmd = [sys.executable, "-m", "petals_like.cli.run_server", str(model), "--block_indices", block_indices,
-               "--initial_peers", *initial_peers, "--host_maddrs", *LOCALHOST, "--no_progress",
-               "--throughput", "1", "--log_level", "WARNING", *extra]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "petals_like.cli.run_server",
+            str(model),
+            "--block_indices",
+            block_indices,
+            "--initial_peers",
+            *initial_peers,
+            "--host_maddrs",
+            *LOCALHOST,
+            "--no_progress",
+            "--throughput",
+            "1",
+            "--log_level",
+            "WARNING",
+            *extra,
+        ]
         self.process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.lines: list[str] = []
 

@@ -23,9 +23,8 @@ from petals_like.dashboard.reader import SwarmReader
 from petals_like.data_structures import ServerInfo, ServerState
 from petals_like.dht.announce import get_block_infos
 from petals_like.dht.node import SwarmNode
+from petals_like.dht.records import MAX_LIFETIME, MAX_RECORD_BYTES, MODELS_KEY, ModelInfo, block_key, compute_spans, model_record
 from petals_like.dht.storage import MAX_KEY_BYTES, REFRESH_HEADROOM
-from petals_like.dht.records import (MAX_LIFETIME, MAX_RECORD_BYTES, MODELS_KEY, ModelInfo, block_key, compute_spans,
-                                     model_record)
 from petals_like.utils.local_swarm import LocalSwarm
 from tests.hostile import NO_SUBKEY, HostileNode, Key, make_fake_servers
 from tests.swarm import LOCALHOST, wait_until
@@ -147,8 +146,7 @@ def test_hostile_stores_are_refused_by_every_validating_node(world: World, tiny_
         assert answers == {peer: [False] for peer in honest}, name
     # its own valid record into the cache hivemind keeps beside each node's storage: a node answers from the
     # cache instead of the storage whenever the cached copy expires later, which would hide every real record
-    answers = hostile.store(honest, b0, own.subkey(), own.sign(b0, own.subkey(), fake, later), later, raw=True,
-                            in_cache=True)  # fmt: skip
+    answers = hostile.store(honest, b0, own.subkey(), own.sign(b0, own.subkey(), fake, later), later, raw=True, in_cache=True)
     assert answers == {peer: [False] for peer in honest}
     # a whole dictionary that hivemind's storage cannot even load: the store fails, the node keeps serving
     answers = hostile.store(honest, b1, None, ints, later, raw=True)
@@ -321,7 +319,11 @@ def test_keys_flooded_past_the_message_limit_stay_readable(world: World, fakes: 
             for block, key_id in enumerate(ids):
                 held = dict(found[key_id][0].value.items())
                 assert any(subkey.startswith(servers[block]) for subkey in held), (peer, block)
-                assert MAX_KEY_BYTES - 40_000 < sum(len(s) + len(v) for s, (v, _) in held.items()) <= MAX_KEY_BYTES + REFRESH_HEADROOM
+                assert (
+                    MAX_KEY_BYTES - 40_000
+                    < sum(len(s) + len(v) for s, (v, _) in held.items())
+                    <= MAX_KEY_BYTES + REFRESH_HEADROOM
+                )
     finally:
         reader.shutdown()
     check_generation(world, tiny_model, reference).shutdown()

@@ -13,11 +13,11 @@ from hivemind.p2p import P2PDaemonError, P2PHandlerError, PeerID
 from hivemind.proto import runtime_pb2
 
 from petals_like.client.transport import InferenceStream
-from petals_like.protocol import call_info
 from petals_like.data_structures import RemoteSpanInfo, ServerInfo, ServerState
 from petals_like.dht.node import SwarmNode
-from petals_like.protocol import RPC_BACKWARD, RPC_FORWARD, RPC_INFERENCE, encode_metadata, pack_message
+from petals_like.protocol import RPC_BACKWARD, RPC_FORWARD, RPC_INFERENCE, call_info, encode_metadata, pack_message
 from tests.swarm import HIDDEN, Swarm, assert_still_serves, forward, start_swarm, wait_until
+
 
 @pytest.fixture(scope="module")
 def swarm(tiny_model: Path) -> Iterator[Swarm]:
@@ -80,14 +80,22 @@ def test_backward_rejects_mismatched_grad(client, span):
     assert_still_serves(client, span)
 
 
-@pytest.mark.parametrize("payload", [
-    runtime_pb2.ExpertRequest(metadata=b"\xff\x00garbage"),
-    runtime_pb2.ExpertRequest(metadata=encode_metadata({"start": 2, "end": 6}),
-                              tensors=[runtime_pb2.Tensor(buffer=b"xyz", size=[1, 3, HIDDEN], dtype="float32")]),
-    runtime_pb2.ExpertRequest(metadata=encode_metadata({"start": 2, "end": 6}),
-                              tensors=[runtime_pb2.Tensor(buffer=b"\x00" * 8, size=[2], dtype="object")]),
-    runtime_pb2.ExpertRequest(metadata=encode_metadata([1, 2, 3])),
-], ids=["garbage-metadata", "short-buffer", "object-dtype", "metadata-not-a-map"])  # fmt: skip
+@pytest.mark.parametrize(
+    "payload",
+    [
+        runtime_pb2.ExpertRequest(metadata=b"\xff\x00garbage"),
+        runtime_pb2.ExpertRequest(
+            metadata=encode_metadata({"start": 2, "end": 6}),
+            tensors=[runtime_pb2.Tensor(buffer=b"xyz", size=[1, 3, HIDDEN], dtype="float32")],
+        ),
+        runtime_pb2.ExpertRequest(
+            metadata=encode_metadata({"start": 2, "end": 6}),
+            tensors=[runtime_pb2.Tensor(buffer=b"\x00" * 8, size=[2], dtype="object")],
+        ),
+        runtime_pb2.ExpertRequest(metadata=encode_metadata([1, 2, 3])),
+    ],
+    ids=["garbage-metadata", "short-buffer", "object-dtype", "metadata-not-a-map"],
+)
 def test_forward_rejects_garbage(client, span, payload):
     with pytest.raises(P2PHandlerError):
         raw_call(client, span, RPC_FORWARD, payload)
@@ -132,17 +140,29 @@ def open_meta(session_id: str, **overrides) -> dict:
     return {"session_id": session_id, "start": 2, "end": 6, "max_length": 8, "batch_size": 1, **overrides}
 
 
-@pytest.mark.parametrize("meta, step, expected", [
-    (dict(max_length=10**9), torch.randn(1, 1, HIDDEN), "max_length"),
-    (dict(max_length=0), torch.randn(1, 1, HIDDEN), "max_length"),
-    (dict(start=0), torch.randn(1, 1, HIDDEN), "not inside"),
-    (dict(batch_size=2), torch.randn(1, 1, HIDDEN), "batch size"),
-    ({}, torch.randn(1, 9, HIDDEN), "max_length"),
-    ({}, torch.randn(1, 2, HIDDEN + 3), "hidden size"),
-    ({}, torch.randn(1, 2, HIDDEN).half(), None),
-    ({}, torch.full((1, 2, HIDDEN), float("inf")), "NaN or infinity"),
-], ids=["huge-max-length", "zero-max-length", "outside-span", "batch-mismatch", "past-max-length",
-        "wrong-hidden", "float16-ok", "infinite"])  # fmt: skip
+@pytest.mark.parametrize(
+    "meta, step, expected",
+    [
+        (dict(max_length=10**9), torch.randn(1, 1, HIDDEN), "max_length"),
+        (dict(max_length=0), torch.randn(1, 1, HIDDEN), "max_length"),
+        (dict(start=0), torch.randn(1, 1, HIDDEN), "not inside"),
+        (dict(batch_size=2), torch.randn(1, 1, HIDDEN), "batch size"),
+        ({}, torch.randn(1, 9, HIDDEN), "max_length"),
+        ({}, torch.randn(1, 2, HIDDEN + 3), "hidden size"),
+        ({}, torch.randn(1, 2, HIDDEN).half(), None),
+        ({}, torch.full((1, 2, HIDDEN), float("inf")), "NaN or infinity"),
+    ],
+    ids=[
+        "huge-max-length",
+        "zero-max-length",
+        "outside-span",
+        "batch-mismatch",
+        "past-max-length",
+        "wrong-hidden",
+        "float16-ok",
+        "infinite",
+    ],
+)
 def test_inference_rejects_bad_steps(client, span, meta, step, expected):
     sid = uuid.uuid4().hex
     if expected is None:
@@ -162,8 +182,11 @@ def test_inference_unknown_and_closed_sessions(client, span):
         inference(client, span, [([torch.randn(1, 1, HIDDEN)], {"start": 2, "end": 6, "max_length": 8})])
     # a closed session ends its stream: the client sees the end instead of an answer
     with pytest.raises(ConnectionError, match="closed the inference stream"):
-        inference(client, span, [([], open_meta(sid)), ([], {"session_id": sid, "close": True}),
-                                 ([torch.randn(1, 1, HIDDEN)], {"session_id": sid})])  # fmt: skip
+        inference(
+            client,
+            span,
+            [([], open_meta(sid)), ([], {"session_id": sid, "close": True}), ([torch.randn(1, 1, HIDDEN)], {"session_id": sid})],
+        )
     assert_still_serves(client, span)
 
 

@@ -28,8 +28,11 @@ def test_servers_joining_one_after_another_cover_every_block_twice(tiny_model: P
         for _ in range(4):
             swarm.add_server(tiny_model, None, num_blocks=4, join_delay=0.0)
         assert sorted((s.start_block, s.end_block) for s in swarm.servers) == [(0, 4), (0, 4), (4, 8), (4, 8)]
-        wait_until(lambda: servers_per_block(swarm, tiny_model) == [2] * NUM_BLOCKS, 30,
-                   message="every block announced by exactly 2 servers")  # fmt: skip
+        wait_until(
+            lambda: servers_per_block(swarm, tiny_model) == [2] * NUM_BLOCKS,
+            30,
+            message="every block announced by exactly 2 servers",
+        )
     finally:
         swarm.shutdown()
 
@@ -40,11 +43,16 @@ def test_servers_move_to_cover_a_half_that_lost_its_servers(tiny_model: Path, re
     try:
         for span in ("0:4", "0:4"):  # pinned: they never move
             swarm.add_server(tiny_model, span)
-        movers = [swarm.add_server(tiny_model, None, num_blocks=4, join_delay=0.0, balance_period=1.0,
-                                   expiration=10.0, announce_period=2.0) for _ in range(2)]  # fmt: skip
+        movers = [
+            swarm.add_server(
+                tiny_model, None, num_blocks=4, join_delay=0.0, balance_period=1.0, expiration=10.0, announce_period=2.0
+            )
+            for _ in range(2)
+        ]
         assert all((s.start_block, s.end_block) == (4, 8) for s in movers)
-        model = AutoDistributedModelForCausalLM.from_pretrained(tiny_model, initial_peers=swarm.peers,
-                                                                torch_dtype="float32", connect_timeout=60)  # fmt: skip
+        model = AutoDistributedModelForCausalLM.from_pretrained(
+            tiny_model, initial_peers=swarm.peers, torch_dtype="float32", connect_timeout=60
+        )
         input_ids = torch.tensor([[1, 80, 81, 82]])
         expected = reference.generate(input_ids, max_new_tokens=48, do_sample=False)
         result: dict = {}
@@ -61,13 +69,17 @@ def test_servers_move_to_cover_a_half_that_lost_its_servers(tiny_model: Path, re
         thread.start()
         for server in pinned:
             server.shutdown()
-        wait_until(lambda: all(n >= 1 for n in servers_per_block(swarm, tiny_model)), 30,
-                   message="every block served again after the re-balancing")  # fmt: skip
+        wait_until(
+            lambda: all(n >= 1 for n in servers_per_block(swarm, tiny_model)),
+            30,
+            message="every block served again after the re-balancing",
+        )
         thread.join(120)
         assert "error" not in result, result.get("error")
         assert torch.equal(result["tokens"], expected)
-        wait_until(lambda: sorted((s.start_block, s.end_block) for s in movers) == [(0, 4), (4, 8)], 30,
-                   message="one mover on each half")  # fmt: skip
+        wait_until(
+            lambda: sorted((s.start_block, s.end_block) for s in movers) == [(0, 4), (4, 8)], 30, message="one mover on each half"
+        )
         assert sum(s.moves for s in movers) >= 1
     finally:
         if model is not None:

@@ -18,8 +18,8 @@ from torch import Tensor
 
 from petals_like.models.span import BlockSpan
 from petals_like.models.spec import ModelSpec
-from petals_like.server.batched_span import Segment, run_batched
 from petals_like.protocol import prefix_page_hashes
+from petals_like.server.batched_span import Segment, run_batched
 from petals_like.server.kv_cache import KVPool, PrefixIndex, SequencePages
 from petals_like.server.server import load_span
 
@@ -52,8 +52,15 @@ def new_pool(span: BlockSpan, num_layers: Optional[int] = None, num_pages: int =
     a sequence must never read a slot it has not written, not even under a mask."""
     spec = span.spec
     dtype = span.blocks[0].input_layernorm.weight.dtype
-    pool = KVPool(num_layers=num_layers or len(span.blocks), num_kv_heads=spec.num_kv_heads, head_dim=spec.head_dim,
-                  num_pages=num_pages, page_size=PAGE, dtype=dtype, device="cpu")  # fmt: skip
+    pool = KVPool(
+        num_layers=num_layers or len(span.blocks),
+        num_kv_heads=spec.num_kv_heads,
+        head_dim=spec.head_dim,
+        num_pages=num_pages,
+        page_size=PAGE,
+        dtype=dtype,
+        device="cpu",
+    )
     if poison:
         for layer in range(pool.num_layers):
             for store in pool.layer(layer):
@@ -243,8 +250,9 @@ def test_sub_range_of_blocks(llama: BlockSpan) -> None:
 
 
 def test_dynamic_rope_uses_each_sequences_own_length(make_model: Callable[..., Path]) -> None:
-    span = load(make_model(family="llama", preset="tiny", rope_scaling={"rope_type": "dynamic", "factor": 2.0},
-                           max_position_embeddings=8))  # fmt: skip
+    span = load(
+        make_model(family="llama", preset="tiny", rope_scaling={"rope_type": "dynamic", "factor": 2.0}, max_position_embeddings=8)
+    )
     pool = new_pool(span)
     seqs = [make_seq(span, [12, 1, 1], seed=1), make_seq(span, [3, 1, 1], seed=2)]  # one past the limit, one not
     run_iterations(span, pool, seqs)

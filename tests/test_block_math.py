@@ -256,9 +256,7 @@ def test_partial_span_loads_and_runs() -> None:
 
 
 def test_kv_cache_grows_and_enforces_max_length() -> None:
-    cache = KVCache(
-        num_layers=2, batch_size=1, num_kv_heads=2, head_dim=8, max_length=1000, dtype=torch.float32, device="cpu"
-    )
+    cache = KVCache(num_layers=2, batch_size=1, num_kv_heads=2, head_dim=8, max_length=1000, dtype=torch.float32, device="cpu")
     assert cache.capacity == 0  # nothing allocated up front
     cache.reserve(3)
     cache.advance(3)
@@ -319,8 +317,14 @@ def test_no_mask_built_for_plain_decode_and_prefill() -> None:
         {"rope_type": "linear", "factor": 4.0},
         {"rope_type": "dynamic", "factor": 2.0},
         {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32},
-        {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32, "beta_fast": 16,
-         "mscale": 2, "mscale_all_dim": 1},
+        {
+            "rope_type": "yarn",
+            "factor": 4.0,
+            "original_max_position_embeddings": 32,
+            "beta_fast": 16,
+            "mscale": 2,
+            "mscale_all_dim": 1,
+        },
         LLAMA3_ROPE,
     ],
 )

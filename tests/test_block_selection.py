@@ -61,8 +61,13 @@ def test_simulator_runs_the_real_selection_code_and_rebalancing_helps():
     from pathlib import Path
 
     script = Path(__file__).resolve().parent.parent / "scripts" / "simulate_swarm.py"
-    out = subprocess.run([sys.executable, str(script), "--servers", "120", "--hours", "6", "--balance_period", "120",
-                          "--timeline_points", "4"], capture_output=True, text=True, timeout=300, check=True)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, str(script), "--servers", "120", "--hours", "6", "--balance_period", "120", "--timeline_points", "4"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
     report = json.loads(out.stdout)
     on, off = report["rebalancing"], report["join_only"]
     assert on["moves"] > 0 and off["moves"] == 0

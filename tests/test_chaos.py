@@ -35,11 +35,35 @@ def new_children() -> Iterator[set[int]]:
 @pytest.mark.timeout(180)
 def test_short_chaos_run_is_all_right(tmp_path: Path, capsys: pytest.CaptureFixture, new_children: set[int]) -> None:
     p2pd_before = {p.pid for p in p2pd_children()}
-    report = load_script().main([
-        "--model_dir", str(tmp_path / "tiny-llama"), "--servers", "3", "--duration", "10", "--max_faults", "3",
-        "--kill_interval", "1", "2.5", "--down_time", "0.5", "1.5", "--generators", "2", "--prompts", "4",
-        "--max_new_tokens", "12", "--op_timeout", "45", "--seed", "3", "--no_progress",
-    ])  # fmt: skip
+    report = load_script().main(
+        [
+            "--model_dir",
+            str(tmp_path / "tiny-llama"),
+            "--servers",
+            "3",
+            "--duration",
+            "10",
+            "--max_faults",
+            "3",
+            "--kill_interval",
+            "1",
+            "2.5",
+            "--down_time",
+            "0.5",
+            "1.5",
+            "--generators",
+            "2",
+            "--prompts",
+            "4",
+            "--max_new_tokens",
+            "12",
+            "--op_timeout",
+            "45",
+            "--seed",
+            "3",
+            "--no_progress",
+        ]
+    )
     printed = json.loads(capsys.readouterr().out)
     assert printed == report.to_dict()
     assert report.kills >= 1, report

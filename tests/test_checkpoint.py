@@ -191,17 +191,27 @@ def test_local_modules_reject_bad_input(tiny_model: Path) -> None:
 def test_tiny_llama_config_reads_back(tiny_model: Path) -> None:
     spec = ModelSpec.from_pretrained(tiny_model)
     assert (spec.family, spec.num_blocks, spec.hidden_size, spec.num_heads, spec.num_kv_heads, spec.head_dim) == (
-        "llama", 8, 64, 4, 2, 16)  # fmt: skip
+        "llama",
+        8,
+        64,
+        4,
+        2,
+        16,
+    )
     assert (spec.intermediate_size, spec.vocab_size, spec.max_position_embeddings) == (172, 320, 512)
     assert spec.rope_theta == 10000.0
-    assert spec.rope_scaling == {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 64}  # fmt: skip
+    assert spec.rope_scaling == {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64,
+    }
     assert (spec.bos_token_id, spec.eos_token_id, spec.pad_token_id) == (1, 2, 3)
     assert not spec.tie_word_embeddings and not spec.qkv_bias and spec.sliding_window is None
     assert spec.torch_dtype == "float32"
     generation_config = json.loads((tiny_model / "generation_config.json").read_text())
-    assert (generation_config["bos_token_id"], generation_config["eos_token_id"], generation_config["pad_token_id"]) == (
-        1, 2, 3)  # fmt: skip
+    assert (generation_config["bos_token_id"], generation_config["eos_token_id"], generation_config["pad_token_id"]) == (1, 2, 3)
 
 
 def test_other_families_and_options_read_back(make_model: MakeModel) -> None:

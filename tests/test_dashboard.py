@@ -22,7 +22,6 @@ import psutil
 import pytest
 from rich.console import Console
 
-from petals_like.data_structures import ServerInfo, ServerState
 from petals_like.dashboard.history import History
 from petals_like.dashboard.metrics import render_metrics
 from petals_like.dashboard.reader import parse_model_arg
@@ -30,6 +29,7 @@ from petals_like.dashboard.service import DashboardService
 from petals_like.dashboard.state import Probe, build_state
 from petals_like.dashboard.terminal import render_state
 from petals_like.dashboard.web import DashboardHTTPServer, embed_json
+from petals_like.data_structures import ServerInfo, ServerState
 from petals_like.dht.records import MODELS_KEY, ModelInfo, model_record, parse_block_entries, parse_model_record
 from tests.swarm import start_swarm, wait_until
 
@@ -105,12 +105,14 @@ def test_a_server_that_moved_is_shown_on_its_new_span_only():
 
 
 def test_models_without_records_and_the_summary():
-    state = build_state({"m": ModelInfo(2), "n": ModelInfo(1)}, {"n": [{"x": info(0, 1)}]}, {}, now=5.0,
-                        errors=["boom"])  # fmt: skip
+    state = build_state({"m": ModelInfo(2), "n": ModelInfo(1)}, {"n": [{"x": info(0, 1)}]}, {}, now=5.0, errors=["boom"])
     assert [(m["dht_prefix"], m["healthy"]) for m in state["models"]] == [("n", True), ("m", False)]  # served first
     assert state["models"][1]["uncovered_ranges"] == [[0, 2]]
-    assert state["summary"] == {"models": 2, "healthy_models": 1,
-                                "servers_by_status": {"online": 1, "unreachable": 0, "joining": 0, "offline": 0}}
+    assert state["summary"] == {
+        "models": 2,
+        "healthy_models": 1,
+        "servers_by_status": {"online": 1, "unreachable": 0, "joining": 0, "offline": 0},
+    }
     assert state["errors"] == ["boom"] and state["generated_at"] == 5.0
 
 
@@ -119,8 +121,16 @@ def test_models_without_records_and_the_summary():
 
 def test_model_records_are_validated():
     assert ModelInfo.from_record({"num_blocks": 3, "name": "x", "future": 1}) == ModelInfo(3, "x")
-    for bad in (None, [], {"num_blocks": 0}, {"num_blocks": True}, {"num_blocks": "8"}, {"num_blocks": 10**9},
-                {"num_blocks": 8, "name": 5}, {"num_blocks": 8, "name": "x" * 1000}):  # fmt: skip
+    for bad in (
+        None,
+        [],
+        {"num_blocks": 0},
+        {"num_blocks": True},
+        {"num_blocks": "8"},
+        {"num_blocks": 10**9},
+        {"num_blocks": 8, "name": 5},
+        {"num_blocks": 8, "name": "x" * 1000},
+    ):
         with pytest.raises(ValueError):
             ModelInfo.from_record(bad)
     assert parse_model_record(model_record("good", ModelInfo(4))) == ("good", ModelInfo(4))
@@ -143,8 +153,9 @@ def test_parse_model_arg():
 def test_hostile_records_do_not_break_any_view():
     """Everything that passes validation, however strange, goes through every renderer unharmed."""
     raw_block = {
-        "good": info(0, 4, public_name=HOSTILE_TEXT, version=HOSTILE_TEXT, adapters=(HOSTILE_TEXT,),
-                     next_pings={HOSTILE_TEXT: 0.5}).to_record(),  # fmt: skip
+        "good": info(
+            0, 4, public_name=HOSTILE_TEXT, version=HOSTILE_TEXT, adapters=(HOSTILE_TEXT,), next_pings={HOSTILE_TEXT: 0.5}
+        ).to_record(),
         "huge-span": info(0, 100_000, throughput=1e9).to_record(),
         "bad-state": {"state": 9, "start_block": 0, "end_block": 4},
         "bad-number": {**info(0, 4).to_record(), "throughput": float("inf")},
@@ -152,8 +163,7 @@ def test_hostile_records_do_not_break_any_view():
     }
     entries = parse_block_entries(raw_block, 2)
     assert set(entries) == {"good", "huge-span"}
-    prefix, model = parse_model_record(model_record(HOSTILE_TEXT.replace(" ", "").replace("\n", ""),
-                                                    ModelInfo(4, HOSTILE_TEXT)))  # fmt: skip
+    prefix, model = parse_model_record(model_record(HOSTILE_TEXT.replace(" ", "").replace("\n", ""), ModelInfo(4, HOSTILE_TEXT)))
     blocks = [entries if b == 2 else {} for b in range(4)]
     state = build_state({prefix: model}, {prefix: blocks}, {"good": Probe(True, 0.1), "huge-span": Probe(False)}, now=1.0)
     view = state["models"][0]
@@ -197,39 +207,74 @@ def strict(properties: dict[str, Any]) -> dict[str, Any]:
 
 
 BY_STATUS = strict({name: COUNT for name in STATUS_NAMES})
-SERVER_SCHEMA = strict({
-    "peer_id": {"type": "string", "minLength": 1}, "short_id": {"type": "string"}, "public_name": {"type": "string"},
-    "state": {"enum": ["online", "joining", "offline"]}, "status": {"enum": STATUS_NAMES},
-    "reachable": {"type": ["boolean", "null"]}, "rpc_rtt": OPTIONAL_NUMBER, "error": {"type": "string"},
-    "start_block": COUNT, "end_block": COUNT, "blocks_seen": COUNT, "throughput": NUMBER, "inference_rps": NUMBER,
-    "forward_rps": NUMBER, "cache_tokens_left": COUNT, "open_sessions": COUNT,
-    "load": {"type": "number", "minimum": 0, "maximum": 1}, "version": {"type": "string"},
-    "torch_dtype": {"type": "string"}, "quant_type": {"type": "string"},
-    "adapters": {"type": "array", "items": {"type": "string"}},
-    "next_pings": {"type": "object", "additionalProperties": NUMBER}, "using_relay": {"type": "boolean"},
-})  # fmt: skip
-MODEL_SCHEMA = strict({
-    "dht_prefix": {"type": "string", "minLength": 1}, "name": {"type": "string"}, "num_blocks": COUNT,
-    "healthy": {"type": "boolean"}, "bottleneck_throughput": NUMBER, "servers_by_status": BY_STATUS,
-    "online_servers": COUNT, "uncovered_blocks": {"type": "array", "items": COUNT},
-    "uncovered_ranges": {"type": "array", "items": {"type": "array", "items": COUNT, "minItems": 2, "maxItems": 2}},
-    "blocks": {"type": "array", "items": strict({"index": COUNT, "servers": COUNT, "throughput": NUMBER, "joining": COUNT})},
-    "servers": {"type": "array", "items": SERVER_SCHEMA},
-})  # fmt: skip
-STATE_SCHEMA = strict({
-    "version": {"const": 1}, "ready": {"type": "boolean"}, "generated_at": OPTIONAL_NUMBER,
-    "read_seconds": OPTIONAL_NUMBER, "refresh_period": {"type": "number", "exclusiveMinimum": 0},
-    "summary": strict({"models": COUNT, "healthy_models": COUNT, "servers_by_status": BY_STATUS}),
-    "models": {"type": "array", "items": MODEL_SCHEMA},
-    "errors": {"type": "array", "items": {"type": "string"}},
-    "history": strict({
-        "time": {"type": "array", "items": NUMBER},
-        "models": {"type": "object", "additionalProperties": strict({
-            "bottleneck_throughput": {"type": "array", "items": OPTIONAL_NUMBER},
-            "online_servers": {"type": "array", "items": {"type": ["integer", "null"], "minimum": 0}},
-        })},
-    }),
-})  # fmt: skip
+SERVER_SCHEMA = strict(
+    {
+        "peer_id": {"type": "string", "minLength": 1},
+        "short_id": {"type": "string"},
+        "public_name": {"type": "string"},
+        "state": {"enum": ["online", "joining", "offline"]},
+        "status": {"enum": STATUS_NAMES},
+        "reachable": {"type": ["boolean", "null"]},
+        "rpc_rtt": OPTIONAL_NUMBER,
+        "error": {"type": "string"},
+        "start_block": COUNT,
+        "end_block": COUNT,
+        "blocks_seen": COUNT,
+        "throughput": NUMBER,
+        "inference_rps": NUMBER,
+        "forward_rps": NUMBER,
+        "cache_tokens_left": COUNT,
+        "open_sessions": COUNT,
+        "load": {"type": "number", "minimum": 0, "maximum": 1},
+        "version": {"type": "string"},
+        "torch_dtype": {"type": "string"},
+        "quant_type": {"type": "string"},
+        "adapters": {"type": "array", "items": {"type": "string"}},
+        "next_pings": {"type": "object", "additionalProperties": NUMBER},
+        "using_relay": {"type": "boolean"},
+    }
+)
+MODEL_SCHEMA = strict(
+    {
+        "dht_prefix": {"type": "string", "minLength": 1},
+        "name": {"type": "string"},
+        "num_blocks": COUNT,
+        "healthy": {"type": "boolean"},
+        "bottleneck_throughput": NUMBER,
+        "servers_by_status": BY_STATUS,
+        "online_servers": COUNT,
+        "uncovered_blocks": {"type": "array", "items": COUNT},
+        "uncovered_ranges": {"type": "array", "items": {"type": "array", "items": COUNT, "minItems": 2, "maxItems": 2}},
+        "blocks": {"type": "array", "items": strict({"index": COUNT, "servers": COUNT, "throughput": NUMBER, "joining": COUNT})},
+        "servers": {"type": "array", "items": SERVER_SCHEMA},
+    }
+)
+STATE_SCHEMA = strict(
+    {
+        "version": {"const": 1},
+        "ready": {"type": "boolean"},
+        "generated_at": OPTIONAL_NUMBER,
+        "read_seconds": OPTIONAL_NUMBER,
+        "refresh_period": {"type": "number", "exclusiveMinimum": 0},
+        "summary": strict({"models": COUNT, "healthy_models": COUNT, "servers_by_status": BY_STATUS}),
+        "models": {"type": "array", "items": MODEL_SCHEMA},
+        "errors": {"type": "array", "items": {"type": "string"}},
+        "history": strict(
+            {
+                "time": {"type": "array", "items": NUMBER},
+                "models": {
+                    "type": "object",
+                    "additionalProperties": strict(
+                        {
+                            "bottleneck_throughput": {"type": "array", "items": OPTIONAL_NUMBER},
+                            "online_servers": {"type": "array", "items": {"type": ["integer", "null"], "minimum": 0}},
+                        }
+                    ),
+                },
+            }
+        ),
+    }
+)
 
 
 def validate_state(state: dict[str, Any]) -> None:
@@ -244,8 +289,13 @@ def validate_state(state: dict[str, Any]) -> None:
 
 def sample_state(now: float) -> dict[str, Any]:
     servers = {"a": info(0, 4, adapters=("lora",), next_pings={"b": 0.01}), "b": info(4, 8, JOINING), "c": info(2, 6)}
-    return build_state({"m": ModelInfo(8, "org/m"), "n": ModelInfo(2)}, {"m": blocks_of(8, servers)},
-                       {"a": Probe(True, 0.01), "c": Probe(False, error="timeout")}, now=now, read_seconds=0.2)  # fmt: skip
+    return build_state(
+        {"m": ModelInfo(8, "org/m"), "n": ModelInfo(2)},
+        {"m": blocks_of(8, servers)},
+        {"a": Probe(True, 0.01), "c": Probe(False, error="timeout")},
+        now=now,
+        read_seconds=0.2,
+    )
 
 
 def test_state_json_schema():
@@ -332,6 +382,7 @@ def fetch(url: str) -> str:
 
 # ---- a real swarm, the dashboard as users run it, and the page in headless Chromium ----
 
+
 class Node:
     """An element of the rendered page: tag, attributes, children and text."""
 
@@ -391,8 +442,19 @@ class Chromium:
         self.path, self.profile = path, profile
 
     def run(self, url: str, *args: str, timeout: float = 60) -> str:
-        cmd = [self.path, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-extensions",
-               "--hide-scrollbars", f"--user-data-dir={self.profile}", "--virtual-time-budget=2000", *args, url]  # fmt: skip
+        cmd = [
+            self.path,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            "--disable-extensions",
+            "--hide-scrollbars",
+            f"--user-data-dir={self.profile}",
+            "--virtual-time-budget=2000",
+            *args,
+            url,
+        ]
         # its own session, so that its helper processes can be ended with it, by its process group id
         process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
         try:
@@ -423,8 +485,18 @@ class DashboardProcess:
 
     def __init__(self, initial_peers: list[str], log: Path, *extra: str):
         self.log = log
-        cmd = [sys.executable, "-m", "petals_like.cli.dashboard", "--initial_peers", *initial_peers, "--port", "0",
-               "--log_level", "ERROR", *extra]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "petals_like.cli.dashboard",
+            "--initial_peers",
+            *initial_peers,
+            "--port",
+            "0",
+            "--log_level",
+            "ERROR",
+            *extra,
+        ]
         with open(log, "w") as out:  # a file, not a pipe: nobody has to drain it
             self.process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, text=True)
         self.url = ""
@@ -491,10 +563,26 @@ def plant_records(swarm) -> str:
     ghost = SwarmNode(swarm.peers, host_maddrs=["/ip4/127.0.0.1/tcp/0"], name="ghost")
     try:
         ghost_id = ghost.peer_id
-        ghost.run(declare_blocks(ghost.dht, "tiny-llama", range(6, 8), info(6, 8, throughput=3.0, public_name="ghost"),
-                                 identity=ghost.identity, expiration=300), timeout=60)  # fmt: skip
-        assert ghost.run(ghost.dht.store(MODELS_KEY, model_record("many", ModelInfo(50_000)), get_dht_time() + 300,
-                                         subkey=ghost.identity.owner_subkey(ghost_id)), timeout=60)  # fmt: skip
+        ghost.run(
+            declare_blocks(
+                ghost.dht,
+                "tiny-llama",
+                range(6, 8),
+                info(6, 8, throughput=3.0, public_name="ghost"),
+                identity=ghost.identity,
+                expiration=300,
+            ),
+            timeout=60,
+        )
+        assert ghost.run(
+            ghost.dht.store(
+                MODELS_KEY,
+                model_record("many", ModelInfo(50_000)),
+                get_dht_time() + 300,
+                subkey=ghost.identity.owner_subkey(ghost_id),
+            ),
+            timeout=60,
+        )
     finally:
         ghost.shutdown()
 
@@ -503,15 +591,23 @@ def plant_records(swarm) -> str:
     own = node.identity.owner_subkey(node.peer_id)
 
     async def plant() -> None:
-        await declare_blocks(node.dht, "tiny-mistral", range(0, 3), info(0, 3, JOINING, 5.0, public_name="joiner"),
-                             identity=node.identity, expiration=300)  # fmt: skip
+        await declare_blocks(
+            node.dht,
+            "tiny-mistral",
+            range(0, 3),
+            info(0, 3, JOINING, 5.0, public_name="joiner"),
+            identity=node.identity,
+            expiration=300,
+        )
         signed_hostile = info(0, 4, throughput=7.0, public_name=HOSTILE_TEXT, using_relay=True).to_record()
         assert await node.dht.store(block_key("tiny-llama", 2), signed_hostile, expiration, subkey=own)
         past_the_model = info(0, 100_000, throughput=1e9, public_name="past the end").to_record()  # dropped by readers
         assert await node.dht.store(block_key("tiny-llama", 3), past_the_model, expiration, subkey=own)
         refused = {  # by every node, this one first
-            "x" * 300: info(0, 4).to_record(), "evil1": {"state": 9, "start_block": 0, "end_block": 4},
-            "evil2": {**info(0, 4).to_record(), "throughput": "fast"}, "evil3": "not a record",
+            "x" * 300: info(0, 4).to_record(),
+            "evil1": {"state": 9, "start_block": 0, "end_block": 4},
+            "evil2": {**info(0, 4).to_record(), "throughput": "fast"},
+            "evil3": "not a record",
             ghost_id: info(0, 8, throughput=50.0, public_name="impostor").to_record(),  # speaking for another peer
         }
         for subkey, value in refused.items():
@@ -535,8 +631,9 @@ def world(tiny_model: Path, make_model, tmp_path_factory: pytest.TempPathFactory
         swarm.add_server(mistral, "0:8", public_name="beta", throughput=2.5)
         ghost = plant_records(swarm)
         log = tmp_path_factory.mktemp("dashboard") / "dashboard.log"
-        dashboard = DashboardProcess(swarm.peers, log, "--refresh_period", str(REFRESH_PERIOD), "--rpc_timeout", "1",
-                                     "--models", "ghost-model:2")  # fmt: skip
+        dashboard = DashboardProcess(
+            swarm.peers, log, "--refresh_period", str(REFRESH_PERIOD), "--rpc_timeout", "1", "--models", "ghost-model:2"
+        )
         dashboard.wait_url()
         yield World(swarm, dashboard, leaver, leaver.node.peer_id, swarm.dht.peer_id, ghost)
     finally:
@@ -562,9 +659,12 @@ def test_page_json_and_metrics_of_a_live_swarm(world: World, chromium: Chromium)
         if not state["ready"] or {"tiny-llama", "tiny-mistral"} - {m["dht_prefix"] for m in state["models"]}:
             return False
         llama, mistral = by_name(model_view(state, "tiny-llama")), by_name(model_view(state, "tiny-mistral"))
-        return ({n: s["status"] for n, s in llama.items()} == {"alpha <b>&amp;</b>": "online", "leaver": "online",
-                                                              "ghost": "unreachable", HOSTILE_TEXT: "unreachable"}
-                and {n: s["status"] for n, s in mistral.items()} == {"beta": "online", "joiner": "joining"})  # fmt: skip
+        return {n: s["status"] for n, s in llama.items()} == {
+            "alpha <b>&amp;</b>": "online",
+            "leaver": "online",
+            "ghost": "unreachable",
+            HOSTILE_TEXT: "unreachable",
+        } and {n: s["status"] for n, s in mistral.items()} == {"beta": "online", "joiner": "joining"}
 
     wait_until(everything_seen, timeout=30, interval=0.3, message="the dashboard sees the whole swarm")
     state = dashboard.state()
@@ -614,8 +714,11 @@ def test_page_json_and_metrics_of_a_live_swarm(world: World, chromium: Chromium)
 
 
 def spans_of(section: Node) -> dict[str, tuple[str, str]]:
-    return {g.attrs["data-peer-id"]: (g.attrs["data-span"], g.attrs["data-status"])
-            for g in section.find_all("g") if "data-peer-id" in g.attrs}  # fmt: skip
+    return {
+        g.attrs["data-peer-id"]: (g.attrs["data-span"], g.attrs["data-status"])
+        for g in section.find_all("g")
+        if "data-peer-id" in g.attrs
+    }
 
 
 def test_a_server_that_leaves_is_shown_within_one_refresh_period(world: World, chromium: Chromium):
@@ -649,9 +752,23 @@ def test_dashboard_stops_cleanly_on_sigterm(world: World):
 
 
 def test_health_cli_prints_the_same_view(world: World):
-    out = subprocess.run([sys.executable, "-m", "petals_like.cli.health", "--initial_peers", *world.swarm.peers,
-                          "--rpc_timeout", "1", "--json", "--log_level", "ERROR"],
-                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "petals_like.cli.health",
+            "--initial_peers",
+            *world.swarm.peers,
+            "--rpc_timeout",
+            "1",
+            "--json",
+            "--log_level",
+            "ERROR",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     state = json.loads(out.stdout)
     assert model_view(state, "tiny-mistral")["healthy"]

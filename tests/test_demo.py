@@ -26,8 +26,7 @@ class Demo:
 
     def __init__(self, model_dir: Path, interrupt_after: Optional[str] = None):
         cmd = [sys.executable, "-m", "petals_like.cli.demo", "--model_dir", str(model_dir), "--max_new_tokens", "8"]
-        self.process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                        start_new_session=True)  # fmt: skip
+        self.process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
         self.seen: dict[int, psutil.Process] = {}
         self.groups: set[int] = {self.process.pid}
         self.lines: list[str] = []

@@ -16,7 +16,6 @@ from petals_like import AutoDistributedModelForCausalLM
 from petals_like.client.transport import InferenceStream
 from petals_like.data_structures import RemoteSpanInfo, ServerInfo, ServerState
 from petals_like.dht.records import default_dht_prefix
-
 from tests.swarm import Swarm, start_swarm, wait_until
 
 NUM_BLOCKS = 8
@@ -30,10 +29,6 @@ def swarm(tiny_model: Path) -> Iterator[Swarm]:
         yield swarm
     finally:
         swarm.shutdown()
-
-
-
-
 
 
 def server_of(swarm: Swarm):

@@ -45,8 +45,11 @@ def client(swarm: Swarm, tiny_model: Path):
     made = []
 
     def make(**kwargs):
-        made.append(AutoDistributedModelForCausalLM.from_pretrained(tiny_model, initial_peers=swarm.peers,
-                                                                    torch_dtype="float32", **kwargs))  # fmt: skip
+        made.append(
+            AutoDistributedModelForCausalLM.from_pretrained(
+                tiny_model, initial_peers=swarm.peers, torch_dtype="float32", **kwargs
+            )
+        )
         return made[-1]
 
     yield make
@@ -107,10 +110,14 @@ def test_lora_gradients_and_saved_adapter_equal_peft(client, tiny_model, tmp_pat
     lora = model.add_lora(LoraConfig(r=4, lora_alpha=8, target_modules=ALL_TARGETS))
     randomize_b(lora)
     assert model.trainable_parameters() == list(lora.parameters())  # embeddings and head are frozen
-    assert_lora_matches_peft(model, tiny_model, tmp_path, torch.randint(4, 300, (2, 12), generator=torch.Generator().manual_seed(0)))
+    assert_lora_matches_peft(
+        model, tiny_model, tmp_path, torch.randint(4, 300, (2, 12), generator=torch.Generator().manual_seed(0))
+    )
     # an optimizer step changes the weights: the next pass sends the new version, and still matches
     torch.optim.SGD(lora.parameters(), lr=0.5).step()
-    assert_lora_matches_peft(model, tiny_model, tmp_path, torch.randint(4, 300, (2, 12), generator=torch.Generator().manual_seed(1)))
+    assert_lora_matches_peft(
+        model, tiny_model, tmp_path, torch.randint(4, 300, (2, 12), generator=torch.Generator().manual_seed(1))
+    )
 
 
 def test_lora_weights_are_sent_once_per_version_and_expire(client, swarm):
@@ -235,13 +242,16 @@ def test_bad_lora_payloads_get_clear_errors_and_the_server_serves_on(client, swa
         return {"lora": dict(lora.metadata(with_weights=True), **override)}
 
     def forward(tensors, metadata):
-        return model.node.run(call_forward(model.node.p2p, span, hidden, None, timeout=30,
-                                           extras=SpanExtras(list(tensors), metadata)))  # fmt: skip
+        return model.node.run(
+            call_forward(model.node.p2p, span, hidden, None, timeout=30, extras=SpanExtras(list(tensors), metadata))
+        )
 
     bad = {
         "has shape": (good[:1] + [torch.zeros(3, 3)] + good[2:], meta()),
-        "not in [1, 16]": ([torch.zeros(32, t.shape[1]) if i % 2 == 0 else torch.zeros(t.shape[0], 32)
-                            for i, t in enumerate(good)], meta(rank=32)),  # fmt: skip
+        "not in [1, 16]": (
+            [torch.zeros(32, t.shape[1]) if i % 2 == 0 else torch.zeros(t.shape[0], 32) for i, t in enumerate(good)],
+            meta(rank=32),
+        ),
         "not supported": (good, meta(targets=["lm_head"])),
         "NaN or infinity": ([good[0].clone().fill_(float("nan"))] + good[1:], meta()),
         "expected 16 tensors": (good[:3], meta()),
@@ -283,7 +293,9 @@ def test_hosted_adapter_serves_generation_and_routes_around_servers_without_it(c
     expected = reference.generate(input_ids=input_ids, max_new_tokens=24, do_sample=False)
     assert torch.equal(model.generate(input_ids, max_new_tokens=24), expected)
     plain = client()  # a client without the adapter on the same servers, interleaved, is unaffected
-    assert torch.equal(plain.generate(input_ids, max_new_tokens=8), oracle(tiny_model).generate(input_ids, max_new_tokens=8, do_sample=False))
+    assert torch.equal(
+        plain.generate(input_ids, max_new_tokens=8), oracle(tiny_model).generate(input_ids, max_new_tokens=8, do_sample=False)
+    )
 
 
 def test_generation_with_a_client_held_lora_equals_peft(client, tiny_model, tmp_path):
@@ -340,8 +352,14 @@ def test_bad_lora_at_session_open_is_refused_and_others_go_on(client):
     async def open_with_bad_weights():
         stream = InferenceStream(model.node.p2p, span)
         await stream.open(timeout=10)
-        meta = {"session_id": "bad-lora", "start": 0, "end": NUM_BLOCKS, "max_length": 16, "batch_size": 1,
-                "lora": lora.metadata(with_weights=True)}  # fmt: skip
+        meta = {
+            "session_id": "bad-lora",
+            "start": 0,
+            "end": NUM_BLOCKS,
+            "max_length": 16,
+            "batch_size": 1,
+            "lora": lora.metadata(with_weights=True),
+        }
         await stream.send(tensors, meta, compress=False)
         try:
             return await stream.read(timeout=10)
@@ -352,8 +370,10 @@ def test_bad_lora_at_session_open_is_refused_and_others_go_on(client):
         model.node.run(open_with_bad_weights())
     other = client()
     input_ids = torch.tensor([[1, 40, 41]])  # not 2 or 3: the oracle would mask the pad id (3)
-    assert torch.equal(other.generate(input_ids, max_new_tokens=4),
-                       oracle(other.name_or_path).generate(input_ids, max_new_tokens=4, do_sample=False))
+    assert torch.equal(
+        other.generate(input_ids, max_new_tokens=4),
+        oracle(other.name_or_path).generate(input_ids, max_new_tokens=4, do_sample=False),
+    )
 
 
 def test_adapter_store_limits_cover_sessions_and_refusals_change_nothing(tiny_model):
@@ -390,8 +410,7 @@ def test_adapter_store_limits_cover_sessions_and_refusals_change_nothing(tiny_mo
 
     # a refused new version leaves the older one cached: superseded versions go only once one is accepted
     def upload_rank(adapter: str, version: int, rank: int):
-        meta = {"lora": {"id": adapter, "version": version, "rank": rank, "scaling": 1.0, "targets": ["q_proj"],
-                         "weights": True}}  # fmt: skip
+        meta = {"lora": {"id": adapter, "version": version, "rank": rank, "scaling": 1.0, "targets": ["q_proj"], "weights": True}}
         return store.resolve(meta, [torch.full((rank, fan), 0.1), torch.full((fan, rank), 0.1)] * 2, blocks, "peer-3", 1, 4)
 
     store.idle_timeout = 600.0

@@ -39,10 +39,22 @@ def test_lora_script_halves_the_loss_and_saves_a_peft_adapter(tmp_path: Path, ca
     from transformers import AutoModelForCausalLM
 
     model_dir, adapter = tmp_path / "tiny-llama", tmp_path / "adapter"
-    losses = load_script("finetune_lora").main([
-        "--model_dir", str(model_dir), "--output_dir", str(adapter), "--steps", "24", "--rank", "8",
-        "--seed", "0", "--no_progress", "--check",
-    ])  # fmt: skip
+    losses = load_script("finetune_lora").main(
+        [
+            "--model_dir",
+            str(model_dir),
+            "--output_dir",
+            str(adapter),
+            "--steps",
+            "24",
+            "--rank",
+            "8",
+            "--seed",
+            "0",
+            "--no_progress",
+            "--check",
+        ]
+    )
     assert len(losses) == 24
     assert sum(losses[-3:]) / 3 <= losses[0] / 2, losses
 
@@ -60,10 +72,21 @@ def test_prompt_script_lowers_the_loss_and_saves_prompts(tmp_path: Path) -> None
     from safetensors.torch import load_file
 
     output = tmp_path / "prompts"
-    losses = load_script("finetune_prompt").main([
-        "--model_dir", str(tmp_path / "tiny-llama"), "--output_dir", str(output), "--tuning_mode", "deep_ptune",
-        "--pre_seq_len", "4", "--steps", "8", "--no_progress",
-    ])  # fmt: skip
+    losses = load_script("finetune_prompt").main(
+        [
+            "--model_dir",
+            str(tmp_path / "tiny-llama"),
+            "--output_dir",
+            str(output),
+            "--tuning_mode",
+            "deep_ptune",
+            "--pre_seq_len",
+            "4",
+            "--steps",
+            "8",
+            "--no_progress",
+        ]
+    )
     assert len(losses) == 8
     assert sum(losses[-2:]) / 2 < losses[0], losses
 

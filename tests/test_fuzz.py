@@ -29,7 +29,6 @@ from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 from petals_like.client.transport import InferenceStream, call_forward
-from petals_like.protocol import call_info
 from petals_like.config import WIRE_FORMATS
 from petals_like.data_structures import RemoteSpanInfo, ServerInfo, ServerState
 from petals_like.dht.node import SwarmNode
@@ -44,6 +43,7 @@ from petals_like.protocol import (
     RPC_PUSH,
     Message,
     ProtocolError,
+    call_info,
     decode_metadata,
     decode_tensors,
     encode_metadata,
@@ -82,11 +82,20 @@ FUZZ_SETTINGS = dict(
 
 @pytest.fixture(scope="module")
 def swarm(tiny_model: Path, hosted_adapter: Path) -> Iterator[Swarm]:
-    swarm = start_swarm(tiny_model, ["0:4", "4:8"], adapters=(str(hosted_adapter),), kv_cache_tokens=40 * 16,
-                        page_size=16, max_alloc_timeout=0.2,
-                        max_session_length=MAX_SESSION_LENGTH, max_batch_size=MAX_BATCH_SIZE,
-                        max_request_tokens=MAX_REQUEST_TOKENS, max_message_bytes=MAX_MESSAGE_BYTES,
-                        push_timeout=1.0, max_lora_rank=4)  # fmt: skip
+    swarm = start_swarm(
+        tiny_model,
+        ["0:4", "4:8"],
+        adapters=(str(hosted_adapter),),
+        kv_cache_tokens=40 * 16,
+        page_size=16,
+        max_alloc_timeout=0.2,
+        max_session_length=MAX_SESSION_LENGTH,
+        max_batch_size=MAX_BATCH_SIZE,
+        max_request_tokens=MAX_REQUEST_TOKENS,
+        max_message_bytes=MAX_MESSAGE_BYTES,
+        push_timeout=1.0,
+        max_lora_rank=4,
+    )
     try:
         swarm.wait_for_blocks(default_dht_prefix(tiny_model), NUM_BLOCKS)
         yield swarm
@@ -144,8 +153,14 @@ class GoodSession:
             self.stream = InferenceStream(self.node.p2p, self.span)
             await self.stream.open(timeout=CALL_TIMEOUT)
             hidden = torch.randn(1, 4, HIDDEN, generator=self.generator)
-            meta = {"session_id": self.sid, "start": 0, "end": 4, "max_length": GOOD_LENGTH, "batch_size": 1,
-                    "push_token": uuid.uuid4().hex}  # fmt: skip
+            meta = {
+                "session_id": self.sid,
+                "start": 0,
+                "end": 4,
+                "max_length": GOOD_LENGTH,
+                "batch_size": 1,
+                "push_token": uuid.uuid4().hex,
+            }
         else:
             hidden = torch.randn(1, 1, HIDDEN, generator=self.generator)
             meta = {"session_id": self.sid}
@@ -222,8 +237,7 @@ class Harness:
             chunks += [item] if isinstance(item, runtime_pb2.Tensor) else list(pack_message([item])[0].tensors)
         return runtime_pb2.ExpertRequest(metadata=encode_metadata(meta), tensors=chunks)
 
-    def parts(self, items: Sequence[Any], meta: dict, part_bytes: int,
-              wire: Optional[str]) -> list[runtime_pb2.ExpertRequest]:  # fmt: skip
+    def parts(self, items: Sequence[Any], meta: dict, part_bytes: int, wire: Optional[str]) -> list[runtime_pb2.ExpertRequest]:
         """One logical message as stream parts (several when part_bytes is small); raw protobufs join the last part."""
         meta = self.fill(meta)
         items = self.expand(items, meta)
@@ -244,9 +258,12 @@ class Harness:
         return True
 
     def describe(self) -> str:
-        return "; ".join(f"server {i}: sessions {sorted(s.sessions.sessions)}, {s.sessions.pool.num_free} free + "
-                         f"{len(s.sessions.prefix_index)} indexed + {self.good.held_pages(s)} good of "
-                         f"{s.sessions.pool.num_pages} pages" for i, s in enumerate(self.swarm.servers))  # fmt: skip
+        return "; ".join(
+            f"server {i}: sessions {sorted(s.sessions.sessions)}, {s.sessions.pool.num_free} free + "
+            f"{len(s.sessions.prefix_index)} indexed + {self.good.held_pages(s)} good of "
+            f"{s.sessions.pool.num_pages} pages"
+            for i, s in enumerate(self.swarm.servers)
+        )
 
     def after_example(self) -> None:
         try:
@@ -317,12 +334,12 @@ def healthy(harness: Harness, model, reference) -> Iterator[Harness]:
 TEXT = st.text(st.characters(codec="utf-8"), max_size=12)
 HEX = st.text("0123456789abcdef", min_size=1, max_size=2)  # few values, so hashes and ids collide
 SCALAR = st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats() | TEXT | st.binary(max_size=12)
-JUNK = st.recursive(SCALAR, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(TEXT, inner, max_size=3),
-                    max_leaves=6)  # fmt: skip
+JUNK = st.recursive(SCALAR, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(TEXT, inner, max_size=3), max_leaves=6)
 
 
-def mutated(valid: dict[str, Any], optional: Sequence[str] = (),
-            plausible: Optional[dict[str, st.SearchStrategy]] = None) -> st.SearchStrategy[dict]:
+def mutated(
+    valid: dict[str, Any], optional: Sequence[str] = (), plausible: Optional[dict[str, st.SearchStrategy]] = None
+) -> st.SearchStrategy[dict]:
     """`valid` as it is, with some `optional` fields and unknown keys, with one field broken, or with
     many (a quarter each): a broken field is dropped or replaced by a plausible value (`plausible`,
     else FIELDS) or junk. Mostly-valid requests are what reach the deeper checks."""
@@ -361,13 +378,14 @@ def tokens(*lengths: int) -> st.SearchStrategy[str]:
     return st.sampled_from(lengths).map(lambda n: "k" * n)
 
 
-LORA = mutated({"id": "fuzz", "version": 1, "rank": 2, "scaling": 2.0, "targets": ["q_proj", "v_proj"],
-                "weights": True})  # fmt: skip
-HOP = st.fixed_dictionaries({
-    "peer": st.sampled_from([PEER_A, PEER_B]) | TEXT,
-    "token": st.just(OWN_TOKEN) | TEXT,
-    "meta": st.fixed_dictionaries({"session_id": st.just(OWN_SID), "position": st.integers(0, 8)}) | JUNK,
-})  # fmt: skip
+LORA = mutated({"id": "fuzz", "version": 1, "rank": 2, "scaling": 2.0, "targets": ["q_proj", "v_proj"], "weights": True})
+HOP = st.fixed_dictionaries(
+    {
+        "peer": st.sampled_from([PEER_A, PEER_B]) | TEXT,
+        "token": st.just(OWN_TOKEN) | TEXT,
+        "meta": st.fixed_dictionaries({"session_id": st.just(OWN_SID), "position": st.integers(0, 8)}) | JUNK,
+    }
+)
 FIELDS: dict[str, st.SearchStrategy] = {
     "start": st.integers(-1, 9),
     "end": st.integers(-1, 9),
@@ -377,7 +395,8 @@ FIELDS: dict[str, st.SearchStrategy] = {
     "pad_lens": st.lists(st.integers(-1, 20), max_size=5),
     "wire": st.sampled_from([*WIRE_FORMATS, "int4", ""]),
     "push_token": st.just(OWN_TOKEN) | tokens(0, 15, 16, MAX_SESSION_ID_LENGTH, MAX_SESSION_ID_LENGTH + 1),
-    "page_hashes": st.lists(HEX, max_size=5) | st.lists(st.sampled_from(["", "h" * (MAX_HASH_LENGTH + 1)]), min_size=1, max_size=2),
+    "page_hashes": st.lists(HEX, max_size=5)
+    | st.lists(st.sampled_from(["", "h" * (MAX_HASH_LENGTH + 1)]), min_size=1, max_size=2),
     "hash_start": st.integers(-1, 6),
     "probe": st.booleans(),
     "adapter": st.sampled_from(["chat", "", "nope"]),  # "chat" is hosted (tests/test_finetune.py)
@@ -394,8 +413,19 @@ FIELDS: dict[str, st.SearchStrategy] = {
     "_parts": st.sampled_from([0, 2, MAX_PARTS + 1, True]),
 }
 SPAN_OPTIONAL = ("pad_lens", "deep_prompts", "adapter", "lora", "_parts")
-OPEN_OPTIONAL = ("pad_lens", "wire", "page_hashes", "hash_start", "probe", "adapter", "deep_prompts", "lora",
-                 "position", "reuse_tokens", "close")  # fmt: skip
+OPEN_OPTIONAL = (
+    "pad_lens",
+    "wire",
+    "page_hashes",
+    "hash_start",
+    "probe",
+    "adapter",
+    "deep_prompts",
+    "lora",
+    "position",
+    "reuse_tokens",
+    "close",
+)
 STEP_OPTIONAL = ("position", "reuse_tokens", "push_chain", "close", "page_hashes", "hash_start", "_parts")
 
 DTYPES = [torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.float64, torch.bool, torch.uint8]
@@ -413,8 +443,7 @@ def tensors(draw, shape: tuple[int, ...]) -> torch.Tensor:
         shape = draw(HOSTILE_SHAPES)
     values = torch.randn(shape, generator=torch.Generator().manual_seed(draw(st.integers(0, 2**16))))
     if draw(st.integers(0, 9)) == 9 and values.numel():
-        values.view(-1)[draw(st.integers(0, values.numel() - 1))] = draw(st.sampled_from([
-            float("nan"), float("inf"), 1e30]))  # fmt: skip
+        values.view(-1)[draw(st.integers(0, values.numel() - 1))] = draw(st.sampled_from([float("nan"), float("inf"), 1e30]))
     if draw(st.integers(0, 9)) == 9:
         values = values.to(draw(st.sampled_from(DTYPES)))
     return values
@@ -432,8 +461,14 @@ def raw_tensors(draw) -> runtime_pb2.Tensor:
         buffer = bytes(4 * numel)  # the right length for an uncompressed tensor
     else:
         buffer = draw(st.binary(max_size=300))
-    return runtime_pb2.Tensor(buffer=buffer, size=size, dtype=dtype, compression=draw(st.integers(0, 6)),
-                              chunks=draw(st.integers(0, 3)), requires_grad=draw(st.booleans()))  # fmt: skip
+    return runtime_pb2.Tensor(
+        buffer=buffer,
+        size=size,
+        dtype=dtype,
+        compression=draw(st.integers(0, 6)),
+        chunks=draw(st.integers(0, 3)),
+        requires_grad=draw(st.booleans()),
+    )
 
 
 def lora_weights(spec, meta: dict) -> list[torch.Tensor]:
@@ -534,8 +569,13 @@ def framings(draw) -> dict:
 def sends(draw, items: list, meta: dict, step: bool = False) -> Send:
     """A Send of items and meta; if it is a step the server will answer, maybe wait for the answer."""
     framing = draw(framings())
-    answered = step and framing["keep"] is None and not meta.get("close") and meta.get("_parts", 1) in (1, True) \
-        and any(isinstance(item, torch.Tensor) for item in items)  # fmt: skip
+    answered = (
+        step
+        and framing["keep"] is None
+        and not meta.get("close")
+        and meta.get("_parts", 1) in (1, True)
+        and any(isinstance(item, torch.Tensor) for item in items)
+    )
     return Send(items, meta, **framing, answered=answered, wait=answered and draw(st.booleans()))
 
 
@@ -571,8 +611,13 @@ def scripts(draw) -> Script:
         if kind == "step":
             meta = draw(mutated({"session_id": OWN_SID}, STEP_OPTIONAL, positions))
         else:
-            meta = draw(mutated({"session_id": OWN_SID, "push_token": OWN_TOKEN, "position": length},
-                                ("close", "probe", "push_chain"), positions))  # fmt: skip
+            meta = draw(
+                mutated(
+                    {"session_id": OWN_SID, "push_token": OWN_TOKEN, "position": length},
+                    ("close", "probe", "push_chain"),
+                    positions,
+                )
+            )
         items = draw(tensor_lists((batch, seq, HIDDEN), 1, meta, 4))
         if kind == "push" and isinstance(actions[-1], Send) and actions[-1].answered:
             actions[-1].wait = True  # a push is taken only while the session waits for the step
@@ -588,7 +633,8 @@ async def unary(h: Harness, index: int, name: str, request: runtime_pb2.ExpertRe
     """The answer, or None after a clear error; an unclear error fails the test."""
     try:
         response = await asyncio.wait_for(
-            h.node.p2p.call_protobuf_handler(h.peer(index), name, request, runtime_pb2.ExpertResponse), CALL_TIMEOUT)
+            h.node.p2p.call_protobuf_handler(h.peer(index), name, request, runtime_pb2.ExpertResponse), CALL_TIMEOUT
+        )
     except P2PHandlerError as e:
         assert str(e).startswith("ProtocolError("), f"{name} answered an unclear error: {e}"
         return None
@@ -682,10 +728,14 @@ NESTED = b"\x91" * 100_000 + b"\xc0"  # a msgpack list 100000 levels deep
 
 
 @settings(max_examples=60, **FUZZ_SETTINGS)
-@given(name=st.sampled_from([RPC_INFO, RPC_FORWARD, RPC_BACKWARD, RPC_PUSH]),
-       request=st.builds(runtime_pb2.ExpertRequest, tensors=st.lists(raw_tensors(), max_size=2),
-                         metadata=st.binary(max_size=40) | st.dictionaries(TEXT, JUNK, max_size=4).map(
-                             encode_metadata)))  # fmt: skip
+@given(
+    name=st.sampled_from([RPC_INFO, RPC_FORWARD, RPC_BACKWARD, RPC_PUSH]),
+    request=st.builds(
+        runtime_pb2.ExpertRequest,
+        tensors=st.lists(raw_tensors(), max_size=2),
+        metadata=st.binary(max_size=40) | st.dictionaries(TEXT, JUNK, max_size=4).map(encode_metadata),
+    ),
+)
 @example(name=RPC_FORWARD, request=runtime_pb2.ExpertRequest(metadata=NESTED))
 @example(name=RPC_PUSH, request=runtime_pb2.ExpertRequest(metadata=b"\xdd\xff\xff\xff\xff"))  # a 4G-item list
 def fuzz_unary_bytes(h: Harness, name: str, request: runtime_pb2.ExpertRequest) -> None:
@@ -703,8 +753,11 @@ HUGE_EMPTY = runtime_pb2.Tensor(size=[0, 2**32 - 1, 2**32 - 1], dtype="float32")
 
 
 @settings(max_examples=400, **FUZZ_SETTINGS)
-@given(call=st.booleans().flatmap(lambda backward: st.tuples(st.just(backward), span_requests(1 + backward))),
-       streamed=st.sampled_from([None, None, "eos", "abort"]), framing=framings())
+@given(
+    call=st.booleans().flatmap(lambda backward: st.tuples(st.just(backward), span_requests(1 + backward))),
+    streamed=st.sampled_from([None, None, "eos", "abort"]),
+    framing=framings(),
+)
 @example(call=(False, ({"start": 0, "end": 4}, [HUGE_EMPTY])), streamed=None, framing={})
 @example(call=(True, ({"start": 0, "end": 4}, [HUGE_EMPTY, HUGE_EMPTY])), streamed="eos", framing={})
 def fuzz_span_call(h: Harness, call: tuple[bool, tuple[dict, list]], streamed: Optional[str], framing: dict) -> None:
@@ -746,9 +799,14 @@ def test_inference_fuzz(healthy: Harness):
 
 
 @settings(max_examples=60, **FUZZ_SETTINGS)
-@given(meta=mutated({"session_id": GOOD_SID, "push_token": "k" * 16, "position": 4},
-                    ("close", "probe", "push_chain", "reuse_tokens", "_parts")),
-       items=st.lists(tensors((1, 1, HIDDEN)) | raw_tensors(), max_size=2), wrapped=st.booleans())  # fmt: skip
+@given(
+    meta=mutated(
+        {"session_id": GOOD_SID, "push_token": "k" * 16, "position": 4},
+        ("close", "probe", "push_chain", "reuse_tokens", "_parts"),
+    ),
+    items=st.lists(tensors((1, 1, HIDDEN)) | raw_tensors(), max_size=2),
+    wrapped=st.booleans(),
+)
 def fuzz_push(h: Harness, meta: dict, items: list, wrapped: bool) -> None:
     h.own.clear()
 
@@ -829,17 +887,17 @@ def test_prefix_pages_reported_at_open_are_held_until_the_first_step(healthy: Ha
     h.after_example()
 
 
-
-
 def test_last_step_repeated_at_max_length_is_answered_from_the_kept_output(healthy: Harness):
     """A step sent again (pushed, then relayed by a client that did not see the push through) is
     answered from the kept output; it was refused as past max_length when it was the session's last."""
     h = healthy
     h.own = {OWN_SID: "fuzz-repeat"}
     prompt, last = torch.randn(1, 3, HIDDEN), torch.randn(1, 1, HIDDEN)
-    actions = [Send([prompt], {"session_id": OWN_SID, "start": 0, "end": 4, "max_length": 4, "batch_size": 1}),
-               Send([last], {"session_id": OWN_SID, "position": 3}),
-               Send([last], {"session_id": OWN_SID, "position": 3})]  # fmt: skip
+    actions = [
+        Send([prompt], {"session_id": OWN_SID, "start": 0, "end": 4, "max_length": 4, "batch_size": 1}),
+        Send([last], {"session_id": OWN_SID, "position": 3}),
+        Send([last], {"session_id": OWN_SID, "position": 3}),
+    ]
     first, second, repeated = h.run(stream_exchange(h, RPC_INFERENCE, actions, "eos"), with_good=False)
     assert second.metadata["position"] == repeated.metadata["position"] == 3
     assert torch.equal(second.tensors[0], repeated.tensors[0])

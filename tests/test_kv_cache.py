@@ -13,8 +13,9 @@ PAGE = 4
 
 
 def make_pool(num_pages: int = 16) -> KVPool:
-    return KVPool(num_layers=2, num_kv_heads=2, head_dim=8, num_pages=num_pages, page_size=PAGE,
-                  dtype=torch.float32, device="cpu")  # fmt: skip
+    return KVPool(
+        num_layers=2, num_kv_heads=2, head_dim=8, num_pages=num_pages, page_size=PAGE, dtype=torch.float32, device="cpu"
+    )
 
 
 def sequence(pool: KVPool, tokens: int) -> SequencePages:

@@ -29,12 +29,13 @@ def imports(path: Path) -> set[str]:
 def test_nothing_below_the_client_imports_it():
     files = [f for part in BELOW_CLIENT for f in ([PACKAGE / part] if part.endswith(".py") else (PACKAGE / part).rglob("*.py"))]
     assert len(files) > 30  # the walk found the package
-    upward = {str(f.relative_to(PACKAGE)): sorted(m for m in imports(f) if m.startswith("petals_like.client"))
-              for f in files}  # fmt: skip
+    upward = {str(f.relative_to(PACKAGE)): sorted(m for m in imports(f) if m.startswith("petals_like.client")) for f in files}
     assert {f: m for f, m in upward.items() if m} == {}
 
 
 def test_the_import_reader_sees_function_level_imports(tmp_path):
     probe = tmp_path / "probe.py"
-    probe.write_text("import os\nfrom petals_like.protocol import call_info\n\ndef f():\n    from petals_like.client import model\n")
+    probe.write_text(
+        "import os\nfrom petals_like.protocol import call_info\n\ndef f():\n    from petals_like.client import model\n"
+    )
     assert imports(probe) == {"petals_like.protocol", "petals_like.client"}

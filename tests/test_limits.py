@@ -25,8 +25,15 @@ SESSIONS_PER_PEER = 3
 
 @pytest.fixture(scope="module")
 def swarm(tiny_model: Path) -> Iterator[Swarm]:
-    swarm = start_swarm(tiny_model, ["0:8"], kv_cache_tokens=POOL_PAGES * PAGE, page_size=PAGE, max_alloc_timeout=0.2,
-                        max_sessions_per_peer=SESSIONS_PER_PEER, max_cache_share=0.5)  # fmt: skip
+    swarm = start_swarm(
+        tiny_model,
+        ["0:8"],
+        kv_cache_tokens=POOL_PAGES * PAGE,
+        page_size=PAGE,
+        max_alloc_timeout=0.2,
+        max_sessions_per_peer=SESSIONS_PER_PEER,
+        max_cache_share=0.5,
+    )
     try:
         swarm.wait_for_blocks(default_dht_prefix(tiny_model), NUM_BLOCKS)
         yield swarm

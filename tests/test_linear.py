@@ -106,9 +106,7 @@ def test_many_rows_go_through_f_linear():
 
 
 @pytest.mark.parametrize("rows", [4, 16, 40])
-def test_int8_weights_match_their_dequantized_product_below_and_above_the_float32_row_threshold(
-    float32_products, rows: int
-):
+def test_int8_weights_match_their_dequantized_product_below_and_above_the_float32_row_threshold(float32_products, rows: int):
     """Few rows go through the int8 kernel (bfloat16 activations), 16+ through float32 products
     of weight slices with the row scales applied: both are the product with the dequantized weight."""
     from petals_like.quant.weights import QuantizedWeight
@@ -166,9 +164,7 @@ def test_nf4_slices_need_not_divide_the_blocks_evenly(float32_products, int4_unp
     assert float32_products == [130] and float((got - expected).norm() / expected.norm()) < 4e-3
 
 
-def test_nf4_weights_stay_on_the_kernel_where_the_rows_or_the_layout_do_not_fit(
-    float32_products, int4_kernel, monkeypatch
-):
+def test_nf4_weights_stay_on_the_kernel_where_the_rows_or_the_layout_do_not_fit(float32_products, int4_kernel, monkeypatch):
     """The kernel packs output rows in blocks of 32: a weight with 48 rows is not unpacked, nor is
     any weight where this torch's layout is not the one read; products and the dequantized weight
     then come from the kernel."""

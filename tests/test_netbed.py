@@ -41,8 +41,19 @@ class Bed:
             self.servers[name] = (proc, proc.wait_for_line("SERVER READY", 120).split()[2])
 
     def server(self, host: Host, span: str, *args: str, wait: bool = True) -> tuple[str, BedProcess]:
-        proc = host.start(f"server {span}", ["petals_like.cli.run_server", str(self.model), "--block_indices", span,
-                                             "--initial_peers", *self.peers, *SERVER_FLAGS, *args])  # fmt: skip
+        proc = host.start(
+            f"server {span}",
+            [
+                "petals_like.cli.run_server",
+                str(self.model),
+                "--block_indices",
+                span,
+                "--initial_peers",
+                *self.peers,
+                *SERVER_FLAGS,
+                *args,
+            ],
+        )
         if wait:
             self.servers[host.name] = (proc, proc.wait_for_line("SERVER READY", 120).split()[2])
         return host.name, proc
@@ -58,8 +69,9 @@ class Bed:
         return f"/ip4/{ip}/tcp/{port}/p2p/{self.peer_id(host)}"
 
     def client(self, task: str, *args: str, host: Host | None = None) -> BedProcess:
-        return (host or self.home).start(f"client {task}", ["petals_like.utils.netbed_worker", task, str(self.model),
-                                                           "--initial_peers", *self.peers, *args])  # fmt: skip
+        return (host or self.home).start(
+            f"client {task}", ["petals_like.utils.netbed_worker", task, str(self.model), "--initial_peers", *self.peers, *args]
+        )
 
 
 def result(proc: BedProcess, timeout: float = 120) -> dict:
@@ -83,8 +95,10 @@ def expected(reference) -> list[int]:
 
 def relay_stats(bed: Bed, relay_maddr: str) -> dict:
     """The relay's counters, asked from the public server's host (joining through the relay itself)."""
-    proc = bed.pub.start("relay info", ["petals_like.utils.netbed_worker", "relay_info", str(bed.model),
-                                        "--initial_peers", relay_maddr, "--relay", relay_maddr])  # fmt: skip
+    proc = bed.pub.start(
+        "relay info",
+        ["petals_like.utils.netbed_worker", "relay_info", str(bed.model), "--initial_peers", relay_maddr, "--relay", relay_maddr],
+    )
     return result(proc, timeout=60)
 
 
@@ -134,8 +148,9 @@ def test_lora_gradients_through_the_nat_server_equal_peft(bed, tmp_path, tiny_mo
 def test_a_server_without_address_or_relay_gets_a_clear_error_and_generation_goes_on(bed, expected):
     ghost_host = bed.bed.add_host("ghost", nat=True)
     # behind NAT with no relay: nobody can reach it; its high throughput makes clients try it first
-    _, ghost = bed.server(ghost_host, "4:8", "--force_reachability", "private", "--max_relays", "0",
-                          "--throughput", "1000", wait=False)  # fmt: skip
+    _, ghost = bed.server(
+        ghost_host, "4:8", "--force_reachability", "private", "--max_relays", "0", "--throughput", "1000", wait=False
+    )
     ghost_id = ghost.wait_for_line("SERVER READY", 120).split()[2]
     try:
         for _ in range(10):  # until a client has read its record (announced as the server got ready)

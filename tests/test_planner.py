@@ -41,8 +41,12 @@ def test_three_hops_win_when_they_are_faster():
 
 
 def test_slow_replica_and_full_cache_are_avoided():
-    spans = swarm(span("a_near", 0, 4), span("a_far", 0, 4), span("b_full", 4, 8, cache_tokens_left=10),
-                  span("b_room", 4, 8, 50.0, cache_tokens_left=10_000))  # fmt: skip
+    spans = swarm(
+        span("a_near", 0, 4),
+        span("a_far", 0, 4),
+        span("b_full", 4, 8, cache_tokens_left=10),
+        span("b_room", 4, 8, 50.0, cache_tokens_left=10_000),
+    )
     model = LatencyModel({"a_near": 0.002, "a_far": 0.2, "b_full": 0.002, "b_room": 0.002}, needed_tokens=512)
     assert peers(make_route(spans, 0, 8, model=model)) == [("a_near", 0, 4), ("b_room", 4, 8)]
     # the full server is still used when nothing else covers its blocks
@@ -73,8 +77,9 @@ def _brute_force(spans, start, end, model) -> float:
     for k in range(1, len(cuts)):
         for inner in itertools.combinations(cuts[1:-1], k - 1):
             bounds = [start, *inner, end]
-            options = [[s.cut(lo, hi) for s in spans.values() if s.start <= lo and hi <= s.end]
-                       for lo, hi in zip(bounds, bounds[1:])]  # fmt: skip
+            options = [
+                [s.cut(lo, hi) for s in spans.values() if s.start <= lo and hi <= s.end] for lo, hi in zip(bounds, bounds[1:])
+            ]
             for chain in itertools.product(*options):
                 if all(x.peer_id != y.peer_id for x, y in zip(chain, chain[1:])):
                     best = min(best, model.chain_time(list(chain)))
@@ -115,4 +120,6 @@ def test_training_routes_spread_by_throughput_and_load():
     counts = Counter(make_training_route(skewed, 0, 8, rng=rng)[0].peer_id for _ in range(2000))
     assert 0.8 < counts["a"] / 2000 < 0.92
     assert peers(make_training_route(swarm(span("a", 0, 3), span("b", 2, 8)), 0, 8, banned={"x"}, rng=rng)) == [
-        ("a", 0, 3), ("b", 3, 8)]  # fmt: skip
+        ("a", 0, 3),
+        ("b", 3, 8),
+    ]

@@ -68,10 +68,16 @@ def test_server_processes_serve_and_leave_cleanly(dht, processes, tiny_model: Pa
     second = processes[1]
     second.process.send_signal(signal.SIGTERM)
     assert second.process.wait(30) == 0
-    wait_until(lambda: all(b.get(peer_ids[1]) == ServerState.OFFLINE for b in block_states(dht, prefix)[4:]), 15,
-               message="OFFLINE announced for blocks 4:8")  # fmt: skip
-    wait_until(lambda: not any(c.is_running() and c.status() != psutil.STATUS_ZOMBIE
-                               for c in children[second.process.pid]), 15, message="p2pd of the stopped server exits")
+    wait_until(
+        lambda: all(b.get(peer_ids[1]) == ServerState.OFFLINE for b in block_states(dht, prefix)[4:]),
+        15,
+        message="OFFLINE announced for blocks 4:8",
+    )
+    wait_until(
+        lambda: not any(c.is_running() and c.status() != psutil.STATUS_ZOMBIE for c in children[second.process.pid]),
+        15,
+        message="p2pd of the stopped server exits",
+    )
 
 
 def start_replicated(dht: SwarmNode, processes: list[ServerProcess], tiny_model: Path) -> tuple[list[str], list[str]]:

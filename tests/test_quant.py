@@ -58,8 +58,7 @@ def test_matmul_error_and_dequantize(quant_type: str):
 def test_quantized_span_forward_and_steps_stay_within_bounds(tiny_model: Path, quant_type: str):
     spec = ModelSpec.from_pretrained(tiny_model)
     exact = load_span(tiny_model, spec, 0, 1, torch.float32, torch.device("cpu"), progress=False)
-    quantized = load_span(tiny_model, spec, 0, 1, torch.float32, torch.device("cpu"), progress=False,
-                          quant_type=quant_type)  # fmt: skip
+    quantized = load_span(tiny_model, spec, 0, 1, torch.float32, torch.device("cpu"), progress=False, quant_type=quant_type)
     want, full, steps = whole_and_steps(exact, quantized, spec.hidden_size, tokens=20, prefill=12)
     assert rel(full, want) <= BLOCK_BOUND[quant_type]
     assert rel(steps, full) <= 0.02  # step by step = all at once, up to bfloat16 rounding of activations
@@ -108,8 +107,7 @@ def test_swarm_with_an_int8_and_an_nf4_server(tiny_model: Path, reference):
         swarm.wait_for_blocks(default_dht_prefix(tiny_model), 8)
         spans = swarm.spans(default_dht_prefix(tiny_model), 8)
         assert sorted(s.server_info.quant_type for s in spans.values()) == ["int8", "nf4"]
-        model = AutoDistributedModelForCausalLM.from_pretrained(tiny_model, initial_peers=swarm.peers,
-                                                                torch_dtype="float32")  # fmt: skip
+        model = AutoDistributedModelForCausalLM.from_pretrained(tiny_model, initial_peers=swarm.peers, torch_dtype="float32")
         try:
             input_ids = torch.randint(4, 300, (2, 10), generator=torch.Generator().manual_seed(2))
             out = model.generate(input_ids, max_new_tokens=8)
@@ -136,9 +134,9 @@ def test_wire_formats_shrink_steps_and_keep_outputs_close(tiny_model: Path):
         outputs, sent = {}, {}
         for wire in (None, "float16", "int8"):
             # no retries: with them the client would look for another server of 4:8 that takes the format
-            model = AutoDistributedModelForCausalLM.from_pretrained(tiny_model, initial_peers=swarm.peers,
-                                                                    torch_dtype="float32", wire=wire,
-                                                                    max_retries=0, connect_timeout=5)  # fmt: skip
+            model = AutoDistributedModelForCausalLM.from_pretrained(
+                tiny_model, initial_peers=swarm.peers, torch_dtype="float32", wire=wire, max_retries=0, connect_timeout=5
+            )
             try:
                 if wire is not None:  # the second server refuses: a clear error names the formats it takes
                     with pytest.raises(RuntimeError, match=f"wire format '{wire}' is not supported.*float32"):

@@ -51,8 +51,15 @@ def test_wire_addr_encodes_peer_ids_as_go_libp2p_reads_them():
 def test_routes_parse_direct_and_relay_addresses_and_drop_malformed_ones():
     relay = "QmSoLnSGccFuZQJzRadHn95W2CrSFmZuTdDWP8HXaHca9z"
     good = ["/ip4/10.0.0.2/tcp/5", "/ip6/fd00::2/udp/5/quic-v1", circuit_addr("/ip4/10.0.0.1/tcp/7", relay)]
-    bad = ["/ip4/10.0.0.2/tcp/0", "/ip4/not-an-ip/tcp/5", "/unix/tmp/socket", "/ip4/10.0.0.2/tcp/5/ws",
-           circuit_addr("/ip4/10.0.0.1/tcp/7", "not-a-peer-id"), "/ip4/10.0.0.1/tcp/7/p2p-circuit", "x" * 400]  # fmt: skip
+    bad = [
+        "/ip4/10.0.0.2/tcp/0",
+        "/ip4/not-an-ip/tcp/5",
+        "/unix/tmp/socket",
+        "/ip4/10.0.0.2/tcp/5/ws",
+        circuit_addr("/ip4/10.0.0.1/tcp/7", "not-a-peer-id"),
+        "/ip4/10.0.0.1/tcp/7/p2p-circuit",
+        "x" * 400,
+    ]
     route = parse_route(good + bad, using_relay=True)
     assert route.addrs == tuple(good[:2]) and route.relays == ((relay, "/ip4/10.0.0.1/tcp/7"),)
 
@@ -113,19 +120,23 @@ def test_calls_and_streams_reach_a_relayed_peer_through_its_relay_within_limits(
         routes = await relayed_stream_echo(relay, target, caller)
 
         with pytest.raises(Exception, match="no reservation"):  # not reserved yet: the relay refuses
-            await caller.call_protobuf_handler(target.peer_id, "test.echo", runtime_pb2.ExpertRequest(metadata=b"ab"),
-                                               runtime_pb2.ExpertResponse)  # fmt: skip
+            await caller.call_protobuf_handler(
+                target.peer_id, "test.echo", runtime_pb2.ExpertRequest(metadata=b"ab"), runtime_pb2.ExpertResponse
+            )
         assert await reserve(target, relay.peer_id)
         assert not await reserve(stranger, relay.peer_id)  # max_reservations=1
-        answer = await caller.call_protobuf_handler(target.peer_id, "test.echo", runtime_pb2.ExpertRequest(metadata=b"abc"),
-                                                    runtime_pb2.ExpertResponse)  # fmt: skip
+        answer = await caller.call_protobuf_handler(
+            target.peer_id, "test.echo", runtime_pb2.ExpertRequest(metadata=b"abc"), runtime_pb2.ExpertResponse
+        )
         assert answer.metadata == b"cba"
         with pytest.raises(P2PHandlerError, match="the target's own 'error'"):  # its own error text, as if direct
-            await caller.call_protobuf_handler(target.peer_id, "test.fail", runtime_pb2.ExpertRequest(),
-                                               runtime_pb2.ExpertResponse)  # fmt: skip
+            await caller.call_protobuf_handler(
+                target.peer_id, "test.fail", runtime_pb2.ExpertRequest(), runtime_pb2.ExpertResponse
+            )
         assert len(failures) == 1  # delivered once: the target's error is an answer, not a relay failure
-        replies = await caller.iterate_protobuf_handler(target.peer_id, "test.stream", _requests(b"x" * 300_000, 5),
-                                                  runtime_pb2.ExpertResponse)  # fmt: skip
+        replies = await caller.iterate_protobuf_handler(
+            target.peer_id, "test.stream", _requests(b"x" * 300_000, 5), runtime_pb2.ExpertResponse
+        )
         assert [len(r.metadata) async for r in replies] == [300_000] * 5
         stats = await relay_info(caller, relay.peer_id)
         assert stats["reservations"] == [target.peer_id.to_base58()] and stats["streams"] == 1
@@ -134,8 +145,9 @@ def test_calls_and_streams_reach_a_relayed_peer_through_its_relay_within_limits(
 
         routes.learn(target.peer_id.to_base58(), [], using_relay=True)  # behind NAT with no relay at all
         with pytest.raises(UnreachableError, match="no direct address and no relay"):
-            await caller.call_protobuf_handler(target.peer_id, "test.echo", runtime_pb2.ExpertRequest(),
-                                               runtime_pb2.ExpertResponse)  # fmt: skip
+            await caller.call_protobuf_handler(
+                target.peer_id, "test.echo", runtime_pb2.ExpertRequest(), runtime_pb2.ExpertResponse
+            )
 
     loop.run_until_complete(asyncio.wait_for(scenario(), 60))
 
@@ -162,8 +174,9 @@ def test_dial_back_tells_a_listening_peer_from_a_closed_port(nodes):
 
 async def relayed_stream_echo(relay: P2P, target: P2P, caller: P2P) -> Routes:
     """The target serves "test.stream" (an echo); the caller knows it is reached through `relay`."""
-    await target.add_protobuf_handler("test.stream", _stream_echo, runtime_pb2.ExpertRequest,
-                                      stream_input=True, stream_output=True)  # fmt: skip
+    await target.add_protobuf_handler(
+        "test.stream", _stream_echo, runtime_pb2.ExpertRequest, stream_input=True, stream_output=True
+    )
     routes = Routes()
     caller._client = RelayingClient(caller._client, routes, caller.peer_id.to_base58())
     relay_maddr = str((await relay.get_visible_maddrs())[0]).split("/p2p/")[0]
@@ -197,8 +210,9 @@ def test_a_relayed_stream_is_cut_at_its_byte_limit_and_its_circuit_released(node
         service = await RelayService(relay, relay._client, RelayLimits(max_circuit_bytes=1_000_000)).start()
         await relayed_stream_echo(relay, target, caller)
         assert await reserve(target, relay.peer_id)
-        replies = await caller.iterate_protobuf_handler(target.peer_id, "test.stream", _requests(b"x" * 300_000, 5),
-                                                        runtime_pb2.ExpertResponse)  # fmt: skip
+        replies = await caller.iterate_protobuf_handler(
+            target.peer_id, "test.stream", _requests(b"x" * 300_000, 5), runtime_pb2.ExpertResponse
+        )
         received = []
         try:
             async for reply in replies:
@@ -234,7 +248,10 @@ def test_a_node_behind_nat_reserves_relays_announces_them_and_renews_them():
         relay.shutdown()  # its relay is gone: the next round takes a slot on the other public node
         hidden.run(hidden.maintain_reachability(), timeout=60)
         (new_relay,) = hidden.relays
-        assert new_relay != relay_id and PeerID.from_base58(hidden.peer_id) in (first if relay is second else second).relay_service.reservations
+        assert (
+            new_relay != relay_id
+            and PeerID.from_base58(hidden.peer_id) in (first if relay is second else second).relay_service.reservations
+        )
     finally:
         for node in (hidden, second, first):
             if node is not None:
@@ -252,12 +269,14 @@ def test_a_relay_that_knows_its_target_is_relayed_reaches_it_directly_and_counts
         relay._client = RelayingClient(daemon, Routes(peers=dict(routes.peers)), relay.peer_id.to_base58())
         assert await reserve(target, relay.peer_id)
         # the relay read the target's record too: it is "reached through" the relay itself, i.e. directly
-        replies = await relay.iterate_protobuf_handler(target.peer_id, "test.stream", _requests(b"ab", 1),
-                                                       runtime_pb2.ExpertResponse)  # fmt: skip
+        replies = await relay.iterate_protobuf_handler(
+            target.peer_id, "test.stream", _requests(b"ab", 1), runtime_pb2.ExpertResponse
+        )
         assert [r.metadata async for r in replies] == [b"ab"]
         # three streams opened at once through a relay of one circuit: one gets it, the others are refused
-        opened = await asyncio.gather(*(caller._client.stream_open(target.peer_id, ("test.stream",)) for _ in range(3)),
-                                      return_exceptions=True)  # fmt: skip
+        opened = await asyncio.gather(
+            *(caller._client.stream_open(target.peer_id, ("test.stream",)) for _ in range(3)), return_exceptions=True
+        )
         assert sum(not isinstance(o, BaseException) for o in opened) == 1
         assert all("busy" in str(o) for o in opened if isinstance(o, BaseException)), opened
         for o in opened:

@@ -30,17 +30,25 @@ def test_record_with_missing_optional_fields_gets_defaults():
     assert ServerInfo.from_record({"state": 2, "start_block": 0, "end_block": 1}) == info(0, 1, throughput=0.0)
 
 
-@pytest.mark.parametrize("record", [
-    None, [], "x", {"state": 2}, {"state": 7, "start_block": 0, "end_block": 1},
-    {"state": 2, "start_block": 3, "end_block": 3}, {"state": 2, "start_block": -1, "end_block": 3},
-    {"state": 2, "start_block": 0, "end_block": 10**9},
-    {"state": 2, "start_block": 0, "end_block": 2, "throughput": -1.0},
-    {"state": 2, "start_block": 0, "end_block": 2, "throughput": float("nan")},
-    {"state": 2, "start_block": 0, "end_block": 2, "throughput": "fast"},
-    {"state": 2, "start_block": 0, "end_block": 2, "public_name": "x" * 10_000},
-    {"state": 2, "start_block": 0, "end_block": 2, "adapters": list(range(1000))},
-    {"state": 2, "start_block": 0, "end_block": 2, "next_pings": {"p": -5}},
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "record",
+    [
+        None,
+        [],
+        "x",
+        {"state": 2},
+        {"state": 7, "start_block": 0, "end_block": 1},
+        {"state": 2, "start_block": 3, "end_block": 3},
+        {"state": 2, "start_block": -1, "end_block": 3},
+        {"state": 2, "start_block": 0, "end_block": 10**9},
+        {"state": 2, "start_block": 0, "end_block": 2, "throughput": -1.0},
+        {"state": 2, "start_block": 0, "end_block": 2, "throughput": float("nan")},
+        {"state": 2, "start_block": 0, "end_block": 2, "throughput": "fast"},
+        {"state": 2, "start_block": 0, "end_block": 2, "public_name": "x" * 10_000},
+        {"state": 2, "start_block": 0, "end_block": 2, "adapters": list(range(1000))},
+        {"state": 2, "start_block": 0, "end_block": 2, "next_pings": {"p": -5}},
+    ],
+)
 def test_hostile_records_are_rejected(record):
     with pytest.raises(ValueError):
         ServerInfo.from_record(record)
@@ -63,8 +71,7 @@ def test_only_signed_dictionary_entries_are_read():
     try:
         peer, record = peer_id_of(me.public_key), info(0, 4).to_record()
         entry = ValueWithExpiration(record, 1.0)
-        found = ValueWithExpiration({me.owner_subkey(peer): entry, peer: entry, 5: entry,
-                                     other.owner_subkey(peer): entry}, 1.0)  # fmt: skip
+        found = ValueWithExpiration({me.owner_subkey(peer): entry, peer: entry, 5: entry, other.owner_subkey(peer): entry}, 1.0)
         assert signed_entries(found, "m.0") == {peer: record}
         for plain in ({me.owner_subkey(peer): record}, ["not", "a", "map"], "text"):
             assert signed_entries(ValueWithExpiration(plain, 1.0), "m.0") == {}

@@ -11,16 +11,15 @@ import torch
 
 from petals_like import AutoDistributedModelForCausalLM
 from petals_like.client.transport import InferenceStream
-from petals_like.protocol import call_info
 from petals_like.dht.records import default_dht_prefix
+from petals_like.protocol import call_info
 from tests.swarm import start_swarm, wait_until
 
 NUM_BLOCKS = 8
 
 
 def client(tiny_model: Path, swarm, **kwargs):
-    return AutoDistributedModelForCausalLM.from_pretrained(tiny_model, initial_peers=swarm.peers,
-                                                           torch_dtype="float32", **kwargs)  # fmt: skip
+    return AutoDistributedModelForCausalLM.from_pretrained(tiny_model, initial_peers=swarm.peers, torch_dtype="float32", **kwargs)
 
 
 def server_info(model, peer: str) -> dict:

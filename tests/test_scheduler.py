@@ -23,8 +23,15 @@ def span(tiny_model: Path):
 
 def make_scheduler(span, token_budget: int = 256, num_pages: int = 512) -> Scheduler:
     spec = span.spec
-    pool = KVPool(num_layers=len(span.blocks), num_kv_heads=spec.num_kv_heads, head_dim=spec.head_dim,
-                  num_pages=num_pages, page_size=16, dtype=torch.float32, device="cpu")  # fmt: skip
+    pool = KVPool(
+        num_layers=len(span.blocks),
+        num_kv_heads=spec.num_kv_heads,
+        head_dim=spec.head_dim,
+        num_pages=num_pages,
+        page_size=16,
+        dtype=torch.float32,
+        device="cpu",
+    )
     return Scheduler(span, pool, token_budget=token_budget, gather_wait=0.05)
 
 
@@ -103,6 +110,7 @@ def test_chunked_prefill_never_leaves_a_decode_out(span):
 def test_forward_work_waits_for_inference(span):
     scheduler = make_scheduler(span, token_budget=50)
     try:
+
         async def main() -> int:
             pages = SequencePages()
             pages.reserve(scheduler.pool, 200)
@@ -161,6 +169,7 @@ def test_a_work_cancelled_while_the_queue_is_read_keeps_its_pages_until_it_is_do
     dropped would have its pages freed (after_done) while an iteration still writes into them."""
     scheduler = make_scheduler(span)
     try:
+
         async def main() -> tuple[torch.Tensor, list[int]]:
             pages = SequencePages()
             pages.reserve(scheduler.pool, 40)

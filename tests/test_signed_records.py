@@ -50,25 +50,34 @@ def nodes():
 def test_strangers_cannot_write_or_fake_another_servers_records(nodes):
     reader, victim, stranger = nodes
     info = ServerInfo(ServerState.ONLINE, 0, 2, throughput=1.0, public_name="real")
-    assert victim.run(declare_blocks(victim.dht, "model", range(2), info, identity=victim.identity, expiration=60,
-                                     model=ModelInfo(num_blocks=2)))  # fmt: skip
+    assert victim.run(
+        declare_blocks(
+            victim.dht, "model", range(2), info, identity=victim.identity, expiration=60, model=ModelInfo(num_blocks=2)
+        )
+    )
     fake = ServerInfo(ServerState.OFFLINE, 0, 2, public_name="fake").to_record()
     expiration = get_dht_time() + 60
 
     async def attack() -> list[bool]:
         return [
             # the victim's own subkey: the stranger cannot sign it, so every node refuses the store
-            await stranger.dht.store(block_key("model", 0), fake, expiration,
-                                     subkey=victim.identity.owner_subkey(victim.peer_id)),
+            await stranger.dht.store(
+                block_key("model", 0), fake, expiration, subkey=victim.identity.owner_subkey(victim.peer_id)
+            ),
             # the victim's peer id under the stranger's key: stored, but readers see it is not the victim's
-            await stranger.dht.store(block_key("model", 1), fake, expiration,
-                                     subkey=stranger.identity.owner_subkey(victim.peer_id)),
+            await stranger.dht.store(
+                block_key("model", 1), fake, expiration, subkey=stranger.identity.owner_subkey(victim.peer_id)
+            ),
             # a plain subkey (the old, unsigned form)
             await stranger.dht.store(block_key("model", 1), fake, expiration, subkey=victim.peer_id),
             # a lie about the model, outvoted by what its servers say
-            await stranger.dht.store(MODELS_KEY, model_record("model", ModelInfo(num_blocks=9)), expiration,
-                                     subkey=stranger.identity.owner_subkey(stranger.peer_id)),
-        ]  # fmt: skip
+            await stranger.dht.store(
+                MODELS_KEY,
+                model_record("model", ModelInfo(num_blocks=9)),
+                expiration,
+                subkey=stranger.identity.owner_subkey(stranger.peer_id),
+            ),
+        ]
 
     # every node refuses what only the victim may write and what nobody may; a stranger's own record is stored
     assert stranger.run(attack(), timeout=60) == [False, False, False, True]
@@ -76,8 +85,11 @@ def test_strangers_cannot_write_or_fake_another_servers_records(nodes):
     assert [{p: i.public_name for p, i in block.items()} for block in blocks] == [{victim.peer_id: "real"}] * 2
     # two servers (the victim and one more honest one) outvote the stranger
     honest = ServerInfo(ServerState.ONLINE, 0, 2)
-    assert reader.run(declare_blocks(reader.dht, "model", range(2), honest, identity=reader.identity, expiration=60,
-                                     model=ModelInfo(num_blocks=2)))  # fmt: skip
+    assert reader.run(
+        declare_blocks(
+            reader.dht, "model", range(2), honest, identity=reader.identity, expiration=60, model=ModelInfo(num_blocks=2)
+        )
+    )
     assert reader.run(get_models(reader.dht), timeout=60)["model"].num_blocks == 2
 
 
@@ -89,10 +101,12 @@ def test_nodes_refuse_signed_records_that_break_the_schema(nodes):
     async def store(key: str, value, subkey: str) -> bool:
         return await stranger.dht.store(key, value, expiration, subkey=subkey)
 
-    junk = [(block_key("junk", 0), {"state": 7, "start_block": 0, "end_block": 1}, own),
-            (block_key("junk", 0), "not a record", own),
-            (MODELS_KEY, {"dht_prefix": "junk", "num_blocks": -1}, own),
-            (MODELS_KEY, model_record("junk", ModelInfo(1)), stranger.identity.owner_subkey(f"junk@{stranger.peer_id}"))]  # fmt: skip
+    junk = [
+        (block_key("junk", 0), {"state": 7, "start_block": 0, "end_block": 1}, own),
+        (block_key("junk", 0), "not a record", own),
+        (MODELS_KEY, {"dht_prefix": "junk", "num_blocks": -1}, own),
+        (MODELS_KEY, model_record("junk", ModelInfo(1)), stranger.identity.owner_subkey(f"junk@{stranger.peer_id}")),
+    ]
     assert [stranger.run(store(*args), timeout=60) for args in junk] == [False] * len(junk)
     assert reader.run(get_block_infos(reader.dht, "junk", range(1)), timeout=60) == [{}]
     good = ServerInfo(ServerState.ONLINE, 0, 1).to_record()

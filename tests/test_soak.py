@@ -25,8 +25,17 @@ def reap_new_children() -> Iterator[None]:
 
 
 def test_short_soak_loses_nothing_and_leaves_nothing(tiny_model: Path, reap_new_children) -> None:
-    config = SoakConfig(duration=20, sessions=8, clients=2, kill_every=6, abandon=0.25, warmup=5,
-                        max_rss_growth=None, model=tiny_model, progress=False)  # fmt: skip
+    config = SoakConfig(
+        duration=20,
+        sessions=8,
+        clients=2,
+        kill_every=6,
+        abandon=0.25,
+        warmup=5,
+        max_rss_growth=None,
+        model=tiny_model,
+        progress=False,
+    )
     report = run_soak(config)
     print(json.dumps(report, indent=2))  # RSS and the rest, for `pytest -s`; RSS is too noisy to assert here
     sessions = report["sessions"]

@@ -142,8 +142,9 @@ def peers(swarm: Swarm) -> tuple[str, str]:
 
 
 def client(tiny_model: Path, swarm: Swarm):
-    model = AutoDistributedModelForCausalLM.from_pretrained(tiny_model, initial_peers=swarm.peers, torch_dtype="float32",
-                                                            spot_check=1.0)  # fmt: skip
+    model = AutoDistributedModelForCausalLM.from_pretrained(
+        tiny_model, initial_peers=swarm.peers, torch_dtype="float32", spot_check=1.0
+    )
     model.node.run(model.routes.refresh(force=True), timeout=30)
     return model
 

@@ -24,10 +24,6 @@ def swarm(request, tiny_model: Path) -> Iterator[Swarm]:
         swarm.shutdown()
 
 
-
-
-
-
 def test_greedy_generation_equals_transformers(model, reference):
     input_ids = torch.tensor([[1, 17, 42, 99, 7, 250]])
     expected = reference.generate(input_ids, max_new_tokens=64, do_sample=False)
@@ -63,16 +59,23 @@ def test_session_accepts_new_input_between_calls(model, reference):
         second = model.generate(turn, max_new_tokens=5, session=session)
     full_prefix = torch.cat([first, turn], dim=1)
     expected = reference.generate(full_prefix, max_new_tokens=5, do_sample=False)
-    assert torch.equal(second, expected[:, first.shape[1]:])
+    assert torch.equal(second, expected[:, first.shape[1] :])
 
 
 def test_sampling_is_reproducible_and_respects_top_k(model):
     input_ids = torch.tensor([[1, 2, 3]])
     runs = [
-        model.generate(input_ids, max_new_tokens=8, do_sample=True, temperature=0.8, top_k=5, top_p=0.9,
-                       generator=torch.Generator().manual_seed(0))
+        model.generate(
+            input_ids,
+            max_new_tokens=8,
+            do_sample=True,
+            temperature=0.8,
+            top_k=5,
+            top_p=0.9,
+            generator=torch.Generator().manual_seed(0),
+        )
         for _ in range(2)
-    ]  # fmt: skip
+    ]
     assert torch.equal(runs[0], runs[1])
     assert runs[0].shape == (1, 11)
 
@@ -106,8 +109,9 @@ def test_eos_stops_generation_like_transformers(model, reference):
     attention_mask = torch.ones_like(input_ids)
     free_run = reference.generate(input_ids, attention_mask=attention_mask, max_new_tokens=12, do_sample=False)
     eos = int(free_run[0, input_ids.shape[1] + 3])  # a token the first sequence produces early
-    expected = reference.generate(input_ids, attention_mask=attention_mask, max_new_tokens=12, do_sample=False,
-                                  eos_token_id=eos, pad_token_id=0)  # fmt: skip
+    expected = reference.generate(
+        input_ids, attention_mask=attention_mask, max_new_tokens=12, do_sample=False, eos_token_id=eos, pad_token_id=0
+    )
     actual = model.generate(input_ids, attention_mask=attention_mask, max_new_tokens=12, eos_token_id=eos, pad_token_id=0)
     assert torch.equal(actual, expected)
 

@@ -127,8 +127,18 @@ def local_runners(model_dir: Path, prompt: torch.Tensor, new_tokens: int) -> dic
         timer = TokenTimer()
         session = LocalSession(span, prompt.shape[1] + new_tokens)
         with torch.inference_mode():
-            generate_tokens(session, local.embed, local.logits, prompt, pad_lens=None, max_new_tokens=new_tokens,
-                            sampling=SamplingParams(), eos_token_ids=[], pad_token_id=0, streamer=timer)  # fmt: skip
+            generate_tokens(
+                session,
+                local.embed,
+                local.logits,
+                prompt,
+                pad_lens=None,
+                max_new_tokens=new_tokens,
+                sampling=SamplingParams(),
+                eos_token_ids=[],
+                pad_token_id=0,
+                streamer=timer,
+            )
         return summarize(timer.latencies())
 
     return {"transformers_generate": run_hf, "block_math_no_network": run_ours}
@@ -137,8 +147,9 @@ def local_runners(model_dir: Path, prompt: torch.Tensor, new_tokens: int) -> dic
 class BenchSwarm:
     """1 DHT + servers (by default 2, each half of the blocks) as subprocesses, and a client in this process."""
 
-    def __init__(self, model_dir: Path, server_args: list[str], spans: Optional[list[str]] = None,
-                 client_args: Optional[dict] = None):  # fmt: skip
+    def __init__(
+        self, model_dir: Path, server_args: list[str], spans: Optional[list[str]] = None, client_args: Optional[dict] = None
+    ):
         self.model_dir = model_dir
         self.server_args = server_args
         self.span_args = spans  # "A:B" per server; None = halves
@@ -159,16 +170,30 @@ class BenchSwarm:
             num_blocks = ModelSpec.from_pretrained(self.model_dir).num_blocks
             spans = self.span_args or [f"0:{num_blocks // 2}", f"{num_blocks // 2}:{num_blocks}"]
             for span in spans:
-                cmd = [sys.executable, "-m", "petals_like.cli.run_server", str(self.model_dir), "--block_indices",
-                       span, "--initial_peers", *peers, "--host_maddrs", LOCALHOST, "--no_progress",
-                       "--log_level", "WARNING", *self.server_args]  # fmt: skip
+                cmd = [
+                    sys.executable,
+                    "-m",
+                    "petals_like.cli.run_server",
+                    str(self.model_dir),
+                    "--block_indices",
+                    span,
+                    "--initial_peers",
+                    *peers,
+                    "--host_maddrs",
+                    LOCALHOST,
+                    "--no_progress",
+                    "--log_level",
+                    "WARNING",
+                    *self.server_args,
+                ]
                 self.children.append(Child(f"server {span}", cmd))
             self.server_peers = [child.wait_for_line("SERVER READY", 300).split()[2] for child in self.children[1:]]
             self.start_s = time.perf_counter() - started
             self.footprint = [server_footprint(child.process.pid) for child in self.children[1:]]
             self.peers = peers
-            self.model = AutoDistributedModelForCausalLM.from_pretrained(self.model_dir, initial_peers=peers,
-                                                                         torch_dtype="float32", **self.client_args)  # fmt: skip
+            self.model = AutoDistributedModelForCausalLM.from_pretrained(
+                self.model_dir, initial_peers=peers, torch_dtype="float32", **self.client_args
+            )
         except BaseException:
             self.__exit__()
             raise
@@ -200,14 +225,19 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="bench", choices=["bench", "tiny"], help="model size (tiny = quick check)")
     parser.add_argument("--model_dir", type=Path, default=None, help="checkpoint to use (created if missing)")
-    parser.add_argument("--workloads", default="a,b,c",
-                        help="comma-separated subset of a..n, or 'all' (d..g: engine workloads, see bench_engine; "
-                             "h..j: routing, see bench_routing; k, l: quantization, see bench_quant; "
-                             "m: fine-tuning, see bench_finetune; n: network test bed, see bench_network)")  # fmt: skip
+    parser.add_argument(
+        "--workloads",
+        default="a,b,c",
+        help="comma-separated subset of a..n, or 'all' (d..g: engine workloads, see bench_engine; "
+        "h..j: routing, see bench_routing; k, l: quantization, see bench_quant; "
+        "m: fine-tuning, see bench_finetune; n: network test bed, see bench_network)",
+    )
     parser.add_argument("--prompt_len", type=int, default=16)
     parser.add_argument("--new_tokens", type=int, default=128)
     parser.add_argument("--prefill_len", type=int, default=512)
-    parser.add_argument("--repeats", type=int, default=3, help="rounds; each runner runs once per round and the median round is reported")
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="rounds; each runner runs once per round and the median round is reported"
+    )
     parser.add_argument("--server_args", default="", help="extra run_server arguments, e.g. '--num_threads 2'")
     args = parser.parse_args(argv)
 
@@ -225,8 +255,12 @@ def main(argv: Optional[list[str]] = None) -> None:
 
     report: dict = {
         "model": {"preset": args.preset, "path": str(model_dir), "dtype": "float32"},
-        "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
-                    "torch": torch.__version__},  # fmt: skip
+        "machine": {
+            "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+        },
         "workload": {"prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "prefill_len": args.prefill_len},
     }
     with contextlib.ExitStack() as stack:
@@ -251,14 +285,19 @@ def main(argv: Optional[list[str]] = None) -> None:
             target = report.setdefault("c_local", {}) if name != "a_swarm_one_session" else report
             target[name] = pick_median(runs)
         if "a_swarm_one_session" in results and "transformers_generate" in results:
-            ratios = [a["tokens_per_s"] / b["tokens_per_s"]
-                      for a, b in zip(results["a_swarm_one_session"], results["transformers_generate"])]  # fmt: skip
+            ratios = [
+                a["tokens_per_s"] / b["tokens_per_s"]
+                for a, b in zip(results["a_swarm_one_session"], results["transformers_generate"])
+            ]
             report["a_vs_transformers"] = round(statistics.median(ratios), 3)
             report["a_vs_transformers_per_round"] = [round(r, 3) for r in ratios]
         if swarm is not None and "b" in workloads:
             times = [swarm.prefill(args.prefill_len) for _ in range(args.repeats + 1)][1:]
-            report["b_swarm_prefill"] = {"tokens": args.prefill_len, "seconds": round(statistics.median(times), 3),
-                                         "best_seconds": round(min(times), 3)}  # fmt: skip
+            report["b_swarm_prefill"] = {
+                "tokens": args.prefill_len,
+                "seconds": round(statistics.median(times), 3),
+                "best_seconds": round(min(times), 3),
+            }
         if swarm is not None and workloads & {"d", "e", "f"}:
             from petals_like.cli import bench_engine
 
@@ -297,8 +336,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     if "n" in workloads:
         from petals_like.cli import bench_network
 
-        report["n_network_chains"] = bench_network.network_chains(args.preset, args.server_args.split(), model_dir=args.model_dir,
-                                                                  prefill_len=args.prefill_len, rounds=args.repeats)  # fmt: skip
+        report["n_network_chains"] = bench_network.network_chains(
+            args.preset, args.server_args.split(), model_dir=args.model_dir, prefill_len=args.prefill_len, rounds=args.repeats
+        )
     print(json.dumps(report, indent=2))
 
 

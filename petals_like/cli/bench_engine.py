@@ -1,12 +1,12 @@
 """Engine workloads of the benchmark (continuous batching, chunked prefill, prefix cache, paged pool).
 
-  (d) N concurrent sessions (16-token prompt + 64 new tokens each), N = 1, 4, 16, 32:
-      aggregate tokens/s and p50 / p90 per-token latency
-  (e) 8 sessions decoding while one session prefills 2048 tokens: their p50 / p90 step latency,
-      against the same 8 sessions without the prefill
-  (f) two sessions with the same 1024-token prefix: prefill seconds of the second vs the first
-  (g) with a pool of 4096 tokens, how many sessions of max_length=2048 that each use 200 tokens
-      are open at once
+(d) N concurrent sessions (16-token prompt + 64 new tokens each), N = 1, 4, 16, 32:
+    aggregate tokens/s and p50 / p90 per-token latency
+(e) 8 sessions decoding while one session prefills 2048 tokens: their p50 / p90 step latency,
+    against the same 8 sessions without the prefill
+(f) two sessions with the same 1024-token prefix: prefill seconds of the second vs the first
+(g) with a pool of 4096 tokens, how many sessions of max_length=2048 that each use 200 tokens
+    are open at once
 """
 
 from __future__ import annotations
@@ -76,8 +76,9 @@ def concurrent_sessions(model, counts=(1, 4, 16, 32), prompt_len: int = 16, new_
         def one(i: int) -> None:
             with model.inference_session(max_length=prompt_len + new_tokens, reuse_prefix=False) as session:
                 timers[i].started = time.perf_counter()
-                model.generate(_prompt(prompt_len, i), max_new_tokens=new_tokens, session=session, eos_token_id=[],
-                               streamer=timers[i])  # fmt: skip
+                model.generate(
+                    _prompt(prompt_len, i), max_new_tokens=new_tokens, session=session, eos_token_id=[], streamer=timers[i]
+                )
 
         wall = _run_concurrently(count, one)
         latencies = [lat for timer in timers for lat in timer.latencies()[1:]]  # decode steps
@@ -97,10 +98,12 @@ def concurrent_sessions(model, counts=(1, 4, 16, 32), prompt_len: int = 16, new_
     results = {}
     for count, measured in runs.items():
         ratios = [m["aggregate_tokens_per_s"] / one["aggregate_tokens_per_s"] for m, one in zip(measured, runs[counts[0]])]
-        results[str(count)] = dict(pick_median(measured, "aggregate_tokens_per_s"),
-                                   vs_one_session=round(statistics.median(ratios), 2),
-                                   tokens_per_s_per_round=[m["aggregate_tokens_per_s"] for m in measured],
-                                   vs_one_session_per_round=[round(r, 2) for r in ratios])  # fmt: skip
+        results[str(count)] = dict(
+            pick_median(measured, "aggregate_tokens_per_s"),
+            vs_one_session=round(statistics.median(ratios), 2),
+            tokens_per_s_per_round=[m["aggregate_tokens_per_s"] for m in measured],
+            vs_one_session_per_round=[round(r, 2) for r in ratios],
+        )
     return results
 
 
@@ -152,8 +155,12 @@ def shared_prefix(model, prefix_len: int = 1024) -> dict:
             session.step(hidden, token_ids=prompt)
             times.append(time.perf_counter() - started)
             reused.append(session.reused_tokens)
-    return {"first_s": round(times[0], 3), "second_s": round(times[1], 3), "ratio": round(times[1] / times[0], 3),
-            "second_reused_tokens": reused[1]}  # fmt: skip
+    return {
+        "first_s": round(times[0], 3),
+        "second_s": round(times[1], 3),
+        "ratio": round(times[1] / times[0], 3),
+        "second_reused_tokens": reused[1],
+    }
 
 
 def sessions_in_pool(model, max_length: int = 2048, used: int = 200, limit: int = 64) -> dict:
@@ -175,5 +182,4 @@ def sessions_in_pool(model, max_length: int = 2048, used: int = 200, limit: int 
     finally:
         for session in sessions:
             session.close()
-    return {"sessions_open_at_once": len(sessions), "refusal": error,
-            "reserving_max_length_would_admit": 4096 // max_length}  # fmt: skip
+    return {"sessions_open_at_once": len(sessions), "refusal": error, "reserving_max_length_would_admit": 4096 // max_length}

@@ -1,10 +1,10 @@
 """Fine-tuning workload of the benchmark: LoRA training steps through the swarm vs. local PEFT.
 
-  (m) seconds per training step (batch 4 x 128 tokens, LoRA rank 8 on q_proj and v_proj, AdamW):
-      forward with labels, backward, optimizer step. Through the bench swarm (2 servers, 1 chain),
-      through a swarm of 4 servers (two per half of the blocks) with 1 and with 2 chains at once
-      (num_chains), and with transformers + peft in this process; the ratios distributed / local.
-      Local steps run in the same rounds as each swarm's steps, and each ratio uses those.
+(m) seconds per training step (batch 4 x 128 tokens, LoRA rank 8 on q_proj and v_proj, AdamW):
+    forward with labels, backward, optimizer step. Through the bench swarm (2 servers, 1 chain),
+    through a swarm of 4 servers (two per half of the blocks) with 1 and with 2 chains at once
+    (num_chains), and with transformers + peft in this process; the ratios distributed / local.
+    Local steps run in the same rounds as each swarm's steps, and each ratio uses those.
 """
 
 from __future__ import annotations
@@ -50,8 +50,12 @@ def _trainer(model: torch.nn.Module, params: list[torch.nn.Parameter], input_ids
 
 
 def _stats(times: list[float]) -> dict:
-    return {"median_s": round(statistics.median(times), 3), "mean_s": round(statistics.mean(times), 3),
-            "min_s": round(min(times), 3), "steps": len(times)}  # fmt: skip
+    return {
+        "median_s": round(statistics.median(times), 3),
+        "mean_s": round(statistics.mean(times), 3),
+        "min_s": round(min(times), 3),
+        "steps": len(times),
+    }
 
 
 def _local_trainer(model_dir: Path, input_ids: torch.Tensor) -> tuple[Callable[[], float], int]:
@@ -64,8 +68,9 @@ def _local_trainer(model_dir: Path, input_ids: torch.Tensor) -> tuple[Callable[[
     return _trainer(model, params, input_ids), sum(p.numel() for p in params)
 
 
-def _swarm_steps(swarm: BenchSwarm, input_ids: torch.Tensor, steps: int, chains: tuple[int, ...],
-                 local_step: Callable[[], float]) -> dict:  # fmt: skip
+def _swarm_steps(
+    swarm: BenchSwarm, input_ids: torch.Tensor, steps: int, chains: tuple[int, ...], local_step: Callable[[], float]
+) -> dict:
     """Steps with each num_chains in `chains` and local steps, interleaved in rounds, so that machine
     noise (other processes, the servers' background work) hits every setting alike."""
     model = swarm.model
@@ -91,9 +96,12 @@ def _swarm_steps(swarm: BenchSwarm, input_ids: torch.Tensor, steps: int, chains:
     result: dict = {"local_peft": _stats(local_times)}
     for n in chains:
         result[f"{n}_chain" + ("s" if n > 1 else "")] = dict(
-            _stats(times[n]), vs_local=round(statistics.median(times[n]) / local, 3), last_chains=used[n],
+            _stats(times[n]),
+            vs_local=round(statistics.median(times[n]) / local, 3),
+            last_chains=used[n],
             lora_uploads_per_step=round(statistics.mean(u for u, _ in uploads[n]), 2),
-            lora_bytes_sent_per_step=int(statistics.mean(b for _, b in uploads[n])))  # fmt: skip
+            lora_bytes_sent_per_step=int(statistics.mean(b for _, b in uploads[n])),
+        )
     return result
 
 
@@ -105,9 +113,12 @@ def training_steps(model_dir: Path, server_args: list[str], steps: int = 3) -> d
     half = spec.num_blocks // 2
     input_ids = _batch(spec.vocab_size)
     local_step, local_params = _local_trainer(model_dir, input_ids)
-    result: dict = {"batch": BATCH, "seq_len": SEQ_LEN, "optimizer": "AdamW",
-                    "lora": {"r": 8, "lora_alpha": 16, "targets": ["q_proj", "v_proj"],
-                             "trainable_params": local_params}}  # fmt: skip
+    result: dict = {
+        "batch": BATCH,
+        "seq_len": SEQ_LEN,
+        "optimizer": "AdamW",
+        "lora": {"r": 8, "lora_alpha": 16, "targets": ["q_proj", "v_proj"], "trainable_params": local_params},
+    }
     with BenchSwarm(model_dir, server_args) as swarm:
         result["swarm_2_servers"] = _swarm_steps(swarm, input_ids, steps, (1,), local_step)
         result["lora"]["weight_bytes"] = sum(p.nbytes for p in swarm.model.lora.parameters())

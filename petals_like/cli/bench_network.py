@@ -44,8 +44,15 @@ SERVERS = {"s1": (False, "0:2"), "s2": (False, "2:4"), "home": (True, "2:4"), "s
 CHAINS = {"direct": ("s1", "s2", "s3"), "relayed": ("s1", "home", "s3")}
 
 
-def network_chains(preset: str, server_args: list[str], *, model_dir: Optional[Path] = None, prefill_len: int = 512,
-                   new_tokens: int = 32, rounds: int = 3) -> dict:  # fmt: skip
+def network_chains(
+    preset: str,
+    server_args: list[str],
+    *,
+    model_dir: Optional[Path] = None,
+    prefill_len: int = 512,
+    new_tokens: int = 32,
+    rounds: int = 3,
+) -> dict:
     """(n)"""
     from petals_like.models.tiny import make_tiny_model
     from petals_like.utils.netbed import NetBed
@@ -55,43 +62,89 @@ def network_chains(preset: str, server_args: list[str], *, model_dir: Optional[P
         model_dir = make_tiny_model(BENCH_DIR / f"{preset}-llama-6layers", family="llama", preset=preset, num_hidden_layers=6)
     with NetBed() as bed:
         boot = bed.add_host("boot", delay_ms=LINK_DELAY_MS)
-        hosts = {name: bed.add_host(name, nat=nat, delay_ms=LINK_DELAY_MS, uplink_mbit=HOME_UPLINK_MBIT if nat else None)
-                 for name, (nat, _) in SERVERS.items()}  # fmt: skip
+        hosts = {
+            name: bed.add_host(name, nat=nat, delay_ms=LINK_DELAY_MS, uplink_mbit=HOME_UPLINK_MBIT if nat else None)
+            for name, (nat, _) in SERVERS.items()
+        }
         client = bed.add_host("client", nat=True, delay_ms=LINK_DELAY_MS, uplink_mbit=HOME_UPLINK_MBIT)
         dht = boot.start("dht", ["petals_like.cli.run_dht", "--port", "31337", "--log_level", "WARNING"])
         peers = dht.wait_for_line("  --initial_peers", 60).split()[1:]
         procs = {}
         for name, (nat, span) in SERVERS.items():  # public servers do not relay: home's relay is the bootstrap
             extra = [] if nat else ["--no_relay"]
-            procs[name] = hosts[name].start("server", ["petals_like.cli.run_server", str(model_dir), "--block_indices", span,
-                                                       "--initial_peers", *peers, "--no_progress", "--throughput", "10",
-                                                       "--log_level", "WARNING", *extra, *server_args])  # fmt: skip
+            procs[name] = hosts[name].start(
+                "server",
+                [
+                    "petals_like.cli.run_server",
+                    str(model_dir),
+                    "--block_indices",
+                    span,
+                    "--initial_peers",
+                    *peers,
+                    "--no_progress",
+                    "--throughput",
+                    "10",
+                    "--log_level",
+                    "WARNING",
+                    *extra,
+                    *server_args,
+                ],
+            )
         ids = {name: proc.wait_for_line("SERVER READY", 300).split()[2] for name, proc in procs.items()}
         setup_s = time.perf_counter() - started
-        pairs = [("client", "s1"), ("client", "s2"), ("client", "s3"), ("client", "boot"), ("s1", "s2"), ("s2", "s3"),
-                 ("s1", "boot"), ("home", "boot"), ("home", "s3")]  # fmt: skip
+        pairs = [
+            ("client", "s1"),
+            ("client", "s2"),
+            ("client", "s3"),
+            ("client", "boot"),
+            ("s1", "s2"),
+            ("s2", "s3"),
+            ("s1", "boot"),
+            ("home", "boot"),
+            ("home", "s3"),
+        ]
         ping = {f"{a}-{b}": _ping(bed.hosts[a], bed.hosts[b]) for a, b in pairs}
         runs: dict = {"shaped": {}, "loopback": {}}
         for network in runs:
             if network == "loopback":
                 bed.unshape()
             for chain, names in CHAINS.items():
-                cmd = ["petals_like.cli.bench_network", str(model_dir), "--initial_peers", *peers, "--servers",
-                       *(ids[n] for n in names), "--prefill_len", str(prefill_len), "--new_tokens", str(new_tokens),
-                       "--rounds", str(rounds)]  # fmt: skip
+                cmd = [
+                    "petals_like.cli.bench_network",
+                    str(model_dir),
+                    "--initial_peers",
+                    *peers,
+                    "--servers",
+                    *(ids[n] for n in names),
+                    "--prefill_len",
+                    str(prefill_len),
+                    "--new_tokens",
+                    str(new_tokens),
+                    "--rounds",
+                    str(rounds),
+                ]
                 proc = client.start(f"client-{network}-{chain}", cmd)
                 runs[network][chain] = json.loads(proc.wait_for_line("RESULT ", 600).split(" ", 1)[1])
                 proc.process.wait(timeout=60)
     floors = _floors(ping)
     report: dict = {
-        "setup": {"model": str(model_dir), "servers": {name: {"nat": nat, "blocks": span} for name, (nat, span) in SERVERS.items()},
-                  "chains": CHAINS, "access_link_one_way_ms": LINK_DELAY_MS, "host_to_host_one_way_ms": 2 * LINK_DELAY_MS,
-                  "nat_uplink_mbit": HOME_UPLINK_MBIT, "relay": "boot", "prefill_len": prefill_len,
-                  "new_tokens": new_tokens, "rounds": rounds, "bed_and_servers_start_s": round(setup_s, 1)},
+        "setup": {
+            "model": str(model_dir),
+            "servers": {name: {"nat": nat, "blocks": span} for name, (nat, span) in SERVERS.items()},
+            "chains": CHAINS,
+            "access_link_one_way_ms": LINK_DELAY_MS,
+            "host_to_host_one_way_ms": 2 * LINK_DELAY_MS,
+            "nat_uplink_mbit": HOME_UPLINK_MBIT,
+            "relay": "boot",
+            "prefill_len": prefill_len,
+            "new_tokens": new_tokens,
+            "rounds": rounds,
+            "bed_and_servers_start_s": round(setup_s, 1),
+        },
         "ping_rtt_ms": {key: round(v, 2) for key, v in ping.items()},
         "floors_ms": {chain: {key: round(v, 2) for key, v in f.items()} for chain, f in floors.items()},
         **runs,
-    }  # fmt: skip
+    }
     report["targets"] = _targets(runs, floors, relay_rtt=ping["home-boot"])
     report["elapsed_s"] = round(time.perf_counter() - started, 1)
     return report
@@ -102,6 +155,7 @@ def _floors(rtt: dict) -> dict:
     cross); last_answer = when the client has every server's answer, which it reads for its input history:
     a server answers only after the next one acknowledged its push (server/handler.py), so a server
     that pushes answers a push round trip later. Hops to or from home go through the bootstrap."""
+
     def hop(a: str, b: str) -> float:
         other = b if a == "home" else a if b == "home" else None
         if other in ("s1", "client"):  # they reach home through the bootstrap
@@ -122,8 +176,12 @@ def _targets(runs: dict, floors: dict, relay_rtt: float) -> dict:
     shaped, loop = runs["shaped"], runs["loopback"]
     floor = {w: floors["direct"]["path_one_way"] + loop["direct"][w]["p50_ms"] for w in WIRES}
     ratio = {w: round(shaped["direct"][w]["p50_ms"] / floor[w], 3) for w in WIRES}
-    answers = {w: round(shaped["direct"][w]["p50_ms"] / (floor[w] - floors["direct"]["path_one_way"]
-                                                           + floors["direct"]["last_answer"]), 3) for w in WIRES}
+    answers = {
+        w: round(
+            shaped["direct"][w]["p50_ms"] / (floor[w] - floors["direct"]["path_one_way"] + floors["direct"]["last_answer"]), 3
+        )
+        for w in WIRES
+    }
     extra = {w: round(shaped["relayed"][w]["p50_ms"] - shaped["direct"][w]["p50_ms"], 2) for w in WIRES}
     protocol_extra = floors["relayed"]["last_answer"] - floors["direct"]["last_answer"]
 
@@ -133,25 +191,40 @@ def _targets(runs: dict, floors: dict, relay_rtt: float) -> dict:
         return round(cost["float32"] / cost["int8"], 2)
 
     return {
-        "direct_p50_over_floor": {"floor_ms": {w: round(v, 2) for w, v in floor.items()}, "ratio": ratio, "target": "<= 1.3",
-                                  "met": all(r <= 1.3 for r in ratio.values()), "ratio_to_last_answer_floor": answers},
-        "relayed_extra_ms_per_step": {"extra_ms": extra, "relay_rtt_ms": round(relay_rtt, 2), "target": "<= relay_rtt_ms",
-                                      "met": all(e <= relay_rtt for e in extra.values()),
-                                      "last_answer_extra_ms": round(protocol_extra, 2)},
+        "direct_p50_over_floor": {
+            "floor_ms": {w: round(v, 2) for w, v in floor.items()},
+            "ratio": ratio,
+            "target": "<= 1.3",
+            "met": all(r <= 1.3 for r in ratio.values()),
+            "ratio_to_last_answer_floor": answers,
+        },
+        "relayed_extra_ms_per_step": {
+            "extra_ms": extra,
+            "relay_rtt_ms": round(relay_rtt, 2),
+            "target": "<= relay_rtt_ms",
+            "met": all(e <= relay_rtt for e in extra.values()),
+            "last_answer_extra_ms": round(protocol_extra, 2),
+        },
         "int8_prefill_speedup_vs_float32": {
-            "direct": speedup("shaped", "direct"), "relayed": speedup("shaped", "relayed"),
-            "direct_above_loopback": speedup("shaped", "direct", True), "relayed_above_loopback": speedup("shaped", "relayed", True),
-            "loopback_direct": speedup("loopback", "direct"), "target": ">= 3 (over the 20 Mbit/s uplink)"},
-    }  # fmt: skip
+            "direct": speedup("shaped", "direct"),
+            "relayed": speedup("shaped", "relayed"),
+            "direct_above_loopback": speedup("shaped", "direct", True),
+            "relayed_above_loopback": speedup("shaped", "relayed", True),
+            "loopback_direct": speedup("loopback", "direct"),
+            "target": ">= 3 (over the 20 Mbit/s uplink)",
+        },
+    }
 
 
 def _ping(src, dst, count: int = 5) -> float:
     """Least round trip in ms from host src to host dst's address (a NAT host can only be the source): the
     time a TCP connection to a closed port takes to be refused (SYN, then RST), so no ping tool is needed.
     The least, because a first packet also waits for ARP across the delayed links."""
-    probe = ("import socket, time\nbest = 1e9\nfor _ in range(%d):\n    t = time.perf_counter()\n    try:\n"
-             "        socket.create_connection((%r, 9), timeout=5).close()\n    except OSError:\n        pass\n"
-             "    best = min(best, time.perf_counter() - t)\n    time.sleep(0.2)\nprint(best * 1000)") % (count, dst.ip)
+    probe = (
+        "import socket, time\nbest = 1e9\nfor _ in range(%d):\n    t = time.perf_counter()\n    try:\n"
+        "        socket.create_connection((%r, 9), timeout=5).close()\n    except OSError:\n        pass\n"
+        "    best = min(best, time.perf_counter() - t)\n    time.sleep(0.2)\nprint(best * 1000)"
+    ) % (count, dst.ip)
     return float(src.run(sys.executable, "-c", probe))
 
 
@@ -177,8 +250,13 @@ def _session(model, wire: str, prompt: torch.Tensor, new_tokens: int) -> dict:
             token = logits(session.step(embed(token))).argmax(-1)
             steps.append(time.perf_counter() - begin)
         chain = [str(link.span.peer_id) for link in session._chain]
-    return {"open_s": opened - started, "prefill_s": prefilled - opened, "steps": steps, "chain": chain,
-            "prefill_bytes_to_each_server": prefill_bytes}  # fmt: skip
+    return {
+        "open_s": opened - started,
+        "prefill_s": prefilled - opened,
+        "steps": steps,
+        "chain": chain,
+        "prefill_bytes_to_each_server": prefill_bytes,
+    }
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -195,8 +273,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     from petals_like.utils.cli import setup_logging
 
     setup_logging("WARNING")
-    model = AutoDistributedModelForCausalLM.from_pretrained(a.model, a.initial_peers, torch_dtype="float32",
-                                                            allowed_servers=a.servers, request_timeout=60.0)  # fmt: skip
+    model = AutoDistributedModelForCausalLM.from_pretrained(
+        a.model, a.initial_peers, torch_dtype="float32", allowed_servers=a.servers, request_timeout=60.0
+    )
     try:
         vocab = model.spec.vocab_size
         prompts = torch.randint(3, vocab, (a.rounds + 1, 1, a.prefill_len + 1), generator=torch.Generator().manual_seed(2))
@@ -209,13 +288,14 @@ def main(argv: Optional[list[str]] = None) -> None:
         for wire, sessions in runs.items():
             steps = [s for session in sessions for s in session["steps"]]
             result[wire] = {
-                "p50_ms": round(1000 * statistics.median(steps), 2), "p90_ms": round(1000 * percentile(steps, 0.9), 2),
+                "p50_ms": round(1000 * statistics.median(steps), 2),
+                "p90_ms": round(1000 * percentile(steps, 0.9), 2),
                 "prefill_s": round(statistics.median(s["prefill_s"] for s in sessions), 3),
                 "prefill_runs_s": [round(s["prefill_s"], 3) for s in sessions],
                 "open_s": round(statistics.median(s["open_s"] for s in sessions), 3),
                 "prefill_bytes_to_each_server": sessions[-1]["prefill_bytes_to_each_server"],
                 "chain_as_asked": all(s["chain"] == a.servers for s in sessions),
-            }  # fmt: skip
+            }
         result["relayed_calls"] = dict(model.node.routes.relayed_calls)
         print("RESULT " + json.dumps(result), flush=True)
     finally:

@@ -1,16 +1,16 @@
 """Quantization workloads of the benchmark: quantized servers and compressed hidden states.
 
-  (k) servers in float32, bfloat16, int8 and nf4 (a swarm each): linear-weight bytes per block,
-      one session's tokens/s and p50 per token, 16 sessions' aggregate tokens/s and p50 per decode
-      step, the seconds of a 512-token prefill, and the relative error of the final hidden states
-      and of the logits of a 16-token prompt vs float32
-  (l) one float32 swarm, the client's wire format float32, float16, bfloat16 or int8 (8-bit
-      blocks): bytes the client sends per decode step and per 512-token prefill (every hop of the
-      chain carries the same), the logits' relative error, how far one hop moves a hidden state (the
-      client's embeddings), and the amplification: logits error / one hop's error, every hop using
-      the format, as a session's wire does. From it, the fewest bits per value that any codec used on
-      every hop needs to keep the logits within 1% (the rate-distortion bound of a Gaussian source,
-      which the random-weight model's embeddings are)
+(k) servers in float32, bfloat16, int8 and nf4 (a swarm each): linear-weight bytes per block,
+    one session's tokens/s and p50 per token, 16 sessions' aggregate tokens/s and p50 per decode
+    step, the seconds of a 512-token prefill, and the relative error of the final hidden states
+    and of the logits of a 16-token prompt vs float32
+(l) one float32 swarm, the client's wire format float32, float16, bfloat16 or int8 (8-bit
+    blocks): bytes the client sends per decode step and per 512-token prefill (every hop of the
+    chain carries the same), the logits' relative error, how far one hop moves a hidden state (the
+    client's embeddings), and the amplification: logits error / one hop's error, every hop using
+    the format, as a session's wire does. From it, the fewest bits per value that any codec used on
+    every hop needs to keep the logits within 1% (the rate-distortion bound of a Gaussian source,
+    which the random-weight model's embeddings are)
 """
 
 from __future__ import annotations
@@ -23,8 +23,12 @@ import torch
 from petals_like.cli import bench_engine
 from petals_like.cli.bench import BenchSwarm, TokenTimer, summarize
 
-SETUPS = {"float32": [], "bfloat16": ["--torch_dtype", "bfloat16"], "int8": ["--quant_type", "int8"],
-          "nf4": ["--quant_type", "nf4"]}  # fmt: skip
+SETUPS = {
+    "float32": [],
+    "bfloat16": ["--torch_dtype", "bfloat16"],
+    "int8": ["--quant_type", "int8"],
+    "nf4": ["--quant_type", "nf4"],
+}
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor, digits: int = 5) -> float:
@@ -68,12 +72,15 @@ def quantized_servers(model_dir: Path, server_args: list[str], new_tokens: int =
             prefill_s = swarm.prefill(512)
             results[setup] = {
                 "weight_bytes_per_block": _weight_bytes(model_dir, setup),
-                "one_session_tokens_per_s": one["tokens_per_s"], "one_session_p50_ms": one["p50_ms"],
-                "sessions_16_tokens_per_s": many["aggregate_tokens_per_s"], "sessions_16_p50_ms": many["p50_ms"],
+                "one_session_tokens_per_s": one["tokens_per_s"],
+                "one_session_p50_ms": one["p50_ms"],
+                "sessions_16_tokens_per_s": many["aggregate_tokens_per_s"],
+                "sessions_16_p50_ms": many["p50_ms"],
                 "prefill_512_s": round(prefill_s, 3),
-                "hidden_rel_error": _rel(hidden, reference[0]), "logits_rel_error": _rel(logits, reference[1]),
+                "hidden_rel_error": _rel(hidden, reference[0]),
+                "logits_rel_error": _rel(logits, reference[1]),
                 "server_rss_mib": [s["rss_mib"] for s in swarm.footprint],
-            }  # fmt: skip
+            }
     base = results["bfloat16"]["weight_bytes_per_block"]
     for entry in results.values():
         entry["weight_bytes_vs_bfloat16"] = round(entry["weight_bytes_per_block"] / base, 3)
@@ -112,9 +119,13 @@ def wire_formats(model_dir: Path, server_args: list[str], prefill_len: int = 512
             logits = model.local.logits(torch.cat([first[:, -1:], step], dim=1))
             if reference is None:
                 reference = logits
-            results[wire] = {"bytes_per_decode_step": step_bytes, "bytes_per_prefill": prefill_bytes,
-                             "logits_rel_error": _rel(logits, reference), "hops": hops,
-                             "one_hop_hidden_rel_error": _rel(_round_trip(embedded, wire), embedded, 7)}  # fmt: skip
+            results[wire] = {
+                "bytes_per_decode_step": step_bytes,
+                "bytes_per_prefill": prefill_bytes,
+                "logits_rel_error": _rel(logits, reference),
+                "hops": hops,
+                "one_hop_hidden_rel_error": _rel(_round_trip(embedded, wire), embedded, 7),
+            }
         model.config.wire = None
     base = results["float32"]
     for entry in results.values():
@@ -124,6 +135,9 @@ def wire_formats(model_dir: Path, server_args: list[str], prefill_len: int = 512
     # Measured where the perturbation is smallest, so the chain is closest to linear
     amplification = results["float16"]["amplification"]
     bits = math.log2(amplification / 0.01)  # rms error of a Gaussian at R bits/value >= 2**-R of its rms
-    results["bound_for_1pct_logits"] = {"amplification": amplification, "min_bits_per_value": round(bits, 2),
-                                        "min_bytes_vs_float32": round(bits / 32, 3)}  # fmt: skip
+    results["bound_for_1pct_logits"] = {
+        "amplification": amplification,
+        "min_bits_per_value": round(bits, 2),
+        "min_bytes_vs_float32": round(bits / 32, 3),
+    }
     return results

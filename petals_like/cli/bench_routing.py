@@ -1,13 +1,13 @@
 """Routing workloads of the benchmark (push, fail-over, load spreading), each on its own swarm.
 
-  (h) one session on a 3-server chain (blocks 0:5, 5:10, 10:16): p50 / p90 per-token latency with
-      push (servers pass outputs on directly) and without (the client relays every hop), on
-      loopback and with the client behind an emulated 20 ms round trip (10 ms added to each
-      message between the client and a server, in the client's transport; servers stay close)
-  (i) a session on 0:5, 5:10 (+ a replica), 10:16 whose middle server is killed (SIGKILL, with
-      its p2p daemon) mid-generation: the extra time of the step that fails over, vs. a normal step
-  (j) 8 clients each running forward passes over 2 equal replicas of all blocks: the share of
-      requests each replica serves
+(h) one session on a 3-server chain (blocks 0:5, 5:10, 10:16): p50 / p90 per-token latency with
+    push (servers pass outputs on directly) and without (the client relays every hop), on
+    loopback and with the client behind an emulated 20 ms round trip (10 ms added to each
+    message between the client and a server, in the client's transport; servers stay close)
+(i) a session on 0:5, 5:10 (+ a replica), 10:16 whose middle server is killed (SIGKILL, with
+    its p2p daemon) mid-generation: the extra time of the step that fails over, vs. a normal step
+(j) 8 clients each running forward passes over 2 equal replicas of all blocks: the share of
+    requests each replica serves
 """
 
 from __future__ import annotations
@@ -90,8 +90,7 @@ def push_latency(model_dir: Path, server_args: list[str], new_tokens: int = 48, 
             entry = {}
             for push, name in ((True, "push"), (False, "client_relays")):
                 lat = samples[push]
-                entry[name] = {"p50_ms": round(1000 * statistics.median(lat), 2),
-                               "p90_ms": round(1000 * percentile(lat, 0.9), 2)}  # fmt: skip
+                entry[name] = {"p50_ms": round(1000 * statistics.median(lat), 2), "p90_ms": round(1000 * percentile(lat, 0.9), 2)}
             entry["p50_ratio_push_vs_relay"] = round(entry["push"]["p50_ms"] / entry["client_relays"]["p50_ms"], 3)
             result["loopback" if delay_ms == 0 else f"client_rtt_{2 * delay_ms}ms"] = entry
         return result
@@ -122,9 +121,13 @@ def failover_recovery(model_dir: Path, server_args: list[str], new_tokens: int =
         lat = timer.latencies()
         failed_step = lat[kill_after + 1]
         normal = statistics.median(lat[1 : kill_after + 1] + lat[kill_after + 3 :])
-        return {"failovers": failovers, "failover_step_ms": round(1000 * failed_step, 1),
-                "normal_step_ms": round(1000 * normal, 1), "recovery_s": round(failed_step - normal, 3),
-                "tokens_replayed": 16 + kill_after}  # fmt: skip
+        return {
+            "failovers": failovers,
+            "failover_step_ms": round(1000 * failed_step, 1),
+            "normal_step_ms": round(1000 * normal, 1),
+            "recovery_s": round(failed_step - normal, 3),
+            "tokens_replayed": 16 + kill_after,
+        }
 
 
 def forward_spread(model_dir: Path, server_args: list[str], clients: int = 8, calls: int = 10) -> dict:
@@ -134,14 +137,19 @@ def forward_spread(model_dir: Path, server_args: list[str], clients: int = 8, ca
 
     # equal by construction: a measured throughput differs between two starts by machine noise
     with BenchSwarm(model_dir, server_args + ["--throughput", "100"], spans=[_whole(model_dir)] * 2) as swarm:
-        models = [AutoDistributedModelForCausalLM.from_pretrained(model_dir, initial_peers=swarm.peers,
-                                                                  torch_dtype="float32") for _ in range(clients - 1)]  # fmt: skip
+        models = [
+            AutoDistributedModelForCausalLM.from_pretrained(model_dir, initial_peers=swarm.peers, torch_dtype="float32")
+            for _ in range(clients - 1)
+        ]
         models.append(swarm.model)
         try:
+
             def counts() -> list[int]:
                 model = swarm.model
-                return [model.node.run(call_info(model.node.p2p, peer, timeout=10), timeout=20)["forward_calls"]
-                        for peer in swarm.server_peers]  # fmt: skip
+                return [
+                    model.node.run(call_info(model.node.p2p, peer, timeout=10), timeout=20)["forward_calls"]
+                    for peer in swarm.server_peers
+                ]
 
             before = counts()
             input_ids = _prompt(16, 2)
@@ -163,5 +171,9 @@ def forward_spread(model_dir: Path, server_args: list[str], clients: int = 8, ca
             for model in models[:-1]:
                 model.shutdown()
         total = sum(served)
-        return {"requests": total, "per_replica": served, "shares": [round(s / total, 3) for s in served],
-                "seconds": round(wall, 2)}  # fmt: skip
+        return {
+            "requests": total,
+            "per_replica": served,
+            "shares": [round(s / total, 3) for s in served],
+            "seconds": round(wall, 2),
+        }

@@ -19,14 +19,20 @@ logger = logging.getLogger(__name__)
 def add_swarm_args(parser: argparse.ArgumentParser) -> None:
     """The options the dashboard and the terminal view share: which swarm, which models, how to probe."""
     parser.add_argument("--initial_peers", nargs="+", required=True, help="multiaddrs of any peer of the swarm")
-    parser.add_argument("--models", nargs="*", default=[], metavar="DHT_PREFIX:NUM_BLOCKS",
-                        help="watch these models even if they do not announce themselves")
-    parser.add_argument("--no_discover", action="store_true",
-                        help="watch only the --models, not every model announced in the swarm")
-    parser.add_argument("--rpc_timeout", type=float, default=3.0,
-                        help="seconds a server has to answer rpc_info before it is shown unreachable")
-    parser.add_argument("--host_maddrs", nargs="+", default=["/ip4/127.0.0.1/tcp/0"],
-                        help="where this tool's p2p daemon listens")
+    parser.add_argument(
+        "--models",
+        nargs="*",
+        default=[],
+        metavar="DHT_PREFIX:NUM_BLOCKS",
+        help="watch these models even if they do not announce themselves",
+    )
+    parser.add_argument(
+        "--no_discover", action="store_true", help="watch only the --models, not every model announced in the swarm"
+    )
+    parser.add_argument(
+        "--rpc_timeout", type=float, default=3.0, help="seconds a server has to answer rpc_info before it is shown unreachable"
+    )
+    parser.add_argument("--host_maddrs", nargs="+", default=["/ip4/127.0.0.1/tcp/0"], help="where this tool's p2p daemon listens")
     parser.add_argument("--log_level", default="WARNING")
 
 
@@ -66,8 +72,9 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(str(e))
     service = http = None
     try:
-        service = DashboardService(reader.read, refresh_period=args.refresh_period,
-                                   history=History(max_points=args.history_points)).start()  # fmt: skip
+        service = DashboardService(
+            reader.read, refresh_period=args.refresh_period, history=History(max_points=args.history_points)
+        ).start()
         http = DashboardHTTPServer((args.host, args.port), service)
         threading.Thread(target=http.serve_forever, name="dashboard-http", daemon=True).start()
         print(f"Dashboard: {http.url}", flush=True)

@@ -29,8 +29,9 @@ class Child:
         from petals_like.utils.threads import shared_cores_env
 
         self.name = name
-        self.process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                        start_new_session=True, env=shared_cores_env())  # fmt: skip
+        self.process = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, env=shared_cores_env()
+        )
         self.output: list[str] = []
 
     def wait_for_line(self, prefix: str, timeout: float) -> str:
@@ -108,9 +109,21 @@ def main(argv: Optional[list[str]] = None) -> None:
             children.append(dht)
             peers = dht.wait_for_line("--initial_peers", 60).split()[1:]
             for span in ("0:4", "4:8"):
-                cmd = [sys.executable, "-m", "petals_like.cli.run_server", str(model_dir), "--block_indices", span,
-                       "--initial_peers", *peers, "--host_maddrs", LOCALHOST, "--no_progress",
-                       "--log_level", "WARNING"]  # fmt: skip
+                cmd = [
+                    sys.executable,
+                    "-m",
+                    "petals_like.cli.run_server",
+                    str(model_dir),
+                    "--block_indices",
+                    span,
+                    "--initial_peers",
+                    *peers,
+                    "--host_maddrs",
+                    LOCALHOST,
+                    "--no_progress",
+                    "--log_level",
+                    "WARNING",
+                ]
                 children.append(Child(f"server {span}", cmd))
             for child in children[1:]:
                 print("      " + child.wait_for_line("SERVER READY", 120), flush=True)
@@ -154,7 +167,7 @@ def run_client(model_dir: Path, peers: list[str], prompt: str, max_new_tokens: i
         elapsed = time.perf_counter() - started
         new_tokens = output.shape[1] - input_ids.shape[1]
         print(f"      prompt: {prompt!r}")
-        print(f"      output: {tokenizer.decode(output[0, input_ids.shape[1]:])!r}")
+        print(f"      output: {tokenizer.decode(output[0, input_ids.shape[1] :])!r}")
         print(f"      {new_tokens} tokens in {elapsed:.2f} s = {new_tokens / elapsed:.1f} tokens/s")
         local = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
         reference = local.generate(input_ids, max_new_tokens=max_new_tokens, do_sample=False)

@@ -23,10 +23,18 @@ def _interrupt(signum, _frame) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_swarm_args(parser)
-    parser.add_argument("--watch", type=float, default=None, metavar="SECONDS",
-                        help="read the swarm again every SECONDS seconds and redraw (until Ctrl-C)")
-    parser.add_argument("--json", action="store_true",
-                        help="print the view as JSON (as the dashboard's /api/v1/state; one line per read with --watch)")
+    parser.add_argument(
+        "--watch",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="read the swarm again every SECONDS seconds and redraw (until Ctrl-C)",
+    )
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="print the view as JSON (as the dashboard's /api/v1/state; one line per read with --watch)",
+    )
     args = parser.parse_args(argv)
     if args.watch is not None and args.watch <= 0:
         parser.error("--watch must be positive")

@@ -19,8 +19,9 @@ def main(argv: list[str] | None = None) -> None:
     from petals_like.dht.node import SwarmNode
 
     # a DHT node serves no calls: behind NAT it takes no relay slot (it is only useful to others when public)
-    node = SwarmNode(args.initial_peers, **{**network_values(args), "max_relays": 0}, identity_path=args.identity_path,
-                     name="dht")  # fmt: skip
+    node = SwarmNode(
+        args.initial_peers, **{**network_values(args), "max_relays": 0}, identity_path=args.identity_path, name="dht"
+    )
     try:
         maddrs = [m for m in node.visible_maddrs() if "/quic" not in m]
         if node.using_relay:

@@ -77,9 +77,18 @@ class Generation:
     (DistributedModelForCausalLM.generate), where many concurrent calls share one thread.
     """
 
-    def __init__(self, session, input_ids: Optional[torch.Tensor], *, pad_lens: Optional[list[int]],
-                 max_new_tokens: int, sampling: SamplingParams, eos_token_ids: Sequence[int], pad_token_id: int,
-                 streamer: Optional[Any] = None):  # fmt: skip
+    def __init__(
+        self,
+        session,
+        input_ids: Optional[torch.Tensor],
+        *,
+        pad_lens: Optional[list[int]],
+        max_new_tokens: int,
+        sampling: SamplingParams,
+        eos_token_ids: Sequence[int],
+        pad_token_id: int,
+        streamer: Optional[Any] = None,
+    ):
         """`session` needs position, last_token_ids and finished (a remote or a local session)."""
         self.session = session
         self.pending = session.last_token_ids
@@ -148,8 +157,16 @@ def generate_tokens(
     step and end() at the end, as transformers' streamers do. logits_fn: [batch, 1, hidden] ->
     [batch, 1, vocab].
     """
-    run = Generation(session, input_ids, pad_lens=pad_lens, max_new_tokens=max_new_tokens, sampling=sampling,
-                     eos_token_ids=eos_token_ids, pad_token_id=pad_token_id, streamer=streamer)  # fmt: skip
+    run = Generation(
+        session,
+        input_ids,
+        pad_lens=pad_lens,
+        max_new_tokens=max_new_tokens,
+        sampling=sampling,
+        eos_token_ids=eos_token_ids,
+        pad_token_id=pad_token_id,
+        streamer=streamer,
+    )
     while run.running:
         inputs, step_pad_lens = run.next_inputs()
         hidden = session.step(embed(inputs), pad_lens=step_pad_lens, token_ids=inputs)

@@ -23,8 +23,8 @@ fail-over) is not waited for beyond `window`, so it never sets everyone's pace.
 
 Sessions that start together also send their prompts together: each waits, once its chain is
 open, until every session that started with it has opened its own and no other has started for
-`start_quiet` (`first_step`, at most `max_wait`). The servers then run all prompts in one iteration, and the sessions decode in step
-from their first token on instead of taking turns in groups that need many rounds to merge.
+`start_quiet` (`first_step`, at most `max_wait`). The servers then run all prompts in one iteration,
+and the sessions decode in step from their first token on instead of taking turns in groups that need many rounds to merge.
 """
 
 from __future__ import annotations
@@ -70,8 +70,7 @@ class _Pace:
 class HeadBatcher:
     """Used from one event loop only (the client node's); nothing here is thread-safe, nothing needs to be."""
 
-    def __init__(self, logits_fn: Callable[[torch.Tensor], torch.Tensor], window: float = 0.005,
-                 max_wait: float = 0.5):  # fmt: skip
+    def __init__(self, logits_fn: Callable[[torch.Tensor], torch.Tensor], window: float = 0.005, max_wait: float = 0.5):
         self.logits_fn = logits_fn  # [rows, hidden] -> [rows, vocab]
         self.window = window  # how long a leader always waits for the other sessions
         self.max_wait = max_wait  # how long it may wait for an out-of-phase session (see the module docstring)

@@ -51,9 +51,18 @@ class InferenceSession:
     how much of the prompt it holds, and skips the minimum. The salt must cover everything besides
     the tokens that the keys depend on (model, adapters, client-side prompts)."""
 
-    def __init__(self, node: SwarmNode, routes: RouteManager, config: ClientConfig, *, max_length: int,
-                 num_blocks: int, prefix_salt: Optional[str] = None, tuning: Optional[RequestTuning] = None,
-                 spot_checker: Optional[SpotChecker] = None):  # fmt: skip
+    def __init__(
+        self,
+        node: SwarmNode,
+        routes: RouteManager,
+        config: ClientConfig,
+        *,
+        max_length: int,
+        num_blocks: int,
+        prefix_salt: Optional[str] = None,
+        tuning: Optional[RequestTuning] = None,
+        spot_checker: Optional[SpotChecker] = None,
+    ):
         """tuning: deep prompts, a client-held LoRA or a hosted adapter, given to every server at open.
         spot_checker: re-runs a random fraction of steps elsewhere (client/spot_check.py)."""
         self.node = node
@@ -85,8 +94,9 @@ class InferenceSession:
 
     # ---- public, synchronous ----
 
-    def step(self, hidden: torch.Tensor, *, pad_lens: Optional[list[int]] = None,
-             token_ids: Optional[torch.Tensor] = None) -> torch.Tensor:  # fmt: skip
+    def step(
+        self, hidden: torch.Tensor, *, pad_lens: Optional[list[int]] = None, token_ids: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         """Run new tokens' hidden states [batch, seq, hidden] through every block; returns the same shape.
 
         token_ids [batch, seq] (the tokens behind `hidden`) enable prefix reuse for batch-1 sessions;
@@ -95,8 +105,9 @@ class InferenceSession:
         """
         return self.node.run(self.astep(hidden, pad_lens=pad_lens, token_ids=token_ids))
 
-    async def astep(self, hidden: torch.Tensor, *, pad_lens: Optional[list[int]] = None,
-                    token_ids: Optional[torch.Tensor] = None) -> torch.Tensor:  # fmt: skip
+    async def astep(
+        self, hidden: torch.Tensor, *, pad_lens: Optional[list[int]] = None, token_ids: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         """step() as a coroutine on the node's loop (many sessions of one process then share its thread)."""
         if self.closed:
             raise RuntimeError("this inference session is closed")
@@ -123,15 +134,18 @@ class InferenceSession:
     def _track_tokens(self, token_ids: Optional[torch.Tensor], hidden: torch.Tensor) -> None:
         if self._token_ids is None:
             return
-        usable = (token_ids is not None and self.batch_size == 1 and not any(self.pad_lens or [])
-                  and tuple(token_ids.shape) == tuple(hidden.shape[:2]))  # fmt: skip
+        usable = (
+            token_ids is not None
+            and self.batch_size == 1
+            and not any(self.pad_lens or [])
+            and tuple(token_ids.shape) == tuple(hidden.shape[:2])
+        )
         if not usable:
             self._token_ids = None  # once a step's tokens are unknown, later pages cannot be named
             return
         self._token_ids.extend(int(t) for t in token_ids[0])
         parent = self._hashes[-1] if self._hashes else ""
-        self._hashes.extend(prefix_page_hashes(self._token_ids, self.prefix_salt, start_page=len(self._hashes),
-                                               parent=parent))  # fmt: skip
+        self._hashes.extend(prefix_page_hashes(self._token_ids, self.prefix_salt, start_page=len(self._hashes), parent=parent))
 
     def close(self) -> None:
         if self.closed:
@@ -162,8 +176,15 @@ class InferenceSession:
         stream = InferenceStream(self.node.p2p, span, wire=self.config.wire)
         await stream.open(timeout=self.config.connect_timeout)
         session = _SpanSession(span, stream, uuid.uuid4().hex)
-        meta = dict(session_id=session.session_id, start=span.start, end=span.end, max_length=self.max_length,
-                    batch_size=self.batch_size, pad_lens=self.pad_lens, push_token=session.push_token)  # fmt: skip
+        meta = dict(
+            session_id=session.session_id,
+            start=span.start,
+            end=span.end,
+            max_length=self.max_length,
+            batch_size=self.batch_size,
+            pad_lens=self.pad_lens,
+            push_token=session.push_token,
+        )
         extras = self.tuning.extras(span, with_weights=True)  # sent at every open: a replacement server needs them too
         meta.update(extras.metadata)
         if self._hashes and self._token_ids is not None:
@@ -244,8 +265,10 @@ class InferenceSession:
                 if not delivered:
                     meta = step_meta(link)
                     if not relay and index + 1 < len(self._chain):
-                        meta["push_chain"] = [{"peer": nxt.span.peer_id, "token": nxt.push_token, "meta": step_meta(nxt)}
-                                              for nxt in self._chain[index + 1 :]]  # fmt: skip
+                        meta["push_chain"] = [
+                            {"peer": nxt.span.peer_id, "token": nxt.push_token, "meta": step_meta(nxt)}
+                            for nxt in self._chain[index + 1 :]
+                        ]
                     await link.stream.send([hidden], meta)
                 message = await link.stream.read_step(position, timeout=self.config.request_timeout)
                 out = link.stream.output(message, hidden)
@@ -291,8 +314,9 @@ class InferenceSession:
 
         async def run_on(other: RemoteSpanInfo) -> torch.Tensor:
             extras = self.tuning.extras(other, with_weights=True)
-            full = await call_forward(self.node.p2p, other, inputs, self.pad_lens, timeout=self.config.request_timeout,
-                                      extras=extras)  # fmt: skip
+            full = await call_forward(
+                self.node.p2p, other, inputs, self.pad_lens, timeout=self.config.request_timeout, extras=extras
+            )
             return full[:, -steps:]
 
         await self.spot_checker.verify(link.span, out, run_on, wire=self.config.wire)
@@ -320,7 +344,7 @@ class InferenceSession:
             self.reused_tokens = 0  # every link now holds the whole history: per-link replay suffices
             self._inputs = []
             self.num_failovers += 1
-            return out[:, -current.shape[1]:]
+            return out[:, -current.shape[1] :]
         raise RuntimeError("could not rebuild the inference chain")
 
     async def _replace(self, index: int) -> None:
@@ -338,8 +362,7 @@ class InferenceSession:
                 for link in replacement:
                     if replayed is None:
                         break
-                    out = await link.stream.step(replayed, {"session_id": link.session_id},
-                                                 timeout=self.config.request_timeout)  # fmt: skip
+                    out = await link.stream.step(replayed, {"session_id": link.session_id}, timeout=self.config.request_timeout)
                     link.history.append(replayed)
                     replayed = out
             except Exception as e:
@@ -355,5 +378,4 @@ class InferenceSession:
         raise RuntimeError(f"could not replace span {failed.span.start}:{failed.span.end}: {last_error!r}")
 
     async def _close_all(self, chain: list[_SpanSession]) -> None:
-        await asyncio.gather(*(link.stream.close({"session_id": link.session_id}) for link in chain),
-                             return_exceptions=True)  # fmt: skip
+        await asyncio.gather(*(link.stream.close({"session_id": link.session_id}) for link in chain), return_exceptions=True)

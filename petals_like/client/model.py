@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from transformers.modeling_outputs import CausalLMOutput
 
-from petals_like.client.head_batcher import HeadBatcher
 from petals_like.client.generation import Generation, SamplingParams, left_pad_lens
+from petals_like.client.head_batcher import HeadBatcher
 from petals_like.client.inference_session import InferenceSession
 from petals_like.client.sequential import RemoteSequential, RequestTuning
 from petals_like.client.tuning import ClientLora, PromptTuning
@@ -46,8 +46,18 @@ PROMPTS_FILE = "prompts.safetensors"
 
 
 class DistributedModelForCausalLM(torch.nn.Module):
-    def __init__(self, spec: ModelSpec, local: LocalModules, node: SwarmNode, config: ClientConfig, dht_prefix: str,
-                 *, tuning_mode: Optional[str] = None, pre_seq_len: int = 0, name_or_path: str = ""):  # fmt: skip
+    def __init__(
+        self,
+        spec: ModelSpec,
+        local: LocalModules,
+        node: SwarmNode,
+        config: ClientConfig,
+        dht_prefix: str,
+        *,
+        tuning_mode: Optional[str] = None,
+        pre_seq_len: int = 0,
+        name_or_path: str = "",
+    ):
         super().__init__()
         self.spec = spec
         self.name_or_path = name_or_path
@@ -93,10 +103,23 @@ class DistributedModelForCausalLM(torch.nn.Module):
         spec = ModelSpec.from_pretrained(path)
         dtype = torch_dtype if isinstance(torch_dtype, torch.dtype) else resolve_dtype(str(torch_dtype), spec)
         local = LocalModules.from_state_dict(spec, CheckpointReader(path).client_state_dict(dtype)).to(dtype)
-        node = SwarmNode(config.initial_peers, host_maddrs=config.host_maddrs, client_mode=True,
-                         start_timeout=config.connect_timeout, name="client")  # fmt: skip
-        return cls(spec, local, node, config, config.dht_prefix or default_dht_prefix(name_or_path),
-                   tuning_mode=tuning_mode, pre_seq_len=pre_seq_len, name_or_path=str(name_or_path))
+        node = SwarmNode(
+            config.initial_peers,
+            host_maddrs=config.host_maddrs,
+            client_mode=True,
+            start_timeout=config.connect_timeout,
+            name="client",
+        )
+        return cls(
+            spec,
+            local,
+            node,
+            config,
+            config.dht_prefix or default_dht_prefix(name_or_path),
+            tuning_mode=tuning_mode,
+            pre_seq_len=pre_seq_len,
+            name_or_path=str(name_or_path),
+        )
 
     # ---- trainable parameters ----
 
@@ -206,9 +229,16 @@ class DistributedModelForCausalLM(torch.nn.Module):
         else:
             salt = None
         prefix = self.prompt_tuning.pre_seq_len if self.prompt_tuning is not None else 0
-        return InferenceSession(self.node, self.routes, self.config, max_length=max_length + prefix,
-                                num_blocks=self.spec.num_blocks, prefix_salt=salt, tuning=tuning,
-                                spot_checker=self.remote.spot_checker)  # fmt: skip
+        return InferenceSession(
+            self.node,
+            self.routes,
+            self.config,
+            max_length=max_length + prefix,
+            num_blocks=self.spec.num_blocks,
+            prefix_salt=salt,
+            tuning=tuning,
+            spot_checker=self.remote.spot_checker,
+        )
 
     @torch.inference_mode()
     def generate(
@@ -257,8 +287,16 @@ class DistributedModelForCausalLM(torch.nn.Module):
         pad_lens = left_pad_lens(attention_mask, input_ids) if input_ids is not None and session.position == 0 else None
         if pad_lens is not None and self.prompt_tuning is not None:
             raise ValueError("left-padded batches are not supported with prompt tuning; generate them one by one")
-        run = Generation(session, input_ids, pad_lens=pad_lens, max_new_tokens=max_new_tokens, sampling=sampling,
-                         eos_token_ids=eos_ids, pad_token_id=pad, streamer=streamer)  # fmt: skip
+        run = Generation(
+            session,
+            input_ids,
+            pad_lens=pad_lens,
+            max_new_tokens=max_new_tokens,
+            sampling=sampling,
+            eos_token_ids=eos_ids,
+            pad_token_id=pad,
+            streamer=streamer,
+        )
         try:
             new_tokens = self.node.run(self._drive(run, session))
         finally:

@@ -49,8 +49,13 @@ class RequestTuning:
     @classmethod
     def snapshot(cls, prompts: Optional[torch.Tensor], lora: Optional[ClientLora], adapter: Optional[str]) -> RequestTuning:
         tensors = [t.detach().to("cpu", copy=True) for t in lora.tensors()] if lora is not None else []
-        return cls(None if prompts is None else prompts.detach().to("cpu", copy=True), lora, tensors,
-                   weights_version(tensors) if lora is not None else 0, adapter)  # fmt: skip
+        return cls(
+            None if prompts is None else prompts.detach().to("cpu", copy=True),
+            lora,
+            tensors,
+            weights_version(tensors) if lora is not None else 0,
+            adapter,
+        )
 
     def span_lora_tensors(self, span: RemoteSpanInfo) -> list[torch.Tensor]:
         """The LoRA weights of the span's blocks, in wire order."""
@@ -69,8 +74,14 @@ class RequestTuning:
         if self.lora is not None:
             lora = self.lora
             tensors = self.span_lora_tensors(span)
-            extras.metadata["lora"] = {"id": lora.adapter_id, "version": self.lora_version, "rank": lora.rank,
-                                       "scaling": lora.scaling, "targets": list(lora.targets), "weights": with_weights}  # fmt: skip
+            extras.metadata["lora"] = {
+                "id": lora.adapter_id,
+                "version": self.lora_version,
+                "rank": lora.rank,
+                "scaling": lora.scaling,
+                "targets": list(lora.targets),
+                "weights": with_weights,
+            }
             if with_weights:
                 extras.tensors += tensors
             extras.grad_like += tensors
@@ -114,9 +125,15 @@ class RemoteSequential(torch.nn.Module):
         self.lora_upload_bytes = 0  # the bytes of those weights
         self.spot_checker = SpotChecker(routes, config)  # shared with the model's inference sessions
 
-    def forward(self, hidden: torch.Tensor, pad_lens: Optional[list[int]] = None, *,
-                prompts: Optional[torch.Tensor] = None, lora: Optional[ClientLora] = None,
-                adapter: Optional[str] = None) -> torch.Tensor:  # fmt: skip
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        pad_lens: Optional[list[int]] = None,
+        *,
+        prompts: Optional[torch.Tensor] = None,
+        lora: Optional[ClientLora] = None,
+        adapter: Optional[str] = None,
+    ) -> torch.Tensor:
         """[batch, seq, hidden] -> [batch, seq, hidden] through blocks 0..num_blocks-1, differentiable in
         hidden, in the deep prompts [num_blocks, prefix, hidden] and in the client LoRA's weights."""
         if prompts is not None and (prompts.dim() != 3 or prompts.shape[0] != self.num_blocks):
@@ -134,8 +151,11 @@ class RemoteSequential(torch.nn.Module):
         if tuning.lora is None:
             return False
         sent = self._lora_sent.get(span.peer_id)
-        return sent is None or sent[:2] != (tuning.lora.adapter_id, tuning.lora_version) or \
-            not set(range(span.start, span.end)) <= sent[2]  # fmt: skip
+        return (
+            sent is None
+            or sent[:2] != (tuning.lora.adapter_id, tuning.lora_version)
+            or not set(range(span.start, span.end)) <= sent[2]
+        )
 
     def _weights_sent(self, span: RemoteSpanInfo, tuning: RequestTuning) -> None:
         key = (tuning.lora.adapter_id, tuning.lora_version)
@@ -146,14 +166,16 @@ class RemoteSequential(torch.nn.Module):
     async def _tuned_call(self, call, span: RemoteSpanInfo, tuning: RequestTuning, *args: Any) -> Any:
         with_weights = self._needs_weights(span, tuning)
         try:
-            result = await call(self.node.p2p, span, *args, timeout=self.config.request_timeout,
-                                extras=tuning.extras(span, with_weights))  # fmt: skip
+            result = await call(
+                self.node.p2p, span, *args, timeout=self.config.request_timeout, extras=tuning.extras(span, with_weights)
+            )
         except Exception as e:
             if with_weights or ADAPTER_NOT_CACHED not in str(e):
                 raise
             with_weights = True  # the server dropped them (idle timeout, restart): send them again
-            result = await call(self.node.p2p, span, *args, timeout=self.config.request_timeout,
-                                extras=tuning.extras(span, with_weights))  # fmt: skip
+            result = await call(
+                self.node.p2p, span, *args, timeout=self.config.request_timeout, extras=tuning.extras(span, with_weights)
+            )
         if with_weights:
             self._weights_sent(span, tuning)
             self.lora_uploads += 1
@@ -162,9 +184,15 @@ class RemoteSequential(torch.nn.Module):
 
     # ---- forward / backward over a range of blocks, with fail-over ----
 
-    async def forward_range(self, start: int, end: int, hidden: torch.Tensor, pad_lens: Optional[list[int]],
-                            tuning: Optional[RequestTuning] = None, route: Optional[list[RemoteSpanInfo]] = None
-                            ) -> tuple[torch.Tensor, Trace]:  # fmt: skip
+    async def forward_range(
+        self,
+        start: int,
+        end: int,
+        hidden: torch.Tensor,
+        pad_lens: Optional[list[int]],
+        tuning: Optional[RequestTuning] = None,
+        route: Optional[list[RemoteSpanInfo]] = None,
+    ) -> tuple[torch.Tensor, Trace]:
         tuning = tuning or RequestTuning()
         trace: Trace = []
         block, failures = start, 0
@@ -176,7 +204,8 @@ class RemoteSequential(torch.nn.Module):
                     out = await self._tuned_call(call_forward, span, tuning, hidden, pad_lens)
                     if self.spot_checker.draw():
                         await self.spot_checker.verify(
-                            span, out, lambda other: self._tuned_call(call_forward, other, tuning, hidden, pad_lens))
+                            span, out, lambda other: self._tuned_call(call_forward, other, tuning, hidden, pad_lens)
+                        )
                 except Exception as e:
                     failures += 1
                     if failures > self.config.max_retries:
@@ -189,15 +218,29 @@ class RemoteSequential(torch.nn.Module):
             route = None
         return hidden, trace
 
-    async def backward_trace(self, trace: Trace, grad: torch.Tensor, pad_lens: Optional[list[int]],
-                             tuning: Optional[RequestTuning] = None, grads: Optional[_Grads] = None) -> torch.Tensor:  # fmt: skip
+    async def backward_trace(
+        self,
+        trace: Trace,
+        grad: torch.Tensor,
+        pad_lens: Optional[list[int]],
+        tuning: Optional[RequestTuning] = None,
+        grads: Optional[_Grads] = None,
+    ) -> torch.Tensor:
         tuning, grads = tuning or RequestTuning(), grads if grads is not None else _Grads()
         for span, inputs in reversed(trace):
             grad = await self._backward_span(span, inputs, grad, pad_lens, tuning, grads, depth=0)
         return grad
 
-    async def _backward_span(self, span: RemoteSpanInfo, inputs: torch.Tensor, grad: torch.Tensor,
-                             pad_lens: Optional[list[int]], tuning: RequestTuning, grads: _Grads, depth: int) -> torch.Tensor:  # fmt: skip
+    async def _backward_span(
+        self,
+        span: RemoteSpanInfo,
+        inputs: torch.Tensor,
+        grad: torch.Tensor,
+        pad_lens: Optional[list[int]],
+        tuning: RequestTuning,
+        grads: _Grads,
+        depth: int,
+    ) -> torch.Tensor:
         try:
             result = await self._tuned_call(call_backward, span, tuning, inputs, grad, pad_lens)
         except Exception as e:
@@ -214,8 +257,9 @@ class RemoteSequential(torch.nn.Module):
 
     # ---- data parallelism: micro-batches through different chains at once ----
 
-    async def forward_parallel(self, hidden: torch.Tensor, pad_lens: Optional[list[int]], tuning: RequestTuning
-                               ) -> tuple[torch.Tensor, list[tuple[slice, Trace]]]:  # fmt: skip
+    async def forward_parallel(
+        self, hidden: torch.Tensor, pad_lens: Optional[list[int]], tuning: RequestTuning
+    ) -> tuple[torch.Tensor, list[tuple[slice, Trace]]]:
         batch = hidden.shape[0]
         chains = min(self.config.num_chains, batch)
         if chains <= 1:
@@ -227,18 +271,26 @@ class RemoteSequential(torch.nn.Module):
         for size in sizes:
             slices.append(slice(offset, offset + size))
             offset += size
-        results = await asyncio.gather(*(
-            self.forward_range(0, self.num_blocks, hidden[rows], None if pad_lens is None else pad_lens[rows], tuning,
-                               route=route)
-            for rows, (route, _) in zip(slices, routes)))  # fmt: skip
+        results = await asyncio.gather(
+            *(
+                self.forward_range(
+                    0, self.num_blocks, hidden[rows], None if pad_lens is None else pad_lens[rows], tuning, route=route
+                )
+                for rows, (route, _) in zip(slices, routes)
+            )
+        )
         return torch.cat([out for out, _ in results]), [(rows, trace) for rows, (_, trace) in zip(slices, results)]
 
-    async def backward_parallel(self, traces: list[tuple[slice, Trace]], grad: torch.Tensor,
-                                pad_lens: Optional[list[int]], tuning: RequestTuning) -> tuple[torch.Tensor, _Grads]:  # fmt: skip
+    async def backward_parallel(
+        self, traces: list[tuple[slice, Trace]], grad: torch.Tensor, pad_lens: Optional[list[int]], tuning: RequestTuning
+    ) -> tuple[torch.Tensor, _Grads]:
         grads = _Grads()
-        parts = await asyncio.gather(*(
-            self.backward_trace(trace, grad[rows].contiguous(), None if pad_lens is None else pad_lens[rows], tuning, grads)
-            for rows, trace in traces))  # fmt: skip
+        parts = await asyncio.gather(
+            *(
+                self.backward_trace(trace, grad[rows].contiguous(), None if pad_lens is None else pad_lens[rows], tuning, grads)
+                for rows, trace in traces
+            )
+        )
         return torch.cat(parts), grads
 
 
@@ -258,8 +310,15 @@ def _split_sizes(total: int, weights: list[float]) -> list[int]:
 
 class _RemoteBlocks(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, prompts: Optional[torch.Tensor], sequential: RemoteSequential,
-                pad_lens: Optional[list[int]], tuning: RequestTuning, *lora_tensors: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    def forward(
+        ctx,
+        hidden: torch.Tensor,
+        prompts: Optional[torch.Tensor],
+        sequential: RemoteSequential,
+        pad_lens: Optional[list[int]],
+        tuning: RequestTuning,
+        *lora_tensors: torch.Tensor,
+    ) -> torch.Tensor:
         out, traces = sequential._run(sequential.forward_parallel(hidden.detach().cpu(), pad_lens, tuning))
         ctx.sequential, ctx.traces, ctx.pad_lens, ctx.tuning = sequential, traces, pad_lens, tuning
         sequential.last_trace_peers = [span.peer_id for span, _ in traces[0][1]]
@@ -274,7 +333,8 @@ class _RemoteBlocks(torch.autograd.Function):
         sequential: RemoteSequential = ctx.sequential
         tuning: RequestTuning = ctx.tuning
         grad, grads = sequential._run(
-            sequential.backward_parallel(ctx.traces, grad_output.detach().cpu().contiguous(), ctx.pad_lens, tuning))
+            sequential.backward_parallel(ctx.traces, grad_output.detach().cpu().contiguous(), ctx.pad_lens, tuning)
+        )
         grad_prompts = None
         if ctx.prompts_meta is not None and grads.prompts is not None:
             grad_prompts = grads.prompts.to(*ctx.prompts_meta)

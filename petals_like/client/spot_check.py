@@ -78,14 +78,15 @@ class SpotChecker:
     def _verifiers(self, span: RemoteSpanInfo, exclude: set[str]) -> list[RemoteSpanInfo]:
         """Other servers hosting all of span's blocks, as spans of exactly those blocks, in random order."""
         banned = self.routes.banned()
-        found = [dataclasses.replace(other, start=span.start, end=span.end)
-                 for peer, other in self.routes.spans.items()
-                 if peer not in exclude and peer not in banned and other.start <= span.start and span.end <= other.end]  # fmt: skip
+        found = [
+            dataclasses.replace(other, start=span.start, end=span.end)
+            for peer, other in self.routes.spans.items()
+            if peer not in exclude and peer not in banned and other.start <= span.start and span.end <= other.end
+        ]
         self.rng.shuffle(found)
         return found
 
-    async def verify(self, span: RemoteSpanInfo, answer: torch.Tensor, run_on: RunOn, *,
-                     wire: Optional[str] = None) -> None:  # fmt: skip
+    async def verify(self, span: RemoteSpanInfo, answer: torch.Tensor, run_on: RunOn, *, wire: Optional[str] = None) -> None:
         """Compare `answer` (span's output) with other servers'; SpotCheckFailed if span is the culprit.
 
         The caller treats that like any failure of the server: it is banned, and the work is redone
@@ -115,21 +116,32 @@ class SpotChecker:
         # nobody settled it: the checked answer is the one not to use
         raise SpotCheckFailed(self._blame(opinions[0], opinions[1], wire))
 
-    def _agree(self, a: tuple[RemoteSpanInfo, torch.Tensor], b: tuple[RemoteSpanInfo, torch.Tensor],
-               wire: Optional[str]) -> bool:  # fmt: skip
+    def _agree(self, a: tuple[RemoteSpanInfo, torch.Tensor], b: tuple[RemoteSpanInfo, torch.Tensor], wire: Optional[str]) -> bool:
         limit = tolerance(a[0].server_info, b[0].server_info, a[0].end - a[0].start, wire)
         return relative_error(a[1], b[1]) <= limit
 
-    def _blame(self, culprit: tuple[RemoteSpanInfo, torch.Tensor], witness: tuple[RemoteSpanInfo, torch.Tensor],
-               wire: Optional[str]) -> str:  # fmt: skip
+    def _blame(
+        self, culprit: tuple[RemoteSpanInfo, torch.Tensor], witness: tuple[RemoteSpanInfo, torch.Tensor], wire: Optional[str]
+    ) -> str:
         """Ban and report the culprit; returns the reason."""
         span, info = culprit[0], culprit[0].server_info
         error = relative_error(culprit[1], witness[1])
         limit = tolerance(info, witness[0].server_info, span.end - span.start, wire)
-        self.reports.append({"peer_id": span.peer_id, "blocks": [span.start, span.end], "relative_error": error,
-                             "tolerance": limit, "witness": witness[0].peer_id, "torch_dtype": info.torch_dtype,
-                             "quant_type": info.quant_type, "time": time.time()})  # fmt: skip
-        reason = (f"spot check: its output of blocks {span.start}:{span.end} is {error:.3g} away from "
-                  f"{witness[0].peer_id[-6:]}'s (tolerance {limit:.3g})")  # fmt: skip
+        self.reports.append(
+            {
+                "peer_id": span.peer_id,
+                "blocks": [span.start, span.end],
+                "relative_error": error,
+                "tolerance": limit,
+                "witness": witness[0].peer_id,
+                "torch_dtype": info.torch_dtype,
+                "quant_type": info.quant_type,
+                "time": time.time(),
+            }
+        )
+        reason = (
+            f"spot check: its output of blocks {span.start}:{span.end} is {error:.3g} away from "
+            f"{witness[0].peer_id[-6:]}'s (tolerance {limit:.3g})"
+        )
         self.routes.ban(span.peer_id, reason, duration=self.config.spot_check_ban)
         return reason

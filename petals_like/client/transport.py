@@ -46,8 +46,9 @@ class SpanExtras:
 NO_EXTRAS = SpanExtras()
 
 
-async def _call(p2p: P2P, peer_id: str, name: str, tensors: list[torch.Tensor], metadata: dict, timeout: float,
-                response_bytes: int = 0) -> Message:  # fmt: skip
+async def _call(
+    p2p: P2P, peer_id: str, name: str, tensors: list[torch.Tensor], metadata: dict, timeout: float, response_bytes: int = 0
+) -> Message:
     """One request; unary when it fits one part and so does the expected response, else streamed."""
     parts = pack_message(tensors, metadata, max_part_bytes=DEFAULT_MAX_PART_BYTES)
     peer = PeerID.from_base58(peer_id)
@@ -65,22 +66,36 @@ async def _call(p2p: P2P, peer_id: str, name: str, tensors: list[torch.Tensor], 
     return await asyncio.wait_for(run(), timeout)
 
 
-async def call_forward(p2p: P2P, span: RemoteSpanInfo, hidden: torch.Tensor, pad_lens: Optional[list[int]], *,
-                       timeout: float, extras: SpanExtras = NO_EXTRAS) -> torch.Tensor:  # fmt: skip
+async def call_forward(
+    p2p: P2P,
+    span: RemoteSpanInfo,
+    hidden: torch.Tensor,
+    pad_lens: Optional[list[int]],
+    *,
+    timeout: float,
+    extras: SpanExtras = NO_EXTRAS,
+) -> torch.Tensor:
     meta = {"start": span.start, "end": span.end, "pad_lens": pad_lens, **extras.metadata}
-    message = await _call(p2p, span.peer_id, RPC_FORWARD, [hidden, *extras.tensors], meta, timeout,
-                          response_bytes=hidden.nbytes)  # fmt: skip
+    message = await _call(p2p, span.peer_id, RPC_FORWARD, [hidden, *extras.tensors], meta, timeout, response_bytes=hidden.nbytes)
     return _single_tensor(message, hidden)
 
 
-async def call_backward(p2p: P2P, span: RemoteSpanInfo, hidden: torch.Tensor, grad_output: torch.Tensor,
-                        pad_lens: Optional[list[int]], *, timeout: float, extras: SpanExtras = NO_EXTRAS
-                        ) -> list[torch.Tensor]:  # fmt: skip
+async def call_backward(
+    p2p: P2P,
+    span: RemoteSpanInfo,
+    hidden: torch.Tensor,
+    grad_output: torch.Tensor,
+    pad_lens: Optional[list[int]],
+    *,
+    timeout: float,
+    extras: SpanExtras = NO_EXTRAS,
+) -> list[torch.Tensor]:
     """[d(loss)/d(hidden), then the gradients of extras.grad_like], each checked against its tensor."""
     meta = {"start": span.start, "end": span.end, "pad_lens": pad_lens, **extras.metadata}
     response_bytes = hidden.nbytes + sum(t.numel() * 4 for t in extras.grad_like)
-    message = await _call(p2p, span.peer_id, RPC_BACKWARD, [hidden, grad_output, *extras.tensors], meta, timeout,
-                          response_bytes=response_bytes)  # fmt: skip
+    message = await _call(
+        p2p, span.peer_id, RPC_BACKWARD, [hidden, grad_output, *extras.tensors], meta, timeout, response_bytes=response_bytes
+    )
     likes = [hidden, *extras.grad_like]
     if len(message.tensors) != len(likes):
         raise ProtocolError(f"server answered {len(message.tensors)} gradients, expected {len(likes)}")
@@ -123,9 +138,7 @@ class InferenceStream:
 
     async def open(self, *, timeout: float) -> None:
         peer = PeerID.from_base58(self.span.peer_id)
-        _, self._reader, self._writer = await asyncio.wait_for(
-            self.p2p.call_binary_stream_handler(peer, RPC_INFERENCE), timeout
-        )
+        _, self._reader, self._writer = await asyncio.wait_for(self.p2p.call_binary_stream_handler(peer, RPC_INFERENCE), timeout)
         self._responses = self._read_responses()
 
     async def _read_responses(self) -> AsyncIterator[runtime_pb2.ExpertResponse]:

@@ -54,8 +54,9 @@ class PromptTuning(nn.Module):
             prompts = torch.randn(pre_seq_len, spec.hidden_size) * 0.02
         self.prompts = nn.Parameter(prompts)
         # deep prompts start at zero: the model is unchanged until training moves them
-        self.deep_prompts = nn.Parameter(torch.zeros(spec.num_blocks, pre_seq_len, spec.hidden_size)) \
-            if mode == "deep_ptune" else None  # fmt: skip
+        self.deep_prompts = (
+            nn.Parameter(torch.zeros(spec.num_blocks, pre_seq_len, spec.hidden_size)) if mode == "deep_ptune" else None
+        )
 
     def prepend(self, embeds: Tensor) -> Tensor:
         """[batch, seq, hidden] -> [batch, pre_seq_len + seq, hidden]."""
@@ -98,8 +99,14 @@ class ClientLora(nn.Module):
         return weights_version(self.tensors())
 
     def metadata(self, with_weights: bool) -> dict:
-        return {"id": self.adapter_id, "version": self.version, "rank": self.rank, "scaling": self.scaling,
-                "targets": list(self.targets), "weights": with_weights}  # fmt: skip
+        return {
+            "id": self.adapter_id,
+            "version": self.version,
+            "rank": self.rank,
+            "scaling": self.scaling,
+            "targets": list(self.targets),
+            "weights": with_weights,
+        }
 
     def block_loras(self) -> dict[int, BlockLora]:
         return dict(enumerate(from_wire(self.tensors(), self.targets, self.scaling, self.spec.num_blocks)))
@@ -113,9 +120,13 @@ class ClientLora(nn.Module):
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         config = _config_dict(self.peft_config)
-        config.update(base_model_name_or_path=self.base_model_name_or_path or config.get("base_model_name_or_path"),
-                      inference_mode=True, target_modules=list(self.targets), peft_type="LORA",
-                      task_type=config.get("task_type") or "CAUSAL_LM")  # fmt: skip
+        config.update(
+            base_model_name_or_path=self.base_model_name_or_path or config.get("base_model_name_or_path"),
+            inference_mode=True,
+            target_modules=list(self.targets),
+            peft_type="LORA",
+            task_type=config.get("task_type") or "CAUSAL_LM",
+        )
         (path / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True, default=str))
         save_file(peft_state_dict(self.block_loras()), str(path / ADAPTER_WEIGHTS), metadata={"format": "pt"})
         return path

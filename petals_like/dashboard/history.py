@@ -21,8 +21,7 @@ class History:
         self._lock = threading.Lock()
 
     def add(self, state: dict[str, Any]) -> None:
-        models = {m["dht_prefix"]: (m["bottleneck_throughput"], m["online_servers"])
-                  for m in state["models"][: self.max_models]}  # fmt: skip
+        models = {m["dht_prefix"]: (m["bottleneck_throughput"], m["online_servers"]) for m in state["models"][: self.max_models]}
         with self._lock:
             self._points.append((state["generated_at"], models))
 

@@ -65,8 +65,7 @@ def render_metrics(state: Mapping[str, Any], reads: Mapping[str, Any]) -> str:
 
     family("dashboard_reads_total", "counter", "reads of the swarm attempted").add(reads["total"])
     family("dashboard_read_failures_total", "counter", "reads of the swarm that failed").add(reads["failures"])
-    family("dashboard_last_read_timestamp_seconds", "gauge", "unix time of the last successful read").add(
-        reads["last_success"])
+    family("dashboard_last_read_timestamp_seconds", "gauge", "unix time of the last successful read").add(reads["last_success"])
     family("dashboard_read_seconds", "gauge", "duration of the last successful read").add(reads["last_seconds"])
 
     for model in state.get("models", ()):
@@ -74,28 +73,37 @@ def render_metrics(state: Mapping[str, Any], reads: Mapping[str, Any]) -> str:
         family("model_healthy", "gauge", "1 if every block has an online, reachable server").add(int(model["healthy"]), m)
         family("model_blocks", "gauge", "transformer blocks of the model").add(model["num_blocks"], m)
         family("model_uncovered_blocks", "gauge", "blocks without an online, reachable server").add(
-            len(model["uncovered_blocks"]), m)
+            len(model["uncovered_blocks"]), m
+        )
         family("model_bottleneck_throughput", "gauge", "min over blocks of the summed throughput of usable servers").add(
-            model["bottleneck_throughput"], m)
+            model["bottleneck_throughput"], m
+        )
         servers = family("model_servers", "gauge", "servers of the model by status")
         for status, count in model["servers_by_status"].items():
             servers.add(count, {**m, "status": status})
         for block in model["blocks"]:
             b = {**m, "block": block["index"]}
             family("block_servers", "gauge", "online, reachable servers of the block").add(block["servers"], b)
-            family("block_throughput", "gauge", "summed throughput of the block's usable servers").add(
-                block["throughput"], b)
+            family("block_throughput", "gauge", "summed throughput of the block's usable servers").add(block["throughput"], b)
         for server in model["servers"]:
             s = {**m, "peer_id": server["peer_id"], "span": f"{server['start_block']}:{server['end_block']}"}
-            family("server_info", "gauge", "1 per server span, with what it announces as labels").add(1, {
-                **s, "status": server["status"], "name": server["public_name"], "version": server["version"],
-                "torch_dtype": server["torch_dtype"], "quant_type": server["quant_type"]})  # fmt: skip
+            family("server_info", "gauge", "1 per server span, with what it announces as labels").add(
+                1,
+                {
+                    **s,
+                    "status": server["status"],
+                    "name": server["public_name"],
+                    "version": server["version"],
+                    "torch_dtype": server["torch_dtype"],
+                    "quant_type": server["quant_type"],
+                },
+            )
             for name, help_text, field in SERVER_GAUGES:
                 family(name, "gauge", help_text).add(server[field], s)
             if server["reachable"] is not None:
-                family("server_reachable", "gauge", "1 if the server answered rpc_info in time").add(
-                    int(server["reachable"]), s)
+                family("server_reachable", "gauge", "1 if the server answered rpc_info in time").add(int(server["reachable"]), s)
             if server["rpc_rtt"] is not None:
                 family("server_rpc_info_seconds", "gauge", "round trip of the dashboard's rpc_info call").add(
-                    server["rpc_rtt"], s)
+                    server["rpc_rtt"], s
+                )
     return "\n".join(line for f in families.values() for line in f.lines()) + "\n"

@@ -13,12 +13,12 @@ import random
 import time
 from typing import Any, Mapping, Optional
 
-from petals_like.protocol import call_info
-from petals_like.data_structures import ServerInfo, ServerState
 from petals_like.dashboard.state import Probe, build_state
+from petals_like.data_structures import ServerInfo, ServerState
 from petals_like.dht.announce import get_block_infos, get_models
 from petals_like.dht.node import SwarmNode
 from petals_like.dht.records import ModelInfo, check_dht_prefix
+from petals_like.protocol import call_info
 
 logger = logging.getLogger(__name__)
 
@@ -75,8 +75,10 @@ class SwarmReader:
 
         block_infos = {}
         results = await asyncio.gather(
-            *(get_block_infos(self.node.dht, prefix, range(model.num_blocks), num_blocks=model.num_blocks)
-              for prefix, model in models.items()),
+            *(
+                get_block_infos(self.node.dht, prefix, range(model.num_blocks), num_blocks=model.num_blocks)
+                for prefix, model in models.items()
+            ),
             return_exceptions=True,
         )
         for prefix, result in zip(models, results):
@@ -86,15 +88,19 @@ class SwarmReader:
             else:
                 block_infos[prefix] = result
 
-        online = {peer for infos in block_infos.values() for servers in infos
-                  for peer, info in servers.items() if info.state == ServerState.ONLINE}  # fmt: skip
+        online = {
+            peer
+            for infos in block_infos.values()
+            for servers in infos
+            for peer, info in servers.items()
+            if info.state == ServerState.ONLINE
+        }
         for infos in block_infos.values():  # probes reach servers behind NAT through their relays
             for servers in infos:
                 for peer, info in servers.items():
                     self.node.routes.learn(peer, info.addrs, info.using_relay)
         probes = await self.probe_all(sorted(online))
-        return build_state(models, block_infos, probes, now=time.time(), read_seconds=time.monotonic() - started,
-                           errors=errors)  # fmt: skip
+        return build_state(models, block_infos, probes, now=time.time(), read_seconds=time.monotonic() - started, errors=errors)
 
     def _choose(self, announced: dict[str, ModelInfo]) -> dict[str, ModelInfo]:
         """The announced models to read: not given explicitly, small enough, at most max_models of them."""
@@ -122,8 +128,9 @@ class SwarmReader:
         """
         last = self._last_probes
         ties = {p: random.random() for p in peers}  # not by peer id: anyone can make ids that sort first
-        order = sorted(peers, key=lambda p: (p not in last or not last[p][1].reachable, p in last,
-                                             last[p][0] if p in last else 0.0, ties[p]))  # fmt: skip
+        order = sorted(
+            peers, key=lambda p: (p not in last or not last[p][1].reachable, p in last, last[p][0] if p in last else 0.0, ties[p])
+        )
         chosen = order[: self.max_probes]
         if len(order) > self.max_probes:
             logger.warning(f"Probing {self.max_probes} of {len(peers)} online servers (the rest show their last probe)")

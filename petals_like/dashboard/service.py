@@ -19,8 +19,7 @@ logger = logging.getLogger(__name__)
 
 
 class DashboardService:
-    def __init__(self, read: Callable[[], dict[str, Any]], *, refresh_period: float = 10.0,
-                 history: Optional[History] = None):  # fmt: skip
+    def __init__(self, read: Callable[[], dict[str, Any]], *, refresh_period: float = 10.0, history: Optional[History] = None):
         if refresh_period <= 0:
             raise ValueError(f"refresh_period must be positive, got {refresh_period}")
         self.read = read  # one read of the swarm -> build_state()'s dict (SwarmReader.read)
@@ -79,8 +78,7 @@ class DashboardService:
         if state is None:  # nothing read yet: the view of an empty swarm, generated at no time
             state = build_state({}, {}, {}, now=None, read_seconds=None)
         errors = [*state["errors"], last_error] if last_error else state["errors"]
-        snapshot = {**state, "errors": errors, "ready": state["generated_at"] is not None,
-                    "refresh_period": self.refresh_period}  # fmt: skip
+        snapshot = {**state, "errors": errors, "ready": state["generated_at"] is not None, "refresh_period": self.refresh_period}
         if history:
             snapshot["history"] = history_json
         return snapshot

@@ -104,12 +104,14 @@ def build_model(
     for index in range(num_blocks):
         servers = block_infos[index] if index < len(block_infos) else {}
         counted = [info for peer_id, info in servers.items() if _counts(info, probes.get(peer_id))]
-        blocks.append({
-            "index": index,
-            "servers": len(counted),
-            "throughput": sum((info.throughput for info in counted), 0.0),
-            "joining": sum(info.state == ServerState.JOINING for info in servers.values()),
-        })  # fmt: skip
+        blocks.append(
+            {
+                "index": index,
+                "servers": len(counted),
+                "throughput": sum((info.throughput for info in counted), 0.0),
+                "joining": sum(info.state == ServerState.JOINING for info in servers.values()),
+            }
+        )
         for peer_id, info in servers.items():
             key = (peer_id, info.start_block, info.end_block)
             seen = rows.get(key)

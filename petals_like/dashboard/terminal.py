@@ -41,10 +41,22 @@ def coverage_strip(model: Mapping[str, Any]) -> Text:
 
 def servers_table(model: Mapping[str, Any]) -> Table:
     table = Table(expand=False, show_edge=False, pad_edge=False, header_style="bold", box=None)
-    for name, justify in (("server", "left"), ("span", "left"), ("state", "left"), ("rpc_info", "right"),
-                          ("tput", "right"), ("steps/s", "right"), ("fwd tok/s", "right"), ("free cache", "right"),
-                          ("sess", "right"), ("load", "right"), ("version", "left"), ("dtype/quant", "left"),
-                          ("adapters", "left"), ("pings to next", "left")):  # fmt: skip
+    for name, justify in (
+        ("server", "left"),
+        ("span", "left"),
+        ("state", "left"),
+        ("rpc_info", "right"),
+        ("tput", "right"),
+        ("steps/s", "right"),
+        ("fwd tok/s", "right"),
+        ("free cache", "right"),
+        ("sess", "right"),
+        ("load", "right"),
+        ("version", "left"),
+        ("dtype/quant", "left"),
+        ("adapters", "left"),
+        ("pings to next", "left"),
+    ):
         table.add_column(name, justify=justify, no_wrap=name in ("server", "span", "state", "rpc_info"))
     for s in model["servers"]:
         name = Text(s["short_id"])
@@ -58,11 +70,21 @@ def servers_table(model: Mapping[str, Any]) -> Table:
             reach = f"{s['rpc_rtt'] * 1000:.0f} ms" if s["reachable"] else "no answer"
         pings = ", ".join(f"{peer[-6:]} {rtt * 1000:.0f} ms" for peer, rtt in sorted(s["next_pings"].items(), key=lambda p: p[1]))
         table.add_row(
-            name, f"{s['start_block']}:{s['end_block']}", Text(s["status"], style=STATUS_STYLES[s["status"]]), reach,
-            _num(s["throughput"]), _num(s["inference_rps"]), _num(s["forward_rps"]), f"{s['cache_tokens_left']:,}",
-            str(s["open_sessions"]), f"{s['load'] * 100:.0f}%", Text(s["version"] or "–"),
-            Text(f"{s['torch_dtype']}/{s['quant_type']}"), Text(", ".join(s["adapters"]) or "–"), Text(pings or "–"),
-        )  # fmt: skip
+            name,
+            f"{s['start_block']}:{s['end_block']}",
+            Text(s["status"], style=STATUS_STYLES[s["status"]]),
+            reach,
+            _num(s["throughput"]),
+            _num(s["inference_rps"]),
+            _num(s["forward_rps"]),
+            f"{s['cache_tokens_left']:,}",
+            str(s["open_sessions"]),
+            f"{s['load'] * 100:.0f}%",
+            Text(s["version"] or "–"),
+            Text(f"{s['torch_dtype']}/{s['quant_type']}"),
+            Text(", ".join(s["adapters"]) or "–"),
+            Text(pings or "–"),
+        )
     return table
 
 
@@ -73,12 +95,15 @@ def render_model(model: Mapping[str, Any]) -> RenderableType:
         title.append(f" {model['name']}", style="dim")
     facts = Text.assemble(
         f"{model['num_blocks']} blocks · {model['online_servers']} online servers · bottleneck ",
-        (_num(model["bottleneck_throughput"]), "bold"), " tokens/s",
+        (_num(model["bottleneck_throughput"]), "bold"),
+        " tokens/s",
     )
     if model["uncovered_blocks"]:
         facts.append(f" · uncovered blocks: {_ranges(model['uncovered_ranges'])}", style="bold red")
     body: list[RenderableType] = [Text(""), title, facts, Text.assemble("blocks ", coverage_strip(model))]
-    body.append(servers_table(model) if model["servers"] else Text("no server has announced blocks of this model", style="italic"))
+    body.append(
+        servers_table(model) if model["servers"] else Text("no server has announced blocks of this model", style="italic")
+    )
     return Group(*body)
 
 

@@ -25,8 +25,12 @@ from petals_like.dashboard.service import DashboardService
 logger = logging.getLogger(__name__)
 
 STATE_PLACEHOLDER = "{{INITIAL_STATE}}"
-CONTENT_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
-                 ".css": "text/css; charset=utf-8", ".svg": "image/svg+xml"}  # fmt: skip
+CONTENT_TYPES = {
+    ".html": "text/html; charset=utf-8",
+    ".js": "text/javascript; charset=utf-8",
+    ".css": "text/css; charset=utf-8",
+    ".svg": "image/svg+xml",
+}
 SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
     "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
@@ -84,9 +88,9 @@ class DashboardHandler(BaseHTTPRequestHandler):
             self._send(HTTPStatus.OK, "application/json", body, send_body)
         elif path == "/metrics":
             self._send(HTTPStatus.OK, METRICS_CONTENT_TYPE, service.metrics().encode(), send_body)
-        elif path.startswith("/static/") and path[len("/static/"):] in self.server.static:
-            name = path[len("/static/"):]
-            content_type = CONTENT_TYPES.get(name[name.rfind("."):], "application/octet-stream")
+        elif path.startswith("/static/") and path[len("/static/") :] in self.server.static:
+            name = path[len("/static/") :]
+            content_type = CONTENT_TYPES.get(name[name.rfind(".") :], "application/octet-stream")
             self._send(HTTPStatus.OK, content_type, self.server.static[name], send_body, cache=True)
         elif path == "/favicon.ico":
             self._send(HTTPStatus.NO_CONTENT, "text/plain", b"", send_body)

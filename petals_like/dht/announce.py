@@ -50,8 +50,9 @@ async def get_block_infos(
     with the model's num_blocks, records of spans past its end are dropped too."""
     keys = [block_key(dht_prefix, i) for i in block_indices]
     found = await node.get_many(keys, sufficient_expiration_time=float("inf") if latest else None)
-    return [parse_block_entries(signed_entries(found.get(key), key), index, num_blocks)
-            for key, index in zip(keys, block_indices)]
+    return [
+        parse_block_entries(signed_entries(found.get(key), key), index, num_blocks) for key, index in zip(keys, block_indices)
+    ]
 
 
 async def get_models(node: DHTNode, *, latest: bool = True) -> dict[str, ModelInfo]:

@@ -48,8 +48,10 @@ class Identity:
         with open(identity_path, "rb") as f:
             key = crypto_pb2.PrivateKey.FromString(f.read())
         if key.key_type != crypto_pb2.KeyType.RSA:
-            raise ValueError(f"{identity_path} holds a {crypto_pb2.KeyType.Name(key.key_type)} key; records are signed "
-                             f"with RSA identities (delete the file to have a new one made)")  # fmt: skip
+            raise ValueError(
+                f"{identity_path} holds a {crypto_pb2.KeyType.Name(key.key_type)} key; records are signed "
+                f"with RSA identities (delete the file to have a new one made)"
+            )
         self.private_key = RSAPrivateKey.__new__(RSAPrivateKey)
         self.private_key._private_key = serialization.load_der_private_key(key.data, password=None)
         self.public_key = self.private_key.get_public_key().to_bytes().decode()

@@ -22,10 +22,10 @@ from typing import Any, Awaitable, Callable, Optional, Sequence, TypeVar
 from hivemind.dht.node import DHTNode
 from hivemind.p2p import P2P, PeerID
 
+from petals_like.data_structures import MAX_ADDRS
 from petals_like.dht import guards
 from petals_like.dht.identity import Identity
 from petals_like.dht.reach import check_reachability, connection_maddr, listen_plan, only_loopback, serve_dial_back, tcp_ports
-from petals_like.data_structures import MAX_ADDRS
 from petals_like.dht.records import SwarmValidator
 from petals_like.dht.relay import RelayingClient, RelayLimits, RelayService, Routes, circuit_addr, reserve
 
@@ -97,8 +97,9 @@ class SwarmNode:
         )
         self.daemon = self.p2p._client  # hivemind's own client: what a relay forwards with (dht/relay.py)
         self.p2p._client = RelayingClient(self.daemon, self.routes, self.peer_id)  # calls to relayed peers go via relays
-        self.initial_peer_ids = [PeerID.from_base58(m.split("/p2p/")[-1].split("/")[0]) for m in map(str, initial_peers)
-                                 if "/p2p/" in m]  # fmt: skip
+        self.initial_peer_ids = [
+            PeerID.from_base58(m.split("/p2p/")[-1].split("/")[0]) for m in map(str, initial_peers) if "/p2p/" in m
+        ]
         if not self.client_mode:
             await serve_dial_back(self.p2p)
             await self._check_reachability(self.initial_peer_ids)
@@ -114,7 +115,9 @@ class SwarmNode:
             num_workers=8,
             # a lone bootstrap node has no peers yet; joining peers must reach theirs
             ensure_bootstrap_success=bool(initial_peers),
-            cache_locally=False, cache_nearest=0, cache_on_store=False,  # no cache: see storage.NoCache
+            cache_locally=False,
+            cache_nearest=0,
+            cache_on_store=False,  # no cache: see storage.NoCache
         )
         guards.install(self.dht.protocol)  # see dht/guards.py; nothing has awaited since create() returned
 
@@ -132,8 +135,11 @@ class SwarmNode:
         addrs = list(self.announce_maddrs)
         if not self.announce_chosen:
             own = {a.split("/")[2] for a in addrs}
-            seen = [f"/{'ip6' if ':' in ip else 'ip4'}/{ip}/tcp/{port}" for ip in sorted(self.observed_ips - own)
-                    for port in tcp_ports(addrs)]  # fmt: skip
+            seen = [
+                f"/{'ip6' if ':' in ip else 'ip4'}/{ip}/tcp/{port}"
+                for ip in sorted(self.observed_ips - own)
+                for port in tcp_ports(addrs)
+            ]
             addrs = seen + addrs
         return addrs[:MAX_ADDRS]
 
@@ -149,7 +155,11 @@ class SwarmNode:
         reachable, self.observed_ips = await check_reachability(self.p2p, peers, ports)
         if reachable is not None or self.reachable is None:
             self.reachable = reachable
-        verdicts = {True: "public", False: "behind NAT: serving through relays", None: "unknown (nobody answered), assumed public"}
+        verdicts = {
+            True: "public",
+            False: "behind NAT: serving through relays",
+            None: "unknown (nobody answered), assumed public",
+        }
         logger.info(f"Reachability: {verdicts[self.reachable]}")
 
     async def _offer_relay(self) -> None:

@@ -39,8 +39,9 @@ CHECKERS = 3  # peers asked to dial back
 # ---- addresses
 
 
-def listen_plan(port: int = 0, public_ip: Optional[str] = None, announce_maddrs: Sequence[str] = ()
-                ) -> tuple[list[str], list[str]]:  # fmt: skip
+def listen_plan(
+    port: int = 0, public_ip: Optional[str] = None, announce_maddrs: Sequence[str] = ()
+) -> tuple[list[str], list[str]]:
     """(host_maddrs, announce_maddrs) for a node reachable from other hosts: every interface on one port."""
     port = port or free_port()
     host = [f"/ip4/0.0.0.0/tcp/{port}", f"/ip4/0.0.0.0/udp/{port}/quic-v1"]
@@ -242,8 +243,9 @@ async def dial(ip: str, port: int, timeout: float = DIAL_TIMEOUT) -> bool:
         writer.close()
 
 
-async def check_reachability(p2p: P2P, peers: Sequence[PeerID], ports: Sequence[int], *,
-                             timeout: float = 2 * DIAL_TIMEOUT + 2) -> tuple[Optional[bool], set[str]]:  # fmt: skip
+async def check_reachability(
+    p2p: P2P, peers: Sequence[PeerID], ports: Sequence[int], *, timeout: float = 2 * DIAL_TIMEOUT + 2
+) -> tuple[Optional[bool], set[str]]:
     """Ask up to CHECKERS of `peers` to dial us back on our TCP `ports`: (True if any reached us, False if
     all who answered could not, None if nobody answered or there is no TCP port to try; the addresses
     the peers that reached us saw us coming from)."""
@@ -253,8 +255,9 @@ async def check_reachability(p2p: P2P, peers: Sequence[PeerID], ports: Sequence[
 
     async def ask(peer: PeerID) -> dict:
         try:
-            answer = msgpack.unpackb(await asyncio.wait_for(p2p._client.call_unary_handler(peer, RPC_DIAL_BACK, request),
-                                                            timeout), raw=False)  # fmt: skip
+            answer = msgpack.unpackb(
+                await asyncio.wait_for(p2p._client.call_unary_handler(peer, RPC_DIAL_BACK, request), timeout), raw=False
+            )
             return answer if isinstance(answer, dict) and isinstance(answer.get("reachable"), bool) else {}
         except Exception as e:
             logger.debug(f"Dial-back check by {peer} failed: {e!r}")

@@ -105,8 +105,9 @@ class RelayService:
 
     async def _info(self, request: bytes, remote_id: PeerID) -> bytes:
         self._purge()
-        return msgpack.packb({"reservations": [p.to_base58() for p in self.reservations],
-                              "circuits": self.circuits.total(), **self.stats})  # fmt: skip
+        return msgpack.packb(
+            {"reservations": [p.to_base58() for p in self.reservations], "circuits": self.circuits.total(), **self.stats}
+        )
 
     def _refuse(self, why: str) -> None:
         self.stats["refused"] += 1
@@ -164,8 +165,7 @@ class RelayService:
                 target, name = self._target(msgpack.unpackb(header, raw=False))
                 self._open(caller)  # counted before the next await: concurrent streams see each other
                 opened = True
-                _, target_reader, target_writer = await asyncio.wait_for(self.daemon.stream_open(target, (name,)),
-                                                                         HEADER_TIMEOUT)  # fmt: skip
+                _, target_reader, target_writer = await asyncio.wait_for(self.daemon.stream_open(target, (name,)), HEADER_TIMEOUT)
             except Exception as e:
                 writer.write(_status(str(e) or repr(e)))
                 with contextlib.suppress(Exception):  # the caller may be gone already
@@ -174,8 +174,10 @@ class RelayService:
             writer.write(_status(None))
             self.stats["streams"] += 1
             budget = [self.limits.max_circuit_bytes]
-            pipes = [asyncio.create_task(self._pipe(reader, target_writer, budget)),
-                     asyncio.create_task(self._pipe(target_reader, writer, budget))]  # fmt: skip
+            pipes = [
+                asyncio.create_task(self._pipe(reader, target_writer, budget)),
+                asyncio.create_task(self._pipe(target_reader, writer, budget)),
+            ]
             done, _ = await asyncio.wait(pipes, timeout=self.limits.max_circuit_seconds, return_when=asyncio.FIRST_COMPLETED)
             for pipe in pipes:
                 pipe.cancel()

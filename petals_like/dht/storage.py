@@ -82,8 +82,7 @@ class _Budget:
 
 
 class BoundedStorage(DHTLocalStorage):
-    def __init__(self, maxsize: Optional[int] = None, max_key_bytes: int = MAX_KEY_BYTES,
-                 max_node_bytes: int = MAX_NODE_BYTES):  # fmt: skip
+    def __init__(self, maxsize: Optional[int] = None, max_key_bytes: int = MAX_KEY_BYTES, max_node_bytes: int = MAX_NODE_BYTES):
         super().__init__(maxsize=maxsize)
         self.max_key_bytes = max_key_bytes
         self.node_budget = _Budget(max_node_bytes)
@@ -157,8 +156,10 @@ class BoundedStorage(DHTLocalStorage):
         return total
 
     def _first_expiry(self) -> float:
-        return min((_first_expiry(value) for _, (value, _) in TimedStorage.items(self)
-                    if isinstance(value, DictionaryDHTValue)), default=-math.inf)  # fmt: skip
+        return min(
+            (_first_expiry(value) for _, (value, _) in TimedStorage.items(self) if isinstance(value, DictionaryDHTValue)),
+            default=-math.inf,
+        )
 
 
 def _first_expiry(entries: DictionaryDHTValue) -> float:

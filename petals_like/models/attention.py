@@ -44,9 +44,7 @@ class RotaryEmbedding:
         scaling = dict(spec.rope_scaling or {})
         self.rope_type = scaling.get("rope_type", scaling.get("type", "default"))
         if self.rope_type not in SUPPORTED_ROPE_TYPES:
-            raise ValueError(
-                f"rope_type={self.rope_type!r} is not supported (supported: {', '.join(SUPPORTED_ROPE_TYPES)})"
-            )
+            raise ValueError(f"rope_type={self.rope_type!r} is not supported (supported: {', '.join(SUPPORTED_ROPE_TYPES)})")
         if scaling.get("partial_rotary_factor", 1.0) != 1.0:
             raise ValueError("partial_rotary_factor != 1 is not supported by llama-family blocks")
         self.scaling = scaling

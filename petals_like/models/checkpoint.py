@@ -169,8 +169,7 @@ class CheckpointReader:
         """Tensors of block `index` with `model.layers.{index}.` stripped (e.g. `self_attn.q_proj.weight`)."""
         names = self.block_tensor_names(index)
         if not names:
-            raise ValueError(f"checkpoint {self.path} has no tensors for block {index} "
-                             f"(it has {self.num_blocks} blocks)")  # fmt: skip
+            raise ValueError(f"checkpoint {self.path} has no tensors for block {index} (it has {self.num_blocks} blocks)")
         prefix_len = len(f"{self.prefix}layers.{index}.")
         return {name[prefix_len:]: tensor for name, tensor in self.read(names, dtype).items()}
 

@@ -26,9 +26,14 @@ from petals_like.models.spec import ModelSpec
 
 # projection name -> the submodule holding it (checkpoint and PEFT key layout)
 TARGETS: dict[str, str] = {
-    "q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
-    "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp",
-}  # fmt: skip
+    "q_proj": "self_attn",
+    "k_proj": "self_attn",
+    "v_proj": "self_attn",
+    "o_proj": "self_attn",
+    "gate_proj": "mlp",
+    "up_proj": "mlp",
+    "down_proj": "mlp",
+}
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 _PEFT_KEY = re.compile(r"^(?:base_model\.model\.)?model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])\.weight$")
@@ -38,9 +43,15 @@ def target_shape(spec: ModelSpec, target: str) -> tuple[int, int]:
     """(in_features, out_features) of a projection."""
     q_size, kv_size = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
     hidden, inter = spec.hidden_size, spec.intermediate_size
-    shapes = {"q_proj": (hidden, q_size), "k_proj": (hidden, kv_size), "v_proj": (hidden, kv_size),
-              "o_proj": (q_size, hidden), "gate_proj": (hidden, inter), "up_proj": (hidden, inter),
-              "down_proj": (inter, hidden)}  # fmt: skip
+    shapes = {
+        "q_proj": (hidden, q_size),
+        "k_proj": (hidden, kv_size),
+        "v_proj": (hidden, kv_size),
+        "o_proj": (q_size, hidden),
+        "gate_proj": (hidden, inter),
+        "up_proj": (hidden, inter),
+        "down_proj": (inter, hidden),
+    }
     return shapes[target]
 
 
@@ -159,8 +170,9 @@ def check_peft_config(config: dict[str, Any], *, for_training: bool) -> tuple[in
     return rank, scaling_from_config(config), canonical_targets(modules)
 
 
-def read_peft_adapter(path: str | Path, spec: ModelSpec, blocks: Iterable[int], *, for_training: bool = False
-                      ) -> tuple[dict[str, Any], dict[int, BlockLora]]:  # fmt: skip
+def read_peft_adapter(
+    path: str | Path, spec: ModelSpec, blocks: Iterable[int], *, for_training: bool = False
+) -> tuple[dict[str, Any], dict[int, BlockLora]]:
     """Load a PEFT LoRA folder (adapter_config.json + adapter_model.safetensors) for the given blocks.
 
     Returns (config dict, block index -> BlockLora); every target of every requested block must be there.
@@ -194,8 +206,10 @@ def read_peft_adapter(path: str | Path, spec: ModelSpec, blocks: Iterable[int], 
             if a is None or b is None:
                 raise ValueError(f"{path}: block {block} has no LoRA weights for {target}")
             if tuple(a.shape) != (rank, fan_in) or tuple(b.shape) != (fan_out, rank):
-                raise ValueError(f"{path}: block {block} {target} has A {tuple(a.shape)}, B {tuple(b.shape)}; "
-                                 f"this model needs A {(rank, fan_in)}, B {(fan_out, rank)}")  # fmt: skip
+                raise ValueError(
+                    f"{path}: block {block} {target} has A {tuple(a.shape)}, B {tuple(b.shape)}; "
+                    f"this model needs A {(rank, fan_in)}, B {(fan_out, rank)}"
+                )
             weights[target] = (a, b)
         result[block] = BlockLora(scaling, weights)
     return config, result

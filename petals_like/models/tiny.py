@@ -28,17 +28,36 @@ UNK_ID, BOS_ID, EOS_ID, PAD_ID = range(4)
 FAMILIES = ("llama", "mistral", "qwen2")
 
 PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": dict(hidden_size=64, num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=2,
-                 intermediate_size=172, vocab_size=320, max_position_embeddings=512,
-                 initializer_range=0.2),  # fmt: skip
+    "tiny": dict(
+        hidden_size=64,
+        num_hidden_layers=8,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=172,
+        vocab_size=320,
+        max_position_embeddings=512,
+        initializer_range=0.2,
+    ),
     # ~200M parameters: big enough for throughput numbers to mean something on one GPU
-    "bench": dict(hidden_size=1024, num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=4,
-                  intermediate_size=2816, vocab_size=32000, max_position_embeddings=2048,
-                  initializer_range=0.05),  # fmt: skip
+    "bench": dict(
+        hidden_size=1024,
+        num_hidden_layers=16,
+        num_attention_heads=16,
+        num_key_value_heads=4,
+        intermediate_size=2816,
+        vocab_size=32000,
+        max_position_embeddings=2048,
+        initializer_range=0.05,
+    ),
 }
 # Llama-3-style scaling with a short original context, so positions < 512 cross all three bands
-TINY_LLAMA3_ROPE: dict[str, Any] = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                    "high_freq_factor": 4.0, "original_max_position_embeddings": 64}  # fmt: skip
+TINY_LLAMA3_ROPE: dict[str, Any] = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 64,
+}
 ROPE_THETA = {"llama": 10000.0, "mistral": 10000.0, "qwen2": 1e6}
 TINY_MISTRAL_SLIDING_WINDOW = 128  # shorter than max_position_embeddings, so long tests exercise the window
 
@@ -75,10 +94,16 @@ def make_tiny_model(
 
     path = Path(path)
     params = {
-        "version": MARKER_VERSION, "family": family, "preset": preset, "seed": seed,
-        "max_shard_size": max_shard_size, "tie_word_embeddings": tie_word_embeddings, "rope_scaling": rope_scaling,
-        "dtype": str(dtype).replace("torch.", ""), "config_overrides": config_overrides,
-    }  # fmt: skip
+        "version": MARKER_VERSION,
+        "family": family,
+        "preset": preset,
+        "seed": seed,
+        "max_shard_size": max_shard_size,
+        "tie_word_embeddings": tie_word_embeddings,
+        "rope_scaling": rope_scaling,
+        "dtype": str(dtype).replace("torch.", ""),
+        "config_overrides": config_overrides,
+    }
     params = json.loads(json.dumps(params, sort_keys=True, default=str))  # the form it takes once stored
     if path.exists() and not path.is_dir():
         raise FileExistsError(f"{path} is a file, not a folder for a checkpoint")
@@ -90,8 +115,10 @@ def make_tiny_model(
             raise FileExistsError(f"{path} exists and was not made by make_tiny_model; refusing to write into it")
         if existing is not None and not overwrite:
             differ = {k: (existing.get(k), params[k]) for k in params if existing.get(k) != params[k]}
-            raise FileExistsError(f"{path} holds a tiny model made with other arguments (stored, asked: {differ}); "
-                                  f"pass overwrite=True to rebuild it")  # fmt: skip
+            raise FileExistsError(
+                f"{path} holds a tiny model made with other arguments (stored, asked: {differ}); "
+                f"pass overwrite=True to rebuild it"
+            )
 
     # build next to the target and rename: an interrupted build never leaves a folder that looks complete
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -125,8 +152,9 @@ def _read_marker(path: Path) -> Optional[dict[str, Any]]:
         return None
 
 
-def _make_config(family: str, preset: str, tie_word_embeddings: bool, rope_scaling: Optional[dict[str, Any]],
-                 overrides: dict[str, Any]) -> Any:  # fmt: skip
+def _make_config(
+    family: str, preset: str, tie_word_embeddings: bool, rope_scaling: Optional[dict[str, Any]], overrides: dict[str, Any]
+) -> Any:
     from transformers import LlamaConfig, MistralConfig, Qwen2Config
 
     overrides = dict(overrides)
@@ -138,8 +166,14 @@ def _make_config(family: str, preset: str, tie_word_embeddings: bool, rope_scali
         rope.setdefault("rope_type", rope_scaling.get("type", "default"))
         rope["rope_theta"] = rope_theta  # transformers >= 5 keeps theta inside rope_parameters
     kwargs: dict[str, Any] = dict(PRESETS[preset])
-    kwargs.update(rms_norm_eps=1e-6, tie_word_embeddings=tie_word_embeddings, rope_parameters=rope,
-                  bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID)  # fmt: skip
+    kwargs.update(
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=tie_word_embeddings,
+        rope_parameters=rope,
+        bos_token_id=BOS_ID,
+        eos_token_id=EOS_ID,
+        pad_token_id=PAD_ID,
+    )
     if family == "mistral":
         kwargs["sliding_window"] = TINY_MISTRAL_SLIDING_WINDOW if preset == "tiny" else None
     kwargs.update(overrides)
@@ -210,8 +244,12 @@ def _save_tokenizer(folder: Path, max_length: int) -> None:
         single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", BOS_ID)]
     )
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+        tokenizer_object=tokenizer,
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
         padding_side="left",  # decoder-only batches are left-padded so every row ends at its last token
         model_max_length=max_length,
-    )  # fmt: skip
+    )
     fast.save_pretrained(folder)

@@ -204,8 +204,9 @@ def _int4_layout_known() -> bool:
         except Exception:  # the private ops missing, or packing another way
             _int4_layout_ok = False
         if not _int4_layout_ok:
-            logger.info("this torch build packs 4-bit weights in a layout not read here: "
-                        "4-bit products of many rows stay on its kernel")  # fmt: skip
+            logger.info(
+                "this torch build packs 4-bit weights in a layout not read here: 4-bit products of many rows stay on its kernel"
+            )
     return _int4_layout_ok
 
 
@@ -241,6 +242,13 @@ def linear_weight_bytes(block) -> int:
     """Bytes of the block's linear-layer weights as stored (quantized or not)."""
     if getattr(block, "quant_type", "none") != "none":
         return sum(w.nbytes for w, _ in (block._qkv, block._gate_up, block._o, block._down))
-    linears = (block.self_attn.q_proj, block.self_attn.k_proj, block.self_attn.v_proj, block.self_attn.o_proj,
-               block.mlp.gate_proj, block.mlp.up_proj, block.mlp.down_proj)  # fmt: skip
+    linears = (
+        block.self_attn.q_proj,
+        block.self_attn.k_proj,
+        block.self_attn.v_proj,
+        block.self_attn.o_proj,
+        block.mlp.gate_proj,
+        block.mlp.up_proj,
+        block.mlp.down_proj,
+    )
     return sum(lin.weight.numel() * lin.weight.element_size() for lin in linears)

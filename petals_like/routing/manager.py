@@ -21,12 +21,12 @@ import logging
 import time
 from typing import Callable, Optional, TypeVar
 
-from petals_like.protocol import call_info
 from petals_like.config import ClientConfig
 from petals_like.data_structures import RemoteSpanInfo
 from petals_like.dht.announce import get_block_infos
 from petals_like.dht.node import SwarmNode
 from petals_like.dht.records import compute_spans
+from petals_like.protocol import call_info
 from petals_like.routing.pings import PingTable
 from petals_like.routing.planner import LatencyModel, NoRouteError, make_route, make_training_route, make_training_routes
 
@@ -58,8 +58,10 @@ class RouteManager:
             if not force and time.monotonic() - self._updated_at < self.config.update_period:
                 return
             # bounded, as every read of what strangers serve should be: the lock waits on it
-            infos = await asyncio.wait_for(get_block_infos(self.node.dht, self.dht_prefix, range(self.num_blocks),
-                                                           num_blocks=self.num_blocks), self.config.connect_timeout)
+            infos = await asyncio.wait_for(
+                get_block_infos(self.node.dht, self.dht_prefix, range(self.num_blocks), num_blocks=self.num_blocks),
+                self.config.connect_timeout,
+            )
             self.spans = {peer: span for peer, span in compute_spans(infos).items() if self._may_use(peer)}
             for peer, span in self.spans.items():  # how to reach each: directly, or through its relays
                 self.node.routes.learn(peer, span.server_info.addrs, span.server_info.using_relay)
@@ -104,8 +106,9 @@ class RouteManager:
             self._banned_until.pop(peer_id, None)
 
     def latency_model(self, needed_tokens: int = 0) -> LatencyModel:
-        return LatencyModel(dict(self.pings.rtts), push=self.config.use_push, default_rtt=self.config.default_rtt,
-                            needed_tokens=needed_tokens)  # fmt: skip
+        return LatencyModel(
+            dict(self.pings.rtts), push=self.config.use_push, default_rtt=self.config.default_rtt, needed_tokens=needed_tokens
+        )
 
     def avoided(self) -> set[str]:
         """Peers to plan around: banned ones, and those whose latest ping got no answer."""
@@ -125,8 +128,9 @@ class RouteManager:
         await self.make_route(start, end, training=True)  # waits until at least one chain exists
         return self._plan(lambda avoid: make_training_routes(self.spans, start, end, count, banned=avoid))
 
-    async def make_route(self, start: int, end: int, *, training: bool = False, needed_tokens: int = 0,
-                         timeout: Optional[float] = None) -> list[RemoteSpanInfo]:  # fmt: skip
+    async def make_route(
+        self, start: int, end: int, *, training: bool = False, needed_tokens: int = 0, timeout: Optional[float] = None
+    ) -> list[RemoteSpanInfo]:
         """A chain covering [start, end); waits (re-reading the DHT) until one exists or timeout passes.
 
         Inference chains minimize the modelled step time; training chains (training=True) spread load.
@@ -163,13 +167,13 @@ class RouteManager:
         this check each one could cost a caller one of its retries, every time its ban ends, and a
         caller could give up while live servers serve every block.
         """
-        suspects = [span.peer_id for span in route
-                    if span.peer_id in self._failures or span.peer_id in self.pings.unreachable]  # fmt: skip
+        suspects = [span.peer_id for span in route if span.peer_id in self._failures or span.peer_id in self.pings.unreachable]
         if not suspects:
             return True
         self.pings.sent += len(suspects)
-        answers = await asyncio.gather(*(call_info(self.node.p2p, peer, timeout=self.config.ping_timeout)
-                                         for peer in suspects), return_exceptions=True)  # fmt: skip
+        answers = await asyncio.gather(
+            *(call_info(self.node.p2p, peer, timeout=self.config.ping_timeout) for peer in suspects), return_exceptions=True
+        )
         unreachable = [(peer, answer) for peer, answer in zip(suspects, answers) if isinstance(answer, Exception)]
         for peer, error in unreachable:
             self.ban(peer, f"does not answer a ping: {error!r}")

@@ -95,12 +95,20 @@ def _candidates(spans: Mapping[str, RemoteSpanInfo], start: int, end: int, banne
 
 
 def _no_route(block: int, start: int, end: int, spans: Mapping, banned: Collection) -> NoRouteError:
-    return NoRouteError(f"no server serves block {block} (needed {start}:{end}; "
-                        f"{len(spans)} servers known, {len(banned)} banned)")  # fmt: skip
+    return NoRouteError(
+        f"no server serves block {block} (needed {start}:{end}; {len(spans)} servers known, {len(banned)} banned)"
+    )
 
 
-def make_route(spans: Mapping[str, RemoteSpanInfo], start: int, end: int, *, banned: Collection[str] = (),
-               model: Optional[LatencyModel] = None, beam: int = 16) -> list[RemoteSpanInfo]:  # fmt: skip
+def make_route(
+    spans: Mapping[str, RemoteSpanInfo],
+    start: int,
+    end: int,
+    *,
+    banned: Collection[str] = (),
+    model: Optional[LatencyModel] = None,
+    beam: int = 16,
+) -> list[RemoteSpanInfo]:
     """The inference chain over [start, end) with the least expected step time under `model`."""
     model = model or LatencyModel({})
     candidates = _candidates(spans, start, end, banned)
@@ -162,8 +170,14 @@ def _first_gap(candidates: list[RemoteSpanInfo], start: int, end: int) -> int:
     return end
 
 
-def make_training_route(spans: Mapping[str, RemoteSpanInfo], start: int, end: int, *, banned: Collection[str] = (),
-                        rng: Optional[random.Random] = None) -> list[RemoteSpanInfo]:  # fmt: skip
+def make_training_route(
+    spans: Mapping[str, RemoteSpanInfo],
+    start: int,
+    end: int,
+    *,
+    banned: Collection[str] = (),
+    rng: Optional[random.Random] = None,
+) -> list[RemoteSpanInfo]:
     """A chain for forward/backward calls that spreads load: each hop drawn with weight throughput x (1 - load)."""
     rng = rng or random.Random()
     candidates = _candidates(spans, start, end, banned)
@@ -180,9 +194,16 @@ def make_training_route(spans: Mapping[str, RemoteSpanInfo], start: int, end: in
     return route
 
 
-def make_training_routes(spans: Mapping[str, RemoteSpanInfo], start: int, end: int, count: int, *,
-                         banned: Collection[str] = (), rng: Optional[random.Random] = None, attempts: int = 8
-                         ) -> list[tuple[list[RemoteSpanInfo], float]]:  # fmt: skip
+def make_training_routes(
+    spans: Mapping[str, RemoteSpanInfo],
+    start: int,
+    end: int,
+    count: int,
+    *,
+    banned: Collection[str] = (),
+    rng: Optional[random.Random] = None,
+    attempts: int = 8,
+) -> list[tuple[list[RemoteSpanInfo], float]]:
     """Up to `count` different training chains (data parallelism), each with its weight: the slowest
     hop's throughput x (1 - load). Fewer when the swarm has fewer distinct chains; at least one."""
     rng = rng or random.Random()
@@ -198,4 +219,3 @@ def make_training_routes(spans: Mapping[str, RemoteSpanInfo], start: int, end: i
 def _weight(span: RemoteSpanInfo) -> float:
     info = span.server_info
     return (info.throughput if info.throughput > 0 else DEFAULT_THROUGHPUT) * max(1.0 - info.load, MIN_IDLE)
-

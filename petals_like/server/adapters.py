@@ -33,7 +33,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from petals_like.config import ServerConfig
-from petals_like.models.lora import BlockLora, from_wire, read_peft_adapter, wire_shapes, canonical_targets
+from petals_like.models.lora import BlockLora, canonical_targets, from_wire, read_peft_adapter, wire_shapes
 from petals_like.models.spec import ModelSpec
 from petals_like.protocol import ADAPTER_NOT_CACHED, WIRE_DTYPES, ProtocolError, all_finite, require
 from petals_like.server.backend import BlockRange
@@ -73,9 +73,18 @@ class _ClientEntry:
 
 
 class AdapterStore:
-    def __init__(self, spec: ModelSpec, span_start: int, span_end: int, *, dtype: torch.dtype, device: torch.device,
-                 max_rank: int = ServerConfig.max_lora_rank, max_bytes_per_peer: int = ServerConfig.max_adapter_bytes,
-                 idle_timeout: float = ServerConfig.adapter_idle_timeout):  # fmt: skip
+    def __init__(
+        self,
+        spec: ModelSpec,
+        span_start: int,
+        span_end: int,
+        *,
+        dtype: torch.dtype,
+        device: torch.device,
+        max_rank: int = ServerConfig.max_lora_rank,
+        max_bytes_per_peer: int = ServerConfig.max_adapter_bytes,
+        idle_timeout: float = ServerConfig.adapter_idle_timeout,
+    ):
         self.spec = spec
         self.span_start, self.span_end = span_start, span_end
         self.dtype, self.device = dtype, device
@@ -105,8 +114,9 @@ class AdapterStore:
 
     # ---- requests ----
 
-    def resolve(self, meta: dict, extra: Sequence[torch.Tensor], blocks: BlockRange, peer_id: str, batch: int,
-                seq: int) -> Tuning:  # fmt: skip
+    def resolve(
+        self, meta: dict, extra: Sequence[torch.Tensor], blocks: BlockRange, peer_id: str, batch: int, seq: int
+    ) -> Tuning:
         """The prompts and LoRA of a forward/backward request; `extra` are its tensors after the hidden states."""
         extra = list(extra)
         tuning = Tuning()
@@ -114,10 +124,15 @@ class AdapterStore:
             if not extra:
                 raise ProtocolError("deep_prompts is set but the request has no prompts tensor")
             prompts = extra.pop(0)
-            if prompts.dim() != 3 or prompts.shape[0] != blocks.length or prompts.shape[2] != self.spec.hidden_size \
-                    or not 1 <= prompts.shape[1] <= seq:  # fmt: skip
-                raise ProtocolError(f"prompts must be [{blocks.length}, prefix in 1..{seq}, {self.spec.hidden_size}], "
-                                    f"got {list(prompts.shape)}")  # fmt: skip
+            if (
+                prompts.dim() != 3
+                or prompts.shape[0] != blocks.length
+                or prompts.shape[2] != self.spec.hidden_size
+                or not 1 <= prompts.shape[1] <= seq
+            ):
+                raise ProtocolError(
+                    f"prompts must be [{blocks.length}, prefix in 1..{seq}, {self.spec.hidden_size}], got {list(prompts.shape)}"
+                )
             _check_values(prompts, "prompts")
             tuning.prompts = prompts.to(self.device, self.dtype)
         elif meta.get("deep_prompts") not in (None, False):
@@ -133,8 +148,9 @@ class AdapterStore:
             raise ProtocolError(f"{len(extra)} unexpected tensor(s) in the request")
         return tuning
 
-    def _client_lora(self, lora: Any, extra: list[torch.Tensor], blocks: BlockRange, peer_id: str
-                     ) -> tuple[list[BlockLora], tuple[str, ...], list[torch.Tensor], tuple[str, str, int]]:  # fmt: skip
+    def _client_lora(
+        self, lora: Any, extra: list[torch.Tensor], blocks: BlockRange, peer_id: str
+    ) -> tuple[list[BlockLora], tuple[str, ...], list[torch.Tensor], tuple[str, str, int]]:
         if not isinstance(lora, dict):
             raise ProtocolError("lora must be a map")
         adapter_id = require(lora, "id", str)
@@ -149,16 +165,17 @@ class AdapterStore:
             with self._lock:
                 entry = self._clients.get(key)
                 if entry is None or any(i not in entry.blocks for i in wanted):
-                    raise ProtocolError(f"{ADAPTER_NOT_CACHED}: LoRA {adapter_id!r} version {version} for blocks "
-                                        f"[{first}, {first + blocks.length}); send the weights")  # fmt: skip
+                    raise ProtocolError(
+                        f"{ADAPTER_NOT_CACHED}: LoRA {adapter_id!r} version {version} for blocks "
+                        f"[{first}, {first + blocks.length}); send the weights"
+                    )
                 entry.last_used = time.monotonic()
                 return [entry.blocks[i] for i in wanted], entry.targets, extra, key
         rank = require(lora, "rank", int)
         if not 1 <= rank <= self.max_rank:
             raise ProtocolError(f"LoRA rank {rank} not in [1, {self.max_rank}] (server limit --max_lora_rank)")
         scaling = lora.get("scaling")
-        if isinstance(scaling, bool) or not isinstance(scaling, (int, float)) or not math.isfinite(scaling) \
-                or abs(scaling) > 1e4:  # fmt: skip
+        if isinstance(scaling, bool) or not isinstance(scaling, (int, float)) or not math.isfinite(scaling) or abs(scaling) > 1e4:
             raise ProtocolError(f"LoRA scaling must be a finite number of magnitude <= 1e4, got {scaling!r}")
         targets_raw = require(lora, "targets", list)
         if not all(isinstance(t, str) for t in targets_raw):
@@ -179,26 +196,31 @@ class AdapterStore:
             _check_values(tensor, f"LoRA tensor {i}")
         nbytes = sum(t.numel() for t in tensors) * 4
         if nbytes > self.max_bytes_per_peer:
-            raise ProtocolError(f"LoRA weights of {nbytes} bytes exceed the server limit of {self.max_bytes_per_peer} "
-                                f"per client (--max_adapter_bytes)")  # fmt: skip
+            raise ProtocolError(
+                f"LoRA weights of {nbytes} bytes exceed the server limit of {self.max_bytes_per_peer} "
+                f"per client (--max_adapter_bytes)"
+            )
         with self._lock:
             self._expire_locked()
             entry = self._clients.get(key)
             if entry is not None and (entry.rank, entry.scaling, entry.targets) != (rank, scaling, targets):
-                raise ProtocolError(f"LoRA {adapter_id!r} version {version} is already held with another rank, "
-                                    f"scaling or targets; a changed adapter needs a new version")  # fmt: skip
+                raise ProtocolError(
+                    f"LoRA {adapter_id!r} version {version} is already held with another rank, "
+                    f"scaling or targets; a changed adapter needs a new version"
+                )
             # older versions of this adapter are superseded, unless a session still runs with them; they go
             # only once the upload is accepted (a refused one changes nothing)
             superseded = [k for k, e in self._clients.items() if k[:2] == key[:2] and k != key and not e.sessions]
             freed = sum(self._clients[k].nbytes for k in superseded)
             replaced = sum(entry.blocks[i].nbytes for i in wanted if i in entry.blocks) if entry is not None else 0
             if self.held_bytes(peer_id) - freed - replaced + nbytes > self.max_bytes_per_peer:
-                raise ProtocolError(f"this client's LoRA weights and prompts would exceed {self.max_bytes_per_peer} "
-                                    f"bytes on this server (--max_adapter_bytes)")  # fmt: skip
+                raise ProtocolError(
+                    f"this client's LoRA weights and prompts would exceed {self.max_bytes_per_peer} "
+                    f"bytes on this server (--max_adapter_bytes)"
+                )
             for old in superseded:
                 del self._clients[old]
-            received = from_wire([t.to(self.device, torch.float32) for t in tensors], targets, float(scaling),
-                                 blocks.length)  # fmt: skip
+            received = from_wire([t.to(self.device, torch.float32) for t in tensors], targets, float(scaling), blocks.length)
             if entry is None:
                 entry = self._clients[key] = _ClientEntry(rank, float(scaling), targets, {}, time.monotonic())
             entry.blocks.update(zip(wanted, received))
@@ -215,8 +237,10 @@ class AdapterStore:
         prompt_bytes = 0 if tuning.prompts is None else tuning.prompts.numel() * tuning.prompts.element_size()
         with self._lock:
             if self.held_bytes(peer_id) + prompt_bytes > self.max_bytes_per_peer:
-                raise ProtocolError(f"this client's LoRA weights and prompts would exceed {self.max_bytes_per_peer} "
-                                    f"bytes on this server (--max_adapter_bytes)")  # fmt: skip
+                raise ProtocolError(
+                    f"this client's LoRA weights and prompts would exceed {self.max_bytes_per_peer} "
+                    f"bytes on this server (--max_adapter_bytes)"
+                )
             self._prompt_bytes[peer_id] = self._prompt_bytes.get(peer_id, 0) + prompt_bytes
             entry = self._clients.get(tuning.lora_key) if tuning.lora_key is not None else None
             if entry is not None:

@@ -108,14 +108,26 @@ class SpanBackend:
         return tensor.to(device=self.device, dtype=self.dtype)
 
     @torch.inference_mode()
-    def forward(self, hidden: torch.Tensor, pad_lens: Optional[torch.Tensor], blocks: BlockRange,
-                tuning: Optional[Tuning] = None) -> torch.Tensor:  # fmt: skip
-        out = self.span(self._to_compute(hidden), pad_lens=pad_lens, first=blocks.first, last=blocks.last,
-                        **_tuning_args(tuning.prompts if tuning else None, tuning.lora if tuning else None))  # fmt: skip
+    def forward(
+        self, hidden: torch.Tensor, pad_lens: Optional[torch.Tensor], blocks: BlockRange, tuning: Optional[Tuning] = None
+    ) -> torch.Tensor:
+        out = self.span(
+            self._to_compute(hidden),
+            pad_lens=pad_lens,
+            first=blocks.first,
+            last=blocks.last,
+            **_tuning_args(tuning.prompts if tuning else None, tuning.lora if tuning else None),
+        )
         return out.to(device="cpu", dtype=hidden.dtype)
 
-    def backward(self, hidden: torch.Tensor, grad_output: torch.Tensor, pad_lens: Optional[torch.Tensor],
-                 blocks: BlockRange, tuning: Optional[Tuning] = None) -> list[torch.Tensor]:  # fmt: skip
+    def backward(
+        self,
+        hidden: torch.Tensor,
+        grad_output: torch.Tensor,
+        pad_lens: Optional[torch.Tensor],
+        blocks: BlockRange,
+        tuning: Optional[Tuning] = None,
+    ) -> list[torch.Tensor]:
         """Recompute the forward (servers keep no activations between calls) and return d(loss)/d(hidden),
         then (float32) d(loss)/d(prompts) and d(loss)/d(client LoRA tensors) when the request has them."""
         with torch.enable_grad():
@@ -128,8 +140,16 @@ class SpanBackend:
             if tuning is not None and tuning.lora is not None:
                 lora = tuning.lora
                 if tuning.lora_targets:  # client-held: fresh leaves, the cached tensors stay untouched
-                    lora = [BlockLora(b.scaling, {t: (a.detach().requires_grad_(True), bb.detach().requires_grad_(True))
-                                                  for t, (a, bb) in b.weights.items()}) for b in lora]  # fmt: skip
+                    lora = [
+                        BlockLora(
+                            b.scaling,
+                            {
+                                t: (a.detach().requires_grad_(True), bb.detach().requires_grad_(True))
+                                for t, (a, bb) in b.weights.items()
+                            },
+                        )
+                        for b in lora
+                    ]
                     leaves += to_wire(lora, tuning.lora_targets)
             out = self.span(inputs, pad_lens=pad_lens, first=blocks.first, last=blocks.last, **_tuning_args(prompts, lora))
             grads = torch.autograd.grad(out, leaves, grad_outputs=self._to_compute(grad_output))

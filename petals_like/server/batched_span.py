@@ -76,9 +76,17 @@ class _Plan:
     chunks: list[_Chunk]
 
 
-def run_batched(span: BlockSpan, pool: KVPool, segments: Sequence[Segment], hidden: Tensor, *,
-                first: int = 0, last: Optional[int] = None, lora: Optional[Sequence[LoraRows]] = None,
-                prompts: Optional[tuple[Tensor, Tensor]] = None) -> Tensor:  # fmt: skip
+def run_batched(
+    span: BlockSpan,
+    pool: KVPool,
+    segments: Sequence[Segment],
+    hidden: Tensor,
+    *,
+    first: int = 0,
+    last: Optional[int] = None,
+    lora: Optional[Sequence[LoraRows]] = None,
+    prompts: Optional[tuple[Tensor, Tensor]] = None,
+) -> Tensor:
     """hidden [tokens, hidden] = the segments' new tokens concatenated in order -> [tokens, hidden]
     through span.blocks[first:last]; block `first + i` uses layer i of the pool and the adapters
     lora[i] (rows of `hidden` -> LoRA; None = no adapters). prompts = (rows [n], values [blocks, n, hidden]):
@@ -101,8 +109,9 @@ def run_batched(span: BlockSpan, pool: KVPool, segments: Sequence[Segment], hidd
     if pool.num_layers < last - first:
         raise ValueError(f"the pool has {pool.num_layers} layers, blocks [{first}, {last}) need {last - first}")
     if (pool.num_kv_heads, pool.head_dim) != (spec.num_kv_heads, spec.head_dim):
-        raise ValueError(f"pool pages hold {pool.num_kv_heads}x{pool.head_dim} keys, the model needs "
-                         f"{spec.num_kv_heads}x{spec.head_dim}")  # fmt: skip
+        raise ValueError(
+            f"pool pages hold {pool.num_kv_heads}x{pool.head_dim} keys, the model needs {spec.num_kv_heads}x{spec.head_dim}"
+        )
     with torch.inference_mode():
         plan = _plan(span, pool, segments, hidden)
         if plan.zero_slots is not None:
@@ -201,8 +210,7 @@ def _plan(span: BlockSpan, pool: KVPool, segments: Sequence[Segment], hidden: Te
         # with only one-token segments, their rows are all the rows in order: no gather/scatter of queries
         rows = None if len(decode_ids) == len(segments) else [offsets[i] for i in decode_ids]
         decode = _decode_group(pool, [segments[i] for i in decode_ids], rows, window, dtype, device)
-    chunks = [_chunk(pool, seg, offsets[i], window, dtype, device)
-              for i, seg in enumerate(segments) if seg.num_tokens > 1]  # fmt: skip
+    chunks = [_chunk(pool, seg, offsets[i], window, dtype, device) for i, seg in enumerate(segments) if seg.num_tokens > 1]
     zero = torch.tensor(zero_slots, dtype=torch.int64, device=device) if zero_slots else None
     return _Plan(torch.tensor(write_slots, dtype=torch.int64, device=device), zero, cos, sin, decode, chunks)
 
@@ -235,8 +243,9 @@ def _rotary(span: BlockSpan, positions: list[int], counts: list[int], hidden: Te
     return torch.cat([c[0] for c, _ in tables]), torch.cat([s[0] for _, s in tables])
 
 
-def _decode_group(pool: KVPool, segs: list[Segment], rows: Optional[list[int]], window: Optional[int],
-                  dtype: torch.dtype, device: torch.device) -> _DecodeGroup:  # fmt: skip
+def _decode_group(
+    pool: KVPool, segs: list[Segment], rows: Optional[list[int]], window: Optional[int], dtype: torch.dtype, device: torch.device
+) -> _DecodeGroup:
     """Pages and mask of every one-token segment; rows are padded to the widest with the zero page."""
     page_size, null = pool.page_size, pool.null_page
     rows_t = None if rows is None else torch.tensor(rows, dtype=torch.int64, device=device)
@@ -265,8 +274,7 @@ def _decode_group(pool: KVPool, segs: list[Segment], rows: Optional[list[int]], 
     return _DecodeGroup(rows_t, pages, per_row, 0, per_row * page_size, mask)
 
 
-def _chunk(pool: KVPool, seg: Segment, start: int, window: Optional[int], dtype: torch.dtype,
-           device: torch.device) -> _Chunk:  # fmt: skip
+def _chunk(pool: KVPool, seg: Segment, start: int, window: Optional[int], dtype: torch.dtype, device: torch.device) -> _Chunk:
     """Keys, mask and causality of one multi-token segment, as make_attention_context would set them."""
     past, n, pad, page_size = seg.past_len, seg.num_tokens, seg.pad_len, pool.page_size
     total = past + n

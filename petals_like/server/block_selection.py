@@ -62,8 +62,9 @@ def swarm_bottleneck(throughputs: Sequence[float]) -> float:
     return float(min(throughputs)) if len(throughputs) else 0.0
 
 
-def should_move(throughputs: Sequence[float], start: int, end: int, throughput: float,
-                balance_quality: float = 0.75) -> Optional[int]:  # fmt: skip
+def should_move(
+    throughputs: Sequence[float], start: int, end: int, throughput: float, balance_quality: float = 0.75
+) -> Optional[int]:
     """The new start this server (serving [start, end) at `throughput`, included in `throughputs`)
     should move to, or None to stay.
 

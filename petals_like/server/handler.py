@@ -58,6 +58,7 @@ logger = logging.getLogger(__name__)
 
 MAX_PUSH_CHAIN = 64  # hops in one push chain; longer chains are nonsense
 
+
 class Handlers:
     def __init__(
         self,
@@ -85,12 +86,13 @@ class Handlers:
         await p2p.add_protobuf_handler(RPC_INFO, self.rpc_info, ExpertRequest)
         await p2p.add_protobuf_handler(RPC_FORWARD, self.rpc_forward, ExpertRequest)
         await p2p.add_protobuf_handler(RPC_BACKWARD, self.rpc_backward, ExpertRequest)
-        await p2p.add_protobuf_handler(RPC_FORWARD + "_stream", self.rpc_forward_stream, ExpertRequest,
-                                       stream_input=True, stream_output=True)  # fmt: skip
-        await p2p.add_protobuf_handler(RPC_BACKWARD + "_stream", self.rpc_backward_stream, ExpertRequest,
-                                       stream_input=True, stream_output=True)  # fmt: skip
-        await p2p.add_protobuf_handler(RPC_INFERENCE, self.rpc_inference, ExpertRequest,
-                                       stream_input=True, stream_output=True)  # fmt: skip
+        await p2p.add_protobuf_handler(
+            RPC_FORWARD + "_stream", self.rpc_forward_stream, ExpertRequest, stream_input=True, stream_output=True
+        )
+        await p2p.add_protobuf_handler(
+            RPC_BACKWARD + "_stream", self.rpc_backward_stream, ExpertRequest, stream_input=True, stream_output=True
+        )
+        await p2p.add_protobuf_handler(RPC_INFERENCE, self.rpc_inference, ExpertRequest, stream_input=True, stream_output=True)
 
     # ---- rpc_info ----
 
@@ -125,8 +127,9 @@ class Handlers:
 
     # ---- forward / backward ----
 
-    def _forward_inputs(self, message: Message, num_tensors: int, peer_id: str
-                        ) -> tuple[list[torch.Tensor], Optional[torch.Tensor], BlockRange, Tuning]:  # fmt: skip
+    def _forward_inputs(
+        self, message: Message, num_tensors: int, peer_id: str
+    ) -> tuple[list[torch.Tensor], Optional[torch.Tensor], BlockRange, Tuning]:
         """The hidden states (and grad_outputs), pad_lens, blocks and the tuning tensors of a request."""
         meta = message.metadata
         blocks = self.backend.block_range(require(meta, "start", int), require(meta, "end", int))
@@ -172,8 +175,9 @@ class Handlers:
     async def rpc_backward(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
         return await self._unary(request, context, self._backward)
 
-    async def _streamed(self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext, run
-                        ) -> AsyncIterator[runtime_pb2.ExpertResponse]:  # fmt: skip
+    async def _streamed(
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext, run
+    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
         message = await read_message(requests, max_bytes=self.config.max_message_bytes)
         if message is None:
             raise ProtocolError("empty request stream")
@@ -223,8 +227,9 @@ class Handlers:
                         message.tensors = []
                     session.inbox = inbox
                     if meta.get("probe") is True:  # say how much of the client's hashed prefix is cached here
-                        yield runtime_pb2.ExpertResponse(metadata=encode_metadata(
-                            {"cached_tokens": len(session.cached_pages) * sessions.pool.page_size}))
+                        yield runtime_pb2.ExpertResponse(
+                            metadata=encode_metadata({"cached_tokens": len(session.cached_pages) * sessions.pool.page_size})
+                        )
                 elif require(meta, "session_id", str) != session.session_id:
                     raise ProtocolError(f"unknown session {meta['session_id']!r} on this stream")
                 if meta.get("close") and source == "client":
@@ -251,7 +256,9 @@ class Handlers:
         except Exception as e:  # malformed input: the session loop answers it and closes
             await inbox.put(("error", e))
 
-    async def _inference_step(self, sessions: SessionManager, session: ServerSession, message: Message) -> list[runtime_pb2.ExpertResponse]:
+    async def _inference_step(
+        self, sessions: SessionManager, session: ServerSession, message: Message
+    ) -> list[runtime_pb2.ExpertResponse]:
         hidden, reuse = sessions.check_step(session, message)
         meta = message.metadata
         started = time.perf_counter()
@@ -268,8 +275,9 @@ class Handlers:
         chain = meta.get("push_chain")
         if chain and not repeated:
             step_meta["pushed"] = await self._push(out, chain, session.wire)
-        return pack_message([out], step_meta, proto=runtime_pb2.ExpertResponse, max_part_bytes=self.config.max_part_bytes,
-                            wire=session.wire)  # fmt: skip
+        return pack_message(
+            [out], step_meta, proto=runtime_pb2.ExpertResponse, max_part_bytes=self.config.max_part_bytes, wire=session.wire
+        )
 
     # ---- server-to-server push ----
 

@@ -38,7 +38,8 @@ class KVPool:
     """Keys/values of every block of a span, for all sessions, in fixed-size pages.
 
     Layout: keys and values each in one tensor `[layers, kv_heads, num_pages + 1, page_size, head_dim]`;
-    `layer(i)` gives the views [kv_heads, num_pages + 1, page_size, head_dim]. Why heads first: attention wants each head's keys contiguous ([kv_heads, tokens, head_dim]), and
+    `layer(i)` gives the views [kv_heads, num_pages + 1, page_size, head_dim]. Why heads first: attention
+    wants each head's keys contiguous ([kv_heads, tokens, head_dim]), and
     with this layout gathering a sequence's pages is one `index_select` by page id (a handful of
     indices, each a contiguous page_size x head_dim block) whose result already has that shape for
     SDPA, as a view: no permute-and-copy per block. Token i of a page table lives at slot
@@ -52,8 +53,17 @@ class KVPool:
     All layers live in one tensor so that clearing costs one op per step, not one per block.
     """
 
-    def __init__(self, *, num_layers: int, num_kv_heads: int, head_dim: int, num_pages: int, page_size: int,
-                 dtype: torch.dtype, device: torch.device | str) -> None:  # fmt: skip
+    def __init__(
+        self,
+        *,
+        num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+        num_pages: int,
+        page_size: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> None:
         if min(num_layers, num_kv_heads, head_dim, num_pages, page_size) <= 0:
             raise ValueError(f"bad pool shape: {num_layers=}, {num_kv_heads=}, {head_dim=}, {num_pages=}, {page_size=}")
         self.num_layers = num_layers

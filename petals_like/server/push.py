@@ -90,12 +90,16 @@ class PushBatcher:
     async def _send_batch(self, peer: PeerID, batch: list, wire: Optional[str]) -> None:
         accepted: list = []
         try:
-            parts = pack_message([tensor for _, tensor, _ in batch], {"pushes": [meta for meta, _, _ in batch]},
-                                 max_part_bytes=self.config.max_part_bytes, wire=wire)  # fmt: skip
+            parts = pack_message(
+                [tensor for _, tensor, _ in batch],
+                {"pushes": [meta for meta, _, _ in batch]},
+                max_part_bytes=self.config.max_part_bytes,
+                wire=wire,
+            )
             if len(parts) == 1:
                 response = await asyncio.wait_for(
-                    self.p2p.call_protobuf_handler(peer, RPC_PUSH, parts[0], runtime_pb2.ExpertResponse),
-                    self.config.push_timeout)  # fmt: skip
+                    self.p2p.call_protobuf_handler(peer, RPC_PUSH, parts[0], runtime_pb2.ExpertResponse), self.config.push_timeout
+                )
                 accepted = decode_metadata(response.metadata).get("accepted", [])
                 self.messages_sent += 1
         except asyncio.CancelledError:

@@ -92,8 +92,16 @@ class SchedulerStats:
 
 
 class Scheduler:
-    def __init__(self, span, pool: KVPool, *, token_budget: int, num_threads: Optional[int] = None,
-                 gather_wait: float = 0.02, prefill_chunk: int = 16):  # fmt: skip
+    def __init__(
+        self,
+        span,
+        pool: KVPool,
+        *,
+        token_budget: int,
+        num_threads: Optional[int] = None,
+        gather_wait: float = 0.02,
+        prefill_chunk: int = 16,
+    ):
         if token_budget < 1:
             raise ValueError(f"token_budget={token_budget} must be positive")
         self.span = span
@@ -283,8 +291,16 @@ class Scheduler:
             try:
                 with torch.inference_mode():
                     prompts = (torch.cat(prompt_rows), torch.cat(prompt_values, dim=1)) if prompt_rows else None
-                    out = run_batched(self.span, self.pool, segments, torch.cat(inputs), first=first, last=last,
-                                      lora=lora if any(lora) else None, prompts=prompts)  # fmt: skip
+                    out = run_batched(
+                        self.span,
+                        self.pool,
+                        segments,
+                        torch.cat(inputs),
+                        first=first,
+                        last=last,
+                        lora=lora if any(lora) else None,
+                        prompts=prompts,
+                    )
             except BaseException as e:  # one bad group must not take the others down
                 logger.exception("Batched iteration failed")
                 for work, _ in members:

@@ -38,8 +38,8 @@ from petals_like.server.handler import Handlers
 from petals_like.server.kv_cache import KVPool, PrefixIndex
 from petals_like.server.runtime import Priority
 from petals_like.server.scheduler import Scheduler
-from petals_like.server.throughput import cache_key, get_rates
 from petals_like.server.sessions import SessionManager
+from petals_like.server.throughput import cache_key, get_rates
 from petals_like.utils.threads import in_compute_thread
 
 logger = logging.getLogger(__name__)
@@ -47,8 +47,16 @@ logger = logging.getLogger(__name__)
 ROUTE_LOOKUP_PERIOD = 30.0  # seconds between DHT look-ups for one next server we cannot reach yet
 
 
-def load_span(path: Path, spec: ModelSpec, start: int, end: int, dtype: torch.dtype, device: torch.device,
-              progress: bool = True, quant_type: str = "none") -> BlockSpan:  # fmt: skip
+def load_span(
+    path: Path,
+    spec: ModelSpec,
+    start: int,
+    end: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    progress: bool = True,
+    quant_type: str = "none",
+) -> BlockSpan:
     """Build blocks [start, end) from only their tensors: peak memory follows the span, not the model.
 
     Each block is moved, fused and quantized as soon as it is read, so a quantized span never holds
@@ -126,9 +134,18 @@ class Server:
     def start(self) -> Server:
         started = time.perf_counter()
         config = self.config
-        self.node = SwarmNode(config.initial_peers, host_maddrs=config.host_maddrs, announce_maddrs=config.announce_maddrs,
-                              port=config.port, public_ip=config.public_ip, force_reachability=config.force_reachability,
-                              relay_limits=config.relay_limits, max_relays=config.max_relays, identity_path=config.identity_path, name="server")  # fmt: skip
+        self.node = SwarmNode(
+            config.initial_peers,
+            host_maddrs=config.host_maddrs,
+            announce_maddrs=config.announce_maddrs,
+            port=config.port,
+            public_ip=config.public_ip,
+            force_reachability=config.force_reachability,
+            relay_limits=config.relay_limits,
+            max_relays=config.max_relays,
+            identity_path=config.identity_path,
+            name="server",
+        )
         try:
             self.start_block, self.end_block = self._choose_blocks()
             self._announce(ServerState.JOINING)
@@ -147,23 +164,52 @@ class Server:
     def _serve_span(self) -> None:
         """Load blocks [start_block, end_block) and serve them: new backend, pool, scheduler and sessions."""
         config = self.config
-        logger.info(f"Serving blocks {self.start_block}:{self.end_block} of {self.dht_prefix} "
-                    f"as {self.node.peer_id} ({str(self.dtype).replace('torch.', '')}, {self.device})")  # fmt: skip
+        logger.info(
+            f"Serving blocks {self.start_block}:{self.end_block} of {self.dht_prefix} "
+            f"as {self.node.peer_id} ({str(self.dtype).replace('torch.', '')}, {self.device})"
+        )
         # on a thread of its own, so that no long-lived thread but the scheduler's keeps a team of
         # compute threads (utils/threads.py)
-        span = in_compute_thread(load_span, self.path, self.spec, self.start_block, self.end_block, self.dtype,
-                                 self.device, config.progress, config.quant_type, num_threads=config.num_threads)  # fmt: skip
-        backend = SpanBackend(span, dtype=self.dtype, device=self.device, max_batch_size=config.max_batch_size,
-                              max_request_tokens=config.max_request_tokens)  # fmt: skip
-        backend.adapters = AdapterStore(self.spec, self.start_block, self.end_block, dtype=self.dtype,
-                                        device=self.device, max_rank=config.max_lora_rank,
-                                        max_bytes_per_peer=config.max_adapter_bytes,
-                                        idle_timeout=config.adapter_idle_timeout)  # fmt: skip
+        span = in_compute_thread(
+            load_span,
+            self.path,
+            self.spec,
+            self.start_block,
+            self.end_block,
+            self.dtype,
+            self.device,
+            config.progress,
+            config.quant_type,
+            num_threads=config.num_threads,
+        )
+        backend = SpanBackend(
+            span,
+            dtype=self.dtype,
+            device=self.device,
+            max_batch_size=config.max_batch_size,
+            max_request_tokens=config.max_request_tokens,
+        )
+        backend.adapters = AdapterStore(
+            self.spec,
+            self.start_block,
+            self.end_block,
+            dtype=self.dtype,
+            device=self.device,
+            max_rank=config.max_lora_rank,
+            max_bytes_per_peer=config.max_adapter_bytes,
+            idle_timeout=config.adapter_idle_timeout,
+        )
         backend.adapters.load_hosted(config.adapters)
         pool = self._make_pool()
         prefix_index = PrefixIndex(pool)
-        self.scheduler = Scheduler(span, pool, token_budget=config.token_budget, num_threads=config.num_threads,
-                                   gather_wait=config.batch_gather_wait, prefill_chunk=config.prefill_chunk)  # fmt: skip
+        self.scheduler = Scheduler(
+            span,
+            pool,
+            token_budget=config.token_budget,
+            num_threads=config.num_threads,
+            gather_wait=config.batch_gather_wait,
+            prefill_chunk=config.prefill_chunk,
+        )
         self.sessions = SessionManager(backend, self.scheduler, pool, prefix_index, config)
         if self.handlers is None:
             self.handlers = Handlers(backend, self.scheduler, self.sessions, config, self._info_fields)
@@ -192,8 +238,10 @@ class Server:
                 logger.warning(f"Re-balancing check failed: {e!r}")
 
     def _move_target(self) -> Optional[int]:
-        infos = self.node.run(get_block_infos(self.node.dht, self.dht_prefix, range(self.spec.num_blocks),
-                                              num_blocks=self.spec.num_blocks), timeout=60)  # fmt: skip
+        infos = self.node.run(
+            get_block_infos(self.node.dht, self.dht_prefix, range(self.spec.num_blocks), num_blocks=self.spec.num_blocks),
+            timeout=60,
+        )
         totals = block_throughputs(infos, exclude=self.node.peer_id)
         for block in range(self.start_block, self.end_block):
             totals[block] += self.throughput  # our own records may not have spread yet
@@ -220,8 +268,9 @@ class Server:
         num_blocks = min(num_blocks, num_model_blocks)
         # servers that start together: a random moment each, so that each sees the others' JOINING records
         time.sleep(random.uniform(0, self.config.join_delay))
-        infos = self.node.run(get_block_infos(self.node.dht, self.dht_prefix, range(num_model_blocks),
-                                              num_blocks=num_model_blocks))  # fmt: skip
+        infos = self.node.run(
+            get_block_infos(self.node.dht, self.dht_prefix, range(num_model_blocks), num_blocks=num_model_blocks)
+        )
         throughput = self.config.throughput if not isinstance(self.config.throughput, str) else 1.0
         start = choose_best_start(block_throughputs(infos, exclude=self.node.peer_id), num_blocks, throughput)
         return start, start + num_blocks
@@ -252,10 +301,19 @@ class Server:
                 free = psutil.virtual_memory().available
             tokens = min(int(0.25 * free // token_bytes), 1 << 17)
         num_pages = max(1, tokens // config.page_size)
-        logger.info(f"KV pool: {num_pages} pages of {config.page_size} tokens "
-                    f"({num_pages * config.page_size * token_bytes / 2**20:.0f} MiB)")  # fmt: skip
-        return KVPool(num_layers=num_layers, num_kv_heads=spec.num_kv_heads, head_dim=spec.head_dim,
-                      num_pages=num_pages, page_size=config.page_size, dtype=self.dtype, device=self.device)  # fmt: skip
+        logger.info(
+            f"KV pool: {num_pages} pages of {config.page_size} tokens "
+            f"({num_pages * config.page_size * token_bytes / 2**20:.0f} MiB)"
+        )
+        return KVPool(
+            num_layers=num_layers,
+            num_kv_heads=spec.num_kv_heads,
+            head_dim=spec.head_dim,
+            num_pages=num_pages,
+            page_size=config.page_size,
+            dtype=self.dtype,
+            device=self.device,
+        )
 
     def _set_throughput(self, span: BlockSpan) -> None:
         """The announced numbers (see server/throughput.py for what they mean and how they are derived)."""
@@ -270,8 +328,10 @@ class Server:
         self.throughput = rates.throughput(num_blocks, self.spec.hidden_size, self.config.network_mbps)
         self.inference_rps = rates.inference_block_steps / num_blocks  # decode steps/s over the whole span
         self.forward_rps = rates.forward_block_tokens / num_blocks  # forward tokens/s over the whole span
-        logger.info(f"Throughput {self.throughput:.1f} block-steps/s ({self.inference_rps:.1f} steps/s over "
-                    f"{num_blocks} blocks, forward {self.forward_rps:.0f} tokens/s)")  # fmt: skip
+        logger.info(
+            f"Throughput {self.throughput:.1f} block-steps/s ({self.inference_rps:.1f} steps/s over "
+            f"{num_blocks} blocks, forward {self.forward_rps:.0f} tokens/s)"
+        )
 
     # ---- announcing ----
 
@@ -348,9 +408,14 @@ class Server:
         self._next_pings = self.pings.snapshot(peers)
 
     async def _declare_range(self, state: ServerState, start: int, end: int) -> None:
-        await declare_blocks(self.node.dht, self.dht_prefix, range(start, end),
-                             dataclasses.replace(self.server_info(state), start_block=start, end_block=end),
-                             identity=self.node.identity, expiration=self.config.expiration)  # fmt: skip
+        await declare_blocks(
+            self.node.dht,
+            self.dht_prefix,
+            range(start, end),
+            dataclasses.replace(self.server_info(state), start_block=start, end_block=end),
+            identity=self.node.identity,
+            expiration=self.config.expiration,
+        )
 
     async def _declare(self, state: ServerState) -> None:
         if state == ServerState.ONLINE:
@@ -360,9 +425,15 @@ class Server:
                 logger.debug(f"Measuring next pings failed: {e!r}")
         self._announced_load = self._load()
         model = self.model_info if state != ServerState.OFFLINE else None
-        await declare_blocks(self.node.dht, self.dht_prefix, range(self.start_block, self.end_block),
-                             self.server_info(state), identity=self.node.identity, expiration=self.config.expiration,
-                             model=model)  # fmt: skip
+        await declare_blocks(
+            self.node.dht,
+            self.dht_prefix,
+            range(self.start_block, self.end_block),
+            self.server_info(state),
+            identity=self.node.identity,
+            expiration=self.config.expiration,
+            model=model,
+        )
 
     async def _announce_forever(self) -> None:
         rounds = 0

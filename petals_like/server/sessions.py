@@ -69,8 +69,7 @@ class ServerSession:
 
 
 class SessionManager:
-    def __init__(self, backend: SpanBackend, scheduler: Scheduler, pool: KVPool, prefix_index: PrefixIndex,
-                 config: ServerConfig):  # fmt: skip
+    def __init__(self, backend: SpanBackend, scheduler: Scheduler, pool: KVPool, prefix_index: PrefixIndex, config: ServerConfig):
         self.backend = backend
         self.scheduler = scheduler
         self.pool = pool
@@ -88,9 +87,14 @@ class SessionManager:
         waits for them instead of running the first alone and the rest one long iteration later.
         Any thread."""
         now = time.monotonic()
-        return sum(1 for s in list(self.sessions.values())
-                   if s.inflight is not None or s.push_pending or now - s.last_step_done < recent
-                   or (s.steps == 0 and now - s.opened < recent))  # fmt: skip
+        return sum(
+            1
+            for s in list(self.sessions.values())
+            if s.inflight is not None
+            or s.push_pending
+            or now - s.last_step_done < recent
+            or (s.steps == 0 and now - s.opened < recent)
+        )
 
     # ---- open / close ----
 
@@ -103,8 +107,10 @@ class SessionManager:
             raise ProtocolError(f"session {session_id!r} is already open on this server")
         limit = self.config.max_sessions_per_peer
         if sum(1 for s in self.sessions.values() if s.peer_id == peer_id) >= limit:
-            raise ProtocolError(f"this client already has {limit} open sessions on this server "
-                                f"(--max_sessions_per_peer); close some or use another server")  # fmt: skip
+            raise ProtocolError(
+                f"this client already has {limit} open sessions on this server "
+                f"(--max_sessions_per_peer); close some or use another server"
+            )
         blocks = self.backend.block_range(require(meta, "start", int), require(meta, "end", int))
         max_length = require(meta, "max_length", int)
         if not 0 < max_length <= self.config.max_session_length:
@@ -120,12 +126,14 @@ class SessionManager:
         # with every optimizer step, so their pages are never shared at all
         private = tuning.prompts is not None or bool(tuning.lora_targets)
         scope = f"{owner}|{blocks.first}:{blocks.last}|{meta.get('adapter') or ''}" + (f"|{session_id}" if private else "")
-        session = ServerSession(session_id, peer_id, blocks, max_length, batch_size, pad_lens,
-                                [SequencePages() for _ in range(batch_size)], scope)  # fmt: skip
+        session = ServerSession(
+            session_id, peer_id, blocks, max_length, batch_size, pad_lens, [SequencePages() for _ in range(batch_size)], scope
+        )
         wire = meta.get("wire")
         if wire is not None and wire not in self.config.wire_formats:
-            raise ProtocolError(f"wire format {wire!r} is not supported by this server "
-                                f"(supported: {', '.join(self.config.wire_formats)})")  # fmt: skip
+            raise ProtocolError(
+                f"wire format {wire!r} is not supported by this server (supported: {', '.join(self.config.wire_formats)})"
+            )
         session.wire = wire
         session.lora, session.prompts = tuning.lora, tuning.prompts
         token = meta.get("push_token")
@@ -194,8 +202,10 @@ class SessionManager:
         if reuse:
             page_size = self.pool.page_size
             if session.steps or reuse % page_size or not 0 < reuse <= len(session.cached_pages) * page_size:
-                raise ProtocolError(f"reuse_tokens={reuse} must be a multiple of {page_size} within the "
-                                    f"{len(session.cached_pages) * page_size} cached tokens, on the first step")  # fmt: skip
+                raise ProtocolError(
+                    f"reuse_tokens={reuse} must be a multiple of {page_size} within the "
+                    f"{len(session.cached_pages) * page_size} cached tokens, on the first step"
+                )
         # a step at another position can only repeat the last one (repeated_output) and adds no tokens
         position = require(message.metadata, "position", int, session.length)
         if position == session.length and session.length + reuse + seq > session.max_length:
@@ -220,8 +230,15 @@ class SessionManager:
             session.sequences[0].attach_prefix(self.pool, session.cached_pages[: reuse // self.pool.page_size])
         self._release_cached(session)
         await self._reserve(session, hidden.shape[1])
-        work = InferenceWork(hidden.to(self.backend.dtype), session.sequences, session.pad_lens,
-                             session.blocks.first, session.blocks.last, lora=session.lora, prompts=session.prompts)  # fmt: skip
+        work = InferenceWork(
+            hidden.to(self.backend.dtype),
+            session.sequences,
+            session.pad_lens,
+            session.blocks.first,
+            session.blocks.last,
+            lora=session.lora,
+            prompts=session.prompts,
+        )
         session.inflight = work
         session.push_pending = False
         position = session.length - reuse
@@ -272,9 +289,11 @@ class SessionManager:
                 others += pages
         limit = int(share * self.pool.num_pages)
         if others and mine > limit:
-            raise CacheExhausted(f"KV cache share used up: this client would hold {mine} of {self.pool.num_pages} "
-                                 f"pages, and while other clients hold sessions one client may hold {limit} "
-                                 f"(--max_cache_share {share})")  # fmt: skip
+            raise CacheExhausted(
+                f"KV cache share used up: this client would hold {mine} of {self.pool.num_pages} "
+                f"pages, and while other clients hold sessions one client may hold {limit} "
+                f"(--max_cache_share {share})"
+            )
 
     def _publish_full_pages(self, session: ServerSession) -> None:
         """Offer this session's full pages (whose hashes the client sent) to later sessions in its scope."""
@@ -290,8 +309,9 @@ class SessionManager:
         return self.pool.num_free * self.pool.page_size
 
 
-def reserve_rows(pool: KVPool, sequences: list[SequencePages], new_tokens: int,
-                 check: Optional[Callable[[], None]] = None) -> None:  # fmt: skip
+def reserve_rows(
+    pool: KVPool, sequences: list[SequencePages], new_tokens: int, check: Optional[Callable[[], None]] = None
+) -> None:
     """Reserve for every row or for none: a batch never holds half of what one step needs.
 
     check runs once everything is reserved; if it raises CacheExhausted, the reservation is undone."""

@@ -81,13 +81,25 @@ class ChaosReport:
 
     @property
     def ok(self) -> bool:
-        bad = (self.generations_wrong + self.generations_lost + self.generations_hung + self.training_steps_wrong
-               + self.training_steps_lost + self.training_steps_hung + self.restarts_failed)  # fmt: skip
+        bad = (
+            self.generations_wrong
+            + self.generations_lost
+            + self.generations_hung
+            + self.training_steps_wrong
+            + self.training_steps_lost
+            + self.training_steps_hung
+            + self.restarts_failed
+        )
         return bad == 0 and not self.leaked_processes
 
     def to_dict(self) -> dict[str, Any]:
-        return dict(asdict(self), seconds=round(self.seconds, 1), load_seconds=round(self.load_seconds, 1),
-                    worst_gradient_error=round(self.worst_gradient_error, 4), ok=self.ok)  # fmt: skip
+        return dict(
+            asdict(self),
+            seconds=round(self.seconds, 1),
+            load_seconds=round(self.load_seconds, 1),
+            worst_gradient_error=round(self.worst_gradient_error, 4),
+            ok=self.ok,
+        )
 
     def error(self, message: str) -> None:
         if len(self.errors) < MAX_ERRORS:
@@ -97,8 +109,15 @@ class ChaosReport:
 class _Worker(threading.Thread):
     """Runs check(0), check(1), ... until stopped, tallying each as right, wrong, lost or hung."""
 
-    def __init__(self, name: str, kind: str, check: Callable[[int], Optional[str]], report: ChaosReport,
-                 lock: threading.Lock, stop: threading.Event):  # fmt: skip
+    def __init__(
+        self,
+        name: str,
+        kind: str,
+        check: Callable[[int], Optional[str]],
+        report: ChaosReport,
+        lock: threading.Lock,
+        stop: threading.Event,
+    ):
         super().__init__(name=name, daemon=True)  # a hung one must not keep the process alive
         self.kind, self.check, self.report, self.lock, self.stop = kind, check, report, lock, stop
         self.busy_since: Optional[float] = None
@@ -169,29 +188,50 @@ def run_chaos(model_path: str | Path, config: ChaosConfig, *, progress: bool = F
     stop, lock = threading.Event(), threading.Lock()
     clients: list[Any] = []
     try:
-        with LocalSwarm(model_path, spans, server_args=list(config.server_args),
-                        start_timeout=config.restart_timeout) as swarm:  # fmt: skip
+        with LocalSwarm(model_path, spans, server_args=list(config.server_args), start_timeout=config.restart_timeout) as swarm:
             injector = None
             track()
             try:
                 for _ in range(2 if config.train else 1):
-                    clients.append(AutoDistributedModelForCausalLM.from_pretrained(
-                        model_path, initial_peers=swarm.peers, torch_dtype="float32",
-                        request_timeout=config.request_timeout))  # fmt: skip
-                generation = GenerationCheck(clients[0], model_path, cases=config.prompts, seed=config.seed,
-                                             max_new_tokens=config.max_new_tokens, workers=config.generators)  # fmt: skip
+                    clients.append(
+                        AutoDistributedModelForCausalLM.from_pretrained(
+                            model_path, initial_peers=swarm.peers, torch_dtype="float32", request_timeout=config.request_timeout
+                        )
+                    )
+                generation = GenerationCheck(
+                    clients[0],
+                    model_path,
+                    cases=config.prompts,
+                    seed=config.seed,
+                    max_new_tokens=config.max_new_tokens,
+                    workers=config.generators,
+                )
                 checks = [(f"generator {w}", "generations", generation.for_worker(w)) for w in range(config.generators)]
                 if config.train:
-                    training = TrainingCheck(clients[1], model_path, rank=config.lora_rank, lr=config.lr,
-                                             batch_size=config.batch_size, seq_len=config.seq_len, seed=config.seed,
-                                             tolerance=config.tolerance)  # fmt: skip
+                    training = TrainingCheck(
+                        clients[1],
+                        model_path,
+                        rank=config.lora_rank,
+                        lr=config.lr,
+                        batch_size=config.batch_size,
+                        seq_len=config.seq_len,
+                        seed=config.seed,
+                        tolerance=config.tolerance,
+                    )
                     checks.append(("trainer", "training_steps", training))
                 track()
                 workers = [_Worker(name, kind, check, report, lock, stop) for name, kind, check in checks]
-                injector = FaultInjector(swarm, num_blocks, seed=config.seed, max_kills=config.max_faults,
-                                         kill_interval=config.kill_interval, down_time=config.down_time,
-                                         restart_timeout=config.restart_timeout, same_identity=config.same_identity,
-                                         on_started=lambda child: track(psutil.Process(child.process.pid)))  # fmt: skip
+                injector = FaultInjector(
+                    swarm,
+                    num_blocks,
+                    seed=config.seed,
+                    max_kills=config.max_faults,
+                    kill_interval=config.kill_interval,
+                    down_time=config.down_time,
+                    restart_timeout=config.restart_timeout,
+                    same_identity=config.same_identity,
+                    on_started=lambda child: track(psutil.Process(child.process.pid)),
+                )
                 load_started = time.monotonic()
                 injector.start()
                 for worker in workers:
@@ -227,16 +267,29 @@ def _watch(workers: list[_Worker], injector: Any, config: ChaosConfig, report: C
     from tqdm.auto import tqdm
 
     started = time.monotonic()
-    with tqdm(total=round(config.duration), desc="chaos", unit="s", file=sys.stderr, disable=not progress,
-              bar_format="{l_bar}{bar}| {n:.0f}/{total_fmt} s{postfix}") as bar:  # fmt: skip
+    with tqdm(
+        total=round(config.duration),
+        desc="chaos",
+        unit="s",
+        file=sys.stderr,
+        disable=not progress,
+        bar_format="{l_bar}{bar}| {n:.0f}/{total_fmt} s{postfix}",
+    ) as bar:
         while True:
             hung = [worker.check_deadline(config.op_timeout) for worker in workers]
             elapsed = time.monotonic() - started
             bar.n = min(elapsed, config.duration)
-            bad = (report.generations_wrong + report.generations_lost + report.training_steps_wrong
-                   + report.training_steps_lost + sum(hung))  # fmt: skip
-            bar.set_postfix_str(f"kills {injector.kills} restarts {injector.restarts} generations {report.generations} "
-                                f"steps {report.training_steps} bad {bad}")  # fmt: skip
+            bad = (
+                report.generations_wrong
+                + report.generations_lost
+                + report.training_steps_wrong
+                + report.training_steps_lost
+                + sum(hung)
+            )
+            bar.set_postfix_str(
+                f"kills {injector.kills} restarts {injector.restarts} generations {report.generations} "
+                f"steps {report.training_steps} bad {bad}"
+            )
             if any(hung) or elapsed >= config.duration:
                 return
             time.sleep(0.5)

@@ -45,15 +45,13 @@ def add_config_flags(group: Any, defaults: Any, flags: Iterable[tuple[str, str]]
             kind = type(default[0])
         else:
             kind = type(default)
-        group.add_argument(f"--{prefix}{name}", type=kind, default=default, help=f"{help_text} (default: %(default)s)",
-                           **extra)  # fmt: skip
+        group.add_argument(f"--{prefix}{name}", type=kind, default=default, help=f"{help_text} (default: %(default)s)", **extra)
 
 
 def config_values(args: argparse.Namespace, flags: Iterable[tuple[str, str]], prefix: str = "") -> dict[str, Any]:
     """The parsed values of add_config_flags' flags, by field name (lists back to tuples)."""
     values = {name: getattr(args, prefix + name) for name, _ in flags}
     return {name: tuple(v) if isinstance(v, list) else v for name, v in values.items()}
-
 
 
 RELAY_LIMITS = [  # RelayLimits fields given as --relay_NAME flags
@@ -70,15 +68,26 @@ def add_network_flags(parser: argparse.ArgumentParser, default_port: int = 0) ->
     from petals_like.dht.relay import RelayLimits
 
     g = parser.add_argument_group("network (see docs/network.md)")
-    g.add_argument("--host_maddrs", nargs="+", default=None,
-                   help="multiaddrs to listen on (default: every interface, IPv4 and IPv6, TCP and QUIC, on --port)")
-    g.add_argument("--port", type=int, default=None,
-                   help=f"TCP and UDP port to listen on (default: {f'{default_port}; 0: a free one' if default_port else 'a free one'})")
+    g.add_argument(
+        "--host_maddrs",
+        nargs="+",
+        default=None,
+        help="multiaddrs to listen on (default: every interface, IPv4 and IPv6, TCP and QUIC, on --port)",
+    )
+    g.add_argument(
+        "--port",
+        type=int,
+        default=None,
+        help=f"TCP and UDP port to listen on (default: {f'{default_port}; 0: a free one' if default_port else 'a free one'})",
+    )
     parser.set_defaults(default_port=default_port)
     g.add_argument("--public_ip", help="announce this address, e.g. a router's that forwards --port here")
     g.add_argument("--announce_maddrs", nargs="*", default=[], help="multiaddrs to announce instead")
-    g.add_argument("--force_reachability", choices=["public", "private"],
-                   help="skip the dial-back check: public (reachable directly) or private (serve through relays)")
+    g.add_argument(
+        "--force_reachability",
+        choices=["public", "private"],
+        help="skip the dial-back check: public (reachable directly) or private (serve through relays)",
+    )
     g.add_argument("--no_relay", action="store_true", help="do not relay for servers behind NAT")
     g.add_argument("--max_relays", type=int, default=2, help="relays to hold slots on when behind NAT (default: %(default)s)")
     add_config_flags(g, RelayLimits(), RELAY_LIMITS, prefix="relay_")
@@ -90,6 +99,12 @@ def network_values(args: argparse.Namespace) -> dict[str, Any]:
 
     relay_limits = None if args.no_relay else RelayLimits(**config_values(args, RELAY_LIMITS, prefix="relay_"))
     port = args.port if args.port is not None else (args.default_port if args.host_maddrs is None else 0)
-    return dict(host_maddrs=args.host_maddrs, announce_maddrs=args.announce_maddrs, port=port,
-                public_ip=args.public_ip, force_reachability=args.force_reachability, relay_limits=relay_limits,
-                max_relays=args.max_relays)  # fmt: skip
+    return dict(
+        host_maddrs=args.host_maddrs,
+        announce_maddrs=args.announce_maddrs,
+        port=port,
+        public_ip=args.public_ip,
+        force_reachability=args.force_reachability,
+        relay_limits=relay_limits,
+        max_relays=args.max_relays,
+    )

@@ -40,9 +40,19 @@ class _Slot:
 
 
 class FaultInjector:
-    def __init__(self, swarm: LocalSwarm, num_blocks: int, *, seed: int, max_kills: int,
-                 kill_interval: tuple[float, float], down_time: tuple[float, float], restart_timeout: float = 120.0,
-                 same_identity: bool = False, on_started: Callable[[Child], None] = lambda child: None):  # fmt: skip
+    def __init__(
+        self,
+        swarm: LocalSwarm,
+        num_blocks: int,
+        *,
+        seed: int,
+        max_kills: int,
+        kill_interval: tuple[float, float],
+        down_time: tuple[float, float],
+        restart_timeout: float = 120.0,
+        same_identity: bool = False,
+        on_started: Callable[[Child], None] = lambda child: None,
+    ):
         """The swarm's servers must be up (its `with` block entered). kill_interval and down_time are
         (low, high) seconds, drawn uniformly. on_started(child) is called once a restarted server is ready."""
         self.swarm = swarm
@@ -55,8 +65,10 @@ class FaultInjector:
         self.same_identity = same_identity
         self.on_started = on_started
         servers = [c for c in swarm.children if c.name.startswith("server ")]
-        self.slots = [_Slot(span, range(*parse_block_range(span, num_blocks)), swarm.identities[child], child, True)
-                      for span, child in zip(swarm.spans, servers)]  # fmt: skip
+        self.slots = [
+            _Slot(span, range(*parse_block_range(span, num_blocks)), swarm.identities[child], child, True)
+            for span, child in zip(swarm.spans, servers)
+        ]
         self.kills = 0
         self.restarts = 0  # restarted servers that reached SERVER READY
         self.failed_restarts: list[str] = []

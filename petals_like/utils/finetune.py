@@ -56,8 +56,15 @@ def pattern_batches(tokenizer: Any, batch_size: int, seq_len: int, seed: int = 0
         yield torch.tensor(rows, dtype=torch.long)
 
 
-def train(model: torch.nn.Module, batches: Iterable[torch.Tensor], steps: int, lr: float, *,
-          weight_decay: float = 0.0, progress: bool = True) -> list[float]:  # fmt: skip
+def train(
+    model: torch.nn.Module,
+    batches: Iterable[torch.Tensor],
+    steps: int,
+    lr: float,
+    *,
+    weight_decay: float = 0.0,
+    progress: bool = True,
+) -> list[float]:
     """AdamW over model.trainable_parameters() for `steps` batches; returns the loss of each step.
 
     The loss is the causal LM loss on the batch itself (labels = input_ids; -100 would be ignored).
@@ -85,8 +92,9 @@ def train(model: torch.nn.Module, batches: Iterable[torch.Tensor], steps: int, l
     return losses
 
 
-def train_and_save(model: Any, model_path: str, args: argparse.Namespace, description: str, what: str
-                   ) -> tuple[list[float], Path, torch.Tensor]:  # fmt: skip
+def train_and_save(
+    model: Any, model_path: str, args: argparse.Namespace, description: str, what: str
+) -> tuple[list[float], Path, torch.Tensor]:
     """The scripts' common run: print what trains, train on the pattern task, print the loss, save.
 
     Returns (losses, where it was saved, a held-out batch for checks).
@@ -95,8 +103,13 @@ def train_and_save(model: Any, model_path: str, args: argparse.Namespace, descri
 
     print(f"{description}: {sum(p.numel() for p in model.trainable_parameters())} trainable parameters", flush=True)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    losses = train(model, pattern_batches(tokenizer, args.batch_size, args.seq_len, seed=args.seed), args.steps,
-                   args.lr, progress=not args.no_progress)  # fmt: skip
+    losses = train(
+        model,
+        pattern_batches(tokenizer, args.batch_size, args.seq_len, seed=args.seed),
+        args.steps,
+        args.lr,
+        progress=not args.no_progress,
+    )
     print(loss_summary(losses))
     saved = model.save_pretrained(args.output_dir)
     print(f"Saved the {what} to {saved.resolve()}")
@@ -109,8 +122,10 @@ def loss_summary(losses: list[float]) -> str:
     first = sum(losses[:window]) / window
     last = sum(losses[-window:]) / window
     change = 100 * (last - first) / first if first else 0.0
-    return f"loss {losses[0]:.3f} -> {losses[-1]:.3f} over {len(losses)} steps " \
-           f"(mean of first/last {window}: {first:.3f} -> {last:.3f}, {change:+.0f}%)"  # fmt: skip
+    return (
+        f"loss {losses[0]:.3f} -> {losses[-1]:.3f} over {len(losses)} steps "
+        f"(mean of first/last {window}: {first:.3f} -> {last:.3f}, {change:+.0f}%)"
+    )
 
 
 # ---- command line and swarm, as both scripts take them ----
@@ -118,19 +133,38 @@ def loss_summary(losses: list[float]) -> str:
 
 def add_common_args(parser: argparse.ArgumentParser, *, lr: float, output_dir: str) -> None:
     group = parser.add_argument_group("model and swarm")
-    group.add_argument("--model", default=None,
-                       help="checkpoint folder (or cached Hugging Face name) to fine-tune; default: a tiny random Llama")
-    group.add_argument("--model_dir", default=None,
-                       help="where to write the tiny Llama when --model is not given (default: a temp dir, removed after)")
-    group.add_argument("--initial_peers", nargs="+", default=None,
-                       help="multiaddrs of a swarm serving --model; default: start a local swarm on 127.0.0.1")
-    group.add_argument("--spans", nargs="+", default=None,
-                       help="blocks of each server of the local swarm, one server per span (default: two halves)")
-    group.add_argument("--server_args", default="--num_threads 1",
-                       help="extra run_server arguments for the local swarm; one thread each by default, as the "
-                            "servers share this machine's cores with each other and with the client")
-    group.add_argument("--num_chains", type=int, default=1,
-                       help="split each batch over up to this many chains of servers at once (needs that many replicas)")
+    group.add_argument(
+        "--model", default=None, help="checkpoint folder (or cached Hugging Face name) to fine-tune; default: a tiny random Llama"
+    )
+    group.add_argument(
+        "--model_dir",
+        default=None,
+        help="where to write the tiny Llama when --model is not given (default: a temp dir, removed after)",
+    )
+    group.add_argument(
+        "--initial_peers",
+        nargs="+",
+        default=None,
+        help="multiaddrs of a swarm serving --model; default: start a local swarm on 127.0.0.1",
+    )
+    group.add_argument(
+        "--spans",
+        nargs="+",
+        default=None,
+        help="blocks of each server of the local swarm, one server per span (default: two halves)",
+    )
+    group.add_argument(
+        "--server_args",
+        default="--num_threads 1",
+        help="extra run_server arguments for the local swarm; one thread each by default, as the "
+        "servers share this machine's cores with each other and with the client",
+    )
+    group.add_argument(
+        "--num_chains",
+        type=int,
+        default=1,
+        help="split each batch over up to this many chains of servers at once (needs that many replicas)",
+    )
     group = parser.add_argument_group("training")
     group.add_argument("--steps", type=int, default=40)
     group.add_argument("--lr", type=float, default=lr)

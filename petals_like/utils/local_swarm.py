@@ -26,8 +26,14 @@ KEPT_OUTPUT_LINES = 100  # of each child, shown if it dies
 
 
 class LocalSwarm:
-    def __init__(self, model_dir: str | Path, spans: Sequence[str] = ("0:4", "4:8"), *,
-                 server_args: Sequence[str] = (), start_timeout: float = 300.0):  # fmt: skip
+    def __init__(
+        self,
+        model_dir: str | Path,
+        spans: Sequence[str] = ("0:4", "4:8"),
+        *,
+        server_args: Sequence[str] = (),
+        start_timeout: float = 300.0,
+    ):
         """spans: one "A:B" per server. server_args: extra run_server arguments, e.g. ["--num_threads", "1"]."""
         if not spans:
             raise ValueError("a local swarm needs at least one server span")
@@ -80,10 +86,25 @@ class LocalSwarm:
         """
         identity = identity or f"server-{len(self.identities)}"
         identity_path = Path(self._identity_dir.name) / f"{identity}.key"
-        child = self._start(f"server {span}", ["petals_like.cli.run_server", str(self.model_dir), "--block_indices", span,
-                                               "--initial_peers", *self.peers, "--host_maddrs", LOCALHOST,
-                                               "--identity_path", str(identity_path), "--no_progress",
-                                               "--log_level", "WARNING", *self.server_args])  # fmt: skip
+        child = self._start(
+            f"server {span}",
+            [
+                "petals_like.cli.run_server",
+                str(self.model_dir),
+                "--block_indices",
+                span,
+                "--initial_peers",
+                *self.peers,
+                "--host_maddrs",
+                LOCALHOST,
+                "--identity_path",
+                str(identity_path),
+                "--no_progress",
+                "--log_level",
+                "WARNING",
+                *self.server_args,
+            ],
+        )
         self.identities[child] = identity
         return child
 

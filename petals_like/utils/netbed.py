@@ -86,8 +86,14 @@ class Host:
         """`python -m MODULE ARGS...` of this project in this host, its output kept (BedProcess)."""
         from petals_like.utils.threads import shared_cores_env
 
-        proc = self.popen([sys.executable, "-m", *module_args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True, cwd=repo_root(), env=shared_cores_env())  # fmt: skip
+        proc = self.popen(
+            [sys.executable, "-m", *module_args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            cwd=repo_root(),
+            env=shared_cores_env(),
+        )
         return BedProcess(f"{self.name}/{name}", proc)
 
     def run(self, *argv: str) -> str:
@@ -190,8 +196,7 @@ class NetBed:
                 netshape.shape(self.internet, port, delay_ms=delay_ms)
                 self.shaped.append((self.internet, port))
 
-    def add_host(self, name: str, *, nat: bool = False, delay_ms: float = 0.0,
-                 uplink_mbit: Optional[float] = None) -> Host:  # fmt: skip
+    def add_host(self, name: str, *, nat: bool = False, delay_ms: float = 0.0, uplink_mbit: Optional[float] = None) -> Host:
         """A public host on the internet bridge, or (nat=True) one behind its own NAT router."""
         if name in self.hosts:
             raise ValueError(f"host {name!r} exists")

@@ -91,8 +91,7 @@ def _generate(model, a: argparse.Namespace) -> dict:
             tokens.append(int(out[0, -1]))
             print(f"STEP {step}", flush=True)
         peers = [link.span.peer_id for link in session._chain]
-    return {"prompt": input_ids[0].tolist(), "tokens": tokens, "prefill_s": prefill, "step_s": step_seconds,
-            "chain": peers}  # fmt: skip
+    return {"prompt": input_ids[0].tolist(), "tokens": tokens, "prefill_s": prefill, "step_s": step_seconds, "chain": peers}
 
 
 def _lora(model, out: str) -> dict:

@@ -23,6 +23,7 @@ Measured on the VM (forwarder, two namespaces joined by a veth, 10 ms on each en
 10 ms alone: 0.78 Gbit/s over 50 MB, 1.0 Gbit/s over 300 MB, limited by the sender's 4 MiB tcp_wmem
 as on any 20 ms path (3.2 Gbit/s with 16 MiB; the forwarders then use 31% and 17% of a core).
 """
+
 from __future__ import annotations
 
 import atexit
@@ -58,26 +59,32 @@ def _insn(code: int, dst: int = 0, src: int = 0, off: int = 0, imm: int = 0) -> 
 
 
 def _edt_program(delay_ns: int) -> bytes:
-    return b"".join([
-        _insn(0xBF, 6, 1),  # r6 = r1 (the __sk_buff)
-        _insn(0x85, imm=5),  # r0 = bpf_ktime_get_ns()
-        _insn(0x18, 1, imm=delay_ns & 0xFFFFFFFF), _insn(0, imm=delay_ns >> 32),  # r1 = delay_ns
-        _insn(0x0F, 0, 1),  # r0 += r1
-        _insn(0x7B, 6, 0, _TSTAMP_OFF),  # skb->tstamp = r0
-        _insn(0xB7, 0),  # r0 = TC_ACT_OK
-        _insn(0x95),
-    ])  # fmt: skip
+    return b"".join(
+        [
+            _insn(0xBF, 6, 1),  # r6 = r1 (the __sk_buff)
+            _insn(0x85, imm=5),  # r0 = bpf_ktime_get_ns()
+            _insn(0x18, 1, imm=delay_ns & 0xFFFFFFFF),
+            _insn(0, imm=delay_ns >> 32),  # r1 = delay_ns
+            _insn(0x0F, 0, 1),  # r0 += r1
+            _insn(0x7B, 6, 0, _TSTAMP_OFF),  # skb->tstamp = r0
+            _insn(0xB7, 0),  # r0 = TC_ACT_OK
+            _insn(0x95),
+        ]
+    )
 
 
 def _redirect_program(ifindex: int) -> bytes:
-    return b"".join([
-        _insn(0x61, 2, 1, _MARK_OFF),  # r2 = skb->mark
-        _insn(0xB7, 0),  # r0 = TC_ACT_OK
-        _insn(0x15, 2, off=3, imm=_MARK),  # the forwarder's own frame: goto exit
-        _insn(0xB7, 1, imm=ifindex), _insn(0xB7, 2),  # r0 = bpf_redirect(ifindex, 0)
-        _insn(0x85, imm=23),
-        _insn(0x95),
-    ])  # fmt: skip
+    return b"".join(
+        [
+            _insn(0x61, 2, 1, _MARK_OFF),  # r2 = skb->mark
+            _insn(0xB7, 0),  # r0 = TC_ACT_OK
+            _insn(0x15, 2, off=3, imm=_MARK),  # the forwarder's own frame: goto exit
+            _insn(0xB7, 1, imm=ifindex),
+            _insn(0xB7, 2),  # r0 = bpf_redirect(ifindex, 0)
+            _insn(0x85, imm=23),
+            _insn(0x95),
+        ]
+    )
 
 
 def _bpf(cmd: int, attr: ctypes.Array) -> int:
@@ -90,9 +97,27 @@ def _bpf(cmd: int, attr: ctypes.Array) -> int:
 
 def _load(insns: bytes, name: bytes) -> int:
     """BPF_PROG_LOAD a tc program; returns its fd. The verifier's log goes into the error."""
-    code, license, log = ctypes.create_string_buffer(insns), ctypes.create_string_buffer(b"GPL"), ctypes.create_string_buffer(1 << 16)
-    attr = ctypes.create_string_buffer(struct.pack("<IIQQIIQII16s", _SCHED_CLS, len(insns) // 8, ctypes.addressof(code),
-                                                   ctypes.addressof(license), 1, len(log), ctypes.addressof(log), 0, 0, name), 128)  # fmt: skip
+    code, license, log = (
+        ctypes.create_string_buffer(insns),
+        ctypes.create_string_buffer(b"GPL"),
+        ctypes.create_string_buffer(1 << 16),
+    )
+    attr = ctypes.create_string_buffer(
+        struct.pack(
+            "<IIQQIIQII16s",
+            _SCHED_CLS,
+            len(insns) // 8,
+            ctypes.addressof(code),
+            ctypes.addressof(license),
+            1,
+            len(log),
+            ctypes.addressof(log),
+            0,
+            0,
+            name,
+        ),
+        128,
+    )
     try:
         return _bpf(_PROG_LOAD, attr)
     except OSError as e:
@@ -102,8 +127,24 @@ def _load(insns: bytes, name: bytes) -> int:
 def _check_tstamp(fd: int, delay_ns: int) -> None:
     """Run the EDT program once on a dummy packet: skb->tstamp must come back as now + delay."""
     data, ctx_in, ctx_out = ctypes.create_string_buffer(64), ctypes.create_string_buffer(192), ctypes.create_string_buffer(256)
-    attr = ctypes.create_string_buffer(struct.pack("<IIIIQQIIIIQQ", fd, 0, 64, 0, ctypes.addressof(data), 0, 1, 0, 192, 256,
-                                                   ctypes.addressof(ctx_in), ctypes.addressof(ctx_out)), 80)  # fmt: skip
+    attr = ctypes.create_string_buffer(
+        struct.pack(
+            "<IIIIQQIIIIQQ",
+            fd,
+            0,
+            64,
+            0,
+            ctypes.addressof(data),
+            0,
+            1,
+            0,
+            192,
+            256,
+            ctypes.addressof(ctx_in),
+            ctypes.addressof(ctx_out),
+        ),
+        80,
+    )
     before, _, after = time.monotonic_ns(), _bpf(_PROG_TEST_RUN, attr), time.monotonic_ns()
     (tstamp,) = struct.unpack_from("<Q", ctx_out, _TSTAMP_OFF)
     if not before + delay_ns <= tstamp <= after + delay_ns:
@@ -127,7 +168,9 @@ def bpf_delay_supported() -> tuple[bool, str]:
 
 
 def _tc(netns: str, *args: object, check: bool = True) -> None:
-    done = subprocess.run(argv := ["ip", "netns", "exec", netns, "tc", *map(str, args)], capture_output=True, text=True, timeout=30)
+    done = subprocess.run(
+        argv := ["ip", "netns", "exec", netns, "tc", *map(str, args)], capture_output=True, text=True, timeout=30
+    )
     if check and done.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)} failed: {done.stderr.strip()}")
 

@@ -47,8 +47,17 @@ class GenerationCase:
 
 
 class GenerationCheck:
-    def __init__(self, model: Any, model_path: str | Path, *, cases: int, max_new_tokens: int, seed: int,
-                 workers: int, max_prompt_len: int = 40):  # fmt: skip
+    def __init__(
+        self,
+        model: Any,
+        model_path: str | Path,
+        *,
+        cases: int,
+        max_new_tokens: int,
+        seed: int,
+        workers: int,
+        max_prompt_len: int = 40,
+    ):
         """`cases` prompts of 4..max_prompt_len tokens (long ones span several 16-token prefix pages, so
         sessions reuse cached pages and fail over with them) and their references, computed here."""
         self.model = model
@@ -62,8 +71,9 @@ class GenerationCheck:
                 length = rng.randint(4, max_prompt_len)
                 prompt = torch.tensor([[rng.randrange(FIRST_TOKEN_ID, vocab) for _ in range(length)]])
                 new_tokens = rng.randint(max(1, max_new_tokens // 2), max_new_tokens)
-                expected = reference.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
-                                              do_sample=False)  # fmt: skip
+                expected = reference.generate(
+                    prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens, do_sample=False
+                )
                 self.cases.append(GenerationCase(prompt, new_tokens, expected))
 
     def for_worker(self, worker: int) -> Any:
@@ -81,8 +91,10 @@ class GenerationCheck:
                 got, how = self.model.generate(case.prompt, max_new_tokens=case.new_tokens), "one call"
             if torch.equal(got, case.expected):
                 return None
-            return f"generation ({how}) of prompt {case.prompt[0].tolist()} gave {got[0].tolist()}, " \
-                   f"expected {case.expected[0].tolist()}"  # fmt: skip
+            return (
+                f"generation ({how}) of prompt {case.prompt[0].tolist()} gave {got[0].tolist()}, "
+                f"expected {case.expected[0].tolist()}"
+            )
 
         return check
 
@@ -123,8 +135,18 @@ class TrainingCheck:
 
     NOISE_FACTOR = 10.0
 
-    def __init__(self, model: Any, model_path: str | Path, *, rank: int, lr: float, batch_size: int, seq_len: int,
-                 seed: int, tolerance: float):  # fmt: skip
+    def __init__(
+        self,
+        model: Any,
+        model_path: str | Path,
+        *,
+        rank: int,
+        lr: float,
+        batch_size: int,
+        seq_len: int,
+        seed: int,
+        tolerance: float,
+    ):
         """Adds a LoRA (rank, LORA_TARGETS, random B) to `model`, a client with no adapter yet."""
         from peft import LoraConfig
         from transformers import AutoTokenizer
@@ -172,7 +194,9 @@ class TrainingCheck:
             allowed = self.tolerance * float(g64.norm()) + self.NOISE_FACTOR * noise
             self.worst = max(self.worst, error / allowed if allowed > 0 else float("inf") if error > 0 else 0.0)
             if error > allowed:
-                problems.append(f"gradient of {name}: error {error:.2e} > allowed {allowed:.2e} "
-                                f"(relative {error / max(float(g64.norm()), 1e-30):.2e})")  # fmt: skip
+                problems.append(
+                    f"gradient of {name}: error {error:.2e} > allowed {allowed:.2e} "
+                    f"(relative {error / max(float(g64.norm()), 1e-30):.2e})"
+                )
         self.optimizer.step()
         return f"training step {i}: " + "; ".join(problems[:5]) if problems else None

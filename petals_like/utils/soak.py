@@ -100,8 +100,10 @@ def run_soak(config: SoakConfig) -> dict:
         seconds = {"swarm_start": time.monotonic() - mark}
         swarm_groups = [child.process.pid for child in swarm.children]  # each child leads its own group
         servers = dict(zip(config.spans, swarm.children[1:]))  # the DHT is the first child
-        monitor = HealthMonitor(swarm.peers, {span: (peer_id, child.process.pid) for (span, child), peer_id
-                                              in zip(servers.items(), swarm.server_peer_ids)})  # fmt: skip
+        monitor = HealthMonitor(
+            swarm.peers,
+            {span: (peer_id, child.process.pid) for (span, child), peer_id in zip(servers.items(), swarm.server_peer_ids)},
+        )
         stack.callback(monitor.shutdown)
         baseline = monitor.read()
         processes_before = live_descendants()
@@ -146,17 +148,36 @@ def check_greedy(reference: torch.nn.Module, tokens: list[int], generated: list[
 class _Soak:
     """The run itself: the client pool, kills, health readings, output checks; then the report."""
 
-    def __init__(self, config: SoakConfig, model: Path, peers: list[str], servers: dict[str, Child],
-                 reference: torch.nn.Module, monitor: HealthMonitor, seconds: dict[str, float]):  # fmt: skip
+    def __init__(
+        self,
+        config: SoakConfig,
+        model: Path,
+        peers: list[str],
+        servers: dict[str, Child],
+        reference: torch.nn.Module,
+        monitor: HealthMonitor,
+        seconds: dict[str, float],
+    ):
         self.config = config
         self.servers = servers
         self.reference = reference
         self.monitor = monitor
         self.rng = random.Random(config.seed)
         self.tally = Tally()
-        worker_cmd = [sys.executable, "-m", "petals_like.utils.soak_worker", str(model), "--initial_peers", *peers,
-                      "--seed", str(config.seed), "--max_length", str(config.max_length),
-                      "--abandon", str(config.abandon)]  # fmt: skip
+        worker_cmd = [
+            sys.executable,
+            "-m",
+            "petals_like.utils.soak_worker",
+            str(model),
+            "--initial_peers",
+            *peers,
+            "--seed",
+            str(config.seed),
+            "--max_length",
+            str(config.max_length),
+            "--abandon",
+            str(config.abandon),
+        ]
         self.clients = ClientPool(worker_cmd, self.tally, self._on_end)
         self.warm: Optional[dict[str, ServerHealth]] = None
         self.peaks: dict[str, Counter] = {span: Counter() for span in monitor.servers}
@@ -174,8 +195,9 @@ class _Soak:
         self.seconds["clients_start"] = started - mark
         next_kill = started + self._kill_interval()
         next_sample, warm_at = started, started + min(config.warmup, config.duration / 3)
-        with tqdm(total=int(config.duration), unit="s", desc="soak", disable=not config.progress, file=sys.stderr,
-                  mininterval=1.0) as bar:  # fmt: skip
+        with tqdm(
+            total=int(config.duration), unit="s", desc="soak", disable=not config.progress, file=sys.stderr, mininterval=1.0
+        ) as bar:
             while (now := time.monotonic()) < started + config.duration:
                 self.clients.handle_events(timeout=0.2)
                 if not self.clients.replace_crashed():
@@ -190,9 +212,12 @@ class _Soak:
                     self.warm = self.monitor.read()
                     self._sample(self.warm)
                 bar.update(min(int(now - started), bar.total) - bar.n)
-                bar.set_postfix_str(f"sessions {counts['run']} wrong {counts['wrong']} lost {counts['lost']} "
-                                    f"dropped {counts['abandoned'] + counts['dropped_with_client']} "
-                                    f"kills {counts['kills']}", refresh=False)  # fmt: skip
+                bar.set_postfix_str(
+                    f"sessions {counts['run']} wrong {counts['wrong']} lost {counts['lost']} "
+                    f"dropped {counts['abandoned'] + counts['dropped_with_client']} "
+                    f"kills {counts['kills']}",
+                    refresh=False,
+                )
         self.seconds["load"] = time.monotonic() - started
         if self.warm is None:
             self.warm = self.monitor.read()
@@ -230,20 +255,32 @@ class _Soak:
     def _sample(self, health: dict[str, ServerHealth]) -> None:
         for span, h in health.items():
             peak = self.peaks[span]
-            for name, value in (("rss_mib", h.rss_mib), ("tokens_in_use", h.tokens_in_use),
-                                ("open_sessions", h.open_sessions), ("asyncio_tasks", h.asyncio_tasks)):  # fmt: skip
+            for name, value in (
+                ("rss_mib", h.rss_mib),
+                ("tokens_in_use", h.tokens_in_use),
+                ("open_sessions", h.open_sessions),
+                ("asyncio_tasks", h.asyncio_tasks),
+            ):
                 peak[name] = max(peak[name], value)
 
-    def report(self, baseline: dict[str, ServerHealth], end: dict[str, ServerHealth], processes_before: list,
-               processes_after: list) -> dict:  # fmt: skip
+    def report(
+        self, baseline: dict[str, ServerHealth], end: dict[str, ServerHealth], processes_before: list, processes_after: list
+    ) -> dict:
         c, config = self.tally.counts, self.config
         failures = list(self.tally.failures)
         sessions = {
-            "run": c["run"], "completed": c["completed"], "stopped_at_end": c["stopped"], "checked": c["checked"],
-            "tokens_generated": c["tokens_generated"], "dropped_on_purpose": c["abandoned"] + c["dropped_with_client"],
-            "abandoned_mid_step": c["abandoned"], "dropped_with_killed_client": c["dropped_with_client"],
-            "outputs_wrong": c["wrong"], "outputs_lost": c["lost"], "near_ties": c["near_ties"],
-        }  # fmt: skip
+            "run": c["run"],
+            "completed": c["completed"],
+            "stopped_at_end": c["stopped"],
+            "checked": c["checked"],
+            "tokens_generated": c["tokens_generated"],
+            "dropped_on_purpose": c["abandoned"] + c["dropped_with_client"],
+            "abandoned_mid_step": c["abandoned"],
+            "dropped_with_killed_client": c["dropped_with_client"],
+            "outputs_wrong": c["wrong"],
+            "outputs_lost": c["lost"],
+            "near_ties": c["near_ties"],
+        }
         if c["wrong"]:
             failures.append(f"{c['wrong']} sessions generated tokens that differ from the reference")
         if c["lost"]:
@@ -255,38 +292,56 @@ class _Soak:
             base, warm, last, peak = baseline[span], self.warm[span], end[span], self.peaks[span]
             growth = 100.0 * (last.rss_mib - warm.rss_mib) / warm.rss_mib
             servers[span] = {
-                "rss_mib": {"after_warmup": warm.rss_mib, "end": last.rss_mib, "peak": peak["rss_mib"],
-                            "growth_pct": round(growth, 2)},
+                "rss_mib": {
+                    "after_warmup": warm.rss_mib,
+                    "end": last.rss_mib,
+                    "peak": peak["rss_mib"],
+                    "growth_pct": round(growth, 2),
+                },
                 "p2pd_rss_mib": {"after_warmup": warm.p2pd_rss_mib, "end": last.p2pd_rss_mib},
-                "kv_tokens": {"total": last.cache_tokens_total, "in_use_peak": peak["tokens_in_use"],
-                              "in_use_end": last.tokens_in_use, "free_end": last.cache_tokens_left,
-                              "prefix_cached_end": last.prefix_cache_tokens},
+                "kv_tokens": {
+                    "total": last.cache_tokens_total,
+                    "in_use_peak": peak["tokens_in_use"],
+                    "in_use_end": last.tokens_in_use,
+                    "free_end": last.cache_tokens_left,
+                    "prefix_cached_end": last.prefix_cache_tokens,
+                },
                 "open_sessions": {"baseline": base.open_sessions, "peak": peak["open_sessions"], "end": last.open_sessions},
                 "asyncio_tasks": {"baseline": base.asyncio_tasks, "peak": peak["asyncio_tasks"], "end": last.asyncio_tasks},
                 "threads": {"baseline": base.threads, "after_warmup": warm.threads, "end": last.threads},
                 "open_files": {"baseline": base.open_files, "after_warmup": warm.open_files, "end": last.open_files},
-            }  # fmt: skip
+            }
             if not is_idle(last, base, config.idle_slack):
-                failures.append(f"server {span} not idle {config.settle_timeout:.0f} s after the clients stopped: "
-                                f"{last.open_sessions} sessions open, {last.tokens_in_use} KV tokens in use, "
-                                f"{last.asyncio_tasks} asyncio tasks (baseline {base.asyncio_tasks}), "
-                                f"{last.open_files} open files (baseline {base.open_files})")  # fmt: skip
+                failures.append(
+                    f"server {span} not idle {config.settle_timeout:.0f} s after the clients stopped: "
+                    f"{last.open_sessions} sessions open, {last.tokens_in_use} KV tokens in use, "
+                    f"{last.asyncio_tasks} asyncio tasks (baseline {base.asyncio_tasks}), "
+                    f"{last.open_files} open files (baseline {base.open_files})"
+                )
             if config.max_rss_growth is not None and growth > config.max_rss_growth:
                 failures.append(f"server {span} RSS grew {growth:.1f}% after the warm-up (limit {config.max_rss_growth}%)")
         before, after = {p.pid for p in processes_before}, {p.pid for p in processes_after}
         if before != after:
-            failures.append(f"child processes differ from before the run: new {sorted(after - before)}, "
-                            f"gone {sorted(before - after)}")  # fmt: skip
+            failures.append(
+                f"child processes differ from before the run: new {sorted(after - before)}, gone {sorted(before - after)}"
+            )
         return {
             "passed": not failures,
             "failures": failures,
             "config": {k: v for k, v in asdict(config).items() if k not in ("model", "progress")},
             "seconds": {phase: round(value, 1) for phase, value in self.seconds.items()},
             "sessions": sessions,
-            "clients": {"started": c["clients_started"], "killed": c["kills"], "crashed": c["clients_crashed"],
-                        "hung_at_stop": c["clients_hung"]},  # fmt: skip
+            "clients": {
+                "started": c["clients_started"],
+                "killed": c["kills"],
+                "crashed": c["clients_crashed"],
+                "hung_at_stop": c["clients_hung"],
+            },
             "servers": servers,
-            "processes": {"baseline": count_by_name(processes_before), "end": count_by_name(processes_after),
-                          "left_by_clients": c["processes_left_by_clients"]},  # fmt: skip
+            "processes": {
+                "baseline": count_by_name(processes_before),
+                "end": count_by_name(processes_after),
+                "left_by_clients": c["processes_left_by_clients"],
+            },
             "examples": self.tally.examples,
         }

@@ -92,8 +92,9 @@ class ClientPool:
     def start(self, sessions: int) -> None:
         name = f"c{self.tally.counts['clients_started']}"
         self.tally.counts["clients_started"] += 1
-        self.clients.append(ClientProcess(name, [*self.worker_cmd, "--sessions", str(sessions), "--name", name],
-                                          sessions, self.events))  # fmt: skip
+        self.clients.append(
+            ClientProcess(name, [*self.worker_cmd, "--sessions", str(sessions), "--name", name], sessions, self.events)
+        )
 
     def wait_until_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout

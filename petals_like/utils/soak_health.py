@@ -14,8 +14,8 @@ from typing import Optional, Sequence
 
 import psutil
 
-from petals_like.protocol import call_info
 from petals_like.dht.node import SwarmNode
+from petals_like.protocol import call_info
 
 INFO_TIMEOUT = 10.0  # seconds for one rpc_info
 MIB = 2**20
@@ -86,9 +86,12 @@ class HealthMonitor:
 def is_idle(health: ServerHealth, baseline: ServerHealth, slack: int) -> bool:
     """No session open, every page free or only cached, and the loop's tasks and the open files (a stream
     left open holds a socket) back at their level before the run, give or take `slack`."""
-    return (health.open_sessions == 0 and health.tokens_in_use == 0
-            and health.asyncio_tasks <= baseline.asyncio_tasks + slack
-            and health.open_files <= baseline.open_files + slack)  # fmt: skip
+    return (
+        health.open_sessions == 0
+        and health.tokens_in_use == 0
+        and health.asyncio_tasks <= baseline.asyncio_tasks + slack
+        and health.open_files <= baseline.open_files + slack
+    )
 
 
 def _descendants(pid: int | None) -> list[psutil.Process]:

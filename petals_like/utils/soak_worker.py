@@ -58,8 +58,7 @@ class SessionPlan:
         return sum(new for _, new in self.segments)
 
 
-def make_plan(rng: random.Random, shared_prefix: list[int], vocab_size: int, max_length: int,
-              abandon: float) -> SessionPlan:  # fmt: skip
+def make_plan(rng: random.Random, shared_prefix: list[int], vocab_size: int, max_length: int, abandon: float) -> SessionPlan:
     """A random session whose tokens fit max_length (>= 128); deterministic in the rng's state."""
 
     def tokens(n: int) -> list[int]:
@@ -193,12 +192,13 @@ def main(argv: Optional[list[str]] = None) -> None:
             print(EVENT_PREFIX + json.dumps(event), flush=True)
 
     torch.set_num_threads(1)  # the servers and other clients share the cores
-    model = AutoDistributedModelForCausalLM.from_pretrained(args.model, initial_peers=args.initial_peers,
-                                                            torch_dtype="float32")  # fmt: skip
+    model = AutoDistributedModelForCausalLM.from_pretrained(args.model, initial_peers=args.initial_peers, torch_dtype="float32")
     try:
         worker = Worker(model, args, emit, stop)
-        threads = [threading.Thread(target=worker.run_slot, args=(slot,), name=f"session {slot}", daemon=True)
-                   for slot in range(args.sessions)]  # fmt: skip
+        threads = [
+            threading.Thread(target=worker.run_slot, args=(slot,), name=f"session {slot}", daemon=True)
+            for slot in range(args.sessions)
+        ]
         emit({"event": "ready"})
         for thread in threads:
             thread.start()

@@ -132,8 +132,9 @@ class LlamaBlock(nn.Module):
         parts = [x.new_zeros(x.shape[0], self.out_features[n]) if d is None else d for n, d in zip(names, deltas)]
         return out + torch.cat(parts, dim=-1)
 
-    def attention_input(self, hidden: Tensor, cos: Tensor, sin: Tensor, lora: Optional[LoraRows] = None
-                        ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    def attention_input(
+        self, hidden: Tensor, cos: Tensor, sin: Tensor, lora: Optional[LoraRows] = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """hidden [tokens, hidden], cos/sin [tokens, head_dim] -> rotated q [tokens, heads, head_dim],
         rotated k [tokens, kv_heads, head_dim], v [tokens, kv_heads, head_dim]. `lora`: adapters by row."""
         x = self.input_layernorm(hidden)

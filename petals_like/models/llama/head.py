@@ -74,8 +74,9 @@ class LocalModules(nn.Module):
             raise TypeError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
         if input_ids.numel() and not bool(((input_ids >= 0) & (input_ids < self.spec.vocab_size)).all()):
             # checked here: an out-of-range id on a GPU is an opaque device-side assert
-            raise ValueError(f"input_ids must be in [0, {self.spec.vocab_size}), got "
-                             f"min={int(input_ids.min())} max={int(input_ids.max())}")  # fmt: skip
+            raise ValueError(
+                f"input_ids must be in [0, {self.spec.vocab_size}), got min={int(input_ids.min())} max={int(input_ids.max())}"
+            )
         return self.embed_tokens(input_ids)
 
     def logits(self, hidden: Tensor) -> Tensor:
