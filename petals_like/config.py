@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Collection, Optional, Sequence
+from typing import Any, Collection, Optional, Sequence
 
 from petals_like.dht.records import MAX_LIFETIME
 from petals_like.dht.relay import RelayLimits
@@ -13,6 +13,26 @@ DEFAULT_MAX_PART_BYTES = 2 * 1024**2  # one P2P message part; hivemind caps unar
 # how a session's hidden states may travel (protocol.pack_message): as float32, float16 or bfloat16,
 # or "int8": blocks of values as int8 plus a float16 scale each
 WIRE_FORMATS = ("float32", "float16", "bfloat16", "int8")
+
+
+def flag(default: Any, help: str, **argparse: Any) -> Any:
+    """A config field that is also a command-line flag `--NAME` (utils/cli.add_dataclass_flags): its default
+    and help live here only. `argparse`: type (default: the default's type), choices, nargs, and `group`
+    (a help section; "span" makes a mutually exclusive pair)."""
+    return field(default=default, metadata={"help": help, **argparse})
+
+
+def parse_throughput(text: str) -> str | float:
+    """--throughput: auto, eval or a positive number of block-steps per second."""
+    if text in ("auto", "eval"):
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"expected auto, eval or a positive number, got {text!r}") from None
+    if not 0 < value < 1e9:
+        raise ValueError(f"throughput must be positive, got {value}")
+    return value
 
 
 @dataclass
@@ -56,11 +76,12 @@ class ClientConfig:
 @dataclass
 class ServerConfig:
     model: str | Path  # checkpoint folder or Hugging Face name (found in the local cache)
-    initial_peers: Sequence[str] = ()  # multiaddrs to join; empty starts a new swarm
-    block_indices: Optional[str] = None  # "A:B" pins the span; otherwise num_blocks are chosen
-    num_blocks: Optional[int] = None  # span length when choosing where to serve
-    dht_prefix: Optional[str] = None  # the model's name in the swarm; derived from the checkpoint when None
-    host_maddrs: Optional[Sequence[str]] = None  # where to listen; None = every interface on `port` (dht/reach.py)
+    initial_peers: Sequence[str] = flag((), "multiaddrs of any peer of the swarm; none starts a new swarm", nargs="*")
+    block_indices: Optional[str] = flag(None, "serve exactly these blocks, e.g. 0:8 (turns moving off)", group="span")
+    num_blocks: Optional[int] = flag(None, "serve this many blocks where the swarm needs them most", type=int, group="span")
+    dht_prefix: Optional[str] = flag(None, "the model's name in the swarm (default: from the checkpoint name)")
+    # where to listen and what to announce: run_server's network flags (utils/cli.add_network_flags, dht/reach.py)
+    host_maddrs: Optional[Sequence[str]] = None  # None = every interface on `port`
     announce_maddrs: Sequence[str] = ()  # what to announce instead of the interfaces' addresses
     port: int = 0  # TCP and UDP port when host_maddrs is None; 0 = a free one
     public_ip: Optional[str] = None  # announce this address (e.g. a router's, with the port forwarded to this host)
@@ -68,42 +89,59 @@ class ServerConfig:
     relay_limits: Optional[RelayLimits] = field(default_factory=RelayLimits)  # relay for NATed servers; None = never
     max_relays: int = 2  # relays to hold slots on when behind NAT (0: none: nobody can reach this server)
     reachability_period: float = 600.0  # seconds between dial-back checks after the one at start
-    identity_path: Optional[str] = None  # private key file: a stable peer id across restarts
-    device: str = "cpu"
-    torch_dtype: str = "auto"  # "auto" = the checkpoint's dtype
-    quant_type: str = "none"
-    num_threads: Optional[int] = None  # torch intra-op threads for the compute loop; None = torch's default
-    throughput: str | float = "auto"  # "auto" (cached measurement), "eval" (re-measure) or block-steps/s to announce
-    network_mbps: float = 100.0  # uplink assumed when deriving throughput (server/throughput.py)
-    balance_period: float = 120.0  # mean seconds between re-balancing checks (randomized x0.5..1.5); 0 = never move
-    balance_quality: float = 0.75  # move only if the swarm's bottleneck would grow by more than 1 / this
+    identity_path: Optional[str] = flag(None, "private key file: a stable peer id across restarts")
+    device: str = flag("cpu", "cpu, cuda, cuda:1, ...")
+    torch_dtype: str = flag("auto", "auto = the checkpoint's dtype", choices=["auto", "float32", "float16", "bfloat16"])
+    quant_type: str = flag("none", "weights in blockwise 8-bit or 4-bit (docs/quantization.md)", choices=["none", "int8", "nf4"])
+    num_threads: Optional[int] = flag(None, "torch threads for block math (default: torch's)", type=int)
+    throughput: str | float = flag(
+        "auto", "auto (measure once, cached on disk), eval (re-measure) or the block-steps/s to announce", type=parse_throughput
+    )
+    network_mbps: float = flag(100.0, "uplink in Mbit/s, a cap on the derived throughput (server/throughput.py)")
+    balance_period: float = flag(
+        120.0, "mean seconds between re-balancing checks (randomized x0.5..1.5; 0 = never move)", group="balancing"
+    )
+    balance_quality: float = flag(
+        0.75, "move only if the swarm's bottleneck gains more than (1 - this) x our throughput", group="balancing"
+    )
     join_delay: float = 1.0  # a random wait of up to this many seconds before choosing blocks on join
-    kv_cache_tokens: Optional[int] = None  # KV pool size in tokens (all sessions); None = from free memory
-    page_size: int = 16  # tokens per KV page (also the granularity of prefix reuse)
-    max_alloc_timeout: float = 1.0  # seconds a step waits for free pages before a retriable error
-    token_budget: int = 256  # tokens per batched iteration; longer prompts are split into chunks
-    prefill_chunk: int = 16  # prompt tokens per iteration while other sessions are active (their latency)
+    kv_cache_tokens: Optional[int] = flag(
+        None, "KV pool size in tokens, for all sessions together (default: a quarter of free memory)", type=int
+    )
+    page_size: int = flag(16, "tokens per KV page (also the granularity of prefix reuse)")
+    max_alloc_timeout: float = flag(1.0, "seconds a step waits for free KV pages before a retriable error")
+    token_budget: int = flag(256, "tokens per batched iteration; longer prompts run in chunks")
+    prefill_chunk: int = flag(16, "prompt tokens per iteration while other sessions decode (their latency)")
     batch_gather_wait: float = 0.02  # seconds to wait for sessions of the last batch before a smaller one
-    share_prefix_cache: bool = False  # reuse prefix pages across clients (trusts their claimed hashes)
-    max_session_length: int = 8192  # upper bound of a session's max_length
-    max_sessions_per_peer: int = 128  # inference sessions one client (peer id) may hold open at once
-    max_cache_share: float = 0.5  # KV pool share one client may hold while other clients hold sessions too
-    max_batch_size: int = 64  # sequences in one request
-    max_request_tokens: int = 16384  # batch x new tokens in one request
-    max_message_bytes: int = 256 * 1024**2  # one assembled request, all parts together
-    wire_formats: Sequence[str] = WIRE_FORMATS  # what sessions may choose
+    share_prefix_cache: bool = flag(False, "reuse cached prefix pages across clients: trusts clients' claimed page hashes")
+    max_session_length: int = flag(8192, "largest max_length of an inference session, in tokens", group="limits")
+    max_sessions_per_peer: int = flag(128, "inference sessions one client (peer id) may hold open at once", group="limits")
+    max_cache_share: float = flag(
+        0.5, "share of the KV pool one client may hold while other clients hold sessions too (alone: all)", group="limits"
+    )
+    max_batch_size: int = flag(64, "sequences in one request", group="limits")
+    max_request_tokens: int = flag(16384, "batch x new tokens in one request", group="limits")
+    max_message_bytes: int = flag(256 * 1024**2, "bytes of one assembled request (all its parts)", group="limits")
+    wire_formats: Sequence[str] = flag(
+        WIRE_FORMATS,
+        "formats clients may choose for hidden states on the wire (int8: 8-bit blocks)",
+        nargs="+",
+        choices=WIRE_FORMATS,
+    )
     push_timeout: float = 5.0  # seconds for the next server to accept a pushed step before the client relays it
     max_part_bytes: int = DEFAULT_MAX_PART_BYTES
-    announce_period: float = 30.0  # seconds between re-announcements
-    expiration: float = 90.0  # seconds a record lives unless re-announced
-    session_idle_timeout: float = 600.0  # seconds an inference stream may stay silent before it is closed
-    request_timeout: float = 600.0  # seconds one forward/backward may wait in the queue plus compute
-    public_name: str = ""
-    adapters: Sequence[str] = ()  # PEFT LoRA folders (or NAME=PATH) to serve for inference; named by folder
-    max_lora_rank: int = 64  # largest rank of a client-held LoRA
-    max_adapter_bytes: int = 256 * 1024**2  # client-held LoRA weights kept for one client
-    adapter_idle_timeout: float = 600.0  # seconds a client's LoRA weights stay without being used
-    progress: bool = True  # progress bar while loading blocks
+    announce_period: float = flag(30.0, "seconds between re-announcements")
+    expiration: float = flag(90.0, "seconds a record lives unless re-announced")
+    session_idle_timeout: float = flag(600.0, "seconds an inference session may stay silent before it is closed", group="limits")
+    request_timeout: float = flag(600.0, "seconds a forward/backward call may wait in the queue and run", group="limits")
+    public_name: str = flag("", "a name shown on the swarm dashboard")
+    adapters: Sequence[str] = flag(
+        (), "PEFT LoRA folders to serve (named by folder, or NAME=PATH); clients pick one by name", nargs="*", group="adapters"
+    )
+    max_lora_rank: int = flag(64, "largest rank of the LoRA weights a client may send", group="adapters")
+    max_adapter_bytes: int = flag(256 * 1024**2, "bytes of LoRA weights kept for one client", group="adapters")
+    adapter_idle_timeout: float = flag(600.0, "seconds a client's LoRA weights are kept without use", group="adapters")
+    progress: bool = True  # progress bar while loading blocks (run_server --no_progress)
 
     def __post_init__(self) -> None:
         if not 0 < self.max_cache_share <= 1:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import signal
@@ -54,6 +55,59 @@ def config_values(args: argparse.Namespace, flags: Iterable[tuple[str, str]], pr
     return {name: tuple(v) if isinstance(v, list) else v for name, v in values.items()}
 
 
+GROUPS = {  # help sections of flags declared with config.flag(group=...)
+    "limits": "limits (a request or client over one gets a clear error; others are served)",
+    "balancing": "choosing blocks and moving",
+    "adapters": "LoRA adapters",
+}
+
+
+def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type) -> None:
+    """`--NAME` for every field of a config dataclass declared with config.flag(): default and help from
+    the field; type from the default (or the flag's `type`); tuples take nargs; bools are switches."""
+    sections: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if "help" not in f.metadata:
+            continue
+        options = {k: v for k, v in f.metadata.items() if k not in ("help", "group")}
+        group = f.metadata.get("group")
+        if group is not None and group not in sections:
+            sections[group] = (
+                parser.add_mutually_exclusive_group() if group == "span" else parser.add_argument_group(GROUPS[group])
+            )
+        target = parser if group is None else sections[group]
+        if isinstance(f.default, bool):
+            target.add_argument(f"--{f.name}", action="store_true", help=f.metadata["help"])
+            continue
+        kind = options.pop("type", None) or (
+            type(f.default) if f.default is not None and not isinstance(f.default, tuple) else str
+        )
+        shown = " ".join(map(str, f.default)) if isinstance(f.default, tuple) else "%(default)s"
+        help_text = f.metadata["help"] + ("" if f.default in (None, (), "") else f" (default: {shown})")
+        target.add_argument(f"--{f.name}", type=_argparse_type(kind), default=f.default, help=help_text, **options)
+
+
+def dataclass_values(args: argparse.Namespace, cls: type) -> dict[str, Any]:
+    """add_dataclass_flags' values by field name (lists back to tuples)."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if "help" in f.metadata}
+    return {name: tuple(v) if isinstance(v, list) else v for name, v in values.items()}
+
+
+def _argparse_type(kind: Any) -> Any:
+    """A parser whose ValueError becomes argparse's clear message (argparse shows only "invalid value" else)."""
+    if kind in (int, float, str):
+        return kind
+
+    def parse(text: str) -> Any:
+        try:
+            return kind(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    parse.__name__ = getattr(kind, "__name__", "value")
+    return parse
+
+
 RELAY_LIMITS = [  # RelayLimits fields given as --relay_NAME flags
     ("max_reservations", "servers behind NAT this node relays for"),
     ("max_circuits", "relayed streams open at once, all callers together"),
@@ -101,7 +155,7 @@ def network_values(args: argparse.Namespace) -> dict[str, Any]:
     port = args.port if args.port is not None else (args.default_port if args.host_maddrs is None else 0)
     return dict(
         host_maddrs=args.host_maddrs,
-        announce_maddrs=args.announce_maddrs,
+        announce_maddrs=tuple(args.announce_maddrs),
         port=port,
         public_ip=args.public_ip,
         force_reachability=args.force_reachability,
