@@ -159,7 +159,7 @@ class BenchSwarm:
 
     def __enter__(self) -> BenchSwarm:
         from petals_like import AutoDistributedModelForCausalLM
-        from petals_like.cli.demo import LOCALHOST, Child
+        from petals_like.cli.demo import LOCALHOST, Child, local_server_args
         from petals_like.models.spec import ModelSpec
 
         try:
@@ -170,22 +170,7 @@ class BenchSwarm:
             num_blocks = ModelSpec.from_pretrained(self.model_dir).num_blocks
             spans = self.span_args or [f"0:{num_blocks // 2}", f"{num_blocks // 2}:{num_blocks}"]
             for span in spans:
-                cmd = [
-                    sys.executable,
-                    "-m",
-                    "petals_like.cli.run_server",
-                    str(self.model_dir),
-                    "--block_indices",
-                    span,
-                    "--initial_peers",
-                    *peers,
-                    "--host_maddrs",
-                    LOCALHOST,
-                    "--no_progress",
-                    "--log_level",
-                    "WARNING",
-                    *self.server_args,
-                ]
+                cmd = [sys.executable, "-m", *local_server_args(self.model_dir, span, peers, *self.server_args)]
                 self.children.append(Child(f"server {span}", cmd))
             self.server_peers = [child.wait_for_line("SERVER READY", 300).split()[2] for child in self.children[1:]]
             self.start_s = time.perf_counter() - started

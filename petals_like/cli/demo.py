@@ -21,6 +21,12 @@ from typing import Optional
 LOCALHOST = "/ip4/127.0.0.1/tcp/0"
 
 
+def local_server_args(model_dir: str | Path, span: str, peers: list[str], *extra: str) -> list[str]:
+    """`-m` arguments of a run_server for blocks `span` on 127.0.0.1, joining `peers`, quiet (demo, bench, LocalSwarm)."""
+    return ["petals_like.cli.run_server", str(model_dir), "--block_indices", span, "--initial_peers", *peers,
+            "--host_maddrs", LOCALHOST, "--no_progress", "--log_level", "WARNING", *extra]  # fmt: skip
+
+
 class Child:
     """A subprocess of the demo, stopped by PID together with its own children (the p2pd daemon).
     It shares this machine's cores with the other children (utils.threads.shared_cores_env)."""
@@ -109,22 +115,7 @@ def main(argv: Optional[list[str]] = None) -> None:
             children.append(dht)
             peers = dht.wait_for_line("--initial_peers", 60).split()[1:]
             for span in ("0:4", "4:8"):
-                cmd = [
-                    sys.executable,
-                    "-m",
-                    "petals_like.cli.run_server",
-                    str(model_dir),
-                    "--block_indices",
-                    span,
-                    "--initial_peers",
-                    *peers,
-                    "--host_maddrs",
-                    LOCALHOST,
-                    "--no_progress",
-                    "--log_level",
-                    "WARNING",
-                ]
-                children.append(Child(f"server {span}", cmd))
+                children.append(Child(f"server {span}", [sys.executable, "-m", *local_server_args(model_dir, span, peers)]))
             for child in children[1:]:
                 print("      " + child.wait_for_line("SERVER READY", 120), flush=True)
 

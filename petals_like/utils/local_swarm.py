@@ -18,7 +18,7 @@ import threading
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from petals_like.cli.demo import LOCALHOST, Child
+from petals_like.cli.demo import LOCALHOST, Child, local_server_args
 
 logger = logging.getLogger(__name__)
 
@@ -86,25 +86,8 @@ class LocalSwarm:
         """
         identity = identity or f"server-{len(self.identities)}"
         identity_path = Path(self._identity_dir.name) / f"{identity}.key"
-        child = self._start(
-            f"server {span}",
-            [
-                "petals_like.cli.run_server",
-                str(self.model_dir),
-                "--block_indices",
-                span,
-                "--initial_peers",
-                *self.peers,
-                "--host_maddrs",
-                LOCALHOST,
-                "--identity_path",
-                str(identity_path),
-                "--no_progress",
-                "--log_level",
-                "WARNING",
-                *self.server_args,
-            ],
-        )
+        extra = ["--identity_path", str(identity_path), *self.server_args]
+        child = self._start(f"server {span}", local_server_args(self.model_dir, span, self.peers, *extra))
         self.identities[child] = identity
         return child
 
