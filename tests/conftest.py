@@ -7,8 +7,15 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pytest
+from hypothesis import settings
 
 from petals_like.models.tiny import make_tiny_model
+
+# The same examples on every run (CI included), seeded from each test's source; `pytest --hypothesis-profile
+# explore` draws fresh random examples on each run and prints a reproduction blob for any failure.
+settings.register_profile("repeatable", derandomize=True, database=None)
+settings.register_profile("explore", derandomize=False, database=None)
+settings.load_profile("repeatable")
 
 TINY_SHARD_SIZE = "200KB"  # about one block per shard, so the sharded (indexed) loading path is what tests use
 

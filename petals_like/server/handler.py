@@ -323,7 +323,7 @@ class Handlers:
             raise ProtocolError("each push must be a map")
         session = self.sessions.sessions.get(require(meta, "session_id", str))
         token = require(meta, "push_token", str)
-        if session is None or session.push_token is None or not hmac.compare_digest(token, session.push_token):
+        if session is None or session.push_token is None or not hmac.compare_digest(token.encode(), session.push_token.encode()):
             raise ProtocolError("no session with this id accepts pushes with this token")
         if session.inbox is None or session.inflight is not None or require(meta, "position", int) != session.length:
             raise ProtocolError("the session is not waiting for this step")
