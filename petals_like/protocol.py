@@ -8,8 +8,9 @@ Everything read from the wire is validated here before any other code sees it.
 
 from __future__ import annotations
 
-import asyncio
+import enum
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Iterable, Optional, Sequence, Type, TypeVar, Union
 
@@ -17,7 +18,7 @@ import msgpack
 import numpy as np
 import torch
 from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
-from hivemind.p2p import P2P, PeerID
+from hivemind.p2p import P2PHandlerError
 from hivemind.proto import runtime_pb2
 
 from petals_like.config import DEFAULT_MAX_PART_BYTES
@@ -28,8 +29,7 @@ RPC_BACKWARD = "petals_like.rpc_backward"
 RPC_INFERENCE = "petals_like.rpc_inference"
 RPC_PUSH = "petals_like.rpc_push"  # server -> next server: steps' outputs as the next span's inputs
 
-PROTOCOL_VERSION = 2  # 2: rpc_push carries a list of steps (server/push.py)
-ADAPTER_NOT_CACHED = "adapter weights not cached"  # in an error: the client sends its LoRA weights again
+PROTOCOL_VERSION = 3  # 2: rpc_push carries a list of steps (server/push.py); 3: refusals carry an ErrorCode
 WIRE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 WIRE_BLOCK = 64  # values per float16 scale in the "int8" wire format (config.WIRE_FORMATS)
 _TENSOR_DTYPES = {**WIRE_DTYPES, "int64": torch.int64, "int32": torch.int32}
@@ -61,8 +61,49 @@ MAX_METADATA_BYTES = 1 << 20
 Proto = TypeVar("Proto", runtime_pb2.ExpertRequest, runtime_pb2.ExpertResponse)
 
 
+class ErrorCode(str, enum.Enum):
+    """Why a server refused a request; it travels in the refusal's text (see ProtocolError) and the
+    client acts on it (client/transport.py: callers_fault), never on the wording."""
+
+    BAD_REQUEST = "bad_request"  # malformed or contradictory: any server would refuse it; the caller's bug
+    SERVER_LIMIT = "server_limit"  # beyond this server's limits or span: another server may take it
+    CACHE_FULL = "cache_full"  # no KV cache pages free in time: retriable, later or elsewhere
+    ADAPTER_NOT_CACHED = "adapter_not_cached"  # the server dropped the client's LoRA weights: send them again
+    OUT_OF_SYNC = "out_of_sync"  # the server's state of the session does not match the step: replay elsewhere
+
+
 class ProtocolError(ValueError):
-    """The peer sent something this protocol cannot accept; the message says what."""
+    """The peer sent something this protocol cannot accept; the message says what, the code why.
+
+    str() starts with "[code] ": hivemind sends an error to the caller as its text, so the code
+    travels inside it (read back by refusal_code). code=None for the client's checks of answers."""
+
+    def __init__(self, message: str, code: Optional[ErrorCode] = ErrorCode.BAD_REQUEST):
+        super().__init__(message)
+        self.message, self.code = message, code
+
+    def __str__(self) -> str:
+        return self.message if self.code is None else f"[{self.code.value}] {self.message}"
+
+    def __repr__(self) -> str:
+        return f"ProtocolError({str(self)!r})"
+
+
+# a refusal as the caller sees it: "ProtocolError('[code] ...')" from a unary call (hivemind sends repr),
+# "[code] ..." from a stream (hivemind sends str), after "server X answered: " (client/transport.py)
+_REFUSAL = re.compile(r"^(?:ProtocolError\((?:'|\")|server \S+ answered: )?\[(?P<code>[a-z_]+)\] ")
+
+
+def refusal_code(error: BaseException) -> Optional[ErrorCode]:
+    """The code of a server's refusal, or None for any other failure (a crash, a timeout, a broken
+    stream, a wrong answer). Only errors that came from the server (P2PHandlerError) count."""
+    if not isinstance(error, P2PHandlerError):
+        return None
+    match = _REFUSAL.match(str(error))
+    try:
+        return ErrorCode(match["code"]) if match else None
+    except ValueError:
+        return None
 
 
 @dataclass
@@ -338,13 +379,3 @@ def prefix_page_hashes(
         previous = digest.hexdigest()
         hashes.append(previous)
     return hashes
-
-
-async def call_info(p2p: P2P, peer_id: str, *, timeout: float) -> dict[str, Any]:
-    """A server's rpc_info answer (its live ServerInfo fields and counters): what clients ping, servers
-    measure their next hops with, and the dashboard probes."""
-    response = await asyncio.wait_for(
-        p2p.call_protobuf_handler(PeerID.from_base58(peer_id), RPC_INFO, runtime_pb2.ExpertRequest(), runtime_pb2.ExpertResponse),
-        timeout,
-    )
-    return decode_metadata(response.metadata)

@@ -15,7 +15,8 @@ from hivemind.proto import runtime_pb2
 from petals_like.client.transport import InferenceStream
 from petals_like.data_structures import RemoteSpanInfo, ServerInfo, ServerState
 from petals_like.dht.node import SwarmNode
-from petals_like.protocol import RPC_BACKWARD, RPC_FORWARD, RPC_INFERENCE, call_info, encode_metadata, pack_message
+from petals_like.protocol import RPC_BACKWARD, RPC_FORWARD, RPC_INFERENCE, encode_metadata, pack_message
+from petals_like.wire import call_info
 from tests.swarm import HIDDEN, Swarm, assert_still_serves, forward, start_swarm, wait_until
 
 
@@ -202,6 +203,6 @@ def test_inference_and_info_after_errors(client, span, swarm):
     def info() -> dict:
         return client.run(call_info(client.p2p, span.peer_id, timeout=10))
 
-    assert info()["start_block"] == 2 and info()["end_block"] == 6
+    assert info().announced["start_block"] == 2 and info().announced["end_block"] == 6
     # streams end asynchronously after the client closes them; then every page is back
-    wait_until(lambda: info()["cache_tokens_left"] == total and not sessions.sessions, 10)
+    wait_until(lambda: info().cache_tokens_left == total and not sessions.sessions, 10)

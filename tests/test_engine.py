@@ -13,7 +13,7 @@ import torch
 from hivemind.p2p import P2PHandlerError
 
 from petals_like import AutoDistributedModelForCausalLM
-from petals_like.client.transport import InferenceStream
+from petals_like.client.transport import InferenceStream, RequestRefused
 from petals_like.data_structures import RemoteSpanInfo, ServerInfo, ServerState
 from petals_like.dht.records import default_dht_prefix
 from tests.swarm import Swarm, start_swarm, wait_until
@@ -187,12 +187,17 @@ def test_a_session_id_is_reachable_only_through_its_stream(swarm, model):
             except P2PHandlerError as e:
                 errors.append(str(e))
             thief, _ = await open_raw(swarm, node)
+        # the owner's session is untouched: its next step follows its first
+        await owner.send([torch.randn(1, 1, 64)], {"session_id": sid, "position": 4})
+        reply, _ = await owner.read_step(4, timeout=30)
         await owner.close({"session_id": sid})
-        return errors
+        return errors + [reply.step]
 
     errors = node.run(run(), timeout=60)
     assert "already open" in errors[0]
-    assert "already open" in errors[1]  # a step naming a live session on another stream is refused too
+    # a step naming a live session on another stream is no open message: refused as such
+    assert "[bad_request] metadata field 'start' is missing" in errors[1]
+    assert errors[2] == 2
 
 
 def test_record_announces_free_cache_and_sessions(swarm, model, tiny_model):
@@ -208,42 +213,50 @@ def test_record_announces_free_cache_and_sessions(swarm, model, tiny_model):
         return infos[0][server.node.peer_id]
 
     with model.inference_session(max_length=64, reuse_prefix=False) as session:
+        announced()  # the load announced next covers the time from here
         session.step(model.local.embed(torch.randint(4, 300, (1, 40))))
         info = announced()
         assert info.open_sessions == 1
         assert info.cache_tokens_left <= total - 48  # 40 tokens hold 3 pages of 16
-        assert 0.0 <= info.load <= 1.0
+        assert info.load > 0  # the compute thread ran the prompt since the previous announcement
+        assert announced().load == 0  # and nothing since
     wait_until(lambda: announced().open_sessions == 0, 10)
 
 
 def test_a_prompt_chunk_waits_for_decoders_due_back_instead_of_running_alone():
-    """_decoders_due: a prompt-only iteration that would still run when the decoding sessions
-    are back is held for them (bounded); one that fits before they are back is not."""
-    import time as _time
+    """DecodePace, on made-up times: a prompt-only iteration that would still run when the decoding
+    sessions are back is held for them (bounded); one that fits before they are back is not."""
+    from petals_like.server.scheduler import MAX_DECODE_WAIT, DecodePace
 
-    from petals_like.server.scheduler import MAX_DECODE_WAIT, InferenceWork, Scheduler
+    pace = DecodePace()
+    assert pace.hold_until(100.0) == 0.0  # nothing learned yet
+    pace.observe([10.0], prompt_only=False, started=10.0, ended=10.02)  # decoders ran, done at 10.02
+    pace.observe([10.12], prompt_only=False, started=10.12, ended=10.14)  # back after 0.1 s
+    assert pace.decode_gap == pytest.approx(0.1)
+    pace.observe([], prompt_only=True, started=10.14, ended=10.2)  # a prompt chunk alone takes 60 ms
+    assert pace.prompt_only == pytest.approx(0.06)
+    # decoders due back at 10.24: a 60 ms chunk starting at 10.2 would still run; hold it until they are
+    # back, and at most a quarter of the gap longer
+    assert pace.hold_until(10.2) == pytest.approx(10.24 + 0.025)
+    assert pace.hold_until(10.14) == 0.0  # a chunk starting at once fits before they are back
+    assert pace.hold_until(10.5) == 0.0  # long overdue: they are not coming back soon
+    pace.observe([15.0], prompt_only=False, started=15.0, ended=15.0)  # a slow client: the gap grows to ~1.5 s
+    for _ in range(10):  # and long prompt chunks: 1 s each
+        pace.observe([], prompt_only=True, started=0.0, ended=1.0)
+    assert pace.hold_until(16.0) == pytest.approx(16.0 + MAX_DECODE_WAIT)  # never longer than MAX_DECODE_WAIT
 
-    class _Span:  # never computed with: the scheduler thread only waits here
-        pass
 
-    scheduler = Scheduler(_Span(), None, token_budget=64)
-    try:
-        prompt = InferenceWork(torch.zeros(1, 32, 8), [], [0], 0, 1)
-        scheduler._pending.append(prompt)
-        now = _time.monotonic()
-        scheduler._decode_gap, scheduler._prompt_only_duration = 0.1, 0.06
-        scheduler._decode_done = now - 0.06  # decoders due back in ~40 ms; a chunk takes 60 ms
-        due = scheduler._decoders_due()
-        assert now + 0.035 <= due <= now + 0.04 + 0.25 * 0.1 + 0.01
-        scheduler._decode_done = now  # due back in 100 ms: a 60 ms chunk fits first
-        assert scheduler._decoders_due() == 0.0
-        scheduler._decode_done = now - 0.5  # long overdue: they are not coming back soon
-        assert scheduler._decoders_due() == 0.0
-        scheduler._decode_gap = 5.0  # a slow client: never hold a chunk longer than MAX_DECODE_WAIT
-        scheduler._decode_done, scheduler._prompt_only_duration = now - 4.99, 1.0
-        assert scheduler._decoders_due() <= _time.monotonic() + MAX_DECODE_WAIT
-        scheduler._pending.append(InferenceWork(torch.zeros(1, 1, 8), [], [0], 0, 1))
-        assert scheduler._decoders_due() == 0.0  # a decode step is already here
-    finally:
-        scheduler._pending.clear()
-        scheduler.shutdown()
+def test_a_request_every_server_would_refuse_is_raised_at_once_and_blames_no_server(swarm, model):
+    """A refusal coded bad_request is the caller's bug: the client raises it instead of banning the
+    server, retrying elsewhere and replaying (which would fail on every server in turn)."""
+    nan = torch.full((1, 2, 64), float("nan"))
+    bans, failovers = dict(model.routes.ban_reasons), []
+    with model.inference_session(max_length=8) as session:
+        with pytest.raises(RequestRefused, match=r"refused the request: .*\[bad_request\] hidden_states contains NaN"):
+            session.step(nan)
+        failovers.append(session.num_failovers)
+    with pytest.raises(RequestRefused, match="contains NaN"):
+        model.remote.forward(nan)
+    assert model.routes.ban_reasons == bans and failovers == [0]
+    with model.inference_session(max_length=8) as session:  # and the server serves this client on
+        assert session.step(torch.randn(1, 2, 64)).isfinite().all()

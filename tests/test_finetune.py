@@ -12,13 +12,16 @@ from typing import Iterator
 
 import pytest
 import torch
+from hivemind.p2p import P2PHandlerError, PeerID
+from hivemind.proto import runtime_pb2
 from peft import LoraConfig, PeftModel, PromptTuningConfig, get_peft_model
 
 from petals_like import AutoDistributedModelForCausalLM
-from petals_like.client.transport import InferenceStream, SpanExtras, call_forward
+from petals_like.client.transport import InferenceStream
 from petals_like.dht.records import default_dht_prefix
-from petals_like.protocol import ADAPTER_NOT_CACHED
+from petals_like.protocol import RPC_FORWARD, ErrorCode, pack_message, refusal_code, unpack_message
 from petals_like.protocol import ProtocolError as ProtocolErrorType
+from petals_like.wire import LoraRef, TuningRef
 from tests.oracles import TOLERANCE, oracle, peft_lora_grads, rel
 from tests.swarm import Swarm, start_swarm
 
@@ -239,29 +242,33 @@ def test_bad_lora_payloads_get_clear_errors_and_the_server_serves_on(client, swa
     good = [t.detach() for t in lora.tensors()]
 
     def meta(**override):
-        return {"lora": dict(lora.metadata(with_weights=True), **override)}
+        return {"lora": dict(lora.ref(with_weights=True).to_meta(), **override)}
 
     def forward(tensors, metadata):
-        return model.node.run(
-            call_forward(model.node.p2p, span, hidden, None, timeout=30, extras=SpanExtras(list(tensors), metadata))
-        )
+        # raw metadata, as a hostile or buggy client could send it (call_forward would refuse some)
+        request = pack_message([hidden, *tensors], {"start": span.start, "end": span.end, **metadata})[0]
+        peer = PeerID.from_base58(span.peer_id)
+        response = model.node.run(model.node.p2p.call_protobuf_handler(peer, RPC_FORWARD, request, runtime_pb2.ExpertResponse))
+        return unpack_message(response, max_bytes=1 << 30).tensors[0]
 
     bad = {
-        "has shape": (good[:1] + [torch.zeros(3, 3)] + good[2:], meta()),
+        "has shape": (good[:1] + [torch.zeros(3, 3)] + good[2:], meta(), ErrorCode.BAD_REQUEST),
         "not in [1, 16]": (
             [torch.zeros(32, t.shape[1]) if i % 2 == 0 else torch.zeros(t.shape[0], 32) for i, t in enumerate(good)],
             meta(rank=32),
+            ErrorCode.SERVER_LIMIT,
         ),
-        "not supported": (good, meta(targets=["lm_head"])),
-        "NaN or infinity": ([good[0].clone().fill_(float("nan"))] + good[1:], meta()),
-        "expected 16 tensors": (good[:3], meta()),
-        ADAPTER_NOT_CACHED: ([], meta(weights=False, version=12345)),
-        "either a hosted adapter or a client LoRA": (good, dict(meta(), adapter="chat")),
-        "is not hosted here": ([], {"adapter": "nonexistent"}),
+        "not supported": (good, meta(targets=["lm_head"]), ErrorCode.BAD_REQUEST),
+        "NaN or infinity": ([good[0].clone().fill_(float("nan"))] + good[1:], meta(), ErrorCode.BAD_REQUEST),
+        "expected 16 tensors": (good[:3], meta(), ErrorCode.BAD_REQUEST),
+        "is not cached here": ([], meta(weights=False, version=12345), ErrorCode.ADAPTER_NOT_CACHED),
+        "either a hosted adapter or a client LoRA": (good, dict(meta(), adapter="chat"), ErrorCode.BAD_REQUEST),
+        "is not hosted here": ([], {"adapter": "nonexistent"}, ErrorCode.SERVER_LIMIT),
     }
-    for expected, (tensors, metadata) in bad.items():
-        with pytest.raises(Exception, match=re.escape(expected)):
+    for expected, (tensors, metadata, code) in bad.items():
+        with pytest.raises(P2PHandlerError, match=re.escape(expected)) as refusal:
             forward(tensors, metadata)
+        assert refusal_code(refusal.value) is code, (expected, refusal.value)
     # the same server still serves this client and others
     assert forward(good, meta()).shape == hidden.shape
     input_ids = torch.randint(4, 300, (1, 6))
@@ -358,7 +365,7 @@ def test_bad_lora_at_session_open_is_refused_and_others_go_on(client):
             "end": NUM_BLOCKS,
             "max_length": 16,
             "batch_size": 1,
-            "lora": lora.metadata(with_weights=True),
+            "lora": lora.ref(with_weights=True).to_meta(),
         }
         await stream.send(tensors, meta, compress=False)
         try:
@@ -378,9 +385,9 @@ def test_bad_lora_at_session_open_is_refused_and_others_go_on(client):
 
 def test_adapter_store_limits_cover_sessions_and_refusals_change_nothing(tiny_model):
     """No network: the per-client byte limit counts cached weights and what open sessions pin."""
+    from petals_like.models.span import BlockRange
     from petals_like.models.spec import ModelSpec
     from petals_like.server.adapters import AdapterStore
-    from petals_like.server.backend import BlockRange
 
     spec = ModelSpec.from_pretrained(tiny_model)
     fan = spec.hidden_size
@@ -389,9 +396,9 @@ def test_adapter_store_limits_cover_sessions_and_refusals_change_nothing(tiny_mo
     blocks = BlockRange(0, 2)
 
     def upload(peer: str, version: int, value: float = 0.1):
-        meta = {"lora": {"id": "a", "version": version, "rank": 2, "scaling": 1.0, "targets": ["q_proj"], "weights": True}}
+        ref = TuningRef(lora=LoraRef("a", version, True, 2, 1.0, ("q_proj",)))
         tensors = [torch.full((2, fan), value), torch.full((fan, 2), value)] * 2
-        return store.resolve(meta, tensors, blocks, peer, 1, 4)
+        return store.resolve(ref, tensors, blocks, peer, 1, 4)
 
     release_1 = store.pin("peer-1", upload("peer-1", 1))  # an inference session runs with version 1
     release_2 = store.pin("peer-1", upload("peer-1", 2))  # and another with version 2: both stay cached
@@ -410,8 +417,8 @@ def test_adapter_store_limits_cover_sessions_and_refusals_change_nothing(tiny_mo
 
     # a refused new version leaves the older one cached: superseded versions go only once one is accepted
     def upload_rank(adapter: str, version: int, rank: int):
-        meta = {"lora": {"id": adapter, "version": version, "rank": rank, "scaling": 1.0, "targets": ["q_proj"], "weights": True}}
-        return store.resolve(meta, [torch.full((rank, fan), 0.1), torch.full((fan, rank), 0.1)] * 2, blocks, "peer-3", 1, 4)
+        ref = TuningRef(lora=LoraRef(adapter, version, True, rank, 1.0, ("q_proj",)))
+        return store.resolve(ref, [torch.full((rank, fan), 0.1), torch.full((fan, rank), 0.1)] * 2, blocks, "peer-3", 1, 4)
 
     store.idle_timeout = 600.0
     upload_rank("b", 1, 2)

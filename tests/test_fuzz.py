@@ -43,15 +43,14 @@ from petals_like.protocol import (
     RPC_PUSH,
     Message,
     ProtocolError,
-    call_info,
     decode_metadata,
     decode_tensors,
     encode_metadata,
     pack_message,
     read_message,
 )
-from petals_like.server.handler import MAX_PUSH_CHAIN
-from petals_like.server.sessions import MAX_HASH_LENGTH, MAX_SESSION_ID_LENGTH
+from petals_like.wire import MAX_HASH_LENGTH, MAX_PUSH_CHAIN, call_info
+from petals_like.wire import MAX_ID_LENGTH as MAX_SESSION_ID_LENGTH
 from tests.swarm import HIDDEN, Swarm, assert_still_serves, start_swarm, wait_until
 
 NUM_BLOCKS = 8
@@ -321,7 +320,7 @@ def healthy(harness: Harness, model, reference) -> Iterator[Harness]:
     harness.node.run(harness.good.finish(), timeout=CALL_TIMEOUT)
     for index in range(2):
         info = harness.node.run(call_info(harness.node.p2p, harness.span(index).peer_id, timeout=10))
-        assert (info["start_block"], info["end_block"]) == ((0, 4), (4, 8))[index]
+        assert (info.announced["start_block"], info.announced["end_block"]) == ((0, 4), (4, 8))[index]
     assert_still_serves(harness.node, harness.span(0))
     prompt = torch.randint(4, 300, (1, 20), generator=torch.Generator().manual_seed(7))  # 3 is <pad>
     expected = reference.generate(prompt, max_new_tokens=4, do_sample=False, eos_token_id=None)

@@ -51,14 +51,14 @@ def _run_concurrently(count: int, fn: Callable[[int], None]) -> float:
 
 def _server_counters(model) -> dict[str, tuple[int, int]]:
     """(iterations, inference tokens) of every server the model can see."""
-    from petals_like.protocol import call_info
+    from petals_like.wire import call_info
 
     async def read() -> dict:
         await model.routes.refresh(force=True)
         infos = {}
         for peer in model.routes.spans:
             info = await call_info(model.node.p2p, peer, timeout=10)
-            infos[peer] = (info.get("iterations", 0), info.get("inference_tokens", 0))
+            infos[peer] = (info.iterations, info.inference_tokens)
         return infos
 
     return model.node.run(read(), timeout=60)

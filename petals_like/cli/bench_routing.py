@@ -13,8 +13,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
 import statistics
 import threading
 import time
@@ -105,8 +103,7 @@ def failover_recovery(model_dir: Path, server_args: list[str], new_tokens: int =
 
         def kill_middle(session) -> None:
             victim = session._chain[1].span.peer_id
-            child = swarm.children[1 + swarm.server_peers.index(victim)]
-            os.killpg(child.process.pid, signal.SIGKILL)
+            swarm.kill(swarm.servers[swarm.server_peer_ids.index(victim)])
 
         class KillingTimer(TokenTimer):
             def put(self, tokens: torch.Tensor) -> None:
@@ -133,7 +130,7 @@ def failover_recovery(model_dir: Path, server_args: list[str], new_tokens: int =
 def forward_spread(model_dir: Path, server_args: list[str], clients: int = 8, calls: int = 10) -> dict:
     """(j)"""
     from petals_like import AutoDistributedModelForCausalLM
-    from petals_like.protocol import call_info
+    from petals_like.wire import call_info
 
     # equal by construction: a measured throughput differs between two starts by machine noise
     with BenchSwarm(model_dir, server_args + ["--throughput", "100"], spans=[_whole(model_dir)] * 2) as swarm:
@@ -147,8 +144,8 @@ def forward_spread(model_dir: Path, server_args: list[str], clients: int = 8, ca
             def counts() -> list[int]:
                 model = swarm.model
                 return [
-                    model.node.run(call_info(model.node.p2p, peer, timeout=10), timeout=20)["forward_calls"]
-                    for peer in swarm.server_peers
+                    model.node.run(call_info(model.node.p2p, peer, timeout=10), timeout=20).forward_calls
+                    for peer in swarm.server_peer_ids
                 ]
 
             before = counts()

@@ -25,13 +25,14 @@ import torch
 
 from petals_like.client.sequential import RequestTuning
 from petals_like.client.spot_check import SpotChecker, SpotCheckFailed
-from petals_like.client.transport import InferenceStream, call_forward
+from petals_like.client.transport import InferenceStream, RequestRefused, call_forward, callers_fault
 from petals_like.config import ClientConfig
 from petals_like.data_structures import RemoteSpanInfo
 from petals_like.dht.node import SwarmNode
 from petals_like.protocol import PREFIX_PAGE_TOKENS, prefix_page_hashes
 from petals_like.routing.manager import RouteManager
 from petals_like.routing.planner import NoRouteError
+from petals_like.wire import OpenReply, OpenSession, PushHop, Step
 
 logger = logging.getLogger(__name__)
 
@@ -176,29 +177,28 @@ class InferenceSession:
         stream = InferenceStream(self.node.p2p, span, wire=self.config.wire)
         await stream.open(timeout=self.config.connect_timeout)
         session = _SpanSession(span, stream, uuid.uuid4().hex)
-        meta = dict(
+        extras = self.tuning.extras(span, with_weights=True)  # sent at every open: a replacement server needs them too
+        hashed = bool(self._hashes) and self._token_ids is not None
+        probe = probe and hashed
+        request = OpenSession(
             session_id=session.session_id,
             start=span.start,
             end=span.end,
             max_length=self.max_length,
             batch_size=self.batch_size,
-            pad_lens=self.pad_lens,
+            pad_lens=None if self.pad_lens is None else tuple(self.pad_lens),
+            tuning=extras.tuning,
             push_token=session.push_token,
+            wire=self.config.wire,
+            # a server may refuse the wire format: wait for its answer, so the refusal is what the user sees
+            probe=probe or self.config.wire is not None,
         )
-        extras = self.tuning.extras(span, with_weights=True)  # sent at every open: a replacement server needs them too
-        meta.update(extras.metadata)
-        if self._hashes and self._token_ids is not None:
-            meta.update(page_hashes=self._hashes, hash_start=0, probe=probe)
-        probe = probe and bool(self._hashes)
-        if self.config.wire is not None:
-            # a server may refuse the format: wait for its answer, so the refusal is what the user sees
-            meta.update(wire=self.config.wire, probe=True)
-        await stream.send(extras.tensors, meta, compress=False)
+        hashes = Step(session.session_id, page_hashes=tuple(self._hashes)) if hashed else None
+        await stream.send(extras.tensors, request.to_meta(hashes), compress=False)
         cached = 0
-        if probe or self.config.wire is not None:
+        if request.probe:
             answer = await stream.read(timeout=self.config.connect_timeout)
-            cached = answer.metadata.get("cached_tokens", 0) if not answer.tensors else 0
-            cached = cached if isinstance(cached, int) else 0
+            cached = OpenReply.from_meta(answer.metadata).cached_tokens if not answer.tensors else 0
         return session, cached
 
     async def _open_chain(self, start: int, end: int, *, probe: bool = False) -> tuple[list[_SpanSession], int]:
@@ -215,6 +215,8 @@ class InferenceSession:
         except BaseException as e:
             await self._close_all(opened)
             if isinstance(e, Exception) and span is not None:
+                if refused := callers_fault(e, span):
+                    raise refused from e
                 self.routes.ban(span.peer_id, f"opening a session failed: {e!r}")  # the next route avoids it
             raise
         logger.info(f"Inference chain for blocks {start}:{end}: {route}")
@@ -229,7 +231,7 @@ class InferenceSession:
                 try:
                     self._chain, cached = await self._open_chain(0, self.num_blocks, probe=probe)
                     break
-                except NoRouteError:
+                except (NoRouteError, RequestRefused):
                     raise
                 except Exception as e:  # a server of the route went away: ask for another route
                     if attempt == self.config.max_retries:
@@ -247,13 +249,9 @@ class InferenceSession:
         new_hashes = self._hashes[sent_hashes:] if self._token_ids is not None else []
         position = self.position
 
-        def step_meta(link: _SpanSession) -> dict:
-            meta: dict = {"session_id": link.session_id, "position": position}
-            if reuse:
-                meta["reuse_tokens"] = reuse
-            if new_hashes:
-                meta.update(page_hashes=new_hashes, hash_start=sent_hashes)
-            return meta
+        def step_for(link: _SpanSession, push_to: list[_SpanSession] = ()) -> Step:
+            chain = tuple(PushHop(nxt.span.peer_id, nxt.push_token, step_for(nxt)) for nxt in push_to)
+            return Step(link.session_id, position, reuse, tuple(new_hashes), sent_hashes, push_chain=chain)
 
         index = 0
         attempts = 0
@@ -263,20 +261,17 @@ class InferenceSession:
             link = self._chain[index]
             try:
                 if not delivered:
-                    meta = step_meta(link)
-                    if not relay and index + 1 < len(self._chain):
-                        meta["push_chain"] = [
-                            {"peer": nxt.span.peer_id, "token": nxt.push_token, "meta": step_meta(nxt)}
-                            for nxt in self._chain[index + 1 :]
-                        ]
-                    await link.stream.send([hidden], meta)
-                message = await link.stream.read_step(position, timeout=self.config.request_timeout)
+                    step = step_for(link, [] if relay else self._chain[index + 1 :])
+                    await link.stream.send([hidden], step.to_meta())
+                reply, message = await link.stream.read_step(position, timeout=self.config.request_timeout)
                 out = link.stream.output(message, hidden)
                 if not self.reused_tokens and self.spot_checker.draw():
                     await self._spot_check(link, hidden, out)
             except (Exception, asyncio.CancelledError) as e:
                 if isinstance(e, asyncio.CancelledError) and asyncio.current_task().cancelling():
                     raise
+                if refused := callers_fault(e, link.span):
+                    raise refused from e
                 attempts += 1
                 if attempts > self.config.max_retries:
                     raise RuntimeError(f"inference step failed {attempts} times; last error: {e!r}") from e
@@ -295,7 +290,7 @@ class InferenceSession:
                 await self._replace(index)
                 continue
             self.routes.succeeded(link.span.peer_id)
-            delivered = not relay and message.metadata.get("pushed") is True
+            delivered = not relay and reply.pushed is True
             link.history.append(hidden)
             hidden = out
             index += 1
@@ -333,7 +328,7 @@ class InferenceSession:
                 chain, _ = await self._open_chain(0, self.num_blocks)
                 out = replay
                 for link in chain:
-                    result = await link.stream.step(out, {"session_id": link.session_id}, timeout=self.config.request_timeout)
+                    result = await link.stream.step(out, Step(link.session_id).to_meta(), timeout=self.config.request_timeout)
                     link.history.append(out)
                     out = result
             except Exception as e:
@@ -362,7 +357,7 @@ class InferenceSession:
                 for link in replacement:
                     if replayed is None:
                         break
-                    out = await link.stream.step(replayed, {"session_id": link.session_id}, timeout=self.config.request_timeout)
+                    out = await link.stream.step(replayed, Step(link.session_id).to_meta(), timeout=self.config.request_timeout)
                     link.history.append(replayed)
                     replayed = out
             except Exception as e:
@@ -378,4 +373,5 @@ class InferenceSession:
         raise RuntimeError(f"could not replace span {failed.span.start}:{failed.span.end}: {last_error!r}")
 
     async def _close_all(self, chain: list[_SpanSession]) -> None:
-        await asyncio.gather(*(link.stream.close({"session_id": link.session_id}) for link in chain), return_exceptions=True)
+        closes = (link.stream.close(Step(link.session_id).to_meta()) for link in chain)
+        await asyncio.gather(*closes, return_exceptions=True)

@@ -22,13 +22,14 @@ from typing import Any, Optional
 import torch
 
 from petals_like.client.spot_check import SpotChecker
-from petals_like.client.transport import SpanExtras, call_backward, call_forward
+from petals_like.client.transport import SpanExtras, call_backward, call_forward, callers_fault
 from petals_like.client.tuning import ClientLora, weights_version
 from petals_like.config import ClientConfig
 from petals_like.data_structures import RemoteSpanInfo
 from petals_like.dht.node import SwarmNode
-from petals_like.protocol import ADAPTER_NOT_CACHED
+from petals_like.protocol import ErrorCode, refusal_code
 from petals_like.routing.manager import RouteManager
+from petals_like.wire import TuningRef
 
 logger = logging.getLogger(__name__)
 
@@ -68,23 +69,15 @@ class RequestTuning:
             prompts = self.prompts[span.start : span.end]
             extras.tensors.append(prompts)
             extras.grad_like.append(prompts)
-            extras.metadata["deep_prompts"] = True
-        if self.adapter is not None:
-            extras.metadata["adapter"] = self.adapter
+        lora_ref = None
         if self.lora is not None:
             lora = self.lora
             tensors = self.span_lora_tensors(span)
-            extras.metadata["lora"] = {
-                "id": lora.adapter_id,
-                "version": self.lora_version,
-                "rank": lora.rank,
-                "scaling": lora.scaling,
-                "targets": list(lora.targets),
-                "weights": with_weights,
-            }
+            lora_ref = lora.ref(with_weights, self.lora_version)
             if with_weights:
                 extras.tensors += tensors
             extras.grad_like += tensors
+        extras.tuning = TuningRef(self.prompts is not None, self.adapter, lora_ref)
         return extras
 
 
@@ -170,7 +163,7 @@ class RemoteSequential(torch.nn.Module):
                 self.node.p2p, span, *args, timeout=self.config.request_timeout, extras=tuning.extras(span, with_weights)
             )
         except Exception as e:
-            if with_weights or ADAPTER_NOT_CACHED not in str(e):
+            if with_weights or refusal_code(e) is not ErrorCode.ADAPTER_NOT_CACHED:
                 raise
             with_weights = True  # the server dropped them (idle timeout, restart): send them again
             result = await call(
@@ -207,6 +200,8 @@ class RemoteSequential(torch.nn.Module):
                             span, out, lambda other: self._tuned_call(call_forward, other, tuning, hidden, pad_lens)
                         )
                 except Exception as e:
+                    if refused := callers_fault(e, span):
+                        raise refused from e
                     failures += 1
                     if failures > self.config.max_retries:
                         raise RuntimeError(f"forward through blocks {block}:{end} failed {failures} times: {e!r}") from e
@@ -244,6 +239,8 @@ class RemoteSequential(torch.nn.Module):
         try:
             result = await self._tuned_call(call_backward, span, tuning, inputs, grad, pad_lens)
         except Exception as e:
+            if refused := callers_fault(e, span):
+                raise refused from e
             if depth >= self.config.max_retries:
                 raise RuntimeError(f"backward through blocks {span.start}:{span.end} kept failing: {e!r}") from e
             self.routes.ban(span.peer_id, repr(e))

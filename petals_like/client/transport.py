@@ -1,6 +1,9 @@
 """Calls to one server: rpc_forward, rpc_backward, and the inference stream (rpc_info: protocol.call_info).
 
 Messages that fit one P2P part go unary (one round trip); larger ones use the streamed variants.
+A server's refusal carries an ErrorCode (protocol.py); `callers_fault` tells the client's retry
+loops which failures are the caller's own (raise at once, blame no server) and which are the
+server's (avoid it, try another, replay).
 """
 
 from __future__ import annotations
@@ -19,27 +22,42 @@ from petals_like.protocol import (
     RPC_BACKWARD,
     RPC_FORWARD,
     RPC_INFERENCE,
+    ErrorCode,
     Message,
     ProtocolError,
     all_finite,
     pack_message,
     read_message,
+    refusal_code,
     unpack_message,
 )
+from petals_like.wire import SpanRequest, StepReply, TuningRef
 
 MAX_RESPONSE_BYTES = 1 << 31
+
+
+class RequestRefused(ValueError):
+    """A server refused the request as malformed (ErrorCode.BAD_REQUEST): the same request would fail
+    on every server, so the client raises it to its caller instead of retrying elsewhere."""
+
+
+def callers_fault(error: BaseException, span: RemoteSpanInfo) -> Optional[RequestRefused]:
+    """The error to raise to the caller if `error` is a refusal of the caller's own request, else None."""
+    if refusal_code(error) is ErrorCode.BAD_REQUEST:
+        return RequestRefused(f"server {span.peer_id[-6:]} (blocks {span.start}:{span.end}) refused the request: {error}")
+    return None
 
 
 @dataclass
 class SpanExtras:
     """What a forward/backward request carries besides the hidden states (server/adapters.py).
 
-    tensors: sent after the hidden states (and grad_outputs); metadata: merged into the request's;
+    tensors: sent after the hidden states (and grad_outputs); tuning: what the request names;
     grad_like: the tensors whose gradients backward returns after the hidden states', in order.
     """
 
     tensors: list[torch.Tensor] = field(default_factory=list)
-    metadata: dict = field(default_factory=dict)
+    tuning: TuningRef = field(default_factory=TuningRef)
     grad_like: list[torch.Tensor] = field(default_factory=list)
 
 
@@ -60,7 +78,7 @@ async def _call(
         responses = await p2p.iterate_protobuf_handler(peer, name + "_stream", _aiter(parts), runtime_pb2.ExpertResponse)
         message = await read_message(responses, max_bytes=MAX_RESPONSE_BYTES)
         if message is None:
-            raise ProtocolError(f"{name} returned no response")
+            raise ProtocolError(f"{name} returned no response", code=None)
         return message
 
     return await asyncio.wait_for(run(), timeout)
@@ -75,7 +93,7 @@ async def call_forward(
     timeout: float,
     extras: SpanExtras = NO_EXTRAS,
 ) -> torch.Tensor:
-    meta = {"start": span.start, "end": span.end, "pad_lens": pad_lens, **extras.metadata}
+    meta = SpanRequest(span.start, span.end, None if pad_lens is None else tuple(pad_lens), extras.tuning).to_meta()
     message = await _call(p2p, span.peer_id, RPC_FORWARD, [hidden, *extras.tensors], meta, timeout, response_bytes=hidden.nbytes)
     return _single_tensor(message, hidden)
 
@@ -91,14 +109,14 @@ async def call_backward(
     extras: SpanExtras = NO_EXTRAS,
 ) -> list[torch.Tensor]:
     """[d(loss)/d(hidden), then the gradients of extras.grad_like], each checked against its tensor."""
-    meta = {"start": span.start, "end": span.end, "pad_lens": pad_lens, **extras.metadata}
+    meta = SpanRequest(span.start, span.end, None if pad_lens is None else tuple(pad_lens), extras.tuning).to_meta()
     response_bytes = hidden.nbytes + sum(t.numel() * 4 for t in extras.grad_like)
     message = await _call(
         p2p, span.peer_id, RPC_BACKWARD, [hidden, grad_output, *extras.tensors], meta, timeout, response_bytes=response_bytes
     )
     likes = [hidden, *extras.grad_like]
     if len(message.tensors) != len(likes):
-        raise ProtocolError(f"server answered {len(message.tensors)} gradients, expected {len(likes)}")
+        raise ProtocolError(f"server answered {len(message.tensors)} gradients, expected {len(likes)}", code=None)
     return [_single_tensor(Message([grad], {}), like) for grad, like in zip(message.tensors, likes)]
 
 
@@ -106,10 +124,10 @@ def _single_tensor(message: Message, like: torch.Tensor) -> torch.Tensor:
     """The server's answer must be one tensor of the request's shape: a lying server is caught here."""
     if len(message.tensors) != 1 or message.tensors[0].shape != like.shape:
         shapes = [tuple(t.shape) for t in message.tensors]
-        raise ProtocolError(f"server answered tensors {shapes}, expected one of shape {tuple(like.shape)}")
+        raise ProtocolError(f"server answered tensors {shapes}, expected one of shape {tuple(like.shape)}", code=None)
     out = message.tensors[0].to(like.dtype)
     if not all_finite(out):
-        raise ProtocolError("server answered NaN or infinity")
+        raise ProtocolError("server answered NaN or infinity", code=None)
     return out
 
 
@@ -159,20 +177,23 @@ class InferenceStream:
             self.bytes_sent += sum(len(t.buffer) for t in part.tensors)
             await P2P.send_protobuf(part, self._writer)
 
-    async def read_step(self, position: int, *, timeout: float) -> Message:
+    async def read_step(self, position: int, *, timeout: float) -> tuple[StepReply, Message]:
         """The answer to the step at `position`, skipping answers to earlier steps (a step that reached
         the server twice, pushed and relayed, is answered twice)."""
 
-        async def read() -> Message:
+        async def read() -> tuple[StepReply, Message]:
             while True:
                 message = await read_message(self._responses, max_bytes=MAX_RESPONSE_BYTES)
                 if message is None:
                     raise ConnectionError(f"server {self.span.peer_id[-6:]} closed the inference stream")
-                answered = message.metadata.get("position")
-                if not isinstance(answered, int) or answered > position:
-                    raise ProtocolError(f"server answered position {answered!r}, expected {position}")
-                if answered == position:
-                    return message
+                try:
+                    reply = StepReply.from_meta(message.metadata)
+                except ProtocolError as e:
+                    raise ProtocolError(f"server answered a malformed step reply: {e.message}", code=None) from None
+                if reply.position > position:
+                    raise ProtocolError(f"server answered position {reply.position}, expected {position}", code=None)
+                if reply.position == position:
+                    return reply, message
 
         async with asyncio.timeout(timeout):  # no extra task per step, unlike asyncio.wait_for
             return await read()

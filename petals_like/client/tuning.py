@@ -33,6 +33,7 @@ from petals_like.models.lora import (
     target_shape,
 )
 from petals_like.models.spec import ModelSpec
+from petals_like.wire import LoraRef
 
 TUNING_MODES = ("ptune", "deep_ptune")
 
@@ -98,15 +99,10 @@ class ClientLora(nn.Module):
         """A fingerprint of the current weights: servers' copies under another version are stale."""
         return weights_version(self.tensors())
 
-    def metadata(self, with_weights: bool) -> dict:
-        return {
-            "id": self.adapter_id,
-            "version": self.version,
-            "rank": self.rank,
-            "scaling": self.scaling,
-            "targets": list(self.targets),
-            "weights": with_weights,
-        }
+    def ref(self, with_weights: bool, version: Optional[int] = None) -> LoraRef:
+        """How a request names these weights (wire.LoraRef); version: of a snapshot taken earlier."""
+        version = self.version if version is None else version
+        return LoraRef(self.adapter_id, version, with_weights, self.rank, float(self.scaling), tuple(self.targets))
 
     def block_loras(self) -> dict[int, BlockLora]:
         return dict(enumerate(from_wire(self.tensors(), self.targets, self.scaling, self.spec.num_blocks)))

@@ -18,7 +18,7 @@ from petals_like.data_structures import ServerInfo, ServerState
 from petals_like.dht.announce import get_block_infos, get_models
 from petals_like.dht.node import SwarmNode
 from petals_like.dht.records import ModelInfo, check_dht_prefix
-from petals_like.protocol import call_info
+from petals_like.wire import call_info
 
 logger = logging.getLogger(__name__)
 
@@ -156,7 +156,7 @@ class SwarmReader:
             return Probe(False, error=f"{type(e).__name__}: {e}")
         rtt = time.perf_counter() - started
         try:
-            live = ServerInfo.from_record(answer)
+            live = ServerInfo.from_record(answer.announced)
         except ValueError as e:
             logger.debug(f"rpc_info of {peer_id[-6:]} has no valid server info: {e}")
             live = None

@@ -26,9 +26,9 @@ from petals_like.data_structures import RemoteSpanInfo
 from petals_like.dht.announce import get_block_infos
 from petals_like.dht.node import SwarmNode
 from petals_like.dht.records import compute_spans
-from petals_like.protocol import call_info
 from petals_like.routing.pings import PingTable
 from petals_like.routing.planner import LatencyModel, NoRouteError, make_route, make_training_route, make_training_routes
+from petals_like.wire import call_info
 
 logger = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from typing import Iterable, Optional
 
 from hivemind.p2p import P2P
 
-from petals_like.protocol import call_info
+from petals_like.wire import call_info
 
 EMA = 0.3  # weight of the newest sample
 

@@ -1,6 +1,6 @@
 """Adapters on a server: hosted PEFT LoRA folders, client-held LoRA weights, deep prompts in requests.
 
-Request metadata (forward, backward; "adapter" also on inference streams):
+What a request names (wire.TuningRef, on forward, backward and the opening of inference sessions):
   "adapter": name        a LoRA this server hosts (run_server --adapters), for inference or training
                           of other parameters through it; never trained here
   "deep_prompts": true   one more tensor [blocks, prefix, hidden]: added to the first `prefix`
@@ -10,7 +10,7 @@ Request metadata (forward, backward; "adapter" also on inference streams):
                           for the request's blocks (models/lora.py wire order) and the server keeps
                           them for this client and id; later requests of the same version may omit
                           them. A request naming a version the server does not hold is refused with
-                          ADAPTER_NOT_CACHED, and the client sends the weights again. Backward
+                          the code adapter_not_cached, and the client sends the weights again. Backward
                           returns their gradients after the hidden states' (and the prompts').
 
 Client weights are kept per (client peer id, adapter id, version): a new version replaces the old
@@ -23,25 +23,22 @@ against `max_adapter_bytes` for that client; a request over it is refused and ch
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
 from petals_like.config import ServerConfig
 from petals_like.models.lora import BlockLora, canonical_targets, from_wire, read_peft_adapter, wire_shapes
+from petals_like.models.span import BlockRange
 from petals_like.models.spec import ModelSpec
-from petals_like.protocol import ADAPTER_NOT_CACHED, WIRE_DTYPES, ProtocolError, all_finite, require
-from petals_like.server.backend import BlockRange
+from petals_like.protocol import WIRE_DTYPES, ErrorCode, ProtocolError, all_finite
+from petals_like.wire import MAX_ID_LENGTH, LoraRef, TuningRef
 
 logger = logging.getLogger(__name__)
-
-MAX_ADAPTER_ID_LENGTH = 128
-MAX_ADAPTER_NAME_LENGTH = 128
 
 
 @dataclass
@@ -106,21 +103,23 @@ class AdapterStore:
             self.hosted[name] = {i: lora.to(self.dtype, self.device) for i, lora in blocks.items()}
             logger.info(f"Loaded adapter {name!r} from {path} for blocks [{self.span_start}, {self.span_end})")
 
-    def hosted_rows(self, name: Any, blocks: BlockRange) -> list[BlockLora]:
-        if not isinstance(name, str) or name not in self.hosted:
-            raise ProtocolError(f"adapter {name!r} is not hosted here (hosted: {sorted(self.hosted) or 'none'})")
+    def hosted_rows(self, name: str, blocks: BlockRange) -> list[BlockLora]:
+        if name not in self.hosted:
+            raise ProtocolError(
+                f"adapter {name!r} is not hosted here (hosted: {sorted(self.hosted) or 'none'})", ErrorCode.SERVER_LIMIT
+            )
         first = self.span_start + blocks.first
         return [self.hosted[name][first + i] for i in range(blocks.length)]
 
     # ---- requests ----
 
     def resolve(
-        self, meta: dict, extra: Sequence[torch.Tensor], blocks: BlockRange, peer_id: str, batch: int, seq: int
+        self, ref: TuningRef, extra: Sequence[torch.Tensor], blocks: BlockRange, peer_id: str, batch: int, seq: int
     ) -> Tuning:
-        """The prompts and LoRA of a forward/backward request; `extra` are its tensors after the hidden states."""
+        """The prompts and LoRA a request names, as tensors; `extra` are its tensors after the hidden states."""
         extra = list(extra)
         tuning = Tuning()
-        if meta.get("deep_prompts") is True:
+        if ref.deep_prompts:
             if not extra:
                 raise ProtocolError("deep_prompts is set but the request has no prompts tensor")
             prompts = extra.pop(0)
@@ -135,56 +134,41 @@ class AdapterStore:
                 )
             _check_values(prompts, "prompts")
             tuning.prompts = prompts.to(self.device, self.dtype)
-        elif meta.get("deep_prompts") not in (None, False):
-            raise ProtocolError("deep_prompts must be true or false")
-        adapter, lora = meta.get("adapter"), meta.get("lora")
-        if adapter is not None and lora is not None:
-            raise ProtocolError("a request uses either a hosted adapter or a client LoRA, not both")
-        if adapter is not None:
-            tuning.lora = self.hosted_rows(adapter, blocks)
-        elif lora is not None:
-            tuning.lora, tuning.lora_targets, extra, tuning.lora_key = self._client_lora(lora, extra, blocks, peer_id)
+        if ref.adapter is not None:
+            tuning.lora = self.hosted_rows(ref.adapter, blocks)
+        elif ref.lora is not None:
+            tuning.lora, tuning.lora_targets, extra, tuning.lora_key = self._client_lora(ref.lora, extra, blocks, peer_id)
         if extra:
             raise ProtocolError(f"{len(extra)} unexpected tensor(s) in the request")
         return tuning
 
     def _client_lora(
-        self, lora: Any, extra: list[torch.Tensor], blocks: BlockRange, peer_id: str
+        self, lora: LoraRef, extra: list[torch.Tensor], blocks: BlockRange, peer_id: str
     ) -> tuple[list[BlockLora], tuple[str, ...], list[torch.Tensor], tuple[str, str, int]]:
-        if not isinstance(lora, dict):
-            raise ProtocolError("lora must be a map")
-        adapter_id = require(lora, "id", str)
-        if not 0 < len(adapter_id) <= MAX_ADAPTER_ID_LENGTH:
-            raise ProtocolError(f"lora id must have 1..{MAX_ADAPTER_ID_LENGTH} characters")
-        version = require(lora, "version", int)
-        with_weights = require(lora, "weights", bool, False)
         first = self.span_start + blocks.first
         wanted = range(first, first + blocks.length)
-        key = (peer_id, adapter_id, version)
-        if not with_weights:
+        key = (peer_id, lora.id, lora.version)
+        if not lora.weights:
             with self._lock:
                 entry = self._clients.get(key)
                 if entry is None or any(i not in entry.blocks for i in wanted):
                     raise ProtocolError(
-                        f"{ADAPTER_NOT_CACHED}: LoRA {adapter_id!r} version {version} for blocks "
-                        f"[{first}, {first + blocks.length}); send the weights"
+                        f"LoRA {lora.id!r} version {lora.version} for blocks [{first}, {first + blocks.length}) "
+                        f"is not cached here; send the weights",
+                        ErrorCode.ADAPTER_NOT_CACHED,
                     )
                 entry.last_used = time.monotonic()
                 return [entry.blocks[i] for i in wanted], entry.targets, extra, key
-        rank = require(lora, "rank", int)
+        rank, scaling = lora.rank, lora.scaling
         if not 1 <= rank <= self.max_rank:
-            raise ProtocolError(f"LoRA rank {rank} not in [1, {self.max_rank}] (server limit --max_lora_rank)")
-        scaling = lora.get("scaling")
-        if isinstance(scaling, bool) or not isinstance(scaling, (int, float)) or not math.isfinite(scaling) or abs(scaling) > 1e4:
-            raise ProtocolError(f"LoRA scaling must be a finite number of magnitude <= 1e4, got {scaling!r}")
-        targets_raw = require(lora, "targets", list)
-        if not all(isinstance(t, str) for t in targets_raw):
-            raise ProtocolError("LoRA targets must be a list of projection names")
+            raise ProtocolError(
+                f"LoRA rank {rank} not in [1, {self.max_rank}] (server limit --max_lora_rank)", ErrorCode.SERVER_LIMIT
+            )
         try:
-            targets = canonical_targets(targets_raw)
+            targets = canonical_targets(list(lora.targets))
         except ValueError as e:
             raise ProtocolError(str(e)) from None
-        if list(targets) != targets_raw:
+        if targets != lora.targets:
             raise ProtocolError(f"LoRA targets must be listed once each in the order {list(targets)}")
         shapes = wire_shapes(self.spec, rank, targets, blocks.length)
         if len(extra) < len(shapes):
@@ -198,14 +182,15 @@ class AdapterStore:
         if nbytes > self.max_bytes_per_peer:
             raise ProtocolError(
                 f"LoRA weights of {nbytes} bytes exceed the server limit of {self.max_bytes_per_peer} "
-                f"per client (--max_adapter_bytes)"
+                f"per client (--max_adapter_bytes)",
+                ErrorCode.SERVER_LIMIT,
             )
         with self._lock:
             self._expire_locked()
             entry = self._clients.get(key)
             if entry is not None and (entry.rank, entry.scaling, entry.targets) != (rank, scaling, targets):
                 raise ProtocolError(
-                    f"LoRA {adapter_id!r} version {version} is already held with another rank, "
+                    f"LoRA {lora.id!r} version {lora.version} is already held with another rank, "
                     f"scaling or targets; a changed adapter needs a new version"
                 )
             # older versions of this adapter are superseded, unless a session still runs with them; they go
@@ -216,13 +201,14 @@ class AdapterStore:
             if self.held_bytes(peer_id) - freed - replaced + nbytes > self.max_bytes_per_peer:
                 raise ProtocolError(
                     f"this client's LoRA weights and prompts would exceed {self.max_bytes_per_peer} "
-                    f"bytes on this server (--max_adapter_bytes)"
+                    f"bytes on this server (--max_adapter_bytes)",
+                    ErrorCode.SERVER_LIMIT,
                 )
             for old in superseded:
                 del self._clients[old]
-            received = from_wire([t.to(self.device, torch.float32) for t in tensors], targets, float(scaling), blocks.length)
+            received = from_wire([t.to(self.device, torch.float32) for t in tensors], targets, scaling, blocks.length)
             if entry is None:
-                entry = self._clients[key] = _ClientEntry(rank, float(scaling), targets, {}, time.monotonic())
+                entry = self._clients[key] = _ClientEntry(rank, scaling, targets, {}, time.monotonic())
             entry.blocks.update(zip(wanted, received))
             entry.last_used = time.monotonic()
         return received, targets, extra, key
@@ -239,7 +225,8 @@ class AdapterStore:
             if self.held_bytes(peer_id) + prompt_bytes > self.max_bytes_per_peer:
                 raise ProtocolError(
                     f"this client's LoRA weights and prompts would exceed {self.max_bytes_per_peer} "
-                    f"bytes on this server (--max_adapter_bytes)"
+                    f"bytes on this server (--max_adapter_bytes)",
+                    ErrorCode.SERVER_LIMIT,
                 )
             self._prompt_bytes[peer_id] = self._prompt_bytes.get(peer_id, 0) + prompt_bytes
             entry = self._clients.get(tuning.lora_key) if tuning.lora_key is not None else None
@@ -278,8 +265,8 @@ def adapter_arg(item: str | Path) -> tuple[str, str]:
     """A --adapters item, "NAME=PATH" or "PATH" (named after its folder) -> (name, path)."""
     name, _, path = str(item).rpartition("=")
     name = name or Path(path).resolve().name
-    if not 0 < len(name) <= MAX_ADAPTER_NAME_LENGTH:
-        raise ValueError(f"adapter name {name!r} must have 1..{MAX_ADAPTER_NAME_LENGTH} characters")
+    if not 0 < len(name) <= MAX_ID_LENGTH:
+        raise ValueError(f"adapter name {name!r} must have 1..{MAX_ID_LENGTH} characters")
     return name, path
 
 

@@ -1,20 +1,20 @@
 """RPC handlers: decode, validate, submit to the scheduler, encode. No block math here.
 
-rpc_inference is one bidirectional stream per session and span: the first message opens the
-session (session_id, start, end, max_length, optional pad_lens) and may already carry a step;
-each later message is one step of any number of new tokens; {"close": true} or the end of the
-stream frees the session's cache. rpc_forward / rpc_backward are unary calls, with streamed
+The messages' metadata is typed in wire.py. rpc_inference is one bidirectional stream per
+session and span: the first message opens the session (OpenSession) and may already carry a step;
+each later message is one Step of any number of new tokens; a Step with close, or the end of the
+stream, frees the session's cache. rpc_forward / rpc_backward are unary calls, with streamed
 variants for messages above one P2P part. Any error is answered to the caller alone; the server
 goes on serving everyone else.
 
-Push: a step may carry "push_chain", the rest of the client's chain (peer, push token, that
-server's step metadata per hop). The server then sends its output to the next server with
-rpc_push before answering the client ({"pushed": true}); the next server runs it as if the client
+Push: a step may carry a push_chain, the rest of the client's chain (PushHop: peer, push token,
+that server's Step). The server then sends its output to the next server with rpc_push before
+answering the client (StepReply.pushed); the next server runs it as if the client
 had sent it, answers the client on its own stream and pushes on. Pushes to the same next server
 that one iteration finished travel as one message (server.push). The token, chosen by the client
 when it opened the next server's session, is what lets a server write into that session; a push
-that fails or does not fit one message is answered {"pushed": false} and the client relays the
-output itself. Steps carry "position" (tokens before them) so a step that arrives twice (pushed,
+that fails or does not fit one message is answered pushed=false and the client relays the
+output itself. Steps carry their position (tokens before them) so a step that arrives twice (pushed,
 then relayed after a failure) is answered from the kept output instead of being run again.
 """
 
@@ -24,7 +24,8 @@ import asyncio
 import hmac
 import logging
 import time
-from typing import Any, AsyncIterator, Callable, Optional
+from dataclasses import replace
+from typing import AsyncIterator, Callable, Optional
 
 import torch
 from hivemind.p2p import P2P, P2PContext, PeerID
@@ -32,6 +33,7 @@ from hivemind.proto import runtime_pb2
 
 from petals_like import __version__
 from petals_like.config import ServerConfig
+from petals_like.models.span import BlockRange
 from petals_like.protocol import (
     PROTOCOL_VERSION,
     RPC_BACKWARD,
@@ -39,24 +41,34 @@ from petals_like.protocol import (
     RPC_INFERENCE,
     RPC_INFO,
     RPC_PUSH,
+    ErrorCode,
     Message,
     ProtocolError,
     encode_metadata,
     pack_message,
     read_message,
-    require,
     unpack_message,
 )
 from petals_like.server.adapters import Tuning
-from petals_like.server.backend import BlockRange, SpanBackend
-from petals_like.server.push import MAX_PUSH_BATCH, PushBatcher
+from petals_like.server.backend import SpanBackend
+from petals_like.server.push import PushBatcher
 from petals_like.server.runtime import Priority
 from petals_like.server.scheduler import Scheduler
 from petals_like.server.sessions import ServerSession, SessionManager
+from petals_like.wire import (
+    InfoReply,
+    OpenReply,
+    OpenSession,
+    PushBatch,
+    PushedStep,
+    PushHop,
+    PushReply,
+    SpanRequest,
+    Step,
+    StepReply,
+)
 
 logger = logging.getLogger(__name__)
-
-MAX_PUSH_CHAIN = 64  # hops in one push chain; longer chains are nonsense
 
 
 class Handlers:
@@ -98,8 +110,8 @@ class Handlers:
 
     async def rpc_info(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
         spec = self.backend.spec
-        info = dict(
-            self.info_fn(),
+        pool = self.sessions.pool
+        info = InfoReply(
             protocol_version=PROTOCOL_VERSION,
             server_version=__version__,
             num_blocks=spec.num_blocks,
@@ -107,8 +119,10 @@ class Handlers:
             max_session_length=self.config.max_session_length,
             max_batch_size=self.config.max_batch_size,
             max_request_tokens=self.config.max_request_tokens,
+            page_size=pool.page_size,
             cache_tokens_left=self.sessions.free_tokens,
-            page_size=self.sessions.pool.page_size,
+            cache_tokens_total=pool.num_pages * pool.page_size,
+            prefix_cache_tokens=len(self.sessions.prefix_index) * pool.page_size,
             open_sessions=len(self.sessions.sessions),
             iterations=self.scheduler.stats.iterations,
             inference_tokens=self.scheduler.stats.inference_tokens,
@@ -117,12 +131,9 @@ class Handlers:
             push_messages_sent=self.pusher.messages_sent if self.pusher else 0,
             pushes_received=self.pushes_received,
             forward_calls=self.forward_calls,
-            # for health checks: with no session open, free + prefix-cached pages make the whole pool,
-            # and the loop's task count returns to its idle level (a leak shows as growth)
-            cache_tokens_total=self.sessions.pool.num_pages * self.sessions.pool.page_size,
-            prefix_cache_tokens=len(self.sessions.prefix_index) * self.sessions.pool.page_size,
             asyncio_tasks=len(asyncio.all_tasks()),
-        )
+            announced=self.info_fn(),
+        ).to_meta()
         return runtime_pb2.ExpertResponse(metadata=encode_metadata(info))
 
     # ---- forward / backward ----
@@ -131,8 +142,8 @@ class Handlers:
         self, message: Message, num_tensors: int, peer_id: str
     ) -> tuple[list[torch.Tensor], Optional[torch.Tensor], BlockRange, Tuning]:
         """The hidden states (and grad_outputs), pad_lens, blocks and the tuning tensors of a request."""
-        meta = message.metadata
-        blocks = self.backend.block_range(require(meta, "start", int), require(meta, "end", int))
+        request = SpanRequest.from_meta(message.metadata)
+        blocks = self.backend.block_range(request.start, request.end)
         if len(message.tensors) < num_tensors:
             raise ProtocolError(f"expected at least {num_tensors} tensor(s), got {len(message.tensors)}")
         tensors = message.tensors[:num_tensors]
@@ -141,8 +152,8 @@ class Handlers:
         if num_tensors == 2 and tensors[0].shape != tensors[1].shape:
             raise ProtocolError("grad_outputs must have the shape of hidden_states")
         batch, seq, _ = tensors[0].shape
-        pad_lens = self.backend.check_pad_lens(meta.get("pad_lens"), batch, seq)
-        tuning = self.backend.adapters.resolve(meta, message.tensors[num_tensors:], blocks, peer_id, batch, seq)
+        pad_lens = self.backend.check_pad_lens(request.pad_lens, batch, seq)
+        tuning = self.backend.adapters.resolve(request.tuning, message.tensors[num_tensors:], blocks, peer_id, batch, seq)
         return tensors, pad_lens, blocks, tuning
 
     async def _forward(self, message: Message, peer_id: str) -> list[runtime_pb2.ExpertResponse]:
@@ -212,31 +223,29 @@ class Handlers:
                 finally:
                     getter.cancel()  # a no-op once it is done
                 if not done:
-                    raise ProtocolError(f"session idle for {self.config.session_idle_timeout} s; closed")
-                source, message = getter.result()
+                    raise ProtocolError(f"session idle for {self.config.session_idle_timeout} s; closed", ErrorCode.SERVER_LIMIT)
+                source, item = getter.result()
                 if source == "error":
-                    raise message
-                if message is None:
-                    return
-                meta = message.metadata
-                if session is None:
-                    # with deep prompts or LoRA weights, the opening message's tensors are those, not a step
-                    extras = bool(meta.get("deep_prompts") or meta.get("lora"))
-                    session = sessions.open(meta, context.remote_id.to_base58(), message.tensors if extras else ())
-                    if extras:
-                        message.tensors = []
-                    session.inbox = inbox
-                    if meta.get("probe") is True:  # say how much of the client's hashed prefix is cached here
-                        yield runtime_pb2.ExpertResponse(
-                            metadata=encode_metadata({"cached_tokens": len(session.cached_pages) * sessions.pool.page_size})
-                        )
-                elif require(meta, "session_id", str) != session.session_id:
-                    raise ProtocolError(f"unknown session {meta['session_id']!r} on this stream")
-                if meta.get("close") and source == "client":
-                    return
-                if not message.tensors and session.steps == 0:
+                    raise item
+                if source == "push":
+                    step, tensors = item
+                else:
+                    if item is None:
+                        return
+                    step = Step.from_meta(item.metadata)
+                    if session is None:
+                        session, reply = self._open(sessions, item, step, context.remote_id.to_base58())
+                        session.inbox = inbox
+                        if reply is not None:
+                            yield reply
+                    elif step.session_id != session.session_id:
+                        raise ProtocolError(f"unknown session {step.session_id!r} on this stream")
+                    if step.close:
+                        return
+                    tensors = item.tensors
+                if not tensors and session.steps == 0:
                     continue  # an open message without a first step
-                for part in await self._inference_step(sessions, session, message):
+                for part in await self._inference_step(sessions, session, step, tensors):
                     yield part
         finally:
             reader.cancel()
@@ -256,78 +265,80 @@ class Handlers:
         except Exception as e:  # malformed input: the session loop answers it and closes
             await inbox.put(("error", e))
 
+    def _open(
+        self, sessions: SessionManager, message: Message, step: Step, peer_id: str
+    ) -> tuple[ServerSession, Optional[runtime_pb2.ExpertResponse]]:
+        """The session a stream's first message opens, and the answer to send at once if it asked (probe)."""
+        request = OpenSession.from_meta(message.metadata)
+        # with deep prompts or LoRA weights, the opening message's tensors are those, not a step
+        session = sessions.open(request, peer_id, message.tensors if request.tuning.carries_tensors else ())
+        if request.tuning.carries_tensors:
+            message.tensors = []
+        sessions.offer_prefix(session, step)
+        if not request.probe:
+            return session, None
+        # say how much of the client's hashed prefix is cached here
+        reply = OpenReply(len(session.cached_pages) * sessions.pool.page_size)
+        return session, runtime_pb2.ExpertResponse(metadata=encode_metadata(reply.to_meta()))
+
     async def _inference_step(
-        self, sessions: SessionManager, session: ServerSession, message: Message
+        self, sessions: SessionManager, session: ServerSession, step: Step, tensors: list[torch.Tensor]
     ) -> list[runtime_pb2.ExpertResponse]:
-        hidden, reuse = sessions.check_step(session, message)
-        meta = message.metadata
+        hidden = sessions.check_step(session, step, tensors)
         started = time.perf_counter()
         position = session.length
-        out = sessions.repeated_output(session, meta, hidden.shape[1])
+        out = sessions.repeated_output(session, step, hidden.shape[1])
         repeated = out is not None
         if out is None:
-            out = await sessions.run_step(session, hidden, reuse)
+            out = await sessions.run_step(session, hidden, step.reuse_tokens)
         else:
             session.push_pending = False
-            position = require(meta, "position", int)
+            position = step.position
         out = out.to(hidden.dtype)
-        step_meta = {"step": session.steps, "position": position, "compute_s": time.perf_counter() - started}
-        chain = meta.get("push_chain")
-        if chain and not repeated:
-            step_meta["pushed"] = await self._push(out, chain, session.wire)
+        pushed = await self._push(out, step.push_chain, session.wire) if step.push_chain and not repeated else None
+        reply = StepReply(position, session.steps, pushed, time.perf_counter() - started)
         return pack_message(
-            [out], step_meta, proto=runtime_pb2.ExpertResponse, max_part_bytes=self.config.max_part_bytes, wire=session.wire
+            [out], reply.to_meta(), proto=runtime_pb2.ExpertResponse, max_part_bytes=self.config.max_part_bytes, wire=session.wire
         )
 
     # ---- server-to-server push ----
 
-    async def _push(self, out: torch.Tensor, chain: Any, wire: Optional[str]) -> bool:
+    async def _push(self, out: torch.Tensor, chain: tuple[PushHop, ...], wire: Optional[str]) -> bool:
         """Send a step's output to the next server of the client's chain; False if it did not take it.
-
-        chain = [{"peer": peer id, "token": push token, "meta": that server's step metadata}, ...];
-        the next server gets the rest of the chain and pushes on in turn.
-        """
+        The next server gets the rest of the chain and pushes on in turn."""
+        hop = chain[0]
         try:
-            if not isinstance(chain, list) or not chain or len(chain) > MAX_PUSH_CHAIN:
-                raise ProtocolError(f"push_chain must be a list of 1..{MAX_PUSH_CHAIN} hops")
-            hop = chain[0]
-            if not isinstance(hop, dict):
-                raise ProtocolError("each push_chain hop must be a map")
-            peer = PeerID.from_base58(require(hop, "peer", str))
-            meta = dict(require(hop, "meta", dict), push_token=require(hop, "token", str), push_chain=chain[1:])
+            peer = PeerID.from_base58(hop.peer)
         except Exception as e:  # the client sends the output itself
             logger.debug(f"Push refused: {e!r}")
             return False
-        return await self.pusher.push(peer, meta, out, wire)
+        return await self.pusher.push(peer, PushedStep(replace(hop.step, push_chain=chain[1:]), hop.token), out, wire)
 
     async def rpc_push(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
         """Steps pushed by the previous server of clients' chains, each checked against its session's token.
 
         Answers {"accepted": [bool per push]}: one push refused does not refuse the others."""
         message = unpack_message(request, max_bytes=self.config.max_message_bytes)
-        pushes = require(message.metadata, "pushes", list)
-        if not 1 <= len(pushes) <= MAX_PUSH_BATCH or len(pushes) != len(message.tensors):
-            raise ProtocolError(f"pushes must list 1..{MAX_PUSH_BATCH} steps, one per tensor")
+        batch = PushBatch.from_meta(message.metadata, len(message.tensors))
         accepted = []
-        for meta, tensor in zip(pushes, message.tensors):
+        for pushed, tensor in zip(batch.pushes, message.tensors):
             try:
-                self._accept_push(meta, tensor)
+                if pushed is None:
+                    raise ProtocolError("malformed push")
+                self._accept_push(pushed, tensor)
                 accepted.append(True)
             except ProtocolError as e:
                 logger.debug(f"Push refused: {e}")
                 accepted.append(False)
-        return runtime_pb2.ExpertResponse(metadata=encode_metadata({"accepted": accepted}))
+        return runtime_pb2.ExpertResponse(metadata=encode_metadata(PushReply(tuple(accepted)).to_meta()))
 
-    def _accept_push(self, meta: Any, tensor: torch.Tensor) -> None:
-        if not isinstance(meta, dict):
-            raise ProtocolError("each push must be a map")
-        session = self.sessions.sessions.get(require(meta, "session_id", str))
-        token = require(meta, "push_token", str)
-        if session is None or session.push_token is None or not hmac.compare_digest(token.encode(), session.push_token.encode()):
+    def _accept_push(self, pushed: PushedStep, tensor: torch.Tensor) -> None:
+        session = self.sessions.sessions.get(pushed.step.session_id)
+        token = pushed.token.encode()
+        if session is None or session.push_token is None or not hmac.compare_digest(token, session.push_token.encode()):
             raise ProtocolError("no session with this id accepts pushes with this token")
-        if session.inbox is None or session.inflight is not None or require(meta, "position", int) != session.length:
+        if session.inbox is None or session.inflight is not None or pushed.step.position != session.length:
             raise ProtocolError("the session is not waiting for this step")
-        meta = {k: v for k, v in meta.items() if k not in ("close", "probe", "push_token")}
         self.pushes_received += 1
         session.push_pending = True  # the scheduler waits for it with the rest of this message's steps
-        session.inbox.put_nowait(("push", Message([tensor], meta)))
+        session.inbox.put_nowait(("push", (replace(pushed.step, close=False), [tensor])))

@@ -1,12 +1,9 @@
 """Server-to-server push, batched per next server.
 
 One batched iteration finishes the steps of many sessions at once, and sessions that share a chain
-push their outputs to the same next server. Each such group travels as one rpc_push message:
-
-    metadata {"pushes": [step metadata of each push (session_id, push_token, position, ...)]},
-    tensors  [the output of each push, in the same order]
-
-and the next server answers {"accepted": [true | false per push]}. One message instead of one call
+push their outputs to the same next server. Each such group travels as one rpc_push message: a
+wire.PushBatch (each push's Step and push token) with the output of each push as its tensors, in
+the same order; the next server answers a wire.PushReply (accepted or not, per push). One message instead of one call
 per session saves a stream, a round trip and the event-loop work of each; a push refused or lost
 is answered false and that client relays the output itself, as before.
 """
@@ -23,10 +20,10 @@ from hivemind.proto import runtime_pb2
 
 from petals_like.config import ServerConfig
 from petals_like.protocol import RPC_PUSH, decode_metadata, pack_message, wire_nbytes
+from petals_like.wire import MAX_PUSH_BATCH, PushBatch, PushedStep, PushReply
 
 logger = logging.getLogger(__name__)
 
-MAX_PUSH_BATCH = 256  # pushes in one message; a longer list is refused as nonsense
 GATHER_TURNS = 8  # event-loop turns a batch waits at most for more pushes of the same iteration
 
 
@@ -34,14 +31,14 @@ class PushBatcher:
     def __init__(self, p2p: P2P, config: ServerConfig):
         self.p2p = p2p
         self.config = config  # max_part_bytes, push_timeout
-        self._queues: dict[tuple[str, Optional[str]], list] = {}  # (peer, wire) -> [(meta, tensor, future)]
+        self._queues: dict[tuple[str, Optional[str]], list] = {}  # (peer, wire) -> [(push, tensor, future)]
         self._senders: set[asyncio.Task] = set()
         # learns how to reach a next server not met yet (directly or through its relays; dht/relay.py)
         self.resolve: Optional[Callable[[str], Awaitable[None]]] = None
         self.messages_sent = 0
         self.pushes_sent = 0
 
-    async def push(self, peer: PeerID, meta: dict, tensor: torch.Tensor, wire: Optional[str]) -> bool:
+    async def push(self, peer: PeerID, push: PushedStep, tensor: torch.Tensor, wire: Optional[str]) -> bool:
         """Queue one push; True once the next server took it, False if the client must relay it."""
         if wire_nbytes(tensor, wire) > self.config.max_part_bytes:
             return False  # prompts too large for one message (in the session's wire format) go through the client
@@ -53,7 +50,7 @@ class PushBatcher:
             sender = asyncio.create_task(self._send(peer, key))
             self._senders.add(sender)
             sender.add_done_callback(self._senders.discard)
-        queue.append((meta, tensor, future))
+        queue.append((push, tensor, future))
         return await future
 
     async def _send(self, peer: PeerID, key: tuple[str, Optional[str]]) -> None:
@@ -92,7 +89,7 @@ class PushBatcher:
         try:
             parts = pack_message(
                 [tensor for _, tensor, _ in batch],
-                {"pushes": [meta for meta, _, _ in batch]},
+                PushBatch(tuple(push for push, _, _ in batch)).to_meta(),
                 max_part_bytes=self.config.max_part_bytes,
                 wire=wire,
             )
@@ -100,14 +97,14 @@ class PushBatcher:
                 response = await asyncio.wait_for(
                     self.p2p.call_protobuf_handler(peer, RPC_PUSH, parts[0], runtime_pb2.ExpertResponse), self.config.push_timeout
                 )
-                accepted = decode_metadata(response.metadata).get("accepted", [])
+                accepted = list(PushReply.from_meta(decode_metadata(response.metadata)).accepted)
                 self.messages_sent += 1
         except asyncio.CancelledError:
             raise
         except Exception as e:  # every client of the batch relays its output itself
             logger.debug(f"Push to {peer} failed: {e!r}")
         finally:
-            if not isinstance(accepted, list) or len(accepted) != len(batch):
+            if len(accepted) != len(batch):
                 accepted = [False] * len(batch)
             for (_, _, future), ok in zip(batch, accepted):
                 if not future.done():

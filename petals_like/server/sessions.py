@@ -3,10 +3,10 @@
 Everything here runs on the event loop, which is the only thread that touches page bookkeeping;
 the scheduler thread only reads and writes the tensors of pages reserved here.
 
-Prefix reuse: a client may send, with any message, the chained hashes of its full pages
-("page_hashes", starting at page "hash_start"). The open message's hashes are looked up at once
-and the server answers {"cached_tokens": n}; the client then sends its first step without the
-first "reuse_tokens" positions (the minimum over its chain), and those positions come from the
+Prefix reuse: a client may send, with any step, the chained hashes of its full pages
+(wire.Step.page_hashes, starting at page hash_start). The open message's hashes are looked up at
+once and the server answers wire.OpenReply(cached_tokens); the client then sends its first step
+without the first reuse_tokens positions (the minimum over its chain), and those positions come from the
 shared pages. Pages are cached under a scope: the client's peer id by default, because a server
 sees hidden states, not tokens, and cannot check a claimed hash; --share_prefix_cache drops the
 peer id from the scope for operators who trust their clients. The pages found at the open are
@@ -25,15 +25,15 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from petals_like.config import ServerConfig
-from petals_like.protocol import PREFIX_PAGE_TOKENS, Message, ProtocolError, require
-from petals_like.server.backend import BlockRange, SpanBackend
-from petals_like.server.kv_cache import CacheExhausted, KVPool, PrefixIndex, SequencePages
+from petals_like.models.span import BlockRange
+from petals_like.protocol import PREFIX_PAGE_TOKENS, ErrorCode, ProtocolError
+from petals_like.server.backend import SpanBackend
+from petals_like.server.kv_cache import CacheExhausted, KVPool, PrefixIndex, SequencePages, reserve_rows
 from petals_like.server.scheduler import InferenceWork, Scheduler
+from petals_like.wire import OpenSession, Step
 
 logger = logging.getLogger(__name__)
 
-MAX_SESSION_ID_LENGTH = 128
-MAX_HASH_LENGTH = 128
 KEEP_OUTPUT_TOKENS = 64  # a session keeps its last step's output only for steps up to this many tokens
 
 
@@ -98,62 +98,68 @@ class SessionManager:
 
     # ---- open / close ----
 
-    def open(self, meta: dict, peer_id: str, tensors: Sequence[torch.Tensor] = ()) -> ServerSession:
+    def open(self, request: OpenSession, peer_id: str, tensors: Sequence[torch.Tensor] = ()) -> ServerSession:
         """A new session from its first message; `tensors` are its deep prompts / LoRA weights, if any."""
-        session_id = require(meta, "session_id", str)
-        if not 0 < len(session_id) <= MAX_SESSION_ID_LENGTH:
-            raise ProtocolError(f"session_id must have 1..{MAX_SESSION_ID_LENGTH} characters")
-        if session_id in self.sessions:
-            raise ProtocolError(f"session {session_id!r} is already open on this server")
+        if request.session_id in self.sessions:
+            raise ProtocolError(f"session {request.session_id!r} is already open on this server")
         limit = self.config.max_sessions_per_peer
         if sum(1 for s in self.sessions.values() if s.peer_id == peer_id) >= limit:
             raise ProtocolError(
                 f"this client already has {limit} open sessions on this server "
-                f"(--max_sessions_per_peer); close some or use another server"
+                f"(--max_sessions_per_peer); close some or use another server",
+                ErrorCode.SERVER_LIMIT,
             )
-        blocks = self.backend.block_range(require(meta, "start", int), require(meta, "end", int))
-        max_length = require(meta, "max_length", int)
-        if not 0 < max_length <= self.config.max_session_length:
-            raise ProtocolError(f"max_length={max_length} not in (0, {self.config.max_session_length}]")
-        batch_size = require(meta, "batch_size", int)
-        if not 1 <= batch_size <= self.config.max_batch_size:
-            raise ProtocolError(f"batch_size={batch_size} not in [1, {self.config.max_batch_size}]")
-        pad_tensor = self.backend.check_pad_lens(meta.get("pad_lens"), batch_size, max_length)
+        blocks = self.backend.block_range(request.start, request.end)
+        max_length, batch_size = request.max_length, request.batch_size
+        if max_length <= 0 or batch_size <= 0:
+            raise ProtocolError(f"max_length={max_length} and batch_size={batch_size} must be positive")
+        if max_length > self.config.max_session_length:
+            raise ProtocolError(f"max_length={max_length} not in (0, {self.config.max_session_length}]", ErrorCode.SERVER_LIMIT)
+        if batch_size > self.config.max_batch_size:
+            raise ProtocolError(f"batch_size={batch_size} not in [1, {self.config.max_batch_size}]", ErrorCode.SERVER_LIMIT)
+        pad_tensor = self.backend.check_pad_lens(request.pad_lens, batch_size, max_length)
         pad_lens = [0] * batch_size if pad_tensor is None else pad_tensor.tolist()
+        if request.wire is not None and request.wire not in self.config.wire_formats:
+            raise ProtocolError(
+                f"wire format {request.wire!r} is not supported by this server "
+                f"(supported: {', '.join(self.config.wire_formats)})",
+                ErrorCode.SERVER_LIMIT,
+            )
         owner = "*" if self.config.share_prefix_cache else peer_id
-        tuning = self.backend.adapters.resolve(meta, tensors, blocks, peer_id, batch_size, max_length)
+        tuning = self.backend.adapters.resolve(request.tuning, tensors, blocks, peer_id, batch_size, max_length)
         # pages computed under another adapter never match; client-held weights and prompts change
         # with every optimizer step, so their pages are never shared at all
         private = tuning.prompts is not None or bool(tuning.lora_targets)
-        scope = f"{owner}|{blocks.first}:{blocks.last}|{meta.get('adapter') or ''}" + (f"|{session_id}" if private else "")
-        session = ServerSession(
-            session_id, peer_id, blocks, max_length, batch_size, pad_lens, [SequencePages() for _ in range(batch_size)], scope
+        scope = f"{owner}|{blocks.first}:{blocks.last}|{request.tuning.adapter or ''}" + (
+            f"|{request.session_id}" if private else ""
         )
-        wire = meta.get("wire")
-        if wire is not None and wire not in self.config.wire_formats:
-            raise ProtocolError(
-                f"wire format {wire!r} is not supported by this server (supported: {', '.join(self.config.wire_formats)})"
-            )
-        session.wire = wire
+        session = ServerSession(
+            request.session_id,
+            peer_id,
+            blocks,
+            max_length,
+            batch_size,
+            pad_lens,
+            [SequencePages() for _ in range(batch_size)],
+            scope,
+        )
+        session.wire, session.push_token = request.wire, request.push_token
         session.lora, session.prompts = tuning.lora, tuning.prompts
-        token = meta.get("push_token")
-        if token is not None:
-            if not isinstance(token, str) or not 16 <= len(token) <= MAX_SESSION_ID_LENGTH:
-                raise ProtocolError("push_token must be a string of 16..128 characters")
-            session.push_token = token
         if not tuning.empty:
             session.release_tuning = self.backend.adapters.pin(peer_id, tuning)
-        try:
-            self._add_hashes(session, meta)
-        except BaseException:
-            if session.release_tuning is not None:
-                session.release_tuning()
-            raise
-        if session.hashes and batch_size == 1 and not any(pad_lens) and self.pool.page_size == PREFIX_PAGE_TOKENS:
-            session.cached_pages = self.prefix_index.lookup(scope, session.hashes)
-            self.pool.retain(session.cached_pages)  # released by the first step or by close()
-        self.sessions[session_id] = session
+        self.sessions[request.session_id] = session
         return session
+
+    def offer_prefix(self, session: ServerSession, step: Step) -> None:
+        """The open message's page hashes: hold the pages cached under them for the first step."""
+        try:
+            self._add_hashes(session, step)
+        except BaseException:
+            self.close(session)
+            raise
+        if session.hashes and session.batch_size == 1 and not any(session.pad_lens) and self.pool.page_size == PREFIX_PAGE_TOKENS:
+            session.cached_pages = self.prefix_index.lookup(session.scope, session.hashes)
+            self.pool.retain(session.cached_pages)  # released by the first step or by close()
 
     def close(self, session: ServerSession) -> None:
         """Forget the session; its pages go back once no iteration can still write into them."""
@@ -175,55 +181,54 @@ class SessionManager:
 
     # ---- steps ----
 
-    def _add_hashes(self, session: ServerSession, meta: dict) -> None:
-        hashes = meta.get("page_hashes")
-        if hashes is None:
+    def _add_hashes(self, session: ServerSession, step: Step) -> None:
+        if not step.page_hashes:
             return
-        start = require(meta, "hash_start", int, 0)
-        if not isinstance(hashes, list) or not all(isinstance(h, str) and 0 < len(h) <= MAX_HASH_LENGTH for h in hashes):
-            raise ProtocolError("page_hashes must be a list of short strings")
-        known = len(session.hashes)
+        hashes, start, known = step.page_hashes, step.hash_start, len(session.hashes)
         if not 0 <= start <= known or (start + len(hashes)) * self.pool.page_size > session.max_length:
             raise ProtocolError(f"page_hashes must start at a page <= {known} and fit max_length")
-        if hashes[: known - start] != session.hashes[start:known][: len(hashes)]:
+        if hashes[: known - start] != tuple(session.hashes[start:known][: len(hashes)]):
             raise ProtocolError("page_hashes contradict the hashes sent before")
         session.hashes.extend(hashes[known - start :])
 
-    def check_step(self, session: ServerSession, message: Message) -> tuple[torch.Tensor, int]:
-        """The step's hidden states and how many leading positions come from shared prefix pages."""
-        if len(message.tensors) != 1:
-            raise ProtocolError(f"an inference step carries exactly one tensor, got {len(message.tensors)}")
-        (hidden,) = message.tensors
+    def check_step(self, session: ServerSession, step: Step, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The step's hidden states, checked against the session (ProtocolError otherwise)."""
+        if len(tensors) != 1:
+            raise ProtocolError(f"an inference step carries exactly one tensor, got {len(tensors)}")
+        (hidden,) = tensors
         self.backend.check_hidden(hidden)
         batch, seq, _ = hidden.shape
         if batch != session.batch_size:
             raise ProtocolError(f"batch size {batch} differs from the session's {session.batch_size}")
-        reuse = require(message.metadata, "reuse_tokens", int, 0)
+        reuse = step.reuse_tokens
         if reuse:
             page_size = self.pool.page_size
             if session.steps or reuse % page_size or not 0 < reuse <= len(session.cached_pages) * page_size:
                 raise ProtocolError(
                     f"reuse_tokens={reuse} must be a multiple of {page_size} within the "
-                    f"{len(session.cached_pages) * page_size} cached tokens, on the first step"
+                    f"{len(session.cached_pages) * page_size} cached tokens, on the first step",
+                    ErrorCode.OUT_OF_SYNC,
                 )
         # a step at another position can only repeat the last one (repeated_output) and adds no tokens
-        position = require(message.metadata, "position", int, session.length)
+        position = session.length if step.position is None else step.position
         if position == session.length and session.length + reuse + seq > session.max_length:
             raise ProtocolError(f"{session.length + reuse} + {seq} tokens exceed the session's max_length={session.max_length}")
-        self._add_hashes(session, message.metadata)
-        return hidden, reuse
+        self._add_hashes(session, step)
+        return hidden
 
-    def repeated_output(self, session: ServerSession, meta: dict, seq: int) -> Optional[torch.Tensor]:
-        """For a step that says where it starts ("position"): None if it is the next one to compute,
+    def repeated_output(self, session: ServerSession, step: Step, seq: int) -> Optional[torch.Tensor]:
+        """For a step that says where it starts (position): None if it is the next one to compute,
         the kept output if it repeats the last step (a client retrying after a push it could not see
         through), and a ProtocolError for any other position."""
-        position = require(meta, "position", int, None)
+        position = step.position
         if position is None or position == session.length:
             return None
         last = session.last_output
         if last is not None and last[0] == position and position + seq == session.length:
             return last[1]
-        raise ProtocolError(f"a step at position {position} does not follow the {session.length} tokens of this session")
+        raise ProtocolError(
+            f"a step at position {position} does not follow the {session.length} tokens of this session", ErrorCode.OUT_OF_SYNC
+        )
 
     async def run_step(self, session: ServerSession, hidden: torch.Tensor, reuse: int) -> torch.Tensor:
         if reuse:
@@ -267,7 +272,7 @@ class SessionManager:
             except CacheExhausted as e:
                 remaining = deadline - loop.time()
                 if remaining <= 0:
-                    raise ProtocolError(f"{e}; retry later or on another server") from None
+                    raise ProtocolError(f"{e}; retry later or on another server", ErrorCode.CACHE_FULL) from None
                 self._pages_freed.clear()
                 try:
                     await asyncio.wait_for(self._pages_freed.wait(), min(remaining, 0.5))
@@ -307,25 +312,3 @@ class SessionManager:
     @property
     def free_tokens(self) -> int:
         return self.pool.num_free * self.pool.page_size
-
-
-def reserve_rows(
-    pool: KVPool, sequences: list[SequencePages], new_tokens: int, check: Optional[Callable[[], None]] = None
-) -> None:
-    """Reserve for every row or for none: a batch never holds half of what one step needs.
-
-    check runs once everything is reserved; if it raises CacheExhausted, the reservation is undone."""
-    reserved: list[tuple[SequencePages, int]] = []  # (row, its page count before this call)
-    try:
-        for pages in sequences:
-            before = len(pages.pages)
-            pages.reserve(pool, new_tokens)
-            reserved.append((pages, before))
-        if check is not None and any(len(pages.pages) > before for pages, before in reserved):
-            check()
-    except CacheExhausted:
-        for pages, before in reserved:
-            extra = pages.pages[before:]
-            del pages.pages[before:]
-            pool.release(extra)
-        raise
