@@ -23,10 +23,11 @@ from transformers import (
 )
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-from petals_like.models.attention import KVCache, RotaryEmbedding, make_attention_context
+from petals_like.models.attention import RotaryEmbedding, make_attention_context
 from petals_like.models.llama.block import LlamaBlock
 from petals_like.models.span import BlockSpan
 from petals_like.models.spec import ModelSpec
+from petals_like.server.batched_span import PagedRunner
 
 ATOL = 1e-4
 VOCAB = 128
@@ -169,15 +170,16 @@ def test_sub_range_of_span(pair: Pair) -> None:
 
 @torch.no_grad()
 def test_stepwise_with_cache_matches_full(pair: Pair) -> None:
+    """Incremental inference as servers run it (paged pool, batched span) against transformers."""
     ids = _ids(2, 22)
     ref_hidden, ref_logits = _hf_hidden(pair, ids)
     embeds = pair.embed(ids)
-    cache = pair.span.new_cache(batch_size=2, max_length=22)
+    session = PagedRunner(pair.span, batch_size=2, max_length=22, page_size=4)
     chunks = [(0, 7)] + [(i, i + 1) for i in range(7, 15)] + [(15, 19), (19, 22)]
     outs = []
     for a, b in chunks:
-        outs.append(pair.span(embeds[:, a:b], cache=cache))
-        assert cache.length == b
+        outs.append(session.step(embeds[:, a:b]))
+        assert session.length == b
     ours = torch.cat(outs, dim=1)
     _close(ours, ref_hidden)
     _close(pair.logits(ours), ref_logits)
@@ -187,8 +189,8 @@ def test_stepwise_with_cache_matches_full(pair: Pair) -> None:
 def test_stepwise_on_sub_range(pair: Pair) -> None:
     ids = _ids(1, 10)
     states, _ = _hf_states(pair, ids)
-    cache = pair.span.new_cache(batch_size=1, max_length=10, first=1, last=3)
-    outs = [pair.span(states[1][:, a:b], cache=cache, first=1, last=3) for a, b in [(0, 4), (4, 5), (5, 10)]]
+    session = PagedRunner(pair.span, 1, 10, first=1, last=3, page_size=4)
+    outs = [session.step(states[1][:, a:b]) for a, b in [(0, 4), (4, 5), (5, 10)]]
     _close(torch.cat(outs, dim=1), states[3])
 
 
@@ -218,9 +220,8 @@ def test_left_padding_stepwise(pair: Pair) -> None:
     pads = [3, 0]
     ids, mask = _left_padded(16, pads)
     ref_hidden, _ = _hf_hidden(pair, ids, mask)
-    embeds, pad_lens = pair.embed(ids), torch.tensor(pads)
-    cache = pair.span.new_cache(batch_size=2, max_length=16)
-    outs = [pair.span(embeds[:, a:b], pad_lens=pad_lens, cache=cache) for a, b in [(0, 9), (9, 10), (10, 11), (11, 16)]]
+    session = PagedRunner(pair.span, 2, 16, pad_lens=pads, page_size=4)
+    outs = [session.step(pair.embed(ids)[:, a:b]) for a, b in [(0, 9), (9, 10), (10, 11), (11, 16)]]
     assert all(torch.isfinite(o).all() for o in outs)
     real = mask.bool()
     _close(torch.cat(outs, dim=1)[real], ref_hidden[real])
@@ -255,60 +256,28 @@ def test_partial_span_loads_and_runs() -> None:
         _close(pair.span(states[1]), states[3])
 
 
-def test_kv_cache_grows_and_enforces_max_length() -> None:
-    cache = KVCache(num_layers=2, batch_size=1, num_kv_heads=2, head_dim=8, max_length=1000, dtype=torch.float32, device="cpu")
-    assert cache.capacity == 0  # nothing allocated up front
-    cache.reserve(3)
-    cache.advance(3)
-    assert 3 <= cache.capacity < 1000
-    capacities = {cache.capacity}
-    for _ in range(300):
-        cache.reserve(1)
-        k = torch.full((1, 2, 1, 8), float(cache.length))
-        cache.write(0, cache.length, k, k)
-        cache.write(1, cache.length, k, k)
-        cache.advance(1)
-        capacities.add(cache.capacity)
-    assert cache.length == 303 and cache.capacity < 1000
-    assert len(capacities) <= 7  # geometric: a handful of reallocations, not one per token
-    keys, _ = cache.read(0, 3, 303)  # values survived every reallocation
-    assert torch.equal(keys[0, 0, :, 0], torch.arange(3, 303, dtype=torch.float32))
-    cache.reserve(697)
-    assert cache.capacity == 1000
-    with pytest.raises(ValueError):
-        cache.reserve(698)
-    assert cache.length == 303  # a refused step leaves the cache as it was
-
-
-def test_span_refuses_cache_overflow_and_wrong_layers() -> None:
+def test_paged_session_refuses_overflow_and_a_wrong_batch() -> None:
     pair = _build("llama")
     hidden = torch.randn(1, 5, pair.spec.hidden_size)
-    cache = pair.span.new_cache(batch_size=1, max_length=8)
+    session = PagedRunner(pair.span, 1, 8)
     with torch.no_grad():
-        pair.span(hidden, cache=cache)
-        with pytest.raises(ValueError):
-            pair.span(hidden, cache=cache)
-        assert cache.length == 5
-        with pytest.raises(ValueError):
-            pair.span(hidden, cache=pair.span.new_cache(1, 8, first=0, last=2))
-        with pytest.raises(ValueError):
-            pair.span(hidden, cache=pair.span.new_cache(2, 8))  # batch mismatch
+        session.step(hidden)
+        with pytest.raises(ValueError, match="exceed max_length=8"):
+            session.step(hidden)
+        assert session.length == 5  # a refused step leaves the session as it was
+        with pytest.raises(ValueError, match="batch size 2"):
+            session.step(torch.randn(2, 1, pair.spec.hidden_size))
 
 
-def test_no_mask_built_for_plain_decode_and_prefill() -> None:
+def test_no_mask_built_for_plain_prefill() -> None:
     spec = ModelSpec.from_hf_config(LlamaConfig(num_hidden_layers=1, **COMMON))
     rotary = RotaryEmbedding(spec)
     prefill = make_attention_context(rotary, batch_size=2, seq_len=6, dtype=torch.float32, device="cpu")
     assert prefill.mask is None and prefill.is_causal
-    cache = KVCache(1, 2, spec.num_kv_heads, spec.head_dim, 64, torch.float32, "cpu")
-    cache.reserve(6)
-    cache.advance(6)
-    decode = make_attention_context(rotary, batch_size=2, seq_len=1, dtype=torch.float32, device="cpu", cache=cache)
-    assert decode.mask is None and not decode.is_causal
-    windowed = make_attention_context(
-        rotary, batch_size=2, seq_len=1, dtype=torch.float32, device="cpu", cache=cache, sliding_window=4
-    )
-    assert windowed.mask is None and windowed.key_start == 3  # reads only the 4 keys in the window
+    one = make_attention_context(rotary, batch_size=2, seq_len=1, dtype=torch.float32, device="cpu")
+    assert one.mask is None and not one.is_causal
+    windowed = make_attention_context(rotary, batch_size=1, seq_len=6, dtype=torch.float32, device="cpu", sliding_window=4)
+    assert windowed.mask is not None and not windowed.mask[0, 0, 5, :2].any() and windowed.mask[0, 0, 5, 2:].all()
 
 
 @pytest.mark.parametrize(

@@ -13,6 +13,7 @@ from petals_like.models.llama.block import LlamaBlock
 from petals_like.models.spec import ModelSpec
 from petals_like.models.tiny import PRESETS
 from petals_like.quant.weights import QuantizedWeight, linear_weight_bytes, quantize_block
+from petals_like.server.batched_span import PagedRunner
 from petals_like.server.server import load_span
 from tests.swarm import loss_and_input_grads, start_swarm
 
@@ -33,9 +34,9 @@ def whole_and_steps(exact, quantized, hidden_size: int, tokens: int, prefill: in
     x = torch.randn(1, tokens, hidden_size, generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
         want, full = exact(x), quantized(x)
-        cache = quantized.new_cache(1, tokens)
-        outputs = [quantized(x[:, :prefill], cache=cache)]
-        outputs += [quantized(x[:, i : i + 1], cache=cache) for i in range(prefill, tokens)]
+        session = PagedRunner(quantized, 1, tokens)  # the serving path: paged pool, batched span
+        outputs = [session.step(x[:, :prefill])]
+        outputs += [session.step(x[:, i : i + 1]) for i in range(prefill, tokens)]
     return want, full, torch.cat(outputs, dim=1)
 
 
@@ -74,7 +75,7 @@ def test_span_with_every_matrix_in_4_bits(make_model, int4_unpacked, float32_pro
     exact = load_span(model, spec, 0, 2, torch.float32, torch.device("cpu"), progress=False)
     quantized = load_span(model, spec, 0, 2, torch.float32, torch.device("cpu"), progress=False, quant_type="nf4")
     for block in quantized.blocks:
-        matrices = (block._qkv[0], block._gate_up[0], block._o[0], block._down[0])
+        matrices = [weight for weight, _ in block.linear_weights().values()]
         assert all(isinstance(w, QuantizedWeight) and w.quant_type == "nf4" for w in matrices)
     want, full, steps = whole_and_steps(exact, quantized, spec.hidden_size, tokens=140, prefill=132)
     assert rel(full, want) <= 2 * BLOCK_BOUND["nf4"]  # two blocks

@@ -1,9 +1,9 @@
-"""Rotary tables, the per-session key/value store and the attention step shared by every block.
+"""Rotary tables and the attention of a whole sequence, shared by every block of a span.
 
-A span builds one `AttentionContext` per call (`make_attention_context`) and every block of the
-span attends through it, so the mask and the rotary tables are computed once per step, not once
-per block. Blocks never see the cache directly: they hand rotated q/k/v to `AttentionContext.attend`,
-which is the contract a paged KV pool can later implement without touching the block math.
+BlockSpan.forward (forward and backward passes, no cache) builds one `AttentionContext` per call
+(`make_attention_context`) and every block attends through it, so the mask and the rotary tables
+are computed once per call, not once per block. Incremental inference does not come here: it runs
+on the server's paged pool (server/batched_span.py), whose masks follow the same rule.
 
 Index conventions (shared with the client and the server):
 - the absolute index of a token is its column in the session: pad tokens included;
@@ -153,80 +153,6 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + rotated * sin
 
 
-class KVCache:
-    """Contiguous per-session key/value store for the blocks of one span.
-
-    The paged pool replaces it later behind the same AttentionContext.attend() contract.
-
-    Capacity grows geometrically on demand, so a session that asks for max_length=8192 and stops
-    after 50 tokens costs 64 tokens of memory; `max_length` is only the limit a session agreed to.
-    `length` counts tokens stored in every layer; the span advances it after all its blocks ran.
-    """
-
-    MIN_CAPACITY = 16
-
-    def __init__(
-        self,
-        num_layers: int,
-        batch_size: int,
-        num_kv_heads: int,
-        head_dim: int,
-        max_length: int,
-        dtype: torch.dtype,
-        device: torch.device | str | None,
-    ) -> None:
-        if num_layers <= 0 or batch_size <= 0 or max_length <= 0:
-            raise ValueError(f"bad cache shape: {num_layers=}, {batch_size=}, {max_length=}")
-        self.num_layers = num_layers
-        self.batch_size = batch_size
-        self.num_kv_heads = num_kv_heads
-        self.head_dim = head_dim
-        self.max_length = max_length
-        self.dtype = dtype
-        self.device = torch.device(device) if device is not None else torch.device("cpu")
-        self.length = 0
-        # one tensor per layer, not one stacked tensor: writing layer i must not bump the autograd
-        # version of what layer i-1 saved for backward
-        self._keys: list[Tensor] = []  # each [batch, kv_heads, capacity, head_dim]
-        self._values: list[Tensor] = []
-        self.capacity = 0
-
-    def reserve(self, extra: int) -> None:
-        """Make room for `extra` more tokens; raises before any block has written anything."""
-        needed = self.length + extra
-        if needed > self.max_length:
-            raise ValueError(f"cache overflow: {self.length} + {extra} tokens > max_length={self.max_length}")
-        if needed <= self.capacity:
-            return
-        new_capacity = min(self.max_length, max(needed, 2 * self.capacity, self.MIN_CAPACITY))
-        shape = (self.batch_size, self.num_kv_heads, new_capacity, self.head_dim)
-        for store in (self._keys, self._values):
-            old = list(store)
-            store.clear()
-            for i in range(self.num_layers):
-                grown = torch.empty(shape, dtype=self.dtype, device=self.device)
-                if old:
-                    grown[:, :, : self.length] = old[i][:, :, : self.length]
-                store.append(grown)
-        self.capacity = new_capacity
-
-    def write(self, layer: int, start: int, k: Tensor, v: Tensor) -> None:
-        """Store k, v [batch, kv_heads, seq, head_dim] at token indices [start, start + seq)."""
-        end = start + k.shape[2]
-        self._keys[layer][:, :, start:end] = k
-        self._values[layer][:, :, start:end] = v
-
-    def read(self, layer: int, start: int, end: int) -> tuple[Tensor, Tensor]:
-        """Views of stored keys/values at token indices [start, end): [batch, kv_heads, end - start, head_dim]."""
-        return self._keys[layer][:, :, start:end], self._values[layer][:, :, start:end]
-
-    def advance(self, seq_len: int) -> None:
-        """Commit `seq_len` tokens written to every layer."""
-        if self.length + seq_len > self.capacity:
-            raise ValueError(f"advance({seq_len}) past capacity {self.capacity} (reserve first)")
-        self.length += seq_len
-
-
 @dataclass
 class AttentionContext:
     """What every block of a span needs to attend for one step: rotary tables, the mask, and where keys/values live.
@@ -237,11 +163,8 @@ class AttentionContext:
 
     cos: Tensor  # [batch, seq, head_dim]
     sin: Tensor  # [batch, seq, head_dim]
-    mask: Optional[Tensor]  # [batch or 1, 1, seq, key_end - key_start] bool, True = may attend; None = see is_causal
-    is_causal: bool  # no mask and keys == queries: SDPA's own causal (top-left aligned) mask is right
-    past_len: int  # tokens already in the cache before this step
-    key_start: int  # first absolute key index any query of this step can see (sliding window)
-    cache: Optional[KVCache] = None
+    mask: Optional[Tensor]  # [batch or 1, 1, seq, seq] bool, True = may attend; None = see is_causal
+    is_causal: bool  # no mask: SDPA's own causal mask is right
 
     @property
     def seq_len(self) -> int:
@@ -249,13 +172,7 @@ class AttentionContext:
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """q [batch, heads, seq, head_dim], k/v [batch, kv_heads, seq, head_dim] (all rotated)
-        -> [batch, heads, seq, head_dim].
-
-        Stores k/v into the cache at `layer` (if any), then attends over past + new keys.
-        """
-        if self.cache is not None:
-            self.cache.write(layer, self.past_len, k, v)
-            k, v = self.cache.read(layer, self.key_start, self.past_len + self.seq_len)
+        -> [batch, heads, seq, head_dim]."""
         return sdpa(q, k, v, mask=self.mask, is_causal=self.is_causal)
 
 
@@ -278,16 +195,14 @@ def make_attention_context(
     seq_len: int,
     dtype: torch.dtype,
     device: torch.device | str,
-    cache: Optional[KVCache] = None,
     pad_lens: Optional[Tensor] = None,
     sliding_window: Optional[int] = None,
 ) -> AttentionContext:
-    """Rotary tables and mask for `seq_len` new tokens appended after the cache's contents.
+    """Rotary tables and mask for a whole sequence of `seq_len` tokens.
 
     Key j is visible to query i iff j <= i, and (j >= pad_len or j == i), and, with a sliding
     window, i - j < sliding_window (transformers' rule, on absolute indices). Pass pad_lens=None
-    when nothing is padded: that is what lets decode steps run with no mask at all. With padding,
-    pass the same pad_lens on every step of a session.
+    when nothing is padded: SDPA's causal mask then serves and no mask is built.
     """
     device = torch.device(device)
     if seq_len <= 0:
@@ -300,43 +215,23 @@ def make_attention_context(
         if bool((pad_lens < 0).any()):
             raise ValueError("pad_lens must be non-negative")
         pad_lens = pad_lens.to(device=device, dtype=torch.int64)
-    past_len = cache.length if cache is not None else 0
-    if cache is not None:
-        if cache.batch_size != batch_size:
-            raise ValueError(f"batch_size={batch_size} does not match the cache's {cache.batch_size}")
-        cache.reserve(seq_len)  # last check: raises on overflow before any block writes
-
-    total = past_len + seq_len
-    # with a window, keys older than the window of the first query are never read
-    key_start = max(0, past_len - sliding_window + 1) if sliding_window is not None else 0
-
-    query_idx = torch.arange(past_len, total, device=device)  # [seq] absolute indices
+    query_idx = torch.arange(seq_len, device=device)  # [seq] absolute indices
     positions = query_idx.unsqueeze(0).expand(batch_size, seq_len)  # [batch, seq]
     if pad_lens is not None:
         positions = (positions - pad_lens[:, None]).clamp(min=0)
     cos, sin = rotary.cos_sin(positions, dtype)
 
-    window_binds = sliding_window is not None and (total - 1) - key_start >= sliding_window
-    mask: Optional[Tensor] = None
-    is_causal = False
+    window_binds = sliding_window is not None and seq_len > sliding_window
     if pad_lens is None and not window_binds:
-        if seq_len > 1 and past_len == 0:
-            is_causal = True  # square causal mask: SDPA builds it (or skips it in flash kernels)
-        elif seq_len > 1:
-            mask = _causal_mask(query_idx, key_start, total, None, None)
-        # seq_len == 1 and no window/padding: the one query sees every stored key, no mask
-    else:
-        mask = _causal_mask(query_idx, key_start, total, sliding_window, pad_lens)
-    if mask is not None:
-        mask = mask.view(-1, 1, seq_len, total - key_start)  # [batch or 1, 1, seq, keys]
-    return AttentionContext(cos, sin, mask, is_causal, past_len, key_start, cache)
+        # SDPA builds the square causal mask (or skips it in flash kernels); one token needs none
+        return AttentionContext(cos, sin, None, seq_len > 1)
+    mask = _causal_mask(query_idx, seq_len, sliding_window, pad_lens)
+    return AttentionContext(cos, sin, mask.view(-1, 1, seq_len, seq_len), False)
 
 
-def _causal_mask(
-    query_idx: Tensor, key_start: int, key_end: int, sliding_window: Optional[int], pad_lens: Optional[Tensor]
-) -> Tensor:
+def _causal_mask(query_idx: Tensor, key_end: int, sliding_window: Optional[int], pad_lens: Optional[Tensor]) -> Tensor:
     """Bool [seq, keys] (or [batch, seq, keys] with pad_lens), True where a query may attend."""
-    key_idx = torch.arange(key_start, key_end, device=query_idx.device)  # [keys]
+    key_idx = torch.arange(key_end, device=query_idx.device)  # [keys]
     q, k = query_idx[:, None], key_idx[None, :]
     allowed = k <= q  # [seq, keys]
     if sliding_window is not None:

@@ -1,69 +1,26 @@
 """linear(): F.linear for inference, through oneDNN on CPU when it is faster.
 
-Decode steps multiply a handful of rows (1-32) by each weight matrix. On CPUs where PyTorch's
-default BLAS picks a slow small-matrix path (measured on an AVX2 AMD EPYC: 4 rows cost 3.4x one
-row through F.linear for a 32000 x 1024 LM head, 1.9x through oneDNN), oneDNN's matmul is up to
-twice as fast for those shapes, and faster for one row too (the 32 matrices of 8 bench-model
-blocks: 17 ms vs 26 ms through F.linear; a whole 8-block decode step 25 ms vs 29 ms).
+Why: on CPU the default BLAS is slow for the few rows of a decode step, and bfloat16 or quantized
+products of many rows are faster in float32 where bfloat16 matmuls are not native. Measurements:
+docs/benchmarks.md, "Inference matmul".
 
-From 2 rows on, the product is computed the other way round: (weight @ x.T).T, i.e. oneDNN sees
-the weight as its input matrix and the few rows as its weight. It then streams the big matrix
-in its stored layout and only rearranges the few rows, instead of repacking a weight matrix
-(or much of it) on every call. Measured on the same machine, the four matrices of 8 fused bench
-blocks: 16 rows 31-33 ms vs 43-45 ms, 8 rows 25 vs 38 ms, 2 rows 25 vs 29 ms, and a 16-row LM
-head 12 ms vs 16 ms. It reads the ordinary dense weight, so no second, reordered copy of the
-weights is kept.
-
-bfloat16 on a CPU without native bfloat16 matmuls (oneDNN's needs AVX-512; the AVX2 EPYC above has
-none): F.linear's bfloat16 product costs about as much per row as a whole matrix-vector pass, so
-the matrices of one bench block took 18 ms for 16 rows and 565 ms for a 512-token prefill. From 8
-rows on, the rows are multiplied in float32 instead, against the weight converted to float32 a
-slice (~8 MiB) at a time: 16 rows 5.8 ms, 32 rows 11 ms, 512 rows 89 ms for one block's matrices (a
-whole 8-block prefill: 0.94 s instead of 4.8 s). Small slices matter on big weights: one 4096 x
-11008 matrix at 16 rows takes 19 ms in 8 MiB slices, 31 ms in 16 MiB ones, 123 ms in 64 MiB ones
-(each slice is then written to memory and read back instead of staying in cache), and 66 ms through
-F.linear. The result is rounded back to bfloat16; it differs from F.linear's bfloat16 product only
-by that rounding.
-
-int8 weights (quant/weights.py) take the same path from 16 rows on, on the same CPUs: each slice
-converted to float32 and the row scales applied to the product. That is a little faster than
-torch's int8 kernel for 16-32 rows (16 rows 6.0 vs 7.3 ms) and about 2x for a 512-token prefill (87
-vs 191 ms per block), and it keeps the activations in float32 where the kernel rounds them to
-bfloat16, so an int8 server's outputs depend slightly on how many rows its iteration carries
-(within the int8 error bounds). 4-bit weights take it from 128 rows on (prefill chunks), where
-their packed layout is one quant/weights.py reads: each slice, a whole number of the kernel's
-32-row blocks, unpacked into float32 with the group scales applied. One bench block's matrices, in
-three runs on two threads: 128 rows 1.0-1.3x, 256 rows 1.6-2.1x, 512 rows 1.8-2.3x faster than
-through the 4-bit kernel (512 rows: 92-105 ms instead of 172-220 ms; one thread gains as much).
-Unpacking costs too much for fewer rows (64: even). Set PETALS_LIKE_FLOAT32_PRODUCTS=0 to keep
-bfloat16 and the quantized weights on F.linear and their kernels.
-
-oneDNN runs float32 products of 1..32 rows without autograd (its op has no backward): those of
-float32 CPU tensors and those of the slices above. Everything else, CUDA included, goes to F.linear
-(or the quantized weight's own kernel). The row limit bounds memory: oneDNN compiles and keeps a
-kernel for every input shape it meets (~0.6 MiB each, whatever the weight's size, and not given
-back when its cache evicts one): a server whose batches took every size up to its token budget kept
-growing (by ~190 MiB in five minutes of scripts/soak.py); with the limit it is ~75 MiB for the four
-weight shapes of a float32 block, reached once every batch size up to 32 has occurred. Slices are
-equal where the slice count divides the weight's rows (else the last is shorter: one more shape),
-so a bfloat16 or int8 block meets a few shapes per matrix, times the row counts 8 (int8: 16) to 32.
-Measured on 8 bench blocks after every row count 1..32 had run: float32 +79 MiB, bfloat16 +67 MiB,
-int8 +65 MiB, and nothing more after a second pass. The oneDNN path is checked once against
-F.linear at first use (both orientations) and switched off if it is missing or disagrees (a PyTorch
-build without it, or a changed private signature): set PETALS_LIKE_ONEDNN_LINEAR=0 to turn it off.
+float32 products of 1..32 rows go through oneDNN without autograd, from 2 rows on as (weight @ x.T).T;
+the row limit bounds oneDNN's kernel cache, which keeps one kernel per input shape. bfloat16 (8+ rows),
+int8 (16+) and 4-bit (128+) weights are multiplied in float32 a weight slice at a time. The oneDNN
+path is checked against F.linear at first use; PETALS_LIKE_ONEDNN_LINEAR=0 turns it off, and
+PETALS_LIKE_FLOAT32_PRODUCTS=0 the float32 products. Everything else, CUDA included, goes to F.linear
+(or the quantized weight's own kernel).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from typing import Optional
+from typing import Optional, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-
-from petals_like.quant.weights import QuantizedWeight
 
 logger = logging.getLogger(__name__)
 
@@ -71,18 +28,27 @@ _MIN_ROWS = 1  # one row too: faster than the default BLAS's matrix-vector path 
 _MAX_ROWS = 32  # oneDNN's gain is for a handful of rows; each new row count costs a kernel kept in memory
 _onednn_ok: Optional[bool] = None  # decided at first use
 _BF16_MIN_ROWS = 8  # float32 products of bfloat16 rows: 4 rows about break even, 8 rows are 2x faster
-_QUANT_MIN_ROWS = {  # of quantized weights, against their own kernels
-    "int8": 16,  # 8 rows even, 16 rows 1.2x, 512 rows 2x faster
-    "nf4": 128,  # unpacking 4 bits costs more: 64 rows even, 128 rows 1.0-1.3x, 512 rows 1.8-2.3x faster
-}
 _UPCAST_SLICE_BYTES = 8 << 20  # float32 copy of the weight alive at once; larger slices fall out of cache
 _float32_products_on: Optional[bool] = None  # decided at first use
 
 
-def linear(x: Tensor, weight, bias: Optional[Tensor] = None) -> Tensor:
-    """x [..., in] @ weight[out, in].T + bias -> [..., out], as F.linear; weight may be a QuantizedWeight."""
-    if isinstance(weight, QuantizedWeight):
-        if _float32_products_apply(x, weight, _QUANT_MIN_ROWS[weight.quant_type]) and weight.unpacks_to_float32:
+class PackedWeight(Protocol):
+    """A weight stored in another form (quant/weights.py's QuantizedWeight): what linear() needs of it."""
+
+    shape: tuple[int, int]  # [out, in]
+    float32_min_rows: int  # rows from which float32 products beat its own kernel
+    unpacks_to_float32: bool  # float32_rows() works
+    row_multiple: int  # float32_rows() takes row ranges in multiples of this
+
+    def linear(self, x: Tensor, bias: Optional[Tensor] = None) -> Tensor: ...
+
+    def float32_rows(self, start: int, stop: int) -> tuple[Tensor, Optional[Tensor]]: ...
+
+
+def linear(x: Tensor, weight: Tensor | PackedWeight, bias: Optional[Tensor] = None) -> Tensor:
+    """x [..., in] @ weight[out, in].T + bias -> [..., out], as F.linear; weight may be a PackedWeight."""
+    if not isinstance(weight, Tensor):
+        if _float32_products_apply(x, weight, weight.float32_min_rows) and weight.unpacks_to_float32:
             return _float32_products(x, weight, bias)
         return weight.linear(x, bias)
     if (
@@ -122,7 +88,7 @@ def _float32_products(x: Tensor, weight, bias: Optional[Tensor]) -> Tensor:
     rows = x.reshape(-1, x.shape[-1]).float()
     out_features, in_features = weight.shape
     out = torch.empty(rows.shape[0], out_features, dtype=x.dtype, device=x.device)
-    quantized = isinstance(weight, QuantizedWeight)
+    quantized = not isinstance(weight, Tensor)
     step = _slice_rows(out_features, in_features, weight.row_multiple if quantized else 1)
     for start in range(0, out_features, step):
         part = slice(start, start + step)

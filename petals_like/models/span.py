@@ -2,15 +2,28 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from petals_like.models.attention import KVCache, RotaryEmbedding, make_attention_context
+from petals_like.models.attention import RotaryEmbedding, make_attention_context
 from petals_like.models.llama.block import LlamaBlock
 from petals_like.models.lora import LoraRows
 from petals_like.models.spec import ModelSpec
+
+
+@dataclass(frozen=True)
+class BlockRange:
+    """Which of a span's blocks a request runs, as offsets into the span: [first, last)."""
+
+    first: int
+    last: int
+
+    @property
+    def length(self) -> int:
+        return self.last - self.first
 
 
 class BlockSpan(nn.Module):
@@ -48,7 +61,6 @@ class BlockSpan(nn.Module):
         hidden: Tensor,
         *,
         pad_lens: Optional[Tensor] = None,
-        cache: Optional[KVCache] = None,
         first: int = 0,
         last: Optional[int] = None,
         prompts: Optional[Tensor] = None,
@@ -59,15 +71,12 @@ class BlockSpan(nn.Module):
         prompts [last - first, prefix, hidden] (deep prompt tuning) are added to the first `prefix`
         positions of every sequence before each block; lora[i] are the adapters of block first + i.
 
-        With a cache, the new tokens follow the cache's `length` tokens and are appended to it;
-        the cache must hold exactly last - first layers. pad_lens [batch] counts left pads; give the
-        same pad_lens on every step of a session, or None when nothing is padded (faster).
+        pad_lens [batch] counts left pads, or None when nothing is padded (faster). No cache:
+        incremental inference runs on the server's paged pool (server/batched_span.py).
         """
         first, last = self._range(first, last)
         if hidden.dim() != 3 or hidden.shape[-1] != self.spec.hidden_size or hidden.shape[1] == 0:
             raise ValueError(f"hidden must be [batch, seq > 0, {self.spec.hidden_size}], got {list(hidden.shape)}")
-        if cache is not None and cache.num_layers != last - first:
-            raise ValueError(f"cache has {cache.num_layers} layers, blocks [{first}, {last}) need {last - first}")
         batch, seq, _ = hidden.shape
         ctx = make_attention_context(
             self.rotary,
@@ -75,7 +84,6 @@ class BlockSpan(nn.Module):
             seq_len=seq,
             dtype=hidden.dtype,
             device=hidden.device,
-            cache=cache,
             pad_lens=pad_lens,
             sliding_window=self.spec.sliding_window,
         )
@@ -88,21 +96,4 @@ class BlockSpan(nn.Module):
                 prefix = prompts.shape[1]
                 hidden = torch.cat([hidden[:, :prefix] + prompts[layer].to(hidden.dtype), hidden[:, prefix:]], dim=1)
             hidden = block(hidden, ctx, layer, None if lora is None else lora[layer])
-        if cache is not None:
-            cache.advance(seq)
         return hidden
-
-    def new_cache(self, batch_size: int, max_length: int, first: int = 0, last: Optional[int] = None) -> KVCache:
-        """An empty cache for blocks[first:last], in the dtype and device of the span's weights."""
-        first, last = self._range(first, last)
-        # the norm weight, not a projection's: projections may be replaced by quantized layers
-        weight = self.blocks[first].input_layernorm.weight
-        return KVCache(
-            num_layers=last - first,
-            batch_size=batch_size,
-            num_kv_heads=self.spec.num_kv_heads,
-            head_dim=self.spec.head_dim,
-            max_length=max_length,
-            dtype=weight.dtype,
-            device=weight.device,
-        )

@@ -7,32 +7,16 @@ on the event loop so that bad input is answered before it waits in the queue.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 
-from petals_like.models.attention import KVCache
 from petals_like.models.lora import BlockLora, to_wire
-from petals_like.models.span import BlockSpan
-from petals_like.protocol import WIRE_DTYPES, ProtocolError, all_finite
-
-if TYPE_CHECKING:
-    from petals_like.server.adapters import AdapterStore, Tuning
+from petals_like.models.span import BlockRange, BlockSpan
+from petals_like.protocol import WIRE_DTYPES, ErrorCode, ProtocolError, all_finite
+from petals_like.server.adapters import AdapterStore, Tuning
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class BlockRange:
-    """Which of the server's blocks a request runs, as offsets into its span: [first, last)."""
-
-    first: int
-    last: int
-
-    @property
-    def length(self) -> int:
-        return self.last - self.first
 
 
 class SpanBackend:
@@ -44,6 +28,7 @@ class SpanBackend:
         device: torch.device,
         max_batch_size: int,
         max_request_tokens: int,
+        adapters: Optional[AdapterStore] = None,
     ):
         self.span = span
         self.spec = span.spec
@@ -51,10 +36,8 @@ class SpanBackend:
         self.device = device
         self.max_batch_size = max_batch_size
         self.max_request_tokens = max_request_tokens
-        from petals_like.server.adapters import AdapterStore  # imports BlockRange from here
-
-        # hosted and client-held LoRA; the server replaces it with one built from its config
-        self.adapters: AdapterStore = AdapterStore(span.spec, span.start, span.end, dtype=dtype, device=device)
+        # hosted and client-held LoRA (the server builds it from its config); by default none hosted
+        self.adapters = adapters or AdapterStore(span.spec, span.start, span.end, dtype=dtype, device=device)
 
     @property
     def start(self) -> int:
@@ -66,12 +49,14 @@ class SpanBackend:
 
     # ---- validation (event loop) ----
 
-    def block_range(self, start: object, end: object) -> BlockRange:
+    def block_range(self, start: int, end: int) -> BlockRange:
         """Absolute block indices from a request -> offsets into the span; rejects ranges it does not host."""
-        if isinstance(start, bool) or isinstance(end, bool) or not isinstance(start, int) or not isinstance(end, int):
-            raise ProtocolError("start and end must be integers")
+        if not start < end:
+            raise ProtocolError(f"blocks [{start}, {end}) are not inside any span: the range is empty")
         if not self.start <= start < end <= self.end:
-            raise ProtocolError(f"blocks [{start}, {end}) are not inside this server's span [{self.start}, {self.end})")
+            raise ProtocolError(
+                f"blocks [{start}, {end}) are not inside this server's span [{self.start}, {self.end})", ErrorCode.SERVER_LIMIT
+            )
         return BlockRange(start - self.start, end - self.start)
 
     def check_hidden(self, tensor: torch.Tensor, name: str = "hidden_states") -> None:
@@ -83,20 +68,22 @@ class SpanBackend:
         batch, seq, hidden = tensor.shape
         if hidden != self.spec.hidden_size:
             raise ProtocolError(f"{name} hidden size {hidden} != model hidden size {self.spec.hidden_size}")
-        if not 1 <= batch <= self.max_batch_size:
-            raise ProtocolError(f"batch size {batch} not in [1, {self.max_batch_size}]")
-        if not 1 <= seq or batch * seq > self.max_request_tokens:
-            raise ProtocolError(f"{batch}x{seq} tokens not in [1, {self.max_request_tokens}] per request")
+        if not 1 <= batch or not 1 <= seq:
+            raise ProtocolError(f"{name} of shape {tuple(tensor.shape)} hold no tokens")
+        if batch > self.max_batch_size:
+            raise ProtocolError(f"batch size {batch} not in [1, {self.max_batch_size}]", ErrorCode.SERVER_LIMIT)
+        if batch * seq > self.max_request_tokens:
+            raise ProtocolError(f"{batch}x{seq} tokens not in [1, {self.max_request_tokens}] per request", ErrorCode.SERVER_LIMIT)
         if not all_finite(tensor):
             raise ProtocolError(f"{name} contains NaN or infinity")
 
-    def check_pad_lens(self, pad_lens: object, batch: int, seq: int) -> Optional[torch.Tensor]:
+    def check_pad_lens(self, pad_lens: Optional[Sequence[int]], batch: int, seq: int) -> Optional[torch.Tensor]:
         """Left-padding counts per sequence (or None); each must leave at least one real token."""
         if pad_lens is None:
             return None
-        if not isinstance(pad_lens, (list, tuple)) or len(pad_lens) != batch:
+        if len(pad_lens) != batch:
             raise ProtocolError(f"pad_lens must be a list of {batch} integers")
-        if not all(isinstance(p, int) and not isinstance(p, bool) and 0 <= p < seq for p in pad_lens):
+        if not all(0 <= p < seq for p in pad_lens):
             raise ProtocolError(f"pad_lens must be integers in [0, {seq})")
         if not any(pad_lens):
             return None
@@ -154,16 +141,6 @@ class SpanBackend:
             out = self.span(inputs, pad_lens=pad_lens, first=blocks.first, last=blocks.last, **_tuning_args(prompts, lora))
             grads = torch.autograd.grad(out, leaves, grad_outputs=self._to_compute(grad_output))
         return [grads[0].to(device="cpu", dtype=hidden.dtype)] + [g.to(device="cpu", dtype=torch.float32) for g in grads[1:]]
-
-    def new_cache(self, batch_size: int, max_length: int, blocks: BlockRange) -> KVCache:
-        return self.span.new_cache(batch_size, max_length, first=blocks.first, last=blocks.last)
-
-    @torch.inference_mode()
-    def inference_step(
-        self, cache: KVCache, hidden: torch.Tensor, pad_lens: Optional[torch.Tensor], blocks: BlockRange
-    ) -> torch.Tensor:
-        out = self.span(self._to_compute(hidden), pad_lens=pad_lens, cache=cache, first=blocks.first, last=blocks.last)
-        return out.to(device="cpu", dtype=hidden.dtype)
 
 
 def _tuning_args(prompts: Optional[torch.Tensor], lora: Optional[list[BlockLora]]) -> dict[str, Any]:

@@ -21,9 +21,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from petals_like.models.attention import sdpa
-from petals_like.models.lora import LoraRows
+from petals_like.models.lora import BlockLora, LoraRows
 from petals_like.models.span import BlockSpan
-from petals_like.server.kv_cache import KVPool, SequencePages
+from petals_like.server.kv_cache import KVPool, SequencePages, reserve_rows
 
 
 @dataclass
@@ -128,6 +128,111 @@ def run_batched(
             attended = _attend(plan, q, k, v, keys, values, heads * head_dim)  # [tokens, heads * head_dim]
             hidden = block.mlp_residual(block.attention_output(hidden, attended, adapters), adapters)
     return hidden
+
+
+@dataclass
+class SessionSlice:
+    """What one session runs in an iteration, as the scheduler plans it: plain data."""
+
+    hidden: Tensor  # [rows, positions, hidden]: its next positions, every row of its batch
+    sequences: Sequence[SequencePages]  # one per row, pages reserved for them
+    pad_lens: Sequence[int]  # left padding of each row
+    lora: Optional[Sequence[BlockLora]] = None  # its adapter, one per block of the iteration's range
+    prompts: Optional[Tensor] = None  # its deep prompts [blocks, prefix, hidden], for positions < prefix
+
+
+def run_slices(span: BlockSpan, pool: KVPool, slices: Sequence[SessionSlice], *, first: int, last: int) -> list[Tensor]:
+    """One iteration: the slices' tokens as one batch through blocks [first, last) -> each slice's
+    output [rows, positions, hidden]. Assembles the batch (segments, LoRA rows, prompt rows); does
+    not commit the pages' lengths (the caller does, once every group of the iteration ran)."""
+    segments, inputs = [], []
+    lora: list[list] = [[] for _ in range(last - first)]  # per block: (rows, adapter) of slices with one
+    prompt_rows: list[Tensor] = []  # rows of the batch at a prompt position, and the prompts for them
+    prompt_values: list[Tensor] = []
+    row = 0
+    for s in slices:
+        rows, positions, width = s.hidden.shape
+        for pages, pad in zip(s.sequences, s.pad_lens):
+            segments.append(Segment(pages, pages.length, positions, int(pad)))
+        inputs.append(s.hidden.reshape(-1, width))
+        if s.lora is not None:
+            for layer, adapter in enumerate(s.lora):
+                lora[layer].append((slice(row, row + rows * positions), adapter))
+        past = s.sequences[0].length
+        if s.prompts is not None and past < s.prompts.shape[1]:
+            covered = torch.arange(past, min(past + positions, s.prompts.shape[1]), device=s.prompts.device)
+            for i in range(rows):
+                prompt_rows.append(row + i * positions + covered - past)
+                prompt_values.append(s.prompts[:, covered])
+        row += rows * positions
+    with torch.inference_mode():
+        prompts = (torch.cat(prompt_rows), torch.cat(prompt_values, dim=1)) if prompt_rows else None
+        out = run_batched(
+            span, pool, segments, torch.cat(inputs), first=first, last=last, lora=lora if any(lora) else None, prompts=prompts
+        )
+    outputs, offset = [], 0
+    for s in slices:
+        rows, positions, _ = s.hidden.shape
+        outputs.append(out[offset : offset + rows * positions].view(rows, positions, -1))
+        offset += rows * positions
+    return outputs
+
+
+class PagedRunner:
+    """One session's incremental inference, run alone through the path servers serve with (a KVPool
+    and run_batched): throughput measurement, the bench's no-network baseline and test references
+    use it, so what they time and check is what serves. The pool holds exactly max_length tokens
+    per row."""
+
+    def __init__(
+        self,
+        span: BlockSpan,
+        batch_size: int,
+        max_length: int,
+        *,
+        first: int = 0,
+        last: Optional[int] = None,
+        pad_lens: Optional[Sequence[int]] = None,
+        page_size: int = 16,
+    ) -> None:
+        last = len(span.blocks) if last is None else last
+        if not 0 <= first < last <= len(span.blocks):
+            raise ValueError(f"blocks [{first}, {last}) are not inside this span's [0, {len(span.blocks)})")
+        if batch_size <= 0 or max_length <= 0:
+            raise ValueError(f"batch_size={batch_size} and max_length={max_length} must be positive")
+        self.span, self.first, self.last, self.max_length = span, first, last, max_length
+        self.pad_lens = list(pad_lens) if pad_lens is not None else [0] * batch_size
+        if len(self.pad_lens) != batch_size:
+            raise ValueError(f"pad_lens must have {batch_size} entries, got {len(self.pad_lens)}")
+        weight = span.blocks[first].input_layernorm.weight  # not a projection's: those may be quantized
+        self.pool = KVPool(
+            num_layers=last - first,
+            num_kv_heads=span.spec.num_kv_heads,
+            head_dim=span.spec.head_dim,
+            num_pages=batch_size * -(-max_length // page_size),
+            page_size=page_size,
+            dtype=weight.dtype,
+            device=weight.device,
+        )
+        self.rows = [SequencePages() for _ in range(batch_size)]
+
+    @property
+    def length(self) -> int:
+        return self.rows[0].length
+
+    def step(self, hidden: Tensor) -> Tensor:
+        """hidden [batch, seq, hidden] of the next tokens -> their outputs, same shape and dtype."""
+        batch, seq, width = hidden.shape
+        if batch != len(self.rows):
+            raise ValueError(f"batch size {batch} differs from the session's {len(self.rows)}")
+        if self.length + seq > self.max_length:
+            raise ValueError(f"{self.length} + {seq} tokens exceed max_length={self.max_length}")
+        reserve_rows(self.pool, self.rows, seq)
+        work = SessionSlice(hidden.to(self.pool.dtype), self.rows, self.pad_lens)
+        (out,) = run_slices(self.span, self.pool, [work], first=self.first, last=self.last)
+        for pages in self.rows:
+            pages.length += seq
+        return out.to(hidden.dtype)
 
 
 def _attend(plan: _Plan, q: Tensor, k: Tensor, v: Tensor, keys: Tensor, values: Tensor, width: int) -> Tensor:

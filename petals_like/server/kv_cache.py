@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter, OrderedDict
-from typing import Iterable, Optional, Protocol, Sequence
+from typing import Callable, Iterable, Optional, Protocol, Sequence
 
 import torch
 from torch import Tensor
@@ -275,3 +275,25 @@ class PrefixIndex:
         if victims:
             logger.debug(f"Evicted {len(victims)} cached prefix pages, {len(self._entries)} remain")
         return len(victims)
+
+
+def reserve_rows(
+    pool: KVPool, sequences: list[SequencePages], new_tokens: int, check: Optional[Callable[[], None]] = None
+) -> None:
+    """Reserve for every row or for none: a batch never holds half of what one step needs.
+
+    check runs once everything is reserved; if it raises CacheExhausted, the reservation is undone."""
+    reserved: list[tuple[SequencePages, int]] = []  # (row, its page count before this call)
+    try:
+        for pages in sequences:
+            before = len(pages.pages)
+            pages.reserve(pool, new_tokens)
+            reserved.append((pages, before))
+        if check is not None and any(len(pages.pages) > before for pages, before in reserved):
+            check()
+    except CacheExhausted:
+        for pages, before in reserved:
+            extra = pages.pages[before:]
+            del pages.pages[before:]
+            pool.release(extra)
+        raise

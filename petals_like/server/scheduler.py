@@ -26,15 +26,56 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 import torch
 
 from petals_like.models.lora import BlockLora
-from petals_like.server.batched_span import Segment, run_batched
+from petals_like.server.batched_span import SessionSlice, run_slices
 from petals_like.server.kv_cache import KVPool, SequencePages
 from petals_like.server.runtime import Priority
 from petals_like.utils.threads import use_threads
 
 logger = logging.getLogger(__name__)
 
-MAX_DECODE_WAIT = 0.25  # seconds a prompt chunk is held back at most for decoding sessions (_decoders_due)
+MAX_DECODE_WAIT = 0.25  # seconds a prompt chunk is held back at most for decoding sessions (DecodePace)
 _EMA = 0.3  # weight of the newest sample in the decode-pace averages
+
+
+class DecodePace:
+    """When decoding sessions come back after an iteration, and how long a prompt chunk waits for them.
+
+    With only prompt chunks pending while decoding sessions are at other servers or at their
+    clients, a prompt-only iteration is free time if it ends before they are back. If it would
+    not (it still runs when their steps arrive, and on a machine shared with the next server it
+    also slows that server's decode iteration), the chunk waits and rides along in their
+    iteration instead, bounded: at most a quarter of the gap past their expected return, and at
+    most max_wait. Times are passed in (time.monotonic() in the scheduler, made-up ones in tests).
+    """
+
+    def __init__(self, max_wait: float = MAX_DECODE_WAIT, ema: float = _EMA):
+        self.max_wait, self.ema = max_wait, ema
+        self.decode_done: Optional[float] = None  # end of the last iteration with decode steps
+        self.decode_gap: Optional[float] = None  # smoothed time from there to the next decode step's arrival
+        self.prompt_only: Optional[float] = None  # smoothed duration of iterations with prompt chunks only
+
+    def _smooth(self, old: Optional[float], new: float) -> float:
+        return new if old is None else (1 - self.ema) * old + self.ema * new
+
+    def observe(self, decode_arrivals: Sequence[float], prompt_only: bool, started: float, ended: float) -> None:
+        """One iteration ran: the arrival times of the fresh decode steps in it, and whether it ran
+        prompt chunks only."""
+        if decode_arrivals:
+            if self.decode_done is not None and min(decode_arrivals) > self.decode_done:
+                self.decode_gap = self._smooth(self.decode_gap, min(decode_arrivals) - self.decode_done)
+            self.decode_done = ended
+        elif prompt_only:
+            self.prompt_only = self._smooth(self.prompt_only, ended - started)
+
+    def hold_until(self, now: float) -> float:
+        """Until when pending prompt chunks (and no decode step) should wait; 0.0 for not at all."""
+        gap, done, duration = self.decode_gap, self.decode_done, self.prompt_only
+        if gap is None or done is None or duration is None:
+            return 0.0
+        due = done + gap
+        if now + duration <= due or now > due + gap:  # the chunk fits, or they are not coming back soon
+            return 0.0
+        return min(due + 0.25 * gap, now + self.max_wait)
 
 
 @dataclass(eq=False)  # identity, not field equality: works are found in queues by `is`
@@ -117,12 +158,7 @@ class Scheduler:
         self.gather_wait = gather_wait
         self._last_batch = 0
         self._last_duration = 0.0  # seconds of the last iteration
-        # when decode steps come back (see _decoders_due): end of the last iteration with decode
-        # steps, smoothed time from there to the next decode step's arrival, smoothed duration of
-        # iterations that ran prompt chunks only
-        self._decode_done: Optional[float] = None
-        self._decode_gap: Optional[float] = None
-        self._prompt_only_duration: Optional[float] = None
+        self.pace = DecodePace()  # when decoding sessions come back (holds prompt-only chunks for them)
         # how many sessions are likely to send a step soon (set by the session manager); the gather
         # wait waits for them, not only for the last batch's size, so split batches merge again
         self.expected_works: Optional[Callable[[], int]] = None
@@ -181,7 +217,8 @@ class Scheduler:
                     # an iteration reads every weight once: waiting a fraction of one for the rest of
                     # the last batch is cheaper than running them in a second iteration
                     window = min(0.05, max(self.gather_wait, 0.5 * self._last_duration))
-                    deadline = max(time.monotonic() + window, self._decoders_due())
+                    decoding = any(w.remaining == 1 for w in self._pending)
+                    deadline = max(time.monotonic() + window, 0.0 if decoding else self.pace.hold_until(time.monotonic()))
                     while len(self._pending) < expected and not self._stopped:
                         left = deadline - time.monotonic()
                         if left <= 0:
@@ -203,23 +240,6 @@ class Scheduler:
                 logger.exception("Scheduler iteration failed")
                 for work in works:
                     self._finish(work, error=e)
-
-    def _decoders_due(self) -> float:
-        """Until when to hold a prompt chunk back for decoding sessions that are elsewhere (0: no need).
-
-        With only prompt chunks pending while decoding sessions are at other servers or at their
-        clients, a prompt-only iteration is free time if it ends before they are back. If it would
-        not (it still runs when their steps arrive, and on a machine shared with the next server it
-        also slows that server's decode iteration), the chunk waits and rides along in their
-        iteration instead. Bounded: at most a quarter of the gap past their expected return."""
-        gap, done, duration = self._decode_gap, self._decode_done, self._prompt_only_duration
-        if gap is None or done is None or duration is None or any(w.remaining == 1 for w in self._pending):
-            return 0.0
-        now = time.monotonic()
-        due = done + gap
-        if now + duration <= due or now > due + gap:  # the chunk fits, or they are not coming back soon
-            return 0.0
-        return min(due + 0.25 * gap, now + MAX_DECODE_WAIT)
 
     def _expected(self) -> int:
         if self.expected_works is None:
@@ -267,56 +287,27 @@ class Scheduler:
         failed: dict[int, BaseException] = {}
         tokens = 0
         for (first, last), members in groups.items():
-            segments, inputs = [], []
-            lora: list[list] = [[] for _ in range(last - first)]  # per block: (rows, adapter) of works with one
-            prompt_rows: list[torch.Tensor] = []  # rows of the batch at a prompt position, and the prompts for them
-            prompt_values: list[torch.Tensor] = []
-            row = 0
-            for work, positions in members:
-                chunk = work.hidden[:, work.done_tokens : work.done_tokens + positions]  # [batch, positions, hidden]
-                for i, pages in enumerate(work.sequences):
-                    segments.append(Segment(pages, pages.length, positions, int(work.pad_lens[i])))
-                inputs.append(chunk.reshape(-1, chunk.shape[-1]))
-                if work.lora is not None:
-                    rows = slice(row, row + chunk.shape[0] * positions)
-                    for layer, adapter in enumerate(work.lora):
-                        lora[layer].append((rows, adapter))
-                past = work.sequences[0].length
-                if work.prompts is not None and past < work.prompts.shape[1]:
-                    covered = torch.arange(past, min(past + positions, work.prompts.shape[1]), device=work.prompts.device)
-                    for i in range(chunk.shape[0]):
-                        prompt_rows.append(row + i * positions + covered - past)
-                        prompt_values.append(work.prompts[:, covered])
-                row += chunk.shape[0] * positions
+            slices = [
+                SessionSlice(w.hidden[:, w.done_tokens : w.done_tokens + n], w.sequences, w.pad_lens, w.lora, w.prompts)
+                for w, n in members
+            ]
             try:
-                with torch.inference_mode():
-                    prompts = (torch.cat(prompt_rows), torch.cat(prompt_values, dim=1)) if prompt_rows else None
-                    out = run_batched(
-                        self.span,
-                        self.pool,
-                        segments,
-                        torch.cat(inputs),
-                        first=first,
-                        last=last,
-                        lora=lora if any(lora) else None,
-                        prompts=prompts,
-                    )
+                outputs = run_slices(self.span, self.pool, slices, first=first, last=last)
             except BaseException as e:  # one bad group must not take the others down
                 logger.exception("Batched iteration failed")
                 for work, _ in members:
                     failed[id(work)] = e
                 continue
-            offset = 0
-            for work, positions in members:
-                rows = work.hidden.shape[0]
-                work.outputs.append(out[offset : offset + rows * positions].view(rows, positions, -1))
-                offset += rows * positions
+            for (work, positions), out in zip(members, outputs):
+                work.outputs.append(out)
                 for pages in work.sequences:
                     pages.length += positions  # commit only after every block ran
-                tokens += rows * positions
+                tokens += out.shape[0] * positions
         ended = time.monotonic()
         self._last_duration = ended - started
-        self._track_decode_pace([w for w, _ in chosen], started, ended)
+        ran = [w for w, _ in chosen]
+        arrivals = [w.submitted for w in ran if w.remaining == 1 and w.done_tokens == 0]
+        self.pace.observe(arrivals, all(w.remaining > 1 for w in ran), started, ended)
         self.stats.busy_seconds += self._last_duration
         self.stats.iterations += 1
         self.stats.inference_tokens += tokens
@@ -332,19 +323,6 @@ class Scheduler:
                     self.stats.chunked_steps += 1
                 finished.append((work, torch.cat(work.outputs, dim=1), None))
         self._finish_all(finished)
-
-    def _track_decode_pace(self, chosen: list[InferenceWork], started: float, ended: float) -> None:
-        """Learn when decode steps come back after an iteration (see _decoders_due)."""
-        arrivals = [w.submitted for w in chosen if w.remaining == 1 and w.done_tokens == 0]
-        if arrivals:
-            if self._decode_done is not None and min(arrivals) > self._decode_done:
-                gap = min(arrivals) - self._decode_done
-                self._decode_gap = gap if self._decode_gap is None else (1 - _EMA) * self._decode_gap + _EMA * gap
-            self._decode_done = ended
-        elif all(w.remaining > 1 for w in chosen):
-            duration = ended - started
-            known = self._prompt_only_duration
-            self._prompt_only_duration = duration if known is None else (1 - _EMA) * known + _EMA * duration
 
     def _finish(self, work: InferenceWork, *, result: Any = None, error: Optional[BaseException] = None) -> None:
         self._finish_all([(work, result, error)])

@@ -188,16 +188,16 @@ class Server:
             device=self.device,
             max_batch_size=config.max_batch_size,
             max_request_tokens=config.max_request_tokens,
-        )
-        backend.adapters = AdapterStore(
-            self.spec,
-            self.start_block,
-            self.end_block,
-            dtype=self.dtype,
-            device=self.device,
-            max_rank=config.max_lora_rank,
-            max_bytes_per_peer=config.max_adapter_bytes,
-            idle_timeout=config.adapter_idle_timeout,
+            adapters=AdapterStore(
+                self.spec,
+                self.start_block,
+                self.end_block,
+                dtype=self.dtype,
+                device=self.device,
+                max_rank=config.max_lora_rank,
+                max_bytes_per_peer=config.max_adapter_bytes,
+                idle_timeout=config.adapter_idle_timeout,
+            ),
         )
         backend.adapters.load_hosted(config.adapters)
         pool = self._make_pool()

@@ -34,6 +34,7 @@ import torch
 
 from petals_like import __version__
 from petals_like.models.spec import ModelSpec
+from petals_like.server.batched_span import PagedRunner
 
 logger = logging.getLogger(__name__)
 
@@ -66,13 +67,13 @@ def measure(span, *, steps: int = 8, forward_tokens: int = 128) -> Rates:
     dtype = next(span.parameters()).dtype
     num_blocks = len(span.blocks)
     with torch.inference_mode():
-        cache = span.new_cache(1, steps + 2)
+        session = PagedRunner(span, 1, steps + 2)  # the serving path: paged pool, batched span
         hidden = torch.randn(1, 1, spec.hidden_size, device=device, dtype=dtype)
-        span(hidden, cache=cache)  # warm-up
+        session.step(hidden)  # warm-up
         _sync(device)
         started = time.perf_counter()
         for _ in range(steps):
-            span(hidden, cache=cache)
+            session.step(hidden)
         _sync(device)
         inference = steps * num_blocks / max(time.perf_counter() - started, 1e-9)
         tokens = torch.randn(1, forward_tokens, spec.hidden_size, device=device, dtype=dtype)

@@ -11,7 +11,7 @@ session in between.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -89,7 +89,7 @@ class LlamaBlock(nn.Module):
         # set by fuse_projections(): q/k/v and gate/up weights stored as one tensor each
         self._qkv: tuple[Tensor, Tensor | None] | None = None
         self._gate_up: tuple[Tensor, Tensor | None] | None = None
-        # set by petals_like.quant.quantize_block(): every weight matrix quantized, used in all modes
+        # set by replace_linear_weights() (quant.quantize_block): every weight matrix converted, used in all modes
         self.quant_type = "none"
         self._o: tuple | None = None
         self._down: tuple | None = None
@@ -106,6 +106,28 @@ class LlamaBlock(nn.Module):
         attn, mlp = self.self_attn, self.mlp
         self._qkv = self._fuse([attn.q_proj, attn.k_proj, attn.v_proj])
         self._gate_up = self._fuse([mlp.gate_proj, mlp.up_proj])
+
+    def linear_weights(self) -> dict[str, tuple[Any, Optional[Tensor]]]:
+        """The four weight matrices inference multiplies by, with their biases: "qkv" and "gate_up"
+        (fused), "o" and "down". Call after fuse_projections()."""
+        if self._qkv is None or self._gate_up is None:
+            raise ValueError("linear_weights() needs a block after fuse_projections()")
+        attn, mlp = self.self_attn, self.mlp
+        o = self._o or (attn.o_proj.weight, attn.o_proj.bias)
+        down = self._down or (mlp.down_proj.weight, mlp.down_proj.bias)
+        return {"qkv": self._qkv, "gate_up": self._gate_up, "o": o, "down": down}
+
+    @torch.no_grad()
+    def replace_linear_weights(self, convert: Callable[[Tensor], Any], quant_type: str) -> None:
+        """Store every weight matrix as convert(weight) (e.g. quantized), used in all modes from now on;
+        the float weights go. A converted weight is whatever models/linear.py's linear() accepts."""
+        converted = {name: (convert(weight), bias) for name, (weight, bias) in self.linear_weights().items()}
+        self._qkv, self._gate_up, self._o, self._down = (converted[k] for k in ("qkv", "gate_up", "o", "down"))
+        self.quant_type = quant_type
+        # the separate Linears are views of the fused tensors, o/down are their own
+        attn, mlp = self.self_attn, self.mlp
+        for lin in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj):
+            lin.weight = None
 
     @staticmethod
     def _fuse(linears: list[nn.Linear]) -> tuple[Tensor, Tensor | None]:
