@@ -15,7 +15,7 @@ fail over, never wait for coverage to return.
 Every generation must equal local transformers' greedy generate() on the same checkpoint (float32),
 token for token; every training step's loss and LoRA gradients must equal local PEFT's with the
 same weights and batch: within --tolerance relative of float64 PEFT, plus ten times float32 PEFT's
-own distance from it (petals_like/utils/oracle.py). Each operation has a deadline (--op_timeout).
+own distance from it (petals_like/testing/oracle.py). Each operation has a deadline (--op_timeout).
 The run ends by printing one JSON report on stdout (kills, restarts, generations and training steps
 run / wrong / lost / hung, leaked processes, seconds, errors) and exits with status 1 if anything
 was wrong, lost or hung, a restarted server failed to come up, or a process it started was left.
@@ -33,10 +33,11 @@ from pathlib import Path
 from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from a checkout without installing
+sys.path.insert(1, str(Path(__file__).resolve().parent))  # harness/ beside this file, also when it is loaded by path (tests)
 
-from petals_like.utils.chaos import ChaosConfig, ChaosReport, run_chaos  # noqa: E402
+from harness.chaos import ChaosConfig, ChaosReport, run_chaos  # noqa: E402
+from harness.finetune import run_script  # noqa: E402
 from petals_like.utils.cli import add_config_flags, config_values  # noqa: E402
-from petals_like.utils.finetune import run_script  # noqa: E402
 
 DEFAULTS = ChaosConfig()
 

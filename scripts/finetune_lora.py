@@ -4,7 +4,7 @@
     python scripts/finetune_lora.py --steps 60 --rank 16 --target_modules q_proj k_proj v_proj o_proj --check
     python scripts/finetune_lora.py --model PATH --initial_peers /ip4/.../p2p/...   # an existing swarm
 
-The task is synthetic (petals_like/utils/finetune.py): lines repeating a short random word. The
+The task is synthetic (petals_like/testing/pattern_task.py): lines repeating a short random word. The
 adapter is saved in PEFT's format (adapter_config.json + adapter_model.safetensors), so that
 peft.PeftModel.from_pretrained loads it onto the base checkpoint, and run_server --adapters serves
 it. --check does exactly that with local transformers and compares logits with the swarm's.
@@ -19,10 +19,11 @@ from pathlib import Path
 from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from a checkout without installing
+sys.path.insert(1, str(Path(__file__).resolve().parent))  # harness/ beside this file, also when it is loaded by path (tests)
 
 import torch  # noqa: E402
 
-from petals_like.utils.finetune import add_common_args, check_common_args, run_script, swarm_for, train_and_save  # noqa: E402
+from harness.finetune import add_common_args, check_common_args, run_script, swarm_for, train_and_save  # noqa: E402
 
 DEFAULT_TARGETS = ["q_proj", "v_proj"]
 

@@ -6,7 +6,7 @@
 
 ptune learns pre_seq_len vectors placed before every input; deep_ptune also learns one set per
 block, added to the prompt positions before that block (the servers return their gradients). The
-task is synthetic (petals_like/utils/finetune.py). The prompts are saved as prompts.safetensors,
+task is synthetic (petals_like/testing/pattern_task.py). The prompts are saved as prompts.safetensors,
 which DistributedModelForCausalLM.load_prompts() reads back into a model made with the same
 tuning_mode and pre_seq_len.
 """
@@ -19,10 +19,11 @@ from pathlib import Path
 from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from a checkout without installing
+sys.path.insert(1, str(Path(__file__).resolve().parent))  # harness/ beside this file, also when it is loaded by path (tests)
 
 import torch  # noqa: E402
 
-from petals_like.utils.finetune import add_common_args, check_common_args, run_script, swarm_for, train_and_save  # noqa: E402
+from harness.finetune import add_common_args, check_common_args, run_script, swarm_for, train_and_save  # noqa: E402
 
 
 def main(argv: Optional[list[str]] = None) -> list[float]:

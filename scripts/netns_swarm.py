@@ -18,8 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from petals_like.testing.netbed import NetBed, available  # noqa: E402
 from petals_like.utils.cli import wait_for_stop_signal  # noqa: E402
-from petals_like.utils.netbed import NetBed, available  # noqa: E402
 
 
 def main() -> None:
@@ -43,9 +43,7 @@ def main() -> None:
         with NetBed() as bed:
             boot = bed.add_host("boot", delay_ms=a.delay_ms)
             peers = (
-                boot.start("dht", ["petals_like.cli.run_dht", "--port", "31337"])
-                .wait_for_line("  --initial_peers", 60)
-                .split()[1:]
+                boot.start("dht", ["petals_like.cli.run_dht", "--port", "31337"]).wait_for_line("--initial_peers", 60).split()[1:]
             )
             servers = []
             for i, spec in enumerate(a.hosts):
@@ -71,7 +69,7 @@ def main() -> None:
             for server in servers:
                 print(server.name, server.wait_for_line("SERVER READY", 300), flush=True)
             home = bed.add_host("home", nat=True, delay_ms=a.delay_ms, uplink_mbit=a.uplink_mbit)
-            client = home.start("client", ["petals_like.utils.netbed_worker", "generate", model, "--initial_peers", *peers])
+            client = home.start("client", ["petals_like.testing.netbed_worker", "generate", model, "--initial_peers", *peers])
             print("client:", client.wait_for_line("RESULT", 300), flush=True)
             print("\nhosts (run commands in one with `ip netns exec NAMESPACE ...`):")
             for host in bed.hosts.values():

@@ -27,9 +27,10 @@ from pathlib import Path
 from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from a checkout without installing
+sys.path.insert(1, str(Path(__file__).resolve().parent))  # harness/ beside this file, also when it is loaded by path (tests)
 
+from harness.soak import SoakConfig, run_soak  # noqa: E402
 from petals_like.utils.cli import add_config_flags, config_values  # noqa: E402
-from petals_like.utils.soak import SoakConfig, run_soak  # noqa: E402
 
 FLAGS = [  # SoakConfig fields given as flags: (field, help)
     ("duration", "seconds of load"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any, Callable
 
@@ -10,6 +11,10 @@ import pytest
 from hypothesis import settings
 
 from petals_like.models.tiny import make_tiny_model
+
+# scripts/harness (the soak, chaos and fine-tuning logic behind scripts/*.py, not part of the installed
+# package) is imported as `harness`, as the scripts import it
+sys.path.append(str(Path(__file__).resolve().parent.parent / "scripts"))
 
 # The same examples on every run (CI included), seeded from each test's source; `pytest --hypothesis-profile
 # explore` draws fresh random examples on each run and prints a reproduction blob for any failure.

@@ -24,7 +24,7 @@ from petals_like.data_structures import ServerInfo, ServerState
 from petals_like.dht.node import SwarmNode
 from petals_like.dht.records import MODELS_KEY, ModelInfo, block_key, model_record
 from petals_like.models.tiny import make_tiny_model
-from petals_like.utils.local_swarm import LocalSwarm
+from petals_like.testing.local_swarm import LocalSwarm
 from tests.hostile import LOCALHOST, HostileNode, make_fake_servers
 
 NUM_FAKES = 1000

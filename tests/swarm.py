@@ -1,16 +1,13 @@
-"""Helpers that start real swarms on 127.0.0.1 for tests and clean up everything they started."""
+"""Helpers that start real swarms on 127.0.0.1 for tests and clean up everything they started: servers in
+this process (start_swarm); run_server processes are started with petals_like.testing.local_swarm.LocalSwarm."""
 
 from __future__ import annotations
 
-import signal
-import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-import psutil
 import torch
 
 from petals_like.client.transport import call_forward
@@ -20,7 +17,7 @@ from petals_like.dht.announce import get_block_infos
 from petals_like.dht.node import SwarmNode
 from petals_like.dht.records import compute_spans
 from petals_like.server.server import Server
-from petals_like.utils.soak_health import live_descendants, p2pd_children, reap  # noqa: F401 (p2pd_children: for tests)
+from petals_like.testing.processes import live_descendants, p2pd_children, reap  # noqa: F401 (p2pd_children: for tests)
 
 LOCALHOST = ["/ip4/127.0.0.1/tcp/0"]
 HIDDEN = 64  # hidden size of the tiny preset
@@ -101,64 +98,6 @@ def start_swarm(model: Optional[Path] = None, ranges: Sequence[str] = (), **serv
         swarm.shutdown()
         raise
     return swarm
-
-
-class ServerProcess:
-    """run_server as a subprocess (what volunteers run); stopped by PID, with its p2pd, on exit."""
-
-    def __init__(self, model: Path, block_indices: str, initial_peers: Sequence[str], *extra: str):
-        cmd = [
-            sys.executable,
-            "-m",
-            "petals_like.cli.run_server",
-            str(model),
-            "--block_indices",
-            block_indices,
-            "--initial_peers",
-            *initial_peers,
-            "--host_maddrs",
-            *LOCALHOST,
-            "--no_progress",
-            "--throughput",
-            "1",
-            "--log_level",
-            "WARNING",
-            *extra,
-        ]
-        self.process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        self.lines: list[str] = []
-
-    def wait_ready(self, timeout: float = 60) -> str:
-        deadline = time.monotonic() + timeout
-        for line in self.process.stdout:
-            self.lines.append(line)
-            if line.startswith("SERVER READY"):
-                return line.split()[2]
-            if time.monotonic() > deadline:
-                break
-        raise RuntimeError("server did not start:\n" + "".join(self.lines[-40:]))
-
-    def descendants(self) -> list[psutil.Process]:
-        try:
-            return psutil.Process(self.process.pid).children(recursive=True)
-        except psutil.NoSuchProcess:
-            return []
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> None:
-        children = self.descendants()
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        for child in children:  # p2pd outlives a killed parent for a while: stop it by PID
-            try:
-                child.kill()
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(children, timeout=10)
 
 
 def loss_and_input_grads(model, reference, input_ids, labels):

@@ -25,7 +25,7 @@ from petals_like.dht.announce import get_block_infos
 from petals_like.dht.node import SwarmNode
 from petals_like.dht.records import MAX_LIFETIME, MAX_RECORD_BYTES, MODELS_KEY, ModelInfo, block_key, compute_spans, model_record
 from petals_like.dht.storage import MAX_KEY_BYTES, REFRESH_HEADROOM
-from petals_like.utils.local_swarm import LocalSwarm
+from petals_like.testing.local_swarm import LocalSwarm
 from tests.hostile import NO_SUBKEY, HostileNode, Key, make_fake_servers
 from tests.swarm import LOCALHOST, wait_until
 

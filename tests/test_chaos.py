@@ -11,7 +11,7 @@ from typing import Iterator
 
 import pytest
 
-from petals_like.utils.soak_health import live_descendants
+from petals_like.testing.processes import live_descendants
 from tests.swarm import kill_new_descendants, p2pd_children
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "chaos.py"

@@ -15,7 +15,7 @@ from typing import Callable, Iterator, Optional
 import psutil
 import pytest
 
-from petals_like.utils.soak_health import live_in_groups, reap
+from petals_like.testing.processes import live_in_groups, reap
 
 DEMO_TIMEOUT = 240  # seconds; the demo takes ~20 s here
 

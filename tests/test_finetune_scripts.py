@@ -12,7 +12,7 @@ from typing import Iterator
 import pytest
 import torch
 
-from petals_like.utils.soak_health import live_descendants
+from petals_like.testing.processes import live_descendants
 from tests.swarm import kill_new_descendants
 
 SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"

@@ -1,6 +1,6 @@
 """The package's layers, read from the source: lower layers never import the client.
 
-Data flows client -> routing -> protocol -> server and back (docs/layout.md); the server, routing,
+Data flows client -> routing -> wire/protocol -> server and back (docs/architecture.md#code-layout); the server, routing,
 the DHT code, the dashboard and the block math must work without loading client code.
 """
 
@@ -12,18 +12,29 @@ from pathlib import Path
 import petals_like
 
 PACKAGE = Path(petals_like.__file__).parent
-BELOW_CLIENT = ("server", "routing", "dht", "dashboard", "models", "quant", "protocol.py", "config.py", "data_structures.py")
+BELOW_CLIENT = (
+    "server",
+    "routing",
+    "dht",
+    "dashboard",
+    "models",
+    "quant",
+    "protocol.py",
+    "wire.py",
+    "config.py",
+    "data_structures.py",
+)
 
 
-def imports(path: Path) -> set[str]:
-    """Every petals_like module a file imports, at the top or inside functions."""
+def imports(path: Path, package: str = "petals_like") -> set[str]:
+    """Every module of `package` a file imports, at the top or inside functions."""
     found = set()
     for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
         if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             found.add(node.module)
         elif isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
-    return {name for name in found if name == "petals_like" or name.startswith("petals_like.")}
+    return {name for name in found if name == package or name.startswith(f"{package}.")}
 
 
 def test_nothing_below_the_client_imports_it():
@@ -39,3 +50,16 @@ def test_the_import_reader_sees_function_level_imports(tmp_path):
         "import os\nfrom petals_like.protocol import call_info\n\ndef f():\n    from petals_like.client import model\n"
     )
     assert imports(probe) == {"petals_like.protocol", "petals_like.client"}
+
+
+def test_the_library_does_not_import_the_harness():
+    """scripts/ (the soak, chaos and fine-tuning harness) is not installed: nothing in the package may
+    import it. petals_like.testing (local swarms, oracles, the network test bed) is for the demo and the
+    bench (cli/), the tests and scripts/: the library itself never imports it."""
+    files = list(PACKAGE.rglob("*.py"))
+    assert len(files) > 50  # the walk found the package
+    harness = {str(f.relative_to(PACKAGE)): sorted(imports(f, "scripts") | imports(f, "harness")) for f in files}
+    assert {f: m for f, m in harness.items() if m} == {}
+    library = [f for f in files if f.relative_to(PACKAGE).parts[0] not in ("testing", "cli")]
+    testing = {str(f.relative_to(PACKAGE)): sorted(m for m in imports(f) if m.startswith("petals_like.testing")) for f in library}
+    assert {f: m for f, m in testing.items() if m} == {}

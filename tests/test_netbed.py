@@ -1,8 +1,8 @@
-"""Across network boundaries: hosts made of network namespaces, home routers doing NAT (utils/netbed.py).
+"""Across network boundaries: hosts made of network namespaces, home routers doing NAT (testing/netbed.py).
 
 One bed for the module: a public bootstrap ("boot"), a public server ("pub", blocks 0:4), a server
 behind NAT ("nat", blocks 4:8, reached through a relay), and a host behind another NAT for clients
-("home"). Every process runs the project's real command line; clients are utils/netbed_worker.py.
+("home"). Every process runs the project's real command line; clients are testing/netbed_worker.py.
 """
 
 from __future__ import annotations
@@ -16,9 +16,10 @@ from typing import Iterator
 import pytest
 import torch
 
-from petals_like.utils import netbed
-from petals_like.utils.netbed import BedProcess, Host, NetBed
-from petals_like.utils.netbed_worker import PROMPT
+from petals_like.testing import netbed
+from petals_like.testing.netbed import Host, NetBed
+from petals_like.testing.netbed_worker import PROMPT
+from petals_like.testing.processes import Child
 
 ok, why = netbed.available()
 pytestmark = pytest.mark.skipif(not ok, reason=why)
@@ -34,13 +35,13 @@ class Bed:
         self.nat = bed.add_host("nat", nat=True)
         self.home = bed.add_host("home", nat=True)
         dht = self.boot.start("dht", ["petals_like.cli.run_dht", "--port", "31337"])
-        self.peers = dht.wait_for_line("  --initial_peers", 60).split()[1:]
-        self.servers: dict[str, tuple[BedProcess, str]] = {}
+        self.peers = dht.wait_for_line("--initial_peers", 60).split()[1:]
+        self.servers: dict[str, tuple[Child, str]] = {}
         starting = [self.server(self.pub, "0:4", wait=False), self.server(self.nat, "4:8", wait=False)]
         for name, proc in starting:
             self.servers[name] = (proc, proc.wait_for_line("SERVER READY", 120).split()[2])
 
-    def server(self, host: Host, span: str, *args: str, wait: bool = True) -> tuple[str, BedProcess]:
+    def server(self, host: Host, span: str, *args: str, wait: bool = True) -> tuple[str, Child]:
         proc = host.start(
             f"server {span}",
             [
@@ -68,13 +69,13 @@ class Bed:
         port = line.split(f"/ip4/{ip}/tcp/")[1].split("/")[0]
         return f"/ip4/{ip}/tcp/{port}/p2p/{self.peer_id(host)}"
 
-    def client(self, task: str, *args: str, host: Host | None = None) -> BedProcess:
+    def client(self, task: str, *args: str, host: Host | None = None) -> Child:
         return (host or self.home).start(
-            f"client {task}", ["petals_like.utils.netbed_worker", task, str(self.model), "--initial_peers", *self.peers, *args]
+            f"client {task}", ["petals_like.testing.netbed_worker", task, str(self.model), "--initial_peers", *self.peers, *args]
         )
 
 
-def result(proc: BedProcess, timeout: float = 120) -> dict:
+def result(proc: Child, timeout: float = 120) -> dict:
     return json.loads(proc.wait_for_line("RESULT ", timeout)[len("RESULT ") :])
 
 
@@ -97,7 +98,15 @@ def relay_stats(bed: Bed, relay_maddr: str) -> dict:
     """The relay's counters, asked from the public server's host (joining through the relay itself)."""
     proc = bed.pub.start(
         "relay info",
-        ["petals_like.utils.netbed_worker", "relay_info", str(bed.model), "--initial_peers", relay_maddr, "--relay", relay_maddr],
+        [
+            "petals_like.testing.netbed_worker",
+            "relay_info",
+            str(bed.model),
+            "--initial_peers",
+            relay_maddr,
+            "--relay",
+            relay_maddr,
+        ],
     )
     return result(proc, timeout=60)
 

@@ -16,7 +16,8 @@ from petals_like.data_structures import ServerState
 from petals_like.dht.announce import get_block_infos
 from petals_like.dht.node import SwarmNode
 from petals_like.dht.records import default_dht_prefix
-from tests.swarm import LOCALHOST, ServerProcess, wait_until
+from petals_like.testing.local_swarm import LocalSwarm
+from tests.swarm import LOCALHOST, live_descendants, reap, wait_until
 
 NUM_BLOCKS = 8
 
@@ -29,16 +30,13 @@ def dht() -> Iterator[SwarmNode]:
 
 
 @pytest.fixture
-def processes() -> Iterator[list[ServerProcess]]:
-    started: list[ServerProcess] = []
-    yield started
-    tracked = {server: server.descendants() for server in started}
-    for server in started:
-        server.stop()
-    for server, children in tracked.items():  # the server and its p2pd are gone
-        assert server.process.poll() is not None
-        for child in children:
-            assert not child.is_running() or child.status() == psutil.STATUS_ZOMBIE
+def servers(dht, tiny_model: Path) -> Iterator[LocalSwarm]:
+    """run_server processes joining `dht` (add_servers starts them); after the test, they and their p2pd are gone."""
+    before = {p.pid for p in live_descendants()}
+    with LocalSwarm(tiny_model, spans=(), initial_peers=dht.visible_maddrs(), server_args=["--throughput", "1"]) as swarm:
+        yield swarm
+        started = [p for p in live_descendants() if p.pid not in before]
+    assert reap(started, grace=10) == [], "processes left running after the servers were stopped"
 
 
 def block_states(dht: SwarmNode, prefix: str) -> list[dict[str, ServerState]]:
@@ -46,15 +44,13 @@ def block_states(dht: SwarmNode, prefix: str) -> list[dict[str, ServerState]]:
     return [{peer: info.state for peer, info in block.items()} for block in infos]
 
 
-def test_server_processes_serve_and_leave_cleanly(dht, processes, tiny_model: Path):
+def test_server_processes_serve_and_leave_cleanly(dht, servers, tiny_model: Path):
     peers = dht.visible_maddrs()
     prefix = default_dht_prefix(tiny_model)
-    for span in ("0:4", "4:8"):
-        processes.append(ServerProcess(tiny_model, span, peers))
-    peer_ids = [server.wait_ready() for server in processes]
+    peer_ids = servers.add_servers(["0:4", "4:8"])
     wait_until(lambda: all(len(b) == 1 and ServerState.ONLINE in b.values() for b in block_states(dht, prefix)), 30)
 
-    children = {server.process.pid: server.descendants() for server in processes}
+    children = {server.pid: live_descendants(server.pid) for server in servers.servers}
     assert all(any(c.name() == "p2pd" for c in kids) for kids in children.values()), "each server runs one p2pd"
 
     model = AutoDistributedModelForCausalLM.from_pretrained(tiny_model, initial_peers=peers)
@@ -65,7 +61,7 @@ def test_server_processes_serve_and_leave_cleanly(dht, processes, tiny_model: Pa
     finally:
         model.shutdown()
 
-    second = processes[1]
+    second = servers.servers[1]
     second.process.send_signal(signal.SIGTERM)
     assert second.process.wait(30) == 0
     wait_until(
@@ -74,27 +70,24 @@ def test_server_processes_serve_and_leave_cleanly(dht, processes, tiny_model: Pa
         message="OFFLINE announced for blocks 4:8",
     )
     wait_until(
-        lambda: not any(c.is_running() and c.status() != psutil.STATUS_ZOMBIE for c in children[second.process.pid]),
+        lambda: not any(c.is_running() and c.status() != psutil.STATUS_ZOMBIE for c in children[second.pid]),
         15,
         message="p2pd of the stopped server exits",
     )
 
 
-def start_replicated(dht: SwarmNode, processes: list[ServerProcess], tiny_model: Path) -> tuple[list[str], list[str]]:
+def start_replicated(dht: SwarmNode, servers: LocalSwarm, tiny_model: Path) -> tuple[list[str], list[str]]:
     """Server processes on 0:4, 4:8 and 4:8 (a replica to fail over to); returns (initial peers, server peer ids)."""
-    peers = dht.visible_maddrs()
-    for span in ("0:4", "4:8", "4:8"):
-        processes.append(ServerProcess(tiny_model, span, peers))
-    peer_ids = [server.wait_ready() for server in processes]
+    peer_ids = servers.add_servers(["0:4", "4:8", "4:8"])
     prefix = default_dht_prefix(tiny_model)
     wait_until(lambda: all(len(b) >= (2 if i >= 4 else 1) for i, b in enumerate(block_states(dht, prefix))), 30)
-    return peers, peer_ids
+    return dht.visible_maddrs(), peer_ids
 
 
-def test_generation_survives_a_killed_server(dht, processes, tiny_model: Path):
+def test_generation_survives_a_killed_server(dht, servers, tiny_model: Path):
     """SIGKILL a server of the chain in the middle of a 128-token generation: the session moves to
     the replica and the tokens are exactly those of a run without failure."""
-    peers, peer_ids = start_replicated(dht, processes, tiny_model)
+    peers, peer_ids = start_replicated(dht, servers, tiny_model)
 
     input_ids = torch.tensor([[1, 90, 91, 92, 93]])
     local = AutoModelForCausalLM.from_pretrained(tiny_model).generate(input_ids, max_new_tokens=128, do_sample=False)
@@ -114,7 +107,7 @@ def test_generation_survives_a_killed_server(dht, processes, tiny_model: Path):
                     if KillAtHalf.count == 64:
                         victim = peer_ids.index(session._chain[-1].span.peer_id)
                         assert victim in (1, 2)
-                        processes[victim].stop(signal.SIGKILL)
+                        servers.kill(servers.servers[victim])
                         killed.append(peer_ids[victim])
 
                 def end(self):
@@ -171,9 +164,9 @@ def test_failover_after_prefix_reuse_replays_everything(tiny_model: Path, refere
         swarm.shutdown()
 
 
-def test_training_step_survives_a_killed_server(dht, processes, tiny_model: Path, reference):
+def test_training_step_survives_a_killed_server(dht, servers, tiny_model: Path, reference):
     """SIGKILL the server that ran a forward pass before its backward: the gradients are still right."""
-    peers, peer_ids = start_replicated(dht, processes, tiny_model)
+    peers, peer_ids = start_replicated(dht, servers, tiny_model)
 
     torch.manual_seed(1)
     input_ids = torch.randint(4, 300, (2, 10))
@@ -185,9 +178,9 @@ def test_training_step_survives_a_killed_server(dht, processes, tiny_model: Path
         embeds = model.local.embed(input_ids).detach().requires_grad_(True)
         out = model(inputs_embeds=embeds, labels=input_ids)
         used = model.remote.last_trace_peers  # the servers of this forward pass, in order
-        victim = processes[peer_ids.index(used[-1])]
-        assert victim is not processes[0]
-        victim.stop(signal.SIGKILL)
+        victim = servers.servers[peer_ids.index(used[-1])]
+        assert victim is not servers.servers[0]
+        servers.kill(victim)
         out.loss.backward()  # the killed span is re-run on the replica, then differentiated there
         rel = (embeds.grad - ref_embeds.grad).norm() / ref_embeds.grad.norm()
         assert rel <= 1e-4, f"relative gradient error {rel:.2e}"
@@ -195,20 +188,18 @@ def test_training_step_survives_a_killed_server(dht, processes, tiny_model: Path
         model.shutdown()
 
 
-def test_a_crashed_server_is_pinged_before_it_is_routed_through_again(dht, processes, tiny_model: Path):
+def test_a_crashed_server_is_pinged_before_it_is_routed_through_again(dht, servers, tiny_model: Path):
     """A SIGKILLed server's records stay ONLINE in the DHT until they expire. Once a ping could not
     reach it, chains are planned around it; once its ban after a failed request is over, the client
     pings it again before routing through it, and bans it if it does not answer: no caller's retry is
     spent on it."""
     peers = dht.visible_maddrs()
-    for _ in range(2):
-        processes.append(ServerProcess(tiny_model, "0:8", peers))
-    dead, live = [server.wait_ready() for server in processes]
+    dead, live = servers.add_servers(["0:8", "0:8"])
     model = AutoDistributedModelForCausalLM.from_pretrained(tiny_model, initial_peers=peers, ban_timeout=2.0)
     try:
         routes = model.routes
         wait_until(lambda: model.node.run(routes.refresh(force=True)) or {dead, live} <= set(routes.spans), 30)
-        processes[0].stop(signal.SIGKILL)
+        servers.kill(servers.servers[0])
 
         def route_prefers_the_dead_one() -> list[str]:
             routes.pings.rtts.update({dead: 1e-4, live: 1.0})  # the dead one is the planner's first choice

@@ -10,8 +10,8 @@ from typing import Iterator
 
 import pytest
 
-from petals_like.utils.soak import SoakConfig, run_soak
-from petals_like.utils.soak_health import live_descendants
+from harness.soak import SoakConfig, run_soak
+from petals_like.testing.processes import live_descendants
 from tests.swarm import kill_new_descendants
 
 

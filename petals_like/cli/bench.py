@@ -29,6 +29,8 @@ from typing import Callable, Optional
 
 import torch
 
+from petals_like.testing.local_swarm import LocalSwarm
+
 BENCH_DIR = Path(os.environ.get("PETALS_LIKE_CACHE", Path.home() / ".cache" / "petals_like"))
 
 
@@ -67,21 +69,23 @@ def summarize(latencies: list[float], skip_first: bool = True) -> dict:
 
 
 class LocalSession:
-    """This project's block math in-process, behind the InferenceSession interface generate uses."""
+    """The serving path's block math (paged pool, batched span) in-process, behind the
+    InferenceSession interface generate uses."""
 
     def __init__(self, span, max_length: int):
         self.span = span
-        self.cache = None
+        self.runner = None
         self.max_length = max_length
         self.position = 0
         self.last_token_ids = None
         self.finished = None
 
-    @torch.inference_mode()
     def step(self, hidden: torch.Tensor, *, pad_lens=None, token_ids=None) -> torch.Tensor:
-        if self.cache is None:
-            self.cache = self.span.new_cache(hidden.shape[0], self.max_length)
-        out = self.span(hidden, cache=self.cache)
+        from petals_like.server.batched_span import PagedRunner
+
+        if self.runner is None:
+            self.runner = PagedRunner(self.span, hidden.shape[0], self.max_length, pad_lens=pad_lens)
+        out = self.runner.step(hidden)
         self.position += hidden.shape[1]
         return out
 
@@ -144,51 +148,43 @@ def local_runners(model_dir: Path, prompt: torch.Tensor, new_tokens: int) -> dic
     return {"transformers_generate": run_hf, "block_math_no_network": run_ours}
 
 
-class BenchSwarm:
-    """1 DHT + servers (by default 2, each half of the blocks) as subprocesses, and a client in this process."""
+class BenchSwarm(LocalSwarm):
+    """A LocalSwarm (by default 2 servers, each half of the blocks) and a client of it in this process
+    (`model`); also how long the swarm took to start and each server's footprint."""
 
     def __init__(
         self, model_dir: Path, server_args: list[str], spans: Optional[list[str]] = None, client_args: Optional[dict] = None
     ):
-        self.model_dir = model_dir
-        self.server_args = server_args
-        self.span_args = spans  # "A:B" per server; None = halves
+        if spans is None:
+            from petals_like.models.spec import ModelSpec
+
+            num_blocks = ModelSpec.from_pretrained(model_dir).num_blocks
+            spans = [f"0:{num_blocks // 2}", f"{num_blocks // 2}:{num_blocks}"]
+        super().__init__(model_dir, spans, server_args=server_args)
         self.client_args = client_args or {}
-        self.children: list = []
         self.model = None
 
-    def __enter__(self) -> BenchSwarm:
+    def start(self) -> BenchSwarm:
         from petals_like import AutoDistributedModelForCausalLM
-        from petals_like.cli.demo import LOCALHOST, Child, local_server_args
-        from petals_like.models.spec import ModelSpec
 
+        started = time.perf_counter()
+        super().start()
         try:
-            started = time.perf_counter()
-            dht = Child("run_dht", [sys.executable, "-m", "petals_like.cli.run_dht", "--host_maddrs", LOCALHOST])
-            self.children.append(dht)
-            peers = dht.wait_for_line("--initial_peers", 60).split()[1:]
-            num_blocks = ModelSpec.from_pretrained(self.model_dir).num_blocks
-            spans = self.span_args or [f"0:{num_blocks // 2}", f"{num_blocks // 2}:{num_blocks}"]
-            for span in spans:
-                cmd = [sys.executable, "-m", *local_server_args(self.model_dir, span, peers, *self.server_args)]
-                self.children.append(Child(f"server {span}", cmd))
-            self.server_peers = [child.wait_for_line("SERVER READY", 300).split()[2] for child in self.children[1:]]
             self.start_s = time.perf_counter() - started
-            self.footprint = [server_footprint(child.process.pid) for child in self.children[1:]]
-            self.peers = peers
+            self.footprint = [server_footprint(server.pid) for server in self.servers]
             self.model = AutoDistributedModelForCausalLM.from_pretrained(
-                self.model_dir, initial_peers=peers, torch_dtype="float32", **self.client_args
+                self.model_dir, initial_peers=self.peers, torch_dtype="float32", **self.client_args
             )
         except BaseException:
-            self.__exit__()
+            self.__exit__(*sys.exc_info())
             raise
         return self
 
-    def __exit__(self, *exc) -> None:
+    def stop(self) -> None:
         if self.model is not None:
             self.model.shutdown()
-        for child in reversed(self.children):
-            child.stop()
+            self.model = None
+        super().stop()
 
     def one_session(self, prompt: torch.Tensor, new_tokens: int) -> dict:
         """(a)"""

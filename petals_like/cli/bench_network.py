@@ -1,4 +1,4 @@
-"""Network workload of the benchmark: one swarm on a test bed of network namespaces (utils/netbed.py).
+"""Network workload of the benchmark: one swarm on a test bed of network namespaces (testing/netbed.py).
 
   (n) Hosts: a public bootstrap (DHT, the only relay), public servers s1, s2, s3, a server `home`
       behind NAT, a client behind NAT. Every access link adds LINK_DELAY_MS one way in each
@@ -55,7 +55,7 @@ def network_chains(
 ) -> dict:
     """(n)"""
     from petals_like.models.tiny import make_tiny_model
-    from petals_like.utils.netbed import NetBed
+    from petals_like.testing.netbed import NetBed
 
     started = time.perf_counter()
     if model_dir is None:
@@ -68,7 +68,7 @@ def network_chains(
         }
         client = bed.add_host("client", nat=True, delay_ms=LINK_DELAY_MS, uplink_mbit=HOME_UPLINK_MBIT)
         dht = boot.start("dht", ["petals_like.cli.run_dht", "--port", "31337", "--log_level", "WARNING"])
-        peers = dht.wait_for_line("  --initial_peers", 60).split()[1:]
+        peers = dht.wait_for_line("--initial_peers", 60).split()[1:]
         procs = {}
         for name, (nat, span) in SERVERS.items():  # public servers do not relay: home's relay is the bootstrap
             extra = [] if nat else ["--no_relay"]

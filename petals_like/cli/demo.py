@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -18,68 +17,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-LOCALHOST = "/ip4/127.0.0.1/tcp/0"
-
-
-def local_server_args(model_dir: str | Path, span: str, peers: list[str], *extra: str) -> list[str]:
-    """`-m` arguments of a run_server for blocks `span` on 127.0.0.1, joining `peers`, quiet (demo, bench, LocalSwarm)."""
-    return ["petals_like.cli.run_server", str(model_dir), "--block_indices", span, "--initial_peers", *peers,
-            "--host_maddrs", LOCALHOST, "--no_progress", "--log_level", "WARNING", *extra]  # fmt: skip
-
-
-class Child:
-    """A subprocess of the demo, stopped by PID together with its own children (the p2pd daemon).
-    It shares this machine's cores with the other children (utils.threads.shared_cores_env)."""
-
-    def __init__(self, name: str, cmd: list[str]):
-        from petals_like.utils.threads import shared_cores_env
-
-        self.name = name
-        self.process = subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, env=shared_cores_env()
-        )
-        self.output: list[str] = []
-
-    def wait_for_line(self, prefix: str, timeout: float) -> str:
-        """The first output line that starts with prefix. A child without it in `timeout` seconds is
-        killed: reading its output blocks until a line comes, so a silent child would hold us forever."""
-        expired = threading.Event()
-
-        def expire() -> None:
-            expired.set()
-            self._kill_group()
-
-        timer = threading.Timer(timeout, expire)
-        timer.daemon = True
-        timer.start()
-        try:
-            for line in self.process.stdout:
-                self.output.append(line)
-                if line.strip().startswith(prefix) and not expired.is_set():
-                    return line.strip()
-        finally:
-            timer.cancel()
-        if expired.is_set():
-            reason = f"did not start in {timeout:.0f} s"
-        else:
-            reason = f"ended its output (exit code {self.process.poll()})"
-        raise RuntimeError(f"{self.name} {reason}; its output:\n" + "".join(self.output[-30:]))
-
-    def _kill_group(self) -> None:
-        try:
-            os.killpg(self.process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
-        self._kill_group()  # anything left in its process group (its p2pd) goes too
+SPANS = ("0:4", "4:8")  # blocks of the two servers
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -100,34 +38,28 @@ def main(argv: Optional[list[str]] = None) -> None:
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
     from petals_like.models.tiny import make_tiny_model
+    from petals_like.testing.local_swarm import LocalSwarm
     from petals_like.utils.cli import setup_logging
 
     setup_logging("WARNING")
-    children: list[Child] = []
     with tempfile.TemporaryDirectory(prefix="petals_like_demo_") as tmp:
         model_dir = Path(args.model_dir or Path(tmp) / "tiny-llama")
+        swarm = LocalSwarm(model_dir, SPANS, start_timeout=120, on_ready=lambda line: print("      " + line, flush=True))
         try:
             print(f"[1/4] Creating a tiny Llama checkpoint in {model_dir}", flush=True)
             make_tiny_model(model_dir, family="llama", preset="tiny")
 
             print("[2/4] Starting a DHT and two servers (blocks 0:4 and 4:8) on 127.0.0.1", flush=True)
-            dht = Child("run_dht", [sys.executable, "-m", "petals_like.cli.run_dht", "--host_maddrs", LOCALHOST])
-            children.append(dht)
-            peers = dht.wait_for_line("--initial_peers", 60).split()[1:]
-            for span in ("0:4", "4:8"):
-                children.append(Child(f"server {span}", [sys.executable, "-m", *local_server_args(model_dir, span, peers)]))
-            for child in children[1:]:
-                print("      " + child.wait_for_line("SERVER READY", 120), flush=True)
+            swarm.start()
 
             print("[3/4] Generating through the swarm", flush=True)
-            run_client(model_dir, peers, args.prompt, args.max_new_tokens)
+            run_client(model_dir, swarm.peers, args.prompt, args.max_new_tokens)
         except KeyboardInterrupt:
             print("\nInterrupted", flush=True)
             _forget_interrupt()
         finally:
             print("[4/4] Stopping the swarm", flush=True)
-            for child in reversed(children):
-                child.stop()
+            swarm.stop()
 
 
 def _forget_interrupt() -> None:

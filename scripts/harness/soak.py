@@ -36,17 +36,10 @@ from typing import Optional, Sequence
 
 import torch
 
-from petals_like.cli.demo import Child
-from petals_like.utils.local_swarm import LocalSwarm
-from petals_like.utils.soak_clients import ClientPool, Tally
-from petals_like.utils.soak_health import (
-    HealthMonitor,
-    ServerHealth,
-    count_by_name,
-    is_idle,
-    live_descendants,
-    live_in_groups,
-)
+from harness.soak_clients import ClientPool, Tally
+from harness.soak_health import HealthMonitor, ServerHealth, is_idle
+from petals_like.testing.local_swarm import LocalSwarm
+from petals_like.testing.processes import Child, count_by_name, live_descendants, live_in_groups
 
 GREEDY_TOLERANCE = 1e-3  # a generated token whose reference logit is this close to the top one is a tie, not wrong
 CLIENT_START_TIMEOUT = 180.0  # seconds for the first client processes to join the swarm
@@ -98,11 +91,11 @@ def run_soak(config: SoakConfig) -> dict:
         mark = time.monotonic()
         swarm = stack.enter_context(LocalSwarm(model, config.spans, server_args=server_args))
         seconds = {"swarm_start": time.monotonic() - mark}
-        swarm_groups = [child.process.pid for child in swarm.children]  # each child leads its own group
-        servers = dict(zip(config.spans, swarm.children[1:]))  # the DHT is the first child
+        swarm_groups = [child.pid for child in swarm.children]  # each child leads its own group
+        servers = dict(zip(config.spans, swarm.servers))
         monitor = HealthMonitor(
             swarm.peers,
-            {span: (peer_id, child.process.pid) for (span, child), peer_id in zip(servers.items(), swarm.server_peer_ids)},
+            {span: (peer_id, child.pid) for (span, child), peer_id in zip(servers.items(), swarm.server_peer_ids)},
         )
         stack.callback(monitor.shutdown)
         baseline = monitor.read()
@@ -166,8 +159,7 @@ class _Soak:
         self.tally = Tally()
         worker_cmd = [
             sys.executable,
-            "-m",
-            "petals_like.utils.soak_worker",
+            str(Path(__file__).with_name("soak_worker.py")),
             str(model),
             "--initial_peers",
             *peers,

@@ -20,9 +20,9 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
-from petals_like.cli.demo import Child
 from petals_like.data_structures import parse_block_range
-from petals_like.utils.local_swarm import LocalSwarm
+from petals_like.testing.local_swarm import LocalSwarm
+from petals_like.testing.processes import Child
 
 logger = logging.getLogger(__name__)
 
@@ -64,10 +64,9 @@ class FaultInjector:
         self.restart_timeout = restart_timeout
         self.same_identity = same_identity
         self.on_started = on_started
-        servers = [c for c in swarm.children if c.name.startswith("server ")]
         self.slots = [
             _Slot(span, range(*parse_block_range(span, num_blocks)), swarm.identities[child], child, True)
-            for span, child in zip(swarm.spans, servers)
+            for span, child in zip(swarm.spans, swarm.servers)
         ]
         self.kills = 0
         self.restarts = 0  # restarted servers that reached SERVER READY
@@ -122,7 +121,7 @@ class FaultInjector:
             child, slot.child, slot.ready = slot.child, None, False
             slot.down_until = time.monotonic() + self.rng.uniform(*self.down_time)
             self.kills += 1
-        logger.info(f"Killing {child.name} (pid {child.process.pid}); back in {slot.down_until - time.monotonic():.1f} s")
+        logger.info(f"Killing {child.name} (pid {child.pid}); back in {slot.down_until - time.monotonic():.1f} s")
         self.swarm.kill(child)
 
     def _restart(self, slot: _Slot) -> None:

@@ -4,8 +4,8 @@
     print(json.dumps(report.to_dict()))   # report.ok: nothing wrong, lost or hung, no process left
 
 A LocalSwarm of redundant servers (every block served at least twice) runs on 127.0.0.1. Several
-threads generate at once through one client (utils/oracle.GenerationCheck), one thread trains a
-LoRA through another client (utils/oracle.TrainingCheck), and a FaultInjector (utils/faults.py)
+threads generate at once through one client (testing/oracle.GenerationCheck), one thread trains a
+LoRA through another client (testing/oracle.TrainingCheck), and a FaultInjector (harness/faults.py)
 SIGKILLs servers and restarts them, never leaving a block without a live server. So the client
 never has to wait for coverage to return: whatever it loses, it has to route around, and a lost
 operation is a fail-over bug, not an outage.
@@ -27,7 +27,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import psutil
 
-from petals_like.utils.soak_health import reap
+from petals_like.testing.processes import reap
 
 logger = logging.getLogger(__name__)
 
@@ -161,12 +161,12 @@ class _Worker(threading.Thread):
 
 def run_chaos(model_path: str | Path, config: ChaosConfig, *, progress: bool = False) -> ChaosReport:
     """The whole run: swarm up, load under faults for config.duration seconds, everything stopped."""
+    from harness.faults import FaultInjector
     from petals_like import AutoDistributedModelForCausalLM
     from petals_like.models.checkpoint import resolve_checkpoint
     from petals_like.models.spec import ModelSpec
-    from petals_like.utils.faults import FaultInjector
-    from petals_like.utils.local_swarm import LocalSwarm
-    from petals_like.utils.oracle import GenerationCheck, TrainingCheck
+    from petals_like.testing.local_swarm import LocalSwarm
+    from petals_like.testing.oracle import GenerationCheck, TrainingCheck
 
     started = time.monotonic()
     report = ChaosReport()

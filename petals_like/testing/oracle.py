@@ -151,7 +151,7 @@ class TrainingCheck:
         from peft import LoraConfig
         from transformers import AutoTokenizer
 
-        from petals_like.utils.finetune import pattern_batches
+        from petals_like.testing.pattern_task import pattern_batches
 
         def lora_config() -> Any:
             return LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(LORA_TARGETS))

@@ -1,5 +1,5 @@
 """Server health during a soak run: rpc_info counters, memory, threads and open files of each server
-process, and which processes are left.
+process (which processes are left: petals_like/testing/processes.py).
 
 rpc_info gives the pool (cache_tokens_total, cache_tokens_left, prefix_cache_tokens), the sessions
 and the number of asyncio tasks on the server's loop; psutil gives the rest by PID.
@@ -7,15 +7,15 @@ and the number of asyncio tasks on the server's loop; psutil gives the rest by P
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import asdict, dataclass
-from typing import Optional, Sequence
+from typing import Sequence
 
 import psutil
 
 from petals_like.dht.node import SwarmNode
-from petals_like.protocol import call_info
+from petals_like.testing.processes import p2pd_children
+from petals_like.wire import call_info
 
 INFO_TIMEOUT = 10.0  # seconds for one rpc_info
 MIB = 2**20
@@ -63,11 +63,11 @@ class HealthMonitor:
             p2pd_rss_mib=round(sum(_rss(d) for d in daemons) / MIB, 1),
             threads=threads,
             open_files=files,
-            asyncio_tasks=int(info.get("asyncio_tasks", -1)),
-            open_sessions=int(info["open_sessions"]),
-            cache_tokens_total=int(info.get("cache_tokens_total", -1)),
-            cache_tokens_left=int(info["cache_tokens_left"]),
-            prefix_cache_tokens=int(info.get("prefix_cache_tokens", 0)),
+            asyncio_tasks=info.asyncio_tasks,
+            open_sessions=info.open_sessions,
+            cache_tokens_total=info.cache_tokens_total,
+            cache_tokens_left=info.cache_tokens_left,
+            prefix_cache_tokens=info.prefix_cache_tokens,
         )
 
     def settle(self, baseline: dict[str, ServerHealth], timeout: float, slack: int) -> dict[str, ServerHealth]:
@@ -92,75 +92,6 @@ def is_idle(health: ServerHealth, baseline: ServerHealth, slack: int) -> bool:
         and health.asyncio_tasks <= baseline.asyncio_tasks + slack
         and health.open_files <= baseline.open_files + slack
     )
-
-
-def _descendants(pid: int | None) -> list[psutil.Process]:
-    try:
-        return psutil.Process(pid or os.getpid()).children(recursive=True)
-    except psutil.NoSuchProcess:
-        return []
-
-
-def live_descendants(pid: int | None = None) -> list[psutil.Process]:
-    """Every process below `pid` (default: this one) that is still running (zombies do not count)."""
-    return [c for c in _descendants(pid) if _alive(c)]
-
-
-def p2pd_children(pid: int | None = None) -> list[psutil.Process]:
-    """The p2p daemons below `pid` (default: this one)."""
-    return [c for c in _descendants(pid) if _name(c) == "p2pd"]
-
-
-def reap(processes: Sequence[psutil.Process], timeout: float = 10.0, grace: Optional[float] = None) -> list[int]:
-    """Wait `grace` seconds (default: timeout) for these processes to exit; kill (by PID) those still
-    running and return their PIDs."""
-    _, alive = psutil.wait_procs(processes, timeout=timeout if grace is None else grace)
-    leaked = []
-    for process in alive:
-        try:
-            if process.status() == psutil.STATUS_ZOMBIE:
-                continue
-            process.kill()
-            leaked.append(process.pid)
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(alive, timeout=timeout)
-    return leaked
-
-
-def count_by_name(processes: Sequence[psutil.Process]) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for process in processes:
-        counts[_name(process)] = counts.get(_name(process), 0) + 1
-    return dict(sorted(counts.items()))
-
-
-def live_in_groups(pgids: Sequence[int]) -> list[int]:
-    """PIDs of running processes in these process groups: what a stopped or killed child left behind,
-    including daemons that its death re-parented away from this process."""
-    wanted = set(pgids)
-    found = []
-    for process in psutil.process_iter():
-        try:
-            if os.getpgid(process.pid) in wanted and _alive(process):
-                found.append(process.pid)
-        except (ProcessLookupError, psutil.Error):
-            continue
-    return found
-
-
-def _alive(process: psutil.Process) -> bool:
-    try:
-        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
-
-
-def _name(process: psutil.Process) -> str:
-    try:
-        return process.name()
-    except psutil.Error:
-        return ""
 
 
 def _rss(process: psutil.Process) -> int:

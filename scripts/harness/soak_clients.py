@@ -1,7 +1,7 @@
 """The client processes of a soak run (soak_worker.py): started, killed, replaced and stopped by
 process group, their output turned into events, and every session they started accounted for.
 
-Each client is a Child (petals_like/cli/demo.py) and so leads a process group of its own, with its
+Each client is a Child (petals_like/testing/processes.py) and so leads a process group of its own, with its
 p2p daemon in it: SIGKILL to the group is a client machine vanishing, and what is still in the
 group after a client stopped by itself is what it left behind.
 """
@@ -10,21 +10,17 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import queue
 import random
 import signal
 import subprocess
-import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable
 
-from petals_like.cli.demo import Child
-from petals_like.utils.local_swarm import KEPT_OUTPUT_LINES
-from petals_like.utils.soak_health import live_in_groups
-from petals_like.utils.soak_worker import EVENT_PREFIX
+from harness.soak_worker import EVENT_PREFIX
+from petals_like.testing.processes import Child, live_in_groups
 
 STOP_TIMEOUT = 90.0  # seconds for the clients to finish their generate() calls and exit after SIGTERM
 MAX_CRASHES = 3  # clients that exit by themselves before the run gives up
@@ -45,33 +41,29 @@ class Tally:
 
 
 class ClientProcess:
-    """One soak_worker process and the thread that turns its output into events."""
+    """One soak_worker process; its output lines that are events go to `events` as they come."""
 
     def __init__(self, name: str, cmd: list[str], sessions: int, events: queue.Queue):
         self.name = name
         self.sessions = sessions  # a client started in its place runs as many
-        self.child = Child(name, cmd)
         self.open: set[str] = set()  # sessions started and not ended
         self.ready = False
-        self.reader = threading.Thread(target=self._read, args=(events,), name=f"read {name}", daemon=True)
-        self.reader.start()
+        self.events = events
+        self.child = Child(name, cmd, on_line=self._on_line)
 
     @property
     def pid(self) -> int:  # also its process group
-        return self.child.process.pid
+        return self.child.pid
 
     def running(self) -> bool:
-        return self.child.process.poll() is None
+        return self.child.running()
 
-    def _read(self, events: queue.Queue) -> None:
-        for line in self.child.process.stdout:
-            if line.startswith(EVENT_PREFIX):
-                with contextlib.suppress(ValueError):  # a line cut short by a kill is no event
-                    events.put((self, json.loads(line[len(EVENT_PREFIX) :])))
-                    continue
-            self.child.output.append(line)
-            if len(self.child.output) > 2 * KEPT_OUTPUT_LINES:
-                del self.child.output[:-KEPT_OUTPUT_LINES]
+    def _on_line(self, line: str) -> bool:
+        if line.startswith(EVENT_PREFIX):
+            with contextlib.suppress(ValueError):  # a line cut short by a kill is no event
+                self.events.put((self, json.loads(line[len(EVENT_PREFIX) :])))
+                return True
+        return False
 
 
 class ClientPool:
@@ -130,9 +122,7 @@ class ClientPool:
         if not candidates:
             return False
         client = rng.choice(candidates)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(client.pid, signal.SIGKILL)
-        client.child.process.wait()
+        client.child.kill()
         self.tally.counts["kills"] += 1
         self._retire(client, "dropped_with_client")
         self.start(client.sessions)
@@ -141,7 +131,7 @@ class ClientPool:
     def replace_crashed(self) -> bool:
         """A client that exited by itself lost its sessions and is replaced; False once MAX_CRASHES did."""
         for client in [c for c in self.clients if not c.running()]:
-            tail = "".join(client.child.output[-20:])
+            tail = client.child.tail(20)
             self.tally.failures.append(f"client {client.name} exited with code {client.child.process.returncode}:\n{tail}")
             self.tally.counts["clients_crashed"] += 1
             client.child.stop()  # whatever it left in its group
@@ -155,11 +145,10 @@ class ClientPool:
         """SIGTERM every client (SIGKILL to its group when not graceful); one still running STOP_TIMEOUT s
         later hung. What a client leaves in its process group is counted, then killed."""
         for client in self.clients:
-            with contextlib.suppress(ProcessLookupError):
-                if graceful:  # the client alone: it stops its own p2p daemon once its sessions are closed
-                    client.child.process.send_signal(signal.SIGTERM)
-                else:
-                    os.killpg(client.pid, signal.SIGKILL)
+            if not graceful:
+                client.child.kill()
+            elif client.running():  # the client alone: it stops its own p2p daemon once its sessions are closed
+                client.child.process.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + STOP_TIMEOUT
         for client in list(self.clients):
             try:
@@ -167,9 +156,7 @@ class ClientPool:
             except subprocess.TimeoutExpired:
                 self.tally.failures.append(f"client {client.name} did not stop in {STOP_TIMEOUT:.0f} s after SIGTERM")
                 self.tally.counts["clients_hung"] += 1
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(client.pid, signal.SIGKILL)
-                client.child.process.wait()
+                client.child.kill()
             if graceful:
                 time.sleep(0.2)  # a daemon stopped by its client may take a moment to exit
                 left = live_in_groups([client.pid])
@@ -181,7 +168,7 @@ class ClientPool:
 
     def _retire(self, client: ClientProcess, open_sessions_count_as: str) -> None:
         """Handle the rest of a stopped client's events; its sessions that never ended count as given."""
-        client.reader.join(5)
+        client.child.reader.join(5)
         self.handle_events(timeout=0)
         self.clients.remove(client)
         self.tally.counts[open_sessions_count_as] += len(client.open)

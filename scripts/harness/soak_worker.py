@@ -1,6 +1,6 @@
 """A soak-test client process: inference sessions against a swarm, one after another, until told to stop.
 
-    python -m petals_like.utils.soak_worker MODEL --initial_peers /ip4/... --sessions 10 --name c0 --seed 0
+    python scripts/harness/soak_worker.py MODEL --initial_peers /ip4/... --sessions 10 --name c0 --seed 0
 
 Each of --sessions threads runs one session after another, each following a random SessionPlan:
 a prompt (half of them start with a prefix shared by the whole run, so that servers' prefix
@@ -8,7 +8,7 @@ caches are hit), then one to four segments of greedy generation, the later ones 
 new input tokens first. A share of sessions (--abandon) is dropped in the middle of a step: the
 step is cancelled and the session's connections are closed with no close message and no end of
 stream, as when a client vanishes. The other way a client vanishes, the whole process being
-killed, is done to this process from outside (petals_like/utils/soak.py).
+killed, is done to this process from outside (scripts/harness/soak.py).
 
 Events go to stdout, one line each, `SOAK {json}`: "ready"; "start" and "end" of every session,
 "end" with the session's tokens, the positions of the generated ones and how it ended

@@ -1,8 +1,8 @@
 """A client of the swarm for the network test bed: runs one task inside a host's namespace, prints JSON.
 
-    python -m petals_like.utils.netbed_worker generate MODEL --initial_peers ... --max_new_tokens 16
-    python -m petals_like.utils.netbed_worker lora MODEL --initial_peers ... --out DIR
-    python -m petals_like.utils.netbed_worker relay_info MODEL --initial_peers ... --relay PEER_MULTIADDR
+    python -m petals_like.testing.netbed_worker generate MODEL --initial_peers ... --max_new_tokens 16
+    python -m petals_like.testing.netbed_worker lora MODEL --initial_peers ... --out DIR
+    python -m petals_like.testing.netbed_worker relay_info MODEL --initial_peers ... --relay PEER_MULTIADDR
 
 Every task ends with one line "RESULT {json}" (tokens, or where the gradients were saved, and how the
 client reached the servers: which went through relays). `generate --step_pause S` prints "STEP k" after
@@ -116,13 +116,13 @@ def _lora(model, out: str) -> dict:
 
 
 def _call_info(model, peer: str, timeout: float) -> dict:
-    from petals_like.protocol import call_info
+    from petals_like.wire import call_info
 
     model.node.run(model.routes.refresh(force=True), timeout=timeout)
     started = time.perf_counter()
     try:
         info = model.node.run(call_info(model.node.p2p, peer, timeout=timeout), timeout=timeout + 5)
-        return {"info": sorted(info), "seconds": time.perf_counter() - started}
+        return {"info": sorted(info.to_meta()), "seconds": time.perf_counter() - started}
     except Exception as e:
         return {"error": f"{type(e).__name__}: {e}", "seconds": time.perf_counter() - started}
 

@@ -11,7 +11,7 @@ namespace with one veth ("eth0") plugged into that bridge. A host behind NAT sit
 masquerades the LAN with nftables and drops connections opened from outside. Every address is private
 and inside namespaces made here: nothing is routed to the machine's own interfaces.
 
-Links. delay_ms is added on each direction of a host's access link (utils/netshape.py: an eBPF
+Links. delay_ms is added on each direction of a host's access link (testing/netshape.py: an eBPF
 program with fq's earliest departure times, or a small delay forwarder where the kernel lacks fq, as
 netem is missing on some kernels), so two hosts see the sum of their delays one way; uplink_mbit
 caps what the host (or its router) sends to the internet.
@@ -31,10 +31,11 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
+
+from petals_like.testing.processes import Child
 
 logger = logging.getLogger(__name__)
 
@@ -82,63 +83,19 @@ class Host:
         self.procs.append(proc)
         return proc
 
-    def start(self, name: str, module_args: Sequence[str]) -> BedProcess:
-        """`python -m MODULE ARGS...` of this project in this host, its output kept (BedProcess)."""
-        from petals_like.utils.threads import shared_cores_env
-
-        proc = self.popen(
-            [sys.executable, "-m", *module_args],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            cwd=repo_root(),
-            env=shared_cores_env(),
+    def start(self, name: str, module_args: Sequence[str]) -> Child:
+        """`python -m MODULE ARGS...` of this project in this host, its output kept (a Child)."""
+        child = Child(
+            f"{self.name}/{name}", ["ip", "netns", "exec", self.netns, sys.executable, "-m", *module_args], cwd=repo_root()
         )
-        return BedProcess(f"{self.name}/{name}", proc)
+        self.procs.append(child.process)
+        return child
 
     def run(self, *argv: str) -> str:
         return sh(*argv, netns=self.netns)
 
     def maddr(self, port: int) -> str:
         return f"/ip4/{self.ip}/tcp/{port}"
-
-
-class BedProcess:
-    """A process started by Host.start: its output lines are read as they come (a full pipe would block it)."""
-
-    def __init__(self, name: str, process: subprocess.Popen):
-        self.name, self.process = name, process
-        self.output: list[str] = []
-        self._changed = threading.Condition()
-        threading.Thread(target=self._read, name=f"read {name}", daemon=True).start()
-
-    def _read(self) -> None:
-        for line in self.process.stdout:
-            with self._changed:
-                self.output.append(line.rstrip("\n"))
-                del self.output[:-2000]
-                self._changed.notify_all()
-        with self._changed:
-            self._changed.notify_all()
-
-    def wait_for_line(self, prefix: str, timeout: float) -> str:
-        """The first output line starting with `prefix`; raises with the output's tail if none comes in time."""
-        deadline = time.monotonic() + timeout
-        with self._changed:
-            while True:
-                for line in self.output:
-                    if line.startswith(prefix):
-                        return line
-                left = deadline - time.monotonic()
-                if left <= 0 or (self.process.poll() is not None and not self._changed.wait(0.5)):
-                    state = "timed out" if left <= 0 else f"exited with {self.process.poll()}"
-                    raise RuntimeError(f"{self.name} {state} before printing {prefix!r}:\n" + "\n".join(self.output[-30:]))
-                self._changed.wait(min(left, 1.0))
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(timeout=10)
 
 
 class NetBed:
@@ -188,7 +145,7 @@ class NetBed:
         sh("ip", "addr", "add", f"{address}/16", "dev", dev, netns=netns)
         sh("ip", "link", "set", dev, "up", netns=netns)
         if delay_ms or uplink_mbit:
-            from petals_like.utils import netshape
+            from petals_like.testing import netshape
 
             netshape.shape(netns, dev, delay_ms=delay_ms, rate_mbit=uplink_mbit)
             self.shaped.append((netns, dev))
@@ -224,7 +181,7 @@ class NetBed:
 
     def unshape(self) -> None:
         """Take every delay and rate limit off the bed; hosts, NAT and processes stay (a loopback-like baseline)."""
-        from petals_like.utils import netshape
+        from petals_like.testing import netshape
 
         while self.shaped:
             netshape.unshape(*self.shaped.pop())
