@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from petals_like.server.block_selection import choose_best_start, should_move, swarm_bottleneck
+from petals_like.data_structures import ServerInfo, ServerState
+from petals_like.server.block_selection import block_throughputs, choose_best_start, should_move, swarm_bottleneck
 
 
 def test_join_covers_uncovered_blocks_first():
@@ -22,6 +23,21 @@ def test_join_raises_the_bottleneck_most():
     # ties (an empty swarm): the lowest start, so servers starting together fill it in order
     assert choose_best_start([0] * 8, 4, 1.0) == 0
     assert choose_best_start([1, 1, 1, 1, 0, 0, 0, 0], 4, 1.0) == 4
+
+
+def test_block_throughputs_sum_each_blocks_servers():
+    """What joins and moves start from: the announced throughputs per block, JOINING servers counted
+    (they will serve soon), OFFLINE ones and the deciding server itself not."""
+    a, b = ServerInfo(ServerState.ONLINE, 0, 4, throughput=2.0), ServerInfo(ServerState.ONLINE, 2, 6, throughput=3.0)
+    joining = ServerInfo(ServerState.JOINING, 4, 8, throughput=5.0)
+    offline = ServerInfo(ServerState.OFFLINE, 0, 8, throughput=7.0)
+    blocks = (
+        [{"a": a, "x": offline}] * 2 + [{"a": a, "b": b}] * 2 + [{"b": b, "j": joining}] * 2 + [{"j": joining, "x": offline}] * 2
+    )
+    assert block_throughputs(blocks) == [2, 2, 5, 5, 8, 8, 5, 5]
+    assert block_throughputs(blocks, exclude="b") == [2, 2, 2, 2, 5, 5, 5, 5]
+    # records of a swarm that serves only 0:4: a joining 4-block server takes 4:8
+    assert choose_best_start(block_throughputs([{"a": a}] * 4 + [{}] * 4), 4) == 4
 
 
 def test_join_validates_the_span_length():

@@ -1,13 +1,77 @@
-"""HeadBatcher: concurrent generate() coroutines share one head pass and each gets its own rows."""
+"""HeadBatcher: concurrent generate() coroutines share one head pass and each gets its own rows.
+
+The batcher's waits are driven in virtual time: each test runs on an event loop whose clock jumps
+to the next timer whenever the loop would wait, and head passes run inline. So the tests assert
+when things happen (at 0.3 s, not "at least 0.29 s") and what each round holds, the same on every
+machine, without waiting for real.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import time
+import concurrent.futures
+import selectors
+from typing import Any, Awaitable, Callable
 
+import pytest
 import torch
 
 from petals_like.client.head_batcher import HeadBatcher
+
+
+class VirtualClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class _VirtualSelector(selectors.DefaultSelector):
+    """Never blocks: with nothing ready, the clock advances by the time the loop would have waited."""
+
+    def __init__(self, clock: VirtualClock):
+        super().__init__()
+        self.clock = clock
+
+    def select(self, timeout=None):
+        events = super().select(0)
+        if not events and timeout is None:
+            raise RuntimeError("deadlock: no timer is due and nothing can wake the loop")
+        if not events and timeout > 0:
+            self.clock.now += timeout
+        return events
+
+
+class _VirtualLoop(asyncio.SelectorEventLoop):
+    def __init__(self, clock: VirtualClock):
+        super().__init__(_VirtualSelector(clock))
+        self._virtual = clock
+
+    def time(self) -> float:
+        return self._virtual.now
+
+
+class _Inline(concurrent.futures.Executor):
+    """Runs the head pass on the loop's thread, so that it takes no time, virtual or real."""
+
+    def submit(self, fn, /, *args, **kwargs):
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except BaseException as e:
+            future.set_exception(e)
+        return future
+
+
+def virtual(logits_fn: Callable[[torch.Tensor], torch.Tensor], **kwargs) -> tuple[HeadBatcher, VirtualClock]:
+    clock = VirtualClock()
+    return HeadBatcher(logits_fn, clock=clock, executor=_Inline(), **kwargs), clock
+
+
+def run(clock: VirtualClock, main: Callable[[], Awaitable[Any]]) -> Any:
+    with asyncio.Runner(loop_factory=lambda: _VirtualLoop(clock)) as runner:
+        return runner.run(main())
 
 
 def test_concurrent_callers_share_a_round_and_get_their_rows():
@@ -18,49 +82,49 @@ def test_concurrent_callers_share_a_round_and_get_their_rows():
         calls.append(h.shape[0])
         return h @ weight.T
 
-    batcher = HeadBatcher(head, window=5.0)  # only the arrival of all 4 callers ends the wait
+    batcher, clock = virtual(head, window=5.0)  # only the arrival of all 4 callers ends the wait
     inputs = [torch.randn(i + 1, 8) for i in range(4)]
     for _ in inputs:
         batcher.session_started()
 
-    async def main() -> list[torch.Tensor]:
-        async def one(i: int) -> torch.Tensor:
+    async def main() -> list[tuple[torch.Tensor, float]]:
+        async def one(i: int) -> tuple[torch.Tensor, float]:
             await asyncio.sleep(0.01 * i)  # arrivals spread over 30 ms
-            return await batcher(inputs[i])
+            return await batcher(inputs[i]), clock()
 
-        return await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(4))), 10)
+        return await asyncio.gather(*(one(i) for i in range(4)))
 
-    results = asyncio.run(main())
+    results = run(clock, main)
     batcher.close()
     assert calls == [10] and batcher.rounds == 1
-    for x, y in zip(inputs, results):
+    for x, (y, answered) in zip(inputs, results):
         assert torch.allclose(y, x @ weight.T, atol=1e-5)
+        assert answered == pytest.approx(0.03)  # when the last caller arrived, not after the 5 s window
 
 
 def test_a_lone_session_does_not_wait_and_errors_reach_every_caller():
-    batcher = HeadBatcher(lambda h: h * 2, window=5.0)
+    batcher, clock = virtual(lambda h: h * 2, window=5.0)
 
-    async def lone() -> tuple[torch.Tensor, float]:
+    async def lone() -> torch.Tensor:
         batcher.session_started()
-        started = time.monotonic()
         out = await batcher(torch.ones(1, 3))
         batcher.session_ended()
-        return out, time.monotonic() - started
+        return out
 
-    out, waited = asyncio.run(lone())
-    assert torch.equal(out, torch.full((1, 3), 2.0)) and waited < 2.0  # not the 5 s window
+    out = run(clock, lone)
+    assert torch.equal(out, torch.full((1, 3), 2.0)) and clock() == 0  # not the 5 s window: no wait at all
 
     def boom(h):
         raise RuntimeError("head failed")
 
-    failing = HeadBatcher(boom, window=5.0)
+    failing, clock = virtual(boom, window=5.0)
 
     async def two() -> list:
         for _ in range(2):
             failing.session_started()
         return await asyncio.gather(failing(torch.ones(1, 3)), failing(torch.ones(2, 3)), return_exceptions=True)
 
-    errors = asyncio.run(two())
+    errors = run(clock, two)
     assert [str(e) for e in errors] == ["head failed", "head failed"]
     batcher.close()
     failing.close()
@@ -68,20 +132,19 @@ def test_a_lone_session_does_not_wait_and_errors_reach_every_caller():
 
 def test_a_departing_session_ends_the_wait():
     """A leader waiting for a session that finishes instead of arriving computes at once."""
-    batcher = HeadBatcher(lambda h: h, window=5.0)
+    batcher, clock = virtual(lambda h: h, window=5.0)
 
     async def main() -> float:
         batcher.session_started("a")
         batcher.session_started("b")
-        started = time.monotonic()
         waiting = asyncio.ensure_future(batcher(torch.ones(1, 2), "a"))
         await asyncio.sleep(0.05)
         assert not waiting.done()  # still waiting for "b"
         batcher.session_ended("b")
-        await asyncio.wait_for(waiting, 2)
-        return time.monotonic() - started
+        await waiting
+        return clock()
 
-    assert asyncio.run(main()) < 2.0
+    assert run(clock, main) == pytest.approx(0.05)  # when "b" ended, not after the 5 s window
     batcher.close()
 
 
@@ -96,9 +159,9 @@ def _pace(last: float, period: float):
 def test_leader_waits_for_out_of_phase_sessions_only():
     from petals_like.client.head_batcher import _Request
 
-    batcher = HeadBatcher(lambda h: h, window=0.005, max_wait=0.5)
+    now = 100.0
+    batcher = HeadBatcher(lambda h: h, window=0.005, max_wait=0.5, clock=lambda: now)
     batcher._pending = [_Request(torch.ones(1, 2), "leader", None)]  # the leader's own request is in the round
-    now = time.monotonic()
     leader = _pace(now, 0.2)
     batcher._paces = {
         "leader": leader,
@@ -107,7 +170,7 @@ def test_leader_waits_for_out_of_phase_sessions_only():
         "overdue": _pace(now - 0.5, 0.2),  # expected 0.25 s ago: a straggler
     }
     deadline = batcher._deadline(now, leader)
-    assert abs(deadline - (now - 0.1 + 1.25 * 0.2)) < 1e-6
+    assert deadline == pytest.approx(now - 0.1 + 1.25 * 0.2)
     del batcher._paces["half_a_period_behind"]
     assert batcher._deadline(now, leader) == now + 0.005  # nobody worth waiting for: the short window
     assert batcher._deadline(now, _pace(now, None)) == now + 0.005  # the leader's pace is unknown yet
@@ -119,13 +182,13 @@ def test_a_slow_round_delays_the_expected_arrival_of_the_leaders_cohort():
     that arrived together with the leader last time is expected as much later, not dropped as overdue."""
     from petals_like.client.head_batcher import _Request
 
-    batcher = HeadBatcher(lambda h: h, window=0.005, max_wait=0.5)
+    now = 100.0
+    batcher = HeadBatcher(lambda h: h, window=0.005, max_wait=0.5, clock=lambda: now)
     batcher._pending = [_Request(torch.ones(1, 2), "leader", None)]
-    now = time.monotonic()
     leader = _pace(now, 0.2)
     leader.interval = 0.3
     batcher._paces = {"leader": leader, "cohort": _pace(now - 0.3, 0.2)}
-    assert abs(batcher._deadline(now, leader) - (now - 0.3 + 1.25 * 0.3)) < 1e-6
+    assert batcher._deadline(now, leader) == pytest.approx(now - 0.3 + 1.25 * 0.3)
     leader.interval = 0.2  # an ordinary round: the same session is overdue (expected at now - 0.05)
     assert batcher._deadline(now, leader) == now + 0.005
     batcher.close()
@@ -134,9 +197,10 @@ def test_a_slow_round_delays_the_expected_arrival_of_the_leaders_cohort():
 def test_two_groups_taking_turns_merge_into_one_round():
     """Two sessions with the same period, half a period apart, end up sharing head passes."""
     rows: list[int] = []
-    batcher = HeadBatcher(lambda h: rows.append(h.shape[0]) or h, window=0.005, max_wait=0.5)
+    batcher, clock = virtual(lambda h: rows.append(h.shape[0]) or h, window=0.005, max_wait=0.5)
+    batcher.first_window = 0.0  # the first round goes alone: the merge is phase alignment's doing
 
-    async def run(key: str, delay: float) -> None:
+    async def session(key: str, delay: float) -> None:
         batcher.session_started(key)
         try:
             await asyncio.sleep(delay)
@@ -147,16 +211,18 @@ def test_two_groups_taking_turns_merge_into_one_round():
             batcher.session_ended(key)
 
     async def main() -> None:
-        await asyncio.wait_for(asyncio.gather(run("a", 0.0), run("b", 0.05)), 30)
+        await asyncio.gather(session("a", 0.0), session("b", 0.05))
 
-    asyncio.run(main())
+    run(clock, main)
     batcher.close()
-    assert sum(rows) == 20
-    assert rows.count(2) >= 5, rows  # without phase alignment every round would hold one row
+    # a at 0, b at 0.05 and a at 0.1 go alone (no period known yet); b at 0.15 knows both periods
+    # and waits for a, due at 0.2; from then on they share every round, where without phase
+    # alignment every round would hold one row; b's 10th step (at 1.0) is left alone
+    assert rows == [1, 1, 1] + [2] * 8 + [1], rows
 
 
 def test_a_cancelled_round_fails_its_callers_instead_of_hanging():
-    batcher = HeadBatcher(lambda h: h, window=5.0)
+    batcher, clock = virtual(lambda h: h, window=5.0)
 
     async def main() -> BaseException:
         batcher.session_started()
@@ -168,14 +234,15 @@ def test_a_cancelled_round_fails_its_callers_instead_of_hanging():
         assert done, "the caller hangs"
         return caller.exception()
 
-    error = asyncio.run(main())
+    error = run(clock, main)
     batcher.close()
     assert isinstance(error, RuntimeError) and "cancelled" in str(error)
+    assert clock() == pytest.approx(0.05)  # failed when cancelled, not at a timeout
 
 
 def test_sessions_that_start_together_send_their_first_step_together():
     """first_step holds a session whose chain opened until the others starting with it have opened."""
-    batcher = HeadBatcher(lambda h: h, window=0.005, max_wait=2.0)
+    batcher, clock = virtual(lambda h: h, window=0.005, max_wait=2.0)
     batcher.start_quiet = 0.0
     released: dict[str, float] = {}
 
@@ -184,54 +251,52 @@ def test_sessions_that_start_together_send_their_first_step_together():
         try:
             await asyncio.sleep(open_delay)  # opening its chain
             await batcher.first_step(key)
-            released[key] = time.monotonic()
+            released[key] = clock()
         finally:
             batcher.session_ended(key)
 
-    async def main() -> float:
-        started = time.monotonic()
-        await asyncio.wait_for(asyncio.gather(session("fast", 0.0), session("slow", 0.3)), 5)
-        return started
+    async def main() -> None:
+        await asyncio.gather(session("fast", 0.0), session("slow", 0.3))
 
-    started = asyncio.run(main())
+    run(clock, main)
     batcher.close()
-    assert released["fast"] - started >= 0.29  # waited for the slow one's chain
-    assert abs(released["fast"] - released["slow"]) < 0.1
+    # the fast one waited for the slow one's chain, and no longer
+    assert released["fast"] == released["slow"] == pytest.approx(0.3)
 
 
 def test_first_step_waits_at_most_max_wait_and_not_for_a_session_that_ends():
-    batcher = HeadBatcher(lambda h: h, window=0.005, max_wait=0.2)
+    batcher, clock = virtual(lambda h: h, window=0.005, max_wait=0.2)
     batcher.start_quiet = 0.0
 
     async def main() -> tuple[float, float]:
         batcher.session_started("a", opening=True)
         batcher.session_started("never_opens", opening=True)
-        started = time.monotonic()
+        started = clock()
         await batcher.first_step("a")  # "never_opens" never opens: max_wait
-        capped = time.monotonic() - started
+        capped = clock() - started
         batcher.session_ended("never_opens")
         batcher.session_started("b", opening=True)
         batcher.session_started("fails", opening=True)
-        started = time.monotonic()
+        started = clock()
         waiting = asyncio.ensure_future(batcher.first_step("b"))
         await asyncio.sleep(0.02)
         batcher.session_ended("fails")  # its chain could not open: "b" goes at once
-        await asyncio.wait_for(waiting, 1)
-        return capped, time.monotonic() - started
+        await waiting
+        return capped, clock() - started
 
-    capped, released = asyncio.run(main())
+    capped, released = run(clock, main)
     batcher.close()
-    assert 0.15 <= capped < 1.0
-    assert released < 0.15
+    assert capped == pytest.approx(0.2)
+    assert released == pytest.approx(0.02)
 
 
 def test_a_first_round_waits_for_the_first_answers_of_its_cohort():
     """Prompt outputs arrive spread over tens of ms; the first head round waits for them, later
     rounds of a session with a known pace do not wait for a newcomer."""
     rows: list[int] = []
-    batcher = HeadBatcher(lambda h: rows.append(h.shape[0]) or h, window=0.005, max_wait=0.5)
+    batcher, clock = virtual(lambda h: rows.append(h.shape[0]) or h, window=0.005, max_wait=0.5)
 
-    async def cohort() -> None:
+    async def cohort() -> float:
         for key in ("a", "b"):
             batcher.session_started(key)
 
@@ -240,8 +305,10 @@ def test_a_first_round_waits_for_the_first_answers_of_its_cohort():
             await batcher(torch.ones(1, 2), "b")
 
         # "b" arrives 40 ms after "a", well past the 5 ms window: still one round of two rows
-        await asyncio.wait_for(asyncio.gather(batcher(torch.ones(1, 2), "a"), late_b()), 5)
+        await asyncio.gather(batcher(torch.ones(1, 2), "a"), late_b())
+        return clock()
 
-    asyncio.run(cohort())
+    done = run(clock, cohort)
     batcher.close()
     assert rows == [2]
+    assert done == pytest.approx(0.04)  # at b's arrival, not at the end of first_window (0.1 s)

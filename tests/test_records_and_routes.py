@@ -10,7 +10,6 @@ from petals_like.dht.announce import signed_entries
 from petals_like.dht.identity import Identity, peer_id_of
 from petals_like.dht.records import compute_spans, default_dht_prefix, parse_block_entries
 from petals_like.routing.planner import NoRouteError, make_route
-from petals_like.server.block_selection import block_throughputs, choose_best_start
 
 ONLINE = ServerState.ONLINE
 
@@ -119,15 +118,6 @@ def test_route_avoids_banned_peers_and_cuts_spans():
 def test_route_fails_clearly_on_a_gap():
     with pytest.raises(NoRouteError, match="block 4"):
         make_route(spans_of(a=(0, 4), b=(5, 8)), 0, 8)
-
-
-def test_joining_server_takes_the_weakest_blocks():
-    blocks = [{"a": info(0, 4, throughput=2.0)}] * 4 + [{}] * 4
-    assert choose_best_start(block_throughputs(blocks), 4) == 4
-    assert choose_best_start([5, 1, 1, 5, 5], 2) == 1
-    assert choose_best_start([0, 0, 0, 0], 2) == 0
-    with pytest.raises(ValueError):
-        choose_best_start([1, 1], 3)
 
 
 def test_allowed_and_blocked_servers_are_sets_of_peer_ids():

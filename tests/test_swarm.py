@@ -7,6 +7,12 @@ from typing import Iterator
 
 import pytest
 import torch
+from transformers.generation.logits_process import (
+    LogitsProcessorList,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 from petals_like.dht.records import default_dht_prefix
 from tests.swarm import Swarm, loss_and_input_grads, start_swarm
@@ -62,22 +68,26 @@ def test_session_accepts_new_input_between_calls(model, reference):
     assert torch.equal(second, expected[:, first.shape[1] :])
 
 
-def test_sampling_is_reproducible_and_respects_top_k(model):
+def test_sampling_draws_what_transformers_warpers_allow_and_is_reproducible(model, reference):
+    """Seeded sampling through the swarm equals a local loop over the reference model's logits that
+    applies transformers' temperature, top-k and top-p warpers and draws with the same generator
+    (tests/test_sampling.py compares the distributions themselves)."""
     input_ids = torch.tensor([[1, 2, 3]])
+    settings = dict(temperature=0.8, top_k=5, top_p=0.9)
     runs = [
-        model.generate(
-            input_ids,
-            max_new_tokens=8,
-            do_sample=True,
-            temperature=0.8,
-            top_k=5,
-            top_p=0.9,
-            generator=torch.Generator().manual_seed(0),
-        )
+        model.generate(input_ids, max_new_tokens=8, do_sample=True, generator=torch.Generator().manual_seed(0), **settings)
         for _ in range(2)
     ]
     assert torch.equal(runs[0], runs[1])
-    assert runs[0].shape == (1, 11)
+
+    warpers = LogitsProcessorList([TemperatureLogitsWarper(0.8), TopKLogitsWarper(5), TopPLogitsWarper(0.9)])
+    generator, expected = torch.Generator().manual_seed(0), input_ids
+    with torch.no_grad():
+        for _ in range(8):
+            probs = warpers(expected, reference(expected).logits[:, -1]).softmax(dim=-1)
+            token = torch.multinomial(probs, 1, generator=generator)
+            expected = torch.cat([expected, token], dim=1)
+    assert torch.equal(runs[0], expected)
 
 
 def test_loss_and_gradients_equal_local_autograd(model, reference):

@@ -1,30 +1,9 @@
 """HeadBatcher: one LM-head pass for the concurrent generate() calls of one client process.
 
-The LM head is the client's largest matrix (vocab x hidden: 131 MB for 32000 x 1024 in float32);
-reading it costs ~10 ms per token on a CPU. When many sessions of one process generate at once
-(a chat service, a benchmark), computing their next-token logits together reads it once per round
-instead of once per session. Every generate() call runs as a coroutine on the client's event loop
-(one thread for all of them, so a round's sessions leave for the servers within a few ms of each
-other instead of queueing for the GIL one thread at a time). The first caller of a round leads:
-it waits for the other sessions in progress, computes all logits in one matmul on a worker
-thread (the loop keeps reading answers meanwhile), and hands each caller its rows. A lone session
-never waits.
-
-How long the leader waits (phase alignment): every session's arrivals are timed, giving its
-period (one step through the servers plus the head, smoothed). A missing session whose period is
-about the leader's own is just out of phase, e.g. the other half of sessions that split into two
-groups taking turns on the servers; its next arrival is predictable, and the leader waits for it
-(up to `max_wait`); when the leader's own round took longer than its period (the machine was busy),
-the others are expected that much later too. The merged round then travels through the servers as one batch, and they
-stay merged: each server runs one iteration per round instead of one per group, which on a
-server that shares its cores does the same work in about half the time. A session that is late
-(past its predicted arrival) or slower (a longer period: a slower route, a replay after a
-fail-over) is not waited for beyond `window`, so it never sets everyone's pace.
-
-Sessions that start together also send their prompts together: each waits, once its chain is
-open, until every session that started with it has opened its own and no other has started for
-`start_quiet` (`first_step`, at most `max_wait`). The servers then run all prompts in one iteration,
-and the sessions decode in step from their first token on instead of taking turns in groups that need many rounds to merge.
+Why: the LM head is the client's largest matrix, so the sessions of a round share one pass over it; and
+sessions kept in phase (the leader waits for those just out of phase, and sessions that start together
+send their prompts together) reach the servers as one batch. How it waits, and what it gains:
+docs/benchmarks.md, "Client head batcher".
 """
 
 from __future__ import annotations
@@ -70,15 +49,30 @@ class _Pace:
 class HeadBatcher:
     """Used from one event loop only (the client node's); nothing here is thread-safe, nothing needs to be."""
 
-    def __init__(self, logits_fn: Callable[[torch.Tensor], torch.Tensor], window: float = 0.005, max_wait: float = 0.5):
+    def __init__(
+        self,
+        logits_fn: Callable[[torch.Tensor], torch.Tensor],
+        window: float = 0.005,
+        max_wait: float = 0.5,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        executor: Optional[concurrent.futures.Executor] = None,
+    ):
+        """clock: the time of the event loop the batcher runs on, in seconds (its waits are that loop's
+        asyncio.sleep and wait_for); time.monotonic is asyncio's. Tests pass the clock of a loop with
+        virtual time. executor: where head passes run; by default one worker thread, so that the loop
+        goes on reading answers meanwhile."""
         self.logits_fn = logits_fn  # [rows, hidden] -> [rows, vocab]
+        self.clock = clock
         self.window = window  # how long a leader always waits for the other sessions
-        self.max_wait = max_wait  # how long it may wait for an out-of-phase session (see the module docstring)
+        self.max_wait = max_wait  # how long it may wait for an out-of-phase session (docs/benchmarks.md, "Client head batcher")
         self._pending: list[_Request] = []
         self._leader: Optional[asyncio.Task] = None  # gathering the current round
         self._changed: Optional[asyncio.Event] = None  # an arrival or a departure: the leader recounts
         self._paces: dict[Hashable, _Pace] = {}  # sessions in progress that identified themselves
-        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="lm-head", initializer=use_threads)
+        if executor is None:
+            executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="lm-head", initializer=use_threads)
+        self._executor = executor
         self._starting: set[Hashable] = set()  # sessions whose chain is not open yet (see first_step)
         self._all_open = asyncio.Event()  # set while no session is opening
         self._all_open.set()
@@ -97,7 +91,7 @@ class HeadBatcher:
             if opening:
                 self._starting.add(key)
                 self._all_open.clear()
-                self._last_start = time.monotonic()
+                self._last_start = self.clock()
 
     def session_ended(self, key: Optional[Hashable] = None) -> None:
         self.active -= 1
@@ -111,9 +105,9 @@ class HeadBatcher:
         session that is still opening has opened too (at most max_wait), so that the prompts reach
         the servers together."""
         self._opened(key)
-        deadline = time.monotonic() + self.max_wait
+        deadline = self.clock() + self.max_wait
         while True:
-            now = time.monotonic()
+            now = self.clock()
             quiet_at = self._last_start + self.start_quiet
             if now >= deadline or (not self._starting and now >= quiet_at):
                 return
@@ -133,7 +127,7 @@ class HeadBatcher:
     async def __call__(self, hidden: torch.Tensor, key: Optional[Hashable] = None) -> torch.Tensor:
         """hidden [batch, hidden] -> logits [batch, vocab], computed together with concurrent callers."""
         loop = asyncio.get_running_loop()
-        arrived = time.monotonic()
+        arrived = self.clock()
         pace = self._paces.get(key)
         if pace is not None:
             pace.arrive(arrived)
@@ -151,7 +145,7 @@ class HeadBatcher:
         batch: list[_Request] = []
         try:
             while len(self._pending) < self.active:
-                left = self._deadline(arrived, pace) - time.monotonic()
+                left = self._deadline(arrived, pace) - self.clock()
                 if left <= 0:
                     break
                 self._changed.clear()
@@ -196,7 +190,7 @@ class HeadBatcher:
             return deadline
         if leader is None:
             return deadline
-        now = time.monotonic()
+        now = self.clock()
         # a round that took the leader longer than usual (a busy moment of the machine) delays the
         # sessions that travelled with it alike: expect them after as long, not after their usual period
         this_round = leader.interval or 0.0
