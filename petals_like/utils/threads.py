@@ -1,12 +1,8 @@
 """Which threads of a server process run torch on several cores.
 
-PyTorch's CPU ops run on OpenMP (GNU libgomp in the pip wheels). Every thread that starts a
-parallel region gets a team of its own, and the team stays alive as long as that thread does.
-Once libgomp manages more threads than there are CPUs, it stops spinning between parallel regions
-and puts idle team threads to sleep after ~1000 spins, so each of the hundreds of short regions
-of a decode iteration pays a sleep and a wake-up. Measured on the bench model (2 cores, 8 blocks,
-one iteration): 28 ms for 1 row and 67 ms for 16 rows when only the computing thread had ever run
-parallel ops, 39 ms and 92 ms when the process's main thread had run some before (loading).
+Why: every thread that starts OpenMP work keeps a team of its own, and once there are more team threads
+than CPUs, libgomp stops spinning between parallel regions, which slows a decode iteration's hundreds of
+short regions (measurements: docs/benchmarks.md, "Server threads").
 
 So a server computes with several threads on one thread only, its scheduler's; heavy one-off work
 (loading and quantizing blocks) runs on a short-lived thread whose team goes with it, and the
