@@ -80,7 +80,7 @@ def test_servers_move_to_cover_a_half_that_lost_its_servers(tiny_model: Path, re
         wait_until(
             lambda: sorted((s.start_block, s.end_block) for s in movers) == [(0, 4), (4, 8)], 30, message="one mover on each half"
         )
-        assert sum(s.moves for s in movers) >= 1
+        assert sum(s.balancer.moves for s in movers) >= 1
     finally:
         if model is not None:
             model.shutdown()

@@ -21,7 +21,7 @@ from petals_like.models.spec import ModelSpec
 from petals_like.protocol import prefix_page_hashes
 from petals_like.server.batched_span import PagedRunner, Segment, run_batched
 from petals_like.server.kv_cache import KVPool, PrefixIndex, SequencePages
-from petals_like.server.server import load_span
+from petals_like.server.loading import load_span
 
 PAGE = 4  # small, so sequences cross many page boundaries
 

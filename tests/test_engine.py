@@ -13,6 +13,7 @@ import torch
 from hivemind.p2p import P2PHandlerError
 
 from petals_like import AutoDistributedModelForCausalLM
+from petals_like.client.prefix import PrefixTracker
 from petals_like.client.transport import InferenceStream, RequestRefused
 from petals_like.data_structures import RemoteSpanInfo, ServerInfo, ServerState
 from petals_like.dht.records import default_dht_prefix
@@ -166,8 +167,7 @@ def test_prefix_pages_never_cross_clients_or_salts(swarm, model, tiny_model, ref
     finally:
         other.shutdown()
     salted = model.inference_session(max_length=64)
-    salted.prefix_salt = "another adapter"
-    salted._token_ids = []
+    salted.prefix = PrefixTracker("another adapter")  # as a session through another adapter would name its pages
     with salted:
         model.generate(prompt, max_new_tokens=2, session=salted)
         assert salted.reused_tokens == 0
@@ -208,7 +208,7 @@ def test_record_announces_free_cache_and_sessions(swarm, model, tiny_model):
     total = server.sessions.pool.num_pages * server.sessions.pool.page_size
 
     def announced():
-        server.node.run(server._declare(ServerState.ONLINE))
+        server.node.run(server.announcer.declare(ServerState.ONLINE))
         infos = swarm.dht.run(get_block_infos(swarm.dht.dht, prefix, [0]))
         return infos[0][server.node.peer_id]
 

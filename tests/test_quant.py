@@ -14,7 +14,7 @@ from petals_like.models.spec import ModelSpec
 from petals_like.models.tiny import PRESETS
 from petals_like.quant.weights import QuantizedWeight, linear_weight_bytes, quantize_block
 from petals_like.server.batched_span import PagedRunner
-from petals_like.server.server import load_span
+from petals_like.server.loading import load_span
 from tests.swarm import loss_and_input_grads, start_swarm
 
 # documented bounds (docs/quantization.md, quant/weights.py): relative error of one matmul on Gaussian weights,

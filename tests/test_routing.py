@@ -221,7 +221,7 @@ def test_servers_announce_round_trips_to_the_servers_that_follow_them(chain_swar
 
     first, second, third = sorted(chain_swarm.servers, key=lambda s: s.start_block)
     for server in (first, second):
-        server.node.run(server._declare(ServerState.ONLINE), timeout=30)  # a re-announcement, now
+        server.node.run(server.announcer.declare(ServerState.ONLINE), timeout=30)  # a re-announcement, now
     spans = chain_swarm.spans(default_dht_prefix(tiny_model), NUM_BLOCKS)
     pings = {peer: span.server_info.next_pings for peer, span in spans.items()}
     assert set(pings[first.node.peer_id]) == {second.node.peer_id}  # only servers that can follow 0:3

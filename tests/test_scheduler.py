@@ -10,9 +10,9 @@ import torch
 
 from petals_like.models.spec import ModelSpec
 from petals_like.server.kv_cache import KVPool, SequencePages
+from petals_like.server.loading import load_span
 from petals_like.server.runtime import Priority
 from petals_like.server.scheduler import InferenceWork, Scheduler
-from petals_like.server.server import load_span
 
 
 @pytest.fixture(scope="module")

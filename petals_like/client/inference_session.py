@@ -23,13 +23,14 @@ from typing import Awaitable, Callable, Optional
 
 import torch
 
+from petals_like.client.prefix import PrefixTracker
 from petals_like.client.sequential import RequestTuning
 from petals_like.client.spot_check import SpotChecker, SpotCheckFailed
 from petals_like.client.transport import InferenceStream, RequestRefused, call_forward, callers_fault
 from petals_like.config import ClientConfig
 from petals_like.data_structures import RemoteSpanInfo
 from petals_like.dht.node import SwarmNode
-from petals_like.protocol import PREFIX_PAGE_TOKENS, prefix_page_hashes
+from petals_like.protocol import PREFIX_PAGE_TOKENS
 from petals_like.routing.manager import RouteManager
 from petals_like.routing.planner import NoRouteError
 from petals_like.wire import OpenReply, OpenSession, PushHop, Step
@@ -81,14 +82,11 @@ class InferenceSession:
         self._chain: list[_SpanSession] = []
         self.closed = False
         self.num_failovers = 0
-        self.prefix_salt = prefix_salt
+        self.prefix = PrefixTracker(prefix_salt)  # names of the full pages, for prefix reuse
         self.reused_tokens = 0  # prompt positions taken from servers' prefix caches instead of computed
-        self._token_ids: Optional[list[int]] = [] if prefix_salt is not None else None  # None: hashing is off
-        self._hashes: list[str] = []  # chained page hashes of the tokens so far (all sent to every link)
         # every block-0 input while a reused prefix is in the chain (a failure then replays them all);
         # without reuse, each link's own history is enough and this stays empty
         self._inputs: list[torch.Tensor] = []
-        self._sent_hashes = 0  # hashes every link of the chain has received
         # awaited once the first chain is open, before the first step leaves: lets sessions that
         # start together send their prompts together (generate() sets it; see client/head_batcher.py)
         self.before_first_step: Optional[Callable[[], Awaitable[None]]] = None
@@ -122,7 +120,7 @@ class InferenceSession:
             raise ValueError("pad_lens apply to the first step of a session only")
         if self.position + hidden.shape[1] > self.max_length:
             raise ValueError(f"{self.position} + {hidden.shape[1]} tokens exceed the session's max_length={self.max_length}")
-        self._track_tokens(token_ids, hidden)
+        self.prefix.track(token_ids, hidden, self.pad_lens)
         timeout = self.config.request_timeout * (1 + self.config.max_retries)
         try:
             async with asyncio.timeout(timeout):
@@ -131,22 +129,6 @@ class InferenceSession:
             raise TimeoutError(f"an inference step did not finish in {timeout} s") from None
         self.position += hidden.shape[1]
         return out
-
-    def _track_tokens(self, token_ids: Optional[torch.Tensor], hidden: torch.Tensor) -> None:
-        if self._token_ids is None:
-            return
-        usable = (
-            token_ids is not None
-            and self.batch_size == 1
-            and not any(self.pad_lens or [])
-            and tuple(token_ids.shape) == tuple(hidden.shape[:2])
-        )
-        if not usable:
-            self._token_ids = None  # once a step's tokens are unknown, later pages cannot be named
-            return
-        self._token_ids.extend(int(t) for t in token_ids[0])
-        parent = self._hashes[-1] if self._hashes else ""
-        self._hashes.extend(prefix_page_hashes(self._token_ids, self.prefix_salt, start_page=len(self._hashes), parent=parent))
 
     def close(self) -> None:
         if self.closed:
@@ -178,7 +160,7 @@ class InferenceSession:
         await stream.open(timeout=self.config.connect_timeout)
         session = _SpanSession(span, stream, uuid.uuid4().hex)
         extras = self.tuning.extras(span, with_weights=True)  # sent at every open: a replacement server needs them too
-        hashed = bool(self._hashes) and self._token_ids is not None
+        hashed = bool(self.prefix.hashes) and self.prefix.active
         probe = probe and hashed
         request = OpenSession(
             session_id=session.session_id,
@@ -193,7 +175,7 @@ class InferenceSession:
             # a server may refuse the wire format: wait for its answer, so the refusal is what the user sees
             probe=probe or self.config.wire is not None,
         )
-        hashes = Step(session.session_id, page_hashes=tuple(self._hashes)) if hashed else None
+        hashes = Step(session.session_id, page_hashes=tuple(self.prefix.hashes)) if hashed else None
         await stream.send(extras.tensors, request.to_meta(hashes), compress=False)
         cached = 0
         if request.probe:
@@ -226,7 +208,7 @@ class InferenceSession:
         full_input = hidden
         reuse = 0
         if not self._chain:
-            probe = self.position == 0 and bool(self._hashes)
+            probe = self.position == 0 and bool(self.prefix.hashes)
             for attempt in range(self.config.max_retries + 1):
                 try:
                     self._chain, cached = await self._open_chain(0, self.num_blocks, probe=probe)
@@ -243,10 +225,9 @@ class InferenceSession:
             reuse = min(cached, (hidden.shape[1] - 1) // PREFIX_PAGE_TOKENS * PREFIX_PAGE_TOKENS)
             hidden = hidden[:, reuse:]
             self.reused_tokens = reuse
-            sent_hashes = len(self._hashes)
+            new_hashes, sent_hashes = self.prefix.unsent(len(self.prefix.hashes))  # the open message had them all
         else:
-            sent_hashes = self._sent_hashes
-        new_hashes = self._hashes[sent_hashes:] if self._token_ids is not None else []
+            new_hashes, sent_hashes = self.prefix.unsent(self.prefix.sent)
         position = self.position
 
         def step_for(link: _SpanSession, push_to: list[_SpanSession] = ()) -> Step:
@@ -296,7 +277,7 @@ class InferenceSession:
             index += 1
         if self.reused_tokens:
             self._inputs.append(full_input)
-        self._sent_hashes = len(self._hashes)
+        self.prefix.sent = len(self.prefix.hashes)
         if hidden.shape[1] < full_input.shape[1]:  # reused prefix positions were not computed: zeros
             skipped = full_input.shape[1] - hidden.shape[1]
             hidden = torch.cat([hidden.new_zeros(hidden.shape[0], skipped, hidden.shape[2]), hidden], dim=1)
