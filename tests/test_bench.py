@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from petals_like.cli import bench_routing
+from petals_like.bench import routing as bench_routing
 from petals_like.models.spec import ModelSpec
 
 
@@ -39,7 +39,7 @@ def test_quantization_workloads_run_on_the_tiny_model(tiny_model: Path):
     results, and the byte and weight ratios come out of the formats' sizes (the tiny model's
     matrices that the 4-bit kernel cannot take are stored in int8, so nf4 is only checked to be
     no larger than int8)."""
-    from petals_like.cli import bench_quant
+    from petals_like.bench import quant as bench_quant
 
     hidden = ModelSpec.from_pretrained(tiny_model).hidden_size
     prefill = 64

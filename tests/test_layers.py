@@ -55,11 +55,60 @@ def test_the_import_reader_sees_function_level_imports(tmp_path):
 def test_the_library_does_not_import_the_harness():
     """scripts/ (the soak, chaos and fine-tuning harness) is not installed: nothing in the package may
     import it. petals_like.testing (local swarms, oracles, the network test bed) is for the demo and the
-    bench (cli/), the tests and scripts/: the library itself never imports it."""
+    bench (cli/, bench/), the tests and scripts/: the library itself never imports it."""
     files = list(PACKAGE.rglob("*.py"))
     assert len(files) > 50  # the walk found the package
     harness = {str(f.relative_to(PACKAGE)): sorted(imports(f, "scripts") | imports(f, "harness")) for f in files}
     assert {f: m for f, m in harness.items() if m} == {}
-    library = [f for f in files if f.relative_to(PACKAGE).parts[0] not in ("testing", "cli")]
+    library = [f for f in files if f.relative_to(PACKAGE).parts[0] not in ("testing", "cli", "bench")]
     testing = {str(f.relative_to(PACKAGE)): sorted(m for m in imports(f) if m.startswith("petals_like.testing")) for f in library}
     assert {f: m for f, m in testing.items() if m} == {}
+
+
+def _module_name(path: Path) -> str:
+    parts = ("petals_like",) + path.relative_to(PACKAGE).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Module -> the package's modules it imports (`from package import module` counts as the module)."""
+    files = {_module_name(f): f for f in PACKAGE.rglob("*.py")}
+    graph = {}
+    for name, path in files.items():
+        edges = set()
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0 and node.module.startswith("petals_like"):
+                for alias in node.names:
+                    target = f"{node.module}.{alias.name}"
+                    edges.add(target if target in files else node.module)
+            elif isinstance(node, ast.Import):
+                edges.update(alias.name for alias in node.names if alias.name in files)
+        graph[name] = {m for m in edges if m in files and m != name}
+    return graph
+
+
+def test_the_block_math_does_not_know_quantization():
+    """models/ multiplies by whatever weight linear() accepts; quant/ swaps its weights in from outside."""
+    graph = import_graph()
+    upward = {m: sorted(d for d in deps if d.startswith("petals_like.quant")) for m, deps in graph.items()}
+    assert {m: d for m, d in upward.items() if m.startswith("petals_like.models") and d} == {}
+
+
+def test_no_import_cycles():
+    """Not even through imports inside functions: each one is a hidden dependency both ways."""
+    graph = import_graph()
+    assert len(graph) > 50
+    cycles, done = [], set()
+
+    def visit(module: str, path: list[str]) -> None:
+        for dep in sorted(graph[module]):
+            if dep in path:
+                cycles.append(path[path.index(dep) :] + [dep])
+            elif dep not in done:
+                visit(dep, path + [dep])
+        done.add(module)
+
+    for module in sorted(graph):
+        if module not in done:
+            visit(module, [module])
+    assert cycles == []

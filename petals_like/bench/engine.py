@@ -14,87 +14,18 @@ from __future__ import annotations
 import statistics
 import threading
 import time
-from typing import Callable
 
-import torch
-
-from petals_like.cli.bench import TokenTimer, percentile, pick_median
-
-
-def _prompt(length: int, seed: int, vocab: int = 300) -> torch.Tensor:
-    return torch.randint(4, vocab, (1, length), generator=torch.Generator().manual_seed(seed))
-
-
-def _run_concurrently(count: int, fn: Callable[[int], None]) -> float:
-    """fn(0..count-1) on as many threads, started together; returns the wall time."""
-    barrier = threading.Barrier(count + 1)
-    errors: list[BaseException] = []
-
-    def run(i: int) -> None:
-        barrier.wait()
-        try:
-            fn(i)
-        except BaseException as e:  # reported after the join
-            errors.append(e)
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
-    for t in threads:
-        t.start()
-    barrier.wait()
-    started = time.perf_counter()
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
-    return time.perf_counter() - started
-
-
-def _server_counters(model) -> dict[str, tuple[int, int]]:
-    """(iterations, inference tokens) of every server the model can see."""
-    from petals_like.wire import call_info
-
-    async def read() -> dict:
-        await model.routes.refresh(force=True)
-        infos = {}
-        for peer in model.routes.spans:
-            info = await call_info(model.node.p2p, peer, timeout=10)
-            infos[peer] = (info.iterations, info.inference_tokens)
-        return infos
-
-    return model.node.run(read(), timeout=60)
+from petals_like.bench.harness import TokenTimer, percentile, pick_median, prompt, sessions_at_once
 
 
 def concurrent_sessions(model, counts=(1, 4, 16, 32), prompt_len: int = 16, new_tokens: int = 64, rounds: int = 1) -> dict:
     """(d). Each round runs every count once, in order; per count, the median round is reported, and
     vs_one_session is the median over rounds of its rate over the one-session rate of the same
     round (a noisy moment of the machine then weighs on both sides of a ratio alike)."""
-
-    def run(count: int) -> dict:
-        before = _server_counters(model)
-        timers = [TokenTimer() for _ in range(count)]
-
-        def one(i: int) -> None:
-            with model.inference_session(max_length=prompt_len + new_tokens, reuse_prefix=False) as session:
-                timers[i].started = time.perf_counter()
-                model.generate(
-                    _prompt(prompt_len, i), max_new_tokens=new_tokens, session=session, eos_token_id=[], streamer=timers[i]
-                )
-
-        wall = _run_concurrently(count, one)
-        latencies = [lat for timer in timers for lat in timer.latencies()[1:]]  # decode steps
-        after = _server_counters(model)
-        per_iteration = [(after[p][1] - before[p][1]) / max(1, after[p][0] - before[p][0]) for p in after if p in before]
-        return {
-            "tokens_per_server_iteration": round(statistics.mean(per_iteration), 2) if per_iteration else None,
-            "aggregate_tokens_per_s": round(count * new_tokens / wall, 2),
-            "p50_ms": round(1000 * statistics.median(latencies), 1),
-            "p90_ms": round(1000 * percentile(latencies, 0.9), 1),
-        }
-
     runs: dict[int, list[dict]] = {count: [] for count in counts}
     for _ in range(rounds):
         for count in counts:
-            runs[count].append(run(count))
+            runs[count].append(sessions_at_once(model, count, prompt_len, new_tokens))
     results = {}
     for count, measured in runs.items():
         ratios = [m["aggregate_tokens_per_s"] / one["aggregate_tokens_per_s"] for m, one in zip(measured, runs[counts[0]])]
@@ -116,7 +47,7 @@ def decode_during_prefill(model, decoders: int = 8, prefill_len: int = 2048, ste
 
         def decoder(i: int) -> None:
             with model.inference_session(max_length=16 + steps, reuse_prefix=False) as session:
-                model.generate(_prompt(16, 100 + i), max_new_tokens=2, session=session, eos_token_id=[])
+                model.generate(prompt(16, 100 + i), max_new_tokens=2, session=session, eos_token_id=[])
                 started.set()
                 timers[i].started = time.perf_counter()
                 model.generate(None, max_new_tokens=steps - 2, session=session, eos_token_id=[], streamer=timers[i])
@@ -124,7 +55,7 @@ def decode_during_prefill(model, decoders: int = 8, prefill_len: int = 2048, ste
         def prefiller() -> None:
             started.wait()
             with model.inference_session(max_length=prefill_len + 1, reuse_prefix=False) as session:
-                session.step(model.local.embed(_prompt(prefill_len, 7, model.spec.vocab_size)))
+                session.step(model.local.embed(prompt(prefill_len, 7, model.spec.vocab_size)))
 
         threads = [threading.Thread(target=decoder, args=(i,)) for i in range(decoders)]
         if with_prefill:
@@ -146,13 +77,13 @@ def decode_during_prefill(model, decoders: int = 8, prefill_len: int = 2048, ste
 
 def shared_prefix(model, prefix_len: int = 1024) -> dict:
     """(f)"""
-    prompt = _prompt(prefix_len, 11, model.spec.vocab_size)
+    input_ids = prompt(prefix_len, 11, model.spec.vocab_size)
     times, reused = [], []
     for _ in range(2):
         with model.inference_session(max_length=prefix_len + 1) as session:
-            hidden = model.local.embed(prompt)
+            hidden = model.local.embed(input_ids)
             started = time.perf_counter()
-            session.step(hidden, token_ids=prompt)
+            session.step(hidden, token_ids=input_ids)
             times.append(time.perf_counter() - started)
             reused.append(session.reused_tokens)
     return {
@@ -171,7 +102,7 @@ def sessions_in_pool(model, max_length: int = 2048, used: int = 200, limit: int 
             session = model.inference_session(max_length=max_length, reuse_prefix=False)
             model.config.max_retries, retries = 0, model.config.max_retries  # a refusal must not reroute
             try:
-                session.step(model.local.embed(_prompt(used, 200 + i, model.spec.vocab_size)))
+                session.step(model.local.embed(prompt(used, 200 + i, model.spec.vocab_size)))
             except Exception as e:
                 error = str(e)[:200]
                 session.close()

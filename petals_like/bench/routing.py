@@ -20,8 +20,7 @@ from pathlib import Path
 
 import torch
 
-from petals_like.cli.bench import BenchSwarm, TokenTimer, percentile
-from petals_like.cli.bench_engine import _prompt
+from petals_like.bench.harness import BenchSwarm, TokenTimer, percentile, prompt
 from petals_like.client.transport import InferenceStream
 from petals_like.models.spec import ModelSpec
 
@@ -29,7 +28,7 @@ from petals_like.models.spec import ModelSpec
 def _latencies(model, new_tokens: int, seed: int) -> list[float]:
     timer = TokenTimer()
     with model.inference_session(max_length=16 + new_tokens, reuse_prefix=False) as session:
-        model.generate(_prompt(16, seed), max_new_tokens=new_tokens, session=session, eos_token_id=[], streamer=timer)
+        model.generate(prompt(16, seed), max_new_tokens=new_tokens, session=session, eos_token_id=[], streamer=timer)
     return timer.latencies()[1:]
 
 
@@ -113,7 +112,7 @@ def failover_recovery(model_dir: Path, server_args: list[str], new_tokens: int =
 
         timer = KillingTimer()
         with model.inference_session(max_length=16 + new_tokens, reuse_prefix=False) as session:
-            model.generate(_prompt(16, 1), max_new_tokens=new_tokens, session=session, eos_token_id=[], streamer=timer)
+            model.generate(prompt(16, 1), max_new_tokens=new_tokens, session=session, eos_token_id=[], streamer=timer)
             failovers = session.num_failovers
         lat = timer.latencies()
         failed_step = lat[kill_after + 1]
@@ -149,7 +148,7 @@ def forward_spread(model_dir: Path, server_args: list[str], clients: int = 8, ca
                 ]
 
             before = counts()
-            input_ids = _prompt(16, 2)
+            input_ids = prompt(16, 2)
 
             def run(model) -> None:
                 with torch.no_grad():

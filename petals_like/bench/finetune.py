@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import torch
 
-from petals_like.cli.bench import BenchSwarm
+from petals_like.bench.harness import BenchSwarm
 
 BATCH, SEQ_LEN = 4, 128
 LR = 1e-4

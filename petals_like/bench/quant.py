@@ -20,8 +20,7 @@ from pathlib import Path
 
 import torch
 
-from petals_like.cli import bench_engine
-from petals_like.cli.bench import BenchSwarm, TokenTimer, summarize
+from petals_like.bench.harness import BenchSwarm, TokenTimer, prompt, sessions_at_once, summarize
 
 SETUPS = {
     "float32": [],
@@ -39,7 +38,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor, digits: int = 5) -> float:
 def _weight_bytes(model_dir: Path, setup: str) -> int:
     from petals_like.models.spec import ModelSpec
     from petals_like.quant.weights import linear_weight_bytes
-    from petals_like.server.server import load_span
+    from petals_like.server.loading import load_span
 
     spec = ModelSpec.from_pretrained(model_dir)
     dtype = torch.bfloat16 if setup == "bfloat16" else torch.float32
@@ -48,27 +47,27 @@ def _weight_bytes(model_dir: Path, setup: str) -> int:
     return linear_weight_bytes(span.blocks[0])
 
 
-def _prompt_outputs(model, prompt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    with model.inference_session(max_length=prompt.shape[1] + 1, reuse_prefix=False) as session:
-        hidden = session.step(model.local.embed(prompt))
+def _prompt_outputs(model, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    with model.inference_session(max_length=input_ids.shape[1] + 1, reuse_prefix=False) as session:
+        hidden = session.step(model.local.embed(input_ids))
     return hidden, model.local.logits(hidden)
 
 
 def quantized_servers(model_dir: Path, server_args: list[str], new_tokens: int = 64) -> dict:
     """(k)"""
-    prompt = bench_engine._prompt(16, 5)
+    input_ids = prompt(16, 5)
     results: dict = {}
     reference = None
     for setup, args in SETUPS.items():
         with BenchSwarm(model_dir, server_args + args) as swarm:
             model = swarm.model
-            hidden, logits = _prompt_outputs(model, prompt)
+            hidden, logits = _prompt_outputs(model, input_ids)
             if reference is None:
                 reference = (hidden, logits)
             timer = TokenTimer()
-            model.generate(prompt, max_new_tokens=new_tokens, eos_token_id=[], streamer=timer)
+            model.generate(input_ids, max_new_tokens=new_tokens, eos_token_id=[], streamer=timer)
             one = summarize(timer.latencies())
-            many = bench_engine.concurrent_sessions(model, counts=(16,), new_tokens=32)["16"]
+            many = sessions_at_once(model, 16, new_tokens=32)
             prefill_s = swarm.prefill(512)
             results[setup] = {
                 "weight_bytes_per_block": _weight_bytes(model_dir, setup),
@@ -101,7 +100,7 @@ def _round_trip(tensor: torch.Tensor, wire: str) -> torch.Tensor:
 
 def wire_formats(model_dir: Path, server_args: list[str], prefill_len: int = 512) -> dict:
     """(l)"""
-    prompt = bench_engine._prompt(prefill_len, 6)
+    input_ids = prompt(prefill_len, 6)
     results: dict = {}
     with BenchSwarm(model_dir, server_args) as swarm:
         model = swarm.model
@@ -109,7 +108,7 @@ def wire_formats(model_dir: Path, server_args: list[str], prefill_len: int = 512
         for wire in ("float32", "float16", "bfloat16", "int8"):
             model.config.wire = wire
             with model.inference_session(max_length=prefill_len + 2, reuse_prefix=False) as session:
-                embedded = model.local.embed(prompt)
+                embedded = model.local.embed(input_ids)
                 first = session.step(embedded)
                 prefill_bytes = session._chain[0].stream.bytes_sent
                 token = model.local.logits(first[:, -1:]).argmax(-1)
