@@ -259,4 +259,6 @@ def test_a_request_every_server_would_refuse_is_raised_at_once_and_blames_no_ser
         model.remote.forward(nan)
     assert model.routes.ban_reasons == bans and failovers == [0]
     with model.inference_session(max_length=8) as session:  # and the server serves this client on
+        assert session.step(torch.empty(1, 0, 64)).shape == (1, 0, 64)  # zero tokens: zero outputs, as in Petals
         assert session.step(torch.randn(1, 2, 64)).isfinite().all()
+        assert session.step(torch.empty(1, 0, 64)).shape == (1, 0, 64) and session.position == 2

@@ -120,6 +120,8 @@ class InferenceSession:
             raise ValueError("pad_lens apply to the first step of a session only")
         if self.position + hidden.shape[1] > self.max_length:
             raise ValueError(f"{self.position} + {hidden.shape[1]} tokens exceed the session's max_length={self.max_length}")
+        if hidden.shape[1] == 0:  # no tokens, no outputs: nothing to ask any server
+            return hidden.detach().cpu()
         self.prefix.track(token_ids, hidden, self.pad_lens)
         timeout = self.config.request_timeout * (1 + self.config.max_retries)
         try:
