@@ -31,6 +31,9 @@ def test_push_latency_and_failover_workloads_run_on_the_tiny_model(tiny_model: P
     failover = bench_routing.failover_recovery(tiny_model, [], new_tokens=24, kill_after=8)
     assert set(failover) == {"failovers", "failover_step_ms", "normal_step_ms", "recovery_s", "tokens_replayed"}
     assert failover["failovers"] == 1  # the middle server was killed mid-generation and replaced once
+    # the replacement rebuilt its cache from everything its span had seen: the 16-token prompt and at
+    # least the kill_after steps before the kill, at most every step but the last
+    assert 16 + 8 <= failover["tokens_replayed"] <= 16 + 24 - 1
 
 
 def test_quantization_workloads_run_on_the_tiny_model(tiny_model: Path):

@@ -278,7 +278,8 @@ STATE_SCHEMA = strict(
 
 
 def validate_state(state: dict[str, Any]) -> None:
-    jsonschema = pytest.importorskip("jsonschema")
+    import jsonschema  # a dev dependency: its absence is an error, not a skip
+
     jsonschema.validate(json.loads(json.dumps(state)), STATE_SCHEMA)
     for model in state["models"]:
         assert len(model["blocks"]) == model["num_blocks"]
@@ -299,7 +300,8 @@ def sample_state(now: float) -> dict[str, Any]:
 
 
 def test_state_json_schema():
-    jsonschema = pytest.importorskip("jsonschema")
+    import jsonschema  # a dev dependency: its absence is an error, not a skip
+
     reads = iter([sample_state(1.0), sample_state(2.0)])
     service = DashboardService(lambda: next(reads), refresh_period=5.0)
     validate_state(service.snapshot())  # before the first read
@@ -317,7 +319,8 @@ def test_state_json_schema():
 
 def parse_metrics(text: str) -> dict[str, Any]:
     """Prometheus text -> {family name: family}, strictly: every sample in a declared family, no duplicate series."""
-    parser = pytest.importorskip("prometheus_client.parser")
+    from prometheus_client import parser  # a dev dependency: its absence is an error, not a skip
+
     families = {f.name: f for f in parser.text_string_to_metric_families(text)}
     declared = [line.split()[2] for line in text.splitlines() if line.startswith("# TYPE ")]
     assert len(declared) == len(set(declared))  # a counter's family drops the _total its samples have
