@@ -17,34 +17,24 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import uuid
-from dataclasses import dataclass, field
 from typing import Awaitable, Callable, Optional
 
 import torch
 
+from petals_like.client.chain import ChainBuilder, Link, close_all
 from petals_like.client.prefix import PrefixTracker
 from petals_like.client.sequential import RequestTuning
 from petals_like.client.spot_check import SpotChecker, SpotCheckFailed
-from petals_like.client.transport import InferenceStream, RequestRefused, call_forward, callers_fault
+from petals_like.client.transport import RequestRefused, call_forward, callers_fault
 from petals_like.config import ClientConfig
 from petals_like.data_structures import RemoteSpanInfo
 from petals_like.dht.node import SwarmNode
 from petals_like.protocol import PREFIX_PAGE_TOKENS
 from petals_like.routing.manager import RouteManager
 from petals_like.routing.planner import NoRouteError
-from petals_like.wire import OpenReply, OpenSession, PushHop, Step
+from petals_like.wire import PushHop, Step
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class _SpanSession:
-    span: RemoteSpanInfo
-    stream: InferenceStream
-    session_id: str
-    push_token: str = field(default_factory=lambda: uuid.uuid4().hex)  # lets the previous server push to us
-    history: list[torch.Tensor] = field(default_factory=list)  # inputs sent so far, [batch, seq_i, hidden] each
 
 
 class InferenceSession:
@@ -79,10 +69,11 @@ class InferenceSession:
         self.pad_lens: Optional[list[int]] = None
         self.last_token_ids: Optional[torch.Tensor] = None  # sampled but not yet sent (used by generate)
         self.finished: Optional[torch.Tensor] = None  # [batch] bool: sequences that produced EOS (used by generate)
-        self._chain: list[_SpanSession] = []
+        self._chain: list[Link] = []
         self.closed = False
         self.num_failovers = 0
         self.prefix = PrefixTracker(prefix_salt)  # names of the full pages, for prefix reuse
+        self.builder = ChainBuilder(node, routes, config, self.tuning, max_length)  # opens links (client/chain.py)
         self.reused_tokens = 0  # prompt positions taken from servers' prefix caches instead of computed
         # every block-0 input while a reused prefix is in the chain (a failure then replays them all);
         # without reuse, each link's own history is enough and this stays empty
@@ -114,6 +105,7 @@ class InferenceSession:
             raise ValueError(f"hidden states must be [batch, seq, hidden], got {tuple(hidden.shape)}")
         if self.batch_size is None:
             self.batch_size, self.pad_lens = hidden.shape[0], pad_lens
+            self.builder.batch_size, self.builder.pad_lens = self.batch_size, pad_lens
         elif hidden.shape[0] != self.batch_size:
             raise ValueError(f"batch size {hidden.shape[0]} differs from the session's {self.batch_size}")
         elif pad_lens is not None and any(pad_lens):
@@ -136,9 +128,9 @@ class InferenceSession:
         if self.closed:
             return
         self.closed = True
-        try:
-            self.node.run(self._close_all(self._chain), timeout=10)
-        except Exception as e:
+        try:  # close_all swallows each stream's errors; what is left is the node (stopped, or too slow)
+            self.node.run(close_all(self._chain), timeout=10)
+        except (TimeoutError, RuntimeError) as e:
             logger.debug(f"Closing an inference session: {e!r}")
 
     def abort(self) -> None:
@@ -156,55 +148,9 @@ class InferenceSession:
 
     # ---- internals, on the node's loop ----
 
-    async def _open(self, span: RemoteSpanInfo, *, probe: bool = False) -> tuple[_SpanSession, int]:
-        """Open a stream; with probe, also ask how many tokens of our hashed prefix the server holds."""
-        stream = InferenceStream(self.node.p2p, span, wire=self.config.wire)
-        await stream.open(timeout=self.config.connect_timeout)
-        session = _SpanSession(span, stream, uuid.uuid4().hex)
-        extras = self.tuning.extras(span, with_weights=True)  # sent at every open: a replacement server needs them too
-        hashed = bool(self.prefix.hashes) and self.prefix.active
-        probe = probe and hashed
-        request = OpenSession(
-            session_id=session.session_id,
-            start=span.start,
-            end=span.end,
-            max_length=self.max_length,
-            batch_size=self.batch_size,
-            pad_lens=None if self.pad_lens is None else tuple(self.pad_lens),
-            tuning=extras.tuning,
-            push_token=session.push_token,
-            wire=self.config.wire,
-            # a server may refuse the wire format: wait for its answer, so the refusal is what the user sees
-            probe=probe or self.config.wire is not None,
-        )
-        hashes = Step(session.session_id, page_hashes=tuple(self.prefix.hashes)) if hashed else None
-        await stream.send(extras.tensors, request.to_meta(hashes), compress=False)
-        cached = 0
-        if request.probe:
-            answer = await stream.read(timeout=self.config.connect_timeout)
-            cached = OpenReply.from_meta(answer.metadata).cached_tokens if not answer.tensors else 0
-        return session, cached
-
-    async def _open_chain(self, start: int, end: int, *, probe: bool = False) -> tuple[list[_SpanSession], int]:
-        """A new chain over [start, end) and the prompt tokens every server of it holds cached."""
-        route = await self.routes.make_route(start, end, needed_tokens=self.max_length * (self.batch_size or 1))
-        opened: list[_SpanSession] = []
-        reusable = None
-        span = None
-        try:
-            for span in route:
-                session, cached = await self._open(span, probe=probe)
-                opened.append(session)
-                reusable = cached if reusable is None else min(reusable, cached)
-        except BaseException as e:
-            await self._close_all(opened)
-            if isinstance(e, Exception) and span is not None:
-                if refused := callers_fault(e, span):
-                    raise refused from e
-                self.routes.ban(span.peer_id, f"opening a session failed: {e!r}")  # the next route avoids it
-            raise
-        logger.info(f"Inference chain for blocks {start}:{end}: {route}")
-        return opened, reusable or 0
+    def _page_hashes(self) -> list[str]:
+        """What every new link gets at open: the page hashes so far, while they are tracked."""
+        return self.prefix.hashes if self.prefix.active else []
 
     async def _step(self, hidden: torch.Tensor) -> torch.Tensor:
         full_input = hidden
@@ -213,7 +159,7 @@ class InferenceSession:
             probe = self.position == 0 and bool(self.prefix.hashes)
             for attempt in range(self.config.max_retries + 1):
                 try:
-                    self._chain, cached = await self._open_chain(0, self.num_blocks, probe=probe)
+                    self._chain, cached = await self.builder.open(0, self.num_blocks, self._page_hashes(), probe=probe)
                     break
                 except (NoRouteError, RequestRefused):
                     raise
@@ -232,7 +178,7 @@ class InferenceSession:
             new_hashes, sent_hashes = self.prefix.unsent(self.prefix.sent)
         position = self.position
 
-        def step_for(link: _SpanSession, push_to: list[_SpanSession] = ()) -> Step:
+        def step_for(link: Link, push_to: list[Link] = ()) -> Step:
             chain = tuple(PushHop(nxt.span.peer_id, nxt.push_token, step_for(nxt)) for nxt in push_to)
             return Step(link.session_id, position, reuse, tuple(new_hashes), sent_hashes, push_chain=chain)
 
@@ -285,7 +231,7 @@ class InferenceSession:
             hidden = torch.cat([hidden.new_zeros(hidden.shape[0], skipped, hidden.shape[2]), hidden], dim=1)
         return hidden
 
-    async def _spot_check(self, link: _SpanSession, hidden: torch.Tensor, out: torch.Tensor) -> None:
+    async def _spot_check(self, link: Link, hidden: torch.Tensor, out: torch.Tensor) -> None:
         """Compare a step's output with another server's forward over the link's whole input history."""
         inputs = torch.cat(link.history + [hidden], dim=1)
         steps = hidden.shape[1]
@@ -301,22 +247,20 @@ class InferenceSession:
 
     async def _rebuild_all(self, current: torch.Tensor) -> torch.Tensor:
         """Replace the whole chain and replay every input so far plus this step, computing everything."""
-        await self._close_all(self._chain)
+        await close_all(self._chain)
         self._chain = []
         replay = torch.cat(self._inputs + [current], dim=1)
         for _ in range(self.config.max_retries):
-            chain: list[_SpanSession] = []
+            chain: list[Link] = []
             try:
                 await self.routes.refresh(force=True)
-                chain, _ = await self._open_chain(0, self.num_blocks)
+                chain, _ = await self.builder.open(0, self.num_blocks, self._page_hashes())
                 out = replay
                 for link in chain:
-                    result = await link.stream.step(out, Step(link.session_id).to_meta(), timeout=self.config.request_timeout)
-                    link.history.append(out)
-                    out = result
+                    out = await link.replay(out, timeout=self.config.request_timeout)
             except Exception as e:
                 logger.warning(f"Rebuilding the chain failed: {e!r}")
-                await self._close_all(chain)
+                await close_all(chain)
                 continue
             self._chain = chain
             self.reused_tokens = 0  # every link now holds the whole history: per-link replay suffices
@@ -328,33 +272,27 @@ class InferenceSession:
     async def _replace(self, index: int) -> None:
         """Swap the span at `index` for a new chain over the same blocks, rebuilding its KV cache."""
         failed = self._chain[index]
-        await self._close_all([failed])
+        await close_all([failed])
         last_error: Optional[BaseException] = None
         for _ in range(self.config.max_retries):
-            replacement: list[_SpanSession] = []
-            link: Optional[_SpanSession] = None
+            replacement: list[Link] = []
+            link: Optional[Link] = None
             try:
                 await self.routes.refresh(force=True)
-                replacement, _ = await self._open_chain(failed.span.start, failed.span.end)
+                replacement, _ = await self.builder.open(failed.span.start, failed.span.end, self._page_hashes())
                 replayed = torch.cat(failed.history, dim=1) if failed.history else None
                 for link in replacement:
                     if replayed is None:
                         break
-                    out = await link.stream.step(replayed, Step(link.session_id).to_meta(), timeout=self.config.request_timeout)
-                    link.history.append(replayed)
-                    replayed = out
+                    replayed = await link.replay(replayed, timeout=self.config.request_timeout)
             except Exception as e:
                 last_error = e
                 logger.warning(f"Replacing span {failed.span.start}:{failed.span.end} failed: {e!r}")
                 if link is not None:
                     self.routes.ban(link.span.peer_id, repr(e))
-                await self._close_all(replacement)
+                await close_all(replacement)
                 continue
             self.num_failovers += 1
             self._chain[index : index + 1] = replacement
             return
         raise RuntimeError(f"could not replace span {failed.span.start}:{failed.span.end}: {last_error!r}")
-
-    async def _close_all(self, chain: list[_SpanSession]) -> None:
-        closes = (link.stream.close(Step(link.session_id).to_meta()) for link in chain)
-        await asyncio.gather(*closes, return_exceptions=True)
