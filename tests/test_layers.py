@@ -26,12 +26,13 @@ BELOW_CLIENT = (
 )
 
 
-def imports(path: Path, package: str = "petals_like") -> set[str]:
-    """Every module of `package` a file imports, at the top or inside functions."""
+def imports(path: Path, package: str = "petals_like", modules: frozenset[str] = frozenset()) -> set[str]:
+    """Every module of `package` a file imports, at the top or inside functions; `from p import m` counts as
+    p.m where p.m is one of `modules` (the package's module names), else as p."""
     found = set()
     for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
         if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            found.add(node.module)
+            found.update(f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in modules else node.module for a in node.names)
         elif isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
     return {name for name in found if name == package or name.startswith(f"{package}.")}
@@ -71,20 +72,10 @@ def _module_name(path: Path) -> str:
 
 
 def import_graph() -> dict[str, set[str]]:
-    """Module -> the package's modules it imports (`from package import module` counts as the module)."""
+    """Module -> the package's modules it imports."""
     files = {_module_name(f): f for f in PACKAGE.rglob("*.py")}
-    graph = {}
-    for name, path in files.items():
-        edges = set()
-        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
-            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0 and node.module.startswith("petals_like"):
-                for alias in node.names:
-                    target = f"{node.module}.{alias.name}"
-                    edges.add(target if target in files else node.module)
-            elif isinstance(node, ast.Import):
-                edges.update(alias.name for alias in node.names if alias.name in files)
-        graph[name] = {m for m in edges if m in files and m != name}
-    return graph
+    modules = frozenset(files)
+    return {name: {m for m in imports(path, modules=modules) if m in files and m != name} for name, path in files.items()}
 
 
 def test_the_block_math_does_not_know_quantization():

@@ -65,8 +65,6 @@ class InferenceSession:
         self.max_length = max_length
         self.num_blocks = num_blocks
         self.position = 0  # tokens processed by every span so far
-        self.batch_size: Optional[int] = None
-        self.pad_lens: Optional[list[int]] = None
         self.last_token_ids: Optional[torch.Tensor] = None  # sampled but not yet sent (used by generate)
         self.finished: Optional[torch.Tensor] = None  # [batch] bool: sequences that produced EOS (used by generate)
         self._chain: list[Link] = []
@@ -81,6 +79,16 @@ class InferenceSession:
         # awaited once the first chain is open, before the first step leaves: lets sessions that
         # start together send their prompts together (generate() sets it; see client/head_batcher.py)
         self.before_first_step: Optional[Callable[[], Awaitable[None]]] = None
+
+    @property
+    def batch_size(self) -> Optional[int]:
+        """Rows of every step, fixed by the first one (None before it); the builder opens links with it."""
+        return self.builder.batch_size
+
+    @property
+    def pad_lens(self) -> Optional[list[int]]:
+        """Left padding of each row, given with the first step."""
+        return self.builder.pad_lens
 
     # ---- public, synchronous ----
 
@@ -104,8 +112,7 @@ class InferenceSession:
         if hidden.ndim != 3:
             raise ValueError(f"hidden states must be [batch, seq, hidden], got {tuple(hidden.shape)}")
         if self.batch_size is None:
-            self.batch_size, self.pad_lens = hidden.shape[0], pad_lens
-            self.builder.batch_size, self.builder.pad_lens = self.batch_size, pad_lens
+            self.builder.batch_size, self.builder.pad_lens = hidden.shape[0], pad_lens
         elif hidden.shape[0] != self.batch_size:
             raise ValueError(f"batch size {hidden.shape[0]} differs from the session's {self.batch_size}")
         elif pad_lens is not None and any(pad_lens):
