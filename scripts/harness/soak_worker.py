@@ -126,8 +126,8 @@ def drop_mid_step(model: Any, session: Any, hidden: torch.Tensor, delay: float) 
     """Start a step, cancel it `delay` s later if it is still running, and close the session's
     connections with no close message and no end of stream: the servers see the client vanish,
     with the step queued, computing or answered, depending on the delay."""
-    if session.batch_size is None:  # what step() records before a session's first step
-        session.batch_size = hidden.shape[0]
+    if session.batch_size is None:  # what step() records before a session's first step (it opens links with it)
+        session.builder.batch_size = hidden.shape[0]
 
     async def drop() -> None:
         step = asyncio.ensure_future(session._step(hidden))
