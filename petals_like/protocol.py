@@ -29,9 +29,14 @@ RPC_BACKWARD = "petals_like.rpc_backward"
 RPC_INFERENCE = "petals_like.rpc_inference"
 RPC_PUSH = "petals_like.rpc_push"  # server -> next server: steps' outputs as the next span's inputs
 
-PROTOCOL_VERSION = 3  # 2: rpc_push carries a list of steps (server/push.py); 3: refusals carry an ErrorCode
+PROTOCOL_VERSION = 4  # 2: rpc_push carries a list of steps (server/push.py); 3: refusals carry an ErrorCode;
+# 4: the 8-bit wire format has its own compression tag (WIRE_INT8_TAG)
 WIRE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 WIRE_BLOCK = 64  # values per float16 scale in the "int8" wire format (config.WIRE_FORMATS)
+# the Tensor.compression value of that format: none of hivemind's CompressionType values (0-5), since
+# hivemind's BLOCKWISE_8BIT is another byte layout (a bitsandbytes codebook over blocks of 4096); a
+# hivemind peer refuses this tag instead of decoding garbage
+WIRE_INT8_TAG = 64
 _TENSOR_DTYPES = {**WIRE_DTYPES, "int64": torch.int64, "int32": torch.int32}
 # numpy dtype with the same bytes (bfloat16 has none: it travels as int16 bits); numpy does the
 # byte work because each torch op costs ~10-20 us of dispatch on a small CPU, numpy ~1 us
@@ -283,7 +288,7 @@ def _deserialize(head: runtime_pb2.Tensor, buffer: bytes) -> torch.Tensor:
     # numpy cannot describe a shape whose nonzero dims multiply past 2**63 bytes, even with no values
     if math.prod(dim for dim in head.size if dim) * 8 >= 1 << 63:
         raise ProtocolError(f"tensor shape {list(head.size)} is too large")
-    if head.compression == runtime_pb2.CompressionType.BLOCKWISE_8BIT and head.dtype in WIRE_DTYPES:
+    if head.compression == WIRE_INT8_TAG and head.dtype in WIRE_DTYPES:
         return _from_blockwise_8bit(head, buffer, numel)
     if head.compression == runtime_pb2.CompressionType.NONE:
         if numel * _ITEMSIZE[head.dtype] != len(buffer):
@@ -322,7 +327,7 @@ def _blockwise_8bit(tensor: torch.Tensor) -> runtime_pb2.Tensor:
     values = np.clip(np.rint(padded / safe[:, None]), -127, 127).astype(np.int8)
     dtype = str(tensor.dtype)[6:]
     return runtime_pb2.Tensor(
-        compression=runtime_pb2.CompressionType.BLOCKWISE_8BIT,
+        compression=WIRE_INT8_TAG,
         buffer=scales.tobytes() + values.tobytes(),
         size=tensor.shape,
         dtype=dtype if dtype in WIRE_DTYPES else "float32",

@@ -3,6 +3,7 @@ what local transformers generates, and leaves no process behind, also when inter
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -14,6 +15,8 @@ from typing import Callable, Iterator, Optional
 
 import psutil
 import pytest
+import torch
+from transformers import AutoModelForCausalLM
 
 from petals_like.testing.processes import live_in_groups, reap
 
@@ -25,7 +28,9 @@ class Demo:
     while it ran (with their process groups: each server and the DHT lead their own)."""
 
     def __init__(self, model_dir: Path, interrupt_after: Optional[str] = None):
+        self.model_dir, self.result_file = model_dir, model_dir.parent / "result.json"
         cmd = [sys.executable, "-m", "petals_like.cli.demo", "--model_dir", str(model_dir), "--max_new_tokens", "8"]
+        cmd += ["--json", str(self.result_file)]
         self.process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
         self.seen: dict[int, psutil.Process] = {}
         self.groups: set[int] = {self.process.pid}
@@ -111,8 +116,14 @@ def run_demo(tmp_path: Path) -> Iterator[Callable[..., Demo]]:
 def test_demo_generates_what_transformers_generates_and_stops_its_swarm(run_demo):
     demo = run_demo()
     assert demo.process.returncode == 0, demo.output
-    assert "equal to local transformers generate(): yes" in demo.output, demo.output
-    assert "tokens/s" in demo.output and "[4/4] Stopping the swarm" in demo.output
+    result = json.loads(demo.result_file.read_text())
+    # the oracle, run here: transformers on the checkpoint the demo wrote and served
+    local = AutoModelForCausalLM.from_pretrained(demo.model_dir, dtype=torch.float32)
+    prompt = torch.tensor([result["prompt_ids"]])
+    expected = local.generate(prompt, max_new_tokens=8, do_sample=False)
+    assert result["output_ids"] == expected[0].tolist()[: len(result["output_ids"])], result
+    assert len(result["output_ids"]) > prompt.shape[1] and result["tokens_per_s"] > 0
+    assert "[4/4] Stopping the swarm" in demo.output
     assert len(demo.seen) >= 6, demo.seen  # a DHT, two servers and their p2p daemons, at least
     assert demo.leftovers() == []
 
@@ -124,6 +135,6 @@ def test_interrupted_demo_stops_every_process_it_started(run_demo, moment: str):
     demo = run_demo(interrupt_after=moment)
     assert demo.process.returncode == 0, demo.output
     assert "Interrupted" in demo.output and "[4/4] Stopping the swarm" in demo.output, demo.output
-    assert "tokens/s" not in demo.output
+    assert "tokens/s" not in demo.output and not demo.result_file.exists()
     assert len(demo.seen) >= 4, demo.seen  # the DHT and a server, each with its daemon
     assert demo.leftovers() == []

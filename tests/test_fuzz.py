@@ -41,6 +41,7 @@ from petals_like.protocol import (
     RPC_INFERENCE,
     RPC_INFO,
     RPC_PUSH,
+    WIRE_INT8_TAG,
     Message,
     ProtocolError,
     decode_metadata,
@@ -828,7 +829,7 @@ def test_push_fuzz(healthy: Harness):
 
 def test_empty_tensor_with_huge_dims_is_refused():
     """No values, but numpy cannot even describe the shape: a ProtocolError, not numpy's ValueError."""
-    for compression in (runtime_pb2.CompressionType.NONE, runtime_pb2.CompressionType.BLOCKWISE_8BIT):
+    for compression in (runtime_pb2.CompressionType.NONE, WIRE_INT8_TAG, runtime_pb2.CompressionType.BLOCKWISE_8BIT):
         chunk = runtime_pb2.Tensor(size=[0, 2**32 - 1, 2**32 - 1], dtype="float32", compression=compression)
         with pytest.raises(ProtocolError):
             decode_tensors([chunk])

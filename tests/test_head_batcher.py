@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import math
 import selectors
 from typing import Any, Awaitable, Callable
 
 import pytest
 import torch
 
-from petals_like.client.head_batcher import HeadBatcher
+from petals_like.client.head_batcher import HeadBatcher, Pace, cohort_deadline
 
 
 class VirtualClock:
@@ -72,6 +73,10 @@ def virtual(logits_fn: Callable[[torch.Tensor], torch.Tensor], **kwargs) -> tupl
 def run(clock: VirtualClock, main: Callable[[], Awaitable[Any]]) -> Any:
     with asyncio.Runner(loop_factory=lambda: _VirtualLoop(clock)) as runner:
         return runner.run(main())
+
+
+async def until(clock: VirtualClock, t: float) -> None:
+    await asyncio.sleep(max(0.0, t - clock()))
 
 
 def test_concurrent_callers_share_a_round_and_get_their_rows():
@@ -148,49 +153,59 @@ def test_a_departing_session_ends_the_wait():
     batcher.close()
 
 
-def _pace(last: float, period: float):
-    from petals_like.client.head_batcher import _Pace
-
-    pace = _Pace()
-    pace.last, pace.period = last, period
-    return pace
-
-
 def test_leader_waits_for_out_of_phase_sessions_only():
-    from petals_like.client.head_batcher import _Request
-
     now = 100.0
-    batcher = HeadBatcher(lambda h: h, window=0.005, max_wait=0.5, clock=lambda: now)
-    batcher._pending = [_Request(torch.ones(1, 2), "leader", None)]  # the leader's own request is in the round
-    leader = _pace(now, 0.2)
-    batcher._paces = {
+    leader = Pace(now, 0.2)
+    paces = {
         "leader": leader,
-        "half_a_period_behind": _pace(now - 0.1, 0.2),  # expected at now + 0.15: wait for it
-        "slower": _pace(now - 0.1, 0.6),  # a longer period: never sets the pace
-        "overdue": _pace(now - 0.5, 0.2),  # expected 0.25 s ago: a straggler
+        "half_a_period_behind": Pace(now - 0.1, 0.2),  # expected at now + 0.15: wait for it
+        "slower": Pace(now - 0.1, 0.6),  # a longer period: never sets the pace
+        "overdue": Pace(now - 0.5, 0.2),  # expected 0.25 s ago: a straggler
+        "far_ahead": Pace(now - 0.01, 0.4),  # at the same pace, but expected after max_wait
     }
-    deadline = batcher._deadline(now, leader)
-    assert deadline == pytest.approx(now - 0.1 + 1.25 * 0.2)
-    del batcher._paces["half_a_period_behind"]
-    assert batcher._deadline(now, leader) == now + 0.005  # nobody worth waiting for: the short window
-    assert batcher._deadline(now, _pace(now, None)) == now + 0.005  # the leader's pace is unknown yet
-    batcher.close()
+    present = {"leader"}  # the leader's own request is in the round
+    assert cohort_deadline(leader, paces, present, now, now, max_wait=0.5) == pytest.approx(now - 0.1 + 1.25 * 0.2)
+    assert cohort_deadline(leader, paces, present | {"half_a_period_behind"}, now, now, 0.5) == -math.inf
+    del paces["half_a_period_behind"]
+    assert cohort_deadline(leader, paces, present, now, now, 0.5) == -math.inf  # nobody worth waiting for
+    assert cohort_deadline(Pace(now), paces, present, now, now, 0.5) == -math.inf  # the leader's pace is unknown yet
 
 
 def test_a_slow_round_delays_the_expected_arrival_of_the_leaders_cohort():
     """The machine was busy: the leader's last round took 0.3 s against its usual 0.2 s. A session
     that arrived together with the leader last time is expected as much later, not dropped as overdue."""
-    from petals_like.client.head_batcher import _Request
-
     now = 100.0
-    batcher = HeadBatcher(lambda h: h, window=0.005, max_wait=0.5, clock=lambda: now)
-    batcher._pending = [_Request(torch.ones(1, 2), "leader", None)]
-    leader = _pace(now, 0.2)
-    leader.interval = 0.3
-    batcher._paces = {"leader": leader, "cohort": _pace(now - 0.3, 0.2)}
-    assert batcher._deadline(now, leader) == pytest.approx(now - 0.3 + 1.25 * 0.3)
+    leader = Pace(now, 0.2, interval=0.3)
+    paces = {"leader": leader, "cohort": Pace(now - 0.3, 0.2)}
+    assert cohort_deadline(leader, paces, {"leader"}, now, now, 0.5) == pytest.approx(now - 0.3 + 1.25 * 0.3)
     leader.interval = 0.2  # an ordinary round: the same session is overdue (expected at now - 0.05)
-    assert batcher._deadline(now, leader) == now + 0.005
+    assert cohort_deadline(leader, paces, {"leader"}, now, now, 0.5) == -math.inf
+
+
+def test_the_leader_waits_the_short_window_or_its_cohort_whichever_is_later():
+    """Through the batcher: a session that runs at the leader's pace half a period behind holds the
+    leader's head pass until it is expected; without it the leader waits only `window`."""
+    rows: list[int] = []
+    batcher, clock = virtual(lambda h: rows.append(h.shape[0]) or h, window=0.005, max_wait=0.5)
+
+    async def main():
+        for key in ("a", "b"):
+            batcher.session_started(key)
+        # a and b each arrive every 0.2 s, b 0.1 s after a (two rounds to learn their periods)
+        for start in (0.0, 0.2):
+            await until(clock, start)
+            await batcher(torch.ones(1, 2), "a")
+            await until(clock, start + 0.1)
+            await batcher(torch.ones(1, 2), "b")
+        await until(clock, 0.4)
+        a = asyncio.ensure_future(batcher(torch.ones(1, 2), "a"))
+        await until(clock, 0.45)
+        b = asyncio.ensure_future(batcher(torch.ones(1, 2), "b"))
+        await asyncio.gather(a, b)
+        return clock()
+
+    assert run(clock, main) <= 0.5
+    assert rows[-1] == 2  # the third round of a waited for b and they shared a head pass
     batcher.close()
 
 

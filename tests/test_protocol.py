@@ -79,3 +79,25 @@ def test_prefix_page_hashes_are_chained_and_salted():
     # continuing from a parent gives the same chain as hashing everything at once
     assert prefix_page_hashes(tokens, "model", start_page=1, parent=hashes[0]) == hashes[1:]
     assert prefix_page_hashes(tokens, "model", page_tokens=4)[:1] != hashes[:1]
+
+
+def test_int8_wire_round_trip_and_a_tag_of_its_own():
+    """The "int8" wire format: blocks of 64 values with one float16 scale each, so every value is within
+    half a step (absmax / 127 / 2) of its original, plus the float16 rounding of the scale (<= 127 x
+    2**-11 steps). Its compression tag is none of hivemind's: a
+    hivemind peer refuses the tensor instead of reading it as its own BLOCKWISE_8BIT layout."""
+    from hivemind.compression import deserialize_torch_tensor
+
+    from petals_like.protocol import WIRE_BLOCK, WIRE_INT8_TAG
+
+    x = torch.randn(3, 50, 16, generator=torch.Generator().manual_seed(0)) * torch.logspace(-3, 2, 16)
+    (part,) = pack_message([x], {}, wire="int8")
+    (chunk,) = part.tensors
+    assert chunk.compression == WIRE_INT8_TAG and WIRE_INT8_TAG not in runtime_pb2.CompressionType.values()
+    (y,) = unpack_message(part, max_bytes=1 << 20).tensors
+    assert y.shape == x.shape and y.dtype == x.dtype
+    blocks = torch.nn.functional.pad(x.reshape(-1), (0, -x.numel() % WIRE_BLOCK)).reshape(-1, WIRE_BLOCK)
+    half_step = (blocks.abs().amax(dim=1, keepdim=True) / 127 / 2).expand_as(blocks).reshape(-1)[: x.numel()]
+    assert torch.all((y - x).abs().reshape(-1) <= half_step * (1 + 2 * 127 * 2**-11) + 1e-6)
+    with pytest.raises(Exception):
+        deserialize_torch_tensor(chunk)

@@ -90,9 +90,13 @@ def test_pushes_of_one_iteration_travel_together(chain_swarm, tiny_model: Path, 
     for i, (out, exp) in enumerate(zip(outputs, expected)):
         assert out is not None and torch.equal(out, exp), f"session {i} differs"
     pushes = sum(after[p].pushes_sent - before[p].pushes_sent for p in peers)
-    messages = sum(after[p].push_messages_sent - before[p].push_messages_sent for p in peers)
-    # 6 sessions x 12 steps x 2 hops; batched, the messages are a small fraction of the pushes
-    assert pushes >= 6 * 12 * 2 - 12 and messages <= pushes / 2, (pushes, messages)
+    assert pushes >= 6 * 12 * 2 - 12, pushes  # 6 sessions x 12 steps x 2 hops, all but the prompt's maybe
+    for p in peers[:2]:
+        # the pushes an iteration makes to the next server leave in one message (how many iterations the
+        # sessions' steps took depends on when they arrived; tests/test_push.py checks the batcher alone)
+        messages = after[p].push_messages_sent - before[p].push_messages_sent
+        iterations = after[p].iterations - before[p].iterations
+        assert 0 < messages <= iterations, (messages, iterations)
 
 
 def test_failed_push_falls_back_to_the_client(chain_swarm, tiny_model: Path, reference, monkeypatch):

@@ -53,22 +53,74 @@ async def run_session(scheduler: Scheduler, inputs: list[torch.Tensor]) -> list[
     return outputs
 
 
+async def lined_up(scheduler: Scheduler, steps: list) -> list:
+    """Run the coroutines `steps` (one step each) with every one of them queued before an iteration starts."""
+    with scheduler.hold():
+        tasks = [asyncio.create_task(step) for step in steps]
+        while scheduler.num_pending < len(tasks) and not any(t.done() for t in tasks):
+            await asyncio.sleep(0)
+    return await asyncio.gather(*tasks)
+
+
 def test_concurrent_sessions_equal_alone_and_share_iterations(span):
+    """Steps queued together run in one iteration: 8 sessions of 33 steps, in lockstep, take 33."""
     scheduler = make_scheduler(span)
+    sizes: list[int] = []
+    scheduler.on_iteration = lambda chosen: sizes.append(len(chosen))
     try:
         torch.manual_seed(0)
         sessions = [[torch.randn(1, n, 64)] + [torch.randn(1, 1, 64) for _ in range(32)] for n in range(3, 19, 2)]
+        pages = [SequencePages() for _ in sessions]
+
+        async def step(i: int, x: torch.Tensor) -> torch.Tensor:
+            pages[i].reserve(scheduler.pool, x.shape[1])
+            return await scheduler.run_inference(InferenceWork(x, [pages[i]], [0], 0, len(span.blocks)))
 
         async def main():
-            return await asyncio.gather(*[run_session(scheduler, s) for s in sessions])
+            rounds = []
+            for r in range(33):
+                rounds.append(await lined_up(scheduler, [step(i, s[r]) for i, s in enumerate(sessions)]))
+            return [list(outputs) for outputs in zip(*rounds)]
 
         results = asyncio.run(main())
         for inputs, outputs in zip(sessions, results):
             for got, want in zip(outputs, alone(span, inputs)):
                 assert torch.allclose(got, want, rtol=1e-4, atol=1e-3), (got - want).abs().max()
-        # 8 sessions x 33 steps: batched, far fewer iterations than 264
-        assert scheduler.stats.iterations <= 40, scheduler.stats.iterations
+        # the prompts (80 tokens) fit the budget of 256, so every round is one iteration of all 8
+        assert sizes == [8] * 33, sizes
+        for p in pages:
+            p.free(scheduler.pool)
         assert scheduler.pool.num_free == scheduler.pool.num_pages
+    finally:
+        scheduler.shutdown()
+
+
+def test_hold_lines_up_a_long_prompt_with_decodes_and_chunks_it(span):
+    """A 200-token prompt queued with 4 decode steps under a 64-token budget: the first iteration takes
+    the 4 decodes and one prefill_chunk of the prompt; the prompt's rest runs in later iterations."""
+    scheduler = make_scheduler(span, token_budget=64)
+    plans: list[list[tuple[int, int]]] = []  # (rows, remaining) of each chosen work, per iteration
+    scheduler.on_iteration = lambda chosen: plans.append([(w.hidden.shape[0], w.remaining) for w in chosen])
+    try:
+        torch.manual_seed(2)
+        pages = [SequencePages() for _ in range(5)]
+        for p in pages[:4]:
+            p.reserve(scheduler.pool, 1)
+        pages[4].reserve(scheduler.pool, 200)
+        inputs = [torch.randn(1, 1, 64) for _ in range(4)] + [torch.randn(1, 200, 64)]
+
+        async def main():
+            works = [scheduler.run_inference(InferenceWork(x, [p], [0], 0, len(span.blocks))) for x, p in zip(inputs, pages)]
+            return await lined_up(scheduler, works)
+
+        outputs = asyncio.run(main())
+        assert plans[0] == [(1, 1)] * 4 + [(1, 200)], plans[0]
+        assert scheduler.stats.chunked_steps == 1 and outputs[4].shape == (1, 200, 64)
+        # 4 decodes + one 16-token chunk, then the prompt alone in chunks of at most the budget
+        assert [sum(1 for _, rem in plan if rem == 1) for plan in plans] == [4] + [0] * (len(plans) - 1)
+        assert len(plans) == 1 + -(-(200 - scheduler.prefill_chunk) // 64), plans
+        for p in pages:
+            p.free(scheduler.pool)
     finally:
         scheduler.shutdown()
 

@@ -8,6 +8,7 @@ tokens/s, and stops every process it started (also on Ctrl-C).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import sys
@@ -25,6 +26,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--model_dir", default=None, help="where to write the tiny checkpoint (default: a temp dir)")
     parser.add_argument("--prompt", default="A swarm of small servers")
     parser.add_argument("--max_new_tokens", type=int, default=32)
+    parser.add_argument("--json", type=Path, default=None, help="also write the prompt's and the output's token ids here")
     args = parser.parse_args(argv)
     if threading.current_thread() is threading.main_thread():
         # Ctrl-C stops the swarm, also where the demo was started as a background job of a script
@@ -42,6 +44,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     from petals_like.utils.cli import setup_logging
 
     setup_logging("WARNING")
+    result = None
     with tempfile.TemporaryDirectory(prefix="petals_like_demo_") as tmp:
         model_dir = Path(args.model_dir or Path(tmp) / "tiny-llama")
         swarm = LocalSwarm(model_dir, SPANS, start_timeout=120, on_ready=lambda line: print("      " + line, flush=True))
@@ -53,13 +56,17 @@ def main(argv: Optional[list[str]] = None) -> None:
             swarm.start()
 
             print("[3/4] Generating through the swarm", flush=True)
-            run_client(model_dir, swarm.peers, args.prompt, args.max_new_tokens)
+            result = run_client(model_dir, swarm.peers, args.prompt, args.max_new_tokens)
+            if args.json is not None:
+                args.json.write_text(json.dumps(result))
         except KeyboardInterrupt:
             print("\nInterrupted", flush=True)
             _forget_interrupt()
         finally:
             print("[4/4] Stopping the swarm", flush=True)
             swarm.stop()
+    if result is not None and not result["equal_to_transformers"]:
+        sys.exit("The swarm's output differs from local transformers generate(): please report this as a bug")
 
 
 def _forget_interrupt() -> None:
@@ -73,7 +80,8 @@ def _forget_interrupt() -> None:
     exec("None")
 
 
-def run_client(model_dir: Path, peers: list[str], prompt: str, max_new_tokens: int) -> None:
+def run_client(model_dir: Path, peers: list[str], prompt: str, max_new_tokens: int) -> dict:
+    """Generate greedily through the swarm, print it, and compare it with local transformers."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -96,6 +104,12 @@ def run_client(model_dir: Path, peers: list[str], prompt: str, max_new_tokens: i
         reference = local.generate(input_ids, max_new_tokens=max_new_tokens, do_sample=False)
         same = torch.equal(reference[0, : output.shape[1]], output[0])
         print(f"      equal to local transformers generate(): {'yes' if same else 'NO'}")
+        return {
+            "prompt_ids": input_ids[0].tolist(),
+            "output_ids": output[0].tolist(),
+            "tokens_per_s": new_tokens / elapsed,
+            "equal_to_transformers": same,
+        }
     finally:
         if model is not None:
             model.shutdown()

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import math
 import time
-from typing import Callable, Hashable, Optional
+from typing import Callable, Collection, Hashable, Mapping, Optional
 
 import torch
 
@@ -31,13 +32,15 @@ class _Request:
         self.future = future
 
 
-class _Pace:
+class Pace:
+    """When one session's steps reach the head."""
+
     __slots__ = ("last", "period", "interval")
 
-    def __init__(self) -> None:
-        self.last: Optional[float] = None  # time of the latest arrival
-        self.period: Optional[float] = None  # smoothed time between arrivals
-        self.interval: Optional[float] = None  # the latest time between arrivals, unsmoothed
+    def __init__(self, last: Optional[float] = None, period: Optional[float] = None, interval: Optional[float] = None):
+        self.last = last  # time of the latest arrival
+        self.period = period  # smoothed time between arrivals
+        self.interval = interval  # the latest time between arrivals, unsmoothed
 
     def arrive(self, now: float) -> None:
         if self.last is not None:
@@ -69,7 +72,7 @@ class HeadBatcher:
         self._pending: list[_Request] = []
         self._leader: Optional[asyncio.Task] = None  # gathering the current round
         self._changed: Optional[asyncio.Event] = None  # an arrival or a departure: the leader recounts
-        self._paces: dict[Hashable, _Pace] = {}  # sessions in progress that identified themselves
+        self._paces: dict[Hashable, Pace] = {}  # sessions in progress that identified themselves
         if executor is None:
             executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="lm-head", initializer=use_threads)
         self._executor = executor
@@ -87,7 +90,7 @@ class HeadBatcher:
         opening: its session has no chain yet and will call first_step() once it has one."""
         self.active += 1
         if key is not None:
-            self._paces[key] = _Pace()
+            self._paces[key] = Pace()
             if opening:
                 self._starting.add(key)
                 self._all_open.clear()
@@ -140,7 +143,7 @@ class HeadBatcher:
             self._changed.set()
         return await request.future
 
-    async def _lead(self, arrived: float, pace: Optional[_Pace]) -> None:
+    async def _lead(self, arrived: float, pace: Optional[Pace]) -> None:
         """Gather one round, then compute it off the loop; the next arrival starts the next round."""
         batch: list[_Request] = []
         try:
@@ -178,7 +181,7 @@ class HeadBatcher:
     def close(self) -> None:
         self._executor.shutdown(wait=False)
 
-    def _deadline(self, arrived: float, leader: Optional[_Pace]) -> float:
+    def _deadline(self, arrived: float, leader: Optional[Pace]) -> float:
         """Until when the leader waits: `window`, or the predicted arrival of out-of-phase sessions."""
         deadline = arrived + self.window
         here = {r.key for r in self._pending}
@@ -190,14 +193,25 @@ class HeadBatcher:
             return deadline
         if leader is None:
             return deadline
-        now = self.clock()
-        # a round that took the leader longer than usual (a busy moment of the machine) delays the
-        # sessions that travelled with it alike: expect them after as long, not after their usual period
-        this_round = leader.interval or 0.0
-        for key, pace in self._paces.items():
-            if key in here or pace.period is None or pace.period > _SAME_PACE * leader.period:
-                continue
-            expected = pace.last + _SLACK * max(pace.period, this_round)
-            if now <= expected <= arrived + self.max_wait:
-                deadline = max(deadline, expected)
-        return deadline
+        return max(deadline, cohort_deadline(leader, self._paces, here, arrived, self.clock(), self.max_wait))
+
+
+def cohort_deadline(
+    leader: Pace, paces: Mapping[Hashable, Pace], present: Collection[Hashable], arrived: float, now: float, max_wait: float
+) -> float:
+    """The latest predicted arrival, at most max_wait after the leader arrived, of the sessions
+    missing from the round (not in `present`) that run at about the leader's pace; -inf if none.
+
+    A session far slower than the leader never sets the pace, and one already overdue is a
+    straggler, not waited for."""
+    deadline = -math.inf
+    # a round that took the leader longer than usual (a busy moment of the machine) delays the
+    # sessions that travelled with it alike: expect them after as long, not after their usual period
+    this_round = leader.interval or 0.0
+    for key, pace in paces.items():
+        if key in present or pace.period is None or leader.period is None or pace.period > _SAME_PACE * leader.period:
+            continue
+        expected = pace.last + _SLACK * max(pace.period, this_round)
+        if now <= expected <= arrived + max_wait:
+            deadline = max(deadline, expected)
+    return deadline

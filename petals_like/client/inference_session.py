@@ -76,9 +76,6 @@ class InferenceSession:
         # every block-0 input while a reused prefix is in the chain (a failure then replays them all);
         # without reuse, each link's own history is enough and this stays empty
         self._inputs: list[torch.Tensor] = []
-        # awaited once the first chain is open, before the first step leaves: lets sessions that
-        # start together send their prompts together (generate() sets it; see client/head_batcher.py)
-        self.before_first_step: Optional[Callable[[], Awaitable[None]]] = None
 
     @property
     def batch_size(self) -> Optional[int]:
@@ -104,9 +101,18 @@ class InferenceSession:
         return self.node.run(self.astep(hidden, pad_lens=pad_lens, token_ids=token_ids))
 
     async def astep(
-        self, hidden: torch.Tensor, *, pad_lens: Optional[list[int]] = None, token_ids: Optional[torch.Tensor] = None
+        self,
+        hidden: torch.Tensor,
+        *,
+        pad_lens: Optional[list[int]] = None,
+        token_ids: Optional[torch.Tensor] = None,
+        when_open: Optional[Callable[[], Awaitable[None]]] = None,
     ) -> torch.Tensor:
-        """step() as a coroutine on the node's loop (many sessions of one process then share its thread)."""
+        """step() as a coroutine on the node's loop (many sessions of one process then share its thread).
+
+        when_open: awaited after this step opened the session's first chain, before the step leaves;
+        generate() lets sessions that start together send their prompts together with it
+        (client/head_batcher.py)."""
         if self.closed:
             raise RuntimeError("this inference session is closed")
         if hidden.ndim != 3:
@@ -125,7 +131,7 @@ class InferenceSession:
         timeout = self.config.request_timeout * (1 + self.config.max_retries)
         try:
             async with asyncio.timeout(timeout):
-                out = await self._step(hidden.detach().cpu())
+                out = await self._step(hidden.detach().cpu(), when_open)
         except asyncio.TimeoutError:
             raise TimeoutError(f"an inference step did not finish in {timeout} s") from None
         self.position += hidden.shape[1]
@@ -159,27 +165,12 @@ class InferenceSession:
         """What every new link gets at open: the page hashes so far, while they are tracked."""
         return self.prefix.hashes if self.prefix.active else []
 
-    async def _step(self, hidden: torch.Tensor) -> torch.Tensor:
+    async def _step(self, hidden: torch.Tensor, when_open: Optional[Callable[[], Awaitable[None]]] = None) -> torch.Tensor:
         full_input = hidden
         reuse = 0
         if not self._chain:
-            probe = self.position == 0 and bool(self.prefix.hashes)
-            for attempt in range(self.config.max_retries + 1):
-                try:
-                    self._chain, cached = await self.builder.open(0, self.num_blocks, self._page_hashes(), probe=probe)
-                    break
-                except (NoRouteError, RequestRefused):
-                    raise
-                except Exception as e:  # a server of the route went away: ask for another route
-                    if attempt == self.config.max_retries:
-                        raise RuntimeError(f"could not open an inference chain: {e!r}") from e
-                    await self.routes.refresh(force=True)  # the swarm changed: read it again
-            if self.before_first_step is not None and self.position == 0:
-                await self.before_first_step()
-            # keep at least the last prompt token: its output is what the client needs
-            reuse = min(cached, (hidden.shape[1] - 1) // PREFIX_PAGE_TOKENS * PREFIX_PAGE_TOKENS)
+            reuse = await self._open_chain(hidden, when_open)
             hidden = hidden[:, reuse:]
-            self.reused_tokens = reuse
             new_hashes, sent_hashes = self.prefix.unsent(len(self.prefix.hashes))  # the open message had them all
         else:
             new_hashes, sent_hashes = self.prefix.unsent(self.prefix.sent)
@@ -189,10 +180,43 @@ class InferenceSession:
             chain = tuple(PushHop(nxt.span.peer_id, nxt.push_token, step_for(nxt)) for nxt in push_to)
             return Step(link.session_id, position, reuse, tuple(new_hashes), sent_hashes, push_chain=chain)
 
+        hidden = await self._through_chain(hidden, full_input, step_for)
+        if self.reused_tokens:
+            self._inputs.append(full_input)
+        self.prefix.sent = len(self.prefix.hashes)
+        if hidden.shape[1] < full_input.shape[1]:  # reused prefix positions were not computed: zeros
+            skipped = full_input.shape[1] - hidden.shape[1]
+            hidden = torch.cat([hidden.new_zeros(hidden.shape[0], skipped, hidden.shape[2]), hidden], dim=1)
+        return hidden
+
+    async def _open_chain(self, hidden: torch.Tensor, when_open: Optional[Callable[[], Awaitable[None]]]) -> int:
+        """Open the session's first chain (asking for a new route while servers of the old one vanish);
+        returns how many leading positions of `hidden` the first server has in its prefix cache."""
+        probe = self.position == 0 and bool(self.prefix.hashes)
+        for attempt in range(self.config.max_retries + 1):
+            try:
+                self._chain, cached = await self.builder.open(0, self.num_blocks, self._page_hashes(), probe=probe)
+                break
+            except (NoRouteError, RequestRefused):
+                raise
+            except Exception as e:  # a server of the route went away: ask for another route
+                if attempt == self.config.max_retries:
+                    raise RuntimeError(f"could not open an inference chain: {e!r}") from e
+                await self.routes.refresh(force=True)  # the swarm changed: read it again
+        if when_open is not None and self.position == 0:
+            await when_open()
+        # keep at least the last prompt token: its output is what the client needs
+        self.reused_tokens = min(cached, (hidden.shape[1] - 1) // PREFIX_PAGE_TOKENS * PREFIX_PAGE_TOKENS)
+        return self.reused_tokens
+
+    async def _through_chain(self, hidden: torch.Tensor, full_input: torch.Tensor, step_for: Callable[..., Step]) -> torch.Tensor:
+        """Walk the step through the chain, link by link (each server may push its output on to the
+        next); a failed link is banned and replaced, and the step goes on from there."""
         index = 0
         attempts = 0
         relay = not self.config.use_push  # after a failure the client relays for the rest of the step
         delivered = False  # the previous server pushed this link's input to it
+        position = self.position
         while index < len(self._chain):
             link = self._chain[index]
             try:
@@ -220,9 +244,7 @@ class InferenceSession:
                         await self._replace(later)
                 if self.reused_tokens:
                     # links after the first never saw the reused prefix's hidden states: rebuild all
-                    hidden = await self._rebuild_all(full_input)
-                    index = len(self._chain)
-                    break
+                    return await self._rebuild_all(full_input)
                 await self._replace(index)
                 continue
             self.routes.succeeded(link.span.peer_id)
@@ -230,12 +252,6 @@ class InferenceSession:
             link.history.append(hidden)
             hidden = out
             index += 1
-        if self.reused_tokens:
-            self._inputs.append(full_input)
-        self.prefix.sent = len(self.prefix.hashes)
-        if hidden.shape[1] < full_input.shape[1]:  # reused prefix positions were not computed: zeros
-            skipped = full_input.shape[1] - hidden.shape[1]
-            hidden = torch.cat([hidden.new_zeros(hidden.shape[0], skipped, hidden.shape[2]), hidden], dim=1)
         return hidden
 
     async def _spot_check(self, link: Link, hidden: torch.Tensor, out: torch.Tensor) -> None:

@@ -309,24 +309,22 @@ class DistributedModelForCausalLM(torch.nn.Module):
         head passes (client/head_batcher.py). Torch work between awaits runs in inference mode; the
         mode is per thread, so it is never held across an await, where other coroutines run."""
         key = object()  # this call's identity in the head batcher
-        opening = session.position == 0 and session.before_first_step is None
+        opening = session.position == 0
         self.head_batcher.session_started(key, opening=opening)
-        if opening:
-            session.before_first_step = lambda: self.head_batcher.first_step(key)
+        when_open = (lambda: self.head_batcher.first_step(key)) if opening else None
         try:
             while run.running:
                 with torch.inference_mode():
                     inputs, pad_lens = run.next_inputs()
                     embeds = self._embed_step(inputs, session)
-                hidden = await session.astep(embeds, pad_lens=pad_lens, token_ids=inputs)
+                hidden = await session.astep(embeds, pad_lens=pad_lens, token_ids=inputs, when_open=when_open)
+                when_open = None
                 logits = await self.head_batcher(hidden[:, -1, :], key)
                 with torch.inference_mode():
                     run.accept(logits)
             with torch.inference_mode():
                 return run.result()
         finally:
-            if opening:
-                session.before_first_step = None
             self.head_batcher.session_ended(key)
 
     def _embed_step(self, input_ids: torch.Tensor, session: InferenceSession) -> torch.Tensor:

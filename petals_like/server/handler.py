@@ -80,15 +80,19 @@ class Handlers:
         config: ServerConfig,
         info_fn: Callable[[], dict],
     ):
-        self.backend = backend
-        self.scheduler = scheduler
-        self.sessions = sessions
+        self.serve(backend, scheduler, sessions)
         self.config = config
         self.info_fn = info_fn  # the live ServerInfo fields, for rpc_info
         self.p2p: Optional[P2P] = None
         self.pusher: Optional[PushBatcher] = None
         self.pushes_received = 0
         self.forward_calls = 0
+
+    def serve(self, backend: SpanBackend, scheduler: Scheduler, sessions: SessionManager) -> None:
+        """Answer with this span from now on. A server that moves to other blocks calls it with the new
+        span's parts; the handlers stay registered on the node, so the peer's streams and pushes keep
+        working. Requests already in flight finish (or fail) on the parts they started with."""
+        self.backend, self.scheduler, self.sessions = backend, scheduler, sessions
 
     async def register(self, p2p: P2P) -> None:
         self.p2p = p2p

@@ -14,6 +14,7 @@ submits a step and frees them after, so the pool is only ever mutated from one t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import itertools
 import logging
@@ -21,7 +22,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import torch
 
@@ -168,6 +169,7 @@ class Scheduler:
         self._counter = itertools.count()
         self._wake = threading.Condition()
         self._stopped = False
+        self._held = False  # hold(): no iteration starts
         self.on_iteration: Optional[Callable[[list[InferenceWork]], None]] = None  # test hook: the works of each iteration
         self._thread = threading.Thread(target=self._run, name="scheduler", daemon=True)
         self._thread.start()
@@ -199,6 +201,26 @@ class Scheduler:
             self._wake.notify()
         return await future
 
+    @property
+    def num_pending(self) -> int:
+        """Inference steps queued or part-way through (a step leaves once all its tokens ran)."""
+        return len(self._pending)
+
+    @contextlib.contextmanager
+    def hold(self) -> Iterator[None]:
+        """No iteration starts inside this block (one already running finishes); steps queue up.
+
+        Lets a caller line steps up so that the next iteration plans them together, whatever the
+        timing of their arrival: tests of batching use it instead of counting on a gather window."""
+        with self._wake:
+            self._held = True
+        try:
+            yield
+        finally:
+            with self._wake:
+                self._held = False
+                self._wake.notify()
+
     def _check_alive(self) -> None:
         if self._stopped or not self._thread.is_alive():
             raise RuntimeError("the scheduler is stopped")
@@ -209,7 +231,7 @@ class Scheduler:
         use_threads(self._num_threads)  # the one thread of a server that computes on several cores (utils/threads.py)
         while True:
             with self._wake:
-                while not self._stopped and not self._pending and not self._tasks:
+                while not self._stopped and (self._held or (not self._pending and not self._tasks)):
                     self._wake.wait()
                 active = self._expected()  # read once per iteration: it walks the session table
                 expected = max(self._last_batch, active)
@@ -226,6 +248,8 @@ class Scheduler:
                         self._wake.wait(left)
                 if self._stopped:
                     return
+                if self._held:  # hold() began during the gather wait
+                    continue
                 works, dropped = _partition_cancelled(self._pending)
                 self._pending = deque(works)
                 task = heapq.heappop(self._tasks) if not works and self._tasks else None

@@ -159,7 +159,7 @@ class Server:
             self.node.run(self.handlers.register(self.node.p2p))
             self.handlers.pusher.resolve = self.announcer.learn_route
         else:  # a move: the registered handlers serve the new span from now on
-            self.handlers.backend, self.handlers.scheduler, self.handlers.sessions = backend, self.scheduler, self.sessions
+            self.handlers.serve(backend, self.scheduler, self.sessions)
         # measured where steps will run: on the scheduler's thread, with its thread count
         self.node.run(self.scheduler.submit(Priority.FORWARD, self._set_throughput, span))
 
