@@ -4,13 +4,21 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["AutoDistributedModelForCausalLM", "DistributedModelForCausalLM", "__version__"]
+_CLIENT = {  # lazy: `import petals_like` stays cheap for the server and CLI tools that never build a client
+    "AutoDistributedConfig": "petals_like.client.distributed_config",
+    "AutoDistributedModel": "petals_like.client.model",
+    "AutoDistributedModelForCausalLM": "petals_like.client.model",
+    "DistributedModel": "petals_like.client.model",
+    "DistributedModelForCausalLM": "petals_like.client.model",
+    "RemoteSequential": "petals_like.client.sequential",
+}
+
+__all__ = [*_CLIENT, "__version__"]
 
 
 def __getattr__(name: str):
-    # lazy: `import petals_like` stays cheap for the server and CLI tools that never build a client
-    if name in ("AutoDistributedModelForCausalLM", "DistributedModelForCausalLM"):
-        from petals_like.client import model
+    if name in _CLIENT:
+        import importlib
 
-        return getattr(model, name)
+        return getattr(importlib.import_module(_CLIENT[name]), name)
     raise AttributeError(name)

@@ -9,6 +9,9 @@ from typing import Any, Collection, Optional, Sequence
 from petals_like.dht.records import MAX_LIFETIME
 from petals_like.dht.relay import RelayLimits
 
+# max_retries=None: retries enough to outlast any outage, while request_timeout x retries stays a
+# finite wait (threading caps timeouts at ~292 years)
+UNLIMITED_RETRIES = 10**6
 DEFAULT_MAX_PART_BYTES = 2 * 1024**2  # one P2P message part; hivemind caps unary messages at 4 MiB
 # how a session's hidden states may travel (protocol.pack_message): as float32, float16 or bfloat16,
 # or "int8": blocks of values as int8 plus a float16 scale each
@@ -42,7 +45,7 @@ class ClientConfig:
     request_timeout: float = 180.0  # seconds for one forward/backward/inference step
     connect_timeout: float = 30.0  # seconds to join the DHT and to open an inference stream
     ban_timeout: float = 15.0  # seconds to avoid a peer after it fails (doubles on repeated failures)
-    max_retries: int = 6  # attempts to replace a failed span before giving up on a step
+    max_retries: Optional[int] = 6  # attempts to replace a failed span before giving up on a step; None: keep trying
     update_period: float = 30.0  # seconds between refreshes of the swarm view
     ping_period: float = 30.0  # seconds between round-trip measurements of one server
     ping_timeout: float = 2.0  # a server slower than this to answer a ping counts as this slow
@@ -57,10 +60,17 @@ class ClientConfig:
     host_maddrs: Sequence[str] = ("/ip4/127.0.0.1/tcp/0",)  # where the client's p2p daemon listens
     allowed_servers: Optional[Collection[str]] = None  # peer ids: route only through these (None = any server)
     blocked_servers: Collection[str] = ()  # peer ids never to route through
+    show_route: bool | str = False  # print each chain (True, or "inference" for inference sessions only)
 
     def __post_init__(self) -> None:
         if not 0 <= self.spot_check <= 1:
             raise ValueError(f"spot_check must be a fraction in [0, 1], got {self.spot_check}")
+        if self.max_retries is None:  # Petals' "retry forever": a count no session reaches
+            self.max_retries = UNLIMITED_RETRIES
+        if self.max_retries < 0:
+            raise ValueError(f"max_retries must be >= 0 or None, got {self.max_retries}")
+        if self.show_route not in (True, False, "inference"):
+            raise ValueError(f"show_route must be True, False or 'inference', got {self.show_route!r}")
         if self.num_chains < 1:
             raise ValueError(f"num_chains must be >= 1, got {self.num_chains}")
         if self.wire is not None and self.wire not in WIRE_FORMATS:

@@ -176,7 +176,8 @@ class Step:
     position: tokens before this step (a step that arrives twice is answered from the kept output);
     reuse_tokens: on the first step, leading positions taken from the prefix cache (not sent);
     page_hashes from page hash_start on: chained hashes of the session's full pages (prefix reuse);
-    push_chain: the later servers to push the output to (server/handler.py); close: end the session.
+    push_chain: the later servers to push the output to (server/handler.py); close: end the session;
+    rewind: first drop the session's tokens from `position` on (a client rolling the session back).
     """
 
     session_id: str
@@ -186,6 +187,7 @@ class Step:
     hash_start: int = 0
     push_chain: tuple[PushHop, ...] = ()
     close: bool = False
+    rewind: bool = False
 
     @classmethod
     def from_meta(cls, meta: dict) -> Step:
@@ -195,7 +197,7 @@ class Step:
         chain = meta.get("push_chain") or []
         if not isinstance(chain, list) or len(chain) > MAX_PUSH_CHAIN:
             raise ProtocolError(f"push_chain must be a list of at most {MAX_PUSH_CHAIN} hops")
-        return cls(
+        step = cls(
             session_id=_short_string(meta, "session_id"),
             position=_opt(meta, "position", int, None),
             reuse_tokens=_opt(meta, "reuse_tokens", int, 0),
@@ -203,7 +205,11 @@ class Step:
             hash_start=_opt(meta, "hash_start", int, 0),
             push_chain=tuple(PushHop.from_meta(hop) for hop in chain),
             close=_optional_bool(meta, "close"),
+            rewind=_optional_bool(meta, "rewind"),
         )
+        if step.rewind and (step.position is None or step.position < 0):
+            raise ProtocolError("a rewinding step must say the position it rewinds to")
+        return step
 
     def to_meta(self) -> dict:
         meta = {
@@ -212,6 +218,7 @@ class Step:
             "reuse_tokens": self.reuse_tokens or None,
             "push_chain": [hop.to_meta() for hop in self.push_chain],
             "close": self.close,
+            "rewind": self.rewind,
         }
         if self.page_hashes:
             meta.update(page_hashes=list(self.page_hashes), hash_start=self.hash_start)

@@ -215,3 +215,47 @@ def test_max_pages_caps_the_index() -> None:
     other = sequence(pool, PAGE)
     index.insert("s", [b"x"], other.pages)  # room made by evicting an unheld page
     assert len(index) == 2 and index.evictions == 1
+
+
+def test_truncate_returns_pages_and_copies_a_shared_partial_page() -> None:
+    pool = make_pool(8)
+    owner = sequence(pool, 3 * PAGE)  # 3 full pages, also held by a second sequence (a cached prefix)
+    for layer in range(pool.num_layers):
+        keys, values = pool.layer(layer)
+        for i, page in enumerate(owner.pages):
+            keys[:, page].fill_(10 * layer + i + 1)
+            values[:, page].fill_(-(10 * layer + i + 1))
+    reuser = SequencePages()
+    reuser.attach_prefix(pool, owner.pages)
+    free = pool.num_free
+
+    reuser.truncate(pool, PAGE + 1)  # keeps page 0 whole and one token of page 1
+    assert reuser.length == PAGE + 1 and len(reuser.pages) == 2
+    assert reuser.pages[0] == owner.pages[0]  # a full page stays shared: nothing writes into it
+    assert reuser.pages[1] != owner.pages[1]  # the partial one is the reuser's own copy now
+    assert pool.refcount(owner.pages[1]) == 1 and pool.refcount(owner.pages[2]) == 1 and pool.refcount(reuser.pages[1]) == 1
+    assert pool.num_free == free - 1
+    for layer in range(pool.num_layers):
+        keys, values = pool.layer(layer)
+        assert torch.equal(keys[:, reuser.pages[1]], keys[:, owner.pages[1]])
+        assert torch.equal(values[:, reuser.pages[1]], values[:, owner.pages[1]])
+
+    owner.truncate(pool, PAGE)  # at a page boundary: no copy, the pages past it go back
+    assert owner.pages == reuser.pages[:1] and pool.num_free == free + 1
+    owner.truncate(pool, PAGE)  # to its own length: nothing changes
+    assert owner.length == PAGE and pool.num_free == free + 1
+    with pytest.raises(ValueError):
+        owner.truncate(pool, PAGE + 1)  # cannot grow
+    for seq in (owner, reuser):
+        seq.free(pool)
+    assert pool.num_free == pool.num_pages
+
+
+def test_truncate_needs_a_free_page_only_to_copy_and_changes_nothing_without_one() -> None:
+    pool = make_pool(2)
+    owner = sequence(pool, 2 * PAGE)
+    reuser = SequencePages()
+    reuser.attach_prefix(pool, owner.pages)
+    with pytest.raises(CacheExhausted):
+        reuser.truncate(pool, 1)
+    assert reuser.length == 2 * PAGE and reuser.pages == owner.pages and pool.refcount(owner.pages[0]) == 2

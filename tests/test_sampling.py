@@ -1,125 +1,162 @@
-"""The client's sampling (SamplingParams.choose) against transformers' logits warpers: for the same
-logits, the tokens that can be drawn and their probabilities equal those of TemperatureLogitsWarper,
-TopKLogitsWarper and TopPLogitsWarper applied in generate()'s order (temperature, top-k, top-p)."""
+"""generate()'s options, without a network: the client's token loop (Generation, driven by
+generate_tokens over the serving path's block math in-process) against transformers' generate() on
+the same checkpoint, token for token, greedy and seeded sampling alike; and how the options are
+resolved (the checkpoint's generation_config.json, transformers' defaults, the caller's)."""
 
 from __future__ import annotations
 
-from typing import Optional
+from pathlib import Path
 
 import pytest
 import torch
-from transformers.generation.logits_process import (
-    LogitsProcessorList,
-    TemperatureLogitsWarper,
-    TopKLogitsWarper,
-    TopPLogitsWarper,
+from transformers import GenerationConfig
+from transformers.generation.logits_process import LogitsProcessor, LogitsProcessorList, RepetitionPenaltyLogitsProcessor
+from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
+
+from petals_like.bench.harness import LocalSession
+from petals_like.client.generation import (
+    TokenChooser,
+    eos_ids,
+    generate_tokens,
+    logits_processors,
+    resolve_generation_config,
 )
-
-from petals_like.client.generation import SamplingParams
-
-
-def transformers_probs(logits: torch.Tensor, temperature: float, top_k: Optional[int], top_p: Optional[float]) -> torch.Tensor:
-    """The distribution transformers' generate() samples from (its _get_logits_processor, sampling part)."""
-    warpers = LogitsProcessorList()
-    if temperature != 1.0:
-        warpers.append(TemperatureLogitsWarper(temperature))
-    if top_k is not None:
-        warpers.append(TopKLogitsWarper(top_k))
-    if top_p is not None and top_p < 1.0:
-        warpers.append(TopPLogitsWarper(top_p))
-    input_ids = torch.zeros(logits.shape[0], 1, dtype=torch.long)
-    return warpers(input_ids, logits.clone()).softmax(dim=-1)
+from petals_like.client.generation import stopping_criteria as build_criteria
+from petals_like.models.checkpoint import CheckpointReader
+from petals_like.models.llama.head import LocalModules
+from petals_like.models.spec import ModelSpec
+from petals_like.server.loading import load_span
 
 
-def client_probs(params: SamplingParams, logits: torch.Tensor, monkeypatch: pytest.MonkeyPatch) -> torch.Tensor:
-    """The distribution choose() hands to torch.multinomial (recorded on its way through)."""
-    seen: list[torch.Tensor] = []
-    multinomial = torch.multinomial
-
-    def spy(probs, *args, **kwargs):
-        seen.append(probs.clone())
-        return multinomial(probs, *args, **kwargs)
-
-    with monkeypatch.context() as patch:
-        patch.setattr(torch, "multinomial", spy)
-        params.choose(logits.clone())
-    assert len(seen) == 1
-    return seen[0]
+@pytest.fixture(scope="module")
+def ours(tiny_model: Path):
+    spec = ModelSpec.from_pretrained(tiny_model)
+    span = load_span(tiny_model, spec, 0, spec.num_blocks, torch.float32, torch.device("cpu"), progress=False)
+    local = LocalModules.from_state_dict(spec, CheckpointReader(tiny_model).client_state_dict(torch.float32)).eval()
+    return span, local, GenerationConfig.from_pretrained(tiny_model)
 
 
-CASES = [
-    # temperature, top_k, top_p
-    (1.0, None, None),
-    (0.7, None, None),
-    (1.0, 5, None),
-    (1.0, 1, None),
-    (1.0, 1000, None),  # more than the vocabulary: keeps everything
-    (1.0, None, 0.9),
-    (1.0, None, 0.05),  # below the largest probability: keeps the top token only
-    (1.0, None, 1.0),  # a no-op
-    (0.8, 5, 0.9),  # test_swarm's settings
-    (1.5, 20, 0.5),
-    (0.3, 50, 0.95),
+def generate_here(ours, input_ids: torch.Tensor, user_processors=None, user_criteria=None, **options) -> torch.Tensor:
+    """What DistributedModelForCausalLM.generate() computes, with the blocks run in-process."""
+    span, local, model_config = ours
+    config = resolve_generation_config(model_config, **options)
+    eos = eos_ids(config)
+
+    def chooser(prompt_len: int) -> TokenChooser:
+        config.max_length = prompt_len + config.max_new_tokens
+        return TokenChooser(logits_processors(config, prompt_len, user_processors), bool(config.do_sample))
+
+    session = LocalSession(span, input_ids.shape[1] + config.max_new_tokens)
+    from petals_like.client.generation import Generation
+
+    run = Generation(
+        session,
+        input_ids,
+        pad_lens=None,
+        max_new_tokens=config.max_new_tokens,
+        chooser=chooser,
+        eos_token_ids=eos,
+        pad_token_id=config.pad_token_id,
+        criteria=build_criteria(config, user_criteria),
+    )
+    with torch.inference_mode():
+        while run.running:
+            inputs, pad_lens = run.next_inputs()
+            hidden = session.step(local.embed(inputs), pad_lens=pad_lens)
+            run.accept(local.logits(hidden[:, -1:, :])[:, -1, :])
+        return torch.cat([input_ids, run.result()], dim=1)
+
+
+PROMPT = torch.tensor([[1, 30, 31, 32, 33, 34], [1, 40, 41, 42, 43, 44]])
+
+OPTIONS = [
+    dict(do_sample=True),  # transformers' defaults: top_k=50
+    dict(do_sample=True, temperature=0.7, top_p=0.9),
+    dict(do_sample=True, top_k=0, temperature=1.3),  # top_k=0: no top-k at all
+    dict(do_sample=True, min_p=0.05),
+    dict(do_sample=True, typical_p=0.8, repetition_penalty=1.3),
+    dict(do_sample=False, repetition_penalty=1.5),
+    dict(do_sample=False, no_repeat_ngram_size=2),
+    dict(do_sample=False, min_new_tokens=12, suppress_tokens=[5, 6]),
 ]
 
 
-@pytest.mark.parametrize("temperature,top_k,top_p", CASES)
-def test_choose_samples_from_the_distribution_of_transformers_warpers(temperature, top_k, top_p, monkeypatch):
-    logits = torch.randn(16, 200, generator=torch.Generator().manual_seed(0)) * 3
-    expected = transformers_probs(logits, temperature, top_k, top_p)
-    actual = client_probs(SamplingParams(True, temperature, top_k, top_p), logits, monkeypatch)
-    assert torch.equal(actual > 0, expected > 0)  # the same tokens can be drawn
-    assert torch.allclose(actual, expected, rtol=1e-6, atol=1e-7)
-    kept = (actual > 0).sum(dim=-1)
-    if top_k is not None and top_p is None:
-        assert (kept == min(top_k, logits.shape[-1])).all()  # no ties in random logits
-    if top_p is not None and top_p < 1:  # top-p did cut something the other warpers kept
-        assert (kept < (transformers_probs(logits, temperature, top_k, None) > 0).sum(dim=-1)).any()
+@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+def test_options_choose_the_tokens_transformers_chooses(ours, reference, options):
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        want = reference.generate(PROMPT, max_new_tokens=16, **options)
+        torch.manual_seed(seed)
+        got = generate_here(ours, PROMPT, max_new_tokens=16, **options)
+        assert torch.equal(got, want), (options, seed, got, want)
 
 
-def test_ties_at_the_top_k_boundary_are_kept_like_transformers(monkeypatch):
-    logits = torch.tensor([[4.0, 3.0, 2.0, 2.0, 2.0, 1.0, 0.0]])
-    expected = transformers_probs(logits, 1.0, 3, None)
-    actual = client_probs(SamplingParams(True, top_k=3), logits, monkeypatch)
-    assert (actual > 0).tolist() == [[True, True, True, True, True, False, False]]
-    assert torch.allclose(actual, expected)
+def test_callers_processors_and_criteria_apply_as_in_transformers(ours, reference):
+    class Ban(LogitsProcessor):  # never the token transformers would pick second
+        def __call__(self, input_ids, scores):
+            scores[:, 7] = -float("inf")
+            return scores
+
+    class StopAfter(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return torch.full((input_ids.shape[0],), input_ids.shape[1] >= PROMPT.shape[1] + 5, dtype=torch.bool)
+
+    torch.manual_seed(3)
+    want = reference.generate(
+        PROMPT,
+        max_new_tokens=16,
+        do_sample=True,
+        logits_processor=LogitsProcessorList([Ban()]),
+        stopping_criteria=StoppingCriteriaList([StopAfter()]),
+    )
+    torch.manual_seed(3)
+    got = generate_here(
+        ours, PROMPT, LogitsProcessorList([Ban()]), StoppingCriteriaList([StopAfter()]), max_new_tokens=16, do_sample=True
+    )
+    assert torch.equal(got, want) and got.shape[1] == PROMPT.shape[1] + 5
 
 
-def test_top_p_keeps_the_smallest_set_reaching_it_like_transformers(monkeypatch):
-    """Probabilities 0.5, 0.25, 0.15, 0.1: top_p 0.7 needs the first two tokens, 0.8 the first three;
-    0.5 and 0.75 land exactly on a sum (the set reaching top_p is kept, nothing more)."""
-    logits = torch.tensor([[0.5, 0.25, 0.15, 0.1]]).log()
-    for top_p, kept in ((0.4, 1), (0.5, 1), (0.7, 2), (0.75, 2), (0.8, 3), (0.95, 4)):
-        expected = transformers_probs(logits, 1.0, None, top_p)
-        actual = client_probs(SamplingParams(True, top_p=top_p), logits, monkeypatch)
-        assert (actual > 0).tolist() == (expected > 0).tolist() == [[True] * kept + [False] * (4 - kept)], top_p
-        assert torch.allclose(actual, expected), top_p
+def test_the_checkpoints_generation_config_then_transformers_defaults_then_the_caller(tmp_path):
+    model_config = GenerationConfig(eos_token_id=2, pad_token_id=3, temperature=0.6, top_p=0.8)
+    config = resolve_generation_config(model_config, do_sample=True, top_p=0.5)
+    assert (config.temperature, config.top_p, config.top_k, config.eos_token_id) == (0.6, 0.5, 50, 2)
+    given = GenerationConfig(top_k=5)
+    config = resolve_generation_config(model_config, given, max_new_tokens=3)
+    assert (config.top_k, config.temperature, config.max_new_tokens) == (5, 0.6, 3)
+    assert given.max_new_tokens is None  # the caller's config is not changed
+    warpers = logits_processors(resolve_generation_config(model_config, do_sample=True, temperature=1.0), prompt_len=4)
+    assert [type(w).__name__ for w in warpers] == ["TopKLogitsWarper", "TopPLogitsWarper"]
+    with pytest.raises(TypeError, match="unknown arguments.*'top_q'"):
+        resolve_generation_config(model_config, top_q=0.9)
+    with pytest.raises(ValueError, match="contrastive search"):
+        resolve_generation_config(model_config, penalty_alpha=0.6, top_k=4)
+    with pytest.raises(ValueError, match="given both"):
+        options = resolve_generation_config(model_config, repetition_penalty=1.2)
+        logits_processors(options, 4, LogitsProcessorList([RepetitionPenaltyLogitsProcessor(1.5)]))
+    with pytest.raises(ValueError, match="need the model's tokenizer"):
+        build_criteria(resolve_generation_config(model_config, stop_strings=["\n"]))
 
 
-def test_ties_at_the_top_p_boundary_keep_as_many_tokens_as_transformers(monkeypatch):
-    """0.5, 0.25, 0.125, 0.125 with top_p 0.8: three tokens, one of the two tied ones. Which one is
-    the sort's choice and differs between the two implementations, so only the values are compared."""
-    logits = torch.tensor([[0.5, 0.25, 0.125, 0.125]]).log()
-    expected = transformers_probs(logits, 1.0, None, 0.8)
-    actual = client_probs(SamplingParams(True, top_p=0.8), logits, monkeypatch)
-    assert int((actual > 0).sum()) == int((expected > 0).sum()) == 3
-    assert torch.allclose(actual.sort().values, expected.sort().values)
-
-
-def test_seeded_draws_equal_multinomial_over_transformers_distribution():
-    """With the same generator seed, choose() draws exactly the tokens torch.multinomial draws from
-    transformers' distribution, and only tokens inside its top-k / top-p set."""
-    logits = torch.randn(64, 300, generator=torch.Generator().manual_seed(1)) * 2
-    expected_probs = transformers_probs(logits, 0.8, 5, 0.9)
-    for seed in range(20):
-        params = SamplingParams(True, 0.8, 5, 0.9, generator=torch.Generator().manual_seed(seed))
-        tokens = params.choose(logits.clone())
-        reference = torch.multinomial(expected_probs, 1, generator=torch.Generator().manual_seed(seed)).squeeze(-1)
-        assert torch.equal(tokens, reference)
-        assert (expected_probs.gather(1, tokens[:, None]) > 0).all()
-
-
-def test_greedy_ignores_the_warpers_and_takes_the_argmax():
-    logits = torch.randn(8, 50, generator=torch.Generator().manual_seed(2))
-    params = SamplingParams(False, temperature=0.5, top_k=3, top_p=0.5)
-    assert torch.equal(params.choose(logits), logits.argmax(dim=-1))
+def test_a_session_continued_over_calls_sees_its_earlier_tokens(ours, reference):
+    """no_repeat_ngram_size over two generate() calls of one session equals one call of both lengths:
+    the processors see every token the session holds, not only the second call's."""
+    span, local, model_config = ours
+    want = reference.generate(PROMPT[:1], max_new_tokens=20, no_repeat_ngram_size=2)
+    config = resolve_generation_config(model_config, no_repeat_ngram_size=2)
+    session = LocalSession(span, 64)
+    parts = [PROMPT[:1]]
+    for input_ids in (PROMPT[:1], None):
+        parts.append(
+            generate_tokens(
+                session,
+                local.embed,
+                local.logits,
+                input_ids,
+                pad_lens=None,
+                max_new_tokens=10,
+                chooser=lambda prompt_len: TokenChooser(logits_processors(config, prompt_len)),
+                eos_token_ids=eos_ids(config),
+                pad_token_id=config.pad_token_id,
+            )
+        )
+    assert torch.equal(torch.cat(parts, dim=1), want)

@@ -32,7 +32,7 @@ def local_runners(model_dir: Path, prompt: torch.Tensor, new_tokens: int) -> dic
     """(c): transformers generate() and this project's block math, both in this process, no network."""
     from transformers import AutoModelForCausalLM
 
-    from petals_like.client.generation import SamplingParams, generate_tokens
+    from petals_like.client.generation import TokenChooser, generate_tokens
     from petals_like.models.checkpoint import CheckpointReader
     from petals_like.models.llama.head import LocalModules
     from petals_like.models.spec import ModelSpec
@@ -60,7 +60,7 @@ def local_runners(model_dir: Path, prompt: torch.Tensor, new_tokens: int) -> dic
                 prompt,
                 pad_lens=None,
                 max_new_tokens=new_tokens,
-                sampling=SamplingParams(),
+                chooser=lambda _: TokenChooser(),  # greedy
                 eos_token_ids=[],
                 pad_token_id=0,
                 streamer=timer,

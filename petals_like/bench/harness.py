@@ -69,6 +69,7 @@ class LocalSession:
         self.position = 0
         self.last_token_ids = None
         self.finished = None
+        self.token_ids = None
 
     def step(self, hidden: torch.Tensor, *, pad_lens=None, token_ids=None) -> torch.Tensor:
         from petals_like.server.batched_span import PagedRunner

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 
+from petals_like.cli.petals_flags import HelpFormatter, add_petals_flags, apply_petals_flags
 from petals_like.config import ServerConfig
 from petals_like.utils.cli import (
     add_dataclass_flags,
@@ -19,16 +20,26 @@ logger = logging.getLogger(__name__)
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, str]:
-    """Every flag but the network ones comes from a ServerConfig field declared with config.flag()."""
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("model", help="checkpoint folder or Hugging Face name present in the local cache")
+    """Every flag but the network ones comes from a ServerConfig field declared with config.flag();
+    Petals' names for them are accepted too (cli/petals_flags.py)."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    # optional only so that Petals' --converted_model_name_or_path can stand for it; one of them is required
+    p.add_argument("model", nargs="?", help="checkpoint folder or Hugging Face name present in the local cache")
     add_dataclass_flags(p, ServerConfig)
     add_network_flags(p)
     p.add_argument("--no_progress", action="store_true", help="no progress bar while loading")
     p.add_argument("--log_level", default="INFO")
+    add_petals_flags(p)
     a = p.parse_args(argv)
+    apply_petals_flags(p, a)
+    if a.model is None:
+        p.error("the following arguments are required: model (or --converted_model_name_or_path)")
     values = dataclass_values(a, ServerConfig)
-    return ServerConfig(model=a.model, **values, **network_values(a), progress=not a.no_progress), a.log_level
+    try:
+        config = ServerConfig(model=a.model, **values, **network_values(a), progress=not a.no_progress)
+    except ValueError as e:  # flags that are fine alone but not together, e.g. --announce_period >= --expiration
+        p.error(str(e))
+    return config, a.log_level
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -15,8 +15,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from petals_like.client.sequential import RequestTuning
 from petals_like.client.transport import InferenceStream, callers_fault
+from petals_like.client.tuning import RequestTuning
 from petals_like.config import ClientConfig
 from petals_like.data_structures import RemoteSpanInfo
 from petals_like.dht.node import SwarmNode
@@ -97,7 +97,7 @@ class ChainBuilder:
                     raise refused from e
                 self.routes.ban(span.peer_id, f"opening a session failed: {e!r}")
             raise
-        logger.info(f"Inference chain for blocks {start}:{end}: {route}")
+        self.routes.show("inference", start, end, route)
         return opened, reusable or 0
 
 

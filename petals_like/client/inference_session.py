@@ -23,9 +23,9 @@ import torch
 
 from petals_like.client.chain import ChainBuilder, Link, close_all
 from petals_like.client.prefix import PrefixTracker
-from petals_like.client.sequential import RequestTuning
 from petals_like.client.spot_check import SpotChecker, SpotCheckFailed
 from petals_like.client.transport import RequestRefused, call_forward, callers_fault
+from petals_like.client.tuning import RequestTuning
 from petals_like.config import ClientConfig
 from petals_like.data_structures import RemoteSpanInfo
 from petals_like.dht.node import SwarmNode
@@ -51,12 +51,14 @@ class InferenceSession:
         *,
         max_length: int,
         num_blocks: int,
+        start: int = 0,
         prefix_salt: Optional[str] = None,
         tuning: Optional[RequestTuning] = None,
         spot_checker: Optional[SpotChecker] = None,
     ):
-        """tuning: deep prompts, a client-held LoRA or a hosted adapter, given to every server at open.
-        spot_checker: re-runs a random fraction of steps elsewhere (client/spot_check.py)."""
+        """Blocks [start, num_blocks) (a sub-range: RemoteSequential slices). tuning: deep prompts, a
+        client-held LoRA or a hosted adapter, given to every server at open. spot_checker: re-runs a
+        random fraction of steps elsewhere (client/spot_check.py)."""
         self.node = node
         self.tuning = tuning or RequestTuning(adapter=config.active_adapter)
         self.routes = routes
@@ -64,9 +66,12 @@ class InferenceSession:
         self.spot_checker = spot_checker or SpotChecker(routes, config)
         self.max_length = max_length
         self.num_blocks = num_blocks
-        self.position = 0  # tokens processed by every span so far
+        self.start = start
+        self._position = 0  # tokens processed by every span so far
+        self._rewind = False  # the next step first rolls every server back to `position` (see position's setter)
         self.last_token_ids: Optional[torch.Tensor] = None  # sampled but not yet sent (used by generate)
         self.finished: Optional[torch.Tensor] = None  # [batch] bool: sequences that produced EOS (used by generate)
+        self.token_ids: Optional[torch.Tensor] = None  # [batch, position]: the tokens behind the steps, if generate() ran them
         self._chain: list[Link] = []
         self.closed = False
         self.num_failovers = 0
@@ -76,6 +81,37 @@ class InferenceSession:
         # every block-0 input while a reused prefix is in the chain (a failure then replays them all);
         # without reuse, each link's own history is enough and this stays empty
         self._inputs: list[torch.Tensor] = []
+
+    @property
+    def position(self) -> int:
+        """Tokens the session holds: those of every step so far."""
+        return self._position
+
+    @position.setter
+    def position(self, value: int) -> None:
+        """Roll the session back to its first `value` tokens (Petals' way: `session.position = k`).
+
+        The next step continues from there: every server of the chain first drops the tokens past
+        `value` (their KV pages go back to the pool), and the inputs kept for fail-over are cut
+        alike, so a replacement server rebuilds exactly the rolled-back state. generate() then needs
+        input_ids again (the token it would have continued with came after `value`)."""
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"position must be an int, got {type(value).__name__}")
+        if not 0 <= value <= self._position:
+            raise ValueError(f"a session can only be rolled back: position must be in [0, {self._position}], got {value}")
+        if self.closed:
+            raise RuntimeError("this inference session is closed")
+        if value == self._position:
+            return
+        self._position, self._rewind = value, True
+        self.last_token_ids = self.finished = None
+        if self.token_ids is not None:
+            self.token_ids = self.token_ids[:, :value]
+        self.prefix.truncate(value)
+        kept = value - self.reused_tokens  # link histories start after the positions taken from a prefix cache
+        for link in self._chain:
+            link.history = _first_tokens(link.history, max(kept, 0))
+        self._inputs = _first_tokens(self._inputs, value)
 
     @property
     def batch_size(self) -> Optional[int]:
@@ -121,10 +157,10 @@ class InferenceSession:
             self.builder.batch_size, self.builder.pad_lens = hidden.shape[0], pad_lens
         elif hidden.shape[0] != self.batch_size:
             raise ValueError(f"batch size {hidden.shape[0]} differs from the session's {self.batch_size}")
-        elif pad_lens is not None and any(pad_lens):
-            raise ValueError("pad_lens apply to the first step of a session only")
-        if self.position + hidden.shape[1] > self.max_length:
-            raise ValueError(f"{self.position} + {hidden.shape[1]} tokens exceed the session's max_length={self.max_length}")
+        elif pad_lens is not None and any(pad_lens) and not (self._position == 0 and list(pad_lens) == self.pad_lens):
+            raise ValueError("pad_lens apply to the first step of a session only (they stay after a rollback to 0)")
+        if self._position + hidden.shape[1] > self.max_length:
+            raise ValueError(f"{self._position} + {hidden.shape[1]} tokens exceed the session's max_length={self.max_length}")
         if hidden.shape[1] == 0:  # no tokens, no outputs: nothing to ask any server
             return hidden.detach().cpu()
         self.prefix.track(token_ids, hidden, self.pad_lens)
@@ -134,7 +170,8 @@ class InferenceSession:
                 out = await self._step(hidden.detach().cpu(), when_open)
         except asyncio.TimeoutError:
             raise TimeoutError(f"an inference step did not finish in {timeout} s") from None
-        self.position += hidden.shape[1]
+        self._position += hidden.shape[1]
+        self._rewind = False
         return out
 
     def close(self) -> None:
@@ -174,11 +211,11 @@ class InferenceSession:
             new_hashes, sent_hashes = self.prefix.unsent(len(self.prefix.hashes))  # the open message had them all
         else:
             new_hashes, sent_hashes = self.prefix.unsent(self.prefix.sent)
-        position = self.position
+        position, rewind = self.position, self._rewind
 
         def step_for(link: Link, push_to: list[Link] = ()) -> Step:
             chain = tuple(PushHop(nxt.span.peer_id, nxt.push_token, step_for(nxt)) for nxt in push_to)
-            return Step(link.session_id, position, reuse, tuple(new_hashes), sent_hashes, push_chain=chain)
+            return Step(link.session_id, position, reuse, tuple(new_hashes), sent_hashes, push_chain=chain, rewind=rewind)
 
         hidden = await self._through_chain(hidden, full_input, step_for)
         if self.reused_tokens:
@@ -195,7 +232,7 @@ class InferenceSession:
         probe = self.position == 0 and bool(self.prefix.hashes)
         for attempt in range(self.config.max_retries + 1):
             try:
-                self._chain, cached = await self.builder.open(0, self.num_blocks, self._page_hashes(), probe=probe)
+                self._chain, cached = await self.builder.open(self.start, self.num_blocks, self._page_hashes(), probe=probe)
                 break
             except (NoRouteError, RequestRefused):
                 raise
@@ -277,7 +314,7 @@ class InferenceSession:
             chain: list[Link] = []
             try:
                 await self.routes.refresh(force=True)
-                chain, _ = await self.builder.open(0, self.num_blocks, self._page_hashes())
+                chain, _ = await self.builder.open(self.start, self.num_blocks, self._page_hashes())
                 out = replay
                 for link in chain:
                     out = await link.replay(out, timeout=self.config.request_timeout)
@@ -319,3 +356,14 @@ class InferenceSession:
             self._chain[index : index + 1] = replacement
             return
         raise RuntimeError(f"could not replace span {failed.span.start}:{failed.span.end}: {last_error!r}")
+
+
+def _first_tokens(tensors: list[torch.Tensor], n: int) -> list[torch.Tensor]:
+    """The first n positions of the steps `tensors` ([batch, seq_i, hidden] each), as a list of steps."""
+    kept: list[torch.Tensor] = []
+    for tensor in tensors:
+        if n <= 0:
+            break
+        kept.append(tensor[:, :n])
+        n -= tensor.shape[1]
+    return kept

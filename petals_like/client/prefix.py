@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-from petals_like.protocol import prefix_page_hashes
+from petals_like.protocol import PREFIX_PAGE_TOKENS, prefix_page_hashes
 
 
 class PrefixTracker:
@@ -37,6 +37,14 @@ class PrefixTracker:
         self.token_ids.extend(int(t) for t in token_ids[0])
         parent = self.hashes[-1] if self.hashes else ""
         self.hashes.extend(prefix_page_hashes(self.token_ids, self.salt, start_page=len(self.hashes), parent=parent))
+
+    def truncate(self, num_tokens: int) -> None:
+        """The session was rolled back to its first num_tokens tokens: forget the pages past them."""
+        if self.token_ids is None:
+            return
+        del self.token_ids[num_tokens:]
+        del self.hashes[num_tokens // PREFIX_PAGE_TOKENS :]
+        self.sent = min(self.sent, len(self.hashes))
 
     def unsent(self, start: int) -> tuple[list[str], int]:
         """(hashes from page `start` on, start) while tracking, else no hashes."""

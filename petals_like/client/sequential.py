@@ -21,64 +21,19 @@ from typing import Any, Optional
 
 import torch
 
+from petals_like.client.inference_session import InferenceSession
 from petals_like.client.spot_check import SpotChecker
-from petals_like.client.transport import SpanExtras, call_backward, call_forward, callers_fault
-from petals_like.client.tuning import ClientLora, weights_version
+from petals_like.client.transport import call_backward, call_forward, callers_fault
+from petals_like.client.tuning import ClientLora, RequestTuning
 from petals_like.config import ClientConfig
 from petals_like.data_structures import RemoteSpanInfo
 from petals_like.dht.node import SwarmNode
 from petals_like.protocol import ErrorCode, refusal_code
 from petals_like.routing.manager import RouteManager
-from petals_like.wire import TuningRef
 
 logger = logging.getLogger(__name__)
 
 Trace = list[tuple[RemoteSpanInfo, torch.Tensor]]  # (span, the hidden states it received)
-
-
-@dataclass
-class RequestTuning:
-    """The trainable extras of one forward/backward pass or inference session, as they were when it
-    began: later optimizer steps change the live parameters, not what this pass sends."""
-
-    prompts: Optional[torch.Tensor] = None  # deep prompts [num_blocks, prefix, hidden], a copy
-    lora: Optional[ClientLora] = None
-    lora_tensors: list[torch.Tensor] = field(default_factory=list)  # a copy of its weights, wire order
-    lora_version: int = 0  # their fingerprint
-    adapter: Optional[str] = None  # a server-hosted adapter's name
-
-    @classmethod
-    def snapshot(cls, prompts: Optional[torch.Tensor], lora: Optional[ClientLora], adapter: Optional[str]) -> RequestTuning:
-        tensors = [t.detach().to("cpu", copy=True) for t in lora.tensors()] if lora is not None else []
-        return cls(
-            None if prompts is None else prompts.detach().to("cpu", copy=True),
-            lora,
-            tensors,
-            weights_version(tensors) if lora is not None else 0,
-            adapter,
-        )
-
-    def span_lora_tensors(self, span: RemoteSpanInfo) -> list[torch.Tensor]:
-        """The LoRA weights of the span's blocks, in wire order."""
-        per_block = 2 * len(self.lora.targets)
-        return self.lora_tensors[span.start * per_block : span.end * per_block]
-
-    def extras(self, span: RemoteSpanInfo, with_weights: bool) -> SpanExtras:
-        extras = SpanExtras()
-        if self.prompts is not None:
-            prompts = self.prompts[span.start : span.end]
-            extras.tensors.append(prompts)
-            extras.grad_like.append(prompts)
-        lora_ref = None
-        if self.lora is not None:
-            lora = self.lora
-            tensors = self.span_lora_tensors(span)
-            lora_ref = lora.ref(with_weights, self.lora_version)
-            if with_weights:
-                extras.tensors += tensors
-            extras.grad_like += tensors
-        extras.tuning = TuningRef(self.prompts is not None, self.adapter, lora_ref)
-        return extras
 
 
 @dataclass
@@ -105,18 +60,74 @@ class _Grads:
 
 
 class RemoteSequential(torch.nn.Module):
-    def __init__(self, node: SwarmNode, routes: RouteManager, config: ClientConfig, num_blocks: int):
+    """Blocks [start, end) of the model (all of them by default) as one module. Index or slice it for
+    a sub-range (`model.transformer.h[3:6]`, `h[2]`), which shares this one's routes and node; every
+    range runs forward, backward and inference sessions."""
+
+    def __init__(
+        self,
+        node: SwarmNode,
+        routes: RouteManager,
+        config: ClientConfig,
+        num_blocks: int,
+        start: int = 0,
+        end: Optional[int] = None,
+    ):
         super().__init__()
+        end = num_blocks if end is None else end
+        if not 0 <= start < end <= num_blocks:
+            raise ValueError(f"blocks [{start}, {end}) are not a range of the model's {num_blocks} blocks")
         self.node = node
         self.routes = routes
         self.config = config
-        self.num_blocks = num_blocks
+        self.num_blocks = num_blocks  # of the whole model
+        self.start, self.end = start, end
         self.last_trace_peers: list[str] = []  # servers of the latest forward pass, in order
         self.last_chains = 0  # chains the latest forward pass ran through at once
         self._lora_sent: dict[str, tuple[str, int, set[int]]] = {}  # peer -> (adapter id, version, blocks)
         self.lora_uploads = 0  # requests that carried LoRA weights (the others named a cached version)
         self.lora_upload_bytes = 0  # the bytes of those weights
         self.spot_checker = SpotChecker(routes, config)  # shared with the model's inference sessions
+
+    def __len__(self) -> int:
+        return self.end - self.start
+
+    def __getitem__(self, index: int | slice) -> RemoteSequential:
+        """Block `index` or blocks `index` (a slice with step 1) of this range, as a RemoteSequential."""
+        if isinstance(index, slice):
+            first, last, step = index.indices(len(self))
+            if step != 1 or first >= last:
+                raise IndexError(f"a slice of blocks must be non-empty with step 1, got {index}")
+        elif isinstance(index, int):
+            first = index + len(self) if index < 0 else index
+            if not 0 <= first < len(self):
+                raise IndexError(f"block {index} out of range for {len(self)} blocks")
+            last = first + 1
+        else:
+            raise TypeError(f"blocks are indexed by int or slice, got {type(index).__name__}")
+        part = RemoteSequential(self.node, self.routes, self.config, self.num_blocks, self.start + first, self.start + last)
+        part.spot_checker = self.spot_checker
+        return part
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    def extra_repr(self) -> str:
+        return f"blocks {self.start}:{self.end} of {self.num_blocks}"
+
+    def inference_session(self, max_length: int) -> InferenceSession:
+        """A session over these blocks whose KV cache lives on the servers (hidden states in and out)."""
+        if max_length < 1:
+            raise ValueError(f"max_length must be >= 1, got {max_length}")
+        return InferenceSession(
+            self.node,
+            self.routes,
+            self.config,
+            max_length=max_length,
+            num_blocks=self.end,
+            start=self.start,
+            spot_checker=self.spot_checker,
+        )
 
     def forward(
         self,
@@ -127,8 +138,11 @@ class RemoteSequential(torch.nn.Module):
         lora: Optional[ClientLora] = None,
         adapter: Optional[str] = None,
     ) -> torch.Tensor:
-        """[batch, seq, hidden] -> [batch, seq, hidden] through blocks 0..num_blocks-1, differentiable in
-        hidden, in the deep prompts [num_blocks, prefix, hidden] and in the client LoRA's weights."""
+        """[batch, seq, hidden] -> [batch, seq, hidden] through blocks [start, end), differentiable in
+        hidden, in the deep prompts [num_blocks, prefix, hidden] and in the client LoRA's weights
+        (those two for the whole model's range only)."""
+        if (prompts is not None or lora is not None) and len(self) != self.num_blocks:
+            raise ValueError("deep prompts and a client-held LoRA run through the whole model's blocks, not a slice")
         if prompts is not None and (prompts.dim() != 3 or prompts.shape[0] != self.num_blocks):
             raise ValueError(f"deep prompts must be [{self.num_blocks}, prefix, hidden], got {list(prompts.shape)}")
         tuning = RequestTuning.snapshot(prompts, lora, adapter)
@@ -192,6 +206,7 @@ class RemoteSequential(torch.nn.Module):
         while block < end:
             if route is None:
                 route = await self.routes.make_route(block, end, training=True)
+            self.routes.show("forward", block, end, route)
             for span in route:
                 try:
                     out = await self._tuned_call(call_forward, span, tuning, hidden, pad_lens)
@@ -260,9 +275,9 @@ class RemoteSequential(torch.nn.Module):
         batch = hidden.shape[0]
         chains = min(self.config.num_chains, batch)
         if chains <= 1:
-            out, trace = await self.forward_range(0, self.num_blocks, hidden, pad_lens, tuning)
+            out, trace = await self.forward_range(self.start, self.end, hidden, pad_lens, tuning)
             return out, [(slice(0, batch), trace)]
-        routes = await self.routes.make_training_routes(0, self.num_blocks, chains)
+        routes = await self.routes.make_training_routes(self.start, self.end, chains)
         sizes = _split_sizes(batch, [weight for _, weight in routes])
         slices, offset = [], 0
         for size in sizes:
@@ -271,7 +286,7 @@ class RemoteSequential(torch.nn.Module):
         results = await asyncio.gather(
             *(
                 self.forward_range(
-                    0, self.num_blocks, hidden[rows], None if pad_lens is None else pad_lens[rows], tuning, route=route
+                    self.start, self.end, hidden[rows], None if pad_lens is None else pad_lens[rows], tuning, route=route
                 )
                 for rows, (route, _) in zip(slices, routes)
             )

@@ -16,12 +16,15 @@ import hashlib
 import json
 import math
 import secrets
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
 
+from petals_like.client.transport import SpanExtras
+from petals_like.data_structures import RemoteSpanInfo
 from petals_like.models.lora import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
@@ -33,7 +36,7 @@ from petals_like.models.lora import (
     target_shape,
 )
 from petals_like.models.spec import ModelSpec
-from petals_like.wire import LoraRef
+from petals_like.wire import LoraRef, TuningRef
 
 TUNING_MODES = ("ptune", "deep_ptune")
 
@@ -161,3 +164,48 @@ def _config_dict(config: Any) -> dict:
                 result[key] = value.value
         return result
     raise TypeError(f"expected a peft.LoraConfig or a dict, got {type(config).__name__}")
+
+
+@dataclass
+class RequestTuning:
+    """The trainable extras of one forward/backward pass or inference session, as they were when it
+    began: later optimizer steps change the live parameters, not what this pass sends."""
+
+    prompts: Optional[torch.Tensor] = None  # deep prompts [num_blocks, prefix, hidden], a copy
+    lora: Optional[ClientLora] = None
+    lora_tensors: list[torch.Tensor] = field(default_factory=list)  # a copy of its weights, wire order
+    lora_version: int = 0  # their fingerprint
+    adapter: Optional[str] = None  # a server-hosted adapter's name
+
+    @classmethod
+    def snapshot(cls, prompts: Optional[torch.Tensor], lora: Optional[ClientLora], adapter: Optional[str]) -> RequestTuning:
+        tensors = [t.detach().to("cpu", copy=True) for t in lora.tensors()] if lora is not None else []
+        return cls(
+            None if prompts is None else prompts.detach().to("cpu", copy=True),
+            lora,
+            tensors,
+            weights_version(tensors) if lora is not None else 0,
+            adapter,
+        )
+
+    def span_lora_tensors(self, span: RemoteSpanInfo) -> list[torch.Tensor]:
+        """The LoRA weights of the span's blocks, in wire order."""
+        per_block = 2 * len(self.lora.targets)
+        return self.lora_tensors[span.start * per_block : span.end * per_block]
+
+    def extras(self, span: RemoteSpanInfo, with_weights: bool) -> SpanExtras:
+        extras = SpanExtras()
+        if self.prompts is not None:
+            prompts = self.prompts[span.start : span.end]
+            extras.tensors.append(prompts)
+            extras.grad_like.append(prompts)
+        lora_ref = None
+        if self.lora is not None:
+            lora = self.lora
+            tensors = self.span_lora_tensors(span)
+            lora_ref = lora.ref(with_weights, self.lora_version)
+            if with_weights:
+                extras.tensors += tensors
+            extras.grad_like += tensors
+        extras.tuning = TuningRef(self.prompts is not None, self.adapter, lora_ref)
+        return extras

@@ -31,6 +31,7 @@ from petals_like.routing.planner import LatencyModel, NoRouteError, make_route, 
 from petals_like.wire import call_info
 
 logger = logging.getLogger(__name__)
+_route_logger = logging.getLogger("petals_like.route")  # show_route's lines
 
 MAX_BAN_REASONS = 1024
 
@@ -51,6 +52,22 @@ class RouteManager:
         self.ban_reasons: dict[str, str] = {}  # peer -> why it was last avoided (the last MAX_BAN_REASONS peers)
         self._lock = asyncio.Lock()
         self.pings = PingTable(timeout=config.ping_timeout, period=config.ping_period)
+
+    def show(self, kind: str, start: int, end: int, route: list[RemoteSpanInfo]) -> None:
+        """Print a chain for blocks [start, end) where the user asked (ClientConfig.show_route): on the
+        console through the "petals_like.route" logger, whatever the logging set-up; else at debug level."""
+        shown = self.config.show_route is True or self.config.show_route == kind
+        text = " => ".join(f"{span.peer_id[-6:]}[{span.start}:{span.end}]" for span in route)
+        if not shown:
+            logger.debug(f"{kind} route for blocks {start}:{end}: {text}")
+            return
+        if _route_logger.level == logging.NOTSET:  # first use: to stderr, whatever the logging set-up
+            handler = logging.StreamHandler()
+            handler.setFormatter(logging.Formatter("%(message)s"))
+            _route_logger.addHandler(handler)
+            _route_logger.setLevel(logging.INFO)
+            _route_logger.propagate = False
+        _route_logger.info(f"Route for {kind} (blocks {start}:{end}): {text}")
 
     async def refresh(self, *, force: bool = False) -> None:
         """Re-read the swarm from the DHT if the view is older than update_period (or when forced)."""

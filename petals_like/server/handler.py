@@ -341,7 +341,11 @@ class Handlers:
         token = pushed.token.encode()
         if session is None or session.push_token is None or not hmac.compare_digest(token, session.push_token.encode()):
             raise ProtocolError("no session with this id accepts pushes with this token")
-        if session.inbox is None or session.inflight is not None or pushed.step.position != session.length:
+        step = pushed.step
+        expected = step.position == session.length or (
+            step.rewind and step.position is not None and step.position < session.length
+        )
+        if session.inbox is None or session.inflight is not None or not expected:
             raise ProtocolError("the session is not waiting for this step")
         self.pushes_received += 1
         session.push_pending = True  # the scheduler waits for it with the rest of this message's steps

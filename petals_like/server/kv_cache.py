@@ -103,6 +103,13 @@ class KVPool:
     def refcount(self, page: int) -> int:
         return self._refcounts[page]
 
+    def copy_page(self, src: int, dst: int) -> None:
+        """Copy every layer's keys and values of page src into page dst (both allocated)."""
+        self._check_held(src)
+        self._check_held(dst)
+        for store in (self._keys, self._values):
+            store[:, :, dst].copy_(store[:, :, src])
+
     def allocate(self, n: int) -> list[int]:
         """n free pages, each with one reference; all or nothing.
 
@@ -170,6 +177,24 @@ class SequencePages:
         needed = -(-(self.length + new_tokens) // pool.page_size) - len(self.pages)
         if needed > 0:
             self.pages.extend(pool.allocate(needed))
+
+    def truncate(self, pool: KVPool, length: int) -> None:
+        """Forget the tokens from `length` on: the pages past it go back (shared ones keep their other
+        holders). The next token then writes into the page that holds position `length`; if another
+        holder shares that page (the prefix index, another sequence), it is copied first, so that
+        nobody else ever sees the new tokens."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot truncate {self.length} tokens to {length}")
+        keep = -(-length // pool.page_size)
+        last = self.pages[keep - 1] if keep else None
+        if length % pool.page_size and pool.refcount(last) > 1:
+            (own,) = pool.allocate(1)  # first: a full pool raises CacheExhausted with nothing changed
+            pool.copy_page(last, own)
+            pool.release([last])
+            self.pages[keep - 1] = own
+        dropped, self.pages = self.pages[keep:], self.pages[:keep]
+        self.length = length
+        pool.release(dropped)
 
     def free(self, pool: KVPool) -> None:
         """Release every page (shared prefix pages too: they are refcounted) and forget the tokens."""

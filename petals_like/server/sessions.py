@@ -211,10 +211,38 @@ class SessionManager:
                 )
         # a step at another position can only repeat the last one (repeated_output) and adds no tokens
         position = session.length if step.position is None else step.position
-        if position == session.length and session.length + reuse + seq > session.max_length:
+        if step.rewind:
+            if not 0 <= position <= session.length or session.inflight is not None:
+                raise ProtocolError(
+                    f"cannot rewind to position {position}: the session holds {session.length} tokens", ErrorCode.OUT_OF_SYNC
+                )
+            if position + seq > session.max_length:
+                raise ProtocolError(f"{position} + {seq} tokens exceed the session's max_length={session.max_length}")
+            self._rewind(session, position)
+        elif position == session.length and session.length + reuse + seq > session.max_length:
             raise ProtocolError(f"{session.length + reuse} + {seq} tokens exceed the session's max_length={session.max_length}")
         self._add_hashes(session, step)
         return hidden
+
+    def _rewind(self, session: ServerSession, position: int) -> None:
+        """Drop the session's tokens from `position` on, in every row: their pages go back to the pool
+        (shared prefix pages stay cached), and the page hashes past it are forgotten."""
+        if position == session.length:
+            return
+        page_size = self.pool.page_size
+        if position % page_size:  # a row keeps a partial page: a shared one is copied (SequencePages.truncate)
+            shared = sum(self.pool.refcount(row.pages[position // page_size]) > 1 for row in session.sequences)
+            try:
+                self.pool.release(self.pool.allocate(shared))  # all rows or none: evicts now if it must
+            except CacheExhausted as e:
+                raise ProtocolError(f"{e}; retry later or on another server", ErrorCode.CACHE_FULL) from None
+        for row in session.sequences:
+            row.truncate(self.pool, position)
+        full = position // self.pool.page_size
+        del session.hashes[full:]
+        session.inserted_pages = min(session.inserted_pages, full)
+        session.last_output = None
+        self._pages_freed.set()
 
     def repeated_output(self, session: ServerSession, step: Step, seq: int) -> Optional[torch.Tensor]:
         """For a step that says where it starts (position): None if it is the next one to compute,
