@@ -8,8 +8,10 @@ _CLIENT = {  # lazy: `import petals_like` stays cheap for the server and CLI too
     "AutoDistributedConfig": "petals_like.client.distributed_config",
     "AutoDistributedModel": "petals_like.client.model",
     "AutoDistributedModelForCausalLM": "petals_like.client.model",
+    "AutoDistributedModelForSequenceClassification": "petals_like.client.classification",
     "DistributedModel": "petals_like.client.model",
     "DistributedModelForCausalLM": "petals_like.client.model",
+    "DistributedModelForSequenceClassification": "petals_like.client.classification",
     "RemoteSequential": "petals_like.client.sequential",
 }
 

@@ -177,7 +177,8 @@ class Step:
     reuse_tokens: on the first step, leading positions taken from the prefix cache (not sent);
     page_hashes from page hash_start on: chained hashes of the session's full pages (prefix reuse);
     push_chain: the later servers to push the output to (server/handler.py); close: end the session;
-    rewind: first drop the session's tokens from `position` on (a client rolling the session back).
+    rewind: first drop the session's tokens from `position` on (a client rolling the session back);
+    hypo_ids: then row i continues what row hypo_ids[i] held (beam search), before this step's tokens.
     """
 
     session_id: str
@@ -188,6 +189,7 @@ class Step:
     push_chain: tuple[PushHop, ...] = ()
     close: bool = False
     rewind: bool = False
+    hypo_ids: tuple[int, ...] = ()
 
     @classmethod
     def from_meta(cls, meta: dict) -> Step:
@@ -206,6 +208,7 @@ class Step:
             push_chain=tuple(PushHop.from_meta(hop) for hop in chain),
             close=_optional_bool(meta, "close"),
             rewind=_optional_bool(meta, "rewind"),
+            hypo_ids=_int_list(meta, "hypo_ids") or (),
         )
         if step.rewind and (step.position is None or step.position < 0):
             raise ProtocolError("a rewinding step must say the position it rewinds to")
@@ -219,6 +222,7 @@ class Step:
             "push_chain": [hop.to_meta() for hop in self.push_chain],
             "close": self.close,
             "rewind": self.rewind,
+            "hypo_ids": list(self.hypo_ids),
         }
         if self.page_hashes:
             meta.update(page_hashes=list(self.page_hashes), hash_start=self.hash_start)

@@ -3,10 +3,11 @@ this process (start_swarm); run_server processes are started with petals_like.te
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 
@@ -98,6 +99,21 @@ def start_swarm(model: Optional[Path] = None, ranges: Sequence[str] = (), **serv
         swarm.shutdown()
         raise
     return swarm
+
+
+@contextlib.contextmanager
+def running_swarm(model: Path, ranges: Sequence[str], **server_kwargs) -> Iterator[Swarm]:
+    """start_swarm, wait until every block of the model is announced, and shut it all down after,
+    also when the test fails."""
+    from petals_like.dht.records import default_dht_prefix
+    from petals_like.models.spec import ModelSpec
+
+    swarm = start_swarm(model, ranges, **server_kwargs)
+    try:
+        swarm.wait_for_blocks(default_dht_prefix(model), ModelSpec.from_pretrained(model).num_blocks)
+        yield swarm
+    finally:
+        swarm.shutdown()
 
 
 def loss_and_input_grads(model, reference, input_ids, labels):

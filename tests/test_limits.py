@@ -13,8 +13,7 @@ from hivemind.p2p import P2PHandlerError
 from petals_like.client.transport import InferenceStream
 from petals_like.data_structures import RemoteSpanInfo, ServerInfo, ServerState
 from petals_like.dht.node import SwarmNode
-from petals_like.dht.records import default_dht_prefix
-from tests.swarm import LOCALHOST, Swarm, start_swarm, wait_until
+from tests.swarm import LOCALHOST, Swarm, running_swarm, wait_until
 
 NUM_BLOCKS = 8
 HIDDEN = 64
@@ -25,7 +24,7 @@ SESSIONS_PER_PEER = 3
 
 @pytest.fixture(scope="module")
 def swarm(tiny_model: Path) -> Iterator[Swarm]:
-    swarm = start_swarm(
+    with running_swarm(
         tiny_model,
         ["0:8"],
         kv_cache_tokens=POOL_PAGES * PAGE,
@@ -33,12 +32,8 @@ def swarm(tiny_model: Path) -> Iterator[Swarm]:
         max_alloc_timeout=0.2,
         max_sessions_per_peer=SESSIONS_PER_PEER,
         max_cache_share=0.5,
-    )
-    try:
-        swarm.wait_for_blocks(default_dht_prefix(tiny_model), NUM_BLOCKS)
+    ) as swarm:
         yield swarm
-    finally:
-        swarm.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,7 @@ from typing import Iterator
 import pytest
 import torch
 
-from petals_like.dht.records import default_dht_prefix
-from tests.swarm import Swarm, start_swarm
+from tests.swarm import Swarm, running_swarm
 
 NUM_BLOCKS = 8
 HIDDEN = 64
@@ -19,12 +18,8 @@ PAGE = 16
 
 @pytest.fixture(scope="module")
 def swarm(tiny_model: Path) -> Iterator[Swarm]:
-    swarm = start_swarm(tiny_model, ["0:4", "4:8"], page_size=PAGE)
-    try:
-        swarm.wait_for_blocks(default_dht_prefix(tiny_model), NUM_BLOCKS)
+    with running_swarm(tiny_model, ["0:4", "4:8"], page_size=PAGE) as swarm:
         yield swarm
-    finally:
-        swarm.shutdown()
 
 
 def server_rows(swarm: Swarm, session) -> list[list]:
@@ -110,31 +105,38 @@ def test_rollback_below_a_reused_prefix_and_after_it(swarm, model):
     assert torch.allclose(again[:, 32:], full[:, 32:], rtol=1e-5, atol=1e-4)
 
 
-def test_failover_after_a_rollback_replays_the_rolled_back_history(tiny_model: Path, reference):
+@pytest.fixture
+def replicated(tiny_model: Path) -> Iterator[tuple[Swarm, object]]:
+    """A swarm with two servers for blocks 0:4 (a test may stop one) and a client of it."""
     from petals_like import AutoDistributedModelForCausalLM
 
-    swarm = start_swarm(tiny_model, ["0:4", "0:4", "4:8"], page_size=PAGE)
-    model = None
-    try:
-        swarm.wait_for_blocks(default_dht_prefix(tiny_model), NUM_BLOCKS)
+    with running_swarm(tiny_model, ["0:4", "0:4", "4:8"], page_size=PAGE) as swarm:
         model = AutoDistributedModelForCausalLM.from_pretrained(tiny_model, initial_peers=swarm.peers, torch_dtype="float32")
-        prompt, a, after = steps(30, 6, 5, seed=1)
-        with model.inference_session(max_length=64) as session:
-            session.step(prompt)
-            session.step(a)
-            session.position = 25
-            session.step(after[:, :2])
-            first = next(s for s in swarm.servers if s.node.peer_id == session._chain[0].span.peer_id)
-            first.shutdown()  # the next step finds it gone: a replacement replays what the session holds
-            got = session.step(after[:, 2:])
-            assert session.num_failovers >= 1 and session.position == 30
-        with model.inference_session(max_length=64) as fresh:
-            want = fresh.step(torch.cat([prompt[:, :25], after], dim=1))[:, 27:]
-        assert torch.allclose(got, want, rtol=1e-5, atol=1e-4), (got - want).abs().max()
-    finally:
-        if model is not None:
+        try:
+            yield swarm, model
+        finally:
             model.shutdown()
-        swarm.shutdown()
+
+
+def stop_first_server(swarm: Swarm, session) -> None:
+    """Stop the server of the session's first span: its next step finds it gone."""
+    next(s for s in swarm.servers if s.node.peer_id == session._chain[0].span.peer_id).shutdown()
+
+
+def test_failover_after_a_rollback_replays_the_rolled_back_history(replicated):
+    swarm, model = replicated
+    prompt, a, after = steps(30, 6, 5, seed=1)
+    with model.inference_session(max_length=64) as session:
+        session.step(prompt)
+        session.step(a)
+        session.position = 25
+        session.step(after[:, :2])
+        stop_first_server(swarm, session)  # a replacement replays what the session holds
+        got = session.step(after[:, 2:])
+        assert session.num_failovers >= 1 and session.position == 30
+    with model.inference_session(max_length=64) as fresh:
+        want = fresh.step(torch.cat([prompt[:, :25], after], dim=1))[:, 27:]
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-4), (got - want).abs().max()
 
 
 # ---- Petals' client surface ----
@@ -243,8 +245,8 @@ def test_return_dict_in_generate_with_scores_and_logits(model, reference):
     assert len(got.scores) == len(got.logits) == 5
     for mine, theirs in zip(got.scores + got.logits, want.scores + want.logits):
         assert torch.allclose(mine, theirs, rtol=1e-4, atol=1e-4)
-    with pytest.raises(ValueError, match="beam search is not supported"):
-        model.generate(input_ids, max_new_tokens=2, num_beams=4)
+    with pytest.raises(ValueError, match="contrastive search is not supported"):
+        model.generate(input_ids, max_new_tokens=2, penalty_alpha=0.5, top_k=4)
 
 
 def test_auto_distributed_config_and_base_model(swarm, model, reference, tiny_model: Path, caplog):
@@ -268,3 +270,59 @@ def test_auto_distributed_config_and_base_model(swarm, model, reference, tiny_mo
     finally:
         route_log.removeHandler(caplog.handler)
         base.shutdown()
+
+
+# ---- beam search: rows reordered on the servers ----
+
+
+@pytest.mark.parametrize(
+    "options",
+    [dict(num_beams=4), dict(num_beams=3, num_return_sequences=2, length_penalty=0.6), dict(num_beams=4, early_stopping=True)],
+    ids=lambda o: str(o),
+)
+def test_beam_search_equals_transformers(model, reference, options):
+    input_ids = torch.tensor([[1, 30, 31, 32, 33], [1, 44, 45, 46, 47]])
+    want = reference.generate(input_ids, max_new_tokens=10, do_sample=False, **options)
+    got = model.generate(input_ids, max_new_tokens=10, **options)
+    assert torch.equal(got, want)
+
+
+def test_reordered_rows_equal_sessions_fed_the_reordered_histories(swarm, model):
+    """hypo_ids [2, 2, 0]: rows 0 and 1 both continue row 2 (they share its full pages, each gets its
+    own copy of the partial one), row 2 continues row 0; the old row 1 is dropped."""
+    first, second = torch.randn(3, 20, HIDDEN, generator=torch.Generator().manual_seed(8)), torch.randn(3, 3, HIDDEN)
+    hypo = torch.tensor([2, 2, 0])
+    pools = [server.sessions.pool for server in swarm.servers]
+    with model.inference_session(max_length=32) as session:
+        session.step(first)
+        free = [pool.num_free for pool in pools]
+        got = session.step(second, hypo_ids=hypo)
+        # 3 rows x 2 pages before; after: the old row 1's 2 pages went back, row 2's full page is shared
+        # by two rows and its partial page copied once (each row needs its own): 2 + 1 + 2 = 5 pages
+        assert [pool.num_free for pool in pools] == [n + 1 for n in free]
+    with model.inference_session(max_length=32) as fresh:
+        fresh.step(first[hypo])
+        want = fresh.step(second)
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match=r"hypo_ids must be in \[0, 3\)"):
+        with model.inference_session(max_length=32) as session:
+            session.step(first)
+            session.step(second, hypo_ids=torch.tensor([0, 1, 3]))
+
+
+def test_failover_in_the_step_that_reorders_rows(replicated):
+    """The server of the first span is gone when a reordering step arrives: its replacement is rebuilt
+    from the reordered history and must not reorder again; the later server reorders once."""
+    swarm, model = replicated
+    gen = torch.Generator().manual_seed(4)
+    first, second = torch.randn(3, 18, HIDDEN, generator=gen), torch.randn(3, 2, HIDDEN, generator=gen)
+    hypo = torch.tensor([1, 0, 1])
+    with model.inference_session(max_length=32) as session:
+        session.step(first)
+        stop_first_server(swarm, session)
+        got = session.step(second, hypo_ids=hypo)
+        assert session.num_failovers >= 1
+    with model.inference_session(max_length=32) as fresh:
+        fresh.step(first[hypo])
+        want = fresh.step(second)
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-4), (got - want).abs().max()

@@ -61,7 +61,7 @@ def generate_here(ours, input_ids: torch.Tensor, user_processors=None, user_crit
     )
     with torch.inference_mode():
         while run.running:
-            inputs, pad_lens = run.next_inputs()
+            inputs, pad_lens, _ = run.next_inputs()
             hidden = session.step(local.embed(inputs), pad_lens=pad_lens)
             run.accept(local.logits(hidden[:, -1:, :])[:, -1, :])
         return torch.cat([input_ids, run.result()], dim=1)
@@ -160,3 +160,46 @@ def test_a_session_continued_over_calls_sees_its_earlier_tokens(ours, reference)
             )
         )
     assert torch.equal(torch.cat(parts, dim=1), want)
+
+
+BEAM_OPTIONS = [
+    dict(num_beams=4),
+    dict(num_beams=4, length_penalty=0.5),
+    dict(num_beams=3, early_stopping=True, num_return_sequences=2),
+    dict(num_beams=4, no_repeat_ngram_size=2),
+    dict(num_beams=2, early_stopping="never", length_penalty=1.5),
+    dict(num_beams=3, do_sample=True, top_k=20),  # beam sampling: draws without replacement
+]
+
+
+@pytest.mark.parametrize("options", BEAM_OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+def test_beam_search_chooses_what_transformers_chooses(ours, reference, options):
+    """BeamSearch driven over transformers' own model: each step's rows are the previous rows in the
+    order hypo_ids gives (what the servers do to their KV pages), run whole (no cache)."""
+    from petals_like.client.beam_search import BeamSearch
+
+    _, _, model_config = ours
+    torch.manual_seed(5)
+    want = reference.generate(PROMPT, max_new_tokens=12, **options)
+    config = resolve_generation_config(model_config, max_new_tokens=12, **options)
+    search = BeamSearch(
+        PROMPT,
+        num_beams=config.num_beams,
+        max_new_tokens=12,
+        eos_token_ids=eos_ids(config),
+        pad_token_id=config.pad_token_id,
+        processors=logits_processors(config, PROMPT.shape[1]),
+        length_penalty=config.length_penalty,
+        early_stopping=config.early_stopping,
+        do_sample=bool(config.do_sample),
+        num_return_sequences=config.num_return_sequences,
+    )
+    torch.manual_seed(5)
+    rows = None
+    with torch.no_grad():
+        while search.running:
+            tokens, _, hypo = search.next_inputs()
+            rows = tokens if rows is None else torch.cat([rows[hypo], tokens], dim=1)
+            search.accept(reference(rows).logits[:, -1])
+    got, _ = search.result()
+    assert torch.equal(got, want), (got, want)

@@ -33,11 +33,15 @@ class Link:
     session_id: str
     push_token: str = field(default_factory=lambda: uuid.uuid4().hex)  # lets the previous server push to us
     history: list[torch.Tensor] = field(default_factory=list)  # inputs sent so far, [batch, seq_i, hidden] each
+    # rebuilt by replay during the current step: its server holds the session as the client has it now,
+    # so the step's own rewind and row reordering are not for it
+    fresh: bool = False
 
     async def replay(self, inputs: torch.Tensor, *, timeout: float) -> torch.Tensor:
         """Run `inputs` (a new link's whole history) as one step; they become its history."""
         out = await self.stream.step(inputs, Step(self.session_id).to_meta(), timeout=timeout)
         self.history.append(inputs)
+        self.fresh = True
         return out
 
 

@@ -44,7 +44,6 @@ from transformers.generation.stopping_criteria import StoppingCriteriaList, Stop
 
 # options that need something a client of the swarm does not do: refused with a clear error, never ignored
 _UNSUPPORTED = {
-    "num_beams": (1, "beam search"),
     "num_beam_groups": (1, "group beam search"),
     "penalty_alpha": (None, "contrastive search"),
     "guidance_scale": (None, "classifier-free guidance"),
@@ -79,8 +78,9 @@ def resolve_generation_config(
         value = getattr(config, name, None)
         if value is not None and value != neutral:
             raise ValueError(f"{what} is not supported by generate() over the swarm ({name}={value!r})")
-    if config.num_return_sequences is not None and config.num_return_sequences > 1 and not config.do_sample:
-        raise ValueError("num_return_sequences > 1 needs do_sample=True (greedy search returns one sequence per input)")
+    copies, beams = config.num_return_sequences or 1, config.num_beams or 1
+    if copies > 1 and not config.do_sample and copies > beams:
+        raise ValueError(f"num_return_sequences={copies} needs do_sample=True or num_beams >= {copies}")
     return config
 
 
@@ -127,20 +127,23 @@ def logits_processors(
             raise ValueError(f"{type(processor).__name__} is given both as a logits_processor and by generation options")
         built.append(processor)
     if config.do_sample:
+        # beam sampling keeps a token besides every EOS id, so that a beam can always continue
+        keep = len(eos) + 1 if len(eos) else 2
+        keep = keep if (config.num_beams or 1) > 1 else 1
         if config.temperature is not None and config.temperature != 1.0:
             built.append(TemperatureLogitsWarper(config.temperature))
         if config.top_k:
-            built.append(TopKLogitsWarper(config.top_k))
+            built.append(TopKLogitsWarper(config.top_k, min_tokens_to_keep=keep))
         if config.top_p is not None and config.top_p < 1.0:
-            built.append(TopPLogitsWarper(config.top_p))
+            built.append(TopPLogitsWarper(config.top_p, min_tokens_to_keep=keep))
         if config.min_p is not None:
-            built.append(MinPLogitsWarper(config.min_p))
+            built.append(MinPLogitsWarper(config.min_p, min_tokens_to_keep=keep))
         if config.typical_p is not None and config.typical_p < 1.0:
-            built.append(TypicalLogitsWarper(config.typical_p))
+            built.append(TypicalLogitsWarper(config.typical_p, min_tokens_to_keep=keep))
         if config.epsilon_cutoff is not None and 0.0 < config.epsilon_cutoff < 1.0:
-            built.append(EpsilonLogitsWarper(config.epsilon_cutoff))
+            built.append(EpsilonLogitsWarper(config.epsilon_cutoff, min_tokens_to_keep=keep))
         if config.eta_cutoff is not None and 0.0 < config.eta_cutoff < 1.0:
-            built.append(EtaLogitsWarper(config.eta_cutoff))
+            built.append(EtaLogitsWarper(config.eta_cutoff, min_tokens_to_keep=keep))
     if config.renormalize_logits:
         built.append(LogitNormalization())
     return built
@@ -252,10 +255,11 @@ class Generation:
         self.first_pad_lens = pad_lens if session.position == 0 else None  # the first step only
         self.running = max_new_tokens > 0
 
-    def next_inputs(self) -> tuple[torch.Tensor, Optional[list[int]]]:
-        """Token ids [batch, n] of the next step and its pad_lens (only a session's first step has any)."""
+    def next_inputs(self) -> tuple[torch.Tensor, Optional[list[int]], None]:
+        """Token ids [batch, n] of the next step, its pad_lens (only a session's first step has any) and
+        its row order (None: rows stay as they are; beam_search.BeamSearch reorders them)."""
         pad_lens, self.first_pad_lens = self.first_pad_lens, None
-        return self.inputs, pad_lens
+        return self.inputs, pad_lens, None
 
     def accept(self, logits: torch.Tensor) -> None:
         """The last position's logits [batch, vocab] of the step just run: choose the next tokens."""
@@ -322,7 +326,7 @@ def generate_tokens(
         streamer=streamer,
     )
     while run.running:
-        inputs, step_pad_lens = run.next_inputs()
+        inputs, step_pad_lens, _ = run.next_inputs()
         hidden = session.step(embed(inputs), pad_lens=step_pad_lens, token_ids=inputs)
         run.accept(logits_fn(hidden[:, -1:, :])[:, -1, :])
     return run.result()

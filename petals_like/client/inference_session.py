@@ -126,15 +126,23 @@ class InferenceSession:
     # ---- public, synchronous ----
 
     def step(
-        self, hidden: torch.Tensor, *, pad_lens: Optional[list[int]] = None, token_ids: Optional[torch.Tensor] = None
+        self,
+        hidden: torch.Tensor,
+        *,
+        pad_lens: Optional[list[int]] = None,
+        token_ids: Optional[torch.Tensor] = None,
+        hypo_ids: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """Run new tokens' hidden states [batch, seq, hidden] through every block; returns the same shape.
 
         token_ids [batch, seq] (the tokens behind `hidden`) enable prefix reuse for batch-1 sessions;
         positions taken from a server's prefix cache (the first `reused_tokens` of the first step)
         come back as zeros, since no server computed them.
+
+        hypo_ids [batch] (Petals' name; beam search): before this step, row i continues what row
+        hypo_ids[i] holds, on every server (and in what the client keeps for fail-over).
         """
-        return self.node.run(self.astep(hidden, pad_lens=pad_lens, token_ids=token_ids))
+        return self.node.run(self.astep(hidden, pad_lens=pad_lens, token_ids=token_ids, hypo_ids=hypo_ids))
 
     async def astep(
         self,
@@ -142,6 +150,7 @@ class InferenceSession:
         *,
         pad_lens: Optional[list[int]] = None,
         token_ids: Optional[torch.Tensor] = None,
+        hypo_ids: Optional[torch.Tensor] = None,
         when_open: Optional[Callable[[], Awaitable[None]]] = None,
     ) -> torch.Tensor:
         """step() as a coroutine on the node's loop (many sessions of one process then share its thread).
@@ -161,13 +170,14 @@ class InferenceSession:
             raise ValueError("pad_lens apply to the first step of a session only (they stay after a rollback to 0)")
         if self._position + hidden.shape[1] > self.max_length:
             raise ValueError(f"{self._position} + {hidden.shape[1]} tokens exceed the session's max_length={self.max_length}")
+        hypo = self._reorder(hypo_ids, hidden.shape[0])
         if hidden.shape[1] == 0:  # no tokens, no outputs: nothing to ask any server
             return hidden.detach().cpu()
         self.prefix.track(token_ids, hidden, self.pad_lens)
         timeout = self.config.request_timeout * (1 + self.config.max_retries)
         try:
             async with asyncio.timeout(timeout):
-                out = await self._step(hidden.detach().cpu(), when_open)
+                out = await self._step(hidden.detach().cpu(), when_open, hypo)
         except asyncio.TimeoutError:
             raise TimeoutError(f"an inference step did not finish in {timeout} s") from None
         self._position += hidden.shape[1]
@@ -198,11 +208,33 @@ class InferenceSession:
 
     # ---- internals, on the node's loop ----
 
+    def _reorder(self, hypo_ids: Optional[torch.Tensor], batch: int) -> tuple[int, ...]:
+        """Apply a row order to what the client keeps (histories, token ids) and return it for the
+        servers; () when there is none or it changes nothing."""
+        if hypo_ids is None:
+            return ()
+        hypo = torch.as_tensor(hypo_ids).reshape(-1)
+        if hypo.dtype.is_floating_point or hypo.dtype == torch.bool or hypo.numel() != batch:
+            raise ValueError(f"hypo_ids must be {batch} integer row indices, got {tuple(hypo.shape)} {hypo.dtype}")
+        if hypo.numel() and not bool(((hypo >= 0) & (hypo < batch)).all()):
+            raise ValueError(f"hypo_ids must be in [0, {batch}), got {hypo.tolist()}")
+        if self._position == 0 or torch.equal(hypo, torch.arange(batch)):
+            return ()
+        hypo = hypo.long()
+        for link in self._chain:
+            link.history = [h[hypo] for h in link.history]
+        self._inputs = [h[hypo] for h in self._inputs]
+        if self.token_ids is not None:
+            self.token_ids = self.token_ids[hypo]
+        return tuple(hypo.tolist())
+
     def _page_hashes(self) -> list[str]:
         """What every new link gets at open: the page hashes so far, while they are tracked."""
         return self.prefix.hashes if self.prefix.active else []
 
-    async def _step(self, hidden: torch.Tensor, when_open: Optional[Callable[[], Awaitable[None]]] = None) -> torch.Tensor:
+    async def _step(
+        self, hidden: torch.Tensor, when_open: Optional[Callable[[], Awaitable[None]]] = None, hypo: tuple[int, ...] = ()
+    ) -> torch.Tensor:
         full_input = hidden
         reuse = 0
         if not self._chain:
@@ -215,8 +247,20 @@ class InferenceSession:
 
         def step_for(link: Link, push_to: list[Link] = ()) -> Step:
             chain = tuple(PushHop(nxt.span.peer_id, nxt.push_token, step_for(nxt)) for nxt in push_to)
-            return Step(link.session_id, position, reuse, tuple(new_hashes), sent_hashes, push_chain=chain, rewind=rewind)
+            as_is = link.fresh  # rebuilt during this step: it already holds the rolled-back, reordered rows
+            return Step(
+                link.session_id,
+                position,
+                reuse,
+                tuple(new_hashes),
+                sent_hashes,
+                push_chain=chain,
+                rewind=rewind and not as_is,
+                hypo_ids=() if as_is else hypo,
+            )
 
+        for link in self._chain:
+            link.fresh = False
         hidden = await self._through_chain(hidden, full_input, step_for)
         if self.reused_tokens:
             self._inputs.append(full_input)

@@ -28,9 +28,10 @@ from typing import Any, Iterator, Optional, Sequence
 import torch
 import torch.nn.functional as F
 from transformers import AutoConfig, GenerationConfig, PretrainedConfig
-from transformers.generation.utils import GenerateDecoderOnlyOutput
+from transformers.generation.utils import GenerateBeamDecoderOnlyOutput, GenerateDecoderOnlyOutput
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutput
 
+from petals_like.client.beam_search import BeamSearch
 from petals_like.client.distributed_config import client_config_of, with_client_config
 from petals_like.client.generation import (
     Generation,
@@ -292,7 +293,7 @@ class DistributedModel(torch.nn.Module):
         """The final hidden states [batch, seq, hidden] (after the final norm, as transformers' base model
         returns them), differentiable; with prompt tuning, of the inputs' positions only."""
         hidden, prefix = self._through_blocks(input_ids, attention_mask, inputs_embeds)
-        return BaseModelOutputWithPast(last_hidden_state=self.local.norm(hidden[:, prefix:]))
+        return BaseModelOutputWithPast(last_hidden_state=self.local.norm(hidden[:, prefix:].to(self.dtype)))
 
     # ---- inference ----
 
@@ -405,12 +406,12 @@ class DistributedModelForCausalLM(DistributedModel):
         streamer: Optional[Any] = None,
         tokenizer: Optional[Any] = None,
         **kwargs: Any,
-    ) -> torch.Tensor | GenerateDecoderOnlyOutput:
+    ) -> torch.Tensor | GenerateDecoderOnlyOutput | GenerateBeamDecoderOnlyOutput:
         """Like transformers' generate(): returns input_ids followed by the new tokens ([batch, len]).
 
         Options as transformers takes them (keywords, generation_config=, logits_processor=,
         stopping_criteria=), with defaults from the checkpoint's generation_config.json and then
-        transformers' own (top_k=50 when sampling, ...); beam search is not supported. Sampling draws
+        transformers' own (top_k=50 when sampling, ...); beam search (num_beams) as transformers'. Sampling draws
         from torch's global generator (as transformers does) unless `generator` is given.
 
         With a session (or inside `with model.use_session(session)`), input_ids may be None to
@@ -425,8 +426,10 @@ class DistributedModelForCausalLM(DistributedModel):
         if input_ids is not None and input_ids.ndim == 1:
             input_ids = input_ids[None]
         session = session if session is not None else self._active_session
-        copies = config.num_return_sequences or 1
-        if copies > 1:
+        copies, beams = config.num_return_sequences or 1, config.num_beams or 1
+        if beams > 1 and (session is not None or input_ids is None):
+            raise ValueError("beam search runs in a session of its own: pass input_ids and no session")
+        if copies > 1 and beams == 1:
             if session is not None or input_ids is None:
                 raise ValueError("num_return_sequences > 1 needs input_ids and a session of its own (none given)")
             input_ids = input_ids.repeat_interleave(copies, dim=0)
@@ -451,6 +454,22 @@ class DistributedModelForCausalLM(DistributedModel):
         pad_lens = left_pad_lens(attention_mask, input_ids) if input_ids is not None and session.position == 0 else None
         if pad_lens is not None and self.prompt_tuning is not None:
             raise ValueError("left-padded batches are not supported with prompt tuning; generate them one by one")
+
+        if beams > 1:
+            try:
+                return self._beam_search(
+                    input_ids,
+                    pad_lens,
+                    session,
+                    config,
+                    max_new_tokens,
+                    logits_processor,
+                    stopping_criteria,
+                    generator,
+                    tokenizer,
+                )
+            finally:
+                session.close()
 
         def chooser(prompt_len: int) -> TokenChooser:
             config.max_length = prompt_len + max_new_tokens  # as transformers counts it (forced_eos_token_id)
@@ -484,7 +503,48 @@ class DistributedModelForCausalLM(DistributedModel):
             logits=tuple(run.logits) if run.logits is not None else None,
         )
 
-    async def _drive(self, run: Generation, session: InferenceSession) -> torch.Tensor:
+    def _beam_search(
+        self,
+        input_ids: torch.Tensor,
+        pad_lens: Optional[list[int]],
+        session: InferenceSession,
+        config: GenerationConfig,
+        max_new_tokens: int,
+        logits_processor: Optional[Any],
+        stopping_criteria: Optional[Any],
+        generator: Optional[torch.Generator],
+        tokenizer: Optional[Any],
+    ) -> torch.Tensor | GenerateBeamDecoderOnlyOutput:
+        """generate(num_beams=K): K rows per input in one session, reordered on the servers each step."""
+        config.max_length = input_ids.shape[1] + max_new_tokens
+        search = BeamSearch(
+            input_ids,
+            num_beams=config.num_beams,
+            max_new_tokens=max_new_tokens,
+            eos_token_ids=eos_ids(config),
+            pad_token_id=config.pad_token_id,
+            processors=logits_processors(config, input_ids.shape[1], logits_processor, pad_lens=pad_lens),
+            criteria=build_stopping_criteria(config, stopping_criteria, tokenizer),
+            length_penalty=config.length_penalty,
+            early_stopping=config.early_stopping,
+            do_sample=bool(config.do_sample),
+            generator=generator,
+            num_return_sequences=config.num_return_sequences or 1,
+            pad_lens=pad_lens,
+            keep_scores=bool(config.return_dict_in_generate and config.output_scores),
+            keep_logits=bool(config.return_dict_in_generate and config.output_logits),
+        )
+        sequences, scores = self.node.run(self._drive(search, session))
+        if not config.return_dict_in_generate:
+            return sequences
+        return GenerateBeamDecoderOnlyOutput(
+            sequences=sequences,
+            sequences_scores=scores if config.output_scores else None,
+            scores=tuple(search.scores) if search.scores is not None else None,
+            logits=tuple(search.logits) if search.logits is not None else None,
+        )
+
+    async def _drive(self, run: Generation | BeamSearch, session: InferenceSession) -> Any:
         """One generate() call on the node's loop: every concurrent call shares that thread and the LM
         head passes (client/head_batcher.py). Torch work between awaits runs in inference mode; the
         mode is per thread, so it is never held across an await, where other coroutines run."""
@@ -495,9 +555,9 @@ class DistributedModelForCausalLM(DistributedModel):
         try:
             while run.running:
                 with torch.inference_mode():
-                    inputs, pad_lens = run.next_inputs()
+                    inputs, pad_lens, hypo_ids = run.next_inputs()
                     embeds = self._embed_step(inputs, session)
-                hidden = await session.astep(embeds, pad_lens=pad_lens, token_ids=inputs, when_open=when_open)
+                hidden = await session.astep(embeds, pad_lens=pad_lens, token_ids=inputs, hypo_ids=hypo_ids, when_open=when_open)
                 when_open = None
                 logits = await self.head_batcher(hidden[:, -1, :], key)
                 with torch.inference_mode():

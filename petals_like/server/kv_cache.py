@@ -186,15 +186,34 @@ class SequencePages:
         if not 0 <= length <= self.length:
             raise ValueError(f"cannot truncate {self.length} tokens to {length}")
         keep = -(-length // pool.page_size)
-        last = self.pages[keep - 1] if keep else None
-        if length % pool.page_size and pool.refcount(last) > 1:
-            (own,) = pool.allocate(1)  # first: a full pool raises CacheExhausted with nothing changed
-            pool.copy_page(last, own)
-            pool.release([last])
-            self.pages[keep - 1] = own
+        if length % pool.page_size:
+            self._own_page(pool, keep - 1)  # first: a full pool raises CacheExhausted with nothing changed
         dropped, self.pages = self.pages[keep:], self.pages[:keep]
         self.length = length
         pool.release(dropped)
+
+    def share(self, pool: KVPool) -> SequencePages:
+        """A second page table holding this one's tokens in the same pages (one more reference each);
+        call own_last_page() on each holder before it writes (beam search's row reordering)."""
+        other = SequencePages()
+        other.pages = self.pages[: -(-self.length // pool.page_size)]
+        pool.retain(other.pages)
+        other.length = self.length
+        return other
+
+    def own_last_page(self, pool: KVPool) -> None:
+        """Copy the partly filled last page if another holder shares it (raises CacheExhausted with
+        nothing changed when no page is free)."""
+        if self.length % pool.page_size:
+            self._own_page(pool, self.length // pool.page_size)
+
+    def _own_page(self, pool: KVPool, index: int) -> None:
+        page = self.pages[index]
+        if pool.refcount(page) > 1:
+            (own,) = pool.allocate(1)
+            pool.copy_page(page, own)
+            pool.release([page])
+            self.pages[index] = own
 
     def free(self, pool: KVPool) -> None:
         """Release every page (shared prefix pages too: they are refcounted) and forget the tokens."""

@@ -221,8 +221,37 @@ class SessionManager:
             self._rewind(session, position)
         elif position == session.length and session.length + reuse + seq > session.max_length:
             raise ProtocolError(f"{session.length + reuse} + {seq} tokens exceed the session's max_length={session.max_length}")
+        if step.hypo_ids and position == session.length:  # not for a repeated step: it was reordered once
+            self._reorder(session, step.hypo_ids)
         self._add_hashes(session, step)
         return hidden
+
+    def _reorder(self, session: ServerSession, hypo_ids: Sequence[int]) -> None:
+        """Row i of the session continues what row hypo_ids[i] holds (beam search). Rows picked twice
+        share their full pages; each copy gets its own partial last page."""
+        batch = session.batch_size
+        if len(hypo_ids) != batch or not all(0 <= i < batch for i in hypo_ids):
+            raise ProtocolError(f"hypo_ids must list {batch} rows of the session, each in [0, {batch})")
+        if session.inflight is not None:
+            raise ProtocolError("cannot reorder rows while a step runs", ErrorCode.OUT_OF_SYNC)
+        if list(hypo_ids) == list(range(batch)):
+            return
+        old = session.sequences
+        if session.length % self.pool.page_size:  # copies of a partial page, for rows picked twice or more
+            copies = len(hypo_ids) - len(set(hypo_ids))
+            try:
+                self.pool.release(self.pool.allocate(copies))  # all rows or none: evicts now if it must
+            except CacheExhausted as e:
+                raise ProtocolError(f"{e}; retry later or on another server", ErrorCode.CACHE_FULL) from None
+        rows = [old[i].share(self.pool) for i in hypo_ids]
+        for row in old:
+            row.free(self.pool)
+        for row in rows:
+            row.own_last_page(self.pool)
+        session.sequences = rows
+        session.pad_lens = [session.pad_lens[i] for i in hypo_ids]
+        session.last_output = None
+        self._pages_freed.set()
 
     def _rewind(self, session: ServerSession, position: int) -> None:
         """Drop the session's tokens from `position` on, in every row: their pages go back to the pool
