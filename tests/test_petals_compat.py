@@ -3,6 +3,7 @@ Petals' client surface, each checked against local transformers or a fresh sessi
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Iterator
 
@@ -203,16 +204,31 @@ def test_a_slice_of_the_blocks_runs_forward_backward_and_inference_like_those_bl
         assert torch.allclose(torch.cat(outs, dim=1), local(x), rtol=1e-5, atol=1e-4)
 
 
-def test_generate_inside_use_session_continues_that_session(model, reference):
+def test_generate_inside_a_session_block_continues_that_session(model, reference):
+    """As in Petals: inside `with model.inference_session(...)` (or use_session), generate() without
+    session= runs in that session; another thread's generate() does not."""
     input_ids = torch.tensor([[1, 60, 61, 62]])
     expected = reference.generate(input_ids, max_new_tokens=8, do_sample=False)
-    with model.inference_session(max_length=32) as session, model.use_session(session):
+    elsewhere: list = []
+    with model.inference_session(max_length=32) as session:
         assert model.active_session is session
         first = model.generate(input_ids, max_new_tokens=4)
+        thread = threading.Thread(
+            target=lambda: elsewhere.append((model.active_session, model.generate(input_ids, max_new_tokens=2)))
+        )
+        thread.start()
+        thread.join(60)
         rest = model.generate(None, max_new_tokens=4)
         assert session.position == input_ids.shape[1] + 7
     assert model.active_session is None
     assert torch.equal(torch.cat([first, rest], dim=1), expected)
+    assert elsewhere[0][0] is None and torch.equal(elsewhere[0][1], expected[:, :6])
+    other = model.inference_session(max_length=16)
+    with model.use_session(other):
+        assert model.active_session is other
+        model.generate(input_ids, max_new_tokens=2)
+        assert other.position == input_ids.shape[1] + 1
+    other.close()
 
 
 def test_seeded_sampling_with_the_checkpoints_defaults_equals_transformers(model, reference):

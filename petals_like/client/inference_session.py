@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Awaitable, Callable, Optional
+from typing import Any, Awaitable, Callable, ContextManager, Optional
 
 import torch
 
@@ -81,6 +81,9 @@ class InferenceSession:
         # every block-0 input while a reused prefix is in the chain (a failure then replays them all);
         # without reuse, each link's own history is enough and this stays empty
         self._inputs: list[torch.Tensor] = []
+        # entered and left with the session's `with` block (the model that made it sets it: use_session)
+        self.context: Optional[Callable[[], ContextManager[Any]]] = None
+        self._entered: Optional[ContextManager[Any]] = None
 
     @property
     def position(self) -> int:
@@ -201,10 +204,18 @@ class InferenceSession:
             link.stream.abort()
 
     def __enter__(self) -> InferenceSession:
+        if self.context is not None:  # e.g. the model's use_session(self)
+            self._entered = self.context()
+            self._entered.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
-        self.close()
+        try:
+            self.close()
+        finally:
+            entered, self._entered = self._entered, None
+            if entered is not None:
+                entered.__exit__(*exc)
 
     # ---- internals, on the node's loop ----
 

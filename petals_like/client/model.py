@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 from dataclasses import fields
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
@@ -91,7 +92,7 @@ class DistributedModel(torch.nn.Module):
         self.remote = RemoteSequential(node, self.routes, config, spec.num_blocks)
         self.prompt_tuning: Optional[PromptTuning] = None
         self.lora: Optional[ClientLora] = None
-        self._active_session: Optional[InferenceSession] = None
+        self._active = threading.local()  # .session: this thread's active session (use_session)
         if tuning_mode is not None:
             self.prompt_tuning = PromptTuning(spec, tuning_mode, pre_seq_len, init_from=local.embed_tokens.weight)
             self.local.requires_grad_(False)  # only the prompts train
@@ -314,7 +315,7 @@ class DistributedModel(torch.nn.Module):
         else:
             salt = None
         prefix = self.prompt_tuning.pre_seq_len if self.prompt_tuning is not None else 0
-        return InferenceSession(
+        session = InferenceSession(
             self.node,
             self.routes,
             self.client_config,
@@ -324,20 +325,25 @@ class DistributedModel(torch.nn.Module):
             tuning=tuning,
             spot_checker=self.remote.spot_checker,
         )
+        # as in Petals: inside `with model.inference_session(...)`, generate() runs in that session
+        session.context = lambda: self.use_session(session)
+        return session
 
     @property
     def active_session(self) -> Optional[InferenceSession]:
-        """The session generate() uses when given none (Petals' active_session): see use_session()."""
-        return self._active_session
+        """The session generate() uses when given none (Petals' active_session): the innermost
+        `with model.inference_session(...)` or use_session() block of this thread."""
+        return getattr(self._active, "session", None)
 
     @contextlib.contextmanager
     def use_session(self, session: Optional[InferenceSession]) -> Iterator[Optional[InferenceSession]]:
-        """Within this block, generate() without a session= runs in `session` (None: in a new one each)."""
-        previous, self._active_session = self._active_session, session
+        """Within this block (in this thread), generate() without session= runs in `session` (None: in a
+        new session each call)."""
+        previous, self._active.session = self.active_session, session
         try:
             yield session
         finally:
-            self._active_session = previous
+            self._active.session = previous
 
     def shutdown(self) -> None:
         """Leave the swarm: stop this client's p2p daemon (unless it was shared through dht=)."""
@@ -425,7 +431,7 @@ class DistributedModelForCausalLM(DistributedModel):
         config = resolve_generation_config(self.generation_config, generation_config, **kwargs)
         if input_ids is not None and input_ids.ndim == 1:
             input_ids = input_ids[None]
-        session = session if session is not None else self._active_session
+        session = session if session is not None else self.active_session
         copies, beams = config.num_return_sequences or 1, config.num_beams or 1
         if beams > 1 and (session is not None or input_ids is None):
             raise ValueError("beam search runs in a session of its own: pass input_ids and no session")
