@@ -5,6 +5,7 @@ resolved (the checkpoint's generation_config.json, transformers' defaults, the c
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import pytest
@@ -176,8 +177,13 @@ BEAM_OPTIONS = [
 def test_beam_search_chooses_what_transformers_chooses(ours, reference, options):
     """BeamSearch driven over transformers' own model: each step's rows are the previous rows in the
     order hypo_ids gives (what the servers do to their KV pages), run whole (no cache)."""
+    from transformers import GenerationMixin
+
     from petals_like.client.beam_search import BeamSearch
 
+    if options.get("do_sample") and ".sort(" not in inspect.getsource(GenerationMixin._get_top_k_continuations):
+        # transformers 5.0 kept beam samples in draw order; later versions sort them, as BeamSearch does
+        pytest.skip("this transformers does not sort beam samples by score")
     _, _, model_config = ours
     torch.manual_seed(5)
     want = reference.generate(PROMPT, max_new_tokens=12, **options)
