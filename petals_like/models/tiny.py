@@ -25,6 +25,11 @@ MARKER_FILE = "petals_like_tiny.json"  # the parameters a folder was made with; 
 MARKER_VERSION = 1  # bump when the layout or the weight recipe changes, so stale test caches are rebuilt
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>")  # ids 0..3; byte b is id 4 + b
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = range(4)
+# a plain-text chat format (the tokenizer has no special tokens for roles): "<s>user: hi\n...assistant:"
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
 FAMILIES = ("llama", "mistral", "qwen2")
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -252,4 +257,5 @@ def _save_tokenizer(folder: Path, max_length: int) -> None:
         padding_side="left",  # decoder-only batches are left-padded so every row ends at its last token
         model_max_length=max_length,
     )
+    fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(folder)
