@@ -257,3 +257,67 @@ def test_the_next_chat_turn_takes_the_history_from_the_prefix_cache(client, swar
     computed = stats.inference_tokens - before
     assert second.usage.prompt_tokens == len(prompt)
     assert computed <= len(prompt) - 48 + 4, (computed, len(prompt))  # at least 3 pages of 16 tokens reused
+
+
+# ---- the chat page, in headless Chromium ----
+
+RESULTS = Path(__file__).resolve().parent.parent / "test-results"
+
+
+@pytest.fixture(scope="module")
+def browser():
+    import os
+    import shutil
+
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if path is None:
+        missing = "headless Chromium is not installed (Debian: apt-get install chromium; .ci/run installs it)"
+        if os.environ.get("CI"):
+            pytest.fail(f"{missing}, and CI is set", pytrace=False)
+        pytest.skip(missing)
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=path, args=["--no-sandbox"])
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+def test_the_chat_page_streams_an_answer_and_stops_one(api, browser, swarm, tokenizer, reference):
+    served, _ = api
+    page = browser.new_page(viewport={"width": 1000, "height": 800})
+    try:
+        page.goto(served.url.removesuffix("/v1") + "/")
+        page.fill("#api-key", KEY)
+        page.fill("#temperature", "0")
+        page.fill("#max-tokens", "12")
+        page.locator("#model", has_text=NAME).wait_for()
+        page.fill("#message", "Name a colour.")
+        page.press("#message", "Enter")
+        page.wait_for_selector(".message.assistant[data-done=true]", timeout=60_000)
+        ids = chat_ids(tokenizer, [{"role": "user", "content": "Name a colour."}])
+        expected = text_of(tokenizer, greedy(reference, ids, 12))
+        assert page.text_content(".message.assistant .text") == expected
+        assert page.text_content(".message.user .text") == "Name a colour."
+        page.locator("#route", has_text="Chain: ").wait_for()
+        peers = {s.node.peer_id[-6:] for s in swarm.servers}
+        assert all(p in page.text_content("#route") for p in peers)
+        RESULTS.mkdir(exist_ok=True)
+        shot = RESULTS / "chat.png"
+        page.screenshot(path=str(shot))
+        assert shot.stat().st_size > 5_000
+
+        # a long answer, stopped mid-stream: the page says so and the servers free the session's pages
+        page.fill("#max-tokens", "400")
+        page.fill("#message", "Go on and on.")
+        page.press("#message", "Enter")
+        second = page.locator(".message.assistant .text").nth(1)
+        wait_until(lambda: len(second.text_content() or "") > 0, 60, message="the second answer streaming")
+        page.click("#stop")
+        page.wait_for_selector(".message.assistant[data-finish=stopped]", timeout=10_000)
+        pools = [(server.sessions.pool, server.sessions.prefix_index) for server in swarm.servers]
+        wait_until(lambda: all(p.num_free + len(i) == p.num_pages for p, i in pools), 10, message="pages back after Stop")
+    finally:
+        page.close()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import functools
 import hmac
 import json
 import logging
@@ -19,11 +20,12 @@ import threading
 import time
 import uuid
 from collections.abc import Mapping
+from importlib import resources
 from typing import Any, AsyncIterator, Callable, Literal, Optional, Union
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from petals_like.api.engine import MAX_TOP_LOGPROBS, Choice, CompletionEngine, ContextTooLong, Sampling, TokenLogprob
@@ -34,6 +36,23 @@ logger = logging.getLogger(__name__)
 
 MAX_STOP_STRINGS = 4  # as OpenAI's API
 MAX_CHOICES = 16
+STATIC_TYPES = {
+    "chat.html": "text/html; charset=utf-8",
+    "chat.js": "text/javascript; charset=utf-8",
+    "chat.css": "text/css; charset=utf-8",
+}
+SECURITY_HEADERS = {  # the page runs no script but its own and loads nothing from elsewhere
+    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
+    "base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
+
+
+@functools.lru_cache(maxsize=None)
+def _static(name: str) -> bytes:
+    """A file of the package's static/ folder (the chat page: no CDN, nothing from elsewhere)."""
+    return resources.files("petals_like.api").joinpath("static", name).read_bytes()
 
 
 class APIError(Exception):
@@ -182,6 +201,21 @@ def create_app(
                 "model",
                 "model_not_found",
             )
+
+    @app.get("/", include_in_schema=False)
+    async def chat_page() -> Response:
+        return Response(_static("chat.html"), media_type="text/html; charset=utf-8", headers=SECURITY_HEADERS)
+
+    @app.get("/static/{name}", include_in_schema=False)
+    async def static_file(name: str) -> Response:
+        if name not in STATIC_TYPES:
+            raise APIError(404, f"no static file {name!r}", "invalid_request_error", code="not_found")
+        return Response(_static(name), media_type=STATIC_TYPES[name], headers=SECURITY_HEADERS)
+
+    @app.get("/api/route", include_in_schema=False)
+    async def route() -> dict:
+        """The servers of the latest inference chain (the chat page shows them)."""
+        return {"route": route_of() if route_of is not None else []}
 
     @app.get("/v1/models")
     async def list_models() -> dict:

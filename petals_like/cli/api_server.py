@@ -30,10 +30,18 @@ def build(model_path: str, initial_peers: list[str], *, name: Optional[str] = No
     model = AutoDistributedModelForCausalLM.from_pretrained(model_path, initial_peers, **client)
     try:
         engine = CompletionEngine(model, tokenizer, max_context=model.config.max_position_embeddings)
-        return create_app(engine, name or str(model_path), api_key=api_key), model
+        app = create_app(engine, name or str(model_path), api_key=api_key, route_of=lambda: _route(model))
+        return app, model
     except BaseException:
         model.shutdown()
         raise
+
+
+def _route(model) -> list[dict]:
+    """The servers of the model's latest inference chain."""
+    return [
+        {"peer_id": span.peer_id, "start": span.start, "end": span.end} for span in model.routes.last_routes.get("inference", [])
+    ]
 
 
 def main(argv: Optional[list[str]] = None) -> None:

@@ -52,10 +52,12 @@ class RouteManager:
         self.ban_reasons: dict[str, str] = {}  # peer -> why it was last avoided (the last MAX_BAN_REASONS peers)
         self._lock = asyncio.Lock()
         self.pings = PingTable(timeout=config.ping_timeout, period=config.ping_period)
+        self.last_routes: dict[str, list[RemoteSpanInfo]] = {}  # the latest route of each kind (show())
 
     def show(self, kind: str, start: int, end: int, route: list[RemoteSpanInfo]) -> None:
         """Print a chain for blocks [start, end) where the user asked (ClientConfig.show_route): on the
         console through the "petals_like.route" logger, whatever the logging set-up; else at debug level."""
+        self.last_routes[kind] = list(route)
         shown = self.config.show_route is True or self.config.show_route == kind
         text = " => ".join(f"{span.peer_id[-6:]}[{span.start}:{span.end}]" for span in route)
         if not shown:
