@@ -11,6 +11,7 @@ Rounds alternate the two sides; medians are reported, with the per-round values.
 
 from __future__ import annotations
 
+import concurrent.futures
 import statistics
 import threading
 import time
@@ -86,13 +87,52 @@ def _median_of(runs: list[dict], fn: Callable[[dict], float]) -> float:
     return statistics.median(fn(r) for r in runs)
 
 
-def api_vs_python(model, model_dir, rounds: int = 3, new_tokens: int = 64, sessions: int = 16) -> dict:
-    """(o)"""
+def _http_clients(url: str, conversations: list[list[dict]], max_tokens: int) -> tuple[list[dict], float]:
+    """In the clients' process: one streaming chat per conversation, all at once, each on a thread of
+    its own; (each chat's measurements, the wall seconds of all)."""
     import openai
 
+    client = openai.OpenAI(base_url=url, api_key="bench", max_retries=0, timeout=600)
+    results: list = [None] * len(conversations)
+
+    def chat(i: int) -> None:
+        results[i] = _http_chat(client, conversations[i], max_tokens)
+
+    seconds = run_concurrently(len(conversations), chat)
+    return results, seconds
+
+
+def _http_turns(url: str, history: str, rounds: int) -> list[dict]:
+    """In the clients' process: per round, a new conversation's first turn and its second turn, whose
+    prompt repeats the first turn's prompt and answer (cached on the servers): their times to first token."""
+    import openai
+
+    client = openai.OpenAI(base_url=url, api_key="bench", max_retries=0, timeout=600)
+    turns = []
+    for r in range(rounds):
+        conversation = [{"role": "user", "content": f"Round {r}. {history}"}]
+        first = _http_chat(client, conversation, 16)
+        answer = client.chat.completions.create(model="bench", messages=conversation, max_tokens=16, temperature=0)
+        conversation += [
+            {"role": "assistant", "content": answer.choices[0].message.content},
+            {"role": "user", "content": "Go on."},
+        ]
+        second = _http_chat(client, conversation, 16)
+        turns.append({"first_turn_ttft_s": first["first_token_s"], "second_turn_ttft_s": second["first_token_s"]})
+    return turns
+
+
+def api_vs_python(model, model_dir, rounds: int = 3, new_tokens: int = 64, sessions: int = 16) -> dict:
+    """(o). The HTTP clients run in a process of their own, as users' programs would: in this one they
+    would compete for the interpreter with the API server and the client model they measure."""
+    import multiprocessing
+
     server, thread, tokenizer, url = _serve(model, model_dir)
+    clients = concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
     try:
-        client = openai.OpenAI(base_url=url, api_key="bench", max_retries=0, timeout=600)
+
+        def http(conversations: list[list[dict]], max_tokens: int) -> tuple[list[dict], float]:
+            return clients.submit(_http_clients, url, conversations, max_tokens).result()
 
         def chat_ids(messages: list[dict]) -> list[int]:
             encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
@@ -100,21 +140,17 @@ def api_vs_python(model, model_dir, rounds: int = 3, new_tokens: int = 64, sessi
 
         messages = [{"role": "user", "content": "Say something about swarms of servers."}]
         ids = chat_ids(messages)
-        _http_chat(client, messages, 4)  # warm-up: routes found, the app's first request
+        http([messages], 4)  # warm-up: the clients' process, routes found, the app's first request
         _python_chat(model, ids, 4)
         one = {"http": [], "python": []}
         many = {"http": [], "python": []}
         for r in range(rounds):
-            one["http"].append(_http_chat(client, messages, new_tokens))
+            one["http"].append(http([messages], new_tokens)[0][0])
             one["python"].append(_python_chat(model, ids, new_tokens))
             prompts = [[{"role": "user", "content": f"Session {i} of round {r}: say something."}] for i in range(sessions)]
-            results: list = [None] * sessions
-
-            def http(i: int) -> None:
-                results[i] = _http_chat(client, prompts[i], new_tokens)
-
-            seconds = run_concurrently(sessions, http)
+            results, seconds = http(prompts, new_tokens)
             many["http"].append(sum(x["tokens"] for x in results) / seconds)
+            results = [None] * sessions
 
             def python(i: int) -> None:
                 results[i] = _python_chat(model, chat_ids(prompts[i]), new_tokens)
@@ -122,22 +158,12 @@ def api_vs_python(model, model_dir, rounds: int = 3, new_tokens: int = 64, sessi
             seconds = run_concurrently(sessions, python)
             many["python"].append(sum(x["tokens"] for x in results) / seconds)
 
-        # a conversation's second turn: its prompt repeats the first turn's (cached on the servers)
         # ~950 tokens of this byte-level vocabulary, or what the model's context allows for two turns
         history = "The swarm " * min(95, (model.config.max_position_embeddings - 160) // 20)
-        turns = []
-        for r in range(rounds):
-            conversation = [{"role": "user", "content": f"Round {r}. {history}"}]
-            first = _http_chat(client, conversation, 16)
-            answer = client.chat.completions.create(model="bench", messages=conversation, max_tokens=16, temperature=0)
-            conversation += [
-                {"role": "assistant", "content": answer.choices[0].message.content},
-                {"role": "user", "content": "Go on."},
-            ]
-            second = _http_chat(client, conversation, 16)
-            turns.append({"first_turn_ttft_s": first["first_token_s"], "second_turn_ttft_s": second["first_token_s"]})
-        prompt_tokens = len(chat_ids(conversation))
+        turns = clients.submit(_http_turns, url, history, rounds).result()
+        prompt_tokens = len(chat_ids([{"role": "user", "content": f"Round 0. {history}"}])) + 16 + 8
     finally:
+        clients.shutdown()
         server.should_exit = True
         thread.join(30)
 
@@ -165,7 +191,7 @@ def api_vs_python(model, model_dir, rounds: int = 3, new_tokens: int = 64, sessi
             "per_round": {side: [round(x, 2) for x in values] for side, values in many.items()},
         },
         "second_turn": {
-            "prompt_tokens": prompt_tokens,
+            "prompt_tokens_about": prompt_tokens,
             "first_turn_ttft_ms": round(1000 * first_ttft, 1),
             "second_turn_ttft_ms": round(1000 * second_ttft, 1),
             "ratio": round(second_ttft / first_ttft, 3),
