@@ -182,15 +182,8 @@ def create_app(
             problem = _invalid(f"{param or 'request'}: {first.get('msg', 'invalid value')}", param, "invalid_value")
         return JSONResponse(problem.body(), status_code=problem.status)
 
-    @app.middleware("http")
-    async def _check_key(request: Request, call_next):
-        if api_key is not None and request.url.path.startswith("/v1/"):
-            given = request.headers.get("authorization", "")
-            token = given[7:] if given.lower().startswith("bearer ") else ""
-            if not hmac.compare_digest(token.encode(), api_key.encode()):
-                problem = APIError(401, "Incorrect API key provided", "invalid_request_error", code="invalid_api_key")
-                return JSONResponse(problem.body(), status_code=401)
-        return await call_next(request)
+    if api_key is not None:
+        app.add_middleware(_KeyCheck, key=api_key)
 
     def check_model(name: str) -> None:
         if name != model_name:
@@ -272,6 +265,24 @@ def create_app(
     return app
 
 
+class _KeyCheck:
+    """ASGI middleware: /v1/ requests need `Authorization: Bearer <key>`. Plain ASGI rather than
+    @app.middleware("http"), which would pass every streamed chunk through an extra task and queue."""
+
+    def __init__(self, app: Any, key: str):
+        self.app, self.key = app, key.encode()
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            token = given[7:] if given[:7].lower() == b"bearer " else b""
+            if not hmac.compare_digest(token, self.key):
+                problem = APIError(401, "Incorrect API key provided", "invalid_request_error", code="invalid_api_key")
+                await JSONResponse(problem.body(), status_code=401)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def _prompts(engine: CompletionEngine, prompt: Any) -> list[list[int]]:
     """The token ids of each prompt of a completions request (a string, ids, or a list of either)."""
     if isinstance(prompt, str):
@@ -320,7 +331,7 @@ class _Run:
         completion = sum(len(c.token_ids) for c in choices)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
-    async def _launch(self, on_delta, cancelled: threading.Event) -> list[asyncio.Future]:
+    def _launch(self, on_delta, cancelled: threading.Event) -> list[asyncio.Future]:
         loop = asyncio.get_running_loop()
         futures = []
         for p, ids in enumerate(self.prompts):
@@ -331,7 +342,7 @@ class _Run:
     async def complete(self) -> list[Choice]:
         cancelled = threading.Event()
         try:
-            results = await asyncio.gather(*await self._launch(None, cancelled))
+            results = await asyncio.gather(*self._launch(None, cancelled))
         except BaseException as e:
             cancelled.set()
             raise _as_api_error(e) from e
@@ -348,22 +359,22 @@ class _Run:
         obj = "chat.completion.chunk" if chat else "text_completion"
         total = len(self.prompts) * self.sampling.n
         try:
-            futures = await self._launch(on_delta, cancelled)
+            futures = self._launch(on_delta, cancelled)
             done = asyncio.ensure_future(asyncio.gather(*futures))
+            done.add_done_callback(lambda _: queue.put_nowait(None))  # after every delta: they were queued first
             if chat:
                 for i in range(total):
                     delta = {"role": "assistant", "content": ""}
                     yield _event(self.envelope(obj, [{"index": i, "delta": delta, "logprobs": None, "finish_reason": None}]))
-            while True:
-                getter = asyncio.ensure_future(queue.get())
-                finished, _ = await asyncio.wait({getter, done}, return_when=asyncio.FIRST_COMPLETED)
-                if getter not in finished:
-                    getter.cancel()
-                    if queue.empty():
-                        break
-                    continue
-                index, text, logprobs, finish = getter.result()
-                yield _event(self.envelope(obj, [self._chunk(index, text, logprobs, finish, chat)]))
+            finished = False
+            while not finished:
+                items = [await queue.get()]
+                while not queue.empty():  # what arrived meanwhile goes out in one write
+                    items.append(queue.get_nowait())
+                finished = items[-1] is None
+                events = [_event(self.envelope(obj, [self._chunk(*item, chat)])) for item in items if item is not None]
+                if events:
+                    yield "".join(events)
             try:
                 results = [c for choices in done.result() for c in choices]
             except BaseException as e:
@@ -379,7 +390,8 @@ class _Run:
         wanted = self.sampling.logprobs is not None
         if chat:
             lp = {"content": _chat_logprobs(self.engine, logprobs)} if wanted else None
-            return {"index": index, "delta": {"content": text} if text else {}, "logprobs": lp, "finish_reason": finish}
+            delta = {"content": text} if text or finish is None else {}  # a held-back token's chunk: empty content
+            return {"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish}
         lp = _completion_logprobs(self.engine, logprobs) if wanted else None
         return {"index": index, "text": text, "logprobs": lp, "finish_reason": finish}
 

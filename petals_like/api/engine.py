@@ -8,6 +8,7 @@ still become a stop string or ends inside a multi-byte character.
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 from dataclasses import dataclass, field
@@ -50,7 +51,6 @@ class Choice:
     logprobs: list[TokenLogprob] = field(default_factory=list)  # one per token whose text is in `text`
     sent: int = 0  # characters of `text` already given to on_delta
     sent_logprobs: int = 0
-    ends: list[int] = field(default_factory=list)  # where each token's text ends (with logprobs only)
 
 
 class ContextTooLong(ValueError):
@@ -131,8 +131,8 @@ class CompletionEngine:
         cancelled = cancelled or threading.Event()
         choices = [Choice() for _ in range(sampling.n)]
         input_ids = torch.tensor([prompt_ids] * sampling.n, dtype=torch.long)
-        recorder = _Recorder()
-        processors = LogitsProcessorList([recorder])
+        recorder = _Recorder()  # a log-softmax over the vocabulary per step: only where logprobs are asked for
+        processors = LogitsProcessorList([recorder] if sampling.logprobs is not None else [])
         if sampling.presence_penalty or sampling.frequency_penalty:
             processors.append(OpenAIPenalties(len(prompt_ids), sampling.presence_penalty, sampling.frequency_penalty))
         options: dict[str, Any] = {"max_new_tokens": max_tokens}
@@ -164,12 +164,42 @@ class CompletionEngine:
         return choices
 
 
+class _Text:
+    """One choice's text, decoded incrementally: each token costs the decode of a few tokens, not of the
+    whole answer so far. A window that starts one decoded token back (its text already known) is decoded
+    and the difference appended, as the text-generation servers do; this keeps tokenizers that drop a
+    leading space at the start of a decode (SentencePiece) exact. Tokens whose bytes end inside a
+    multi-byte character wait for the ones that complete it."""
+
+    def __init__(self, tokenizer: Any):
+        self.decode = functools.partial(tokenizer.decode, skip_special_tokens=True)
+        self.text = ""
+        self.start = 0  # the window's first token: its text is in self.text already
+        self.read = 0  # tokens up to here are in self.text
+        self.ends: list[int] = []  # where each token's text ends in self.text (tokens decoded so far)
+
+    def add(self, ids: list[int], final: bool = False) -> None:
+        """Take in ids[self.read:]; at the end (final) also an incomplete character, as U+FFFD."""
+        if len(ids) <= self.read:
+            return
+        known = self.decode(ids[self.start : self.read]) if self.read > self.start else ""
+        window = self.decode(ids[self.start :])
+        if not final and (len(window) <= len(known) or window.endswith("\ufffd")):
+            return
+        self.text += window[len(known) :]
+        self.ends += [len(self.text)] * (len(ids) - self.read)
+        self.start, self.read = self.read, len(ids)
+
+
 class _Streamer:
-    """generate()'s streamer: puts each row's tokens into its Choice and hands on the final text."""
+    """generate()'s streamer: puts each row's tokens into its Choice and hands on the final text, one
+    on_delta call per token (its text may be empty while held back)."""
 
     def __init__(self, engine: CompletionEngine, choices: list[Choice], sampling: Sampling, recorder: _Recorder, on_delta):
         self.engine, self.choices, self.sampling, self.recorder, self.on_delta = engine, choices, sampling, recorder, on_delta
-        self.hold = max((len(s) for s in sampling.stop), default=1) - 1  # a stop string may still be forming
+        self.longest_stop = max((len(s) for s in sampling.stop), default=0)
+        self.hold = max(self.longest_stop - 1, 0)  # a stop string may still be forming
+        self.texts = [_Text(engine.tokenizer) for _ in choices]
 
     def put(self, tokens: torch.Tensor) -> None:
         logprobs = self.recorder.last
@@ -190,38 +220,36 @@ class _Streamer:
         pass
 
     def flush(self, index: int, *, final: bool, drop_last: bool = False) -> None:
-        """Decode the choice's tokens, cut at a stop string, and hand on what is new and final."""
-        choice = self.choices[index]
+        """Decode the choice's new tokens, cut at a stop string, and hand on what is new and final."""
+        choice, decoded = self.choices[index], self.texts[index]
         ids = choice.token_ids[:-1] if drop_last else choice.token_ids
-        decode = self.engine.tokenizer.decode
-        text = decode(ids, skip_special_tokens=True)
-        if self.sampling.logprobs is not None:
-            while len(choice.ends) < len(ids):  # where each token's text ends, for its logprobs
-                choice.ends.append(len(decode(ids[: len(choice.ends) + 1], skip_special_tokens=True)))
-        cut = min((i for i in (text.find(s) for s in self.sampling.stop) if i >= 0), default=-1)
+        before = len(decoded.text)
+        decoded.add(ids, final)
+        text = decoded.text
+        cut = -1
+        if self.sampling.stop and len(text) > before:  # only a stop string that ends in the new text is new
+            since = max(before - self.longest_stop + 1, 0)
+            cut = min((i for i in (text.find(s, since) for s in self.sampling.stop) if i >= 0), default=-1)
         if cut >= 0:
             text, final = text[:cut], True
             choice.finish_reason = "stop"
         elif not final:
             text = text[: max(len(text) - self.hold, 0)]
-            while text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for its other bytes
-                text = text[:-1]
-        if len(text) < choice.sent:
-            return
         choice.text = text
         delta = text[choice.sent :]
         choice.sent = len(text)
         new_logprobs: list[TokenLogprob] = []
         if self.sampling.logprobs is not None:
+            ends = decoded.ends
             if final and cut < 0:
                 done = len(ids)
             elif final:  # the tokens that start before the cut
-                done = sum(1 for i in range(len(ids)) if (choice.ends[i - 1] if i else 0) < len(text))
+                done = sum(1 for i in range(len(ends)) if (ends[i - 1] if i else 0) < len(text))
             else:  # the tokens whose text is entirely out
-                done = sum(1 for end in choice.ends[: len(ids)] if end <= len(text))
+                done = sum(1 for end in ends if end <= len(text))
             new_logprobs = choice.logprobs[choice.sent_logprobs : max(done, choice.sent_logprobs)]
             choice.sent_logprobs = max(done, choice.sent_logprobs)
-        if self.on_delta is not None and (delta or new_logprobs or final):
+        if self.on_delta is not None:
             self.on_delta(index, delta, new_logprobs, choice.finish_reason if final else None)
 
 

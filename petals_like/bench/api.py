@@ -48,7 +48,8 @@ def _serve(model, model_dir):
 
 
 def _http_chat(client, messages: list[dict], max_tokens: int) -> dict:
-    """One streaming chat: time to first content, tokens (usage), seconds in all."""
+    """One streaming chat: time to the first token's chunk (the API sends one per token, its content empty
+    while the text is held back), tokens (usage), seconds in all."""
     started = time.perf_counter()
     first = None
     tokens = 0
@@ -61,7 +62,7 @@ def _http_chat(client, messages: list[dict], max_tokens: int) -> dict:
         stream_options={"include_usage": True},
     )
     for chunk in stream:
-        if chunk.choices and chunk.choices[0].delta.content and first is None:
+        if chunk.choices and chunk.choices[0].delta.role is None and first is None:
             first = time.perf_counter() - started
         if chunk.usage is not None:
             tokens = chunk.usage.completion_tokens
@@ -144,19 +145,29 @@ def api_vs_python(model, model_dir, rounds: int = 3, new_tokens: int = 64, sessi
         _python_chat(model, ids, 4)
         one = {"http": [], "python": []}
         many = {"http": [], "python": []}
+        last_first = {"http": [], "python": []}  # when the last of the 16 got its first token
         for r in range(rounds):
             one["http"].append(http([messages], new_tokens)[0][0])
             one["python"].append(_python_chat(model, ids, new_tokens))
-            prompts = [[{"role": "user", "content": f"Session {i} of round {r}: say something."}] for i in range(sessions)]
-            results, seconds = http(prompts, new_tokens)
+            # prompts of equal length, new to the servers on each side (none finds the other's in the prefix cache)
+            prompts = {
+                side: [
+                    [{"role": "user", "content": f"Session {i} of round {r}, side {side}: say something."}]
+                    for i in range(sessions)
+                ]
+                for side in "hp"
+            }
+            results, seconds = http(prompts["h"], new_tokens)
             many["http"].append(sum(x["tokens"] for x in results) / seconds)
+            last_first["http"].append(max(x["first_token_s"] for x in results))
             results = [None] * sessions
 
             def python(i: int) -> None:
-                results[i] = _python_chat(model, chat_ids(prompts[i]), new_tokens)
+                results[i] = _python_chat(model, chat_ids(prompts["p"][i]), new_tokens)
 
             seconds = run_concurrently(sessions, python)
             many["python"].append(sum(x["tokens"] for x in results) / seconds)
+            last_first["python"].append(max(x["first_token_s"] for x in results))
 
         # ~950 tokens of this byte-level vocabulary, or what the model's context allows for two turns
         history = "The swarm " * min(95, (model.config.max_position_embeddings - 160) // 20)
@@ -188,6 +199,7 @@ def api_vs_python(model, model_dir, rounds: int = 3, new_tokens: int = 64, sessi
             "http_aggregate_tokens_per_s": round(statistics.median(many["http"]), 2),
             "python_aggregate_tokens_per_s": round(statistics.median(many["python"]), 2),
             "ratio": round(statistics.median(many["http"]) / statistics.median(many["python"]), 3),
+            "last_first_token_ms": {side: round(1000 * statistics.median(values), 1) for side, values in last_first.items()},
             "per_round": {side: [round(x, 2) for x in values] for side, values in many.items()},
         },
         "second_turn": {
