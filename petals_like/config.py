@@ -102,7 +102,11 @@ class ServerConfig:
     identity_path: Optional[str] = flag(None, "private key file: a stable peer id across restarts")
     device: str = flag("cpu", "cpu, cuda, cuda:1, ...")
     torch_dtype: str = flag("auto", "auto = the checkpoint's dtype", choices=["auto", "float32", "float16", "bfloat16"])
-    quant_type: str = flag("none", "weights in blockwise 8-bit or 4-bit (docs/quantization.md)", choices=["none", "int8", "nf4"])
+    quant_type: str = flag(
+        "none",
+        "weights in 8-bit rows, 4-bit groups or NF4 blocks (docs/quantization.md)",
+        choices=["none", "int8", "int4", "nf4"],
+    )
     num_threads: Optional[int] = flag(None, "torch threads for block math (default: torch's)", type=int)
     throughput: str | float = flag(
         "auto", "auto (measure once, cached on disk), eval (re-measure) or the block-steps/s to announce", type=parse_throughput

@@ -39,9 +39,8 @@ def test_push_latency_and_failover_workloads_run_on_the_tiny_model(tiny_model: P
 def test_quantization_workloads_run_on_the_tiny_model(tiny_model: Path):
     """(k) and (l) end to end: every setup and wire format reports, float32 is the exact reference,
     each wire format sends the bytes its width implies, the lossy ones (and only they) move the
-    results, and the byte and weight ratios come out of the formats' sizes (the tiny model's
-    matrices that the 4-bit kernel cannot take are stored in int8, so nf4 is only checked to be
-    no larger than int8)."""
+    results, and the byte and weight ratios come out of the formats' sizes. int4 cannot take the
+    tiny model's 172-wide down projection: the bench reports the refusal instead of numbers."""
     from petals_like.bench import quant as bench_quant
 
     hidden = ModelSpec.from_pretrained(tiny_model).hidden_size
@@ -69,7 +68,8 @@ def test_quantization_workloads_run_on_the_tiny_model(tiny_model: Path):
             assert 8 * size / hidden >= bound["min_bits_per_value"], name
 
     servers = bench_quant.quantized_servers(tiny_model, [], new_tokens=4)
-    assert set(servers) == {"float32", "bfloat16", "int8", "nf4"}
+    assert set(servers) == {"float32", "bfloat16", "int8", "int4", "nf4"}
+    assert set(servers.pop("int4")) == {"refused"}
     keys = {
         "weight_bytes_per_block",
         "one_session_tokens_per_s",
@@ -92,4 +92,4 @@ def test_quantization_workloads_run_on_the_tiny_model(tiny_model: Path):
     bf16 = servers["bfloat16"]["weight_bytes_per_block"]
     assert servers["float32"]["weight_bytes_per_block"] == 2 * bf16
     assert servers["bfloat16"]["weight_bytes_vs_bfloat16"] == servers["bfloat16"]["one_session_vs_bfloat16"] == 1
-    assert servers["nf4"]["weight_bytes_per_block"] <= servers["int8"]["weight_bytes_per_block"] <= 0.55 * bf16
+    assert servers["nf4"]["weight_bytes_per_block"] <= 0.3 * bf16 and servers["int8"]["weight_bytes_per_block"] <= 0.55 * bf16

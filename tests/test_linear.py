@@ -124,7 +124,7 @@ def test_int8_weights_match_their_dequantized_product_below_and_above_the_float3
 
 
 @pytest.mark.parametrize("rows", [16, 127, 128, 300])
-def test_nf4_weights_match_the_kernel_product_below_and_above_the_float32_row_threshold(
+def test_int4_weights_match_the_kernel_product_below_and_above_the_float32_row_threshold(
     float32_products, int4_unpacked, rows: int
 ):
     """4-bit weights: up to 127 rows through the 4-bit kernel (bfloat16 activations), from 128 on
@@ -133,7 +133,7 @@ def test_nf4_weights_match_the_kernel_product_below_and_above_the_float32_row_th
     from petals_like.quant.weights import QuantizedWeight
 
     generator = torch.Generator().manual_seed(rows)
-    weight = QuantizedWeight(torch.randn(64, 128, generator=generator), "nf4")
+    weight = QuantizedWeight(torch.randn(64, 128, generator=generator), "int4")
     assert weight.unpacks_to_float32 and linear_module._slice_rows(64, 128, weight.row_multiple) == 32
     x, b = torch.randn(rows, 1, 128, generator=generator), torch.randn(64, generator=generator)
     with torch.inference_mode():
@@ -149,13 +149,13 @@ def test_nf4_weights_match_the_kernel_product_below_and_above_the_float32_row_th
         assert float((got - exact).norm() / exact.norm()) < 1e-5
 
 
-def test_nf4_slices_need_not_divide_the_blocks_evenly(float32_products, int4_unpacked, monkeypatch):
+def test_int4_slices_need_not_divide_the_blocks_evenly(float32_products, int4_unpacked, monkeypatch):
     """224 rows = 7 blocks of 32, in slices of at most 4 blocks: 128 + 96 rows."""
     from petals_like.quant.weights import QuantizedWeight
 
     monkeypatch.setattr(linear_module, "_UPCAST_SLICE_BYTES", 112 * 128 * 4)
     generator = torch.Generator().manual_seed(4)
-    weight = QuantizedWeight(torch.randn(224, 128, generator=generator), "nf4")
+    weight = QuantizedWeight(torch.randn(224, 128, generator=generator), "int4")
     assert linear_module._slice_rows(224, 128, weight.row_multiple) == 128
     x = torch.randn(130, 128, generator=generator)
     with torch.inference_mode():
@@ -164,7 +164,7 @@ def test_nf4_slices_need_not_divide_the_blocks_evenly(float32_products, int4_unp
     assert float32_products == [130] and float((got - expected).norm() / expected.norm()) < 4e-3
 
 
-def test_nf4_weights_stay_on_the_kernel_where_the_rows_or_the_layout_do_not_fit(float32_products, int4_kernel, monkeypatch):
+def test_int4_weights_stay_on_the_kernel_where_the_rows_or_the_layout_do_not_fit(float32_products, int4_kernel, monkeypatch):
     """The kernel packs output rows in blocks of 32: a weight with 48 rows is not unpacked, nor is
     any weight where this torch's layout is not the one read; products and the dequantized weight
     then come from the kernel."""
@@ -175,7 +175,7 @@ def test_nf4_weights_stay_on_the_kernel_where_the_rows_or_the_layout_do_not_fit(
     for rows, layout_known in ((48, True), (64, False)):
         monkeypatch.setattr(weights, "_int4_layout_ok", layout_known)
         w = torch.randn(rows, 128, generator=generator)
-        weight = weights.QuantizedWeight(w, "nf4")
+        weight = weights.QuantizedWeight(w, "int4")
         with torch.inference_mode():
             got = linear(x, weight)
         assert weight.kernel_layout and not weight.unpacks_to_float32 and float32_products == []

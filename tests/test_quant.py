@@ -1,4 +1,5 @@
-"""Quantized spans: error bounds against float32, memory per block, and a mixed int8 / nf4 swarm."""
+"""Quantized spans: error bounds against float32, memory per block, NF4 exactly as bitsandbytes stores it,
+formats refused rather than swapped, and a mixed int8 / nf4 swarm."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from petals_like.dht.records import default_dht_prefix
 from petals_like.models.llama.block import LlamaBlock
 from petals_like.models.spec import ModelSpec
 from petals_like.models.tiny import PRESETS
-from petals_like.quant.weights import QuantizedWeight, linear_weight_bytes, quantize_block
+from petals_like.quant.nf4 import BLOCK_SIZE, NF4_CODE, NF4Weight, quantize_nf4
+from petals_like.quant.weights import QuantizedWeight, linear_weight_bytes, quantize, quantize_block
 from petals_like.server.batched_span import PagedRunner
 from petals_like.server.loading import load_span
 from tests.swarm import loss_and_input_grads, start_swarm
@@ -20,8 +22,8 @@ from tests.swarm import loss_and_input_grads, start_swarm
 # documented bounds (docs/quantization.md, quant/weights.py): relative error of one matmul on Gaussian weights,
 # and of one block's output on the random-weight tiny model (random networks amplify noise; a
 # trained model's are far smaller)
-MATMUL_BOUND = {"int8": 0.015, "nf4": 0.11}
-BLOCK_BOUND = {"int8": 0.05, "nf4": 0.35}
+MATMUL_BOUND = {"int8": 0.015, "int4": 0.11, "nf4": 0.11}
+BLOCK_BOUND = {"int8": 0.05, "int4": 0.35, "nf4": 0.35}
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -40,12 +42,13 @@ def whole_and_steps(exact, quantized, hidden_size: int, tokens: int, prefill: in
     return want, full, torch.cat(outputs, dim=1)
 
 
-@pytest.mark.parametrize("quant_type", ["int8", "nf4"])
+@pytest.mark.parametrize("quant_type", ["int8", "int4", "nf4"])
 def test_matmul_error_and_dequantize(quant_type: str):
     generator = torch.Generator().manual_seed(0)
     w = torch.randn(256, 512, generator=generator) * 0.02
     x = torch.randn(8, 512, generator=generator)
-    q = QuantizedWeight(w, quant_type)
+    q = quantize(w, quant_type)
+    assert q.quant_type == quant_type
     with torch.inference_mode():
         assert rel(q.linear(x), x @ w.t()) <= MATMUL_BOUND[quant_type]
     assert rel(q.dequantize(), w) <= MATMUL_BOUND[quant_type]
@@ -65,6 +68,69 @@ def test_quantized_span_forward_and_steps_stay_within_bounds(tiny_model: Path, q
     assert rel(steps, full) <= 0.02  # step by step = all at once, up to bfloat16 rounding of activations
 
 
+def test_a_format_that_cannot_take_a_matrix_is_refused_at_load(tiny_model: Path):
+    """int4 groups 64 input features; the tiny model's down projection has 172. The span refuses to
+    load, naming the formats that take it, instead of holding that matrix in another format while
+    announcing int4 (nf4, which takes any shape, holds every matrix in NF4)."""
+    spec = ModelSpec.from_pretrained(tiny_model)
+    with pytest.raises(ValueError, match=r"int4 needs in_features divisible by 64.*\[64, 172\].*nf4 or int8"):
+        load_span(tiny_model, spec, 0, 1, torch.float32, torch.device("cpu"), progress=False, quant_type="int4")
+    span = load_span(tiny_model, spec, 0, 1, torch.float32, torch.device("cpu"), progress=False, quant_type="nf4")
+    matrices = [weight for weight, _ in span.blocks[0].linear_weights().values()]
+    assert len(matrices) == 4 and all(isinstance(w, NF4Weight) for w in matrices)
+
+
+def test_nf4_is_qloras_code_with_an_absmax_per_block_of_64():
+    """Every value is the nearest of the 16 NF4 code values times its block's absolute maximum, the
+    blocks running over the flat weight (so any shape, a last partial block included)."""
+    code = torch.tensor(NF4_CODE)
+    assert code.shape == (16,) and code[7] == 0 and code[0] == -1 and code[-1] == 1
+    assert torch.all(code[1:] > code[:-1])
+    generator = torch.Generator().manual_seed(3)
+    for shape in [(256, 512), (172, 64), (3, 7)]:
+        w = torch.randn(*shape, generator=generator) * 0.02
+        packed, absmax = quantize_nf4(w)
+        flat = w.reshape(-1)
+        blocks = torch.nn.functional.pad(flat, (0, -flat.numel() % BLOCK_SIZE)).view(-1, BLOCK_SIZE)
+        assert torch.equal(absmax, blocks.abs().amax(dim=1))
+        nearest = (blocks.reshape(-1, 1) / absmax.repeat_interleave(BLOCK_SIZE)[:, None] - code).abs().argmin(dim=1)
+        expected = (code[nearest] * absmax.repeat_interleave(BLOCK_SIZE))[: flat.numel()].view(shape)
+        q = NF4Weight(w)
+        assert torch.equal(q.dequantize(), expected)
+        assert packed.numel() == -(-flat.numel() // 2)
+        assert q.nbytes <= 0.3 * w.numel() * 2 or w.numel() < BLOCK_SIZE  # vs bfloat16 (a lone block's absmax weighs)
+        rows = shape[0] // 3 or 1
+        assert torch.equal(q.float32_rows(rows, 2 * rows)[0], expected[rows : 2 * rows])
+
+
+def test_nf4_equals_bitsandbytes():
+    """The same packed bytes (first value in the high four bits), the same absmax and the same
+    dequantized values as bitsandbytes' own NF4 (its CPU implementation)."""
+    functional = pytest.importorskip("bitsandbytes.functional")
+    assert torch.equal(functional.get_4bit_type("nf4", device="cpu").float(), torch.tensor(NF4_CODE))
+    generator = torch.Generator().manual_seed(4)
+    for shape in [(256, 512), (172, 64), (3, 7)]:
+        w = torch.randn(*shape, generator=generator) * 0.02
+        theirs, state = functional.quantize_4bit(w, blocksize=BLOCK_SIZE, quant_type="nf4")
+        packed, absmax = quantize_nf4(w)
+        assert torch.equal(theirs.view(-1), packed) and torch.equal(state.absmax, absmax)
+        assert torch.equal(functional.dequantize_4bit(theirs, state), NF4Weight(w).dequantize())
+
+
+def test_nf4_products_and_gradients():
+    generator = torch.Generator().manual_seed(6)
+    w = torch.randn(160, 96, generator=generator) * 0.02
+    q = NF4Weight(w)
+    bias = torch.randn(160, generator=generator)
+    for rows in (1, 5, 40):  # a decode step, a few rows, a prefill chunk
+        x = torch.randn(rows, 96, generator=generator)
+        with torch.inference_mode():
+            torch.testing.assert_close(q.linear(x, bias), x @ q.dequantize().t() + bias, rtol=1e-5, atol=1e-5)
+    xg = torch.randn(3, 96, generator=generator).requires_grad_(True)
+    q.linear(xg).sum().backward()
+    torch.testing.assert_close(xg.grad, q.dequantize().sum(0).expand(3, 96))
+
+
 def test_span_with_every_matrix_in_4_bits(make_model, int4_unpacked, float32_products: list[int]):
     """On shapes the 4-bit kernel takes (the tiny preset's are too small for some matrices), every
     matrix is held in 4 bits; a 132-token prefill (float32 products of unpacked slices) followed by
@@ -73,12 +139,12 @@ def test_span_with_every_matrix_in_4_bits(make_model, int4_unpacked, float32_pro
     model = make_model(preset="tiny", hidden_size=128, intermediate_size=256, num_hidden_layers=2)
     spec = ModelSpec.from_pretrained(model)
     exact = load_span(model, spec, 0, 2, torch.float32, torch.device("cpu"), progress=False)
-    quantized = load_span(model, spec, 0, 2, torch.float32, torch.device("cpu"), progress=False, quant_type="nf4")
+    quantized = load_span(model, spec, 0, 2, torch.float32, torch.device("cpu"), progress=False, quant_type="int4")
     for block in quantized.blocks:
         matrices = [weight for weight, _ in block.linear_weights().values()]
-        assert all(isinstance(w, QuantizedWeight) and w.quant_type == "nf4" for w in matrices)
+        assert all(isinstance(w, QuantizedWeight) and w.quant_type == "int4" for w in matrices)
     want, full, steps = whole_and_steps(exact, quantized, spec.hidden_size, tokens=140, prefill=132)
-    assert rel(full, want) <= 2 * BLOCK_BOUND["nf4"]  # two blocks
+    assert rel(full, want) <= 2 * BLOCK_BOUND["int4"]  # two blocks
     assert rel(steps, full) <= 0.02
     # the whole sequence, then the prefill, through each block's four matrices; no step
     assert float32_products == [140] * 8 + [132] * 8
@@ -88,14 +154,14 @@ def test_weight_memory_per_block_of_the_bench_model():
     config = LlamaConfig(**PRESETS["bench"])
     spec = ModelSpec.from_hf_config(config)
     sizes = {}
-    for quant_type in ("none", "int8", "nf4"):
+    for quant_type in ("none", "int8", "int4", "nf4"):
         block = LlamaBlock(spec, 0).to(torch.bfloat16)
         block.requires_grad_(False)
         block.fuse_projections()
         quantize_block(block, quant_type)
         sizes[quant_type] = linear_weight_bytes(block)
     assert sizes["int8"] <= 0.55 * sizes["none"]
-    assert sizes["nf4"] <= 0.35 * sizes["none"]
+    assert sizes["int4"] <= 0.3 * sizes["none"] and sizes["nf4"] <= 0.3 * sizes["none"]
 
 
 def test_swarm_with_an_int8_and_an_nf4_server(tiny_model: Path, reference):
@@ -163,7 +229,7 @@ def test_4bit_weights_unpack_to_what_the_kernel_multiplies_by(int4_unpacked):
     read, the unpacked weight is what the kernel's product with the identity gives (up to its
     bfloat16 rounding), a slice of whole 32-row blocks at a time as well as whole."""
     generator = torch.Generator().manual_seed(2)
-    q = QuantizedWeight(torch.randn(96, 192, generator=generator) * 0.02, "nf4")
+    q = QuantizedWeight(torch.randn(96, 192, generator=generator) * 0.02, "int4")
     assert q.kernel_layout and q.unpacks_to_float32
     with torch.inference_mode():
         from_kernel = q.kernel_weight()
@@ -183,17 +249,46 @@ def test_4bit_weights_without_the_cpu_kernel_pack_two_per_byte(monkeypatch):
 
     generator = torch.Generator().manual_seed(5)
     w = torch.randn(48, 256, generator=generator) * 0.02
-    with_kernel = QuantizedWeight(w, "nf4")
+    with_kernel = QuantizedWeight(w, "int4")
     monkeypatch.setattr(weights, "_int4_kernel_available", lambda: False)
-    portable = QuantizedWeight(w, "nf4")
+    portable = QuantizedWeight(w, "int4")
     assert not portable.kernel_layout and portable.unpacks_to_float32 and portable.row_multiple == 1
     assert portable.nbytes == with_kernel.nbytes
     torch.testing.assert_close(portable.dequantize(), with_kernel.dequantize(), rtol=2**-8, atol=1e-6)
     torch.testing.assert_close(portable.float32_rows(5, 9)[0], portable.dequantize()[5:9])
     x = torch.randn(3, 256, generator=generator)
     with torch.inference_mode():
-        assert rel(portable.linear(x), x @ w.t()) <= MATMUL_BOUND["nf4"]
+        assert rel(portable.linear(x), x @ w.t()) <= MATMUL_BOUND["int4"]
         torch.testing.assert_close(portable.linear(x), x @ portable.dequantize().t())
     xg = x.clone().requires_grad_(True)
     portable.linear(xg).sum().backward()
     torch.testing.assert_close(xg.grad, portable.dequantize().sum(0).expand(3, 256))
+
+
+@pytest.mark.parametrize("quant_type", ["int8", "nf4"])
+def test_cuda_path_through_bitsandbytes(monkeypatch, quant_type: str):
+    """The bitsandbytes path that CUDA servers take (LLM.int8() with its outlier threshold, NF4's
+    4-bit matmul), run here on bitsandbytes' CPU backend: what it stores, its products and gradients.
+    Its CUDA kernels themselves are checked only where a GPU is."""
+    pytest.importorskip("bitsandbytes")
+    from petals_like.quant import bnb
+
+    monkeypatch.setattr(bnb, "applies", lambda device: True)
+    generator = torch.Generator().manual_seed(7)
+    w = torch.randn(128, 256, generator=generator) * 0.02
+    q = quantize(w, quant_type)
+    assert q.kernel is not None and not q.unpacks_to_float32
+    assert q.nbytes <= (0.55 if quant_type == "int8" else 0.3) * w.numel() * 2
+    assert rel(q.dequantize(), w) <= MATMUL_BOUND[quant_type]
+    if quant_type == "nf4":  # bitsandbytes' NF4 bytes are the ones quant/nf4.py writes
+        packed, absmax = quantize_nf4(w)
+        assert torch.equal(q.data.view(-1), packed) and torch.equal(q.absmax, absmax)
+    x = torch.randn(4, 256, generator=generator)
+    bias = torch.randn(128, generator=generator)
+    with torch.inference_mode():
+        out = q.linear(x, bias)
+    assert out.dtype == x.dtype and out.shape == (4, 128)
+    assert rel(out, x @ w.t() + bias) <= MATMUL_BOUND[quant_type]
+    xg = x.clone().requires_grad_(True)
+    q.linear(xg).sum().backward()
+    torch.testing.assert_close(xg.grad, q.dequantize().sum(0).expand(4, 256))

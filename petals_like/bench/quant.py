@@ -1,6 +1,6 @@
 """Quantization workloads of the benchmark: quantized servers and compressed hidden states.
 
-(k) servers in float32, bfloat16, int8 and nf4 (a swarm each): linear-weight bytes per block,
+(k) servers in float32, bfloat16, int8, int4 and nf4 (a swarm each): linear-weight bytes per block,
     one session's tokens/s and p50 per token, 16 sessions' aggregate tokens/s and p50 per decode
     step, the seconds of a 512-token prefill, and the relative error of the final hidden states
     and of the logits of a 16-token prompt vs float32
@@ -26,6 +26,7 @@ SETUPS = {
     "float32": [],
     "bfloat16": ["--torch_dtype", "bfloat16"],
     "int8": ["--quant_type", "int8"],
+    "int4": ["--quant_type", "int4"],
     "nf4": ["--quant_type", "nf4"],
 }
 
@@ -35,14 +36,14 @@ def _rel(a: torch.Tensor, b: torch.Tensor, digits: int = 5) -> float:
     return round(float((a - b).norm() / b.norm()), digits)
 
 
-def _weight_bytes(model_dir: Path, setup: str) -> int:
+def weight_bytes_of(model_dir: Path, setup: str) -> int:
     from petals_like.models.spec import ModelSpec
     from petals_like.quant.weights import linear_weight_bytes
     from petals_like.server.loading import load_span
 
     spec = ModelSpec.from_pretrained(model_dir)
     dtype = torch.bfloat16 if setup == "bfloat16" else torch.float32
-    quant = setup if setup in ("int8", "nf4") else "none"
+    quant = setup if setup in ("int8", "int4", "nf4") else "none"
     span = load_span(model_dir, spec, 0, 1, dtype, torch.device("cpu"), progress=False, quant_type=quant)
     return linear_weight_bytes(span.blocks[0])
 
@@ -59,6 +60,11 @@ def quantized_servers(model_dir: Path, server_args: list[str], new_tokens: int =
     results: dict = {}
     reference = None
     for setup, args in SETUPS.items():
+        try:
+            weight_bytes = weight_bytes_of(model_dir, setup)
+        except ValueError as e:  # a format this model's matrices cannot take (int4 on odd widths): servers refuse it too
+            results[setup] = {"refused": str(e)}
+            continue
         with BenchSwarm(model_dir, server_args + args) as swarm:
             model = swarm.model
             hidden, logits = _prompt_outputs(model, input_ids)
@@ -70,7 +76,7 @@ def quantized_servers(model_dir: Path, server_args: list[str], new_tokens: int =
             many = sessions_at_once(model, 16, new_tokens=32)
             prefill_s = swarm.prefill(512)
             results[setup] = {
-                "weight_bytes_per_block": _weight_bytes(model_dir, setup),
+                "weight_bytes_per_block": weight_bytes,
                 "one_session_tokens_per_s": one["tokens_per_s"],
                 "one_session_p50_ms": one["p50_ms"],
                 "sessions_16_tokens_per_s": many["aggregate_tokens_per_s"],
@@ -81,10 +87,11 @@ def quantized_servers(model_dir: Path, server_args: list[str], new_tokens: int =
                 "server_rss_mib": [s["rss_mib"] for s in swarm.footprint],
             }
     base = results["bfloat16"]["weight_bytes_per_block"]
-    for entry in results.values():
-        entry["weight_bytes_vs_bfloat16"] = round(entry["weight_bytes_per_block"] / base, 3)
     bf16 = results["bfloat16"]["one_session_tokens_per_s"]
     for entry in results.values():
+        if "refused" in entry:
+            continue
+        entry["weight_bytes_vs_bfloat16"] = round(entry["weight_bytes_per_block"] / base, 3)
         entry["one_session_vs_bfloat16"] = round(entry["one_session_tokens_per_s"] / bf16, 3)
     return results
 
@@ -98,6 +105,19 @@ def _round_trip(tensor: torch.Tensor, wire: str) -> torch.Tensor:
     return unpack_message(part, max_bytes=size).tensors[0].float()
 
 
+def prefill_and_step(model, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int, int, int]:
+    """A prompt and one greedy step in the model's wire format: (prompt outputs, step output, bytes
+    the client sent for the prompt and for the step, hops of the chain)."""
+    with model.inference_session(max_length=input_ids.shape[1] + 2, reuse_prefix=False) as session:
+        first = session.step(model.local.embed(input_ids))
+        prefill_bytes = session._chain[0].stream.bytes_sent
+        token = model.local.logits(first[:, -1:]).argmax(-1)
+        step = session.step(model.local.embed(token))
+        step_bytes = session._chain[0].stream.bytes_sent - prefill_bytes
+        hops = len(session._chain) + 1  # client -> each span -> client (spans push to the next)
+    return first, step, prefill_bytes, step_bytes, hops
+
+
 def wire_formats(model_dir: Path, server_args: list[str], prefill_len: int = 512) -> dict:
     """(l)"""
     input_ids = prompt(prefill_len, 6)
@@ -107,14 +127,8 @@ def wire_formats(model_dir: Path, server_args: list[str], prefill_len: int = 512
         reference = None
         for wire in ("float32", "float16", "bfloat16", "int8"):
             model.config.wire = wire
-            with model.inference_session(max_length=prefill_len + 2, reuse_prefix=False) as session:
-                embedded = model.local.embed(input_ids)
-                first = session.step(embedded)
-                prefill_bytes = session._chain[0].stream.bytes_sent
-                token = model.local.logits(first[:, -1:]).argmax(-1)
-                step = session.step(model.local.embed(token))
-                step_bytes = session._chain[0].stream.bytes_sent - prefill_bytes
-                hops = len(session._chain) + 1  # client -> each span -> client (spans push to the next)
+            first, step, prefill_bytes, step_bytes, hops = prefill_and_step(model, input_ids)
+            embedded = model.local.embed(input_ids)
             logits = model.local.logits(torch.cat([first[:, -1:], step], dim=1))
             if reference is None:
                 reference = logits

@@ -45,11 +45,15 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, str]:
 def main(argv: list[str] | None = None) -> None:
     config, log_level = parse_args(argv)
     setup_logging(log_level)
+    from petals_like.quant.weights import UnsupportedFormat
     from petals_like.server.server import Server
     from petals_like.utils.threads import serial_thread
 
     serial_thread()  # this thread only waits; the scheduler's thread computes (utils/threads.py)
-    server = Server(config).start()
+    try:
+        server = Server(config).start()
+    except UnsupportedFormat as e:
+        raise SystemExit(f"error: {e}") from None
     server.node.call_soon(serial_thread)  # so does the event loop: it decodes messages and routes them
     print(f"SERVER READY {server.node.peer_id} blocks {server.start_block}:{server.end_block}", flush=True)
     try:

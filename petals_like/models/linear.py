@@ -49,7 +49,7 @@ def linear(x: Tensor, weight: Tensor | PackedWeight, bias: Optional[Tensor] = No
     """x [..., in] @ weight[out, in].T + bias -> [..., out], as F.linear; weight may be a PackedWeight."""
     if not isinstance(weight, Tensor):
         if _float32_products_apply(x, weight, weight.float32_min_rows) and weight.unpacks_to_float32:
-            return _float32_products(x, weight, bias)
+            return float32_products(x, weight, bias)
         return weight.linear(x, bias)
     if (
         x.device.type == "cpu"
@@ -68,7 +68,7 @@ def linear(x: Tensor, weight: Tensor | PackedWeight, bias: Optional[Tensor] = No
             out = _swapped(flat, weight, bias)
         return out.view(*x.shape[:-1], weight.shape[0])
     if x.dtype == weight.dtype == torch.bfloat16 and _float32_products_apply(x, weight, _BF16_MIN_ROWS):
-        return _float32_products(x, weight, bias)
+        return float32_products(x, weight, bias)
     return F.linear(x, weight, bias)
 
 
@@ -82,7 +82,7 @@ def _float32_products_apply(x: Tensor, weight, min_rows: int) -> bool:
     )
 
 
-def _float32_products(x: Tensor, weight, bias: Optional[Tensor]) -> Tensor:
+def float32_products(x: Tensor, weight, bias: Optional[Tensor]) -> Tensor:
     """x [..., in] @ weight.T + bias computed in float32, converting the weight (bfloat16, or a
     QuantizedWeight that unpacks_to_float32) a slice at a time; the result [..., out] has x's dtype."""
     rows = x.reshape(-1, x.shape[-1]).float()

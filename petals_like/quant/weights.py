@@ -1,4 +1,4 @@
-"""Weight-only quantization of a span's linear layers: int8 and 4-bit, quantized on load.
+"""Weight-only quantization of a span's linear layers: int8, int4 and nf4 (quant/nf4.py), quantized on load.
 
 Choice per device (measured on the reference machine, an AVX2 EPYC, one 5632 x 1024 matmul at
 batch 1: float32 2.0 ms, bfloat16 5.0 ms, bitsandbytes int8/nf4 10-30x float32):
@@ -9,11 +9,11 @@ batch 1: float32 2.0 ms, bfloat16 5.0 ms, bitsandbytes int8/nf4 10-30x float32):
         itself), 0.8% relative error per matmul on Gaussian weights. From 16 rows on, on CPUs
         without native bfloat16 matmuls, linear() multiplies in float32 against weight slices
         instead (models/linear.py).
-  nf4:  4 bits per weight in groups of 64 along the input dimension, each group with its own scale
-        and offset (16 levels). CPU: torch's `_weight_int4pack_mm_for_cpu` (2.3 ms with bfloat16
-        activations). NF4's non-uniform codebook has no fast CPU kernel; uniform 16-level groups of
-        64 keep the same memory (4 bits + 1 bit of group scales per weight) at ~9% relative error
-        per matmul instead of NF4's ~7.5%. The kernel's time grows with the rows about as if
+  int4: 4 bits per weight in groups of 64 along the input dimension, each group with its own scale
+        and offset (16 uniform levels). CPU: torch's `_weight_int4pack_mm_for_cpu` (2.3 ms with
+        bfloat16 activations). NF4 (quant/nf4.py) has the same memory and a non-uniform code that
+        no fast CPU kernel takes; these uniform groups run on torch's kernel at ~9% relative error
+        per matmul instead of NF4's ~7.5% (Gaussian weights). The kernel's time grows with the rows about as if
         each were a matrix-vector pass (one bench block's matrices: 1 row 1.0-1.2 ms, 16 rows
         5-6 ms, 512 rows 172-220 ms), so on CPUs without native bfloat16 matmuls, from 128 rows on
         (prefill chunks), linear() unpacks the weight into float32 a slice at a time and multiplies
@@ -26,8 +26,11 @@ batch 1: float32 2.0 ms, bfloat16 5.0 ms, bitsandbytes int8/nf4 10-30x float32):
   matmul: the stored weights stay as small, the speed is that of a matmul in that dtype plus the
   dequantization (bitsandbytes' fused kernels would be faster there; see the issue log).
 
-Memory per weight: bfloat16 2 bytes; int8 1 byte + 2 / in_features (a bfloat16 scale per row); nf4
-0.5 byte + 4 / 64 (a bfloat16 scale and offset per group of 64): int8 ~0.50x, nf4 ~0.28x of bfloat16.
+Memory per weight: bfloat16 2 bytes; int8 1 byte + 2 / in_features (a bfloat16 scale per row); int4
+0.5 byte + 4 / 64 (a bfloat16 scale and offset per group of 64): int8 ~0.50x, int4 ~0.28x of bfloat16.
+
+No format is swapped for another behind the operator's back: a matrix that int4 cannot take (in
+features not a multiple of 64) is refused at load with the formats that can; nf4 and int8 take any.
 
 Autograd works through a quantized layer with respect to its input (the weight is frozen): the
 backward pass multiplies by the dequantized weight.
@@ -42,12 +45,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from petals_like.quant import bnb
+from petals_like.quant.nf4 import NF4Weight
+
 logger = logging.getLogger(__name__)
 
-QUANT_TYPES = ("none", "int8", "nf4")
+QUANT_TYPES = ("none", "int8", "int4", "nf4")
 GROUP_SIZE = 64  # input features per 4-bit group
 INT4_BLOCK_ROWS = 32  # output rows per block of the CPU 4-bit kernel's packed layout
 _int4_layout_ok: Optional[bool] = None  # whether _unpack_int4 reads this torch's layout; decided at first use
+
+
+class UnsupportedFormat(ValueError):
+    """A weight format cannot hold a matrix of this model: the server does not start (it would not
+    hold what it announces)."""
 
 
 class QuantizedWeight:
@@ -56,11 +67,11 @@ class QuantizedWeight:
 
     # rows from which float32 products (models/linear.py) beat the format's own kernel, measured:
     # int8 8 rows even, 16 rows 1.2x, 512 rows 2x faster; 4 bits unpack dearer: 64 even, 128 rows 1.0-1.3x
-    FLOAT32_MIN_ROWS = {"int8": 16, "nf4": 128}
+    FLOAT32_MIN_ROWS = {"int8": 16, "int4": 128}
 
     def __init__(self, weight: Tensor, quant_type: str):
-        if quant_type not in ("int8", "nf4"):
-            raise ValueError(f"quant_type must be int8 or nf4, got {quant_type!r}")
+        if quant_type not in ("int8", "int4"):
+            raise ValueError(f"quant_type must be int8 or int4, got {quant_type!r}")
         if weight.dim() != 2:
             raise ValueError(f"expected a 2-d weight, got shape {tuple(weight.shape)}")
         self.quant_type = quant_type
@@ -69,13 +80,21 @@ class QuantizedWeight:
         self.kernel_layout = False  # 4 bits packed for torch's CPU kernel (else two per byte, in order)
         w = weight.detach().float()
         out_features, in_features = self.shape
+        self.kernel: Optional[bnb.Int8Matmul] = None  # bitsandbytes' LLM.int8() (CUDA)
+        if quant_type == "int8" and bnb.applies(self.device):
+            self.kernel = bnb.Int8Matmul(weight)
+            self.data, self.scale = self.kernel.codes, self.kernel.row_absmax
+            return
         if quant_type == "int8":
             scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127
             self.data = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
             self.scale = scale.to(torch.bfloat16)  # [out]
             return
         if in_features % GROUP_SIZE:
-            raise ValueError(f"nf4 needs in_features divisible by {GROUP_SIZE}, got {in_features}")
+            raise UnsupportedFormat(
+                f"int4 needs in_features divisible by {GROUP_SIZE}, and this [{out_features}, {in_features}] matrix "
+                "has not: use --quant_type nf4 or int8, which take any shape"
+            )
         groups = w.view(out_features, in_features // GROUP_SIZE, GROUP_SIZE)
         low, high = groups.amin(dim=-1), groups.amax(dim=-1)
         step = (high - low).clamp(min=1e-12) / 15
@@ -84,7 +103,8 @@ class QuantizedWeight:
         zero = low + 8 * step
         self.scales_and_zeros = torch.stack([step.t(), zero.t()], dim=-1).to(torch.bfloat16).contiguous()
         levels = levels.view(out_features, in_features)
-        self.kernel_layout = self.device.type == "cpu" and _int4_kernel_available()
+        # the CPU kernel takes whole blocks of 16 rows; other widths (tiny test models) stay two per byte
+        self.kernel_layout = self.device.type == "cpu" and out_features % 16 == 0 and _int4_kernel_available()
         if self.kernel_layout:
             self.data = torch.ops.aten._convert_weight_to_int4pack_for_cpu(levels.contiguous(), 1)
         else:
@@ -97,6 +117,8 @@ class QuantizedWeight:
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """The weight [out, in] in dtype: what CUDA multiplies by, and autograd on any device."""
+        if self.kernel is not None:
+            return self.kernel.dequantize(dtype)
         if self.quant_type == "int8":
             return self.data.to(dtype) * self.scale.to(dtype)[:, None]
         if not self.kernel_layout:
@@ -113,9 +135,11 @@ class QuantizedWeight:
 
     @property
     def unpacks_to_float32(self) -> bool:
-        """Whether float32_rows() works: always, except for 4 bits in the CPU kernel's layout where
-        the rows do not make whole blocks of it or this torch packs in a layout _unpack_int4 does
-        not know."""
+        """Whether float32_rows() works: always, except under bitsandbytes (its own kernel takes
+        every product) and for 4 bits in the CPU kernel's layout where the rows do not make whole
+        blocks of it or this torch packs in a layout _unpack_int4 does not know."""
+        if self.kernel is not None:
+            return False
         if not self.kernel_layout:
             return True
         return self.shape[0] % INT4_BLOCK_ROWS == 0 and _int4_layout_known()
@@ -162,10 +186,12 @@ class QuantizedWeight:
     def linear(self, x: Tensor, bias: Optional[Tensor] = None) -> Tensor:
         if torch.is_grad_enabled() and x.requires_grad:
             return F.linear(x, self.dequantize(x.dtype), bias)
+        if self.kernel is not None:
+            return self.kernel(x, bias)
         flat = x.reshape(-1, x.shape[-1])
         # (the int8 kernel reads rows in steps of 16: other widths, in tiny test models only, take
         # the dequantizing path below, as CUDA does)
-        kernel = self.kernel_layout if self.quant_type == "nf4" else self.shape[1] % 16 == 0
+        kernel = self.kernel_layout if self.quant_type == "int4" else self.shape[1] % 16 == 0
         if x.device.type == "cpu" and kernel:
             compute = flat.to(torch.bfloat16)
             if self.quant_type == "int8":
@@ -219,12 +245,10 @@ def _int4_layout_known() -> bool:
     return _int4_layout_ok
 
 
-def quantize(weight: Tensor, quant_type: str) -> QuantizedWeight:
-    """The CPU 4-bit kernel needs in_features divisible by GROUP_SIZE and out_features by 16 (true
-    of real models: 4096, 11008, 14336, ...); a matrix without them (tiny test models) is stored in
-    int8 instead."""
-    if quant_type == "nf4" and (weight.shape[1] % GROUP_SIZE or weight.shape[0] % 16):
-        quant_type = "int8"
+def quantize(weight: Tensor, quant_type: str) -> QuantizedWeight | NF4Weight:
+    """The weight in `quant_type` (int8, int4 or nf4); ValueError for a matrix that format cannot take."""
+    if quant_type == "nf4":
+        return NF4Weight(weight)
     return QuantizedWeight(weight, quant_type)
 
 

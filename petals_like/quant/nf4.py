@@ -1,0 +1,137 @@
+"""NF4: QLoRA's 4-bit normal-float format, as bitsandbytes stores it.
+
+The weight [out, in] is read as one flat row-major array cut into blocks of 64 values; each block
+keeps its absolute maximum (float32) and each value the index of the nearest of 16 code values in
+[-1, 1] (the quantiles of a normal distribution, exact zero included) after division by that
+maximum. Two indices share a byte, the first in the high four bits. Any shape takes it (a last block
+that is not full is padded with zeros, which changes neither its maximum nor the other values).
+Memory: 0.5 byte + 4 / 64 bytes per weight, 0.28x of bfloat16.
+
+Products:
+- CUDA with bitsandbytes installed (`pip install petals_like[cuda]`): its fused 4-bit kernels
+  (`bnb.matmul_4bit`), the weight quantized by bitsandbytes itself.
+- Elsewhere: a slice of rows at a time is dequantized into float32 and multiplied (models/linear.py's
+  float32 products). There is no fast CPU kernel for a non-uniform 4-bit code: dequantizing costs
+  a byte-pair lookup (one int64 gather per byte, the fastest of the lookups measured: 2.3 ms for 2.9M
+  bytes, against 10-25 ms for index_select / embedding / indexing) and a scale per block. Where 4-bit
+  speed matters more than NF4's accuracy, `int4` runs on torch's CPU kernel.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from petals_like.quant import bnb
+
+BLOCK_SIZE = 64  # values per absmax, as QLoRA and bitsandbytes' default
+# the 16 NF4 values of QLoRA (Dettmers et al., 2023, appendix E), as bitsandbytes' get_4bit_type("nf4")
+NF4_CODE = (
+    -1.0,
+    -0.6961928009986877,
+    -0.5250730514526367,
+    -0.39491748809814453,
+    -0.28444138169288635,
+    -0.18477343022823334,
+    -0.09105003625154495,
+    0.0,
+    0.07958029955625534,
+    0.16093020141124725,
+    0.24611230194568634,
+    0.33791524171829224,
+    0.44070982933044434,
+    0.5626170039176941,
+    0.7229568362236023,
+    1.0,
+)
+
+
+@functools.lru_cache(maxsize=None)
+def _code(device: torch.device) -> Tensor:
+    return torch.tensor(NF4_CODE, dtype=torch.float32, device=device)
+
+
+@functools.lru_cache(maxsize=None)
+def _pair_table(device: torch.device) -> Tensor:
+    """[1, 256] int64: byte b -> the float32 pair (code[b >> 4], code[b & 15]) in one 8-byte word."""
+    code = _code(device)
+    pairs = torch.stack([code.repeat_interleave(16), code.repeat(16)], dim=-1).contiguous()  # [256, 2]
+    return pairs.view(torch.int64).view(1, 256)
+
+
+def quantize_nf4(weight: Tensor) -> tuple[Tensor, Tensor]:
+    """(packed uint8 [ceil(n / 2)], absmax float32 [blocks]) of the flat weight, n = weight.numel()."""
+    flat = weight.detach().reshape(-1).float()
+    padded = -(-flat.numel() // BLOCK_SIZE) * BLOCK_SIZE
+    blocks = F.pad(flat, (0, padded - flat.numel())).view(-1, BLOCK_SIZE)
+    absmax = blocks.abs().amax(dim=1)
+    scaled = (blocks * (1.0 / torch.where(absmax > 0, absmax, torch.ones_like(absmax)))[:, None]).clamp_(-1, 1)
+    code = _code(flat.device)
+    # nearest code value: the count of midpoints below (a midpoint itself goes to the upper value)
+    indices = torch.bucketize(scaled.view(-1), (code[1:] + code[:-1]) / 2, right=True).to(torch.uint8)
+    packed = (indices[0::2] << 4) | indices[1::2]
+    return packed[: -(-flat.numel() // 2)].contiguous(), absmax
+
+
+def dequantize_nf4_flat(packed: Tensor, absmax: Tensor, start: int, stop: int) -> Tensor:
+    """Flat values [start, stop) in float32, decoding only the blocks that hold them."""
+    first, last = start // BLOCK_SIZE, -(-stop // BLOCK_SIZE)
+    data = packed[first * BLOCK_SIZE // 2 : last * BLOCK_SIZE // 2]
+    if data.numel() * 2 < (last - first) * BLOCK_SIZE:  # the padded end of the last block
+        data = F.pad(data, (0, (last - first) * BLOCK_SIZE // 2 - data.numel()))
+    pairs = torch.gather(_pair_table(packed.device), 1, data.long().view(1, -1)).view(torch.float32)
+    values = pairs.view(-1, BLOCK_SIZE).mul_(absmax[first:last, None]).view(-1)
+    offset = first * BLOCK_SIZE
+    return values[start - offset : stop - offset]
+
+
+class NF4Weight:
+    """A frozen [out, in] weight in NF4; `linear(x, bias)` replaces F.linear(x, weight, bias). A
+    models.linear.PackedWeight (its float32 products, one slice of rows at a time, on CPU)."""
+
+    quant_type = "nf4"
+    float32_min_rows = 1  # no 4-bit kernel here: every product is a float32 one
+    row_multiple = 1
+
+    def __init__(self, weight: Tensor):
+        if weight.dim() != 2:
+            raise ValueError(f"expected a 2-d weight, got shape {tuple(weight.shape)}")
+        self.shape = tuple(weight.shape)
+        self.device = weight.device
+        self.kernel: Optional[bnb.NF4Matmul] = None  # bitsandbytes' (CUDA)
+        if bnb.applies(self.device):
+            self.kernel = bnb.NF4Matmul(weight, BLOCK_SIZE)
+            self.data, self.absmax = self.kernel.packed, self.kernel.absmax
+        else:
+            self.data, self.absmax = quantize_nf4(weight)
+
+    @property
+    def unpacks_to_float32(self) -> bool:
+        return self.kernel is None  # bitsandbytes' kernel takes every product itself
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.numel() * self.data.element_size() + self.absmax.numel() * self.absmax.element_size()
+
+    def float32_rows(self, start: int, stop: int) -> tuple[Tensor, None]:
+        columns = self.shape[1]
+        return dequantize_nf4_flat(self.data, self.absmax, start * columns, stop * columns).view(stop - start, columns), None
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """The weight [out, in] in dtype (autograd multiplies by it)."""
+        if self.kernel is not None:
+            return self.kernel.dequantize(dtype).view(self.shape)
+        return self.float32_rows(0, self.shape[0])[0].to(dtype)  # (float32 already: no copy)
+
+    def linear(self, x: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:
+            return F.linear(x, self.dequantize(x.dtype), bias)
+        if self.kernel is not None:
+            return self.kernel(x, bias)
+        from petals_like.models.linear import float32_products
+
+        return float32_products(x, self, bias)
