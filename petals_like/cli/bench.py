@@ -40,9 +40,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument(
         "--workloads",
         default="a,b,c",
-        help="comma-separated subset of a..o, or 'all' (d..g: engine workloads, see petals_like/bench/engine.py; "
+        help="comma-separated subset of a..q, or 'all' (d..g: engine workloads, see petals_like/bench/engine.py; "
         "h..j: routing, see routing.py; k, l: quantization, see quant.py; "
-        "m: fine-tuning, see finetune.py; n: network test bed, see network.py; o: the OpenAI API, see api.py)",
+        "m: fine-tuning, see finetune.py; n: network test bed, see network.py; o: the OpenAI API, see api.py; "
+        "q: perplexity of the lossy formats on the trained reference model, see quality.py)",
     )
     parser.add_argument("--prompt_len", type=int, default=16)
     parser.add_argument("--new_tokens", type=int, default=128)

@@ -235,12 +235,23 @@ def _byte_to_char() -> dict[int, str]:
 
 def _save_tokenizer(folder: Path, max_length: int) -> None:
     """A byte-level tokenizer (4 special tokens + 256 bytes, no merges): any text round-trips exactly."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models
 
     vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS)}
     vocab.update({char: len(SPECIAL_TOKENS) + byte for byte, char in _byte_to_char().items()})
-    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    save_byte_level_tokenizer(Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>")), folder, max_length)
+
+
+def save_byte_level_tokenizer(tokenizer: Any, folder: Path, max_length: int) -> None:
+    """Save a `tokenizers` BPE over byte-level characters, with SPECIAL_TOKENS as ids 0..3, as a
+    PreTrainedTokenizerFast with this project's conventions: <s> prepended, left padding, CHAT_TEMPLATE.
+
+    Shared by the random-weight models and the trained one (models/trained.py), so both load with
+    `AutoTokenizer.from_pretrained(folder)` offline and format chats the same way.
+    """
+    from tokenizers import decoders, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
     tokenizer.add_special_tokens(list(SPECIAL_TOKENS))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
