@@ -66,7 +66,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     record = read_training_record(trained_dir)
     trained = args.model == "trained" or (args.model == "auto" and args.model_dir is None and record is not None)
     if trained and record is None:
-        parser.error(f"no trained model in {trained_dir}: build it with `python -m petals_like.cli.make_tiny_model --trained`")
+        build = "python -m petals_like.cli.make_tiny_model --trained" + (f" {trained_dir}" if args.model_dir else "")
+        parser.error(f"no trained model in {trained_dir}: build it with `{build}`")
     prompt = args.prompt if args.prompt is not None else TRAINED_PROMPT if trained else RANDOM_PROMPT
     max_new_tokens = args.max_new_tokens if args.max_new_tokens is not None else 48 if trained else 32
 
