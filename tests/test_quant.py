@@ -3,6 +3,9 @@ formats refused rather than swapped, and a mixed int8 / nf4 swarm."""
 
 from __future__ import annotations
 
+import os
+import platform
+import shutil
 from pathlib import Path
 
 import pytest
@@ -13,7 +16,8 @@ from petals_like.dht.records import default_dht_prefix
 from petals_like.models.llama.block import LlamaBlock
 from petals_like.models.spec import ModelSpec
 from petals_like.models.tiny import PRESETS
-from petals_like.quant.nf4 import BLOCK_SIZE, NF4_CODE, NF4Weight, quantize_nf4
+from petals_like.quant import native
+from petals_like.quant.nf4 import BLOCK_SIZE, FUSED_MAX_ROWS, NF4_CODE, NF4Weight, decode_blocks_torch, quantize_nf4
 from petals_like.quant.weights import QuantizedWeight, linear_weight_bytes, quantize, quantize_block
 from petals_like.server.batched_span import PagedRunner
 from petals_like.server.loading import load_span
@@ -117,18 +121,79 @@ def test_nf4_equals_bitsandbytes():
         assert torch.equal(functional.dequantize_4bit(theirs, state), NF4Weight(w).dequantize())
 
 
-def test_nf4_products_and_gradients():
+@pytest.mark.parametrize("in_features", [96, 128])  # 128: products of up to 8 rows through the C kernel
+def test_nf4_products_and_gradients(in_features: int):
     generator = torch.Generator().manual_seed(6)
-    w = torch.randn(160, 96, generator=generator) * 0.02
+    w = torch.randn(160, in_features, generator=generator) * 0.02
     q = NF4Weight(w)
+    assert (q.fused is not None) == (in_features % BLOCK_SIZE == 0 and native.nf4_kernel() is not None)
     bias = torch.randn(160, generator=generator)
-    for rows in (1, 5, 40):  # a decode step, a few rows, a prefill chunk
-        x = torch.randn(rows, 96, generator=generator)
+    for rows in (1, 5, 8, 40):  # a decode step, a few rows, a prefill chunk
+        x = torch.randn(rows, in_features, generator=generator)
         with torch.inference_mode():
             torch.testing.assert_close(q.linear(x, bias), x @ q.dequantize().t() + bias, rtol=1e-5, atol=1e-5)
-    xg = torch.randn(3, 96, generator=generator).requires_grad_(True)
+            in_bf16 = q.linear(x[None].bfloat16(), bias.bfloat16())
+        assert in_bf16.dtype == torch.bfloat16 and in_bf16.shape == (1, rows, 160)
+        assert rel(in_bf16.float(), x @ q.dequantize().t() + bias) < 0.01
+    xg = torch.randn(3, in_features, generator=generator).requires_grad_(True)
     q.linear(xg).sum().backward()
-    torch.testing.assert_close(xg.grad, q.dequantize().sum(0).expand(3, 96))
+    torch.testing.assert_close(xg.grad, q.dequantize().sum(0).expand(3, in_features))
+
+
+@pytest.fixture(scope="module")
+def compiled_kernels(tmp_path_factory) -> dict[str, native.NF4Kernel]:
+    """The C kernel built for each instruction set this CPU runs: plain C, AVX2 and AVX-512 where present."""
+    if shutil.which(os.environ.get("CC", "cc")) is None:
+        (pytest.fail if os.environ.get("CI") else pytest.skip)("no C compiler (.ci/run installs gcc)")
+    directory = tmp_path_factory.mktemp("native")
+    kernels = {"native": native.load(native.build(directory))}
+    if platform.machine() in ("x86_64", "AMD64"):
+        kernels["baseline"] = native.load(native.build(directory, ()))
+        if kernels["native"].isa == "avx512":
+            kernels["avx2"] = native.load(native.build(directory, ("-mavx2", "-mfma")))
+    return kernels
+
+
+def test_the_c_kernel_of_each_instruction_set_equals_the_torch_path(compiled_kernels):
+    """Values bit for bit as the byte-pair gather decodes them; products of 1..8 rows within float32
+    rounding of x @ W.T; the machine's own build is the one the servers load."""
+    expected_isa = {"native": None, "baseline": "c", "avx2": "avx2"}
+    generator = torch.Generator().manual_seed(9)
+    w = torch.randn(200, 320, generator=generator) * 0.02
+    packed, absmax = quantize_nf4(w)
+    values = decode_blocks_torch(packed, absmax, 0, absmax.numel())
+    for name, kernel in compiled_kernels.items():
+        assert expected_isa[name] in (None, kernel.isa)
+        assert FUSED_MAX_ROWS <= kernel.max_rows
+        assert torch.equal(kernel.dequantize(packed, absmax, 0, absmax.numel()), values)
+        assert torch.equal(kernel.dequantize(packed, absmax, 7, 30), values[7 * 64 : 37 * 64])
+        for rows in range(1, kernel.max_rows + 1):
+            x = torch.randn(rows, 320, generator=generator)
+            got = kernel.linear(x, packed, absmax, 200)
+            torch.testing.assert_close(got, x @ values.view(200, 320).T, rtol=1e-5, atol=1e-6)
+        with pytest.raises(ValueError, match="refused"):
+            kernel.linear(torch.randn(kernel.max_rows + 1, 320), packed, absmax, 200)
+    assert native.nf4_kernel() is not None and native.nf4_kernel().isa == compiled_kernels["native"].isa
+
+
+def test_without_the_c_kernel_nf4_keeps_working(monkeypatch, caplog):
+    """No compiler (or PETALS_LIKE_NATIVE=0): a warning (a note) says why, and NF4 products go through torch ops."""
+    monkeypatch.setattr(native, "cache_dir", lambda: Path("/nonexistent-cache"))
+    monkeypatch.setenv("CC", "no-such-compiler-here")
+    native.nf4_kernel.cache_clear()
+    try:
+        with caplog.at_level("WARNING", logger=native.__name__):
+            q = NF4Weight(torch.randn(64, 128, generator=torch.Generator().manual_seed(2)))
+        assert q.fused is None and q.float32_min_rows == 1
+        assert "no C compiler ('no-such-compiler-here' not found" in caplog.text
+        x = torch.randn(2, 128)
+        with torch.inference_mode():
+            torch.testing.assert_close(q.linear(x), x @ q.dequantize().t(), rtol=1e-5, atol=1e-5)
+        monkeypatch.setenv("PETALS_LIKE_NATIVE", "0")
+        native.nf4_kernel.cache_clear()
+        assert native.nf4_kernel() is None
+    finally:
+        native.nf4_kernel.cache_clear()
 
 
 def test_span_with_every_matrix_in_4_bits(make_model, int4_unpacked, float32_products: list[int]):

@@ -4,7 +4,6 @@ no workload module."""
 
 from __future__ import annotations
 
-import os
 import statistics
 import sys
 import threading
@@ -15,8 +14,9 @@ from typing import Callable, Optional
 import torch
 
 from petals_like.testing.local_swarm import LocalSwarm
+from petals_like.utils.cache import cache_dir
 
-BENCH_DIR = Path(os.environ.get("PETALS_LIKE_CACHE", Path.home() / ".cache" / "petals_like"))
+BENCH_DIR = cache_dir()
 
 
 def prompt(length: int, seed: int, vocab: int = 300) -> torch.Tensor:

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from petals_like.models.tiny import BOS_ID, EOS_ID, PAD_ID, SPECIAL_TOKENS, _quiet_transformers, save_byte_level_tokenizer
+from petals_like.utils.cache import cache_dir
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +68,7 @@ class Recipe:
 
 def default_trained_path() -> Path:
     """The per-machine cache, as the server's throughput cache: $PETALS_LIKE_CACHE or ~/.cache/petals_like."""
-    return Path(os.environ.get("PETALS_LIKE_CACHE", Path.home() / ".cache" / "petals_like")) / DEFAULT_NAME
+    return cache_dir() / DEFAULT_NAME
 
 
 def read_training_record(path: str | Path) -> Optional[dict[str, Any]]:

@@ -35,10 +35,11 @@ import torch
 from petals_like import __version__
 from petals_like.models.spec import ModelSpec
 from petals_like.server.batched_span import PagedRunner
+from petals_like.utils.cache import cache_dir
 
 logger = logging.getLogger(__name__)
 
-CACHE_DIR = Path(os.environ.get("PETALS_LIKE_CACHE", Path.home() / ".cache" / "petals_like"))
+CACHE_DIR = cache_dir()
 CACHE_FILE = "throughput_v1.json"
 
 
