@@ -6,6 +6,7 @@ layer state dicts, so any difference is a difference in the math.
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -17,13 +18,22 @@ from transformers import (
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
     PreTrainedModel,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen2MoeConfig,
+    Qwen2MoeForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
 )
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from petals_like.models.attention import RotaryEmbedding, make_attention_context
+from petals_like.models.checkpoint import CheckpointReader
 from petals_like.models.llama.block import LlamaBlock
 from petals_like.models.span import BlockSpan
 from petals_like.models.spec import ModelSpec
@@ -69,11 +79,40 @@ def _qwen2() -> PreTrainedModel:
     return Qwen2ForCausalLM(Qwen2Config(num_hidden_layers=3, rope_parameters=rope, **COMMON))
 
 
+def _qwen3() -> PreTrainedModel:
+    return Qwen3ForCausalLM(Qwen3Config(num_hidden_layers=3, head_dim=24, **COMMON))  # q/k norms over head_dim
+
+
+# mixtures of experts: 6 experts, top 2, so a batch of tokens leaves some experts idle and shares others
+def _mixtral() -> PreTrainedModel:
+    return MixtralForCausalLM(MixtralConfig(num_hidden_layers=3, num_local_experts=6, num_experts_per_tok=2, **COMMON))
+
+
+def _qwen2_moe() -> PreTrainedModel:
+    # a shared expert, top-k probabilities not renormalized, and block 1 dense (mlp_only_layers)
+    config = Qwen2MoeConfig(
+        num_hidden_layers=3, num_experts=6, num_experts_per_tok=2, moe_intermediate_size=48,
+        shared_expert_intermediate_size=80, mlp_only_layers=[1], norm_topk_prob=False, **COMMON,
+    )  # fmt: skip
+    return Qwen2MoeForCausalLM(config)
+
+
+def _qwen3_moe() -> PreTrainedModel:
+    config = Qwen3MoeConfig(
+        num_hidden_layers=3, num_experts=6, num_experts_per_tok=2, moe_intermediate_size=48, norm_topk_prob=True, **COMMON
+    )
+    return Qwen3MoeForCausalLM(config)
+
+
 FAMILIES: dict[str, Callable[[], PreTrainedModel]] = {
     "llama": _llama,
     "llama3_rope": _llama3_rope,
     "mistral": _mistral,
     "qwen2": _qwen2,
+    "qwen3": _qwen3,
+    "mixtral": _mixtral,
+    "qwen2_moe": _qwen2_moe,
+    "qwen3_moe": _qwen3_moe,
 }
 
 
@@ -104,10 +143,18 @@ def _build(name: str, start: int = 0, end: int | None = None) -> Pair:
                 param.copy_(0.15 * torch.randn_like(param))
     spec = ModelSpec.from_hf_config(hf.config)
     end = spec.num_blocks if end is None else end
+    if spec.num_experts:
+        # transformers keeps experts fused in memory ([experts, ...] tensors) and saves them one by
+        # one, as checkpoints on the hub hold them: read the saved blocks, as servers do
+        with tempfile.TemporaryDirectory() as folder:
+            hf.save_pretrained(folder)
+            states = list(CheckpointReader(folder).load_blocks(start, end, torch.float32, progress=False))
+    else:
+        states = [hf.model.layers[i].state_dict() for i in range(start, end)]
     blocks = []
-    for i in range(start, end):
+    for i, state in zip(range(start, end), states):
         block = LlamaBlock(spec, i)
-        block.load_state_dict(hf.model.layers[i].state_dict())  # strict: names must match HF exactly
+        block.load_state_dict(state)  # strict: names must match HF exactly
         blocks.append(block)
     return Pair(hf, BlockSpan(spec, start, end, blocks).eval(), spec)
 

@@ -40,7 +40,18 @@ _PEFT_KEY = re.compile(r"^(?:base_model\.model\.)?model\.layers\.(\d+)\.(self_at
 
 
 def target_shape(spec: ModelSpec, target: str) -> tuple[int, int]:
-    """(in_features, out_features) of a projection."""
+    """(in_features, out_features) of a projection LoRA adapts; a feed-forward projection of a
+    mixture-of-experts model is refused (its experts have no single such projection)."""
+    if spec.num_experts and TARGETS[target] == "mlp":
+        raise ValueError(
+            f"LoRA target {target!r}: this {spec.family} model's feed-forward is a mixture of experts, which "
+            f"LoRA is not supported on; target the attention projections (q_proj, k_proj, v_proj, o_proj)"
+        )
+    return projection_shape(spec, target)
+
+
+def projection_shape(spec: ModelSpec, target: str) -> tuple[int, int]:
+    """(in_features, out_features) of a projection of a dense block."""
     q_size, kv_size = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
     hidden, inter = spec.hidden_size, spec.intermediate_size
     shapes = {

@@ -37,9 +37,9 @@ class BlockSpan(nn.Module):
         super().__init__()
         if not 0 <= start < end <= spec.num_blocks:
             raise ValueError(f"span [{start}, {end}) is not inside [0, {spec.num_blocks})")
-        if spec.family == "qwen2" and spec.sliding_window is not None:
+        if spec.family.startswith("qwen") and spec.sliding_window is not None:
             # Qwen2 slides only in layers >= max_window_layers, which ModelSpec does not carry
-            raise ValueError("qwen2 with use_sliding_window=True is not supported")
+            raise ValueError(f"{spec.family} with use_sliding_window=True is not supported")
         if blocks is None:
             blocks = [LlamaBlock(spec, i) for i in range(start, end)]
         if len(blocks) != end - start:

@@ -14,12 +14,14 @@ from typing import TYPE_CHECKING, Any, Optional
 if TYPE_CHECKING:
     import torch
 
-SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2")
+SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe")
+QK_NORM_FAMILIES = ("qwen3", "qwen3_moe")  # an RMSNorm over each head's q and k before the rotation
+MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe")  # sparse mixture-of-experts feed-forward (models/moe.py)
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    family: str  # "llama" | "mistral" | "qwen2": selects block math details (qkv bias, sliding window)
+    family: str  # one of SUPPORTED_FAMILIES: selects block math details (qkv bias, q/k norms, experts)
     num_blocks: int  # transformer blocks (num_hidden_layers)
     hidden_size: int
     num_heads: int  # query heads
@@ -40,6 +42,26 @@ class ModelSpec:
     bos_token_id: Optional[int] = None
     eos_token_id: Optional[int | list[int]] = None
     pad_token_id: Optional[int] = None
+    qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on q and k
+    # sparse mixture of experts (0 experts: a dense MLP in every block)
+    num_experts: int = 0
+    experts_per_token: int = 0  # top-k
+    moe_intermediate_size: int = 0  # of each routed expert
+    norm_topk_prob: bool = True  # renormalize the top-k router probabilities to sum to 1 (Mixtral always does)
+    shared_expert_intermediate_size: int = 0  # Qwen2-MoE: an always-on expert with a sigmoid gate
+    dense_layers: tuple[int, ...] = ()  # blocks with a dense MLP in an MoE model (Qwen-MoE's mlp_only_layers)
+
+    def is_moe_block(self, index: int) -> bool:
+        return self.num_experts > 0 and index not in self.dense_layers
+
+    def feed_forward_parameters(self) -> int:
+        """Weights of one block's feed-forward: the dense MLP's, or every expert's and the router's
+        (the larger of the two where an MoE model has dense blocks too)."""
+        dense = 3 * self.hidden_size * self.intermediate_size
+        if not self.num_experts:
+            return dense
+        experts = 3 * self.hidden_size * (self.num_experts * self.moe_intermediate_size + self.shared_expert_intermediate_size)
+        return max(experts + self.hidden_size * (self.num_experts + 1), dense if self.dense_layers else 0)
 
     @classmethod
     def from_hf_config(cls, cfg: Any) -> ModelSpec:
@@ -60,8 +82,9 @@ class ModelSpec:
             if scaling["rope_type"] == "default":
                 scaling = None
         sliding_window = d.get("sliding_window")
-        if family == "qwen2" and not d.get("use_sliding_window", False):
+        if family in ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe") and not d.get("use_sliding_window", False):
             sliding_window = None
+        moe = _moe_fields(family, d)
         return cls(
             family=family,
             num_blocks=d["num_hidden_layers"],
@@ -74,7 +97,7 @@ class ModelSpec:
             rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
             rope_theta=theta,
             rope_scaling=scaling,
-            qkv_bias=family == "qwen2" or bool(d.get("attention_bias", False)),
+            qkv_bias=family in ("qwen2", "qwen2_moe") or bool(d.get("attention_bias", False)),
             o_bias=bool(d.get("attention_bias", False)),
             mlp_bias=bool(d.get("mlp_bias", False)),
             sliding_window=sliding_window,
@@ -84,6 +107,8 @@ class ModelSpec:
             bos_token_id=d.get("bos_token_id"),
             eos_token_id=d.get("eos_token_id"),
             pad_token_id=d.get("pad_token_id"),
+            qk_norm=family in QK_NORM_FAMILIES,
+            **moe,
         )
 
     @classmethod
@@ -93,6 +118,30 @@ class ModelSpec:
         if not config_path.is_file():
             raise FileNotFoundError(f"{config_path} not found: expected a Hugging Face checkpoint folder")
         return cls.from_hf_config(json.loads(config_path.read_text()))
+
+
+def _moe_fields(family: str, d: dict[str, Any]) -> dict[str, Any]:
+    """ModelSpec's expert fields from a Mixtral / Qwen2-MoE / Qwen3-MoE config dict (nothing for dense families)."""
+    if family not in MOE_FAMILIES:
+        return {}
+    if family == "mixtral":
+        return dict(
+            num_experts=d["num_local_experts"],
+            experts_per_token=d["num_experts_per_tok"],
+            moe_intermediate_size=d["intermediate_size"],
+            norm_topk_prob=True,
+        )
+    num_layers, step = d["num_hidden_layers"], d.get("decoder_sparse_step", 1) or 1
+    only_mlp = set(d.get("mlp_only_layers") or ())
+    dense = tuple(i for i in range(num_layers) if i in only_mlp or (i + 1) % step != 0)
+    return dict(
+        num_experts=d.get("num_experts") or d["num_local_experts"],  # (transformers 5 writes Qwen3-MoE's so)
+        experts_per_token=d["num_experts_per_tok"],
+        moe_intermediate_size=d["moe_intermediate_size"],
+        norm_topk_prob=bool(d.get("norm_topk_prob", False)),
+        shared_expert_intermediate_size=d.get("shared_expert_intermediate_size", 0) if family == "qwen2_moe" else 0,
+        dense_layers=dense,
+    )
 
 
 def resolve_dtype(name: str, spec: ModelSpec) -> torch.dtype:

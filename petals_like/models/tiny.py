@@ -1,4 +1,4 @@
-"""Random-weight Llama / Mistral / Qwen2 checkpoints for tests, demos and benchmarks, made offline.
+"""Random-weight checkpoints of every supported family (FAMILIES) for tests, demos and benchmarks, made offline.
 
 The folder is a normal Hugging Face checkpoint (config.json, generation_config.json, safetensors
 weights, a byte-level tokenizer), so transformers' own `from_pretrained` is the reference that
@@ -30,7 +30,15 @@ CHAT_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}assistant:{% endif %}"
 )
-FAMILIES = ("llama", "mistral", "qwen2")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe")
+# what the mixture-of-experts families add to a preset: 8 experts, top 2 (Mixtral's shape), each expert
+# as wide as the dense MLP for Mixtral and narrower for Qwen-MoE; Qwen2-MoE with a shared expert and
+# its second block dense (mlp_only_layers), so both kinds of block are served
+MOE_CONFIG: dict[str, dict[str, Any]] = {
+    "mixtral": dict(num_local_experts=8, num_experts_per_tok=2),
+    "qwen2_moe": dict(num_experts=8, num_experts_per_tok=2, norm_topk_prob=False, mlp_only_layers=[1]),
+    "qwen3_moe": dict(num_experts=8, num_experts_per_tok=2, norm_topk_prob=True),
+}
 
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(
@@ -63,7 +71,15 @@ TINY_LLAMA3_ROPE: dict[str, Any] = {
     "high_freq_factor": 4.0,
     "original_max_position_embeddings": 64,
 }
-ROPE_THETA = {"llama": 10000.0, "mistral": 10000.0, "qwen2": 1e6}
+ROPE_THETA = {
+    "llama": 10000.0,
+    "mistral": 10000.0,
+    "qwen2": 1e6,
+    "qwen3": 1e6,
+    "mixtral": 1e6,
+    "qwen2_moe": 1e6,
+    "qwen3_moe": 1e6,
+}
 TINY_MISTRAL_SLIDING_WINDOW = 128  # shorter than max_position_embeddings, so long tests exercise the window
 
 
@@ -160,7 +176,7 @@ def _read_marker(path: Path) -> Optional[dict[str, Any]]:
 def _make_config(
     family: str, preset: str, tie_word_embeddings: bool, rope_scaling: Optional[dict[str, Any]], overrides: dict[str, Any]
 ) -> Any:
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+    from transformers import AutoConfig
 
     overrides = dict(overrides)
     rope_theta = float(overrides.pop("rope_theta", ROPE_THETA[family]))
@@ -181,19 +197,22 @@ def _make_config(
     )
     if family == "mistral":
         kwargs["sliding_window"] = TINY_MISTRAL_SLIDING_WINDOW if preset == "tiny" else None
+    if family in MOE_CONFIG:
+        kwargs.update(MOE_CONFIG[family])
+        if family != "mixtral":  # Qwen-MoE experts: narrower than the dense MLP of its dense blocks
+            kwargs["moe_intermediate_size"] = kwargs["intermediate_size"] // 32 * 16  # (16-byte rows: grouped_mm)
+        if family == "qwen2_moe":
+            kwargs["shared_expert_intermediate_size"] = kwargs["intermediate_size"]
     kwargs.update(overrides)
-    config_class = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[family]
-    return config_class(**kwargs)
+    return AutoConfig.for_model(family, **kwargs)
 
 
 def _save_model(config: Any, folder: Path, *, seed: int, dtype: torch.dtype, max_shard_size: Optional[str]) -> None:
-    from transformers import GenerationConfig, LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM
+    from transformers import AutoModelForCausalLM, GenerationConfig
 
-    classes = {"llama": LlamaForCausalLM, "mistral": MistralForCausalLM, "qwen2": Qwen2ForCausalLM}
-    model_class = classes[config.model_type]
     with torch.random.fork_rng(devices=[]):  # seed locally: the caller's RNG stream is left untouched
         torch.manual_seed(seed)
-        model = model_class(config).float()
+        model = AutoModelForCausalLM.from_config(config).float()
     model = model.to(dtype)  # drawn in float32 then cast: the same seed gives the same weights in any dtype
     model.config.dtype = dtype
     model.generation_config = GenerationConfig(bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID)

@@ -262,16 +262,7 @@ def quantize_block(block, quant_type: str) -> None:
 
 
 def linear_weight_bytes(block) -> int:
-    """Bytes of the block's linear-layer weights as stored (quantized or not)."""
-    if getattr(block, "quant_type", "none") != "none":
-        return sum(w.nbytes for w, _ in block.linear_weights().values())
-    linears = (
-        block.self_attn.q_proj,
-        block.self_attn.k_proj,
-        block.self_attn.v_proj,
-        block.self_attn.o_proj,
-        block.mlp.gate_proj,
-        block.mlp.up_proj,
-        block.mlp.down_proj,
+    """Bytes of the block's linear-layer weights as stored (quantized or not); a block after fuse_projections()."""
+    return sum(
+        w.nbytes if not isinstance(w, torch.Tensor) else w.numel() * w.element_size() for w, _ in block.linear_weights().values()
     )
-    return sum(lin.weight.numel() * lin.weight.element_size() for lin in linears)

@@ -166,11 +166,11 @@ class AdapterStore:
             )
         try:
             targets = canonical_targets(list(lora.targets))
+            shapes = wire_shapes(self.spec, rank, targets, blocks.length)
         except ValueError as e:
             raise ProtocolError(str(e)) from None
         if targets != lora.targets:
             raise ProtocolError(f"LoRA targets must be listed once each in the order {list(targets)}")
-        shapes = wire_shapes(self.spec, rank, targets, blocks.length)
         if len(extra) < len(shapes):
             raise ProtocolError(f"LoRA weights: expected {len(shapes)} tensors, got {len(extra)}")
         tensors, extra = extra[: len(shapes)], extra[len(shapes) :]

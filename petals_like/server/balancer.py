@@ -50,7 +50,7 @@ class Balancer:
         """As many blocks as 80% of the free memory holds (weights plus a margin for activations)."""
         spec, server = self.server.spec, self.server
         per_block = 4 * spec.hidden_size * spec.head_dim * (spec.num_heads + spec.num_kv_heads) // 2
-        per_block += 3 * spec.hidden_size * spec.intermediate_size
+        per_block += spec.feed_forward_parameters()
         per_block_bytes = per_block * torch.empty((), dtype=server.dtype).element_size() * 1.2
         return max(1, int(0.8 * free_memory(server.device) // per_block_bytes))
 

@@ -58,7 +58,9 @@ def cache_key(spec: ModelSpec, dtype: torch.dtype, device: torch.device, quant_t
         device_name = torch.cuda.get_device_name(device)
     else:
         device_name = f"{platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
-    shape = f"h{spec.hidden_size}-i{spec.intermediate_size}-q{spec.num_heads}-kv{spec.num_kv_heads}"
+    shape = f"{spec.family}-h{spec.hidden_size}-i{spec.intermediate_size}-q{spec.num_heads}-kv{spec.num_kv_heads}"
+    if spec.num_experts:
+        shape += f"-e{spec.num_experts}x{spec.moe_intermediate_size}-top{spec.experts_per_token}"
     return "|".join([shape, str(dtype), quant_type, device_name, torch.__version__, __version__])
 
 

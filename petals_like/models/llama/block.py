@@ -1,4 +1,5 @@
-"""One decoder block of the Llama family (Llama, Mistral, Qwen2): hidden -> hidden.
+"""One decoder block of the Llama family (Llama, Mistral, Qwen2, Qwen3, and with a mixture of experts
+for a feed-forward Mixtral, Qwen2-MoE and Qwen3-MoE): hidden -> hidden.
 
 Submodule and parameter names mirror transformers' decoder layer, so a block loads the tensors
 `model.layers.{i}.*` of a checkpoint with the prefix stripped via plain `load_state_dict()`.
@@ -19,7 +20,8 @@ from torch import Tensor, nn
 
 from petals_like.models.attention import AttentionContext, apply_rotary
 from petals_like.models.linear import linear
-from petals_like.models.lora import TARGETS, LoraRows, lora_delta, target_shape
+from petals_like.models.lora import TARGETS, LoraRows, lora_delta, projection_shape
+from petals_like.models.moe import LAYOUTS, SparseMoE
 from petals_like.models.spec import ModelSpec
 
 
@@ -54,6 +56,9 @@ class LlamaAttentionProjections(nn.Module):
         self.k_proj = nn.Linear(spec.hidden_size, kv_size, bias=spec.qkv_bias)
         self.v_proj = nn.Linear(spec.hidden_size, kv_size, bias=spec.qkv_bias)
         self.o_proj = nn.Linear(q_size, spec.hidden_size, bias=spec.o_bias)
+        if spec.qk_norm:  # Qwen3: each head's q and k normalized before the rotation
+            self.q_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps)
+            self.k_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps)
 
 
 class LlamaMLP(nn.Module):
@@ -83,9 +88,16 @@ class LlamaBlock(nn.Module):
         self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.self_attn = LlamaAttentionProjections(spec)
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
-        self.mlp = LlamaMLP(spec)
+        self.qk_norm = spec.qk_norm
+        # the feed-forward: a dense MLP, or experts under the name the family's checkpoints use
+        self._moe_name: Optional[str] = None
+        if spec.is_moe_block(layer_idx):
+            self._moe_name = LAYOUTS[spec.family][0]
+            setattr(self, self._moe_name, SparseMoE(spec))
+        else:
+            self.mlp = LlamaMLP(spec)
         self.q_size, self.kv_size = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
-        self.out_features = {name: target_shape(spec, name)[1] for name in TARGETS}
+        self.out_features = {name: projection_shape(spec, name)[1] for name in TARGETS}
         # set by fuse_projections(): q/k/v and gate/up weights stored as one tensor each
         self._qkv: tuple[Tensor, Tensor | None] | None = None
         self._gate_up: tuple[Tensor, Tensor | None] | None = None
@@ -93,6 +105,11 @@ class LlamaBlock(nn.Module):
         self.quant_type = "none"
         self._o: tuple | None = None
         self._down: tuple | None = None
+
+    @property
+    def moe(self) -> Optional[SparseMoE]:
+        """The experts of an MoE block (None for a dense MLP)."""
+        return getattr(self, self._moe_name) if self._moe_name else None
 
     @torch.no_grad()
     def fuse_projections(self) -> None:
@@ -103,30 +120,40 @@ class LlamaBlock(nn.Module):
         state_dict() are unchanged. Call it last, after moving the block to its device and dtype:
         .to() would copy the views apart again.
         """
-        attn, mlp = self.self_attn, self.mlp
+        attn = self.self_attn
         self._qkv = self._fuse([attn.q_proj, attn.k_proj, attn.v_proj])
-        self._gate_up = self._fuse([mlp.gate_proj, mlp.up_proj])
+        if self.moe is not None:
+            self.moe.fuse()
+        else:
+            self._gate_up = self._fuse([self.mlp.gate_proj, self.mlp.up_proj])
 
     def linear_weights(self) -> dict[str, tuple[Any, Optional[Tensor]]]:
-        """The four weight matrices inference multiplies by, with their biases: "qkv" and "gate_up"
-        (fused), "o" and "down". Call after fuse_projections()."""
-        if self._qkv is None or self._gate_up is None:
+        """The weight matrices inference multiplies by, with their biases: "qkv" (fused) and "o", then
+        "gate_up" (fused) and "down", or each expert's (models/moe.py). Call after fuse_projections()."""
+        if self._qkv is None or (self._gate_up is None and self.moe is None):
             raise ValueError("linear_weights() needs a block after fuse_projections()")
-        attn, mlp = self.self_attn, self.mlp
-        o = self._o or (attn.o_proj.weight, attn.o_proj.bias)
-        down = self._down or (mlp.down_proj.weight, mlp.down_proj.bias)
-        return {"qkv": self._qkv, "gate_up": self._gate_up, "o": o, "down": down}
+        o_proj = self.self_attn.o_proj
+        weights = {"qkv": self._qkv, "o": self._o or (o_proj.weight, o_proj.bias)}
+        if self.moe is not None:
+            return weights | self.moe.linear_weights()
+        down = self._down or (self.mlp.down_proj.weight, self.mlp.down_proj.bias)
+        return weights | {"gate_up": self._gate_up, "down": down}
 
     @torch.no_grad()
     def replace_linear_weights(self, convert: Callable[[Tensor], Any], quant_type: str) -> None:
         """Store every weight matrix as convert(weight) (e.g. quantized), used in all modes from now on;
         the float weights go. A converted weight is whatever models/linear.py's linear() accepts."""
-        converted = {name: (convert(weight), bias) for name, (weight, bias) in self.linear_weights().items()}
-        self._qkv, self._gate_up, self._o, self._down = (converted[k] for k in ("qkv", "gate_up", "o", "down"))
+        weights = self.linear_weights()
+        self._qkv, self._o = ((convert(weights[k][0]), weights[k][1]) for k in ("qkv", "o"))
+        attn = self.self_attn
+        linears = [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj]  # (q/k/v: views of the fused tensor)
+        if self.moe is not None:
+            self.moe.replace_linear_weights(convert)
+        else:
+            self._gate_up, self._down = ((convert(weights[k][0]), weights[k][1]) for k in ("gate_up", "down"))
+            linears += [self.mlp.gate_proj, self.mlp.up_proj, self.mlp.down_proj]
         self.quant_type = quant_type
-        # the separate Linears are views of the fused tensors, o/down are their own
-        attn, mlp = self.self_attn, self.mlp
-        for lin in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj):
+        for lin in linears:
             lin.weight = None
 
     @staticmethod
@@ -164,13 +191,18 @@ class LlamaBlock(nn.Module):
         if self._qkv is not None and (self.quant_type != "none" or not torch.is_grad_enabled()):
             qkv = self._plus_lora(linear(x, *self._qkv), x, lora, ("q_proj", "k_proj", "v_proj"))
             qk_size = self.q_size + self.kv_size
-            qk = apply_rotary(qkv[:, :qk_size].view(tokens, self.num_heads + self.num_kv_heads, self.head_dim), cos, sin)
-            q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
+            qk = qkv[:, :qk_size].view(tokens, self.num_heads + self.num_kv_heads, self.head_dim)
+            if self.qk_norm:
+                q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
+                qk = torch.cat([self.self_attn.q_norm(q), self.self_attn.k_norm(k)], dim=1)
+            q, k = apply_rotary(qk, cos, sin).split([self.num_heads, self.num_kv_heads], dim=1)
             return q, k, qkv[:, qk_size:].view(tokens, self.num_kv_heads, self.head_dim)
         attn = self.self_attn
         q = self._plus_lora(attn.q_proj(x), x, lora, ("q_proj",)).view(-1, self.num_heads, self.head_dim)
         k = self._plus_lora(attn.k_proj(x), x, lora, ("k_proj",)).view(-1, self.num_kv_heads, self.head_dim)
         v = self._plus_lora(attn.v_proj(x), x, lora, ("v_proj",)).view(-1, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = attn.q_norm(q), attn.k_norm(k)
         return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
 
     def attention_output(self, residual: Tensor, attended: Tensor, lora: Optional[LoraRows] = None) -> Tensor:
@@ -182,6 +214,8 @@ class LlamaBlock(nn.Module):
     def mlp_residual(self, hidden: Tensor, lora: Optional[LoraRows] = None) -> Tensor:
         """[tokens, hidden] -> [tokens, hidden]: the feed-forward half of the block."""
         x = self.post_attention_layernorm(hidden)
+        if self.moe is not None:  # (LoRA targets here are refused before: lora.target_shape)
+            return hidden + self.moe(x)
         mlp = self.mlp
         if self._gate_up is not None and (self.quant_type != "none" or not torch.is_grad_enabled()):
             gate, up = self._plus_lora(linear(x, *self._gate_up), x, lora, ("gate_proj", "up_proj")).chunk(2, dim=-1)

@@ -1,0 +1,147 @@
+"""Qwen3 and the mixture-of-experts families (Mixtral, Qwen2-MoE, Qwen3-MoE) on real local swarms,
+against local transformers on the same checkpoint: greedy generation, batching by expert, LoRA.
+(Block math per family: tests/test_block_math.py.)"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+import torch
+from peft import LoraConfig
+from transformers import AutoModelForCausalLM
+
+from petals_like import AutoDistributedModelForCausalLM
+from petals_like.models.span import BlockRange
+from petals_like.models.spec import ModelSpec
+from petals_like.protocol import ErrorCode, ProtocolError
+from petals_like.quant.weights import linear_weight_bytes
+from petals_like.server.adapters import AdapterStore
+from petals_like.server.loading import load_span
+from petals_like.wire import LoraRef, TuningRef
+from tests.conftest import TINY_SHARD_SIZE
+from tests.swarm import Swarm, running_swarm, wait_until
+from tests.test_finetune import assert_lora_matches_peft, randomize_b
+
+NEW_FAMILIES = ["qwen3", "mixtral", "qwen2_moe", "qwen3_moe"]
+
+
+class FamilySwarm:
+    def __init__(self, path: Path, swarm: Swarm):
+        self.path, self.swarm = path, swarm
+        self.spec = ModelSpec.from_pretrained(path)
+        self.reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        self.model = AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=swarm.peers, torch_dtype="float32")
+
+
+@pytest.fixture(scope="module", params=NEW_FAMILIES)
+def family(request, make_model) -> Iterator[FamilySwarm]:
+    path = make_model(family=request.param, max_shard_size=TINY_SHARD_SIZE)
+    with running_swarm(path, ("0:4", "4:8"), max_lora_rank=8) as swarm:
+        setup = FamilySwarm(path, swarm)
+        try:
+            yield setup
+        finally:
+            setup.model.shutdown()
+
+
+def test_greedy_generation_through_two_servers_equals_transformers(family: FamilySwarm):
+    for input_ids in (torch.tensor([[1, 17, 42, 99, 7, 250]]), torch.tensor([[1, 80, 90, 100, 110]])):
+        expected = family.reference.generate(input_ids, max_new_tokens=64, do_sample=False)
+        actual = family.model.generate(input_ids, max_new_tokens=64)
+        assert actual.shape == expected.shape and torch.equal(actual, expected), (
+            f"differs from position {(actual != expected).nonzero()[:1].tolist()}"
+        )
+
+
+def test_moe_sessions_batched_by_expert_give_the_tokens_each_gives_alone(family: FamilySwarm):
+    """8 sessions queued into one iteration: each gets exactly its tokens alone, and in that iteration
+    every block ran each expert at most once for all of their tokens."""
+    if not family.spec.num_experts:
+        pytest.skip("a dense family")
+    model, spec = family.model, family.spec
+    prompts = [torch.randint(4, 300, (1, n), generator=torch.Generator().manual_seed(n)) for n in range(3, 19, 2)]
+    alone = [model.generate(p, max_new_tokens=16, eos_token_id=[]) for p in prompts]
+    outputs: list = [None] * len(prompts)
+
+    def run(i: int) -> None:
+        with model.inference_session(max_length=64, reuse_prefix=False) as session:
+            outputs[i] = model.generate(prompts[i], max_new_tokens=16, session=session, eos_token_id=[])
+
+    server = family.swarm.servers[0]
+    scheduler = server.scheduler
+    experts = [block.moe for block in scheduler.span.blocks if block.moe is not None]
+    for moe in experts:
+        moe.busiest_call = (0, 0)
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+    with scheduler.hold():  # the 8 prompts queue up: the first iteration takes them all
+        for t in threads:
+            t.start()
+        wait_until(lambda: scheduler.num_pending == len(prompts), 60, message="every prompt queued")
+    for t in threads:
+        t.join(120)
+    for i, (out, exp) in enumerate(zip(outputs, alone)):
+        assert torch.equal(out, exp), f"session {i} differs from position {(out != exp).nonzero()[:1].tolist()}"
+    prompt_tokens = sum(p.shape[1] for p in prompts)
+    assert experts and len(experts) == sum(spec.is_moe_block(i) for i in range(0, 4))
+    for moe in experts:
+        routed, products = moe.busiest_call
+        assert routed == prompt_tokens * spec.experts_per_token  # the first iteration: every prompt at once
+        assert 0 < products <= spec.num_experts < routed
+
+
+def test_lora_on_attention_through_moe_blocks_equals_peft(family: FamilySwarm, tmp_path: Path):
+    """Client-held LoRA on the attention projections, trained through remote blocks: loss, logits and
+    every gradient as PEFT on transformers (the backward pass goes through the experts and the router)."""
+    if family.spec.family not in ("mixtral", "qwen3"):
+        pytest.skip("one MoE and one dense family of the new ones")
+    model = AutoDistributedModelForCausalLM.from_pretrained(family.path, initial_peers=family.swarm.peers, torch_dtype="float32")
+    try:
+        lora = model.add_lora(LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+        randomize_b(lora)
+        input_ids = torch.randint(4, 300, (2, 12), generator=torch.Generator().manual_seed(0))
+        assert_lora_matches_peft(model, family.path, tmp_path, input_ids)
+    finally:
+        model.shutdown()
+
+
+def test_lora_on_the_experts_is_refused_clearly(family: FamilySwarm):
+    if family.spec.family != "mixtral":
+        pytest.skip("the refusal is the same for every MoE family")
+    model = AutoDistributedModelForCausalLM.from_pretrained(family.path, initial_peers=family.swarm.peers, torch_dtype="float32")
+    try:
+        with pytest.raises(ValueError, match="'gate_proj': this mixtral model's feed-forward is a mixture of experts"):
+            model.add_lora(LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "gate_proj"]))
+        # a client that sends one anyway gets a bad_request refusal (no server is to blame)
+        store = AdapterStore(family.spec, 0, 4, dtype=torch.float32, device=torch.device("cpu"), max_rank=8)
+        ref = TuningRef(lora=LoraRef(id="x", version=1, weights=True, rank=2, scaling=1.0, targets=("q_proj", "gate_proj")))
+        with pytest.raises(ProtocolError, match="mixture of experts") as refusal:
+            store.resolve(ref, [], BlockRange(0, 4), "peer", batch=1, seq=4)
+        assert refusal.value.code is ErrorCode.BAD_REQUEST
+        assert torch.equal(
+            family.model.generate(torch.tensor([[1, 5, 6]]), max_new_tokens=4),
+            family.reference.generate(torch.tensor([[1, 5, 6]]), max_new_tokens=4, do_sample=False),
+        )
+    finally:
+        model.shutdown()
+
+
+@pytest.mark.parametrize("quant_type", ["int8", "nf4"])
+def test_quantized_experts(make_model, quant_type: str):
+    """Every expert's matrices are held quantized (the router is not), and a span's output stays near
+    float32's (random weights: a token whose top-2 flips moves further than rounding alone)."""
+    path = make_model(family="mixtral", max_shard_size=TINY_SHARD_SIZE)
+    spec = ModelSpec.from_pretrained(path)
+    exact = load_span(path, spec, 0, 2, torch.float32, torch.device("cpu"), progress=False)
+    quantized = load_span(path, spec, 0, 2, torch.float32, torch.device("cpu"), progress=False, quant_type=quant_type)
+    weights = quantized.blocks[0].linear_weights()
+    assert len(weights) == 2 + 2 * spec.num_experts and not any(isinstance(w, torch.Tensor) for w, _ in weights.values())
+    assert isinstance(quantized.blocks[0].moe.gate.weight, torch.Tensor)
+    ratio = linear_weight_bytes(quantized.blocks[0]) / linear_weight_bytes(exact.blocks[0])
+    assert ratio <= {"int8": 0.28, "nf4": 0.15}[quant_type]  # of float32: 0.55x / 0.3x of bfloat16
+    x = torch.randn(2, 12, spec.hidden_size, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        error = float((quantized(x) - exact(x)).norm() / exact(x).norm())
+    assert error <= {"int8": 0.1, "nf4": 0.7}[quant_type], error  # two blocks of test_quant.py's BLOCK_BOUND
