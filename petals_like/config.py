@@ -18,11 +18,12 @@ DEFAULT_MAX_PART_BYTES = 2 * 1024**2  # one P2P message part; hivemind caps unar
 WIRE_FORMATS = ("float32", "float16", "bfloat16", "int8")
 
 
-def flag(default: Any, help: str, **argparse: Any) -> Any:
+def flag(default: Any, help: str, *, secret: bool = False, **argparse: Any) -> Any:
     """A config field that is also a command-line flag `--NAME` (utils/cli.add_dataclass_flags): its default
     and help live here only. `argparse`: type (default: the default's type), choices, nargs, and `group`
-    (a help section; "span" makes a mutually exclusive pair)."""
-    return field(default=default, metadata={"help": help, **argparse})
+    (a help section; "span" makes a mutually exclusive pair). secret: kept out of the config's repr (and so
+    out of logs)."""
+    return field(default=default, repr=not secret, metadata={"help": help, **argparse})
 
 
 def parse_throughput(text: str) -> str | float:
@@ -85,11 +86,16 @@ class ClientConfig:
 
 @dataclass
 class ServerConfig:
-    model: str | Path  # checkpoint folder or Hugging Face name (found in the local cache)
+    model: str | Path  # checkpoint folder or Hugging Face hub name (only the span's shards are fetched: models/hub.py)
     initial_peers: Sequence[str] = flag((), "multiaddrs of any peer of the swarm; none starts a new swarm", nargs="*")
     block_indices: Optional[str] = flag(None, "serve exactly these blocks, e.g. 0:8 (turns moving off)", group="span")
     num_blocks: Optional[int] = flag(None, "serve this many blocks where the swarm needs them most", type=int, group="span")
     dht_prefix: Optional[str] = flag(None, "the model's name in the swarm (default: from the checkpoint name)")
+    revision: Optional[str] = flag(None, "branch, tag or commit of a hub MODEL (default: main)")
+    token: Optional[str] = flag(
+        None, "hub access token for a private or gated MODEL (default: HF_TOKEN or `hf auth login`'s)", secret=True
+    )
+    cache_dir: Optional[str] = flag(None, "hub cache folder for a hub MODEL (default: HF_HUB_CACHE, ~/.cache/huggingface/hub)")
     # where to listen and what to announce: run_server's network flags (utils/cli.add_network_flags, dht/reach.py)
     host_maddrs: Optional[Sequence[str]] = None  # None = every interface on `port`
     announce_maddrs: Sequence[str] = ()  # what to announce instead of the interfaces' addresses
@@ -106,6 +112,12 @@ class ServerConfig:
         "none",
         "weights in 8-bit rows, 4-bit groups or NF4 blocks (docs/quantization.md)",
         choices=["none", "int8", "int4", "nf4"],
+    )
+    offload_experts: Optional[float] = flag(
+        None,
+        "MoE models: keep this fraction of the span's experts resident, read the rest from the checkpoint on demand "
+        "(docs/models.md)",
+        type=float,
     )
     num_threads: Optional[int] = flag(None, "torch threads for block math (default: torch's)", type=int)
     throughput: str | float = flag(

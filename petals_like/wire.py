@@ -402,20 +402,22 @@ class InfoReply:
     forward_calls: int
     asyncio_tasks: int
     announced: dict = field(default_factory=dict)
+    experts: dict = field(default_factory=dict)  # MoE spans: models/moe.py's span_expert_stats()
 
     @classmethod
     def from_meta(cls, meta: dict) -> InfoReply:
         values: dict[str, Any] = {}
         for f in fields(cls):
-            if f.name == "announced":
+            if f.name in ("announced", "experts"):
                 continue
             kind = {"server_version": str, "busy_seconds": (int, float)}.get(f.name, int)
             value = meta.get(f.name)
             if isinstance(value, bool) or not isinstance(value, kind):
                 raise ProtocolError(f"rpc_info field {f.name!r} is missing or of the wrong type")
             values[f.name] = value
-        announced = {k: v for k, v in meta.items() if k not in values}
-        return cls(**values, announced=announced)
+        experts = meta.get("experts") if isinstance(meta.get("experts"), dict) else {}
+        announced = {k: v for k, v in meta.items() if k not in values and k != "experts"}
+        return cls(**values, announced=announced, experts=experts)
 
     def to_meta(self) -> dict:
         meta = asdict(self)

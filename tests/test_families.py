@@ -145,3 +145,67 @@ def test_quantized_experts(make_model, quant_type: str):
     with torch.inference_mode():
         error = float((quantized(x) - exact(x)).norm() / exact(x).norm())
     assert error <= {"int8": 0.1, "nf4": 0.7}[quant_type], error  # two blocks of test_quant.py's BLOCK_BOUND
+
+
+def test_offloaded_experts_give_the_same_tokens(make_model):
+    """--offload_experts 0.25: a quarter of each server's experts resident, the rest read on demand; greedy
+    tokens as transformers' (= as with every expert resident), and the store stays within its capacity."""
+    path = make_model(family="mixtral", max_shard_size=TINY_SHARD_SIZE)
+    spec = ModelSpec.from_pretrained(path)
+    reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with running_swarm(path, ("0:4", "4:8"), offload_experts=0.25) as swarm:
+        model = AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=swarm.peers, torch_dtype="float32")
+        try:
+            for input_ids in (torch.tensor([[1, 17, 42, 99, 7, 250]]), torch.tensor([[1, 80, 90, 100, 110], [1, 5, 6, 7, 8]])):
+                expected = reference.generate(input_ids, max_new_tokens=32, do_sample=False, eos_token_id=None)
+                assert torch.equal(model.generate(input_ids, max_new_tokens=32, eos_token_id=[]), expected)
+        finally:
+            model.shutdown()
+        for server in swarm.servers:
+            span = server.scheduler.span
+            store = span.expert_store
+            assert store.capacity == round(0.25 * 4 * spec.num_experts)
+            assert all(len(block.moe.experts) == 0 for block in span.blocks)  # nothing routed held by the blocks
+            expert_bytes = 3 * spec.hidden_size * spec.moe_intermediate_size * 4
+            assert 0 < store.resident_bytes <= store.capacity * expert_bytes
+            stats = store.stats
+            assert stats.uses == stats.resident_hits + stats.prefetch_waits + stats.misses > 0
+            assert stats.predicted > 0 and stats.reads >= stats.misses
+
+
+def test_offload_refuses_what_it_cannot_do(make_model, tiny_model):
+    spec = ModelSpec.from_pretrained(tiny_model)
+    with pytest.raises(ValueError, match="needs a mixture-of-experts model; this llama model has no experts"):
+        load_span(tiny_model, spec, 0, 2, torch.float32, torch.device("cpu"), progress=False, resident_experts=0.5)
+    path = make_model(family="mixtral", max_shard_size=TINY_SHARD_SIZE)
+    moe_spec = ModelSpec.from_pretrained(path)
+    with pytest.raises(ValueError, match="use it with --quant_type none"):
+        load_span(
+            path, moe_spec, 0, 2, torch.float32, torch.device("cpu"), progress=False, quant_type="int8", resident_experts=0.5
+        )
+    with pytest.raises(ValueError, match=r"fraction of experts kept resident, in \(0, 1\], got 1.5"):
+        load_span(path, moe_spec, 0, 2, torch.float32, torch.device("cpu"), progress=False, resident_experts=1.5)
+
+
+def test_expert_store_keeps_its_capacity_and_counts_its_guesses(make_model):
+    """In one process: the LRU never holds more than its capacity, a guess for the next block is read
+    ahead and counted as used when that block runs the guessed experts, and outputs equal all-resident."""
+    path = make_model(family="mixtral", max_shard_size=TINY_SHARD_SIZE)
+    spec = ModelSpec.from_pretrained(path)
+    full = load_span(path, spec, 0, 4, torch.float32, torch.device("cpu"), progress=False)
+    offloaded = load_span(path, spec, 0, 4, torch.float32, torch.device("cpu"), progress=False, resident_experts=0.125)
+    store = offloaded.expert_store
+    assert store.capacity == 4
+    x = torch.randn(1, 6, spec.hidden_size, generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        torch.testing.assert_close(offloaded(x), full(x), rtol=1e-4, atol=1e-4)
+        assert len(store._resident) <= store.capacity
+        for step in range(6):  # one token at a time: two experts per block, guessed from the block before
+            offloaded(x[:, step : step + 1])
+            assert len(store._resident) <= store.capacity
+    stats = store.stats
+    # guesses are made for blocks 1..3 of each call (block 0 has no block before it in the span)
+    assert stats.predicted > 0 and stats.next_block_uses > 0
+    assert 0 < stats.predicted_used <= min(stats.predicted, stats.next_block_uses)
+    assert stats.uses == stats.resident_hits + stats.prefetch_waits + stats.misses
+    store.close()

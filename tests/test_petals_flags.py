@@ -102,7 +102,7 @@ def test_update_period_longer_than_our_expiration_keeps_petals_expiration():
         (["m", "--converted_model_name_or_path", "m"], "--converted_model_name_or_path: not allowed with the positional MODEL"),
         (["--num_blocks", "2"], "required: model (or --converted_model_name_or_path)"),
         (["m", "--tensor_parallel_devices", "cuda:0", "cuda:1"], "argument --tensor_parallel_devices: a Petals flag not"),
-        (["m", "--revision", "v1.0"], "argument --revision: a Petals flag not supported here"),
+        (["m", "--custom_module_path", "x"], "argument --custom_module_path: a Petals flag not supported here"),
         (["m", "--attn_cache_size", "2GB"], "argument --attn_cache_size: a Petals flag not supported here"),
         (["m", "-c", "config.yml"], "argument -c: a Petals flag not supported here"),
         (["m", "--attn_cache_tokens", "lots"], "argument --attn_cache_tokens: invalid int value"),
@@ -118,12 +118,14 @@ def test_refused_and_conflicting_flags_are_argparse_errors(argv, message, capsys
 
 def test_ignored_flags_warn_by_name(caplog):
     with caplog.at_level(logging.WARNING, logger="petals_like.cli.petals_flags"):
-        config, _ = parse_args(["m", "--num_handlers", "8", "--token", "hf_secret", "--max_chunk_size_bytes", "1000"])
+        config, _ = parse_args(["m", "--num_handlers", "8", "--use_auth_token", "--max_chunk_size_bytes", "1000"])
     assert config == parse_args(["m"])[0]
     text = caplog.text
-    for name in ("--num_handlers", "--token", "--max_chunk_size_bytes"):
+    for name in ("--num_handlers", "--use_auth_token", "--max_chunk_size_bytes"):
         assert f"Ignoring the Petals flag {name}:" in text
-    assert "hf_secret" not in text
+    # --token is a flag of ours (the hub's access token): used, never shown
+    config, _ = parse_args(["m", "--token", "hf_secret"])
+    assert config.token == "hf_secret" and "hf_secret" not in repr(config)
 
 
 def test_every_table_entry_is_accepted_and_listed_in_help(capsys):

@@ -62,8 +62,11 @@ def test_the_open_message_also_carries_the_first_step():
 
 
 def test_info_reply_keeps_the_announced_fields_apart():
-    counters = {f: 1 for f in InfoReply.__dataclass_fields__ if f not in ("announced", "server_version", "busy_seconds")}
-    info = InfoReply(**counters, server_version="1.0", busy_seconds=0.5, announced={"start_block": 2, "state": "online"})
+    skip = ("announced", "experts", "server_version", "busy_seconds")
+    counters = {f: 1 for f in InfoReply.__dataclass_fields__ if f not in skip}
+    info = InfoReply(
+        **counters, server_version="1.0", busy_seconds=0.5, announced={"start_block": 2, "state": "online"}, experts={"calls": 3}
+    )
     meta = info.to_meta()
     assert meta["start_block"] == 2 and meta["open_sessions"] == 1  # flat on the wire
     assert InfoReply.from_meta(meta) == info

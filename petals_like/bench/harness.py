@@ -175,19 +175,20 @@ def run_concurrently(count: int, fn: Callable[[int], None]) -> float:
     return time.perf_counter() - started
 
 
-def server_counters(model) -> dict[str, tuple[int, int]]:
-    """(iterations, inference tokens) of every server the model can see."""
+def server_infos(model) -> dict:
+    """Every server the model can see: peer id -> its rpc_info answer (wire.InfoReply)."""
     from petals_like.wire import call_info
 
     async def read() -> dict:
         await model.routes.refresh(force=True)
-        infos = {}
-        for peer in model.routes.spans:
-            info = await call_info(model.node.p2p, peer, timeout=10)
-            infos[peer] = (info.iterations, info.inference_tokens)
-        return infos
+        return {peer: await call_info(model.node.p2p, peer, timeout=10) for peer in model.routes.spans}
 
     return model.node.run(read(), timeout=60)
+
+
+def server_counters(model) -> dict[str, tuple[int, int]]:
+    """(iterations, inference tokens) of every server the model can see."""
+    return {peer: (info.iterations, info.inference_tokens) for peer, info in server_infos(model).items()}
 
 
 def sessions_at_once(model, count: int, prompt_len: int = 16, new_tokens: int = 64) -> dict:

@@ -23,12 +23,10 @@ def build(model_path: str, initial_peers: list[str], *, name: Optional[str] = No
     from petals_like import AutoDistributedModelForCausalLM
     from petals_like.api.app import create_app
     from petals_like.api.engine import CompletionEngine
-    from petals_like.models.checkpoint import resolve_checkpoint
 
-    path = resolve_checkpoint(model_path)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoDistributedModelForCausalLM.from_pretrained(model_path, initial_peers, **client)
+    model = AutoDistributedModelForCausalLM.from_pretrained(model_path, initial_peers, **client)  # fetches the tokenizer too
     try:
+        tokenizer = AutoTokenizer.from_pretrained(model.checkpoint_path)
         engine = CompletionEngine(model, tokenizer, max_context=model.config.max_position_embeddings)
         app = create_app(engine, name or str(model_path), api_key=api_key, route_of=lambda: _route(model))
         return app, model

@@ -49,7 +49,6 @@ class PetalsFlag:
 
 
 _RUNTIME = "a tuning knob of Petals' hivemind runtime; this server batches on its own scheduler thread"
-_NO_DOWNLOAD = "models are read from a local folder or the local Hugging Face cache; nothing is downloaded"
 
 PETALS_FLAGS: tuple[PetalsFlag, ...] = (
     # same meaning, another name (why: the help line; none: "= --ours")
@@ -94,9 +93,12 @@ PETALS_FLAGS: tuple[PetalsFlag, ...] = (
         "no cap on a session's total time here; --session_idle_timeout (Petals' --step_timeout) closes "
         "silent sessions and --max_session_length bounds their tokens",
     ),
-    PetalsFlag("max_disk_space", IGNORE, _NO_DOWNLOAD + ", so there is no disk cache of blocks"),
-    PetalsFlag("token", IGNORE, _NO_DOWNLOAD),
-    PetalsFlag("use_auth_token", IGNORE, _NO_DOWNLOAD, nargs=0),
+    PetalsFlag(
+        "max_disk_space",
+        IGNORE,
+        "only the span's shards are fetched, into the Hugging Face cache (--cache_dir), which is not pruned here",
+    ),
+    PetalsFlag("use_auth_token", IGNORE, "HF_TOKEN or the token of `hf auth login` is used unless --token is given", nargs=0),
     PetalsFlag("daemon_startup_timeout", IGNORE, "this server's p2p node has its own start-up timeout"),
     PetalsFlag("increase_file_limit", IGNORE, "set the open-files limit with `ulimit -n` before starting", nargs="?"),
     PetalsFlag(
@@ -108,8 +110,6 @@ PETALS_FLAGS: tuple[PetalsFlag, ...] = (
     # would silently serve something else: an error
     PetalsFlag("tensor_parallel_devices", REFUSE, "blocks are not split across devices here; use one --device", nargs="+"),
     PetalsFlag("custom_module_path", REFUSE, "custom modules are not loaded; only the supported model families are served"),
-    PetalsFlag("revision", REFUSE, "pass that revision's folder (.../snapshots/COMMIT) as MODEL instead"),
-    PetalsFlag("cache_dir", REFUSE, "set HF_HUB_CACHE=DIR instead, or pass the model's folder as MODEL"),
     PetalsFlag(
         "attn_cache_size",
         REFUSE,

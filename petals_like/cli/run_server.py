@@ -24,10 +24,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, str]:
     Petals' names for them are accepted too (cli/petals_flags.py)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     # optional only so that Petals' --converted_model_name_or_path can stand for it; one of them is required
-    p.add_argument("model", nargs="?", help="checkpoint folder or Hugging Face name present in the local cache")
+    p.add_argument("model", nargs="?", help="checkpoint folder or Hugging Face hub name (only the span's shards are fetched)")
     add_dataclass_flags(p, ServerConfig)
     add_network_flags(p)
-    p.add_argument("--no_progress", action="store_true", help="no progress bar while loading")
+    p.add_argument("--no_progress", action="store_true", help="no progress bars while fetching and loading the span")
     p.add_argument("--log_level", default="INFO")
     add_petals_flags(p)
     a = p.parse_args(argv)
@@ -45,6 +45,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, str]:
 def main(argv: list[str] | None = None) -> None:
     config, log_level = parse_args(argv)
     setup_logging(log_level)
+    from petals_like.models.hub import HubError
     from petals_like.quant.weights import UnsupportedFormat
     from petals_like.server.server import Server
     from petals_like.utils.threads import serial_thread
@@ -52,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
     serial_thread()  # this thread only waits; the scheduler's thread computes (utils/threads.py)
     try:
         server = Server(config).start()
-    except UnsupportedFormat as e:
+    except (UnsupportedFormat, HubError, FileNotFoundError) as e:  # FileNotFoundError: no such checkpoint
         raise SystemExit(f"error: {e}") from None
     server.node.call_soon(serial_thread)  # so does the event loop: it decodes messages and routes them
     print(f"SERVER READY {server.node.peer_id} blocks {server.start_block}:{server.end_block}", flush=True)

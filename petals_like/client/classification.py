@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from transformers.modeling_outputs import SequenceClassifierOutputWithPast
 
 from petals_like.client.model import DistributedModel
-from petals_like.models.checkpoint import CheckpointReader, resolve_checkpoint
+from petals_like.models.checkpoint import CheckpointReader
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ class DistributedModelForSequenceClassification(DistributedModel):
                 raise ValueError('problem_type="single_label_classification" needs num_labels > 1')
             model.num_labels = int(model.config.num_labels)
             model.score = model._new_score(model.num_labels)
-            model._load_score(resolve_checkpoint(name_or_path))
+            model._load_score(model.checkpoint_path)
         except BaseException:
             model.shutdown()
             raise

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from transformers import AutoConfig, PretrainedConfig
 
@@ -63,16 +63,25 @@ def client_config_of(config: PretrainedConfig) -> ClientConfig | None:
 
 class AutoDistributedConfig:
     """AutoDistributedConfig.from_pretrained(path, initial_peers=[...], **ClientConfig fields): the
-    checkpoint's config with the client's settings, to pass as `config=` to a model's from_pretrained."""
+    checkpoint's config with the client's settings, to pass as `config=` to a model's from_pretrained.
+    A hub name's config.json and weight index are fetched (at revision, with token, into cache_dir) as from_pretrained does."""
 
     @staticmethod
-    def from_pretrained(name_or_path: str | Path, **client_kwargs: Any) -> PretrainedConfig:
-        from petals_like.models.checkpoint import resolve_checkpoint
+    def from_pretrained(
+        name_or_path: str | Path,
+        *,
+        revision: Optional[str] = None,
+        token: Optional[str | bool] = None,
+        cache_dir: Optional[str | Path] = None,
+        **client_kwargs: Any,
+    ) -> PretrainedConfig:
+        from petals_like.models.hub import open_checkpoint
 
         unknown = set(client_kwargs) - _FIELDS
         if unknown:
             raise TypeError(f"unknown arguments {sorted(unknown)}; ClientConfig accepts {sorted(_FIELDS)}")
         if "initial_peers" in client_kwargs:
             client_kwargs["initial_peers"] = tuple(client_kwargs["initial_peers"])
-        config = AutoConfig.from_pretrained(resolve_checkpoint(name_or_path))
+        checkpoint = open_checkpoint(name_or_path, revision=revision, token=token, cache_dir=cache_dir)
+        config = AutoConfig.from_pretrained(checkpoint.folder)
         return with_client_config(config, ClientConfig(**client_kwargs))

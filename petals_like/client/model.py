@@ -51,6 +51,7 @@ from petals_like.config import ClientConfig
 from petals_like.dht.node import SwarmNode
 from petals_like.dht.records import default_dht_prefix
 from petals_like.models.checkpoint import CheckpointReader, resolve_checkpoint
+from petals_like.models.hub import open_checkpoint
 from petals_like.models.llama.head import LocalModules
 from petals_like.models.spec import ModelSpec, resolve_dtype
 from petals_like.routing.manager import RouteManager
@@ -77,10 +78,13 @@ class DistributedModel(torch.nn.Module):
         name_or_path: str = "",
         hf_config: Optional[PretrainedConfig] = None,
         owns_node: bool = True,
+        checkpoint_path: Optional[Path] = None,
     ):
         super().__init__()
         self.spec = spec
         self.name_or_path = name_or_path
+        # the folder the checkpoint was loaded from (for a hub name: the snapshot of the revision asked for)
+        self.checkpoint_path = checkpoint_path
         self.client_config = config
         # the checkpoint's transformers config, with the client's settings as live properties
         self.config = with_client_config(hf_config if hf_config is not None else _hf_config(name_or_path, spec), config)
@@ -110,9 +114,16 @@ class DistributedModel(torch.nn.Module):
         pre_seq_len: int = 0,
         config: Optional[PretrainedConfig] = None,
         dht: Optional[SwarmNode] = None,
+        revision: Optional[str] = None,
+        token: Optional[str | bool] = None,
+        cache_dir: Optional[str | Path] = None,
         **config_kwargs,
     ):
         """Load only the embeddings, final norm and LM head; join the swarm through initial_peers.
+
+        name_or_path: a local folder, or a Hugging Face hub name of which only config, tokenizer,
+        generation config and the shards of those tensors are fetched (models/hub.py), at `revision`
+        (default: main), with `token` (default: HF_TOKEN or `hf auth login`'s), into `cache_dir`.
 
         tuning_mode="ptune" adds pre_seq_len trainable prompt vectors before every input; "deep_ptune"
         also one per block. Other keywords are ClientConfig fields (e.g. num_chains, active_adapter,
@@ -139,7 +150,9 @@ class DistributedModel(torch.nn.Module):
             raise TypeError(f"dht must be the node of another model of this process (model.node), got {type(dht).__name__}")
         if not client_config.initial_peers and dht is None:
             raise ValueError("initial_peers are required: the multiaddrs of any peer of the swarm")
-        path = resolve_checkpoint(name_or_path)
+        checkpoint = open_checkpoint(name_or_path, revision=revision, token=token, cache_dir=cache_dir)
+        checkpoint.fetch_client_files()
+        path = checkpoint.folder
         spec = ModelSpec.from_pretrained(path)
         dtype = torch_dtype if isinstance(torch_dtype, torch.dtype) else resolve_dtype(str(torch_dtype), spec)
         local = LocalModules.from_state_dict(spec, CheckpointReader(path).client_state_dict(dtype)).to(dtype)
@@ -164,6 +177,7 @@ class DistributedModel(torch.nn.Module):
             name_or_path=str(name_or_path),
             hf_config=hf_config,
             owns_node=dht is None,
+            checkpoint_path=path,
         )
 
     # ---- Petals' and transformers' names for the parts ----
@@ -365,7 +379,7 @@ class DistributedModelForCausalLM(DistributedModel):
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.head_batcher = HeadBatcher(self.local.logits)  # concurrent generate() calls share head passes
-        self.generation_config = _generation_config(self.name_or_path, self.config)
+        self.generation_config = _generation_config(self.checkpoint_path or self.name_or_path, self.config)
 
     @property
     def lm_head(self) -> torch.nn.Linear:
@@ -593,7 +607,7 @@ def _hf_config(name_or_path: str, spec: ModelSpec) -> PretrainedConfig:
         return PretrainedConfig(hidden_size=spec.hidden_size, num_hidden_layers=spec.num_blocks, vocab_size=spec.vocab_size)
 
 
-def _generation_config(name_or_path: str, config: PretrainedConfig) -> GenerationConfig:
+def _generation_config(name_or_path: str | Path, config: PretrainedConfig) -> GenerationConfig:
     """The checkpoint's generation_config.json, else the generation fields of its config (as transformers)."""
     try:
         return GenerationConfig.from_pretrained(resolve_checkpoint(name_or_path))

@@ -1,4 +1,4 @@
-"""Find a checkpoint offline and read only the tensors a server's span (or a client) needs.
+"""Find a checkpoint on disk and read only the tensors a server's span (or a client) needs.
 
 A server hosting blocks 10:20 of a 70-block model must not hold the other 60 blocks in memory,
 even briefly, so tensors are read one at a time with `safetensors.safe_open` (memory-mapped,
@@ -7,7 +7,8 @@ read. `.bin` (pickle) checkpoints cannot be read lazily and are refused with a c
 
 Tensor names follow Hugging Face's Llama/Mistral/Qwen2 layout:
 `model.embed_tokens.weight`, `model.layers.{i}.<...>`, `model.norm.weight`, `lm_head.weight`;
-checkpoints saved from the bare model (no `model.` prefix) are read too.
+checkpoints saved from the bare model (no `model.` prefix) are read too. Fetching a checkpoint's
+files from the Hugging Face hub, only those a span or a client needs: models/hub.py.
 """
 
 from __future__ import annotations
@@ -32,13 +33,38 @@ LM_HEAD = "lm_head.weight"  # saved at the top level, outside the "model." prefi
 _LAYER_RE = re.compile(r"^(?:model\.)?layers\.(\d+)\.")
 
 
-def resolve_checkpoint(name_or_path: str | Path, *, cache_dir: Optional[str | Path] = None) -> Path:
-    """A local folder with config.json, else a snapshot already in the Hugging Face cache.
+def block_of(tensor_name: str) -> Optional[int]:
+    """The block a tensor belongs to (`model.layers.{i}.` or `layers.{i}.`); None for tensors outside the blocks."""
+    match = _LAYER_RE.match(tensor_name)
+    return int(match.group(1)) if match else None
 
-    Nothing is ever downloaded: servers and clients must start the same way with or without a
-    network, and a silent multi-gigabyte download is never what a user wants from a typo.
-    `cache_dir` overrides the hub cache location (tests point it at a fake cache).
+
+def resolve_checkpoint(name_or_path: str | Path, *, cache_dir: Optional[str | Path] = None) -> Path:
+    """A local folder with config.json, else a snapshot already in the Hugging Face cache; never downloads.
+
+    For code that runs after an entry point has fetched what it needs (run_server and from_pretrained
+    fetch through models/hub.py), and for tools that must not touch the network. `cache_dir`
+    overrides the hub cache location (tests point it at a fake cache).
     """
+    local = local_checkpoint(name_or_path)
+    if local is not None:
+        return local
+    name = str(name_or_path)
+    snapshot = cached_snapshot(name, cache_dir=cache_dir)
+    if snapshot is not None:
+        return snapshot
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    where = f"the Hugging Face cache {cache_dir if cache_dir is not None else HF_HUB_CACHE}"
+    raise FileNotFoundError(
+        f"checkpoint {name!r} not found: no local folder {Path(name).expanduser().absolute()} with config.json, and no "
+        f"snapshot of repository {name!r} with config.json in {where}. run_server and from_pretrained download it; "
+        f"else fetch it first (e.g. `hf download {name}`) or pass a local folder"
+    )
+
+
+def local_checkpoint(name_or_path: str | Path) -> Optional[Path]:
+    """name_or_path as a local checkpoint folder; None where no such file or folder exists (it may name a hub repository)."""
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         if (path / "config.json").is_file():
@@ -46,33 +72,22 @@ def resolve_checkpoint(name_or_path: str | Path, *, cache_dir: Optional[str | Pa
         raise FileNotFoundError(f"{path} is a folder but has no config.json: expected a Hugging Face checkpoint folder")
     if path.exists():
         raise FileNotFoundError(f"{path} is a file: expected a checkpoint folder containing config.json")
-
-    name = str(name_or_path)
-    snapshot = _cached_snapshot(name, cache_dir)
-    if snapshot is not None:
-        return snapshot
-    from huggingface_hub.constants import HF_HUB_CACHE
-
-    where = f"the Hugging Face cache {cache_dir if cache_dir is not None else HF_HUB_CACHE}"
-    raise FileNotFoundError(
-        f"checkpoint {name!r} not found: no local folder {path.absolute()} with config.json, and no snapshot "
-        f"of repository {name!r} with config.json in {where}. Nothing is downloaded at run time; "
-        f"fetch it first (e.g. `hf download {name}`) or pass a local folder"
-    )
+    return None
 
 
-def _cached_snapshot(repo_id: str, cache_dir: Optional[str | Path]) -> Optional[Path]:
-    """The cached snapshot folder of repo_id, or None when it is not a cached repo id."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+def cached_snapshot(repo_id: str, *, cache_dir: Optional[str | Path] = None, revision: Optional[str] = None) -> Optional[Path]:
+    """The hub cache's snapshot folder of repo_id at revision (default: main) when it holds config.json, else None
+    (also for names that are not repository ids). Makes no request."""
+    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError
 
     try:
-        folder = snapshot_download(repo_id, local_files_only=True, cache_dir=cache_dir)
-    except (LocalEntryNotFoundError, HFValidationError, ValueError) as e:
-        logger.debug(f"{repo_id!r} not found in the Hugging Face cache: {e}")
+        config = try_to_load_from_cache(repo_id, "config.json", cache_dir=cache_dir, revision=revision)
+    except HFValidationError as e:
+        logger.debug(f"{repo_id!r} is not a hub repository id: {e}")
         return None
-    folder = Path(folder)
-    return folder if (folder / "config.json").is_file() else None
+    # a str is the cached file's path; None or huggingface_hub's "known to be absent" marker: no usable snapshot
+    return Path(config).parent if isinstance(config, str) else None
 
 
 class CheckpointReader:
@@ -135,7 +150,7 @@ class CheckpointReader:
     @property
     def num_blocks(self) -> int:
         """1 + the highest block index with tensors in the checkpoint."""
-        indices = [int(m.group(1)) for name in self.weight_map if (m := _LAYER_RE.match(name))]
+        indices = [index for name in self.weight_map if (index := block_of(name)) is not None]
         return max(indices) + 1 if indices else 0
 
     def block_tensor_names(self, index: int) -> list[str]:

@@ -27,11 +27,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from petals_like.models.expert_store import ExpertStore
 from petals_like.models.linear import linear
 from petals_like.models.spec import ModelSpec
 
 # family -> (the block's attribute, the expert's gate / up / down projection names)
-LAYOUTS = {
+LAYOUTS: dict[str, tuple[str, tuple[str, str, str]]] = {
     "mixtral": ("block_sparse_moe", ("w1", "w3", "w2")),
     "qwen2_moe": ("mlp", ("gate_proj", "up_proj", "down_proj")),
     "qwen3_moe": ("mlp", ("gate_proj", "up_proj", "down_proj")),
@@ -72,16 +73,23 @@ class Expert(nn.Module):
 
 
 class SparseMoE(nn.Module):
-    """Router + routed experts (+ Qwen2-MoE's gated shared expert): [tokens, hidden] -> [tokens, hidden]."""
+    """Router + routed experts (+ Qwen2-MoE's gated shared expert): [tokens, hidden] -> [tokens, hidden].
 
-    def __init__(self, spec: ModelSpec) -> None:
+    offloaded=True: no routed expert is held here; `store` (models/expert_store.py), set by the loader,
+    runs them from the checkpoint on demand."""
+
+    def __init__(self, spec: ModelSpec, block_index: int, offloaded: bool = False) -> None:
         super().__init__()
         _, names = LAYOUTS[spec.family]
         self.family = spec.family
+        self.block_index = block_index
+        self.num_experts = spec.num_experts
         self.top_k = spec.experts_per_token
         self.norm_topk_prob = spec.norm_topk_prob
         self.gate = nn.Linear(spec.hidden_size, spec.num_experts, bias=False)
-        self.experts = nn.ModuleList(Expert(spec.hidden_size, spec.moe_intermediate_size, names) for _ in range(spec.num_experts))
+        count = 0 if offloaded else spec.num_experts
+        self.experts = nn.ModuleList(Expert(spec.hidden_size, spec.moe_intermediate_size, names) for _ in range(count))
+        self.store: Optional[ExpertStore] = None
         if spec.shared_expert_intermediate_size:
             self.shared_expert = Expert(spec.hidden_size, spec.shared_expert_intermediate_size, names)
             self.shared_expert_gate = nn.Linear(spec.hidden_size, 1, bias=False)
@@ -89,6 +97,7 @@ class SparseMoE(nn.Module):
             self.shared_expert = None
         # counters since creation: experts run (each on all of its tokens at once), and tokens x top_k (the
         # products that routing token by token would run); for the call with the most tokens, both
+        self.calls = 0
         self.expert_products = 0
         self.routed_tokens = 0
         self.busiest_call = (0, 0)  # (routed tokens x top_k, experts run) of the largest call
@@ -104,30 +113,42 @@ class SparseMoE(nn.Module):
             weights = weights / weights.sum(dim=-1, keepdim=True)
         return weights.to(logits.dtype), chosen
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+        """x: the normalized hidden states [tokens, hidden]; residual: the block's residual stream, from
+        which an expert store guesses the next block's experts (once this block's are in hand)."""
         weights, chosen = self.route(x)
         out = torch.zeros_like(x)
         flat = chosen.reshape(-1)
         order = torch.argsort(flat, stable=True)  # (token, slot) pairs grouped by expert
-        counts = torch.bincount(flat, minlength=len(self.experts)).tolist()
+        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
+        used = [index for index, count in enumerate(counts) if count]
+        if self.store is not None:
+            held = {index: self.store.acquire(self.block_index, index) for index in used}
+            if residual is not None:
+                self.store.prefetch_next(self.block_index, residual)
         flat_weights = weights.reshape(-1)
-        start = products = 0
-        for expert, count in zip(self.experts, counts):
-            if count == 0:
-                continue
-            pairs = order[start : start + count]
-            start += count
+        start = 0
+        for index in used:
+            pairs = order[start : start + counts[index]]
+            start += counts[index]
             rows = pairs // self.top_k
-            y = expert(x[rows]) * flat_weights[pairs, None]
-            out.index_add_(0, rows, y.to(out.dtype))
-            products += 1
-        self.expert_products += products
+            y = self.store.run(held[index], x[rows]) if self.store is not None else self.experts[index](x[rows])
+            out.index_add_(0, rows, (y * flat_weights[pairs, None]).to(out.dtype))
+        if self.store is not None:
+            self.store.finish_call(self.block_index, set(used))
+        self.calls += 1
+        self.expert_products += len(used)
         self.routed_tokens += flat.numel()
         if flat.numel() > self.busiest_call[0]:
-            self.busiest_call = (flat.numel(), products)
+            self.busiest_call = (flat.numel(), len(used))
         if self.shared_expert is not None:
             out = out + torch.sigmoid(linear(x, self.shared_expert_gate.weight)) * self.shared_expert(x)
         return out
+
+    def expert_tensor_names(self, prefix: str, expert: int) -> tuple[str, str, str]:
+        """Checkpoint names of a routed expert's (gate, up, down) weights; prefix: the block's, e.g. `model.layers.3.`."""
+        attribute, names = LAYOUTS[self.family]
+        return tuple(f"{prefix}{attribute}.experts.{expert}.{name}.weight" for name in names)  # type: ignore[return-value]
 
     def _all_experts(self) -> list[tuple[str, Expert]]:
         named = [(f"experts.{e}", expert) for e, expert in enumerate(self.experts)]
@@ -153,3 +174,29 @@ class SparseMoE(nn.Module):
             expert.fused = [convert(weight) for weight in expert.fused]
             for projection in expert.projections():
                 projection.weight = None
+
+
+def span_expert_stats(span: nn.Module) -> dict[str, Any]:
+    """For rpc_info and the benchmark: the MoE blocks' counters summed (calls are one per block per
+    batched iteration or forward), and with offloaded experts the store's hit rates and resident bytes;
+    {} for a dense span."""
+    blocks = [block.moe for block in getattr(span, "blocks", ()) if getattr(block, "moe", None) is not None]
+    if not blocks:
+        return {}
+    stats: dict[str, Any] = {
+        "moe_blocks": len(blocks),
+        "calls": sum(moe.calls for moe in blocks),
+        "expert_products": sum(moe.expert_products for moe in blocks),
+        "routed_tokens": sum(moe.routed_tokens for moe in blocks),
+        "resident_expert_bytes": sum(_stored_bytes(expert) for moe in blocks for expert in moe.experts),
+    }
+    store = getattr(span, "expert_store", None)
+    if store is not None:
+        stats["resident_expert_bytes"] = store.resident_bytes
+        stats["store"] = store.stats.summary()
+    return stats
+
+
+def _stored_bytes(expert: Expert) -> int:
+    weights = expert.fused if expert.fused is not None else [p.weight for p in expert.projections()]
+    return sum(w.numel() * w.element_size() if isinstance(w, Tensor) else w.nbytes for w in weights)

@@ -49,6 +49,7 @@ class BlockSpan(nn.Module):
         self.end = end
         self.blocks = nn.ModuleList(blocks)
         self.rotary = RotaryEmbedding(spec)
+        self.expert_store = None  # models/expert_store.py's, where the loader offloads experts
 
     def _range(self, first: int, last: Optional[int]) -> tuple[int, int]:
         last = len(self.blocks) if last is None else last

@@ -33,6 +33,7 @@ from hivemind.proto import runtime_pb2
 
 from petals_like import __version__
 from petals_like.config import ServerConfig
+from petals_like.models.moe import span_expert_stats
 from petals_like.models.span import BlockRange
 from petals_like.protocol import (
     PROTOCOL_VERSION,
@@ -137,6 +138,7 @@ class Handlers:
             forward_calls=self.forward_calls,
             asyncio_tasks=len(asyncio.all_tasks()),
             announced=self.info_fn(),
+            experts=span_expert_stats(self.backend.span),
         ).to_meta()
         return runtime_pb2.ExpertResponse(metadata=encode_metadata(info))
 

@@ -21,7 +21,7 @@ from petals_like.config import ServerConfig
 from petals_like.data_structures import MAX_TEXT, ServerState
 from petals_like.dht.node import SwarmNode
 from petals_like.dht.records import ModelInfo, default_dht_prefix
-from petals_like.models.checkpoint import resolve_checkpoint
+from petals_like.models.hub import open_checkpoint
 from petals_like.models.span import BlockSpan
 from petals_like.models.spec import ModelSpec, resolve_dtype
 from petals_like.quant.weights import QUANT_TYPES
@@ -50,7 +50,11 @@ def _public_model_name(model: str | Path) -> str:
 class Server:
     def __init__(self, config: ServerConfig):
         self.config = config
-        self.path = resolve_checkpoint(config.model)
+        # a hub repository: config.json and the weight index now, the span's shards once the span is chosen
+        self.checkpoint = open_checkpoint(
+            config.model, revision=config.revision, token=config.token, cache_dir=config.cache_dir, progress=config.progress
+        )
+        self.path = self.checkpoint.folder
         self.spec = ModelSpec.from_pretrained(self.path)
         self.dht_prefix = config.dht_prefix or default_dht_prefix(config.model)
         self.model_info = ModelInfo(num_blocks=self.spec.num_blocks, name=_public_model_name(config.model))
@@ -111,6 +115,7 @@ class Server:
             f"Serving blocks {self.start_block}:{self.end_block} of {self.dht_prefix} "
             f"as {self.node.peer_id} ({str(self.dtype).replace('torch.', '')}, {self.device})"
         )
+        self.checkpoint.fetch_blocks(self.start_block, self.end_block)  # a no-op for a local folder or a complete snapshot
         # on a thread of its own, so that no long-lived thread but the scheduler's keeps a team of
         # compute threads (utils/threads.py)
         span = in_compute_thread(
@@ -123,6 +128,7 @@ class Server:
             self.device,
             config.progress,
             config.quant_type,
+            config.offload_experts,
             num_threads=config.num_threads,
         )
         backend = SpanBackend(
@@ -168,6 +174,7 @@ class Server:
         old = (self.start_block, self.end_block)
         num_blocks = old[1] - old[0]
         logger.info(f"Moving from blocks {old[0]}:{old[1]} to {start}:{start + num_blocks} (swarm re-balancing)")
+        self.checkpoint.fetch_blocks(start, start + num_blocks)  # while the old span still serves
         self.node.run(self.announcer.declare_range(ServerState.OFFLINE, *old), timeout=60)
         self.start_block, self.end_block = start, start + num_blocks
         self.announcer.announce(ServerState.JOINING)
@@ -207,7 +214,8 @@ class Server:
             self.inference_rps = self.throughput / num_blocks
             self.forward_rps = self.inference_rps  # unmeasured: assume forward runs at the decode rate
             return
-        key = cache_key(self.spec, self.dtype, self.device, self.config.quant_type)
+        offload = f"+experts{self.config.offload_experts}" if self.config.offload_experts else ""
+        key = cache_key(self.spec, self.dtype, self.device, self.config.quant_type + offload)
         rates = get_rates(span, key, mode)
         self.throughput = rates.throughput(num_blocks, self.spec.hidden_size, self.config.network_mbps)
         self.inference_rps = rates.inference_block_steps / num_blocks  # decode steps/s over the whole span

@@ -77,7 +77,8 @@ class LlamaMLP(nn.Module):
 class LlamaBlock(nn.Module):
     """Pre-norm decoder block: h + attn(norm(h)), then h + mlp(norm(h))."""
 
-    def __init__(self, spec: ModelSpec, layer_idx: int) -> None:
+    def __init__(self, spec: ModelSpec, layer_idx: int, offload_experts: bool = False) -> None:
+        """offload_experts: an MoE block holds no routed expert; the loader gives it an ExpertStore."""
         super().__init__()
         if spec.num_heads % spec.num_kv_heads != 0:
             raise ValueError(f"num_heads={spec.num_heads} is not a multiple of num_kv_heads={spec.num_kv_heads}")
@@ -93,7 +94,7 @@ class LlamaBlock(nn.Module):
         self._moe_name: Optional[str] = None
         if spec.is_moe_block(layer_idx):
             self._moe_name = LAYOUTS[spec.family][0]
-            setattr(self, self._moe_name, SparseMoE(spec))
+            setattr(self, self._moe_name, SparseMoE(spec, layer_idx, offloaded=offload_experts))
         else:
             self.mlp = LlamaMLP(spec)
         self.q_size, self.kv_size = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
@@ -215,7 +216,7 @@ class LlamaBlock(nn.Module):
         """[tokens, hidden] -> [tokens, hidden]: the feed-forward half of the block."""
         x = self.post_attention_layernorm(hidden)
         if self.moe is not None:  # (LoRA targets here are refused before: lora.target_shape)
-            return hidden + self.moe(x)
+            return hidden + self.moe(x, residual=hidden)
         mlp = self.mlp
         if self._gate_up is not None and (self.quant_type != "none" or not torch.is_grad_enabled()):
             gate, up = self._plus_lora(linear(x, *self._gate_up), x, lora, ("gate_proj", "up_proj")).chunk(2, dim=-1)
