@@ -14,12 +14,16 @@ import pytest
 import torch
 from torch import Tensor
 from transformers import (
+    GemmaConfig,
+    GemmaForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
     MixtralConfig,
     MixtralForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
     PreTrainedModel,
     Qwen2Config,
     Qwen2ForCausalLM,
@@ -83,6 +87,15 @@ def _qwen3() -> PreTrainedModel:
     return Qwen3ForCausalLM(Qwen3Config(num_hidden_layers=3, head_dim=24, **COMMON))  # q/k norms over head_dim
 
 
+def _phi3() -> PreTrainedModel:
+    return Phi3ForCausalLM(Phi3Config(num_hidden_layers=3, pad_token_id=0, **COMMON))  # fused qkv / gate_up weights
+
+
+def _gemma() -> PreTrainedModel:
+    # (1 + weight) norms, GeGLU, embeddings scaled by sqrt(hidden) on the client
+    return GemmaForCausalLM(GemmaConfig(num_hidden_layers=3, head_dim=16, **COMMON))
+
+
 # mixtures of experts: 6 experts, top 2, so a batch of tokens leaves some experts idle and shares others
 def _mixtral() -> PreTrainedModel:
     return MixtralForCausalLM(MixtralConfig(num_hidden_layers=3, num_local_experts=6, num_experts_per_tok=2, **COMMON))
@@ -110,6 +123,8 @@ FAMILIES: dict[str, Callable[[], PreTrainedModel]] = {
     "mistral": _mistral,
     "qwen2": _qwen2,
     "qwen3": _qwen3,
+    "phi3": _phi3,
+    "gemma": _gemma,
     "mixtral": _mixtral,
     "qwen2_moe": _qwen2_moe,
     "qwen3_moe": _qwen3_moe,
@@ -123,7 +138,7 @@ class Pair:
     spec: ModelSpec
 
     def embed(self, ids: Tensor) -> Tensor:
-        return self.hf.model.embed_tokens(ids)  # [batch, seq, hidden]
+        return self.hf.model.embed_tokens(ids)  # [batch, seq, hidden] (Gemma's scaled inside the module)
 
     def logits(self, hidden: Tensor) -> Tensor:
         return self.hf.lm_head(self.hf.model.norm(hidden))

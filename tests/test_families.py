@@ -1,4 +1,4 @@
-"""Qwen3 and the mixture-of-experts families (Mixtral, Qwen2-MoE, Qwen3-MoE) on real local swarms,
+"""Qwen3, Phi-3, Gemma and the mixture-of-experts families (Mixtral, Qwen2-MoE, Qwen3-MoE) on real local swarms,
 against local transformers on the same checkpoint: greedy generation, batching by expert, LoRA.
 (Block math per family: tests/test_block_math.py.)"""
 
@@ -14,6 +14,7 @@ from peft import LoraConfig
 from transformers import AutoModelForCausalLM
 
 from petals_like import AutoDistributedModelForCausalLM
+from petals_like.models.lora import target_shape
 from petals_like.models.span import BlockRange
 from petals_like.models.spec import ModelSpec
 from petals_like.protocol import ErrorCode, ProtocolError
@@ -25,7 +26,7 @@ from tests.conftest import TINY_SHARD_SIZE
 from tests.swarm import Swarm, running_swarm, wait_until
 from tests.test_finetune import assert_lora_matches_peft, randomize_b
 
-NEW_FAMILIES = ["qwen3", "mixtral", "qwen2_moe", "qwen3_moe"]
+NEW_FAMILIES = ["qwen3", "phi3", "gemma", "mixtral", "qwen2_moe", "qwen3_moe"]
 
 
 class FamilySwarm:
@@ -126,6 +127,16 @@ def test_lora_on_the_experts_is_refused_clearly(family: FamilySwarm):
         )
     finally:
         model.shutdown()
+
+
+def test_lora_on_parts_of_a_fused_projection_is_refused(make_model):
+    """Phi-3 holds q/k/v (and gate/up) as one projection; PEFT adapts it whole, so a LoRA on a part would
+    save an adapter no PEFT model of it can load."""
+    spec = ModelSpec.from_pretrained(make_model(family="phi3", max_shard_size=TINY_SHARD_SIZE))
+    assert target_shape(spec, "o_proj") == (spec.num_heads * spec.head_dim, spec.hidden_size)
+    for target in ("q_proj", "gate_proj"):
+        with pytest.raises(ValueError, match=f"'{target}': this phi3 model holds q/k/v and gate/up as one projection"):
+            target_shape(spec, target)
 
 
 @pytest.mark.parametrize("quant_type", ["int8", "nf4"])

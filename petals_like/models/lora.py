@@ -41,11 +41,17 @@ _PEFT_KEY = re.compile(r"^(?:base_model\.model\.)?model\.layers\.(\d+)\.(self_at
 
 def target_shape(spec: ModelSpec, target: str) -> tuple[int, int]:
     """(in_features, out_features) of a projection LoRA adapts; a feed-forward projection of a
-    mixture-of-experts model is refused (its experts have no single such projection)."""
+    mixture-of-experts model is refused (its experts have no single such projection), and so are the
+    parts of a fused projection (Phi-3's qkv_proj, gate_up_proj: PEFT adapts them whole)."""
     if spec.num_experts and TARGETS[target] == "mlp":
         raise ValueError(
             f"LoRA target {target!r}: this {spec.family} model's feed-forward is a mixture of experts, which "
             f"LoRA is not supported on; target the attention projections (q_proj, k_proj, v_proj, o_proj)"
+        )
+    if spec.fused_checkpoint and target not in ("o_proj", "down_proj"):
+        raise ValueError(
+            f"LoRA target {target!r}: this {spec.family} model holds q/k/v and gate/up as one projection each "
+            f"(qkv_proj, gate_up_proj), which LoRA is not supported on here; target o_proj and down_proj"
         )
     return projection_shape(spec, target)
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Optional
 if TYPE_CHECKING:
     import torch
 
-SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe")
+SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "mixtral", "qwen2_moe", "qwen3_moe")
 QK_NORM_FAMILIES = ("qwen3", "qwen3_moe")  # an RMSNorm over each head's q and k before the rotation
 MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe")  # sparse mixture-of-experts feed-forward (models/moe.py)
 
@@ -43,6 +43,10 @@ class ModelSpec:
     eos_token_id: Optional[int | list[int]] = None
     pad_token_id: Optional[int] = None
     qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on q and k
+    hidden_act: str = "silu"  # the MLP's gate activation: silu, or Gemma's gelu_pytorch_tanh (ACTIVATIONS)
+    norm_weight_offset: bool = False  # Gemma: norms multiply by (1 + weight), in float32
+    embed_scale: Optional[float] = None  # Gemma: embeddings times sqrt(hidden_size) (on the client)
+    fused_checkpoint: bool = False  # Phi-3: checkpoints hold qkv_proj and gate_up_proj (split at load)
     # sparse mixture of experts (0 experts: a dense MLP in every block)
     num_experts: int = 0
     experts_per_token: int = 0  # top-k
@@ -108,6 +112,10 @@ class ModelSpec:
             eos_token_id=d.get("eos_token_id"),
             pad_token_id=d.get("pad_token_id"),
             qk_norm=family in QK_NORM_FAMILIES,
+            hidden_act=str(d.get("hidden_activation") or d.get("hidden_act") or "silu"),
+            norm_weight_offset=family == "gemma",
+            embed_scale=float(d["hidden_size"]) ** 0.5 if family == "gemma" else None,
+            fused_checkpoint=family == "phi3",
             **moe,
         )
 

@@ -24,20 +24,39 @@ from petals_like.models.lora import TARGETS, LoraRows, lora_delta, projection_sh
 from petals_like.models.moe import LAYOUTS, SparseMoE
 from petals_like.models.spec import ModelSpec
 
+# the MLP's gate activation by its transformers name
+ACTIVATIONS = {
+    "silu": F.silu,
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu": F.gelu,
+}
+
+
+def activation(name: str):
+    if name not in ACTIVATIONS:
+        raise ValueError(f"hidden activation {name!r} is not supported (supported: {', '.join(ACTIVATIONS)})")
+    return ACTIVATIONS[name]
+
 
 class RMSNorm(nn.Module):
     """RMS normalization computed in float32 and cast back before the weight, as transformers does.
 
     The order (normalize in fp32, cast, then multiply by the weight) matters for matching
     half-precision checkpoints bit for bit-ish; do not fold the weight in before the cast.
+    offset=True is Gemma's: the weight is stored minus one, and the product (1 + weight) is taken in
+    float32 before the cast.
     """
 
-    def __init__(self, hidden_size: int, eps: float) -> None:
+    def __init__(self, hidden_size: int, eps: float, offset: bool = False) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.weight = nn.Parameter(torch.zeros(hidden_size) if offset else torch.ones(hidden_size))
         self.eps = eps
+        self.offset = offset
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.offset:
+            x32 = x.float()
+            return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps) * (1.0 + self.weight.float())).type_as(x)
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # one fused op, same math in fp32
         dtype = x.dtype
@@ -69,9 +88,10 @@ class LlamaMLP(nn.Module):
         self.gate_proj = nn.Linear(spec.hidden_size, spec.intermediate_size, bias=spec.mlp_bias)
         self.up_proj = nn.Linear(spec.hidden_size, spec.intermediate_size, bias=spec.mlp_bias)
         self.down_proj = nn.Linear(spec.intermediate_size, spec.hidden_size, bias=spec.mlp_bias)
+        self.act = activation(spec.hidden_act)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
 class LlamaBlock(nn.Module):
@@ -86,9 +106,9 @@ class LlamaBlock(nn.Module):
         self.num_heads = spec.num_heads
         self.num_kv_heads = spec.num_kv_heads
         self.head_dim = spec.head_dim
-        self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, offset=spec.norm_weight_offset)
         self.self_attn = LlamaAttentionProjections(spec)
-        self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, offset=spec.norm_weight_offset)
         self.qk_norm = spec.qk_norm
         # the feed-forward: a dense MLP, or experts under the name the family's checkpoints use
         self._moe_name: Optional[str] = None
@@ -99,6 +119,8 @@ class LlamaBlock(nn.Module):
             self.mlp = LlamaMLP(spec)
         self.q_size, self.kv_size = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
         self.out_features = {name: projection_shape(spec, name)[1] for name in TARGETS}
+        if spec.fused_checkpoint:  # Phi-3: qkv_proj and gate_up_proj in the checkpoint
+            self._register_load_state_dict_pre_hook(self._split_fused_checkpoint)
         # set by fuse_projections(): q/k/v and gate/up weights stored as one tensor each
         self._qkv: tuple[Tensor, Tensor | None] | None = None
         self._gate_up: tuple[Tensor, Tensor | None] | None = None
@@ -106,6 +128,22 @@ class LlamaBlock(nn.Module):
         self.quant_type = "none"
         self._o: tuple | None = None
         self._down: tuple | None = None
+
+    def _split_fused_checkpoint(self, state_dict: dict, prefix: str, *args) -> None:
+        """`self_attn.qkv_proj` -> q/k/v_proj and `mlp.gate_up_proj` -> gate/up_proj (gate first), in place."""
+        splits = {
+            "self_attn.qkv_proj": (("q_proj", "k_proj", "v_proj"), [self.q_size, self.kv_size, self.kv_size]),
+            "mlp.gate_up_proj": (("gate_proj", "up_proj"), None),
+        }
+        for fused, (names, sizes) in splits.items():
+            for kind in ("weight", "bias"):
+                tensor = state_dict.pop(f"{prefix}{fused}.{kind}", None)
+                if tensor is None:
+                    continue
+                module = fused.split(".")[0]
+                parts = tensor.split(sizes) if sizes else tensor.chunk(2)
+                for name, part in zip(names, parts):
+                    state_dict[f"{prefix}{module}.{name}.{kind}"] = part
 
     @property
     def moe(self) -> Optional[SparseMoE]:
@@ -223,7 +261,7 @@ class LlamaBlock(nn.Module):
         else:
             gate = self._plus_lora(mlp.gate_proj(x), x, lora, ("gate_proj",))
             up = self._plus_lora(mlp.up_proj(x), x, lora, ("up_proj",))
-        act = F.silu(gate) * up
+        act = mlp.act(gate) * up
         down_proj = mlp.down_proj
         down = linear(act, *self._down) if self._down is not None else linear(act, down_proj.weight, down_proj.bias)
         return hidden + self._plus_lora(down, act, lora, ("down_proj",))

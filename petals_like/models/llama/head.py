@@ -33,7 +33,7 @@ class LocalModules(nn.Module):
         # padding_idx as in transformers: the pad row gets no gradient when the embeddings are trained
         pad = spec.pad_token_id if spec.pad_token_id is not None and 0 <= spec.pad_token_id < spec.vocab_size else None
         self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size, padding_idx=pad)
-        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, offset=spec.norm_weight_offset)
         self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
         if self.tied:
             self.lm_head.weight = self.embed_tokens.weight
@@ -77,7 +77,10 @@ class LocalModules(nn.Module):
             raise ValueError(
                 f"input_ids must be in [0, {self.spec.vocab_size}), got min={int(input_ids.min())} max={int(input_ids.max())}"
             )
-        return self.embed_tokens(input_ids)
+        embedded = self.embed_tokens(input_ids)
+        if self.spec.embed_scale is not None:  # Gemma: the scale rounded to the embeddings' dtype, as transformers does
+            embedded = embedded * torch.tensor(self.spec.embed_scale, dtype=embedded.dtype)
+        return embedded
 
     def logits(self, hidden: Tensor) -> Tensor:
         """hidden [batch, seq, hidden] (from the last block) -> logits [batch, seq, vocab]: norm, then head.
