@@ -10,9 +10,16 @@ from petals_like.models import linear as linear_module
 from petals_like.models.linear import linear
 
 
+@pytest.fixture(params=["direct", "swapped"])
+def few_row_form(request, monkeypatch) -> str:
+    """Both forms of oneDNN's few-row products, whichever this machine measured faster."""
+    monkeypatch.setattr(linear_module, "_swapped_ok", request.param == "swapped")
+    return request.param
+
+
 @pytest.mark.parametrize("rows", [1, 2, 7, 16])
 @pytest.mark.parametrize("bias", [False, True])
-def test_linear_matches_f_linear(rows: int, bias: bool):
+def test_linear_matches_f_linear(rows: int, bias: bool, few_row_form: str):
     generator = torch.Generator().manual_seed(rows)
     x = torch.randn(rows, 96, generator=generator)
     w = torch.randn(80, 96, generator=generator)
@@ -26,8 +33,8 @@ def test_linear_matches_f_linear(rows: int, bias: bool):
 
 
 @pytest.mark.parametrize("rows", [1, 5])
-def test_linear_output_is_contiguous_and_takes_any_weight_layout(rows: int):
-    """From 2 rows on, the product runs as (weight @ x.T).T: what comes back is still a plain
+def test_linear_output_is_contiguous_and_takes_any_weight_layout(rows: int, few_row_form: str):
+    """From 2 rows on, the product may run as (weight @ x.T).T: what comes back is still a plain
     [rows, out] tensor, and a weight that is a view (e.g. a transposed matrix) gives the same values."""
     generator = torch.Generator().manual_seed(5)
     x = torch.randn(rows, 40, generator=generator)
@@ -192,3 +199,18 @@ def test_float32_slices_of_quantized_weights_keep_their_row_multiple(monkeypatch
     assert linear_module._slice_rows(64, 1024, 32) == 32  # not even 32 rows fit: one block a slice
     with pytest.raises(ValueError):
         linear_module._slice_rows(48, 64, 32)
+
+
+def test_the_few_row_form_is_measured_once_or_set(monkeypatch):
+    monkeypatch.setattr(linear_module, "_swapped_ok", None)
+    monkeypatch.setenv("PETALS_LIKE_SWAPPED_LINEAR", "1")
+    assert linear_module._prefer_swapped() is True
+    monkeypatch.setattr(linear_module, "_swapped_ok", None)
+    monkeypatch.setenv("PETALS_LIKE_SWAPPED_LINEAR", "0")
+    assert linear_module._prefer_swapped() is False
+    monkeypatch.setattr(linear_module, "_swapped_ok", None)
+    monkeypatch.delenv("PETALS_LIKE_SWAPPED_LINEAR")
+    calls = []
+    monkeypatch.setattr(linear_module, "_measure_swapped", lambda: calls.append(1) or True)
+    assert linear_module._prefer_swapped() is True and linear_module._prefer_swapped() is True
+    assert calls == [1]

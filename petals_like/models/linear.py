@@ -4,8 +4,11 @@ Why: on CPU the default BLAS is slow for the few rows of a decode step, and bflo
 products of many rows are faster in float32 where bfloat16 matmuls are not native. Measurements:
 docs/benchmarks.md, "Inference matmul".
 
-float32 products of 1..32 rows go through oneDNN without autograd, from 2 rows on as (weight @ x.T).T;
-the row limit bounds oneDNN's kernel cache, which keeps one kernel per input shape. bfloat16 (8+ rows),
+float32 products of 1..32 rows go through oneDNN without autograd; from 2 rows on either directly or as
+(weight @ x.T).T, whichever this machine runs faster (measured once per process, _prefer_swapped: on
+the AVX2 machines measured first the swapped form won, on an AVX-512 VM the direct one is 1.4x faster
+for a 16-row iteration of the bench MoE blocks); the row limit bounds oneDNN's kernel cache, which
+keeps one kernel per input shape. bfloat16 (8+ rows),
 int8 (16+) and 4-bit (128+) weights are multiplied in float32 a weight slice at a time. The oneDNN
 path is checked against F.linear at first use; PETALS_LIKE_ONEDNN_LINEAR=0 turns it off, and
 PETALS_LIKE_FLOAT32_PRODUCTS=0 the float32 products. Everything else, CUDA included, goes to F.linear
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import Optional, Protocol
 
 import torch
@@ -27,6 +31,7 @@ logger = logging.getLogger(__name__)
 _MIN_ROWS = 1  # one row too: faster than the default BLAS's matrix-vector path on the CPUs measured
 _MAX_ROWS = 32  # oneDNN's gain is for a handful of rows; each new row count costs a kernel kept in memory
 _onednn_ok: Optional[bool] = None  # decided at first use
+_swapped_ok: Optional[bool] = None  # decided at first use (_prefer_swapped)
 _BF16_MIN_ROWS = 8  # float32 products of bfloat16 rows: 4 rows about break even, 8 rows are 2x faster
 _UPCAST_SLICE_BYTES = 8 << 20  # float32 copy of the weight alive at once; larger slices fall out of cache
 _float32_products_on: Optional[bool] = None  # decided at first use
@@ -62,7 +67,7 @@ def linear(x: Tensor, weight: Tensor | PackedWeight, bias: Optional[Tensor] = No
         flat = x.reshape(-1, x.shape[-1])
         if not flat.is_contiguous():
             flat = flat.contiguous()
-        if flat.shape[0] == 1 or not weight.is_contiguous():
+        if flat.shape[0] == 1 or not weight.is_contiguous() or not _prefer_swapped():
             out = torch.ops.mkldnn._linear_pointwise(flat, weight, bias, "none", [], "")
         else:
             out = _swapped(flat, weight, bias)
@@ -135,6 +140,37 @@ def _swapped(flat: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     if bias is not None:
         out += bias
     return out
+
+
+def _prefer_swapped() -> bool:
+    """Whether (weight @ x.T).T beats oneDNN's direct product of a few rows on this machine; measured once
+    per process on 8 rows against weights larger than the caches (what decode streams), unless
+    PETALS_LIKE_SWAPPED_LINEAR=0|1 says. Swapped must win by 10%: otherwise the direct form stays."""
+    global _swapped_ok
+    if _swapped_ok is None:
+        setting = os.environ.get("PETALS_LIKE_SWAPPED_LINEAR")
+        _swapped_ok = setting == "1" if setting in ("0", "1") else _measure_swapped()
+        logger.debug(f"float32 products of 2..{_MAX_ROWS} rows: {'(weight @ x.T).T' if _swapped_ok else 'direct'}")
+    return _swapped_ok
+
+
+def _measure_swapped(rounds: int = 3) -> bool:
+    weights = [torch.full((1024, 1024), 0.5 + i) for i in range(12)]  # 48 MiB
+    x = torch.full((8, 1024), 0.25)
+
+    def best(product) -> float:
+        times = []
+        with torch.inference_mode():
+            for _ in range(rounds):
+                started = time.perf_counter()
+                for weight in weights:
+                    product(weight)
+                times.append(time.perf_counter() - started)
+        return min(times)
+
+    direct = best(lambda w: torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], ""))
+    swapped = best(lambda w: _swapped(x, w, None))
+    return swapped < 0.9 * direct
 
 
 def _onednn_available() -> bool:
