@@ -14,6 +14,8 @@ import pytest
 import torch
 from torch import Tensor
 from transformers import (
+    Gemma2Config,
+    Gemma2ForCausalLM,
     GemmaConfig,
     GemmaForCausalLM,
     LlamaConfig,
@@ -96,6 +98,16 @@ def _gemma() -> PreTrainedModel:
     return GemmaForCausalLM(GemmaConfig(num_hidden_layers=3, head_dim=16, **COMMON))
 
 
+def _gemma2() -> PreTrainedModel:
+    # four norms per block, soft-capped attention (a low cap, so it binds) and logits, a query scale that
+    # is not head_dim's, a window of 5 on blocks 0 and 2 only
+    config = Gemma2Config(
+        num_hidden_layers=3, head_dim=16, query_pre_attn_scalar=24, attn_logit_softcapping=2.0,
+        final_logit_softcapping=3.0, sliding_window=5, **COMMON,
+    )  # fmt: skip
+    return Gemma2ForCausalLM(config)
+
+
 # mixtures of experts: 6 experts, top 2, so a batch of tokens leaves some experts idle and shares others
 def _mixtral() -> PreTrainedModel:
     return MixtralForCausalLM(MixtralConfig(num_hidden_layers=3, num_local_experts=6, num_experts_per_tok=2, **COMMON))
@@ -125,6 +137,7 @@ FAMILIES: dict[str, Callable[[], PreTrainedModel]] = {
     "qwen3": _qwen3,
     "phi3": _phi3,
     "gemma": _gemma,
+    "gemma2": _gemma2,
     "mixtral": _mixtral,
     "qwen2_moe": _qwen2_moe,
     "qwen3_moe": _qwen3_moe,
@@ -141,7 +154,9 @@ class Pair:
         return self.hf.model.embed_tokens(ids)  # [batch, seq, hidden] (Gemma's scaled inside the module)
 
     def logits(self, hidden: Tensor) -> Tensor:
-        return self.hf.lm_head(self.hf.model.norm(hidden))
+        logits = self.hf.lm_head(self.hf.model.norm(hidden))
+        cap = self.spec.final_softcap  # Gemma 2 (our client: LocalModules.logits)
+        return logits if cap is None else torch.tanh(logits / cap) * cap
 
 
 def _build(name: str, start: int = 0, end: int | None = None) -> Pair:

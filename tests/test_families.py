@@ -1,4 +1,4 @@
-"""Qwen3, Phi-3, Gemma and the mixture-of-experts families (Mixtral, Qwen2-MoE, Qwen3-MoE) on real local swarms,
+"""Qwen3, Phi-3, Gemma, Gemma 2 and the mixture-of-experts families (Mixtral, Qwen2-MoE, Qwen3-MoE) on real local swarms,
 against local transformers on the same checkpoint: greedy generation, batching by expert, LoRA.
 (Block math per family: tests/test_block_math.py.)"""
 
@@ -26,7 +26,7 @@ from tests.conftest import TINY_SHARD_SIZE
 from tests.swarm import Swarm, running_swarm, wait_until
 from tests.test_finetune import assert_lora_matches_peft, randomize_b
 
-NEW_FAMILIES = ["qwen3", "phi3", "gemma", "mixtral", "qwen2_moe", "qwen3_moe"]
+NEW_FAMILIES = ["qwen3", "phi3", "gemma", "gemma2", "mixtral", "qwen2_moe", "qwen3_moe"]
 
 
 class FamilySwarm:

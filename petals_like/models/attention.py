@@ -170,22 +170,60 @@ class AttentionContext:
     def seq_len(self) -> int:
         return self.cos.shape[1]
 
-    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, scoring: Optional[Scoring] = None) -> Tensor:
         """q [batch, heads, seq, head_dim], k/v [batch, kv_heads, seq, head_dim] (all rotated)
         -> [batch, heads, seq, head_dim]."""
-        return sdpa(q, k, v, mask=self.mask, is_causal=self.is_causal)
+        return sdpa(q, k, v, mask=self.mask, is_causal=self.is_causal, scoring=scoring)
 
 
-def sdpa(q: Tensor, k: Tensor, v: Tensor, *, mask: Optional[Tensor], is_causal: bool) -> Tensor:
-    """Scaled dot-product attention with grouped k/v heads; scale is head_dim ** -0.5."""
-    num_heads, num_kv_heads = q.shape[1], k.shape[1]
+@dataclass(frozen=True)
+class Scoring:
+    """How attention scores are made where they differ from q.k * head_dim ** -0.5 (Gemma 2)."""
+
+    scale: Optional[float] = None  # None: head_dim ** -0.5
+    softcap: Optional[float] = None  # scores -> softcap * tanh(scores / softcap) before the mask
+
+    @classmethod
+    def of(cls, spec: ModelSpec) -> Optional[Scoring]:
+        return None if spec.attn_scale is None and spec.attn_softcap is None else cls(spec.attn_scale, spec.attn_softcap)
+
+
+def sdpa(
+    q: Tensor, k: Tensor, v: Tensor, *, mask: Optional[Tensor], is_causal: bool, scoring: Optional[Scoring] = None
+) -> Tensor:
+    """Scaled dot-product attention with grouped k/v heads (q [..., heads, queries, d], k/v [..., kv_heads,
+    keys, d]); scale head_dim ** -0.5 unless `scoring` says otherwise."""
+    num_heads, num_kv_heads = q.shape[-3], k.shape[-3]
+    if scoring is not None and scoring.softcap is not None:
+        return _softcapped(q, k, v, mask, is_causal, scoring)
+    scale = None if scoring is None else scoring.scale
     if num_heads == num_kv_heads:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale)
     if _SDPA_HAS_GQA:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=True)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=True, scale=scale)
     groups = num_heads // num_kv_heads
-    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
+    k, v = k.repeat_interleave(groups, dim=-3), v.repeat_interleave(groups, dim=-3)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale)
+
+
+def _softcapped(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], is_causal: bool, scoring: Scoring) -> Tensor:
+    """Attention with soft-capped scores, as transformers' eager Gemma 2 computes it (SDPA cannot cap):
+    softmax in float32, the weights cast back to the query dtype."""
+    groups = q.shape[-3] // k.shape[-3]
+    if groups > 1:
+        k, v = k.repeat_interleave(groups, dim=-3), v.repeat_interleave(groups, dim=-3)
+    scale = scoring.scale if scoring.scale is not None else q.shape[-1] ** -0.5
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    scores = torch.tanh(scores / scoring.softcap) * scoring.softcap
+    if is_causal:
+        queries, keys = scores.shape[-2], scores.shape[-1]
+        mask = torch.ones(queries, keys, dtype=torch.bool, device=q.device).tril(keys - queries)
+    if mask is not None and mask.dtype == torch.bool:
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    elif mask is not None:  # additive (0 / -inf), as the paged pool's iterations build them
+        scores = scores + mask
+    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.matmul(weights, v)
 
 
 def make_attention_context(

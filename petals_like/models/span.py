@@ -79,15 +79,18 @@ class BlockSpan(nn.Module):
         if hidden.dim() != 3 or hidden.shape[-1] != self.spec.hidden_size or hidden.shape[1] == 0:
             raise ValueError(f"hidden must be [batch, seq > 0, {self.spec.hidden_size}], got {list(hidden.shape)}")
         batch, seq, _ = hidden.shape
-        ctx = make_attention_context(
-            self.rotary,
-            batch_size=batch,
-            seq_len=seq,
-            dtype=hidden.dtype,
-            device=hidden.device,
-            pad_lens=pad_lens,
-            sliding_window=self.spec.sliding_window,
-        )
+        contexts = {  # one per sliding window among the blocks (Gemma 2 alternates two)
+            window: make_attention_context(
+                self.rotary,
+                batch_size=batch,
+                seq_len=seq,
+                dtype=hidden.dtype,
+                device=hidden.device,
+                pad_lens=pad_lens,
+                sliding_window=window,
+            )  # fmt: skip
+            for window in {block.window for block in self.blocks[first:last]}
+        }
         if prompts is not None and (prompts.dim() != 3 or prompts.shape[0] != last - first or prompts.shape[1] > seq):
             raise ValueError(f"prompts must be [{last - first}, prefix <= {seq}, hidden], got {list(prompts.shape)}")
         if lora is not None and len(lora) != last - first:
@@ -96,5 +99,5 @@ class BlockSpan(nn.Module):
             if prompts is not None:
                 prefix = prompts.shape[1]
                 hidden = torch.cat([hidden[:, :prefix] + prompts[layer].to(hidden.dtype), hidden[:, prefix:]], dim=1)
-            hidden = block(hidden, ctx, layer, None if lora is None else lora[layer])
+            hidden = block(hidden, contexts[block.window], layer, None if lora is None else lora[layer])
         return hidden

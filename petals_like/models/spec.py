@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Optional
 if TYPE_CHECKING:
     import torch
 
-SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "mixtral", "qwen2_moe", "qwen3_moe")
+SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "mixtral", "qwen2_moe", "qwen3_moe")
 QK_NORM_FAMILIES = ("qwen3", "qwen3_moe")  # an RMSNorm over each head's q and k before the rotation
 MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe")  # sparse mixture-of-experts feed-forward (models/moe.py)
 
@@ -47,6 +47,20 @@ class ModelSpec:
     norm_weight_offset: bool = False  # Gemma: norms multiply by (1 + weight), in float32
     embed_scale: Optional[float] = None  # Gemma: embeddings times sqrt(hidden_size) (on the client)
     fused_checkpoint: bool = False  # Phi-3: checkpoints hold qkv_proj and gate_up_proj (split at load)
+    # Gemma 2: norms after attention and around the MLP, attention and final logits soft-capped (cap *
+    # tanh(x / cap)), queries scaled by query_pre_attn_scalar ** -0.5, the window on some layers only
+    sandwich_norms: bool = False
+    attn_softcap: Optional[float] = None
+    final_softcap: Optional[float] = None
+    attn_scale: Optional[float] = None  # None: head_dim ** -0.5
+    sliding_layers: Optional[tuple[int, ...]] = None  # None: sliding_window (if any) on every layer
+
+    def window_of(self, index: int) -> Optional[int]:
+        """The sliding window of block `index` (None: it attends to every earlier token)."""
+        if self.sliding_window is None or (self.sliding_layers is not None and index not in self.sliding_layers):
+            return None
+        return self.sliding_window
+
     # sparse mixture of experts (0 experts: a dense MLP in every block)
     num_experts: int = 0
     experts_per_token: int = 0  # top-k
@@ -113,10 +127,11 @@ class ModelSpec:
             pad_token_id=d.get("pad_token_id"),
             qk_norm=family in QK_NORM_FAMILIES,
             hidden_act=str(d.get("hidden_activation") or d.get("hidden_act") or "silu"),
-            norm_weight_offset=family == "gemma",
-            embed_scale=float(d["hidden_size"]) ** 0.5 if family == "gemma" else None,
+            norm_weight_offset=family in ("gemma", "gemma2"),
+            embed_scale=float(d["hidden_size"]) ** 0.5 if family in ("gemma", "gemma2") else None,
             fused_checkpoint=family == "phi3",
             **moe,
+            **_gemma2_fields(family, d),
         )
 
     @classmethod
@@ -126,6 +141,21 @@ class ModelSpec:
         if not config_path.is_file():
             raise FileNotFoundError(f"{config_path} not found: expected a Hugging Face checkpoint folder")
         return cls.from_hf_config(json.loads(config_path.read_text()))
+
+
+def _gemma2_fields(family: str, d: dict[str, Any]) -> dict[str, Any]:
+    if family != "gemma2":
+        return {}
+    layer_types = d.get("layer_types") or [
+        "sliding_attention" if i % 2 == 0 else "full_attention" for i in range(d["num_hidden_layers"])
+    ]
+    return dict(
+        sandwich_norms=True,
+        attn_softcap=d.get("attn_logit_softcapping"),
+        final_softcap=d.get("final_logit_softcapping"),
+        attn_scale=float(d["query_pre_attn_scalar"]) ** -0.5,
+        sliding_layers=tuple(i for i, kind in enumerate(layer_types) if kind == "sliding_attention"),
+    )
 
 
 def _moe_fields(family: str, d: dict[str, Any]) -> dict[str, Any]:

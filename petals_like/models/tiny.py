@@ -30,7 +30,7 @@ CHAT_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}assistant:{% endif %}"
 )
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "mixtral", "qwen2_moe", "qwen3_moe")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "mixtral", "qwen2_moe", "qwen3_moe")
 # what the mixture-of-experts families add to a preset: 8 experts, top 2 (Mixtral's shape), each expert
 # as wide as the dense MLP for Mixtral and narrower for Qwen-MoE; Qwen2-MoE with a shared expert and
 # its second block dense (mlp_only_layers), so both kinds of block are served
@@ -197,8 +197,11 @@ def _make_config(
     )
     if family == "mistral":
         kwargs["sliding_window"] = TINY_MISTRAL_SLIDING_WINDOW if preset == "tiny" else None
-    if family == "gemma":  # (its config's default head_dim is 256)
+    if family in ("gemma", "gemma2"):  # (their configs' default head_dim is 256)
         kwargs["head_dim"] = kwargs["hidden_size"] // kwargs["num_attention_heads"]
+    if family == "gemma2":  # queries scaled by head_dim ** -0.5 as usual; a window short enough to bind in tests
+        kwargs["query_pre_attn_scalar"] = kwargs["head_dim"]
+        kwargs["sliding_window"] = TINY_MISTRAL_SLIDING_WINDOW if preset == "tiny" else 4096
     if family in MOE_CONFIG:
         kwargs.update(MOE_CONFIG[family])
         if family != "mixtral":  # Qwen-MoE experts: narrower than the dense MLP of its dense blocks

@@ -17,10 +17,9 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from petals_like.models.attention import sdpa
+from petals_like.models.attention import Scoring, sdpa
 from petals_like.models.lora import BlockLora, LoraRows
 from petals_like.models.span import BlockSpan
 from petals_like.server.kv_cache import KVPool, SequencePages, reserve_rows
@@ -113,11 +112,15 @@ def run_batched(
             f"pool pages hold {pool.num_kv_heads}x{pool.head_dim} keys, the model needs {spec.num_kv_heads}x{spec.head_dim}"
         )
     with torch.inference_mode():
-        plan = _plan(span, pool, segments, hidden)
-        if plan.zero_slots is not None:
-            pool.zero_slots(plan.zero_slots)
+        blocks = span.blocks[first:last]
+        # one plan per sliding window among the blocks (Gemma 2 alternates two): the masks differ
+        plans = {window: _plan(span, pool, segments, hidden, window) for window in {block.window for block in blocks}}
+        some_plan = next(iter(plans.values()))
+        if some_plan.zero_slots is not None:
+            pool.zero_slots(some_plan.zero_slots)
         heads, head_dim = spec.num_heads, spec.head_dim
-        for layer, block in enumerate(span.blocks[first:last]):
+        for layer, block in enumerate(blocks):
+            plan = plans[block.window]
             adapters = None if lora is None else lora[layer]
             if prompts is not None:
                 hidden = hidden.index_add(0, prompts[0], prompts[1][layer].to(hidden.dtype))
@@ -125,7 +128,7 @@ def run_batched(
             keys, values = pool.layer(layer)  # [kv_heads, pages, page_size, head_dim]
             keys.view(keys.shape[0], -1, head_dim).index_copy_(1, plan.write_slots, k.transpose(0, 1))
             values.view(values.shape[0], -1, head_dim).index_copy_(1, plan.write_slots, v.transpose(0, 1))
-            attended = _attend(plan, q, k, v, keys, values, heads * head_dim)  # [tokens, heads * head_dim]
+            attended = _attend(plan, q, k, v, keys, values, heads * head_dim, block.scoring)  # [tokens, heads * head_dim]
             hidden = block.mlp_residual(block.attention_output(hidden, attended, adapters), adapters)
     return hidden
 
@@ -235,14 +238,16 @@ class PagedRunner:
         return out.to(hidden.dtype)
 
 
-def _attend(plan: _Plan, q: Tensor, k: Tensor, v: Tensor, keys: Tensor, values: Tensor, width: int) -> Tensor:
+def _attend(
+    plan: _Plan, q: Tensor, k: Tensor, v: Tensor, keys: Tensor, values: Tensor, width: int, scoring: Optional[Scoring] = None
+) -> Tensor:
     """Attention of every segment over its pages (new k/v already written) -> [tokens, width]."""
     group = plan.decode
     if group is not None and not plan.chunks:
-        return _attend_decode(group, q, keys, values, width)  # all decode: no scatter needed
+        return _attend_decode(group, q, keys, values, width, scoring)  # all decode: no scatter needed
     out = q.new_empty(q.shape[0], width)
     if group is not None:
-        out.index_copy_(0, group.rows, _attend_decode(group, q.index_select(0, group.rows), keys, values, width))
+        out.index_copy_(0, group.rows, _attend_decode(group, q.index_select(0, group.rows), keys, values, width, scoring))
     kv_heads, head_dim = keys.shape[0], keys.shape[3]
     for chunk in plan.chunks:
         cq = q[chunk.start : chunk.end].transpose(0, 1).unsqueeze(0)  # [1, heads, queries, head_dim]
@@ -252,12 +257,14 @@ def _attend(plan: _Plan, q: Tensor, k: Tensor, v: Tensor, keys: Tensor, values: 
         else:
             ck = keys.index_select(1, chunk.pages).view(1, kv_heads, -1, head_dim)[:, :, chunk.lo : chunk.hi]
             cv = values.index_select(1, chunk.pages).view(1, kv_heads, -1, head_dim)[:, :, chunk.lo : chunk.hi]
-        res = sdpa(cq, ck, cv, mask=chunk.mask, is_causal=chunk.is_causal)  # [1, heads, queries, head_dim]
+        res = sdpa(cq, ck, cv, mask=chunk.mask, is_causal=chunk.is_causal, scoring=scoring)  # [1, heads, queries, head_dim]
         out[chunk.start : chunk.end] = res[0].transpose(0, 1).reshape(chunk.end - chunk.start, width)
     return out
 
 
-def _attend_decode(group: _DecodeGroup, q: Tensor, keys: Tensor, values: Tensor, width: int) -> Tensor:
+def _attend_decode(
+    group: _DecodeGroup, q: Tensor, keys: Tensor, values: Tensor, width: int, scoring: Optional[Scoring] = None
+) -> Tensor:
     """q [n, heads, head_dim] -> [n, width]: one SDPA call for all one-token segments.
 
     Grouped heads are folded into queries: the heads // kv_heads query heads that share a kv head
@@ -271,14 +278,14 @@ def _attend_decode(group: _DecodeGroup, q: Tensor, keys: Tensor, values: Tensor,
     gk = keys.index_select(1, group.pages).view(shape).transpose(0, 1)[:, :, columns]  # [n, kv_heads, keys, head_dim]
     gv = values.index_select(1, group.pages).view(shape).transpose(0, 1)[:, :, columns]
     folded = q.view(n, kv_heads, heads // kv_heads, head_dim)
-    res = F.scaled_dot_product_attention(folded, gk, gv, attn_mask=group.mask)  # [n, kv_heads, groups, head_dim]
+    res = sdpa(folded, gk, gv, mask=group.mask, is_causal=False, scoring=scoring)  # [n, kv_heads, groups, head_dim]
     return res.reshape(n, width)
 
 
-def _plan(span: BlockSpan, pool: KVPool, segments: Sequence[Segment], hidden: Tensor) -> _Plan:
-    """Validate the segments and precompute slots, masks and rotary tables for the whole iteration."""
+def _plan(span: BlockSpan, pool: KVPool, segments: Sequence[Segment], hidden: Tensor, window: Optional[int]) -> _Plan:
+    """Validate the segments and precompute slots, masks (for blocks with this sliding window) and rotary
+    tables for the whole iteration."""
     page_size, device = pool.page_size, hidden.device
-    window = span.spec.sliding_window
     write_slots: list[int] = []
     zero_slots: list[int] = []
     positions: list[int] = []  # rotary position of every token

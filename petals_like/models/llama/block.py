@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from petals_like.models.attention import AttentionContext, apply_rotary
+from petals_like.models.attention import AttentionContext, Scoring, apply_rotary
 from petals_like.models.linear import linear
 from petals_like.models.lora import TARGETS, LoraRows, lora_delta, projection_shape
 from petals_like.models.moe import LAYOUTS, SparseMoE
@@ -109,6 +109,13 @@ class LlamaBlock(nn.Module):
         self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, offset=spec.norm_weight_offset)
         self.self_attn = LlamaAttentionProjections(spec)
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, offset=spec.norm_weight_offset)
+        # Gemma 2: post_attention_layernorm normalizes the attention's output, these two the MLP's input and output
+        self.sandwich_norms = spec.sandwich_norms
+        if spec.sandwich_norms:
+            self.pre_feedforward_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, offset=spec.norm_weight_offset)
+            self.post_feedforward_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, offset=spec.norm_weight_offset)
+        self.window = spec.window_of(layer_idx)  # sliding window of this block's attention (None: none)
+        self.scoring = Scoring.of(spec)
         self.qk_norm = spec.qk_norm
         # the feed-forward: a dense MLP, or experts under the name the family's checkpoints use
         self._moe_name: Optional[str] = None
@@ -248,11 +255,12 @@ class LlamaBlock(nn.Module):
         """residual [tokens, hidden], attended [tokens, heads * head_dim] -> [tokens, hidden]."""
         o_proj = self.self_attn.o_proj
         out = linear(attended, *self._o) if self._o is not None else linear(attended, o_proj.weight, o_proj.bias)
-        return residual + self._plus_lora(out, attended, lora, ("o_proj",))
+        out = self._plus_lora(out, attended, lora, ("o_proj",))
+        return residual + (self.post_attention_layernorm(out) if self.sandwich_norms else out)
 
     def mlp_residual(self, hidden: Tensor, lora: Optional[LoraRows] = None) -> Tensor:
         """[tokens, hidden] -> [tokens, hidden]: the feed-forward half of the block."""
-        x = self.post_attention_layernorm(hidden)
+        x = (self.pre_feedforward_layernorm if self.sandwich_norms else self.post_attention_layernorm)(hidden)
         if self.moe is not None:  # (LoRA targets here are refused before: lora.target_shape)
             return hidden + self.moe(x, residual=hidden)
         mlp = self.mlp
@@ -264,7 +272,8 @@ class LlamaBlock(nn.Module):
         act = mlp.act(gate) * up
         down_proj = mlp.down_proj
         down = linear(act, *self._down) if self._down is not None else linear(act, down_proj.weight, down_proj.bias)
-        return hidden + self._plus_lora(down, act, lora, ("down_proj",))
+        down = self._plus_lora(down, act, lora, ("down_proj",))
+        return hidden + (self.post_feedforward_layernorm(down) if self.sandwich_norms else down)
 
     def forward(self, hidden: Tensor, ctx: AttentionContext, layer: int, lora: Optional[LoraRows] = None) -> Tensor:
         """hidden [batch, seq, hidden] -> [batch, seq, hidden]; `layer` indexes the span's cache."""
@@ -277,7 +286,7 @@ class LlamaBlock(nn.Module):
         def heads_first(x: Tensor) -> Tensor:  # [tokens, h, d] -> [batch, h, seq, d]
             return x.view(batch, seq, x.shape[1], self.head_dim).transpose(1, 2)
 
-        attended = ctx.attend(layer, heads_first(q), heads_first(k), heads_first(v))  # [batch, heads, seq, d]
+        attended = ctx.attend(layer, heads_first(q), heads_first(k), heads_first(v), self.scoring)  # [batch, heads, seq, d]
         attended = attended.transpose(1, 2).reshape(batch * seq, self.num_heads * self.head_dim)
         out = self.mlp_residual(self.attention_output(flat, attended, lora), lora)
         return out.view(batch, seq, hidden_size)

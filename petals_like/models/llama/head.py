@@ -89,4 +89,7 @@ class LocalModules(nn.Module):
         module's dtype first (a float32 hidden into a bfloat16 head would fail).
         """
         hidden = hidden.to(self.lm_head.weight.dtype)
-        return linear(self.norm(hidden), self.lm_head.weight, self.lm_head.bias)
+        logits = linear(self.norm(hidden), self.lm_head.weight, self.lm_head.bias)
+        if self.spec.final_softcap is not None:  # Gemma 2
+            logits = torch.tanh(logits / self.spec.final_softcap) * self.spec.final_softcap
+        return logits
