@@ -14,6 +14,8 @@ import pytest
 import torch
 from torch import Tensor
 from transformers import (
+    FalconConfig,
+    FalconForCausalLM,
     Gemma2Config,
     Gemma2ForCausalLM,
     GemmaConfig,
@@ -108,6 +110,28 @@ def _gemma2() -> PreTrainedModel:
     return Gemma2ForCausalLM(config)
 
 
+FALCON = {k: v for k, v in COMMON.items() if k not in ("intermediate_size", "num_key_value_heads", "rms_norm_eps")}
+
+
+def _falcon_grouped() -> PreTrainedModel:
+    # the new decoder architecture (Falcon-40B/180B): q/k/v grouped per KV head, ln_attn and ln_mlp, biases
+    config = FalconConfig(
+        num_hidden_layers=3, new_decoder_architecture=True, num_kv_heads=2, ffn_hidden_size=96, bias=True, **FALCON
+    )
+    return FalconForCausalLM(config)
+
+
+def _falcon_multi_query() -> PreTrainedModel:
+    # Falcon-7B's: one KV head, one norm for the parallel attention and MLP
+    return FalconForCausalLM(FalconConfig(num_hidden_layers=3, multi_query=True, ffn_hidden_size=96, **FALCON))
+
+
+def _falcon_sequential() -> PreTrainedModel:
+    # per-head q/k/v, attention then MLP (parallel_attn=False: two norms, one after the other)
+    config = FalconConfig(num_hidden_layers=3, multi_query=False, parallel_attn=False, ffn_hidden_size=96, **FALCON)
+    return FalconForCausalLM(config)
+
+
 # mixtures of experts: 6 experts, top 2, so a batch of tokens leaves some experts idle and shares others
 def _mixtral() -> PreTrainedModel:
     return MixtralForCausalLM(MixtralConfig(num_hidden_layers=3, num_local_experts=6, num_experts_per_tok=2, **COMMON))
@@ -138,10 +162,26 @@ FAMILIES: dict[str, Callable[[], PreTrainedModel]] = {
     "phi3": _phi3,
     "gemma": _gemma,
     "gemma2": _gemma2,
+    "falcon": _falcon_grouped,
+    "falcon_multi_query": _falcon_multi_query,
+    "falcon_sequential": _falcon_sequential,
     "mixtral": _mixtral,
     "qwen2_moe": _qwen2_moe,
     "qwen3_moe": _qwen3_moe,
 }
+
+
+# transformers' modules by the names each layout gives them (Llama's `model.*`, Falcon's `transformer.*`)
+def _layers(hf: PreTrainedModel):
+    return hf.model.layers if hasattr(hf, "model") else hf.transformer.h
+
+
+def _embeddings(hf: PreTrainedModel):
+    return hf.model.embed_tokens if hasattr(hf, "model") else hf.transformer.word_embeddings
+
+
+def _final_norm(hf: PreTrainedModel):
+    return hf.model.norm if hasattr(hf, "model") else hf.transformer.ln_f
 
 
 @dataclass
@@ -151,10 +191,10 @@ class Pair:
     spec: ModelSpec
 
     def embed(self, ids: Tensor) -> Tensor:
-        return self.hf.model.embed_tokens(ids)  # [batch, seq, hidden] (Gemma's scaled inside the module)
+        return _embeddings(self.hf)(ids)  # [batch, seq, hidden] (Gemma's scaled inside the module)
 
     def logits(self, hidden: Tensor) -> Tensor:
-        logits = self.hf.lm_head(self.hf.model.norm(hidden))
+        logits = self.hf.lm_head(_final_norm(self.hf)(hidden))
         cap = self.spec.final_softcap  # Gemma 2 (our client: LocalModules.logits)
         return logits if cap is None else torch.tanh(logits / cap) * cap
 
@@ -180,7 +220,7 @@ def _build(name: str, start: int = 0, end: int | None = None) -> Pair:
             hf.save_pretrained(folder)
             states = list(CheckpointReader(folder).load_blocks(start, end, torch.float32, progress=False))
     else:
-        states = [hf.model.layers[i].state_dict() for i in range(start, end)]
+        states = [_layers(hf)[i].state_dict() for i in range(start, end)]
     blocks = []
     for i, state in zip(range(start, end), states):
         block = LlamaBlock(spec, i)
@@ -208,7 +248,10 @@ def _hf_states(pair: Pair, ids: Tensor, mask: Tensor | None = None) -> tuple[lis
         kwargs["attention_mask"] = mask
         kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)  # what generate() passes
     states: list[Tensor] = []
-    hooks = [layer.register_forward_hook(lambda _m, _i, out: states.append(out)) for layer in pair.hf.model.layers]
+    def keep(_module, _inputs, out) -> None:
+        states.append(out[0] if isinstance(out, tuple) else out)
+
+    hooks = [layer.register_forward_hook(keep) for layer in _layers(pair.hf)]
     try:
         logits = pair.hf(ids, **kwargs).logits
     finally:

@@ -1,4 +1,4 @@
-"""Qwen3, Phi-3, Gemma, Gemma 2 and the mixture-of-experts families (Mixtral, Qwen2-MoE, Qwen3-MoE) on real local swarms,
+"""Qwen3, Phi-3, Gemma, Gemma 2, Falcon and the mixture-of-experts families (Mixtral, Qwen2-MoE, Qwen3-MoE) on real local swarms,
 against local transformers on the same checkpoint: greedy generation, batching by expert, LoRA.
 (Block math per family: tests/test_block_math.py.)"""
 
@@ -26,7 +26,7 @@ from tests.conftest import TINY_SHARD_SIZE
 from tests.swarm import Swarm, running_swarm, wait_until
 from tests.test_finetune import assert_lora_matches_peft, randomize_b
 
-NEW_FAMILIES = ["qwen3", "phi3", "gemma", "gemma2", "mixtral", "qwen2_moe", "qwen3_moe"]
+NEW_FAMILIES = ["qwen3", "phi3", "gemma", "gemma2", "falcon", "mixtral", "qwen2_moe", "qwen3_moe"]
 
 
 class FamilySwarm:
@@ -137,6 +137,9 @@ def test_lora_on_parts_of_a_fused_projection_is_refused(make_model):
     for target in ("q_proj", "gate_proj"):
         with pytest.raises(ValueError, match=f"'{target}': this phi3 model holds q/k/v and gate/up as one projection"):
             target_shape(spec, target)
+    falcon = ModelSpec.from_pretrained(make_model(family="falcon", max_shard_size=TINY_SHARD_SIZE))
+    with pytest.raises(ValueError, match="LoRA on Falcon is not supported yet"):
+        target_shape(falcon, "o_proj")
 
 
 @pytest.mark.parametrize("quant_type", ["int8", "nf4"])

@@ -6,7 +6,8 @@ only the shard files that hold them are opened) and converted to the target dtyp
 read. `.bin` (pickle) checkpoints cannot be read lazily and are refused with a clear error.
 
 Tensor names follow Hugging Face's Llama/Mistral/Qwen2 layout:
-`model.embed_tokens.weight`, `model.layers.{i}.<...>`, `model.norm.weight`, `lm_head.weight`;
+`model.embed_tokens.weight`, `model.layers.{i}.<...>`, `model.norm.weight`, `lm_head.weight` (Falcon's:
+`transformer.word_embeddings.weight`, `transformer.h.{i}.<...>`, `transformer.ln_f.weight|bias`);
 checkpoints saved from the bare model (no `model.` prefix) are read too. Fetching a checkpoint's
 files from the Hugging Face hub, only those a span or a client needs: models/hub.py.
 """
@@ -30,11 +31,12 @@ logger = logging.getLogger(__name__)
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 LM_HEAD = "lm_head.weight"  # saved at the top level, outside the "model." prefix
-_LAYER_RE = re.compile(r"^(?:model\.)?layers\.(\d+)\.")
+_LAYER_RE = re.compile(r"^(?:model\.|transformer\.)?(?:layers|h)\.(\d+)\.")  # Llama's layout, or Falcon's
 
 
 def block_of(tensor_name: str) -> Optional[int]:
-    """The block a tensor belongs to (`model.layers.{i}.` or `layers.{i}.`); None for tensors outside the blocks."""
+    """The block a tensor belongs to (`model.layers.{i}.`, `layers.{i}.` or `transformer.h.{i}.`); None for
+    tensors outside the blocks."""
     match = _LAYER_RE.match(tensor_name)
     return int(match.group(1)) if match else None
 
@@ -102,9 +104,11 @@ class CheckpointReader:
         if not self.path.is_dir():
             raise FileNotFoundError(f"checkpoint folder {self.path} does not exist")
         self.weight_map = self._read_weight_map()  # tensor name -> shard file name (relative to path)
+        # Falcon's layout: transformer.h.{i}., transformer.word_embeddings, transformer.ln_f
+        self.falcon_layout = any(name.startswith("transformer.h.") for name in self.weight_map)
         # checkpoints of the bare model (LlamaModel.save_pretrained) have no "model." prefix
         has_prefix = any(name.startswith("model.") for name in self.weight_map)
-        self.prefix = "model." if has_prefix else ""
+        self.prefix = "transformer." if self.falcon_layout else ("model." if has_prefix else "")
         self.tie_word_embeddings = self._read_tie_word_embeddings()
         self.tensors_read: list[str] = []
 
@@ -153,8 +157,12 @@ class CheckpointReader:
         indices = [index for name in self.weight_map if (index := block_of(name)) is not None]
         return max(indices) + 1 if indices else 0
 
+    def block_prefix(self, index: int) -> str:
+        """What the names of block `index`'s tensors start with, e.g. `model.layers.3.` or `transformer.h.3.`."""
+        return f"{self.prefix}{'h' if self.falcon_layout else 'layers'}.{index}."
+
     def block_tensor_names(self, index: int) -> list[str]:
-        prefix = f"{self.prefix}layers.{index}."
+        prefix = self.block_prefix(index)
         return sorted(name for name in self.weight_map if name.startswith(prefix))
 
     # ---- reading ----
@@ -185,7 +193,7 @@ class CheckpointReader:
         names = self.block_tensor_names(index)
         if not names:
             raise ValueError(f"checkpoint {self.path} has no tensors for block {index} (it has {self.num_blocks} blocks)")
-        prefix_len = len(f"{self.prefix}layers.{index}.")
+        prefix_len = len(self.block_prefix(index))
         return {name[prefix_len:]: tensor for name, tensor in self.read(names, dtype).items()}
 
     def load_blocks(self, start: int, end: int, dtype: torch.dtype, progress: bool = True) -> list[dict[str, Tensor]]:
@@ -205,14 +213,21 @@ class CheckpointReader:
         itself, the same object, so the client holds one copy and training updates both.
         """
         embed_name, norm_name, head_name = f"{self.prefix}embed_tokens.weight", f"{self.prefix}norm.weight", LM_HEAD
+        if self.falcon_layout:
+            embed_name, norm_name = f"{self.prefix}word_embeddings.weight", f"{self.prefix}ln_f.weight"
         for name in (embed_name, norm_name):
             if name not in self.weight_map:
-                raise ValueError(f"checkpoint {self.path} has no {name!r}: not a Llama-family causal LM")
+                raise ValueError(f"checkpoint {self.path} has no {name!r}: not a causal LM of a supported family")
+        norm_bias = norm_name.removesuffix("weight") + "bias"  # LayerNorm's (Falcon)
+        names = [embed_name, norm_name] + ([norm_bias] if norm_bias in self.weight_map else [])
         tied = self.tie_word_embeddings or head_name not in self.weight_map
-        tensors = self.read([embed_name, norm_name] if tied else [embed_name, norm_name, head_name], dtype)
+        tensors = self.read(names if tied else names + [head_name], dtype)
         embed = tensors[embed_name]
-        return {
+        state = {
             "embed_tokens.weight": embed,
             "norm.weight": tensors[norm_name],
             "lm_head.weight": embed if tied else tensors[head_name],
         }
+        if norm_bias in tensors:
+            state["norm.bias"] = tensors[norm_bias]
+        return state

@@ -14,7 +14,19 @@ from typing import TYPE_CHECKING, Any, Optional
 if TYPE_CHECKING:
     import torch
 
-SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "mixtral", "qwen2_moe", "qwen3_moe")
+SUPPORTED_FAMILIES = (
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "phi3",
+    "gemma",
+    "gemma2",
+    "falcon",
+    "mixtral",
+    "qwen2_moe",
+    "qwen3_moe",
+)
 QK_NORM_FAMILIES = ("qwen3", "qwen3_moe")  # an RMSNorm over each head's q and k before the rotation
 MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe")  # sparse mixture-of-experts feed-forward (models/moe.py)
 
@@ -46,7 +58,15 @@ class ModelSpec:
     hidden_act: str = "silu"  # the MLP's gate activation: silu, or Gemma's gelu_pytorch_tanh (ACTIVATIONS)
     norm_weight_offset: bool = False  # Gemma: norms multiply by (1 + weight), in float32
     embed_scale: Optional[float] = None  # Gemma: embeddings times sqrt(hidden_size) (on the client)
-    fused_checkpoint: bool = False  # Phi-3: checkpoints hold qkv_proj and gate_up_proj (split at load)
+    fused_checkpoint: bool = False  # Phi-3, Falcon: checkpoints hold q/k/v as one matrix (split at load)
+    # how q/k/v rows sit in a fused matrix: "contiguous" (all q, all k, all v: Phi-3, Falcon-7B's
+    # multi-query), "grouped" (per KV head: its query heads, its k, its v: Falcon's new architecture),
+    # "per_head" (per head: q, k, v: Falcon-RW)
+    qkv_layout: str = "contiguous"
+    layer_norm: bool = False  # Falcon: LayerNorm with bias instead of RMSNorm (eps in rms_norm_eps)
+    gated_mlp: bool = True  # False: down(act(up(x))), Falcon's dense_h_to_4h / dense_4h_to_h
+    parallel_block: bool = False  # Falcon: h + attention(norm(h)) + mlp(norm'(h)), both from the block's input
+    shared_parallel_norm: bool = False  # ... with one norm for both (Falcon-7B's input_layernorm)
     # Gemma 2: norms after attention and around the MLP, attention and final logits soft-capped (cap *
     # tanh(x / cap)), queries scaled by query_pre_attn_scalar ** -0.5, the window on some layers only
     sandwich_norms: bool = False
@@ -88,6 +108,8 @@ class ModelSpec:
         family = d.get("model_type", "llama")
         if family not in SUPPORTED_FAMILIES:
             raise ValueError(f"model_type={family!r} is not supported (supported: {', '.join(SUPPORTED_FAMILIES)})")
+        falcon = _falcon_fields(d) if family == "falcon" else {}
+        d = dict(d, **falcon.pop("config", {}))
         num_heads = d["num_attention_heads"]
         head_dim = d.get("head_dim") or d["hidden_size"] // num_heads
         # transformers >= 5 keeps theta and scaling together in rope_parameters; older ones split them
@@ -129,9 +151,10 @@ class ModelSpec:
             hidden_act=str(d.get("hidden_activation") or d.get("hidden_act") or "silu"),
             norm_weight_offset=family in ("gemma", "gemma2"),
             embed_scale=float(d["hidden_size"]) ** 0.5 if family in ("gemma", "gemma2") else None,
-            fused_checkpoint=family == "phi3",
+            fused_checkpoint=family in ("phi3", "falcon"),
             **moe,
             **_gemma2_fields(family, d),
+            **falcon,
         )
 
     @classmethod
@@ -141,6 +164,33 @@ class ModelSpec:
         if not config_path.is_file():
             raise FileNotFoundError(f"{config_path} not found: expected a Hugging Face checkpoint folder")
         return cls.from_hf_config(json.loads(config_path.read_text()))
+
+
+def _falcon_fields(d: dict[str, Any]) -> dict[str, Any]:
+    """ModelSpec's fields of a Falcon config, and under "config" its values under the Llama names."""
+    if d.get("alibi"):
+        raise ValueError("Falcon with alibi=True (Falcon-RW) is not supported: ALiBi positions are not implemented")
+    heads = d["num_attention_heads"]
+    new = bool(d.get("new_decoder_architecture"))
+    kv_heads = d.get("num_kv_heads") or heads if new else (1 if d.get("multi_query", True) else heads)
+    parallel = bool(d.get("parallel_attn", True))
+    bias = bool(d.get("bias", False))
+    return dict(
+        config=dict(
+            intermediate_size=d.get("ffn_hidden_size") or 4 * d["hidden_size"],
+            num_key_value_heads=kv_heads,
+            rms_norm_eps=d.get("layer_norm_epsilon", 1e-5),
+            attention_bias=bias,
+            mlp_bias=bias,
+            hidden_act=d.get("activation", "gelu"),
+            max_position_embeddings=d.get("max_position_embeddings", 2048),
+        ),
+        qkv_layout="grouped" if new else ("contiguous" if kv_heads == 1 else "per_head"),
+        layer_norm=True,
+        gated_mlp=False,
+        parallel_block=parallel,
+        shared_parallel_norm=parallel and not (new or d.get("num_ln_in_parallel_attn") == 2),
+    )
 
 
 def _gemma2_fields(family: str, d: dict[str, Any]) -> dict[str, Any]:

@@ -30,7 +30,7 @@ CHAT_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}assistant:{% endif %}"
 )
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "mixtral", "qwen2_moe", "qwen3_moe")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "falcon", "mixtral", "qwen2_moe", "qwen3_moe")
 # what the mixture-of-experts families add to a preset: 8 experts, top 2 (Mixtral's shape), each expert
 # as wide as the dense MLP for Mixtral and narrower for Qwen-MoE; Qwen2-MoE with a shared expert and
 # its second block dense (mlp_only_layers), so both kinds of block are served
@@ -179,7 +179,7 @@ def _make_config(
     from transformers import AutoConfig
 
     overrides = dict(overrides)
-    rope_theta = float(overrides.pop("rope_theta", ROPE_THETA.get(family, 1e6)))
+    rope_theta = float(overrides.pop("rope_theta", ROPE_THETA.get(family, 1e6)))  # (Qwen, Mixtral: 1e6)
     if rope_scaling is None:
         rope = {"rope_type": "default", "rope_theta": rope_theta}
     else:
@@ -202,6 +202,13 @@ def _make_config(
     if family == "gemma2":  # queries scaled by head_dim ** -0.5 as usual; a window short enough to bind in tests
         kwargs["query_pre_attn_scalar"] = kwargs["head_dim"]
         kwargs["sliding_window"] = TINY_MISTRAL_SLIDING_WINDOW if preset == "tiny" else 4096
+    if family == "falcon":  # Falcon-40B/180B's layout: grouped KV heads, two norms, parallel attention and MLP
+        kwargs.update(
+            ffn_hidden_size=kwargs.pop("intermediate_size"),
+            num_kv_heads=kwargs.pop("num_key_value_heads"),
+            layer_norm_epsilon=kwargs.pop("rms_norm_eps"),
+            new_decoder_architecture=True,
+        )
     if family in MOE_CONFIG:
         kwargs.update(MOE_CONFIG[family])
         if family != "mixtral":  # Qwen-MoE experts: narrower than the dense MLP of its dense blocks

@@ -36,6 +36,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from petals_like.quant.nf4_code import BLOCK_SIZE, NF4_CODE
 from petals_like.utils.cache import cache_dir
 
 logger = logging.getLogger(__name__)
@@ -144,16 +145,18 @@ def _cpu_identity() -> str:
 
 
 def _check(kernel: NF4Kernel) -> None:
-    """The kernel's products and values against quant/nf4.py's torch path, on a small random weight."""
-    from petals_like.quant.nf4 import decode_blocks_torch, quantize_nf4
-
+    """The kernel's values and products against the NF4 code looked up by torch indexing, on random bytes."""
     generator = torch.Generator().manual_seed(0)
-    weight, x = torch.randn(48, 192, generator=generator), torch.randn(kernel.max_rows, 192, generator=generator)
-    packed, absmax = quantize_nf4(weight)
-    expected = decode_blocks_torch(packed, absmax, 0, absmax.numel())
+    rows, columns = 48, 192
+    packed = torch.randint(0, 256, (rows * columns // 2,), dtype=torch.uint8, generator=generator)
+    absmax = torch.rand(rows * columns // BLOCK_SIZE, generator=generator) + 0.5
+    code = torch.tensor(NF4_CODE)
+    values = torch.stack([code[(packed >> 4).long()], code[(packed & 15).long()]], dim=1).view(-1, BLOCK_SIZE)
+    expected = (values * absmax[:, None]).view(-1)
     if not torch.equal(kernel.dequantize(packed, absmax, 0, absmax.numel()), expected):
-        raise RuntimeError("its dequantized values differ from the torch path's")
-    for rows in (1, kernel.max_rows):
-        got = kernel.linear(x[:rows].contiguous(), packed, absmax, 48)
-        if not torch.allclose(got, x[:rows] @ expected.view(48, 192).T, rtol=1e-4, atol=1e-4):
-            raise RuntimeError(f"its product of {rows} rows differs from the torch path's")
+        raise RuntimeError("its dequantized values differ from the NF4 code's")
+    x = torch.randn(kernel.max_rows, columns, generator=generator)
+    for count in (1, kernel.max_rows):
+        got = kernel.linear(x[:count].contiguous(), packed, absmax, rows)
+        if not torch.allclose(got, x[:count] @ expected.view(rows, columns).T, rtol=1e-4, atol=1e-4):
+            raise RuntimeError(f"its product of {count} rows differs from torch's")

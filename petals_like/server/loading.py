@@ -83,7 +83,7 @@ def _check_offload(spec: ModelSpec, quant_type: str, resident: float) -> None:
 
 
 def _block_without_experts(reader: CheckpointReader, index: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    prefix = f"{reader.prefix}layers.{index}."
+    prefix = reader.block_prefix(index)
     names = [name for name in reader.block_tensor_names(index) if not _EXPERT_TENSOR.search(name)]
     return {name[len(prefix) :]: tensor for name, tensor in reader.read(names, dtype).items()}
 
@@ -95,7 +95,7 @@ def _expert_store(
     capacity = max(1, round(resident * len(by_index) * spec.num_experts))
 
     def names(index: int, expert: int) -> tuple[str, str, str]:
-        return by_index[index].moe.expert_tensor_names(f"{reader.prefix}layers.{index}.", expert)
+        return by_index[index].moe.expert_tensor_names(reader.block_prefix(index), expert)
 
     store = ExpertStore(reader.path, reader.weight_map, names, capacity=capacity, dtype=dtype, device=device)
     for index, block in by_index.items():

@@ -65,6 +65,27 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(dtype)
 
 
+def make_norm(spec: ModelSpec, size: int) -> nn.Module:
+    """The family's normalization over `size` features: RMSNorm (Gemma's with 1 + weight), or Falcon's
+    LayerNorm with a bias."""
+    if spec.layer_norm:
+        return nn.LayerNorm(size, eps=spec.rms_norm_eps)
+    return RMSNorm(size, spec.rms_norm_eps, offset=spec.norm_weight_offset)
+
+
+# checkpoint names -> this block's, for families whose checkpoints name the parts otherwise
+RENAMES: dict[str, dict[str, str]] = {
+    "falcon": {
+        "self_attention.query_key_value.": "self_attn.qkv_proj.",
+        "self_attention.dense.": "self_attn.o_proj.",
+        "mlp.dense_h_to_4h.": "mlp.up_proj.",
+        "mlp.dense_4h_to_h.": "mlp.down_proj.",
+        "ln_attn.": "input_layernorm.",
+        "ln_mlp.": "post_attention_layernorm.",
+    },
+}
+
+
 class LlamaAttentionProjections(nn.Module):
     """The four attention projections; named `self_attn` in the block to match checkpoint keys."""
 
@@ -81,21 +102,29 @@ class LlamaAttentionProjections(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    """SwiGLU feed-forward: down(silu(gate(x)) * up(x)); all three families use silu."""
+    """Gated feed-forward down(act(gate(x)) * up(x)) (SwiGLU, GeGLU), or without a gate down(act(up(x)))
+    (Falcon)."""
 
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(spec.hidden_size, spec.intermediate_size, bias=spec.mlp_bias)
+        self.gated = spec.gated_mlp
+        if spec.gated_mlp:
+            self.gate_proj = nn.Linear(spec.hidden_size, spec.intermediate_size, bias=spec.mlp_bias)
         self.up_proj = nn.Linear(spec.hidden_size, spec.intermediate_size, bias=spec.mlp_bias)
         self.down_proj = nn.Linear(spec.intermediate_size, spec.hidden_size, bias=spec.mlp_bias)
         self.act = activation(spec.hidden_act)
 
+    def input_projections(self) -> list[nn.Linear]:
+        return [self.gate_proj, self.up_proj] if self.gated else [self.up_proj]
+
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        hidden = self.act(self.gate_proj(x)) * self.up_proj(x) if self.gated else self.act(self.up_proj(x))
+        return self.down_proj(hidden)
 
 
 class LlamaBlock(nn.Module):
-    """Pre-norm decoder block: h + attn(norm(h)), then h + mlp(norm(h))."""
+    """Pre-norm decoder block: h + attn(norm(h)), then h + mlp(norm(h)); or, parallel (Falcon),
+    h + attn(norm(h)) + mlp(norm'(h))."""
 
     def __init__(self, spec: ModelSpec, layer_idx: int, offload_experts: bool = False) -> None:
         """offload_experts: an MoE block holds no routed expert; the loader gives it an ExpertStore."""
@@ -106,14 +135,19 @@ class LlamaBlock(nn.Module):
         self.num_heads = spec.num_heads
         self.num_kv_heads = spec.num_kv_heads
         self.head_dim = spec.head_dim
-        self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, offset=spec.norm_weight_offset)
+        self.input_layernorm = make_norm(spec, spec.hidden_size)
         self.self_attn = LlamaAttentionProjections(spec)
-        self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, offset=spec.norm_weight_offset)
+        # parallel blocks (Falcon): the MLP runs on the block's input, normalized by post_attention_layernorm
+        # (ln_mlp) or by input_layernorm itself (shared_parallel_norm)
+        self.parallel = spec.parallel_block
+        self.shared_parallel_norm = spec.shared_parallel_norm
+        if not spec.shared_parallel_norm:
+            self.post_attention_layernorm = make_norm(spec, spec.hidden_size)
         # Gemma 2: post_attention_layernorm normalizes the attention's output, these two the MLP's input and output
         self.sandwich_norms = spec.sandwich_norms
         if spec.sandwich_norms:
-            self.pre_feedforward_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, offset=spec.norm_weight_offset)
-            self.post_feedforward_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, offset=spec.norm_weight_offset)
+            self.pre_feedforward_layernorm = make_norm(spec, spec.hidden_size)
+            self.post_feedforward_layernorm = make_norm(spec, spec.hidden_size)
         self.window = spec.window_of(layer_idx)  # sliding window of this block's attention (None: none)
         self.scoring = Scoring.of(spec)
         self.qk_norm = spec.qk_norm
@@ -126,8 +160,10 @@ class LlamaBlock(nn.Module):
             self.mlp = LlamaMLP(spec)
         self.q_size, self.kv_size = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
         self.out_features = {name: projection_shape(spec, name)[1] for name in TARGETS}
-        if spec.fused_checkpoint:  # Phi-3: qkv_proj and gate_up_proj in the checkpoint
-            self._register_load_state_dict_pre_hook(self._split_fused_checkpoint)
+        self.renames = RENAMES.get(spec.family, {})
+        self.qkv_layout = spec.qkv_layout
+        if spec.fused_checkpoint or self.renames:  # Phi-3, Falcon: their checkpoints' names and fused matrices
+            self._register_load_state_dict_pre_hook(self._convert_checkpoint)
         # set by fuse_projections(): q/k/v and gate/up weights stored as one tensor each
         self._qkv: tuple[Tensor, Tensor | None] | None = None
         self._gate_up: tuple[Tensor, Tensor | None] | None = None
@@ -136,21 +172,37 @@ class LlamaBlock(nn.Module):
         self._o: tuple | None = None
         self._down: tuple | None = None
 
-    def _split_fused_checkpoint(self, state_dict: dict, prefix: str, *args) -> None:
-        """`self_attn.qkv_proj` -> q/k/v_proj and `mlp.gate_up_proj` -> gate/up_proj (gate first), in place."""
-        splits = {
-            "self_attn.qkv_proj": (("q_proj", "k_proj", "v_proj"), [self.q_size, self.kv_size, self.kv_size]),
-            "mlp.gate_up_proj": (("gate_proj", "up_proj"), None),
-        }
-        for fused, (names, sizes) in splits.items():
-            for kind in ("weight", "bias"):
-                tensor = state_dict.pop(f"{prefix}{fused}.{kind}", None)
-                if tensor is None:
-                    continue
-                module = fused.split(".")[0]
-                parts = tensor.split(sizes) if sizes else tensor.chunk(2)
-                for name, part in zip(names, parts):
-                    state_dict[f"{prefix}{module}.{name}.{kind}"] = part
+    def _convert_checkpoint(self, state_dict: dict, prefix: str, *args) -> None:
+        """In place: the checkpoint's names to this block's (RENAMES), then `self_attn.qkv_proj` split into
+        q/k/v_proj by its layout and `mlp.gate_up_proj` into gate/up_proj (gate first)."""
+        for key in [key for key in state_dict if key.startswith(prefix)]:
+            for old, new in self.renames.items():
+                if key[len(prefix) :].startswith(old):
+                    state_dict[prefix + new + key[len(prefix) + len(old) :]] = state_dict.pop(key)
+                    break
+        for kind in ("weight", "bias"):
+            qkv = state_dict.pop(f"{prefix}self_attn.qkv_proj.{kind}", None)
+            if qkv is not None:
+                for name, part in zip(("q_proj", "k_proj", "v_proj"), self._split_qkv(qkv)):
+                    state_dict[f"{prefix}self_attn.{name}.{kind}"] = part
+            gate_up = state_dict.pop(f"{prefix}mlp.gate_up_proj.{kind}", None)
+            if gate_up is not None:
+                for name, part in zip(("gate_proj", "up_proj"), gate_up.chunk(2)):
+                    state_dict[f"{prefix}mlp.{name}.{kind}"] = part
+
+    def _split_qkv(self, fused: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """A fused q/k/v weight [rows, in] (or bias [rows]) -> q [heads * d, ...], k and v [kv_heads * d, ...]."""
+        if self.qkv_layout == "contiguous":
+            return tuple(fused.split([self.q_size, self.kv_size, self.kv_size]))  # type: ignore[return-value]
+        rest = fused.shape[1:]
+        if self.qkv_layout == "grouped":  # per KV head: its query heads, then its k, then its v
+            groups = self.num_heads // self.num_kv_heads
+            view = fused.reshape(self.num_kv_heads, groups + 2, self.head_dim, *rest)
+            q, k, v = view[:, :groups], view[:, groups], view[:, groups + 1]
+        else:  # "per_head": per head q, k, v
+            view = fused.reshape(self.num_heads, 3, self.head_dim, *rest)
+            q, k, v = view[:, 0], view[:, 1], view[:, 2]
+        return q.reshape(-1, *rest), k.reshape(-1, *rest), v.reshape(-1, *rest)
 
     @property
     def moe(self) -> Optional[SparseMoE]:
@@ -171,7 +223,7 @@ class LlamaBlock(nn.Module):
         if self.moe is not None:
             self.moe.fuse()
         else:
-            self._gate_up = self._fuse([self.mlp.gate_proj, self.mlp.up_proj])
+            self._gate_up = self._fuse(self.mlp.input_projections())
 
     def linear_weights(self) -> dict[str, tuple[Any, Optional[Tensor]]]:
         """The weight matrices inference multiplies by, with their biases: "qkv" (fused) and "o", then
@@ -197,7 +249,7 @@ class LlamaBlock(nn.Module):
             self.moe.replace_linear_weights(convert)
         else:
             self._gate_up, self._down = ((convert(weights[k][0]), weights[k][1]) for k in ("gate_up", "down"))
-            linears += [self.mlp.gate_proj, self.mlp.up_proj, self.mlp.down_proj]
+            linears += [*self.mlp.input_projections(), self.mlp.down_proj]
         self.quant_type = quant_type
         for lin in linears:
             lin.weight = None
@@ -256,24 +308,38 @@ class LlamaBlock(nn.Module):
         o_proj = self.self_attn.o_proj
         out = linear(attended, *self._o) if self._o is not None else linear(attended, o_proj.weight, o_proj.bias)
         out = self._plus_lora(out, attended, lora, ("o_proj",))
+        if self.parallel:  # the MLP of the same input, added alongside (mlp_residual passes through)
+            norm = self.input_layernorm if self.shared_parallel_norm else self.post_attention_layernorm
+            return residual + out + self._mlp(norm(residual), lora)
         return residual + (self.post_attention_layernorm(out) if self.sandwich_norms else out)
 
     def mlp_residual(self, hidden: Tensor, lora: Optional[LoraRows] = None) -> Tensor:
-        """[tokens, hidden] -> [tokens, hidden]: the feed-forward half of the block."""
+        """[tokens, hidden] -> [tokens, hidden]: the feed-forward half of the block (in parallel blocks,
+        attention_output ran it already)."""
+        if self.parallel:
+            return hidden
         x = (self.pre_feedforward_layernorm if self.sandwich_norms else self.post_attention_layernorm)(hidden)
         if self.moe is not None:  # (LoRA targets here are refused before: lora.target_shape)
             return hidden + self.moe(x, residual=hidden)
+        down = self._mlp(x, lora)
+        return hidden + (self.post_feedforward_layernorm(down) if self.sandwich_norms else down)
+
+    def _mlp(self, x: Tensor, lora: Optional[LoraRows]) -> Tensor:
+        """The dense MLP of normalized x, LoRA included."""
         mlp = self.mlp
+        inputs = ("gate_proj", "up_proj") if mlp.gated else ("up_proj",)
         if self._gate_up is not None and (self.quant_type != "none" or not torch.is_grad_enabled()):
-            gate, up = self._plus_lora(linear(x, *self._gate_up), x, lora, ("gate_proj", "up_proj")).chunk(2, dim=-1)
+            projected = self._plus_lora(linear(x, *self._gate_up), x, lora, inputs)
         else:
-            gate = self._plus_lora(mlp.gate_proj(x), x, lora, ("gate_proj",))
-            up = self._plus_lora(mlp.up_proj(x), x, lora, ("up_proj",))
-        act = mlp.act(gate) * up
+            projected = torch.cat([self._plus_lora(getattr(mlp, name)(x), x, lora, (name,)) for name in inputs], dim=-1)
+        if mlp.gated:
+            gate, up = projected.chunk(2, dim=-1)
+            act = mlp.act(gate) * up
+        else:
+            act = mlp.act(projected)
         down_proj = mlp.down_proj
         down = linear(act, *self._down) if self._down is not None else linear(act, down_proj.weight, down_proj.bias)
-        down = self._plus_lora(down, act, lora, ("down_proj",))
-        return hidden + (self.post_feedforward_layernorm(down) if self.sandwich_norms else down)
+        return self._plus_lora(down, act, lora, ("down_proj",))
 
     def forward(self, hidden: Tensor, ctx: AttentionContext, layer: int, lora: Optional[LoraRows] = None) -> Tensor:
         """hidden [batch, seq, hidden] -> [batch, seq, hidden]; `layer` indexes the span's cache."""

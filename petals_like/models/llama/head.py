@@ -12,10 +12,10 @@ import torch
 from torch import Tensor, nn
 
 from petals_like.models.linear import linear
-from petals_like.models.llama.block import RMSNorm
+from petals_like.models.llama.block import make_norm
 from petals_like.models.spec import ModelSpec
 
-_KEYS = ("embed_tokens.weight", "norm.weight", "lm_head.weight")
+_KEYS = ("embed_tokens.weight", "norm.weight", "lm_head.weight", "norm.bias")  # norm.bias: LayerNorm's (Falcon)
 
 
 class LocalModules(nn.Module):
@@ -33,7 +33,7 @@ class LocalModules(nn.Module):
         # padding_idx as in transformers: the pad row gets no gradient when the embeddings are trained
         pad = spec.pad_token_id if spec.pad_token_id is not None and 0 <= spec.pad_token_id < spec.vocab_size else None
         self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size, padding_idx=pad)
-        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, offset=spec.norm_weight_offset)
+        self.norm = make_norm(spec, spec.hidden_size)
         self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
         if self.tied:
             self.lm_head.weight = self.embed_tokens.weight
@@ -55,8 +55,13 @@ class LocalModules(nn.Module):
         expected = {
             "embed_tokens.weight": (spec.vocab_size, spec.hidden_size),
             "norm.weight": (spec.hidden_size,),
+            "norm.bias": (spec.hidden_size,),
             "lm_head.weight": (spec.vocab_size, spec.hidden_size),
         }
+        if ("norm.bias" in state_dict) != spec.layer_norm:
+            raise ValueError(
+                f"client state dict: norm.bias {'missing' if spec.layer_norm else 'unexpected'} for a {spec.family} model"
+            )
         for key, tensor in state_dict.items():
             if tuple(tensor.shape) != expected[key]:
                 raise ValueError(f"{key} has shape {tuple(tensor.shape)}, the model config expects {expected[key]}")
@@ -65,6 +70,8 @@ class LocalModules(nn.Module):
             local = cls(spec, tie_word_embeddings=tied)
         local.embed_tokens.weight = nn.Parameter(embed)
         local.norm.weight = nn.Parameter(state_dict["norm.weight"])
+        if spec.layer_norm:
+            local.norm.bias = nn.Parameter(state_dict["norm.bias"])
         local.lm_head.weight = local.embed_tokens.weight if tied else nn.Parameter(head)
         return local
 
