@@ -14,6 +14,8 @@ import pytest
 import torch
 from torch import Tensor
 from transformers import (
+    BloomConfig,
+    BloomForCausalLM,
     FalconConfig,
     FalconForCausalLM,
     Gemma2Config,
@@ -132,6 +134,12 @@ def _falcon_sequential() -> PreTrainedModel:
     return FalconForCausalLM(config)
 
 
+def _bloom() -> PreTrainedModel:
+    # ALiBi instead of rotations (6 heads: slopes of a power of two and beyond), per-head q/k/v, LayerNorms
+    config = BloomConfig(n_layer=3, n_head=6, hidden_size=96, vocab_size=VOCAB, attn_implementation="eager")
+    return BloomForCausalLM(config)
+
+
 # mixtures of experts: 6 experts, top 2, so a batch of tokens leaves some experts idle and shares others
 def _mixtral() -> PreTrainedModel:
     return MixtralForCausalLM(MixtralConfig(num_hidden_layers=3, num_local_experts=6, num_experts_per_tok=2, **COMMON))
@@ -165,6 +173,7 @@ FAMILIES: dict[str, Callable[[], PreTrainedModel]] = {
     "falcon": _falcon_grouped,
     "falcon_multi_query": _falcon_multi_query,
     "falcon_sequential": _falcon_sequential,
+    "bloom": _bloom,
     "mixtral": _mixtral,
     "qwen2_moe": _qwen2_moe,
     "qwen3_moe": _qwen3_moe,
@@ -177,7 +186,10 @@ def _layers(hf: PreTrainedModel):
 
 
 def _embeddings(hf: PreTrainedModel):
-    return hf.model.embed_tokens if hasattr(hf, "model") else hf.transformer.word_embeddings
+    if hasattr(hf, "model"):
+        return hf.model.embed_tokens
+    norm = getattr(hf.transformer, "word_embeddings_layernorm", None)  # BLOOM's (our client: LocalModules.embed)
+    return hf.transformer.word_embeddings if norm is None else lambda ids: norm(hf.transformer.word_embeddings(ids))
 
 
 def _final_norm(hf: PreTrainedModel):
@@ -248,6 +260,7 @@ def _hf_states(pair: Pair, ids: Tensor, mask: Tensor | None = None) -> tuple[lis
         kwargs["attention_mask"] = mask
         kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)  # what generate() passes
     states: list[Tensor] = []
+
     def keep(_module, _inputs, out) -> None:
         states.append(out[0] if isinstance(out, tuple) else out)
 

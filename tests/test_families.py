@@ -1,5 +1,6 @@
-"""Qwen3, Phi-3, Gemma, Gemma 2, Falcon and the mixture-of-experts families (Mixtral, Qwen2-MoE, Qwen3-MoE) on real local swarms,
-against local transformers on the same checkpoint: greedy generation, batching by expert, LoRA.
+"""The families beyond Llama, Mistral and Qwen2 (Qwen3, Phi-3, Gemma, Gemma 2, Falcon, BLOOM, and the
+mixtures of experts Mixtral, Qwen2-MoE, Qwen3-MoE) on real local swarms, against local transformers
+on the same checkpoint: greedy generation, batching by expert, LoRA, offloaded experts.
 (Block math per family: tests/test_block_math.py.)"""
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from tests.conftest import TINY_SHARD_SIZE
 from tests.swarm import Swarm, running_swarm, wait_until
 from tests.test_finetune import assert_lora_matches_peft, randomize_b
 
-NEW_FAMILIES = ["qwen3", "phi3", "gemma", "gemma2", "falcon", "mixtral", "qwen2_moe", "qwen3_moe"]
+NEW_FAMILIES = ["qwen3", "phi3", "gemma", "gemma2", "falcon", "bloom", "mixtral", "qwen2_moe", "qwen3_moe"]
 
 
 class FamilySwarm:
@@ -138,7 +139,7 @@ def test_lora_on_parts_of_a_fused_projection_is_refused(make_model):
         with pytest.raises(ValueError, match=f"'{target}': this phi3 model holds q/k/v and gate/up as one projection"):
             target_shape(spec, target)
     falcon = ModelSpec.from_pretrained(make_model(family="falcon", max_shard_size=TINY_SHARD_SIZE))
-    with pytest.raises(ValueError, match="LoRA on Falcon is not supported yet"):
+    with pytest.raises(ValueError, match="LoRA on falcon is not supported yet"):
         target_shape(falcon, "o_proj")
 
 

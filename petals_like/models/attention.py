@@ -226,6 +226,26 @@ def _softcapped(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], is_caus
     return torch.matmul(weights, v)
 
 
+def alibi_slopes(num_heads: int) -> Tensor:
+    """ALiBi's slope per head (float32 [heads]): a geometric series 2^(-8 / n), (2^(-8 / n))^2, ... over the
+    largest power of two n <= heads, and for the heads beyond it every other power of the series of 2n."""
+
+    def series(n: int) -> Tensor:
+        return torch.tensor(2.0 ** (-8.0 / n), dtype=torch.float32) ** torch.arange(1, n + 1, dtype=torch.float32)
+
+    power = 2 ** math.floor(math.log2(num_heads))
+    slopes = series(power)
+    if power < num_heads:
+        slopes = torch.cat([slopes, series(2 * power)[0::2][: num_heads - power]])
+    return slopes
+
+
+def alibi_bias(slopes: Tensor, key_positions: Tensor) -> Tensor:
+    """slopes [heads] x key positions [..., keys] (pad-aware, 0 for pads) -> [..., heads, 1, keys] float32.
+    A per-key bias is enough: softmax ignores what a query row adds to every key alike."""
+    return slopes.to(key_positions.device)[:, None, None] * key_positions.unsqueeze(-2).unsqueeze(-3).float()
+
+
 def make_attention_context(
     rotary: RotaryEmbedding,
     *,
@@ -235,12 +255,14 @@ def make_attention_context(
     device: torch.device | str,
     pad_lens: Optional[Tensor] = None,
     sliding_window: Optional[int] = None,
+    alibi: Optional[Tensor] = None,
 ) -> AttentionContext:
     """Rotary tables and mask for a whole sequence of `seq_len` tokens.
 
     Key j is visible to query i iff j <= i, and (j >= pad_len or j == i), and, with a sliding
     window, i - j < sliding_window (transformers' rule, on absolute indices). Pass pad_lens=None
-    when nothing is padded: SDPA's causal mask then serves and no mask is built.
+    when nothing is padded: SDPA's causal mask then serves and no mask is built. alibi: the slopes
+    per head (BLOOM); the mask is then additive, [batch, heads, seq, seq], the bias where visible.
     """
     device = torch.device(device)
     if seq_len <= 0:
@@ -260,6 +282,11 @@ def make_attention_context(
     cos, sin = rotary.cos_sin(positions, dtype)
 
     window_binds = sliding_window is not None and seq_len > sliding_window
+    if alibi is not None:
+        visible = _causal_mask(query_idx, seq_len, sliding_window, pad_lens).view(-1, 1, seq_len, seq_len)
+        bias = alibi_bias(alibi, positions)  # [batch, heads, 1, seq]: the keys' positions are the queries'
+        mask = torch.where(visible, bias.to(dtype), float("-inf"))  # [batch, heads, seq, seq]
+        return AttentionContext(cos, sin, mask, False)
     if pad_lens is None and not window_binds:
         # SDPA builds the square causal mask (or skips it in flash kernels); one token needs none
         return AttentionContext(cos, sin, None, seq_len > 1)

@@ -230,4 +230,8 @@ class CheckpointReader:
         }
         if norm_bias in tensors:
             state["norm.bias"] = tensors[norm_bias]
+        embed_norm = f"{self.prefix}word_embeddings_layernorm."  # BLOOM's
+        if embed_norm + "weight" in self.weight_map:
+            for kind, tensor in self.read([embed_norm + "weight", embed_norm + "bias"], dtype).items():
+                state[f"embed_norm.{kind.rsplit('.', 1)[1]}"] = tensor
         return state

@@ -48,10 +48,10 @@ def target_shape(spec: ModelSpec, target: str) -> tuple[int, int]:
             f"LoRA target {target!r}: this {spec.family} model's feed-forward is a mixture of experts, which "
             f"LoRA is not supported on; target the attention projections (q_proj, k_proj, v_proj, o_proj)"
         )
-    if spec.family == "falcon":
+    if spec.family in ("falcon", "bloom"):
         raise ValueError(
-            f"LoRA target {target!r}: LoRA on Falcon is not supported yet (PEFT adapts its fused query_key_value, "
-            f"dense, dense_h_to_4h and dense_4h_to_h projections, which this project does not map yet)"
+            f"LoRA target {target!r}: LoRA on {spec.family} is not supported yet (PEFT adapts its fused "
+            f"query_key_value, dense, dense_h_to_4h and dense_4h_to_h projections, which this project does not map yet)"
         )
     if spec.fused_checkpoint and target not in ("o_proj", "down_proj"):
         raise ValueError(

@@ -8,7 +8,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from petals_like.models.attention import RotaryEmbedding, make_attention_context
+from petals_like.models.attention import RotaryEmbedding, alibi_slopes, make_attention_context
 from petals_like.models.llama.block import LlamaBlock
 from petals_like.models.lora import LoraRows
 from petals_like.models.spec import ModelSpec
@@ -50,6 +50,7 @@ class BlockSpan(nn.Module):
         self.blocks = nn.ModuleList(blocks)
         self.rotary = RotaryEmbedding(spec)
         self.expert_store = None  # models/expert_store.py's, where the loader offloads experts
+        self.alibi = alibi_slopes(spec.num_heads) if spec.alibi else None  # BLOOM
 
     def _range(self, first: int, last: Optional[int]) -> tuple[int, int]:
         last = len(self.blocks) if last is None else last
@@ -88,6 +89,7 @@ class BlockSpan(nn.Module):
                 device=hidden.device,
                 pad_lens=pad_lens,
                 sliding_window=window,
+                alibi=self.alibi,
             )  # fmt: skip
             for window in {block.window for block in self.blocks[first:last]}
         }

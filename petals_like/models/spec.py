@@ -23,6 +23,7 @@ SUPPORTED_FAMILIES = (
     "gemma",
     "gemma2",
     "falcon",
+    "bloom",
     "mixtral",
     "qwen2_moe",
     "qwen3_moe",
@@ -67,6 +68,8 @@ class ModelSpec:
     gated_mlp: bool = True  # False: down(act(up(x))), Falcon's dense_h_to_4h / dense_4h_to_h
     parallel_block: bool = False  # Falcon: h + attention(norm(h)) + mlp(norm'(h)), both from the block's input
     shared_parallel_norm: bool = False  # ... with one norm for both (Falcon-7B's input_layernorm)
+    alibi: bool = False  # BLOOM: no rotary embedding; each head adds slope x key position to its scores
+    embed_norm: bool = False  # BLOOM: a LayerNorm right after the embeddings (on the client)
     # Gemma 2: norms after attention and around the MLP, attention and final logits soft-capped (cap *
     # tanh(x / cap)), queries scaled by query_pre_attn_scalar ** -0.5, the window on some layers only
     sandwich_norms: bool = False
@@ -108,8 +111,9 @@ class ModelSpec:
         family = d.get("model_type", "llama")
         if family not in SUPPORTED_FAMILIES:
             raise ValueError(f"model_type={family!r} is not supported (supported: {', '.join(SUPPORTED_FAMILIES)})")
-        falcon = _falcon_fields(d) if family == "falcon" else {}
-        d = dict(d, **falcon.pop("config", {}))
+        # Falcon and BLOOM: their fields, and their config's values under the Llama names read below
+        renamed = {"falcon": _falcon_fields, "bloom": _bloom_fields}.get(family, lambda _: {})(d)
+        d = dict(d, **renamed.pop("config", {}))
         num_heads = d["num_attention_heads"]
         head_dim = d.get("head_dim") or d["hidden_size"] // num_heads
         # transformers >= 5 keeps theta and scaling together in rope_parameters; older ones split them
@@ -151,10 +155,10 @@ class ModelSpec:
             hidden_act=str(d.get("hidden_activation") or d.get("hidden_act") or "silu"),
             norm_weight_offset=family in ("gemma", "gemma2"),
             embed_scale=float(d["hidden_size"]) ** 0.5 if family in ("gemma", "gemma2") else None,
-            fused_checkpoint=family in ("phi3", "falcon"),
+            fused_checkpoint=family in ("phi3", "falcon", "bloom"),
             **moe,
             **_gemma2_fields(family, d),
-            **falcon,
+            **renamed,
         )
 
     @classmethod
@@ -190,6 +194,31 @@ def _falcon_fields(d: dict[str, Any]) -> dict[str, Any]:
         gated_mlp=False,
         parallel_block=parallel,
         shared_parallel_norm=parallel and not (new or d.get("num_ln_in_parallel_attn") == 2),
+    )
+
+
+def _bloom_fields(d: dict[str, Any]) -> dict[str, Any]:
+    """ModelSpec's fields of a BLOOM config, and under "config" its values under the Llama names."""
+    if d.get("apply_residual_connection_post_layernorm"):
+        raise ValueError("BLOOM with apply_residual_connection_post_layernorm=True is not supported")
+    heads = d.get("n_head") or d["num_attention_heads"]
+    return dict(
+        config=dict(
+            num_hidden_layers=d.get("n_layer") or d["num_hidden_layers"],
+            num_attention_heads=heads,
+            num_key_value_heads=heads,
+            intermediate_size=4 * d["hidden_size"],
+            rms_norm_eps=d.get("layer_norm_epsilon", 1e-5),
+            attention_bias=True,
+            mlp_bias=True,
+            hidden_act="gelu_pytorch_tanh",  # BLOOM's own GELU is the same tanh approximation
+            max_position_embeddings=d.get("seq_length") or 2048,  # (ALiBi has no table; its training length)
+        ),
+        qkv_layout="per_head",
+        layer_norm=True,
+        gated_mlp=False,
+        alibi=True,
+        embed_norm=True,
     )
 
 

@@ -19,6 +19,8 @@ from typing import Any, Iterator, Optional
 
 import torch
 
+from petals_like.models.spec import SUPPORTED_FAMILIES
+
 logger = logging.getLogger(__name__)
 
 MARKER_FILE = "petals_like_tiny.json"  # the parameters a folder was made with; makes rebuilding idempotent
@@ -30,7 +32,7 @@ CHAT_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}assistant:{% endif %}"
 )
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "falcon", "mixtral", "qwen2_moe", "qwen3_moe")
+FAMILIES = SUPPORTED_FAMILIES  # every family the servers run
 # what the mixture-of-experts families add to a preset: 8 experts, top 2 (Mixtral's shape), each expert
 # as wide as the dense MLP for Mixtral and narrower for Qwen-MoE; Qwen2-MoE with a shared expert and
 # its second block dense (mlp_only_layers), so both kinds of block are served
@@ -148,7 +150,9 @@ def make_tiny_model(
     try:
         config = _make_config(family, preset, tie_word_embeddings, rope_scaling, config_overrides)
         _save_model(config, staging, seed=seed, dtype=dtype, max_shard_size=max_shard_size)
-        _save_tokenizer(staging, config.max_position_embeddings)
+        _save_tokenizer(
+            staging, getattr(config, "max_position_embeddings", PRESETS[preset]["max_position_embeddings"])
+        )  # (BLOOM: none)
         (staging / MARKER_FILE).write_text(json.dumps(params, indent=2, sort_keys=True))
         if path.exists():
             shutil.rmtree(path)  # only reached for an empty folder or one of ours with overwrite=True
@@ -209,6 +213,11 @@ def _make_config(
             layer_norm_epsilon=kwargs.pop("rms_norm_eps"),
             new_decoder_architecture=True,
         )
+    if family == "bloom":  # (no rotary embedding: ALiBi; no KV grouping; a 4x MLP)
+        for key in ("num_key_value_heads", "intermediate_size", "rope_parameters", "max_position_embeddings"):
+            kwargs.pop(key)
+        kwargs.update(n_head=kwargs.pop("num_attention_heads"), n_layer=kwargs.pop("num_hidden_layers"))
+        kwargs["layer_norm_epsilon"] = kwargs.pop("rms_norm_eps")
     if family in MOE_CONFIG:
         kwargs.update(MOE_CONFIG[family])
         if family != "mixtral":  # Qwen-MoE experts: narrower than the dense MLP of its dense blocks

@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from petals_like.models.attention import Scoring, sdpa
+from petals_like.models.attention import Scoring, alibi_bias, sdpa
 from petals_like.models.lora import BlockLora, LoraRows
 from petals_like.models.span import BlockSpan
 from petals_like.server.kv_cache import KVPool, SequencePages, reserve_rows
@@ -321,8 +321,10 @@ def _plan(span: BlockSpan, pool: KVPool, segments: Sequence[Segment], hidden: Te
     if decode_ids:
         # with only one-token segments, their rows are all the rows in order: no gather/scatter of queries
         rows = None if len(decode_ids) == len(segments) else [offsets[i] for i in decode_ids]
-        decode = _decode_group(pool, [segments[i] for i in decode_ids], rows, window, dtype, device)
-    chunks = [_chunk(pool, seg, offsets[i], window, dtype, device) for i, seg in enumerate(segments) if seg.num_tokens > 1]
+        decode = _decode_group(pool, [segments[i] for i in decode_ids], rows, window, dtype, device, span)
+    chunks = [
+        _chunk(pool, seg, offsets[i], window, dtype, device, span.alibi) for i, seg in enumerate(segments) if seg.num_tokens > 1
+    ]
     zero = torch.tensor(zero_slots, dtype=torch.int64, device=device) if zero_slots else None
     return _Plan(torch.tensor(write_slots, dtype=torch.int64, device=device), zero, cos, sin, decode, chunks)
 
@@ -356,9 +358,17 @@ def _rotary(span: BlockSpan, positions: list[int], counts: list[int], hidden: Te
 
 
 def _decode_group(
-    pool: KVPool, segs: list[Segment], rows: Optional[list[int]], window: Optional[int], dtype: torch.dtype, device: torch.device
+    pool: KVPool,
+    segs: list[Segment],
+    rows: Optional[list[int]],
+    window: Optional[int],
+    dtype: torch.dtype,
+    device: torch.device,
+    span: BlockSpan,
 ) -> _DecodeGroup:
-    """Pages and mask of every one-token segment; rows are padded to the widest with the zero page."""
+    """Pages and mask of every one-token segment; rows are padded to the widest with the zero page.
+    With ALiBi (span.alibi) the mask is per head, [n, kv_heads, heads // kv_heads, keys], as the
+    queries are folded."""
     page_size, null = pool.page_size, pool.null_page
     rows_t = None if rows is None else torch.tensor(rows, dtype=torch.int64, device=device)
     lengths = [s.past_len + 1 for s in segs]  # keys up to and including the new token
@@ -371,7 +381,7 @@ def _decode_group(
     offsets = [p * page_size for p in first_pages]  # absolute index of each row's first gathered key
     los = {start - offset for start, offset in zip(starts, offsets)}
     his = {length - offset for length, offset in zip(lengths, offsets)}
-    if len(los) == 1 and len(his) == 1 and all(s.pad_len <= start for s, start in zip(segs, starts)):
+    if span.alibi is None and len(los) == 1 and len(his) == 1 and all(s.pad_len <= start for s, start in zip(segs, starts)):
         # every row sees the same columns (equal lengths, no pads): a slice, no mask
         return _DecodeGroup(rows_t, pages, per_row, los.pop(), his.pop(), None)
 
@@ -383,11 +393,25 @@ def _decode_group(
     real = pos >= column([s.pad_len for s in segs])
     visible = (pos >= column(starts)) & (pos < length) & (real | (pos == length - 1))  # a pad query sees itself
     mask = _additive(visible, dtype).view(len(segs), 1, 1, per_row * page_size)
+    if span.alibi is not None:
+        key_positions = (pos - column([s.pad_len for s in segs])).clamp(min=0)
+        bias = alibi_bias(span.alibi, key_positions)  # [n, heads, 1, keys]
+        kv_heads = span.spec.num_kv_heads
+        mask = mask + bias.view(len(segs), kv_heads, -1, per_row * page_size).to(dtype)
     return _DecodeGroup(rows_t, pages, per_row, 0, per_row * page_size, mask)
 
 
-def _chunk(pool: KVPool, seg: Segment, start: int, window: Optional[int], dtype: torch.dtype, device: torch.device) -> _Chunk:
-    """Keys, mask and causality of one multi-token segment, as make_attention_context would set them."""
+def _chunk(
+    pool: KVPool,
+    seg: Segment,
+    start: int,
+    window: Optional[int],
+    dtype: torch.dtype,
+    device: torch.device,
+    alibi: Optional[Tensor] = None,
+) -> _Chunk:
+    """Keys, mask and causality of one multi-token segment, as make_attention_context would set them
+    (with ALiBi slopes, a mask per head: [1, heads, queries, keys])."""
     past, n, pad, page_size = seg.past_len, seg.num_tokens, seg.pad_len, pool.page_size
     total = past + n
     key_start = max(0, past - window + 1) if window is not None else 0  # older keys are out of every query's window
@@ -398,12 +422,16 @@ def _chunk(pool: KVPool, seg: Segment, start: int, window: Optional[int], dtype:
         lo, hi = key_start - first_page * page_size, total - first_page * page_size
     window_binds = window is not None and (total - 1) - key_start >= window
     if pad <= key_start and not window_binds:
-        if past == 0:
+        if past == 0 and alibi is None:
             return _Chunk(start, start + n, None, lo, hi, None, True)
         mask = _mask(past, total, key_start, None, 0, device)
     else:
         mask = _mask(past, total, key_start, window, pad, device)
-    return _Chunk(start, start + n, pages, lo, hi, _additive(mask, dtype).view(1, 1, n, total - key_start), False)
+    additive = _additive(mask, dtype).view(1, 1, n, total - key_start)
+    if alibi is not None:
+        key_positions = (torch.arange(key_start, total, device=device) - pad).clamp(min=0)
+        additive = additive + alibi_bias(alibi, key_positions[None]).to(dtype)  # [1, heads, queries, keys]
+    return _Chunk(start, start + n, pages, lo, hi, additive, False)
 
 
 def _mask(past: int, total: int, key_start: int, window: Optional[int], pad: int, device: torch.device) -> Tensor:

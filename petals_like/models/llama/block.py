@@ -74,15 +74,15 @@ def make_norm(spec: ModelSpec, size: int) -> nn.Module:
 
 
 # checkpoint names -> this block's, for families whose checkpoints name the parts otherwise
+_FUSED_ATTENTION_NAMES = {
+    "self_attention.query_key_value.": "self_attn.qkv_proj.",
+    "self_attention.dense.": "self_attn.o_proj.",
+    "mlp.dense_h_to_4h.": "mlp.up_proj.",
+    "mlp.dense_4h_to_h.": "mlp.down_proj.",
+}
 RENAMES: dict[str, dict[str, str]] = {
-    "falcon": {
-        "self_attention.query_key_value.": "self_attn.qkv_proj.",
-        "self_attention.dense.": "self_attn.o_proj.",
-        "mlp.dense_h_to_4h.": "mlp.up_proj.",
-        "mlp.dense_4h_to_h.": "mlp.down_proj.",
-        "ln_attn.": "input_layernorm.",
-        "ln_mlp.": "post_attention_layernorm.",
-    },
+    "falcon": _FUSED_ATTENTION_NAMES | {"ln_attn.": "input_layernorm.", "ln_mlp.": "post_attention_layernorm."},
+    "bloom": _FUSED_ATTENTION_NAMES,
 }
 
 
@@ -151,6 +151,7 @@ class LlamaBlock(nn.Module):
         self.window = spec.window_of(layer_idx)  # sliding window of this block's attention (None: none)
         self.scoring = Scoring.of(spec)
         self.qk_norm = spec.qk_norm
+        self.rotate = not spec.alibi  # ALiBi (BLOOM): positions enter as score biases, not rotations
         # the feed-forward: a dense MLP, or experts under the name the family's checkpoints use
         self._moe_name: Optional[str] = None
         if spec.is_moe_block(layer_idx):
@@ -293,7 +294,7 @@ class LlamaBlock(nn.Module):
             if self.qk_norm:
                 q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
                 qk = torch.cat([self.self_attn.q_norm(q), self.self_attn.k_norm(k)], dim=1)
-            q, k = apply_rotary(qk, cos, sin).split([self.num_heads, self.num_kv_heads], dim=1)
+            q, k = (apply_rotary(qk, cos, sin) if self.rotate else qk).split([self.num_heads, self.num_kv_heads], dim=1)
             return q, k, qkv[:, qk_size:].view(tokens, self.num_kv_heads, self.head_dim)
         attn = self.self_attn
         q = self._plus_lora(attn.q_proj(x), x, lora, ("q_proj",)).view(-1, self.num_heads, self.head_dim)
@@ -301,6 +302,8 @@ class LlamaBlock(nn.Module):
         v = self._plus_lora(attn.v_proj(x), x, lora, ("v_proj",)).view(-1, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = attn.q_norm(q), attn.k_norm(k)
+        if not self.rotate:
+            return q, k, v
         return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
 
     def attention_output(self, residual: Tensor, attended: Tensor, lora: Optional[LoraRows] = None) -> Tensor:

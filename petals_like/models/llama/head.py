@@ -15,7 +15,8 @@ from petals_like.models.linear import linear
 from petals_like.models.llama.block import make_norm
 from petals_like.models.spec import ModelSpec
 
-_KEYS = ("embed_tokens.weight", "norm.weight", "lm_head.weight", "norm.bias")  # norm.bias: LayerNorm's (Falcon)
+# norm.bias: LayerNorm's (Falcon, BLOOM); embed_norm.*: BLOOM's LayerNorm after the embeddings
+_KEYS = ("embed_tokens.weight", "norm.weight", "lm_head.weight", "norm.bias", "embed_norm.weight", "embed_norm.bias")
 
 
 class LocalModules(nn.Module):
@@ -34,6 +35,7 @@ class LocalModules(nn.Module):
         pad = spec.pad_token_id if spec.pad_token_id is not None and 0 <= spec.pad_token_id < spec.vocab_size else None
         self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size, padding_idx=pad)
         self.norm = make_norm(spec, spec.hidden_size)
+        self.embed_norm = make_norm(spec, spec.hidden_size) if spec.embed_norm else None
         self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
         if self.tied:
             self.lm_head.weight = self.embed_tokens.weight
@@ -57,11 +59,13 @@ class LocalModules(nn.Module):
             "norm.weight": (spec.hidden_size,),
             "norm.bias": (spec.hidden_size,),
             "lm_head.weight": (spec.vocab_size, spec.hidden_size),
+            "embed_norm.weight": (spec.hidden_size,),
+            "embed_norm.bias": (spec.hidden_size,),
         }
-        if ("norm.bias" in state_dict) != spec.layer_norm:
-            raise ValueError(
-                f"client state dict: norm.bias {'missing' if spec.layer_norm else 'unexpected'} for a {spec.family} model"
-            )
+        needs = {"norm.bias": spec.layer_norm, "embed_norm.weight": spec.embed_norm, "embed_norm.bias": spec.embed_norm}
+        for key, needed in needs.items():
+            if (key in state_dict) != needed:
+                raise ValueError(f"client state dict: {key} {'missing' if needed else 'unexpected'} for a {spec.family} model")
         for key, tensor in state_dict.items():
             if tuple(tensor.shape) != expected[key]:
                 raise ValueError(f"{key} has shape {tuple(tensor.shape)}, the model config expects {expected[key]}")
@@ -72,6 +76,9 @@ class LocalModules(nn.Module):
         local.norm.weight = nn.Parameter(state_dict["norm.weight"])
         if spec.layer_norm:
             local.norm.bias = nn.Parameter(state_dict["norm.bias"])
+        if spec.embed_norm:
+            local.embed_norm.weight = nn.Parameter(state_dict["embed_norm.weight"])
+            local.embed_norm.bias = nn.Parameter(state_dict["embed_norm.bias"])
         local.lm_head.weight = local.embed_tokens.weight if tied else nn.Parameter(head)
         return local
 
@@ -85,6 +92,8 @@ class LocalModules(nn.Module):
                 f"input_ids must be in [0, {self.spec.vocab_size}), got min={int(input_ids.min())} max={int(input_ids.max())}"
             )
         embedded = self.embed_tokens(input_ids)
+        if self.embed_norm is not None:  # BLOOM
+            embedded = self.embed_norm(embedded)
         if self.spec.embed_scale is not None:  # Gemma: the scale rounded to the embeddings' dtype, as transformers does
             embedded = embedded * torch.tensor(self.spec.embed_scale, dtype=embedded.dtype)
         return embedded
