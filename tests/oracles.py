@@ -24,7 +24,7 @@ def peft_lora_grads(peft_model) -> dict[str, torch.Tensor]:
     for name, param in peft_model.named_parameters():
         if "lora_" in name and param.grad is not None:
             parts = name.split(".")
-            layer = parts.index("layers")
+            layer = parts.index("layers" if "layers" in parts else "h")  # Llama's layout, or Falcon's and BLOOM's
             grads[f"{parts[layer + 1]}_{parts[layer + 3]}_{'A' if 'lora_A' in name else 'B'}"] = param.grad
     return grads
 

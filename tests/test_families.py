@@ -15,7 +15,7 @@ from peft import LoraConfig
 from transformers import AutoModelForCausalLM
 
 from petals_like import AutoDistributedModelForCausalLM
-from petals_like.models.lora import target_shape
+from petals_like.models.lora import read_peft_adapter, target_shape
 from petals_like.models.span import BlockRange
 from petals_like.models.spec import ModelSpec
 from petals_like.protocol import ErrorCode, ProtocolError
@@ -94,14 +94,23 @@ def test_moe_sessions_batched_by_expert_give_the_tokens_each_gives_alone(family:
         assert 0 < products <= spec.num_experts < routed
 
 
-def test_lora_on_attention_through_moe_blocks_equals_peft(family: FamilySwarm, tmp_path: Path):
-    """Client-held LoRA on the attention projections, trained through remote blocks: loss, logits and
-    every gradient as PEFT on transformers (the backward pass goes through the experts and the router)."""
-    if family.spec.family not in ("mixtral", "qwen3"):
-        pytest.skip("one MoE and one dense family of the new ones")
+LORA_TARGETS = {  # PEFT's names: Falcon and BLOOM adapt their fused q/k/v as one projection
+    "mixtral": ["q_proj", "k_proj", "v_proj", "o_proj"],  # (experts: refused, below)
+    "qwen3": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "falcon": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
+    "bloom": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
+}
+
+
+def test_lora_through_remote_blocks_equals_peft(family: FamilySwarm, tmp_path: Path):
+    """Client-held LoRA trained through remote blocks: loss, logits and every gradient as PEFT on
+    transformers (through the experts and the router for Mixtral; Falcon's and BLOOM's fused q/k/v in
+    the checkpoint's row order), and the saved adapter is one PEFT loads."""
+    if family.spec.family not in LORA_TARGETS:
+        pytest.skip("one family of each kind")
     model = AutoDistributedModelForCausalLM.from_pretrained(family.path, initial_peers=family.swarm.peers, torch_dtype="float32")
     try:
-        lora = model.add_lora(LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+        lora = model.add_lora(LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS[family.spec.family]))
         randomize_b(lora)
         input_ids = torch.randint(4, 300, (2, 12), generator=torch.Generator().manual_seed(0))
         assert_lora_matches_peft(model, family.path, tmp_path, input_ids)
@@ -139,7 +148,7 @@ def test_lora_on_parts_of_a_fused_projection_is_refused(make_model):
         with pytest.raises(ValueError, match=f"'{target}': this phi3 model holds q/k/v and gate/up as one projection"):
             target_shape(spec, target)
     falcon = ModelSpec.from_pretrained(make_model(family="falcon", max_shard_size=TINY_SHARD_SIZE))
-    with pytest.raises(ValueError, match="LoRA on falcon is not supported yet"):
+    with pytest.raises(ValueError, match="'o_proj' is not a projection of this falcon model; choose among"):
         target_shape(falcon, "o_proj")
 
 
@@ -224,3 +233,19 @@ def test_expert_store_keeps_its_capacity_and_counts_its_guesses(make_model):
     assert 0 < stats.predicted_used <= min(stats.predicted, stats.next_block_uses)
     assert stats.uses == stats.resident_hits + stats.prefetch_waits + stats.misses
     store.close()
+
+
+def test_a_peft_made_falcon_adapter_loads_for_hosting(make_model, tmp_path: Path):
+    """run_server --adapters reads PEFT's own Falcon adapter (transformer.h.{i}.self_attention.query_key_value...)."""
+    from peft import get_peft_model
+
+    path = make_model(family="falcon", max_shard_size=TINY_SHARD_SIZE)
+    spec = ModelSpec.from_pretrained(path)
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    peft_model = get_peft_model(base, LoraConfig(r=2, lora_alpha=4, target_modules=LORA_TARGETS["falcon"]))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    config, blocks = read_peft_adapter(tmp_path / "adapter", spec, range(0, 2))
+    assert sorted(blocks) == [0, 1] and set(blocks[0].weights) == set(LORA_TARGETS["falcon"])
+    a, b = blocks[1].weights["query_key_value"]
+    assert a.shape == (2, spec.hidden_size) and b.shape == ((spec.num_heads + 2 * spec.num_kv_heads) * spec.head_dim, 2)

@@ -77,7 +77,7 @@ class ClientLora(nn.Module):
         self.spec = spec
         self.peft_config = config
         config_dict = _config_dict(config)
-        self.rank, self.scaling, self.targets = check_peft_config(config_dict, for_training=True)
+        self.rank, self.scaling, self.targets = check_peft_config(config_dict, for_training=True, spec=spec)
         self.base_model_name_or_path = base_model_name_or_path
         self.weights = nn.ParameterDict()
         for block in range(spec.num_blocks):
@@ -127,7 +127,7 @@ class ClientLora(nn.Module):
             task_type=config.get("task_type") or "CAUSAL_LM",
         )
         (path / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True, default=str))
-        save_file(peft_state_dict(self.block_loras()), str(path / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        save_file(peft_state_dict(self.block_loras(), self.spec), str(path / ADAPTER_WEIGHTS), metadata={"format": "pt"})
         return path
 
     @classmethod

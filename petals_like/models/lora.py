@@ -7,7 +7,11 @@ with each request (client-held LoRA), or a server loads a PEFT adapter folder fo
 which adapter, so one batched iteration can mix sessions with different adapters (or none).
 
 On the wire, a span's LoRA tensors are a flat list in a fixed order: block by block, and within a
-block the targets in TARGETS order, A then B. Gradients come back in the same order.
+block the targets in the family's order (targets_of), A then B. Gradients come back in the same order.
+
+Targets are PEFT's names of the checkpoint's projections: q_proj ... down_proj for the Llama layout,
+query_key_value, dense, dense_h_to_4h, dense_4h_to_h for Falcon and BLOOM, whose fused q/k/v LoRA
+the block maps onto its own q/k/v order.
 """
 
 from __future__ import annotations
@@ -34,30 +38,50 @@ TARGETS: dict[str, str] = {
     "up_proj": "mlp",
     "down_proj": "mlp",
 }
+# Falcon and BLOOM (`transformer.h.{i}.self_attention.*`, `.mlp.*`)
+FUSED_TARGETS: dict[str, str] = {
+    "query_key_value": "self_attention",
+    "dense": "self_attention",
+    "dense_h_to_4h": "mlp",
+    "dense_4h_to_h": "mlp",
+}
+FUSED_TARGET_FAMILIES = ("falcon", "bloom")
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-_PEFT_KEY = re.compile(r"^(?:base_model\.model\.)?model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])\.weight$")
+_PEFT_KEY = re.compile(r"^(?:base_model\.model\.)?(?:model\.layers|transformer\.h)\.(\d+)\.(\w+)\.(\w+)\.lora_([AB])\.weight$")
+
+
+def targets_of(spec: Optional[ModelSpec]) -> dict[str, str]:
+    """The family's LoRA targets, in wire order: name -> the submodule holding it (PEFT's key layout)."""
+    return FUSED_TARGETS if spec is not None and spec.family in FUSED_TARGET_FAMILIES else TARGETS
 
 
 def target_shape(spec: ModelSpec, target: str) -> tuple[int, int]:
     """(in_features, out_features) of a projection LoRA adapts; a feed-forward projection of a
     mixture-of-experts model is refused (its experts have no single such projection), and so are the
     parts of a fused projection (Phi-3's qkv_proj, gate_up_proj: PEFT adapts them whole)."""
-    if spec.num_experts and TARGETS[target] == "mlp":
+    targets = targets_of(spec)
+    if target not in targets:
+        raise ValueError(f"LoRA target {target!r} is not a projection of this {spec.family} model; choose among {list(targets)}")
+    if spec.num_experts and targets[target] == "mlp":
         raise ValueError(
             f"LoRA target {target!r}: this {spec.family} model's feed-forward is a mixture of experts, which "
             f"LoRA is not supported on; target the attention projections (q_proj, k_proj, v_proj, o_proj)"
         )
-    if spec.family in ("falcon", "bloom"):
-        raise ValueError(
-            f"LoRA target {target!r}: LoRA on {spec.family} is not supported yet (PEFT adapts its fused "
-            f"query_key_value, dense, dense_h_to_4h and dense_4h_to_h projections, which this project does not map yet)"
-        )
-    if spec.fused_checkpoint and target not in ("o_proj", "down_proj"):
+    if spec.fused_checkpoint and targets is TARGETS and target not in ("o_proj", "down_proj"):
         raise ValueError(
             f"LoRA target {target!r}: this {spec.family} model holds q/k/v and gate/up as one projection each "
             f"(qkv_proj, gate_up_proj), which LoRA is not supported on here; target o_proj and down_proj"
         )
+    if targets is FUSED_TARGETS:
+        q_size, kv_size = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
+        hidden, inter = spec.hidden_size, spec.intermediate_size
+        return {
+            "query_key_value": (hidden, q_size + 2 * kv_size),
+            "dense": (q_size, hidden),
+            "dense_h_to_4h": (hidden, inter),
+            "dense_4h_to_h": (inter, hidden),
+        }[target]
     return projection_shape(spec, target)
 
 
@@ -77,15 +101,16 @@ def projection_shape(spec: ModelSpec, target: str) -> tuple[int, int]:
     return shapes[target]
 
 
-def canonical_targets(targets: Iterable[str]) -> tuple[str, ...]:
-    """Targets in TARGETS order, each once; unknown names are an error that lists the allowed ones."""
+def canonical_targets(targets: Iterable[str], spec: Optional[ModelSpec] = None) -> tuple[str, ...]:
+    """Targets in the family's order, each once; unknown names are an error that lists the allowed ones."""
+    known = targets_of(spec)
     targets = set(targets)
-    unknown = sorted(targets - set(TARGETS))
+    unknown = sorted(targets - set(known))
     if unknown:
-        raise ValueError(f"LoRA target modules {unknown} are not supported; choose among {list(TARGETS)}")
+        raise ValueError(f"LoRA target modules {unknown} are not supported; choose among {list(known)}")
     if not targets:
         raise ValueError("a LoRA adapter needs at least one target module")
-    return tuple(t for t in TARGETS if t in targets)
+    return tuple(t for t in known if t in targets)
 
 
 @dataclass
@@ -158,8 +183,12 @@ def scaling_from_config(config: dict[str, Any]) -> float:
     return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
 
 
-def check_peft_config(config: dict[str, Any], *, for_training: bool) -> tuple[int, float, tuple[str, ...]]:
-    """(rank, scaling, targets) of a PEFT LoraConfig (as a dict); anything this LoRA cannot do is an error."""
+def check_peft_config(
+    config: dict[str, Any], *, for_training: bool, spec: Optional[ModelSpec] = None
+) -> tuple[int, float, tuple[str, ...]]:
+    """(rank, scaling, targets) of a PEFT LoraConfig (as a dict) for `spec`'s family (None: the Llama
+    layout's); anything this LoRA cannot do is an error."""
+    known = targets_of(spec)
     if str(config.get("peft_type", "LORA")).upper().split(".")[-1] != "LORA":
         raise ValueError(f"only LoRA adapters are supported, got peft_type={config.get('peft_type')!r}")
     rank = config.get("r")
@@ -182,14 +211,14 @@ def check_peft_config(config: dict[str, Any], *, for_training: bool) -> tuple[in
         raise ValueError(f"LoRA options {bad} are not supported for remote blocks (use their defaults)")
     modules = config.get("target_modules")
     if modules == "all-linear":
-        modules = list(TARGETS)
+        modules = list(known)
     elif isinstance(modules, str):
-        modules = [t for t in TARGETS if re.fullmatch(modules, t) or modules == t]
+        modules = [t for t in known if re.fullmatch(modules, t) or modules == t]
         if not modules:
-            raise ValueError(f"target_modules={config.get('target_modules')!r} matches none of {list(TARGETS)}")
+            raise ValueError(f"target_modules={config.get('target_modules')!r} matches none of {list(known)}")
     if modules is None:
-        raise ValueError(f"target_modules must be given (among {list(TARGETS)})")
-    return rank, scaling_from_config(config), canonical_targets(modules)
+        raise ValueError(f"target_modules must be given (among {list(known)})")
+    return rank, scaling_from_config(config), canonical_targets(modules, spec)
 
 
 def read_peft_adapter(
@@ -206,7 +235,8 @@ def read_peft_adapter(
     if not config_file.is_file() or not weights_file.is_file():
         raise FileNotFoundError(f"{path} is not a PEFT adapter folder (needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS})")
     config = json.loads(config_file.read_text())
-    rank, scaling, targets = check_peft_config(config, for_training=for_training)
+    rank, scaling, targets = check_peft_config(config, for_training=for_training, spec=spec)
+    known = targets_of(spec)
     wanted = set(blocks)
     found: dict[tuple[int, str, str], Tensor] = {}
     with safe_open(str(weights_file), framework="pt") as f:
@@ -215,7 +245,7 @@ def read_peft_adapter(
             if match is None:
                 raise ValueError(f"{weights_file}: unexpected tensor {key!r} for a LoRA adapter of this model")
             block, module, target, which = int(match[1]), match[2], match[3], match[4]
-            if target not in TARGETS or TARGETS[target] != module or not 0 <= block < spec.num_blocks:
+            if target not in known or known[target] != module or not 0 <= block < spec.num_blocks:
                 raise ValueError(f"{weights_file}: tensor {key!r} does not belong to a supported projection")
             if block in wanted:
                 found[block, target, which] = f.get_tensor(key)
@@ -237,12 +267,15 @@ def read_peft_adapter(
     return config, result
 
 
-def peft_state_dict(blocks: dict[int, BlockLora]) -> dict[str, Tensor]:
-    """block index -> BlockLora, as the tensors of PEFT's adapter_model.safetensors."""
+def peft_state_dict(blocks: dict[int, BlockLora], spec: Optional[ModelSpec] = None) -> dict[str, Tensor]:
+    """block index -> BlockLora, as the tensors of PEFT's adapter_model.safetensors (names in `spec`'s
+    family's layout)."""
+    known = targets_of(spec)
+    layers = "transformer.h" if known is FUSED_TARGETS else "model.layers"
     state = {}
     for block, lora in sorted(blocks.items()):
         for target, (a, b) in lora.weights.items():
-            prefix = f"base_model.model.model.layers.{block}.{TARGETS[target]}.{target}"
+            prefix = f"base_model.model.{layers}.{block}.{known[target]}.{target}"
             state[f"{prefix}.lora_A.weight"] = a.detach().contiguous()
             state[f"{prefix}.lora_B.weight"] = b.detach().contiguous()
     return state

@@ -165,7 +165,7 @@ class AdapterStore:
                 f"LoRA rank {rank} not in [1, {self.max_rank}] (server limit --max_lora_rank)", ErrorCode.SERVER_LIMIT
             )
         try:
-            targets = canonical_targets(list(lora.targets))
+            targets = canonical_targets(list(lora.targets), self.spec)
             shapes = wire_shapes(self.spec, rank, targets, blocks.length)
         except ValueError as e:
             raise ProtocolError(str(e)) from None

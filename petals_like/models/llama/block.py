@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from petals_like.models.attention import AttentionContext, Scoring, apply_rotary
 from petals_like.models.linear import linear
-from petals_like.models.lora import TARGETS, LoraRows, lora_delta, projection_shape
+from petals_like.models.lora import FUSED_TARGETS, LoraRows, lora_delta, projection_shape, target_shape, targets_of
 from petals_like.models.moe import LAYOUTS, SparseMoE
 from petals_like.models.spec import ModelSpec
 
@@ -160,7 +160,13 @@ class LlamaBlock(nn.Module):
         else:
             self.mlp = LlamaMLP(spec)
         self.q_size, self.kv_size = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
-        self.out_features = {name: projection_shape(spec, name)[1] for name in TARGETS}
+        # LoRA: the family's targets (PEFT's names) and which of this block's projections each adapts; Falcon's
+        # and BLOOM's fused query_key_value adapts q/k/v at once, in the checkpoint's row order (_qkv_order)
+        self.fused_lora = targets_of(spec) is FUSED_TARGETS
+        shape = target_shape if self.fused_lora else projection_shape
+        self.out_features = {name: shape(spec, name)[1] for name in targets_of(spec)}
+        self.lora_name = {"o_proj": "dense", "up_proj": "dense_h_to_4h", "down_proj": "dense_4h_to_h"} if self.fused_lora else {}
+        self._qkv_order: Optional[Tensor] = None
         self.renames = RENAMES.get(spec.family, {})
         self.qkv_layout = spec.qkv_layout
         if spec.fused_checkpoint or self.renames:  # Phi-3, Falcon: their checkpoints' names and fused matrices
@@ -204,6 +210,14 @@ class LlamaBlock(nn.Module):
             view = fused.reshape(self.num_heads, 3, self.head_dim, *rest)
             q, k, v = view[:, 0], view[:, 1], view[:, 2]
         return q.reshape(-1, *rest), k.reshape(-1, *rest), v.reshape(-1, *rest)
+
+    def _qkv_rows(self, device: torch.device) -> Tensor:
+        """For each row of this block's q/k/v (in that order), its row in the checkpoint's fused matrix."""
+        if self._qkv_order is None or self._qkv_order.device != device:
+            rows = self.q_size + 2 * self.kv_size
+            with torch.inference_mode(False):  # a plain tensor: backward passes index with it too
+                self._qkv_order = torch.cat(self._split_qkv(torch.arange(rows, device=device)))
+        return self._qkv_order
 
     @property
     def moe(self) -> Optional[SparseMoE]:
@@ -287,8 +301,14 @@ class LlamaBlock(nn.Module):
         rotated k [tokens, kv_heads, head_dim], v [tokens, kv_heads, head_dim]. `lora`: adapters by row."""
         x = self.input_layernorm(hidden)
         tokens = x.shape[0]
-        if self._qkv is not None and (self.quant_type != "none" or not torch.is_grad_enabled()):
-            qkv = self._plus_lora(linear(x, *self._qkv), x, lora, ("q_proj", "k_proj", "v_proj"))
+        if self._qkv is not None and (self.quant_type != "none" or not torch.is_grad_enabled() or self.fused_lora):
+            if self.fused_lora:
+                qkv = linear(x, *self._qkv)
+                delta = lora_delta(x, lora, "query_key_value", self.out_features["query_key_value"])
+                if delta is not None:
+                    qkv = qkv + delta[:, self._qkv_rows(delta.device)]
+            else:
+                qkv = self._plus_lora(linear(x, *self._qkv), x, lora, ("q_proj", "k_proj", "v_proj"))
             qk_size = self.q_size + self.kv_size
             qk = qkv[:, :qk_size].view(tokens, self.num_heads + self.num_kv_heads, self.head_dim)
             if self.qk_norm:
@@ -310,7 +330,7 @@ class LlamaBlock(nn.Module):
         """residual [tokens, hidden], attended [tokens, heads * head_dim] -> [tokens, hidden]."""
         o_proj = self.self_attn.o_proj
         out = linear(attended, *self._o) if self._o is not None else linear(attended, o_proj.weight, o_proj.bias)
-        out = self._plus_lora(out, attended, lora, ("o_proj",))
+        out = self._plus_lora(out, attended, lora, (self.lora_name.get("o_proj", "o_proj"),))
         if self.parallel:  # the MLP of the same input, added alongside (mlp_residual passes through)
             norm = self.input_layernorm if self.shared_parallel_norm else self.post_attention_layernorm
             return residual + out + self._mlp(norm(residual), lora)
@@ -331,10 +351,13 @@ class LlamaBlock(nn.Module):
         """The dense MLP of normalized x, LoRA included."""
         mlp = self.mlp
         inputs = ("gate_proj", "up_proj") if mlp.gated else ("up_proj",)
+        names = tuple(self.lora_name.get(name, name) for name in inputs)
         if self._gate_up is not None and (self.quant_type != "none" or not torch.is_grad_enabled()):
-            projected = self._plus_lora(linear(x, *self._gate_up), x, lora, inputs)
+            projected = self._plus_lora(linear(x, *self._gate_up), x, lora, names)
         else:
-            projected = torch.cat([self._plus_lora(getattr(mlp, name)(x), x, lora, (name,)) for name in inputs], dim=-1)
+            projected = torch.cat(
+                [self._plus_lora(getattr(mlp, module)(x), x, lora, (name,)) for module, name in zip(inputs, names)], dim=-1
+            )
         if mlp.gated:
             gate, up = projected.chunk(2, dim=-1)
             act = mlp.act(gate) * up
@@ -342,7 +365,7 @@ class LlamaBlock(nn.Module):
             act = mlp.act(projected)
         down_proj = mlp.down_proj
         down = linear(act, *self._down) if self._down is not None else linear(act, down_proj.weight, down_proj.bias)
-        return self._plus_lora(down, act, lora, ("down_proj",))
+        return self._plus_lora(down, act, lora, (self.lora_name.get("down_proj", "down_proj"),))
 
     def forward(self, hidden: Tensor, ctx: AttentionContext, layer: int, lora: Optional[LoraRows] = None) -> Tensor:
         """hidden [batch, seq, hidden] -> [batch, seq, hidden]; `layer` indexes the span's cache."""
