@@ -15,7 +15,9 @@ from peft import LoraConfig
 from transformers import AutoModelForCausalLM
 
 from petals_like import AutoDistributedModelForCausalLM
-from petals_like.models.lora import read_peft_adapter, target_shape
+from petals_like.models.checkpoint import CheckpointReader
+from petals_like.models.llama.block import LlamaBlock
+from petals_like.models.lora import BlockLora, read_peft_adapter, target_shape
 from petals_like.models.span import BlockRange
 from petals_like.models.spec import ModelSpec
 from petals_like.protocol import ErrorCode, ProtocolError
@@ -249,3 +251,29 @@ def test_a_peft_made_falcon_adapter_loads_for_hosting(make_model, tmp_path: Path
     assert sorted(blocks) == [0, 1] and set(blocks[0].weights) == set(LORA_TARGETS["falcon"])
     a, b = blocks[1].weights["query_key_value"]
     assert a.shape == (2, spec.hidden_size) and b.shape == ((spec.num_heads + 2 * spec.num_kv_heads) * spec.head_dim, 2)
+
+
+def test_falcon_lora_is_the_same_through_fused_and_separate_projections(make_model):
+    """The fused query_key_value LoRA lands on the same rows whether a block multiplies q/k/v as one
+    matrix (servers) or one by one (a block never fused), and it changes the output."""
+    path = make_model(family="falcon", max_shard_size=TINY_SHARD_SIZE)
+    spec = ModelSpec.from_pretrained(path)
+    state = CheckpointReader(path).block_state_dict(0, torch.float32)
+    separate, fused = LlamaBlock(spec, 0), LlamaBlock(spec, 0)
+    separate.load_state_dict(state)
+    fused.load_state_dict(state)
+    fused.fuse_projections()
+    generator = torch.Generator().manual_seed(4)
+    weights = {}
+    for target in LORA_TARGETS["falcon"]:
+        fan_in, fan_out = target_shape(spec, target)
+        weights[target] = (torch.randn(2, fan_in, generator=generator), torch.randn(fan_out, 2, generator=generator))
+    rows = [(None, BlockLora(0.5, weights))]
+    x = torch.randn(5, spec.hidden_size, generator=generator)
+    cos, sin = torch.ones(5, spec.head_dim), torch.zeros(5, spec.head_dim)  # (no rotation: the q/k/v rows compared as they are)
+    with torch.no_grad():
+        for got, want in zip(separate.attention_input(x, cos, sin, rows), fused.attention_input(x, cos, sin, rows)):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        plain = fused.attention_input(x, cos, sin, None)
+        assert all((a - b).abs().max() > 1e-3 for a, b in zip(plain, fused.attention_input(x, cos, sin, rows)))
+        torch.testing.assert_close(separate._mlp(x, rows), fused._mlp(x, rows), rtol=1e-5, atol=1e-5)

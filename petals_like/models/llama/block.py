@@ -301,9 +301,15 @@ class LlamaBlock(nn.Module):
         rotated k [tokens, kv_heads, head_dim], v [tokens, kv_heads, head_dim]. `lora`: adapters by row."""
         x = self.input_layernorm(hidden)
         tokens = x.shape[0]
-        if self._qkv is not None and (self.quant_type != "none" or not torch.is_grad_enabled() or self.fused_lora):
-            if self.fused_lora:
-                qkv = linear(x, *self._qkv)
+        fused = self._qkv is not None and (self.quant_type != "none" or not torch.is_grad_enabled())
+        if fused or self.fused_lora:
+            if self.fused_lora:  # Falcon, BLOOM: one LoRA over q/k/v, its rows in the checkpoint's order
+                attn = self.self_attn
+                qkv = (
+                    linear(x, *self._qkv)
+                    if self._qkv is not None
+                    else torch.cat([attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)], -1)
+                )
                 delta = lora_delta(x, lora, "query_key_value", self.out_features["query_key_value"])
                 if delta is not None:
                     qkv = qkv + delta[:, self._qkv_rows(delta.device)]
