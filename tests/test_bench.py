@@ -1,4 +1,4 @@
-"""The benchmark's routing and quantization workloads run end to end on the tiny model. Speeds are
+"""The benchmark's routing, quantization and mixture-of-experts workloads run end to end on tiny models. Speeds are
 not checked here (`python -m petals_like.cli.bench` reports them); what is checked is what the
 numbers must satisfy whatever the machine: the report's layout, the bytes each wire format puts on
 the wire, lower bounds set by injected link delays, and errors that exist exactly where a format
@@ -93,3 +93,26 @@ def test_quantization_workloads_run_on_the_tiny_model(tiny_model: Path):
     assert servers["float32"]["weight_bytes_per_block"] == 2 * bf16
     assert servers["bfloat16"]["weight_bytes_vs_bfloat16"] == servers["bfloat16"]["one_session_vs_bfloat16"] == 1
     assert servers["nf4"]["weight_bytes_per_block"] <= 0.3 * bf16 and servers["int8"]["weight_bytes_per_block"] <= 0.55 * bf16
+
+
+def test_mixture_of_experts_workload_runs_on_a_tiny_mixtral(make_model):
+    """(r) end to end: both setups report, grouping by expert runs fewer expert products than routing
+    token by token (at most the experts of every block per iteration), and a quarter of the experts
+    resident is a quarter of the bytes, with the store's rates in [0, 1]."""
+    from petals_like.bench import moe as bench_moe
+    from tests.conftest import TINY_SHARD_SIZE
+
+    path = make_model(family="mixtral", max_shard_size=TINY_SHARD_SIZE)
+    spec = ModelSpec.from_pretrained(path)
+    report = bench_moe.moe_servers("tiny", [], new_tokens=8, model_dir=path)
+    full, quarter = report["all_resident"], report["quarter_resident"]
+    blocks_per_server = spec.num_blocks // 2
+    for entry in (full, quarter):
+        grouped, token_by_token = (
+            entry["expert_products_per_server_iteration"],
+            entry["expert_products_per_server_iteration_token_by_token"],
+        )
+        assert 0 < grouped <= blocks_per_server * spec.num_experts and grouped < token_by_token
+    assert report["offload_vs_all_resident"]["resident_expert_bytes"] == 0.25
+    for run in quarter["expert_store_one_session"] + quarter["expert_store_16_sessions"]:
+        assert run["expert_uses"] > 0 and all(0 <= run[k] <= 1 for k in ("hit_rate", "miss_rate", "prefetch_precision"))

@@ -17,6 +17,7 @@ checkpoint on demand, models/expert_store.py). For each:
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 from petals_like.bench.harness import BENCH_DIR, BenchSwarm, prompt, server_footprint, server_infos, sessions_at_once
 from petals_like.models.expert_store import rates_between
@@ -36,9 +37,9 @@ def _expert_counters(model) -> dict[str, dict]:
     return {peer: dict(info.experts, iterations=info.iterations) for peer, info in server_infos(model).items()}
 
 
-def moe_servers(preset: str, server_args: list[str], new_tokens: int = 64) -> dict:
-    """(r)"""
-    model_dir = moe_model(preset)
+def moe_servers(preset: str, server_args: list[str], new_tokens: int = 64, model_dir: Optional[Path] = None) -> dict:
+    """(r); model_dir: another MoE checkpoint than the preset's Mixtral-shaped one."""
+    model_dir = model_dir or moe_model(preset)
     results: dict = {"model": str(model_dir)}
     for setup, args in SETUPS.items():
         with BenchSwarm(model_dir, server_args + args) as swarm:

@@ -14,7 +14,8 @@ its own process, the client in this one.
   over links with delay, NAT and 20 Mbit/s uplinks (a network test bed: needs root), see
   petals_like/bench/network.py; (o) the OpenAI-compatible API vs the Python client, see
   petals_like/bench/api.py; (q) perplexity of the lossy formats, see petals_like/bench/quality.py; (r) a
-  mixture-of-experts model: batching by expert and experts on demand, see petals_like/bench/moe.py
+  mixture-of-experts model: batching by expert and experts on demand, see petals_like/bench/moe.py; (s)
+  speculative generation over a slow client link, see petals_like/bench/speculative.py
 """
 
 from __future__ import annotations
@@ -41,11 +42,11 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument(
         "--workloads",
         default="a,b,c",
-        help="comma-separated subset of a..r, or 'all' (d..g: engine workloads, see petals_like/bench/engine.py; "
+        help="comma-separated subset of a..s, or 'all' (d..g: engine workloads, see petals_like/bench/engine.py; "
         "h..j: routing, see routing.py; k, l: quantization, see quant.py; "
         "m: fine-tuning, see finetune.py; n: network test bed, see network.py; o: the OpenAI API, see api.py; "
         "q: perplexity of the lossy formats on the trained reference model, see quality.py; "
-        "r: a mixture-of-experts model, see moe.py)",
+        "r: a mixture-of-experts model, see moe.py; s: speculative generation, see speculative.py)",
     )
     parser.add_argument("--prompt_len", type=int, default=16)
     parser.add_argument("--new_tokens", type=int, default=128)

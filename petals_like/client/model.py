@@ -46,6 +46,7 @@ from petals_like.client.generation import stopping_criteria as build_stopping_cr
 from petals_like.client.head_batcher import HeadBatcher
 from petals_like.client.inference_session import InferenceSession
 from petals_like.client.sequential import RemoteSequential
+from petals_like.client.speculative import Drafter, Speculation, SpeculativeGeneration
 from petals_like.client.tuning import ClientLora, PromptTuning, RequestTuning
 from petals_like.config import ClientConfig
 from petals_like.dht.node import SwarmNode
@@ -425,6 +426,7 @@ class DistributedModelForCausalLM(DistributedModel):
         generator: Optional[torch.Generator] = None,
         streamer: Optional[Any] = None,
         tokenizer: Optional[Any] = None,
+        speculative: Optional[str | Drafter | Speculation] = None,
         **kwargs: Any,
     ) -> torch.Tensor | GenerateDecoderOnlyOutput | GenerateBeamDecoderOnlyOutput:
         """Like transformers' generate(): returns input_ids followed by the new tokens ([batch, len]).
@@ -439,6 +441,10 @@ class DistributedModelForCausalLM(DistributedModel):
         Finished sequences (EOS) are filled with pad_token_id. The streamer's put() and end() are
         called on the client's network thread: keep them quick (hand tokens to a queue, as
         transformers' TextIteratorStreamer does).
+
+        speculative="ngram" (or a drafter(sequence, k) -> token ids, or a Speculation, whose counters
+        say how it went): greedy generation of one sequence that checks several drafted tokens per
+        trip through the chain (client/speculative.py); the tokens are the same as without it.
         """
         if input_ids is None and "inputs" in kwargs:  # transformers' name for it
             input_ids = kwargs.pop("inputs")
@@ -496,9 +502,7 @@ class DistributedModelForCausalLM(DistributedModel):
             processors = logits_processors(config, prompt_len, logits_processor, pad_lens=pad_lens)
             return TokenChooser(processors, bool(config.do_sample), generator)
 
-        run = Generation(
-            session,
-            input_ids,
+        options = dict(
             pad_lens=pad_lens,
             max_new_tokens=max_new_tokens,
             chooser=chooser,
@@ -509,6 +513,15 @@ class DistributedModelForCausalLM(DistributedModel):
             keep_scores=bool(config.return_dict_in_generate and config.output_scores),
             keep_logits=bool(config.return_dict_in_generate and config.output_logits),
         )
+        if speculative is None:
+            run = Generation(session, input_ids, **options)
+        else:
+            try:
+                run = SpeculativeGeneration(session, input_ids, speculation=Speculation.of(speculative), **options)
+            except ValueError:
+                if own_session:
+                    session.close()
+                raise
         try:
             new_tokens = self.node.run(self._drive(run, session))
         finally:
@@ -579,7 +592,9 @@ class DistributedModelForCausalLM(DistributedModel):
                     embeds = self._embed_step(inputs, session)
                 hidden = await session.astep(embeds, pad_lens=pad_lens, token_ids=inputs, hypo_ids=hypo_ids, when_open=when_open)
                 when_open = None
-                logits = await self.head_batcher(hidden[:, -1, :], key)
+                positions = getattr(run, "positions", 1)  # a speculative step: the pending token's and each draft's
+                last = hidden[:, -1, :] if positions == 1 else hidden[0, -positions:, :]
+                logits = await self.head_batcher(last, key)
                 with torch.inference_mode():
                     run.accept(logits)
             with torch.inference_mode():

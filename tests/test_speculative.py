@@ -1,0 +1,90 @@
+"""Speculative greedy generation (client/speculative.py) through a real 3-server swarm: the tokens equal
+transformers' greedy generation with every kind of draft, right, wrong or partly right."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from petals_like import AutoDistributedModelForCausalLM
+from petals_like.client.speculative import Speculation, first_of, model_drafter, ngram_drafter
+from petals_like.models.tiny import make_tiny_model
+from tests.swarm import Swarm, running_swarm
+
+PROMPT = torch.tensor([[1, 17, 42, 99, 7, 250, 17, 42, 99, 7]])  # repeats itself: the n-gram drafter has material
+NEW = 40
+
+
+@pytest.fixture(scope="module")
+def swarm(tiny_model: Path) -> Iterator[Swarm]:
+    with running_swarm(tiny_model, ("0:3", "3:5", "5:8")) as swarm:
+        yield swarm
+
+
+@pytest.fixture(scope="module")
+def model(swarm: Swarm, tiny_model: Path):
+    model = AutoDistributedModelForCausalLM.from_pretrained(tiny_model, initial_peers=swarm.peers, torch_dtype="float32")
+    yield model
+    model.shutdown()
+
+
+@pytest.fixture(scope="module")
+def expected(reference) -> torch.Tensor:
+    return reference.generate(PROMPT, max_new_tokens=NEW, do_sample=False)
+
+
+def test_drafts_that_are_always_right_take_a_trip_per_several_tokens(model, expected):
+    truth = expected[0].tolist()
+    right = Speculation(lambda sequence, k: truth[len(sequence) : len(sequence) + k])
+    assert torch.equal(model.generate(PROMPT, max_new_tokens=NEW, speculative=right), expected)
+    assert right.tokens == NEW and right.accepted == right.drafted > 0
+    assert right.steps < NEW / 3  # k grows to 8 while every draft is right
+
+
+def test_drafts_that_are_always_wrong_change_nothing(model, expected):
+    truth = expected[0].tolist()
+    wrong = Speculation(lambda sequence, k: [(t + 1) % 300 for t in truth[len(sequence) : len(sequence) + k]])
+    assert torch.equal(model.generate(PROMPT, max_new_tokens=NEW, speculative=wrong), expected)
+    assert wrong.accepted == 0 and wrong.drafted >= NEW - 1 and wrong.steps == NEW
+
+
+def test_ngram_and_model_drafts_equal_plain_greedy(model, expected, tiny_model: Path, tmp_path_factory):
+    ngram = Speculation(ngram_drafter())
+    assert torch.equal(model.generate(PROMPT, max_new_tokens=NEW, speculative=ngram), expected)
+    assert ngram.drafted > 0
+    # a draft model sharing the tokenizer but not the weights: its guesses are partly wrong
+    other = make_tiny_model(tmp_path_factory.mktemp("draft") / "tiny-llama", family="llama", preset="tiny", seed=1)
+    draft_model = AutoModelForCausalLM.from_pretrained(other, dtype=torch.float32).eval()
+    draft = Speculation(model_drafter(draft_model))
+    assert torch.equal(model.generate(PROMPT, max_new_tokens=NEW, speculative=draft), expected)
+    assert draft.drafted > 0 and draft.tokens == NEW
+    both = Speculation(first_of(ngram_drafter(), model_drafter(draft_model)))
+    assert torch.equal(model.generate(PROMPT, max_new_tokens=NEW, speculative=both), expected)
+    assert both.drafted >= NEW // 2  # the model fills in wherever the n-gram lookup has nothing
+
+
+def test_a_session_continues_exactly_after_speculative_calls(model, expected):
+    """Rolled-back drafts leave the session where plain generation would: the next call, speculative or
+    not, continues the same sequence."""
+    truth = expected[0].tolist()
+    half = Speculation(lambda sequence, k: truth[len(sequence) : len(sequence) + k // 2] + [3] * (k - k // 2))
+    with model.inference_session(max_length=PROMPT.shape[1] + NEW) as session:
+        first = model.generate(PROMPT, max_new_tokens=15, session=session, speculative=half)
+        second = model.generate(None, max_new_tokens=10, session=session)
+        third = model.generate(None, max_new_tokens=NEW - 25, session=session, speculative="ngram")
+        assert session.position == PROMPT.shape[1] + NEW - 1  # the last token is sent by a next call
+    assert torch.equal(torch.cat([first, second, third], dim=1), expected)
+    assert 0 < half.accepted < half.drafted
+
+
+def test_what_speculation_does_not_do_is_refused(model):
+    with pytest.raises(ValueError, match="greedy"):
+        model.generate(PROMPT, max_new_tokens=4, do_sample=True, speculative="ngram")
+    with pytest.raises(ValueError, match="one sequence at a time"):
+        model.generate(PROMPT.repeat(2, 1), max_new_tokens=4, speculative="ngram")
+    with pytest.raises(ValueError, match="speculative must be 'ngram'"):
+        model.generate(PROMPT, max_new_tokens=4, speculative="medusa")
