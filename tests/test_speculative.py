@@ -81,9 +81,31 @@ def test_a_session_continues_exactly_after_speculative_calls(model, expected):
     assert 0 < half.accepted < half.drafted
 
 
+def test_sampled_tokens_keep_the_target_distribution(model, reference):
+    """With a draft for the first new token (the second most likely one, so it is both kept and
+    rejected often), the first token over many seeded draws follows the model's top-5 distribution:
+    a chi-square test at significance 0.001."""
+    with torch.no_grad():
+        logits = reference(PROMPT).logits[0, -1].float()
+    top = torch.topk(logits, 5)
+    expected = torch.softmax(top.values, dim=-1)  # top_k=5 keeps these five, renormalized
+    draft = int(top.indices[1])
+    speculation = Speculation(lambda sequence, k: [draft] * k)
+    draws = 400
+    counts = torch.zeros(5)
+    for seed in range(draws):
+        out = model.generate(
+            PROMPT, max_new_tokens=2, do_sample=True, top_k=5, temperature=1.0,
+            generator=torch.Generator().manual_seed(seed), speculative=speculation,
+        )  # fmt: skip
+        counts[(top.indices == out[0, PROMPT.shape[1]]).nonzero()[0, 0]] += 1
+    assert counts.sum() == draws and 0 < speculation.accepted < speculation.drafted
+    statistic = float(((counts - draws * expected) ** 2 / (draws * expected)).sum())
+    p_value = float(torch.special.gammaincc(torch.tensor(2.0), torch.tensor(statistic / 2)))  # chi-square, 4 df
+    assert p_value > 1e-3, (counts.tolist(), (draws * expected).tolist(), p_value)
+
+
 def test_what_speculation_does_not_do_is_refused(model):
-    with pytest.raises(ValueError, match="greedy"):
-        model.generate(PROMPT, max_new_tokens=4, do_sample=True, speculative="ngram")
     with pytest.raises(ValueError, match="one sequence at a time"):
         model.generate(PROMPT.repeat(2, 1), max_new_tokens=4, speculative="ngram")
     with pytest.raises(ValueError, match="speculative must be 'ngram'"):

@@ -265,6 +265,10 @@ class Generation:
         """The last position's logits [batch, vocab] of the step just run: choose the next tokens."""
         logits = logits.float()
         tokens, scores = self.chooser.choose(self.sequence, logits.clone() if self.logits is not None else logits)
+        self._append(tokens, scores, logits)
+
+    def _append(self, tokens: torch.Tensor, scores: torch.Tensor, logits: torch.Tensor) -> None:
+        """The chosen tokens [batch] (and their processed scores and raw logits) join the sequence."""
         tokens = torch.where(self.finished, torch.full_like(tokens, self.pad_token_id), tokens)
         if self.scores is not None:
             self.scores.append(scores)

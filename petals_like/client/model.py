@@ -443,8 +443,9 @@ class DistributedModelForCausalLM(DistributedModel):
         transformers' TextIteratorStreamer does).
 
         speculative="ngram" (or a drafter(sequence, k) -> token ids, or a Speculation, whose counters
-        say how it went): greedy generation of one sequence that checks several drafted tokens per
-        trip through the chain (client/speculative.py); the tokens are the same as without it.
+        say how it went): generation of one sequence that checks several drafted tokens per trip
+        through the chain (client/speculative.py); greedy tokens are the same as without it, sampled
+        ones distributed the same.
         """
         if input_ids is None and "inputs" in kwargs:  # transformers' name for it
             input_ids = kwargs.pop("inputs")

@@ -1,11 +1,14 @@
-"""Speculative greedy generation: several tokens per trip through the chain.
+"""Speculative generation: several tokens per trip through the chain.
 
 Why: over the internet a decode step costs the chain's round trips, not compute, so one session gets
 a few tokens per second however fast the servers are. Here each step sends the pending token and k
 drafted guesses of the tokens after it; the servers run all k + 1 positions at once, the client
-checks every guess against its own greedy choice at that position, keeps the guesses up to the
-first wrong one plus the right token there, and rolls the session back past the rest (the
-servers drop those KV entries). Greedy output is the same as without drafts, token for token.
+checks every guess against its own choice at that position, keeps the guesses up to the first
+rejected one plus its own token there, and rolls the session back past the rest (the servers drop
+those KV entries). Greedy output is the same as without drafts, token for token. When sampling, a
+draft d (a guess, not a distribution) is kept with probability p(d) under the processed target
+distribution p, and otherwise the token is drawn from p without d, renormalized: each token is then
+distributed exactly as p (the accept/reject rule of speculative sampling, for a point-mass proposal).
 
 Drafts come from a `drafter(sequence, k) -> list of token ids`: `ngram_drafter` needs no model
 (prompt lookup: the tokens that followed the latest earlier occurrence of the sequence's last n
@@ -105,14 +108,12 @@ def first_of(*drafters: Drafter) -> Drafter:
 
 class SpeculativeGeneration(Generation):
     """Generation's loop with drafts: a step's inputs are the pending token and up to k drafts, and
-    accept() takes the logits of those k + 1 positions ([k + 1, vocab]). One sequence, greedy."""
+    accept() takes the logits of those k + 1 positions ([k + 1, vocab]). One sequence."""
 
     def __init__(self, session, input_ids: Optional[torch.Tensor], *, speculation: Speculation, **kwargs):
         super().__init__(session, input_ids, **kwargs)
         if self.inputs.shape[0] != 1:
             raise ValueError("speculative generation runs one sequence at a time (batch size 1)")
-        if self.chooser.do_sample:
-            raise ValueError("speculative generation is greedy (do_sample=False)")
         if self.first_pad_lens:
             raise ValueError("speculative generation needs an unpadded prompt")
         self.speculation = speculation
@@ -135,9 +136,13 @@ class SpeculativeGeneration(Generation):
         """logits [k + 1, vocab]: at the pending token and at each draft."""
         matched, before = 0, len(self.new_tokens)
         for i in range(self.positions):
-            super().accept(logits[i : i + 1])  # chooses, appends, streams, checks EOS / criteria / length
-            token = int(self.new_tokens[-1][0])
-            if not self.running or i == len(self.drafts) or token != self.drafts[i]:
+            draft = self.drafts[i] if i < len(self.drafts) else None
+            if self.chooser.do_sample:
+                kept = self._sample(logits[i : i + 1].float(), draft)
+            else:
+                super().accept(logits[i : i + 1])  # chooses, appends, streams, checks EOS / criteria / length
+                kept = draft is not None and int(self.new_tokens[-1][0]) == draft
+            if not self.running or not kept:
                 break
             matched += 1
         stats = self.speculation
@@ -150,3 +155,17 @@ class SpeculativeGeneration(Generation):
         if self.drafts:
             self.k = min(self.k + 1, MAX_DRAFT) if matched == len(self.drafts) else max(1, self.k - 1) if matched == 0 else self.k
         self.positions = 1
+
+    def _sample(self, logits: torch.Tensor, draft: Optional[int]) -> bool:
+        """Draw this position's token by the accept/reject rule; True if it is the draft."""
+        chooser = self.chooser
+        scores = chooser.processors(self.sequence, logits.clone())
+        probs = scores.softmax(dim=-1)
+        if draft is not None and float(torch.rand((), generator=chooser.generator)) < float(probs[0, draft]):
+            token, kept = draft, True
+        else:
+            if draft is not None:
+                probs[0, draft] = 0.0  # the rest of p, renormalized by the draw
+            token, kept = int(torch.multinomial(probs, 1, generator=chooser.generator)), False
+        self._append(torch.tensor([token]), scores, logits)
+        return kept
