@@ -277,3 +277,22 @@ def test_falcon_lora_is_the_same_through_fused_and_separate_projections(make_mod
         plain = fused.attention_input(x, cos, sin, None)
         assert all((a - b).abs().max() > 1e-3 for a, b in zip(plain, fused.attention_input(x, cos, sin, rows)))
         torch.testing.assert_close(separate._mlp(x, rows), fused._mlp(x, rows), rtol=1e-5, atol=1e-5)
+
+
+def test_offloaded_experts_read_during_inference_serve_a_backward_pass(make_model):
+    """An expert read while serving an inference step stays in the store; a training pass that finds it
+    there computes input gradients through it (an inference-mode tensor would refuse that)."""
+    path = make_model(family="mixtral", max_shard_size=TINY_SHARD_SIZE)
+    spec = ModelSpec.from_pretrained(path)
+    full = load_span(path, spec, 0, 2, torch.float32, torch.device("cpu"), progress=False)
+    offloaded = load_span(path, spec, 0, 2, torch.float32, torch.device("cpu"), progress=False, resident_experts=1.0)
+    x = torch.randn(1, 4, spec.hidden_size, generator=torch.Generator().manual_seed(5))
+    with torch.inference_mode():
+        offloaded(x)  # reads every expert these tokens use, inside inference mode
+    grads = []
+    for span in (offloaded, full):
+        inputs = x.clone().requires_grad_(True)
+        span(inputs).sum().backward()
+        grads.append(inputs.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-4)
+    offloaded.expert_store.close()

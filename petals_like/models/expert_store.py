@@ -197,7 +197,8 @@ class ExpertStore:
     def _read(self, key: Key) -> tuple[Tensor, Tensor, Tensor]:
         started = time.perf_counter()
         tensors = []
-        with self._read_lock:
+        # plain tensors even when read during an inference step: a backward pass may reuse them from the cache
+        with self._read_lock, torch.inference_mode(False):
             for name in self.names(*key):
                 file_name = self.weight_map[name]
                 handle = self._handles.get(file_name)
