@@ -1,8 +1,9 @@
 """(s) speculative generation on a 3-server chain with a slow client link.
 
-The trained reference model (`make_tiny_model --trained`) on servers 0:1, 1:2, 2:4, the client's
-messages delayed by `link_ms` each way in its transport (the routing bench's emulation: a 2 x
-link_ms round trip per step; the servers, which push to each other, stay close). One session, 128
+The trained reference model (`make_tiny_model --trained`) on servers 0:1, 1:2, 2:4, each of the
+client's messages delayed by `link_ms` in its transport (the routing bench's emulation, one message
+after another: a step to the three servers and back crosses it four times; the servers, which push
+to each other, stay close). One session, 128
 new tokens, greedy, for a code-completion prompt (the start of a validation file: Python the model
 was not trained on) and a chat prompt (the chat template around a request):
 - without drafts; with n-gram drafts (prompt lookup); with a model draft (the same checkpoint cut
