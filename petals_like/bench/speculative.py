@@ -3,9 +3,9 @@
 The trained reference model (`make_tiny_model --trained`) on servers 0:1, 1:2, 2:4, each of the
 client's messages delayed by `link_ms` in its transport (the routing bench's emulation, one message
 after another: a step to the three servers and back crosses it four times; the servers, which push
-to each other, stay close). One session, 128
-new tokens, greedy, for a code-completion prompt (the start of a validation file: Python the model
-was not trained on) and a chat prompt (the chat template around a request):
+to each other, stay close). One session, 128 new tokens, greedy, for a code-completion prompt (the
+first function of a validation file: Python the model was not trained on) and a chat prompt (the
+chat template around a request):
 - without drafts; with n-gram drafts (prompt lookup); with a model draft (the same checkpoint cut
   to its first 3 of 4 blocks, run locally by transformers: a draft model that shares the tokenizer
   and costs no trip); with both (n-gram where it finds a match, else the model);
