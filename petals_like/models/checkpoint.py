@@ -19,7 +19,7 @@ import logging
 import re
 from collections import defaultdict
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 import torch
 from safetensors import safe_open
@@ -188,22 +188,26 @@ class CheckpointReader:
                     self.tensors_read.append(name)
         return tensors
 
-    def block_state_dict(self, index: int, dtype: torch.dtype) -> dict[str, Tensor]:
-        """Tensors of block `index` with `model.layers.{index}.` stripped (e.g. `self_attn.q_proj.weight`)."""
+    def block_state_dict(self, index: int, dtype: torch.dtype, skip: Optional[Callable[[str], bool]] = None) -> dict[str, Tensor]:
+        """Tensors of block `index` with `model.layers.{index}.` stripped (e.g. `self_attn.q_proj.weight`);
+        those whose full names `skip` is true for are not read."""
         names = self.block_tensor_names(index)
         if not names:
             raise ValueError(f"checkpoint {self.path} has no tensors for block {index} (it has {self.num_blocks} blocks)")
         prefix_len = len(self.block_prefix(index))
-        return {name[prefix_len:]: tensor for name, tensor in self.read(names, dtype).items()}
+        wanted = names if skip is None else [name for name in names if not skip(name)]
+        return {name[prefix_len:]: tensor for name, tensor in self.read(wanted, dtype).items()}
 
-    def load_blocks(self, start: int, end: int, dtype: torch.dtype, progress: bool = True) -> list[dict[str, Tensor]]:
-        """State dicts of blocks [start, end), read one block at a time."""
+    def load_blocks(
+        self, start: int, end: int, dtype: torch.dtype, progress: bool = True, skip: Optional[Callable[[str], bool]] = None
+    ) -> list[dict[str, Tensor]]:
+        """State dicts of blocks [start, end), read one block at a time (without the tensors `skip` names)."""
         num_blocks = self.num_blocks
         if not 0 <= start < end <= num_blocks:
             raise ValueError(f"block range {start}:{end} is not within 0:{num_blocks} of checkpoint {self.path}")
         blocks = []
         for index in tqdm(range(start, end), desc=f"loading blocks {start}:{end}", unit="block", disable=not progress):
-            blocks.append(self.block_state_dict(index, dtype))
+            blocks.append(self.block_state_dict(index, dtype, skip))
         return blocks
 
     def client_state_dict(self, dtype: torch.dtype) -> dict[str, Tensor]:
@@ -218,8 +222,10 @@ class CheckpointReader:
         for name in (embed_name, norm_name):
             if name not in self.weight_map:
                 raise ValueError(f"checkpoint {self.path} has no {name!r}: not a causal LM of a supported family")
-        norm_bias = norm_name.removesuffix("weight") + "bias"  # LayerNorm's (Falcon)
-        names = [embed_name, norm_name] + ([norm_bias] if norm_bias in self.weight_map else [])
+        norm_bias = norm_name.removesuffix("weight") + "bias"  # LayerNorm's (Falcon, BLOOM)
+        embed_norm = f"{self.prefix}word_embeddings_layernorm."  # BLOOM's, after the embeddings
+        optional = [norm_bias, embed_norm + "weight", embed_norm + "bias"]
+        names = [embed_name, norm_name] + [name for name in optional if name in self.weight_map]
         tied = self.tie_word_embeddings or head_name not in self.weight_map
         tensors = self.read(names if tied else names + [head_name], dtype)
         embed = tensors[embed_name]
@@ -230,8 +236,7 @@ class CheckpointReader:
         }
         if norm_bias in tensors:
             state["norm.bias"] = tensors[norm_bias]
-        embed_norm = f"{self.prefix}word_embeddings_layernorm."  # BLOOM's
-        if embed_norm + "weight" in self.weight_map:
-            for kind, tensor in self.read([embed_norm + "weight", embed_norm + "bias"], dtype).items():
-                state[f"embed_norm.{kind.rsplit('.', 1)[1]}"] = tensor
+        for kind in ("weight", "bias"):
+            if embed_norm + kind in tensors:
+                state[f"embed_norm.{kind}"] = tensors[embed_norm + kind]
         return state

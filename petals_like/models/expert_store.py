@@ -128,12 +128,6 @@ class ExpertStore:
         """The expert's (gate, up, down) weights: resident, from a prefetch under way, or read now."""
         return self._get((block, expert))
 
-    @staticmethod
-    def run(weights: tuple[Tensor, Tensor, Tensor], x: Tensor) -> Tensor:
-        """The expert's SwiGLU MLP on x [tokens, hidden]."""
-        gate, up, down = weights
-        return linear(torch.nn.functional.silu(linear(x, gate)) * linear(x, up), down)
-
     def finish_call(self, block: int, used: set[int]) -> None:
         """Account for the guess made for this block (if any) against the experts it ran."""
         guessed = self._guessed.pop(block, None)

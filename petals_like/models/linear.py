@@ -41,6 +41,7 @@ class PackedWeight(Protocol):
     """A weight stored in another form (quant/weights.py's QuantizedWeight): what linear() needs of it."""
 
     shape: tuple[int, int]  # [out, in]
+    nbytes: int  # bytes as stored
     float32_min_rows: int  # rows from which float32 products beat its own kernel
     unpacks_to_float32: bool  # float32_rows() works
     row_multiple: int  # float32_rows() takes row ranges in multiples of this
@@ -48,6 +49,11 @@ class PackedWeight(Protocol):
     def linear(self, x: Tensor, bias: Optional[Tensor] = None) -> Tensor: ...
 
     def float32_rows(self, start: int, stop: int) -> tuple[Tensor, Optional[Tensor]]: ...
+
+
+def stored_bytes(weight: Tensor | PackedWeight) -> int:
+    """Bytes of a weight as stored: a tensor's, or a PackedWeight's packed form."""
+    return weight.numel() * weight.element_size() if isinstance(weight, Tensor) else weight.nbytes
 
 
 def linear(x: Tensor, weight: Tensor | PackedWeight, bias: Optional[Tensor] = None) -> Tensor:

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from petals_like.models.expert_store import ExpertStore
-from petals_like.models.linear import linear
+from petals_like.models.linear import linear, stored_bytes
 from petals_like.models.spec import ModelSpec
 
 # family -> (the block's attribute, the expert's gate / up / down projection names)
@@ -67,9 +67,14 @@ class Expert(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.fused is not None and (not isinstance(self.fused[0], Tensor) or not torch.is_grad_enabled()):
             gate, up = linear(x, self.fused[0]).chunk(2, dim=-1)
-            return linear(F.silu(gate) * up, self.fused[1])
+            return swiglu(gate, up, self.fused[1])
         gate, up, down = self.projections()
-        return down(F.silu(gate(x)) * up(x))
+        return swiglu(gate(x), up(x), down.weight)
+
+
+def swiglu(gate: Tensor, up: Tensor, down: Any) -> Tensor:
+    """An expert's output from its gate and up projections of x: down(silu(gate) * up)."""
+    return linear(F.silu(gate) * up, down)
 
 
 class SparseMoE(nn.Module):
@@ -132,7 +137,11 @@ class SparseMoE(nn.Module):
             pairs = order[start : start + counts[index]]
             start += counts[index]
             rows = pairs // self.top_k
-            y = self.store.run(held[index], x[rows]) if self.store is not None else self.experts[index](x[rows])
+            if self.store is not None:
+                gate, up, down = held[index]
+                y = swiglu(linear(x[rows], gate), linear(x[rows], up), down)
+            else:
+                y = self.experts[index](x[rows])
             out.index_add_(0, rows, (y * flat_weights[pairs, None]).to(out.dtype))
         if self.store is not None:
             self.store.finish_call(self.block_index, set(used))
@@ -199,4 +208,4 @@ def span_expert_stats(span: nn.Module) -> dict[str, Any]:
 
 def _stored_bytes(expert: Expert) -> int:
     weights = expert.fused if expert.fused is not None else [p.weight for p in expert.projections()]
-    return sum(w.numel() * w.element_size() if isinstance(w, Tensor) else w.nbytes for w in weights)
+    return sum(stored_bytes(weight) for weight in weights)

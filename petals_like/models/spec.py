@@ -78,12 +78,6 @@ class ModelSpec:
     attn_scale: Optional[float] = None  # None: head_dim ** -0.5
     sliding_layers: Optional[tuple[int, ...]] = None  # None: sliding_window (if any) on every layer
 
-    def window_of(self, index: int) -> Optional[int]:
-        """The sliding window of block `index` (None: it attends to every earlier token)."""
-        if self.sliding_window is None or (self.sliding_layers is not None and index not in self.sliding_layers):
-            return None
-        return self.sliding_window
-
     # sparse mixture of experts (0 experts: a dense MLP in every block)
     num_experts: int = 0
     experts_per_token: int = 0  # top-k
@@ -91,6 +85,12 @@ class ModelSpec:
     norm_topk_prob: bool = True  # renormalize the top-k router probabilities to sum to 1 (Mixtral always does)
     shared_expert_intermediate_size: int = 0  # Qwen2-MoE: an always-on expert with a sigmoid gate
     dense_layers: tuple[int, ...] = ()  # blocks with a dense MLP in an MoE model (Qwen-MoE's mlp_only_layers)
+
+    def window_of(self, index: int) -> Optional[int]:
+        """The sliding window of block `index` (None: it attends to every earlier token)."""
+        if self.sliding_window is None or (self.sliding_layers is not None and index not in self.sliding_layers):
+            return None
+        return self.sliding_window
 
     def is_moe_block(self, index: int) -> bool:
         return self.num_experts > 0 and index not in self.dense_layers

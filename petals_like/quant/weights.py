@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from petals_like.models.linear import stored_bytes
 from petals_like.quant import bnb
 from petals_like.quant.nf4 import NF4Weight
 
@@ -263,6 +264,4 @@ def quantize_block(block, quant_type: str) -> None:
 
 def linear_weight_bytes(block) -> int:
     """Bytes of the block's linear-layer weights as stored (quantized or not); a block after fuse_projections()."""
-    return sum(
-        w.nbytes if not isinstance(w, torch.Tensor) else w.numel() * w.element_size() for w, _ in block.linear_weights().values()
-    )
+    return sum(stored_bytes(weight) for weight, _ in block.linear_weights().values())

@@ -66,13 +66,20 @@ class _Chunk:
 
 
 @dataclass
+class _Masks:
+    """Which keys each segment's queries see, for blocks with one sliding window."""
+
+    decode: Optional[_DecodeGroup]
+    chunks: list[_Chunk]
+
+
+@dataclass
 class _Plan:
     write_slots: Tensor  # [tokens] slot (page * page_size + offset) of each new token's k/v
     zero_slots: Optional[Tensor]  # unwritten tails of pages this step starts (see KVPool); None = none
     cos: Tensor  # [tokens, head_dim]
     sin: Tensor  # [tokens, head_dim]
-    decode: Optional[_DecodeGroup]
-    chunks: list[_Chunk]
+    masks: dict[Optional[int], _Masks]  # by sliding window (None: none); Gemma 2 alternates two
 
 
 def run_batched(
@@ -113,14 +120,11 @@ def run_batched(
         )
     with torch.inference_mode():
         blocks = span.blocks[first:last]
-        # one plan per sliding window among the blocks (Gemma 2 alternates two): the masks differ
-        plans = {window: _plan(span, pool, segments, hidden, window) for window in {block.window for block in blocks}}
-        some_plan = next(iter(plans.values()))
-        if some_plan.zero_slots is not None:
-            pool.zero_slots(some_plan.zero_slots)
+        plan = _plan(span, pool, segments, hidden, {block.window for block in blocks})
+        if plan.zero_slots is not None:
+            pool.zero_slots(plan.zero_slots)
         heads, head_dim = spec.num_heads, spec.head_dim
         for layer, block in enumerate(blocks):
-            plan = plans[block.window]
             adapters = None if lora is None else lora[layer]
             if prompts is not None:
                 hidden = hidden.index_add(0, prompts[0], prompts[1][layer].to(hidden.dtype))
@@ -128,7 +132,8 @@ def run_batched(
             keys, values = pool.layer(layer)  # [kv_heads, pages, page_size, head_dim]
             keys.view(keys.shape[0], -1, head_dim).index_copy_(1, plan.write_slots, k.transpose(0, 1))
             values.view(values.shape[0], -1, head_dim).index_copy_(1, plan.write_slots, v.transpose(0, 1))
-            attended = _attend(plan, q, k, v, keys, values, heads * head_dim, block.scoring)  # [tokens, heads * head_dim]
+            masks = plan.masks[block.window]
+            attended = _attend(masks, q, k, v, keys, values, heads * head_dim, block.scoring)  # [tokens, heads * head_dim]
             hidden = block.mlp_residual(block.attention_output(hidden, attended, adapters), adapters)
     return hidden
 
@@ -239,17 +244,17 @@ class PagedRunner:
 
 
 def _attend(
-    plan: _Plan, q: Tensor, k: Tensor, v: Tensor, keys: Tensor, values: Tensor, width: int, scoring: Optional[Scoring] = None
+    masks: _Masks, q: Tensor, k: Tensor, v: Tensor, keys: Tensor, values: Tensor, width: int, scoring: Optional[Scoring] = None
 ) -> Tensor:
     """Attention of every segment over its pages (new k/v already written) -> [tokens, width]."""
-    group = plan.decode
-    if group is not None and not plan.chunks:
+    group = masks.decode
+    if group is not None and not masks.chunks:
         return _attend_decode(group, q, keys, values, width, scoring)  # all decode: no scatter needed
     out = q.new_empty(q.shape[0], width)
     if group is not None:
         out.index_copy_(0, group.rows, _attend_decode(group, q.index_select(0, group.rows), keys, values, width, scoring))
     kv_heads, head_dim = keys.shape[0], keys.shape[3]
-    for chunk in plan.chunks:
+    for chunk in masks.chunks:
         cq = q[chunk.start : chunk.end].transpose(0, 1).unsqueeze(0)  # [1, heads, queries, head_dim]
         if chunk.pages is None:
             ck = k[chunk.start : chunk.end].transpose(0, 1).unsqueeze(0)  # [1, kv_heads, keys, head_dim]
@@ -282,9 +287,9 @@ def _attend_decode(
     return res.reshape(n, width)
 
 
-def _plan(span: BlockSpan, pool: KVPool, segments: Sequence[Segment], hidden: Tensor, window: Optional[int]) -> _Plan:
-    """Validate the segments and precompute slots, masks (for blocks with this sliding window) and rotary
-    tables for the whole iteration."""
+def _plan(span: BlockSpan, pool: KVPool, segments: Sequence[Segment], hidden: Tensor, windows: set[Optional[int]]) -> _Plan:
+    """Validate the segments and precompute slots, rotary tables and the masks for each of the blocks'
+    sliding windows, for the whole iteration."""
     page_size, device = pool.page_size, hidden.device
     write_slots: list[int] = []
     zero_slots: list[int] = []
@@ -317,16 +322,19 @@ def _plan(span: BlockSpan, pool: KVPool, segments: Sequence[Segment], hidden: Te
 
     cos, sin = _rotary(span, positions, [s.num_tokens for s in segments], hidden)
     dtype = hidden.dtype
-    decode = None
-    if decode_ids:
-        # with only one-token segments, their rows are all the rows in order: no gather/scatter of queries
-        rows = None if len(decode_ids) == len(segments) else [offsets[i] for i in decode_ids]
-        decode = _decode_group(pool, [segments[i] for i in decode_ids], rows, window, dtype, device, span)
-    chunks = [
-        _chunk(pool, seg, offsets[i], window, dtype, device, span.alibi) for i, seg in enumerate(segments) if seg.num_tokens > 1
-    ]
+    # with only one-token segments, their rows are all the rows in order: no gather/scatter of queries
+    rows = None if len(decode_ids) == len(segments) else [offsets[i] for i in decode_ids]
+    masks = {}
+    for window in windows:
+        decode = _decode_group(pool, [segments[i] for i in decode_ids], rows, window, dtype, device, span) if decode_ids else None
+        chunks = [
+            _chunk(pool, seg, offsets[i], window, dtype, device, span.alibi)
+            for i, seg in enumerate(segments)
+            if seg.num_tokens > 1
+        ]
+        masks[window] = _Masks(decode, chunks)
     zero = torch.tensor(zero_slots, dtype=torch.int64, device=device) if zero_slots else None
-    return _Plan(torch.tensor(write_slots, dtype=torch.int64, device=device), zero, cos, sin, decode, chunks)
+    return _Plan(torch.tensor(write_slots, dtype=torch.int64, device=device), zero, cos, sin, masks)
 
 
 def _check_segment(pool: KVPool, seg: Segment) -> None:

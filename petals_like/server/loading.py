@@ -46,9 +46,7 @@ def load_span(
     offload = resident_experts is not None
     if offload:
         _check_offload(spec, quant_type, resident_experts)
-        states = [_block_without_experts(reader, index, dtype) for index in range(start, end)]
-    else:
-        states = reader.load_blocks(start, end, dtype, progress=progress)
+    states = reader.load_blocks(start, end, dtype, progress=progress, skip=_EXPERT_TENSOR.search if offload else None)
     blocks = []
     for index, state_dict in zip(range(start, end), states):
         with torch.device("meta"):
@@ -80,12 +78,6 @@ def _check_offload(spec: ModelSpec, quant_type: str, resident: float) -> None:
         raise ValueError("--offload_experts reads experts in the span's dtype: use it with --quant_type none")
     if not 0 < resident <= 1:
         raise ValueError(f"--offload_experts takes the fraction of experts kept resident, in (0, 1], got {resident}")
-
-
-def _block_without_experts(reader: CheckpointReader, index: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    prefix = reader.block_prefix(index)
-    names = [name for name in reader.block_tensor_names(index) if not _EXPERT_TENSOR.search(name)]
-    return {name[len(prefix) :]: tensor for name, tensor in reader.read(names, dtype).items()}
 
 
 def _expert_store(
