@@ -52,6 +52,7 @@ class ClientConfig:
     ping_timeout: float = 2.0  # a server slower than this to answer a ping counts as this slow
     default_rtt: float = 0.1  # round trip assumed for servers not measured yet
     use_push: bool = True  # servers send their outputs straight to the next server of an inference chain
+    multiplex: bool = True  # the steps of all inference sessions on a server share one stream and message per round
     spot_check: float = 0.0  # fraction of forward calls and inference steps re-run on another server to compare
     spot_check_ban: float = 3600.0  # seconds to avoid a server whose output a spot check found wrong
     num_chains: int = 1  # forward/backward: split a batch over up to this many different chains at once

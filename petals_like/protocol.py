@@ -27,10 +27,11 @@ RPC_INFO = "petals_like.rpc_info"
 RPC_FORWARD = "petals_like.rpc_forward"
 RPC_BACKWARD = "petals_like.rpc_backward"
 RPC_INFERENCE = "petals_like.rpc_inference"
+RPC_INFERENCE_MUX = "petals_like.rpc_inference_mux"  # one stream per client and server: many sessions' steps
 RPC_PUSH = "petals_like.rpc_push"  # server -> next server: steps' outputs as the next span's inputs
 
-PROTOCOL_VERSION = 4  # 2: rpc_push carries a list of steps (server/push.py); 3: refusals carry an ErrorCode;
-# 4: the 8-bit wire format has its own compression tag (WIRE_INT8_TAG)
+PROTOCOL_VERSION = 5  # 2: rpc_push carries a list of steps (server/push.py); 3: refusals carry an ErrorCode;
+# 4: the 8-bit wire format has its own compression tag (WIRE_INT8_TAG); 5: rpc_inference_mux
 WIRE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 WIRE_BLOCK = 64  # values per float16 scale in the "int8" wire format (config.WIRE_FORMATS)
 # the Tensor.compression value of that format: none of hivemind's CompressionType values (0-5), since

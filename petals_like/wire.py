@@ -9,6 +9,8 @@ max_length, its page size) are checked by the server's policy code, on these typ
     rpc_forward / rpc_backward   SpanRequest            -> the output (or gradients), no metadata
     rpc_inference, first message OpenSession (+ Step)   -> OpenReply when it asks for one (probe)
     rpc_inference, later         Step                   -> StepReply with the output
+    rpc_inference_mux, first     MuxHello               -> MuxReplies() (empty: the stream is ready)
+    rpc_inference_mux, later     MuxSteps               -> MuxReplies, as steps finish
     rpc_push                     PushBatch              -> PushReply
     rpc_info                     (nothing)              -> InfoReply
 
@@ -34,6 +36,7 @@ MIN_PUSH_TOKEN_LENGTH = 16
 MAX_HASH_LENGTH = 128
 MAX_PUSH_CHAIN = 64  # hops in one push chain; longer chains are nonsense
 MAX_PUSH_BATCH = 256  # pushed steps in one rpc_push message
+MAX_MUX_STEPS = 1024  # steps in one rpc_inference_mux message
 
 
 def _opt(meta: dict, key: str, kind: type, default: Any = ...) -> Any:
@@ -247,6 +250,7 @@ class OpenSession:
     push_token: Optional[str] = None
     wire: Optional[str] = None
     probe: bool = False
+    mux: Optional[str] = None  # the id of the client's rpc_inference_mux stream that answers this session's steps
 
     @classmethod
     def from_meta(cls, meta: dict) -> OpenSession:
@@ -261,10 +265,12 @@ class OpenSession:
             push_token=_push_token(meta, default=None),
             wire=_opt(meta, "wire", str, None),
             probe=_optional_bool(meta, "probe"),
+            mux=_short_string(meta, "mux", default=None),
         )
 
     def to_meta(self, first_step: Optional[Step] = None) -> dict:
-        meta = {k: getattr(self, k) for k in ("session_id", "start", "end", "max_length", "batch_size", "push_token", "wire")}
+        keys = ("session_id", "start", "end", "max_length", "batch_size", "push_token", "wire", "mux")
+        meta = {k: getattr(self, k) for k in keys}
         meta.update(pad_lens=self.pad_lens and list(self.pad_lens), probe=self.probe, **self.tuning.to_meta())
         if first_step is not None:
             meta.update(first_step.to_meta())
@@ -376,6 +382,81 @@ class StepReply:
 
 
 @dataclass(frozen=True)
+class MuxHello:
+    """The first message of an rpc_inference_mux stream: the id that sessions opened with
+    OpenSession.mux name it by, and the wire format of the outputs it carries."""
+
+    mux_id: str
+    wire: Optional[str] = None
+
+    @classmethod
+    def from_meta(cls, meta: dict) -> MuxHello:
+        return cls(_short_string(meta, "mux_id"), _opt(meta, "wire", str, None))
+
+    def to_meta(self) -> dict:
+        return _compact({"mux_id": self.mux_id, "wire": self.wire})
+
+
+@dataclass(frozen=True)
+class MuxSteps:
+    """A later client message on an rpc_inference_mux stream: one Step per session, each with one
+    tensor (its hidden states), in order."""
+
+    steps: tuple[Step, ...]
+
+    @classmethod
+    def from_meta(cls, meta: dict, num_tensors: int) -> MuxSteps:
+        steps = require(meta, "steps", list)
+        if not 1 <= len(steps) <= MAX_MUX_STEPS or len(steps) != num_tensors:
+            raise ProtocolError(f"steps must list 1..{MAX_MUX_STEPS} steps, one per tensor")
+        if not all(isinstance(step, dict) for step in steps):
+            raise ProtocolError("each step must be a map")
+        return cls(tuple(Step.from_meta(step) for step in steps))
+
+    def to_meta(self) -> dict:
+        return {"steps": [step.to_meta() for step in self.steps]}
+
+
+@dataclass(frozen=True)
+class MuxReply:
+    """One session's answer on a mux stream: a StepReply (the message then carries its output), or
+    the error that ended the session (its text as a stream would carry it, ErrorCode included)."""
+
+    session_id: str
+    reply: Optional[StepReply] = None
+    error: Optional[str] = None
+
+    @classmethod
+    def from_meta(cls, raw: Any) -> MuxReply:
+        if not isinstance(raw, dict):
+            raise ProtocolError("each mux reply must be a map")
+        error = _opt(raw, "error", str, None)
+        reply = None if error is not None else StepReply.from_meta(require(raw, "reply", dict))
+        return cls(_short_string(raw, "session_id"), reply, error)
+
+    def to_meta(self) -> dict:
+        return _compact({"session_id": self.session_id, "reply": self.reply and self.reply.to_meta(), "error": self.error})
+
+
+@dataclass(frozen=True)
+class MuxReplies:
+    """The server's message on an rpc_inference_mux stream: the answers that are ready, one tensor per
+    reply without an error, in order."""
+
+    replies: tuple[MuxReply, ...] = ()
+
+    @classmethod
+    def from_meta(cls, meta: dict, num_tensors: int) -> MuxReplies:
+        replies = tuple(MuxReply.from_meta(raw) for raw in require(meta, "replies", list))
+        if sum(r.error is None for r in replies) != num_tensors:
+            raise ProtocolError("a mux message carries one tensor per reply without an error")
+        return cls(replies)
+
+    def to_meta(self) -> dict:
+        return {"replies": [reply.to_meta() for reply in self.replies]}
+
+
+@dataclass(frozen=True)
 class InfoReply:
     """rpc_info: the server's live ServerInfo fields (`announced`, as in its DHT record), its limits,
     and counters (for health checks: with no session open, free plus prefix-cached pages make the
@@ -401,6 +482,9 @@ class InfoReply:
     pushes_received: int
     forward_calls: int
     asyncio_tasks: int
+    mux_messages_received: int
+    mux_steps_received: int
+    stream_steps_received: int
     announced: dict = field(default_factory=dict)
     experts: dict = field(default_factory=dict)  # MoE spans: models/moe.py's span_expert_stats()
 

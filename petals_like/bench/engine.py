@@ -7,6 +7,9 @@
 (f) two sessions with the same 1024-token prefix: prefill seconds of the second vs the first
 (g) with a pool of 4096 tokens, how many sessions of max_length=2048 that each use 200 tokens
     are open at once
+(p) (d)'s 1 and 16 sessions from a client whose sessions share one mux stream per server
+    (client/mux.py) and from one where each session has its own streams, side by side: aggregate
+    tokens/s, 16 vs 1, and the client's messages per server per round
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import statistics
 import threading
 import time
 
-from petals_like.bench.harness import TokenTimer, percentile, pick_median, prompt, sessions_at_once
+from petals_like.bench.harness import TokenTimer, percentile, pick_median, prompt, server_infos, sessions_at_once
 
 
 def concurrent_sessions(model, counts=(1, 4, 16, 32), prompt_len: int = 16, new_tokens: int = 64, rounds: int = 1) -> dict:
@@ -35,6 +38,50 @@ def concurrent_sessions(model, counts=(1, 4, 16, 32), prompt_len: int = 16, new_
             tokens_per_s_per_round=[m["aggregate_tokens_per_s"] for m in measured],
             vs_one_session_per_round=[round(r, 2) for r in ratios],
         )
+    return results
+
+
+def multiplexed_sessions(swarm, count: int = 16, new_tokens: int = 64, rounds: int = 1) -> dict:
+    """(p). Both clients run on the same swarm, one after the other in each round (the order swaps
+    every round); per client, the median round is reported, and the 16-vs-1 ratio is the median of
+    the per-round ratios. A round of `count` sessions is one step of each; the client's messages
+    are the steps it sent on sessions' own streams plus its mux messages, counted by the servers."""
+    from petals_like import AutoDistributedModelForCausalLM
+
+    own = AutoDistributedModelForCausalLM.from_pretrained(
+        swarm.model_dir, initial_peers=swarm.peers, torch_dtype="float32", multiplex=False
+    )
+    clients = {"own_streams": own, "multiplexed": swarm.model}
+    runs: dict[str, list[tuple[dict, dict, float]]] = {name: [] for name in clients}
+    try:
+        for model in clients.values():  # warm-up: routes, streams, muxes
+            sessions_at_once(model, count, new_tokens=8)
+        for r in range(rounds):
+            for name in list(clients)[:: 1 if r % 2 == 0 else -1]:
+                model = clients[name]
+                one = sessions_at_once(model, 1, new_tokens=new_tokens)
+                before = server_infos(model)
+                many = sessions_at_once(model, count, new_tokens=new_tokens)
+                after = server_infos(model)
+                messages = [
+                    (a.stream_steps_received + a.mux_messages_received)
+                    - (before[p].stream_steps_received + before[p].mux_messages_received)
+                    for p, a in after.items()
+                    if p in before
+                ]
+                runs[name].append((one, many, max(messages) / new_tokens))
+    finally:
+        own.shutdown()
+    results = {}
+    for name, measured in runs.items():
+        ratios = [many["aggregate_tokens_per_s"] / one["aggregate_tokens_per_s"] for one, many, _ in measured]
+        results[name] = {
+            "1": pick_median([one for one, _, _ in measured], "aggregate_tokens_per_s"),
+            str(count): pick_median([many for _, many, _ in measured], "aggregate_tokens_per_s"),
+            f"{count}_vs_one_session": round(statistics.median(ratios), 2),
+            "vs_one_session_per_round": [round(r, 2) for r in ratios],
+            "client_messages_per_server_per_round": round(statistics.median(m for _, _, m in measured), 2),
+        }
     return results
 
 

@@ -63,6 +63,7 @@ _TABLE = [
     Workload("d", "d_concurrent_sessions", SHARED_SWARM, lambda b: engine.concurrent_sessions(b.swarm.model, rounds=b.repeats)),
     Workload("e", "e_decode_during_prefill", SHARED_SWARM, lambda b: engine.decode_during_prefill(b.swarm.model)),
     Workload("f", "f_shared_prefix", SHARED_SWARM, lambda b: engine.shared_prefix(b.swarm.model)),
+    Workload("p", "p_multiplexed_sessions", SHARED_SWARM, lambda b: engine.multiplexed_sessions(b.swarm, rounds=b.repeats)),
     Workload("g", "g_sessions_in_4096_token_pool", OWN_SWARM, _sessions_in_small_pool),
     Workload("h", "h_push_latency", OWN_SWARM, lambda b: routing.push_latency(b.model_dir, b.server_args)),
     Workload("i", "i_failover_recovery", OWN_SWARM, lambda b: routing.failover_recovery(b.model_dir, b.server_args)),

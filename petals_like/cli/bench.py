@@ -37,7 +37,7 @@ from petals_like.bench.workloads import SHARED_SWARM, WORKLOADS, Bench
 
 def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="bench", choices=["bench", "tiny"], help="model size (tiny = quick check)")
+    parser.add_argument("--preset", default="bench", choices=["bench", "tiny", "anchor"], help="model size (tiny = quick check)")
     parser.add_argument("--model_dir", type=Path, default=None, help="checkpoint to use (created if missing)")
     parser.add_argument(
         "--workloads",

@@ -15,6 +15,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from petals_like.client.mux import StepMuxes
 from petals_like.client.transport import InferenceStream, callers_fault
 from petals_like.client.tuning import RequestTuning
 from petals_like.config import ClientConfig
@@ -39,7 +40,7 @@ class Link:
 
     async def replay(self, inputs: torch.Tensor, *, timeout: float) -> torch.Tensor:
         """Run `inputs` (a new link's whole history) as one step; they become its history."""
-        out = await self.stream.step(inputs, Step(self.session_id).to_meta(), timeout=timeout)
+        out = await self.stream.step(inputs, Step(self.session_id), timeout=timeout)
         self.history.append(inputs)
         self.fresh = True
         return out
@@ -48,8 +49,17 @@ class Link:
 class ChainBuilder:
     """Opens links over routes for one session: its length, batch, padding and tuning."""
 
-    def __init__(self, node: SwarmNode, routes: RouteManager, config: ClientConfig, tuning: RequestTuning, max_length: int):
+    def __init__(
+        self,
+        node: SwarmNode,
+        routes: RouteManager,
+        config: ClientConfig,
+        tuning: RequestTuning,
+        max_length: int,
+        muxes: Optional[StepMuxes] = None,
+    ):
         self.node, self.routes, self.config, self.tuning = node, routes, config, tuning
+        self.muxes = muxes  # the client's mux streams (client/mux.py); None: every link on its own stream
         self.max_length = max_length
         self.batch_size: Optional[int] = None  # set by the session's first step
         self.pad_lens: Optional[list[int]] = None
@@ -57,9 +67,13 @@ class ChainBuilder:
     async def open_link(self, span: RemoteSpanInfo, hashes: Sequence[str] = (), *, probe: bool = False) -> tuple[Link, int]:
         """Open a stream and give it the session's page hashes; with probe, also ask how many tokens of
         that hashed prefix the server holds."""
-        stream = InferenceStream(self.node.p2p, span, wire=self.config.wire)
+        mux = None
+        if self.muxes is not None:
+            mux = await self.muxes.get(span.peer_id, self.config.wire, timeout=self.config.connect_timeout)
+        stream = InferenceStream(self.node.p2p, span, wire=self.config.wire, mux=mux)
         await stream.open(timeout=self.config.connect_timeout)
         link = Link(span, stream, uuid.uuid4().hex)
+        stream.attach(link.session_id)
         extras = self.tuning.extras(span, with_weights=True)  # sent at every open: a replacement server needs them too
         request = OpenSession(
             session_id=link.session_id,
@@ -73,6 +87,7 @@ class ChainBuilder:
             wire=self.config.wire,
             # a server may refuse the wire format: wait for its answer, so the refusal is what the user sees
             probe=(probe and bool(hashes)) or self.config.wire is not None,
+            mux=mux.mux_id if mux is not None else None,
         )
         first = Step(link.session_id, page_hashes=tuple(hashes)) if hashes else None
         await stream.send(extras.tensors, request.to_meta(first), compress=False)

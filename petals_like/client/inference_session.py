@@ -22,6 +22,7 @@ from typing import Any, Awaitable, Callable, ContextManager, Optional
 import torch
 
 from petals_like.client.chain import ChainBuilder, Link, close_all
+from petals_like.client.mux import StepMuxes
 from petals_like.client.prefix import PrefixTracker
 from petals_like.client.spot_check import SpotChecker, SpotCheckFailed
 from petals_like.client.transport import RequestRefused, call_forward, callers_fault
@@ -55,10 +56,12 @@ class InferenceSession:
         prefix_salt: Optional[str] = None,
         tuning: Optional[RequestTuning] = None,
         spot_checker: Optional[SpotChecker] = None,
+        muxes: Optional[StepMuxes] = None,
     ):
         """Blocks [start, num_blocks) (a sub-range: RemoteSequential slices). tuning: deep prompts, a
         client-held LoRA or a hosted adapter, given to every server at open. spot_checker: re-runs a
-        random fraction of steps elsewhere (client/spot_check.py)."""
+        random fraction of steps elsewhere (client/spot_check.py). muxes: the client's mux streams, which
+        carry the steps of all its sessions on a server in one message (client/mux.py)."""
         self.node = node
         self.tuning = tuning or RequestTuning(adapter=config.active_adapter)
         self.routes = routes
@@ -76,7 +79,7 @@ class InferenceSession:
         self.closed = False
         self.num_failovers = 0
         self.prefix = PrefixTracker(prefix_salt)  # names of the full pages, for prefix reuse
-        self.builder = ChainBuilder(node, routes, config, self.tuning, max_length)  # opens links (client/chain.py)
+        self.builder = ChainBuilder(node, routes, config, self.tuning, max_length, muxes)  # opens links (client/chain.py)
         self.reused_tokens = 0  # prompt positions taken from servers' prefix caches instead of computed
         # every block-0 input while a reused prefix is in the chain (a failure then replays them all);
         # without reuse, each link's own history is enough and this stays empty
@@ -314,7 +317,7 @@ class InferenceSession:
             try:
                 if not delivered:
                     step = step_for(link, [] if relay else self._chain[index + 1 :])
-                    await link.stream.send([hidden], step.to_meta())
+                    await link.stream.send_step(hidden, step)
                 reply, message = await link.stream.read_step(position, timeout=self.config.request_timeout)
                 out = link.stream.output(message, hidden)
                 if not self.reused_tokens and self.spot_checker.draw():

@@ -339,6 +339,7 @@ class DistributedModel(torch.nn.Module):
             prefix_salt=salt,
             tuning=tuning,
             spot_checker=self.remote.spot_checker,
+            muxes=self.remote.muxes,
         )
         # as in Petals: inside `with model.inference_session(...)`, generate() runs in that session
         session.context = lambda: self.use_session(session)

@@ -22,6 +22,7 @@ from typing import Any, Optional
 import torch
 
 from petals_like.client.inference_session import InferenceSession
+from petals_like.client.mux import StepMuxes
 from petals_like.client.spot_check import SpotChecker
 from petals_like.client.transport import call_backward, call_forward, callers_fault
 from petals_like.client.tuning import ClientLora, RequestTuning
@@ -88,6 +89,7 @@ class RemoteSequential(torch.nn.Module):
         self.lora_uploads = 0  # requests that carried LoRA weights (the others named a cached version)
         self.lora_upload_bytes = 0  # the bytes of those weights
         self.spot_checker = SpotChecker(routes, config)  # shared with the model's inference sessions
+        self.muxes = StepMuxes(lambda: node.p2p, enabled=config.multiplex)  # shared by its sessions, as well
 
     def __len__(self) -> int:
         return self.end - self.start
@@ -106,7 +108,7 @@ class RemoteSequential(torch.nn.Module):
         else:
             raise TypeError(f"blocks are indexed by int or slice, got {type(index).__name__}")
         part = RemoteSequential(self.node, self.routes, self.config, self.num_blocks, self.start + first, self.start + last)
-        part.spot_checker = self.spot_checker
+        part.spot_checker, part.muxes = self.spot_checker, self.muxes
         return part
 
     def __iter__(self):
@@ -127,6 +129,7 @@ class RemoteSequential(torch.nn.Module):
             num_blocks=self.end,
             start=self.start,
             spot_checker=self.spot_checker,
+            muxes=self.muxes,
         )
 
     def forward(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Optional
+from typing import TYPE_CHECKING, AsyncIterator, Optional
 
 import torch
 from hivemind.p2p import P2P, P2PHandlerError, PeerID
@@ -30,8 +30,12 @@ from petals_like.protocol import (
     read_message,
     refusal_code,
     unpack_message,
+    wire_nbytes,
 )
-from petals_like.wire import SpanRequest, StepReply, TuningRef
+from petals_like.wire import SpanRequest, Step, StepReply, TuningRef
+
+if TYPE_CHECKING:
+    from petals_like.client.mux import StepMux
 
 MAX_RESPONSE_BYTES = 1 << 31
 
@@ -131,6 +135,18 @@ def _single_tensor(message: Message, like: torch.Tensor) -> torch.Tensor:
     return out
 
 
+async def read_responses(reader: asyncio.StreamReader, peer_id: str) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+    """A server's answer parts on a raw stream, until it closes it; its error raised as P2PHandlerError."""
+    while True:
+        try:
+            response, error = await P2P.receive_protobuf(runtime_pb2.ExpertResponse, reader)
+        except asyncio.IncompleteReadError:  # the server closed the stream
+            return
+        if error is not None:
+            raise P2PHandlerError(f"server {peer_id[-6:]} answered: {error.message}")
+        yield response
+
+
 async def _aiter(items):
     for item in items:
         yield item
@@ -141,12 +157,18 @@ class InferenceStream:
 
     Framing is done here on the raw stream (not through hivemind's request iterator) so that a
     server closing the stream is seen at once, and each step costs one write and one read.
+    With a mux (client/mux.py, attached once the session is named), steps and their answers travel
+    on the client's shared mux stream to that server instead; the open, the probe's answer and the
+    close still use this one.
     """
 
-    def __init__(self, p2p: P2P, span: RemoteSpanInfo, wire: Optional[str] = None):
+    def __init__(self, p2p: P2P, span: RemoteSpanInfo, wire: Optional[str] = None, mux: Optional[StepMux] = None):
         self.p2p = p2p
         self.span = span
         self.wire = wire  # compression of hidden states sent on this stream (config.WIRE_FORMATS)
+        self.mux = mux
+        self.session_id: Optional[str] = None  # set by attach(): the session whose steps go on the mux
+        self.stepped = False  # the client sent a step on this stream (later ones may take the mux)
         self._reader: Optional[asyncio.StreamReader] = None
         self._writer: Optional[asyncio.StreamWriter] = None
         self._responses: Optional[AsyncIterator[runtime_pb2.ExpertResponse]] = None
@@ -157,17 +179,30 @@ class InferenceStream:
     async def open(self, *, timeout: float) -> None:
         peer = PeerID.from_base58(self.span.peer_id)
         _, self._reader, self._writer = await asyncio.wait_for(self.p2p.call_binary_stream_handler(peer, RPC_INFERENCE), timeout)
-        self._responses = self._read_responses()
+        self._responses = read_responses(self._reader, self.span.peer_id)
 
-    async def _read_responses(self) -> AsyncIterator[runtime_pb2.ExpertResponse]:
-        while True:
-            try:
-                response, error = await P2P.receive_protobuf(runtime_pb2.ExpertResponse, self._reader)
-            except asyncio.IncompleteReadError:  # the server closed the stream
-                return
-            if error is not None:
-                raise P2PHandlerError(f"server {self.span.peer_id[-6:]} answered: {error.message}")
-            yield response
+    def attach(self, session_id: str) -> None:
+        """This stream's session; with a mux, its answers are read from there from now on."""
+        self.session_id = session_id
+        if self.mux is not None:
+            self.mux.add(session_id)
+
+    async def send_step(self, hidden: torch.Tensor, step: Step) -> None:
+        """A step of this stream's session: on the mux if there is one, else on the stream. The first
+        step the client sends goes on the stream in any case, right behind the open message: the
+        server then runs it on a session it has surely opened (the mux is another stream, with no
+        order to this one); its answer, like every later one, comes on the mux."""
+        if self.mux is None or not self.stepped:
+            self.stepped = True
+            return await self.send([hidden], step.to_meta())
+        self.messages_sent += 1
+        self.bytes_sent += wire_nbytes(hidden, self.wire) if hidden.is_floating_point() else hidden.nbytes
+        self.mux.send(step, hidden)
+
+    async def _next_message(self) -> Optional[Message]:
+        if self.mux is not None:
+            return await self.mux.receive(self.session_id)
+        return await read_message(self._responses, max_bytes=MAX_RESPONSE_BYTES)
 
     async def send(self, tensors: list[torch.Tensor], metadata: dict, *, compress: bool = True) -> None:
         """compress=False: the tensors travel as they are (prompts and adapter weights, not hidden states)."""
@@ -183,7 +218,7 @@ class InferenceStream:
 
         async def read() -> tuple[StepReply, Message]:
             while True:
-                message = await read_message(self._responses, max_bytes=MAX_RESPONSE_BYTES)
+                message = await self._next_message()
                 if message is None:
                     raise ConnectionError(f"server {self.span.peer_id[-6:]} closed the inference stream")
                 try:
@@ -203,10 +238,15 @@ class InferenceStream:
         """The step's output tensor, checked against the input's shape."""
         return _single_tensor(message, like)
 
-    async def step(self, hidden: torch.Tensor, metadata: dict, *, timeout: float) -> torch.Tensor:
+    async def step(self, hidden: torch.Tensor, step: Step | dict, *, timeout: float) -> torch.Tensor:
+        """Send a step and read its answer; raw metadata (e.g. an open message) always goes on this stream."""
+
         async def exchange() -> Optional[Message]:
-            await self.send([hidden], metadata)
-            return await read_message(self._responses, max_bytes=MAX_RESPONSE_BYTES)
+            if isinstance(step, Step):
+                await self.send_step(hidden, step)
+            else:
+                await self.send([hidden], step)
+            return await self._next_message()
 
         try:
             async with asyncio.timeout(timeout):
@@ -225,9 +265,14 @@ class InferenceStream:
             raise ConnectionError(f"server {self.span.peer_id[-6:]} closed the inference stream")
         return message
 
+    def _detach(self) -> None:
+        if self.mux is not None and self.session_id is not None:
+            self.mux.remove(self.session_id)
+
     def abort(self) -> None:
         """Close the connection without a close message or end of stream."""
         self.closed = True
+        self._detach()
         if self._writer is not None:
             self._writer.close()
 
@@ -235,6 +280,7 @@ class InferenceStream:
         if self.closed or self._writer is None:
             return
         self.closed = True
+        self._detach()
         try:
             if metadata is not None:
                 await self.send([], dict(metadata, close=True))

@@ -53,6 +53,18 @@ PRESETS: dict[str, dict[str, Any]] = {
         max_position_embeddings=512,
         initializer_range=0.2,
     ),
+    # the per-token overhead anchor (hidden 512 x 8 blocks, GQA): compute is a few ms per token, so
+    # what the network path adds shows (bench (t))
+    "anchor": dict(
+        hidden_size=512,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        intermediate_size=1376,
+        vocab_size=32000,
+        max_position_embeddings=2048,
+        initializer_range=0.05,
+    ),
     # ~200M parameters: big enough for throughput numbers to mean something on one GPU
     "bench": dict(
         hidden_size=1024,

@@ -7,6 +7,10 @@ stream, frees the session's cache. rpc_forward / rpc_backward are unary calls, w
 variants for messages above one P2P part. Any error is answered to the caller alone; the server
 goes on serving everyone else.
 
+rpc_inference_mux (server/mux.py) is one stream per client that carries the steps of many of its
+sessions in one message and their answers in one message; the sessions are still opened, run and
+closed by their own rpc_inference streams, which take the mux's steps from their inboxes.
+
 Push: a step may carry a push_chain, the rest of the client's chain (PushHop: peer, push token,
 that server's Step). The server then sends its output to the next server with rpc_push before
 answering the client (StepReply.pushed); the next server runs it as if the client
@@ -40,6 +44,7 @@ from petals_like.protocol import (
     RPC_BACKWARD,
     RPC_FORWARD,
     RPC_INFERENCE,
+    RPC_INFERENCE_MUX,
     RPC_INFO,
     RPC_PUSH,
     ErrorCode,
@@ -52,12 +57,16 @@ from petals_like.protocol import (
 )
 from petals_like.server.adapters import Tuning
 from petals_like.server.backend import SpanBackend
+from petals_like.server.mux import ServerMux, unknown_session
 from petals_like.server.push import PushBatcher
 from petals_like.server.runtime import Priority
 from petals_like.server.scheduler import Scheduler
 from petals_like.server.sessions import ServerSession, SessionManager
 from petals_like.wire import (
     InfoReply,
+    MuxHello,
+    MuxReplies,
+    MuxSteps,
     OpenReply,
     OpenSession,
     PushBatch,
@@ -88,6 +97,10 @@ class Handlers:
         self.pusher: Optional[PushBatcher] = None
         self.pushes_received = 0
         self.forward_calls = 0
+        self.muxes: dict[tuple[str, str], ServerMux] = {}  # (client peer, mux id) -> its open mux stream
+        self.mux_messages_received = 0
+        self.mux_steps_received = 0
+        self.stream_steps_received = 0  # steps clients sent on sessions' own streams (not pushed, not muxed)
 
     def serve(self, backend: SpanBackend, scheduler: Scheduler, sessions: SessionManager) -> None:
         """Answer with this span from now on. A server that moves to other blocks calls it with the new
@@ -110,6 +123,9 @@ class Handlers:
             RPC_BACKWARD + "_stream", self.rpc_backward_stream, ExpertRequest, stream_input=True, stream_output=True
         )
         await p2p.add_protobuf_handler(RPC_INFERENCE, self.rpc_inference, ExpertRequest, stream_input=True, stream_output=True)
+        await p2p.add_protobuf_handler(
+            RPC_INFERENCE_MUX, self.rpc_inference_mux, ExpertRequest, stream_input=True, stream_output=True
+        )
 
     # ---- rpc_info ----
 
@@ -136,6 +152,9 @@ class Handlers:
             push_messages_sent=self.pusher.messages_sent if self.pusher else 0,
             pushes_received=self.pushes_received,
             forward_calls=self.forward_calls,
+            mux_messages_received=self.mux_messages_received,
+            mux_steps_received=self.mux_steps_received,
+            stream_steps_received=self.stream_steps_received,
             asyncio_tasks=len(asyncio.all_tasks()),
             announced=self.info_fn(),
             experts=span_expert_stats(self.backend.span),
@@ -233,7 +252,7 @@ class Handlers:
                 source, item = getter.result()
                 if source == "error":
                     raise item
-                if source == "push":
+                if source in ("push", "mux"):
                     step, tensors = item
                 else:
                     if item is None:
@@ -249,10 +268,25 @@ class Handlers:
                     if step.close:
                         return
                     tensors = item.tensors
+                    self.stream_steps_received += bool(tensors)
                 if not tensors and session.steps == 0:
                     continue  # an open message without a first step
-                for part in await self._inference_step(sessions, session, step, tensors):
+                reply, out = await self._inference_step(sessions, session, step, tensors)
+                if session.mux is not None:
+                    session.mux.answer(session.session_id, reply, out)
+                    continue
+                for part in pack_message(
+                    [out],
+                    reply.to_meta(),
+                    proto=runtime_pb2.ExpertResponse,
+                    max_part_bytes=self.config.max_part_bytes,
+                    wire=session.wire,
+                ):
                     yield part
+        except Exception as e:
+            if session is not None and session.mux is not None:
+                session.mux.fail(session.session_id, e)  # the client reads this session's answers there
+            raise
         finally:
             reader.cancel()
             if session is not None:
@@ -281,6 +315,12 @@ class Handlers:
         if request.tuning.carries_tensors:
             message.tensors = []
         sessions.offer_prefix(session, step)
+        if request.mux is not None:
+            mux = self.muxes.get((peer_id, request.mux))
+            if mux is None or mux.wire != session.wire:
+                sessions.close(session)
+                raise ProtocolError(f"no mux stream {request.mux!r} of this peer with wire format {session.wire!r} is open")
+            session.mux = mux
         if not request.probe:
             return session, None
         # say how much of the client's hashed prefix is cached here
@@ -289,7 +329,7 @@ class Handlers:
 
     async def _inference_step(
         self, sessions: SessionManager, session: ServerSession, step: Step, tensors: list[torch.Tensor]
-    ) -> list[runtime_pb2.ExpertResponse]:
+    ) -> tuple[StepReply, torch.Tensor]:
         hidden = sessions.check_step(session, step, tensors)
         started = time.perf_counter()
         position = session.length
@@ -302,10 +342,57 @@ class Handlers:
             position = step.position
         out = out.to(hidden.dtype)
         pushed = await self._push(out, step.push_chain, session.wire) if step.push_chain and not repeated else None
-        reply = StepReply(position, session.steps, pushed, time.perf_counter() - started)
-        return pack_message(
-            [out], reply.to_meta(), proto=runtime_pb2.ExpertResponse, max_part_bytes=self.config.max_part_bytes, wire=session.wire
-        )
+        return StepReply(position, session.steps, pushed, time.perf_counter() - started), out
+
+    # ---- many sessions' steps on one stream ----
+
+    async def rpc_inference_mux(
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        """server/mux.py: the first message (MuxHello) is answered with an empty MuxReplies once the
+        mux can be named by sessions; later messages' steps go to their sessions' inboxes."""
+        peer_id = context.remote_id.to_base58()
+        first = await read_message(requests, max_bytes=self.config.max_message_bytes)
+        if first is None:
+            return
+        hello = MuxHello.from_meta(first.metadata)
+        key = (peer_id, hello.mux_id)
+        if key in self.muxes:
+            raise ProtocolError(f"mux {hello.mux_id!r} is already open")
+        if hello.wire is not None and hello.wire not in self.config.wire_formats:
+            raise ProtocolError(f"wire format {hello.wire!r} is not supported by this server", ErrorCode.SERVER_LIMIT)
+        mux = self.muxes[key] = ServerMux(hello.mux_id, peer_id, hello.wire, self.config.max_part_bytes)
+        reader = asyncio.create_task(self._read_mux(requests, mux))
+        try:
+            yield runtime_pb2.ExpertResponse(metadata=encode_metadata(MuxReplies().to_meta()))
+            async for part in mux.outgoing():
+                yield part
+        finally:
+            mux.close()
+            reader.cancel()
+            self.muxes.pop(key, None)
+
+    async def _read_mux(self, requests: AsyncIterator[runtime_pb2.ExpertRequest], mux: ServerMux) -> None:
+        """A mux's client messages: each step to its session's inbox, or an error for that step alone."""
+        try:
+            while True:
+                message = await read_message(requests, max_bytes=self.config.max_message_bytes)
+                if message is None:
+                    break
+                self.mux_messages_received += 1
+                steps = MuxSteps.from_meta(message.metadata, len(message.tensors)).steps
+                self.mux_steps_received += len(steps)
+                for step, tensor in zip(steps, message.tensors):
+                    session = self.sessions.sessions.get(step.session_id)
+                    if session is None or session.mux is not mux or session.inbox is None:
+                        mux.fail(step.session_id, unknown_session(step.session_id))
+                        continue
+                    session.inbox.put_nowait(("mux", (replace(step, close=False), [tensor])))
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # a malformed message: the client's sessions on this mux cannot go on
+            logger.debug(f"Mux stream of {mux.peer_id[-6:]} failed: {e!r}")
+        mux.close()
 
     # ---- server-to-server push ----
 

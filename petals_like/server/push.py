@@ -20,11 +20,10 @@ from hivemind.proto import runtime_pb2
 
 from petals_like.config import ServerConfig
 from petals_like.protocol import RPC_PUSH, decode_metadata, pack_message, wire_nbytes
+from petals_like.utils.turns import settle
 from petals_like.wire import MAX_PUSH_BATCH, PushBatch, PushedStep, PushReply
 
 logger = logging.getLogger(__name__)
-
-GATHER_TURNS = 8  # event-loop turns a batch waits at most for more pushes of the same iteration
 
 
 class PushBatcher:
@@ -54,15 +53,8 @@ class PushBatcher:
         return await future
 
     async def _send(self, peer: PeerID, key: tuple[str, Optional[str]]) -> None:
-        # the steps of one iteration resume in the same loop turn and reach push() within a few
-        # turns: wait until a turn adds nothing (a turn takes microseconds)
         try:
-            size = 0
-            for _ in range(GATHER_TURNS):
-                if len(self._queues[key]) == size:
-                    break
-                size = len(self._queues[key])
-                await asyncio.sleep(0)
+            await settle(lambda: len(self._queues[key]))
         except asyncio.CancelledError:  # shutting down: every client relays
             for _, _, future in self._queues.pop(key):
                 future.set_result(False)

@@ -20,7 +20,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
@@ -56,7 +56,8 @@ class ServerSession:
     opened: float = field(default_factory=time.monotonic)  # when its stream opened it
     push_pending: bool = False  # a pushed step was accepted and is on its way to the scheduler
     push_token: Optional[str] = None  # secret the client gave this session; a push must carry it
-    inbox: Optional[asyncio.Queue] = None  # steps pushed by the previous server, read by the session's stream
+    inbox: Optional[asyncio.Queue] = None  # steps pushed by the previous server or sent on a mux, read by the session's stream
+    mux: Optional[Any] = None  # the client's mux stream (server/mux.py) that carries this session's answers, if any
     last_output: Optional[tuple[int, torch.Tensor]] = None  # (position, output) of the last small step
     wire: Optional[str] = None  # how this session's outputs travel (config.WIRE_FORMATS); None = as computed
     lora: Optional[list] = None  # the session's LoRA (hosted or client-held): a BlockLora per block of its range
