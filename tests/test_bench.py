@@ -9,7 +9,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from petals_like.bench import overhead as bench_overhead
 from petals_like.bench import routing as bench_routing
+from petals_like.bench.engine import multiplexed_sessions
+from petals_like.bench.harness import BenchSwarm
 from petals_like.models.spec import ModelSpec
 
 
@@ -116,3 +119,26 @@ def test_mixture_of_experts_workload_runs_on_a_tiny_mixtral(make_model):
     assert report["offload_vs_all_resident"]["resident_expert_bytes"] == 0.25
     for run in quarter["expert_store_one_session"] + quarter["expert_store_16_sessions"]:
         assert run["expert_uses"] > 0 and all(0 <= run[k] <= 1 for k in ("hit_rate", "miss_rate", "prefetch_precision"))
+
+
+def test_multiplexed_sessions_workload_counts_the_clients_messages(tiny_model: Path):
+    """(p): with its own streams, a client sends each server one message per session per round (the
+    first server only: it pushes to the second); with the mux, one message for all of them, plus each
+    session's first step, which goes on its own stream."""
+    with BenchSwarm(tiny_model, []) as swarm:
+        report = multiplexed_sessions(swarm, count=4, new_tokens=8)
+    assert set(report) == {"own_streams", "multiplexed"}
+    assert report["own_streams"]["client_messages_per_server_per_round"] == 4
+    assert report["multiplexed"]["client_messages_per_server_per_round"] <= 2 * 7 / 8 + 4 / 8
+    for client in report.values():
+        assert client["4_vs_one_session"] == client["vs_one_session_per_round"][0]
+
+
+def test_per_token_overhead_workload_splits_each_call(tiny_model: Path):
+    """(t) on the tiny model: one ratio per round, and a timeline with both servers' parts."""
+    report = bench_overhead.per_token_overhead([], new_tokens=6, rounds=1, model_dir=tiny_model)
+    assert len(report["vs_transformers_per_round"]) == 1
+    timeline = report["timeline_ms"]
+    assert set(timeline) == {"generate_call", "client", "server_1", "server_2", "crossings"}
+    assert all(timeline[part] > 0 for part in ("generate_call", "server_1", "server_2"))
+    assert timeline["server_1"] + timeline["server_2"] < timeline["generate_call"]

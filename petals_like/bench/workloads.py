@@ -19,7 +19,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from petals_like.bench import api, baseline, engine, finetune, moe, network, quality, quant, routing, speculative
+from petals_like.bench import api, baseline, engine, finetune, moe, network, overhead, quality, quant, routing, speculative
 from petals_like.bench.harness import BenchSwarm
 
 SHARED_SWARM, OWN_SWARM, NOTHING = "shared_swarm", "own_swarm", "nothing"
@@ -72,6 +72,7 @@ _TABLE = [
     Workload("l", "l_wire_formats", OWN_SWARM, lambda b: quant.wire_formats(b.model_dir, b.server_args)),
     Workload("q", "q_quality", OWN_SWARM, lambda b: quality.quality(quality.trained_model_dir(), b.server_args)),
     Workload("r", "r_mixture_of_experts", OWN_SWARM, lambda b: moe.moe_servers(b.preset, b.server_args)),
+    Workload("t", "t_per_token_overhead", OWN_SWARM, lambda b: overhead.per_token_overhead(b.server_args, rounds=b.repeats)),
     Workload("s", "s_speculative", OWN_SWARM, lambda b: speculative.speculative_chain(b.server_args)),
     Workload("m", "m_training_step", OWN_SWARM, lambda b: finetune.training_steps(b.model_dir, b.server_args)),
     Workload(

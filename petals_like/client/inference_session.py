@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any, Awaitable, Callable, ContextManager, Optional
 
 import torch
@@ -84,6 +85,9 @@ class InferenceSession:
         # every block-0 input while a reused prefix is in the chain (a failure then replays them all);
         # without reuse, each link's own history is enough and this stays empty
         self._inputs: list[torch.Tensor] = []
+        # the last step's trip: (server, its own time on the step, seconds from the step's start to its
+        # answer) per link in order (bench (t)'s per-token timeline)
+        self.last_trip: list[tuple[str, float, float]] = []
         # entered and left with the session's `with` block (the model that made it sets it: use_session)
         self.context: Optional[Callable[[], ContextManager[Any]]] = None
         self._entered: Optional[ContextManager[Any]] = None
@@ -309,6 +313,8 @@ class InferenceSession:
         next); a failed link is banned and replaced, and the step goes on from there."""
         index = 0
         attempts = 0
+        started = time.perf_counter()
+        self.last_trip = []
         relay = not self.config.use_push  # after a failure the client relays for the rest of the step
         delivered = False  # the previous server pushed this link's input to it
         position = self.position
@@ -343,6 +349,7 @@ class InferenceSession:
                 await self._replace(index)
                 continue
             self.routes.succeeded(link.span.peer_id)
+            self.last_trip.append((link.span.peer_id, reply.compute_s, time.perf_counter() - started))
             delivered = not relay and reply.pushed is True
             link.history.append(hidden)
             hidden = out
