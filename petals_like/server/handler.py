@@ -291,6 +291,8 @@ class Handlers:
             reader.cancel()
             if session is not None:
                 sessions.close(session)
+                if session.mux is not None:
+                    session.mux.sessions.pop(session.session_id, None)
 
     async def _read_into(self, requests: AsyncIterator[runtime_pb2.ExpertRequest], inbox: asyncio.Queue) -> None:
         """The client's side of an inference stream, message by message, into the session's inbox."""
@@ -321,6 +323,7 @@ class Handlers:
                 sessions.close(session)
                 raise ProtocolError(f"no mux stream {request.mux!r} of this peer with wire format {session.wire!r} is open")
             session.mux = mux
+            mux.sessions[session.session_id] = session
         if not request.probe:
             return session, None
         # say how much of the client's hashed prefix is cached here
@@ -383,8 +386,8 @@ class Handlers:
                 steps = MuxSteps.from_meta(message.metadata, len(message.tensors)).steps
                 self.mux_steps_received += len(steps)
                 for step, tensor in zip(steps, message.tensors):
-                    session = self.sessions.sessions.get(step.session_id)
-                    if session is None or session.mux is not mux or session.inbox is None:
+                    session = mux.sessions.get(step.session_id)
+                    if session is None or session.inbox is None:
                         mux.fail(step.session_id, unknown_session(step.session_id))
                         continue
                     session.inbox.put_nowait(("mux", (replace(step, close=False), [tensor])))

@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import AsyncIterator, Optional
+from typing import Any, AsyncIterator, Optional
 
 import torch
 from hivemind.proto import runtime_pb2
 
-from petals_like.protocol import ProtocolError, pack_message
+from petals_like.protocol import ErrorCode, ProtocolError, pack_message
 from petals_like.utils.turns import settle
 from petals_like.wire import MuxReplies, MuxReply, StepReply
 
@@ -35,6 +35,7 @@ class ServerMux:
     def __init__(self, mux_id: str, peer_id: str, wire: Optional[str], max_part_bytes: int):
         self.mux_id, self.peer_id, self.wire = mux_id, peer_id, wire
         self.max_part_bytes = max_part_bytes
+        self.sessions: dict[str, Any] = {}  # id -> ServerSession opened naming this mux, until it closes
         self._ready: list[tuple[MuxReply, Optional[torch.Tensor]]] = []
         self._wake = asyncio.Event()
         self.closed = False
@@ -79,4 +80,6 @@ class ServerMux:
 
 
 def unknown_session(session_id: str) -> ProtocolError:
-    return ProtocolError(f"session {session_id!r} was not opened on this mux stream by this peer")
+    """Not the caller's bug for certain (the session may have ended here, or the server moved to other
+    blocks): the client replays it elsewhere, as for a session this server lost."""
+    return ProtocolError(f"session {session_id!r} was not opened on this mux stream by this peer", ErrorCode.OUT_OF_SYNC)
