@@ -151,3 +151,34 @@ def test_a_mux_reaches_only_sessions_its_peer_opened_on_it(swarm, model, tiny_mo
             assert victim.position == mine.position == 4
     finally:
         other.shutdown()
+
+
+def test_a_refused_open_is_answered_on_the_mux(swarm, model):
+    """A session whose open the server refuses (here: too many rows) never exists there; the client,
+    which reads that session's answers on the mux, gets the refusal there instead of waiting."""
+    from petals_like.client.transport import InferenceStream
+    from petals_like.data_structures import RemoteSpanInfo, ServerInfo, ServerState
+    from petals_like.wire import OpenSession
+
+    server = swarm.servers[0]
+    span = RemoteSpanInfo(server.node.peer_id, 0, 4, ServerInfo(ServerState.ONLINE, 0, 4))
+    too_many = server.config.max_batch_size + 1
+
+    async def run() -> BaseException:
+        mux = await model.remote.muxes.get(span.peer_id, None, timeout=10)
+        stream = InferenceStream(model.node.p2p, span, mux=mux)
+        await stream.open(timeout=10)
+        stream.attach("refused-session")
+        request = OpenSession("refused-session", 0, 4, max_length=8, batch_size=too_many, mux=mux.mux_id)
+        await stream.send([], request.to_meta())
+        await stream.send_step(torch.zeros(too_many, 1, 64), Step("refused-session", position=0))
+        try:
+            await stream.read_step(0, timeout=10)
+        except P2PHandlerError as e:
+            return e
+        finally:
+            await stream.close()
+        raise AssertionError("a refused session answered a step")
+
+    error = model.node.run(run(), timeout=30)
+    assert refusal_code(error) is ErrorCode.SERVER_LIMIT and "batch_size" in str(error)

@@ -312,16 +312,25 @@ class Handlers:
     ) -> tuple[ServerSession, Optional[runtime_pb2.ExpertResponse]]:
         """The session a stream's first message opens, and the answer to send at once if it asked (probe)."""
         request = OpenSession.from_meta(message.metadata)
-        # with deep prompts or LoRA weights, the opening message's tensors are those, not a step
-        session = sessions.open(request, peer_id, message.tensors if request.tuning.carries_tensors else ())
-        if request.tuning.carries_tensors:
-            message.tensors = []
-        sessions.offer_prefix(session, step)
+        mux = None
         if request.mux is not None:
             mux = self.muxes.get((peer_id, request.mux))
-            if mux is None or mux.wire != session.wire:
+            if mux is None:
+                raise ProtocolError(f"no mux stream {request.mux!r} of this peer is open")
+        try:
+            # with deep prompts or LoRA weights, the opening message's tensors are those, not a step
+            session = sessions.open(request, peer_id, message.tensors if request.tuning.carries_tensors else ())
+            if request.tuning.carries_tensors:
+                message.tensors = []
+            sessions.offer_prefix(session, step)
+            if mux is not None and mux.wire != session.wire:
                 sessions.close(session)
-                raise ProtocolError(f"no mux stream {request.mux!r} of this peer with wire format {session.wire!r} is open")
+                raise ProtocolError(f"mux stream {request.mux!r} carries wire format {mux.wire!r}, not {session.wire!r}")
+        except Exception as e:
+            if mux is not None:  # the client reads this session's answers there: the refusal too
+                mux.fail(request.session_id, e)
+            raise
+        if mux is not None:
             session.mux = mux
             mux.sessions[session.session_id] = session
         if not request.probe:
