@@ -44,19 +44,20 @@ def _whole(model_dir: Path) -> str:
 
 
 class _ClientLinkDelay:
-    """Adds `delay` seconds to every message the client's inference streams send and receive."""
+    """Adds `delay` seconds to every step the client's inference streams send (on their own stream
+    or on the mux) and to every answer they read."""
 
     def __init__(self) -> None:
         self.delay = 0.0
-        self._send, self._read = InferenceStream.send, InferenceStream.read_step
+        self._send, self._read = InferenceStream.send_step, InferenceStream.read_step
 
     def __enter__(self) -> _ClientLinkDelay:
         link = self
 
-        async def send(stream, tensors, metadata, **kwargs):
+        async def send(stream, hidden, step):
             if link.delay:
                 await asyncio.sleep(link.delay)
-            return await link._send(stream, tensors, metadata, **kwargs)
+            return await link._send(stream, hidden, step)
 
         async def read_step(stream, position, *, timeout):
             message = await link._read(stream, position, timeout=timeout)
@@ -64,11 +65,11 @@ class _ClientLinkDelay:
                 await asyncio.sleep(link.delay)
             return message
 
-        InferenceStream.send, InferenceStream.read_step = send, read_step
+        InferenceStream.send_step, InferenceStream.read_step = send, read_step
         return self
 
     def __exit__(self, *exc) -> None:
-        InferenceStream.send, InferenceStream.read_step = self._send, self._read
+        InferenceStream.send_step, InferenceStream.read_step = self._send, self._read
 
 
 def push_latency(model_dir: Path, server_args: list[str], new_tokens: int = 48, rounds: int = 3) -> dict:

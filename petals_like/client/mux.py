@@ -18,12 +18,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from typing import Optional
+from typing import AsyncIterator, Optional
 
 import torch
 from hivemind.p2p import P2P, P2PHandlerError, PeerID
+from hivemind.proto import runtime_pb2
 
-from petals_like.client.transport import read_responses
 from petals_like.config import DEFAULT_MAX_PART_BYTES
 from petals_like.protocol import RPC_INFERENCE_MUX, Message, ProtocolError, pack_message, read_message
 from petals_like.utils.turns import settle
@@ -32,6 +32,18 @@ from petals_like.wire import MuxHello, MuxReplies, MuxSteps, Step
 logger = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 1 << 31
+
+
+async def read_responses(reader: asyncio.StreamReader, peer_id: str) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+    """A server's answer parts on a raw stream, until it closes it; its error raised as P2PHandlerError."""
+    while True:
+        try:
+            response, error = await P2P.receive_protobuf(runtime_pb2.ExpertResponse, reader)
+        except asyncio.IncompleteReadError:  # the server closed the stream
+            return
+        if error is not None:
+            raise P2PHandlerError(f"server {peer_id[-6:]} answered: {error.message}")
+        yield response
 
 
 class StepMux:

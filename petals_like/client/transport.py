@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, AsyncIterator, Optional
+from typing import AsyncIterator, Optional
 
 import torch
-from hivemind.p2p import P2P, P2PHandlerError, PeerID
+from hivemind.p2p import P2P, PeerID
 from hivemind.proto import runtime_pb2
 
+from petals_like.client.mux import StepMux, read_responses
 from petals_like.config import DEFAULT_MAX_PART_BYTES
 from petals_like.data_structures import RemoteSpanInfo
 from petals_like.protocol import (
@@ -33,9 +34,6 @@ from petals_like.protocol import (
     wire_nbytes,
 )
 from petals_like.wire import SpanRequest, Step, StepReply, TuningRef
-
-if TYPE_CHECKING:
-    from petals_like.client.mux import StepMux
 
 MAX_RESPONSE_BYTES = 1 << 31
 
@@ -133,18 +131,6 @@ def _single_tensor(message: Message, like: torch.Tensor) -> torch.Tensor:
     if not all_finite(out):
         raise ProtocolError("server answered NaN or infinity", code=None)
     return out
-
-
-async def read_responses(reader: asyncio.StreamReader, peer_id: str) -> AsyncIterator[runtime_pb2.ExpertResponse]:
-    """A server's answer parts on a raw stream, until it closes it; its error raised as P2PHandlerError."""
-    while True:
-        try:
-            response, error = await P2P.receive_protobuf(runtime_pb2.ExpertResponse, reader)
-        except asyncio.IncompleteReadError:  # the server closed the stream
-            return
-        if error is not None:
-            raise P2PHandlerError(f"server {peer_id[-6:]} answered: {error.message}")
-        yield response
 
 
 async def _aiter(items):
