@@ -362,20 +362,24 @@ class StepReply:
     position: int
     step: int = 0  # steps this session has run on the server
     pushed: Optional[bool] = None  # None: no push was asked
-    compute_s: float = 0.0
+    compute_s: float = 0.0  # from the session taking the step to the answer leaving
+    iterations_s: float = 0.0  # of which the scheduler iterations that ran its tokens
 
     @classmethod
     def from_meta(cls, meta: dict) -> StepReply:
         pushed = meta.get("pushed")
         if pushed is not None and not isinstance(pushed, bool):
             raise ProtocolError("pushed must be true or false")
-        compute_s = meta.get("compute_s", 0.0)
-        if isinstance(compute_s, bool) or not isinstance(compute_s, (int, float)):
-            raise ProtocolError("compute_s must be a number")
-        return cls(require(meta, "position", int), require(meta, "step", int, 0), pushed, float(compute_s))
+        seconds = []
+        for key in ("compute_s", "iterations_s"):
+            value = meta.get(key, 0.0)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ProtocolError(f"{key} must be a number")
+            seconds.append(float(value))
+        return cls(require(meta, "position", int), require(meta, "step", int, 0), pushed, *seconds)
 
     def to_meta(self) -> dict:
-        meta = {"position": self.position, "step": self.step, "compute_s": self.compute_s}
+        meta = {"position": self.position, "step": self.step, "compute_s": self.compute_s, "iterations_s": self.iterations_s}
         if self.pushed is not None:
             meta["pushed"] = self.pushed
         return meta

@@ -139,6 +139,7 @@ def test_per_token_overhead_workload_splits_each_call(tiny_model: Path):
     report = bench_overhead.per_token_overhead([], new_tokens=6, rounds=1, model_dir=tiny_model)
     assert len(report["vs_transformers_per_round"]) == 1
     timeline = report["timeline_ms"]
-    assert set(timeline) == {"generate_call", "client", "server_1", "server_2", "crossings"}
-    assert all(timeline[part] > 0 for part in ("generate_call", "server_1", "server_2"))
-    assert timeline["server_1"] + timeline["server_2"] < timeline["generate_call"]
+    servers = [f"server_{i}_{part}" for i in (1, 2) for part in ("blocks", "other")]
+    assert set(timeline) == {"generate_call", "client_head", "client_other", *servers, "crossings"}
+    assert all(timeline[part] > 0 for part in ("generate_call", "client_head", "server_1_blocks", "server_2_blocks"))
+    assert timeline["client_head"] + timeline["server_1_blocks"] + timeline["server_2_blocks"] < timeline["generate_call"]

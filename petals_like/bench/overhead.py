@@ -6,10 +6,14 @@ session decodes `new_tokens` tokens with one generate() call per token (as a cha
 drives it), and the same session length runs through transformers' generate() in this process;
 rounds interleave the two, and the medians are reported with the median of the per-round ratios.
 
-The per-token timeline splits one generate() call (medians over its decode calls):
-- client: embedding, LM head, sampling and generate()'s own work, outside the trip through the chain;
-- server_i: the server's time on the step (from its session taking the step to its answer
-  leaving: scheduler hand-off, the blocks, the push to the next server);
+The per-token timeline splits one generate() call (medians over its decode calls, ms):
+- client_head: the LM head pass (client/head_batcher.py);
+- client_other: the rest of the client's work outside the trip through the chain: embedding,
+  sampling, generate()'s own work and its hand-offs to the node's event loop and the head's thread;
+- server_i_blocks: the scheduler iterations that ran the step on server i (wire.StepReply.iterations_s);
+- server_i_other: the rest of the server's time on the step, from its session taking the step to
+  its answer leaving: the hand-off to the scheduler thread and back, the event loop, and on a server
+  that pushes, the push to the next one (whose acknowledgement overlaps the next server's work);
 - crossings: the rest of the trip (p2pd daemons and their sockets, the event loops' reads and writes).
 """
 
@@ -51,14 +55,16 @@ def per_token_overhead(
         model = swarm.model
 
         def swarm_calls() -> dict:
-            calls, trips = [], []
+            calls, trips, heads = [], [], []
             with model.inference_session(max_length=prompt_len + new_tokens) as session:
                 for i in range(new_tokens):
                     started = time.perf_counter()
                     model.generate(prompt if i == 0 else None, max_new_tokens=1, session=session)
                     calls.append(time.perf_counter() - started)
                     trips.append(list(session.last_trip))
-            return {"calls": calls[1:], "trips": trips[1:]}  # decode calls only (the first runs the prompt)
+                    heads.append(model.head_batcher.last_pass_s)
+            # decode calls only (the first runs the prompt)
+            return {"calls": calls[1:], "trips": trips[1:], "heads": heads[1:]}
 
         for r in range(rounds + 1):  # round 0 warms both up
             order = [transformers_rate, swarm_calls] if r % 2 else [swarm_calls, transformers_rate]
@@ -67,9 +73,9 @@ def per_token_overhead(
                 rows.append(measured)
     results = []
     for row in rows:
-        calls, trips = row["swarm_calls"]["calls"], row["swarm_calls"]["trips"]
+        calls = row["swarm_calls"]["calls"]
         rate = 1 / statistics.median(calls)
-        results.append((rate, row["transformers_rate"], rate / row["transformers_rate"], calls, trips))
+        results.append((rate, row["transformers_rate"], rate / row["transformers_rate"], row["swarm_calls"]))
     ratios = [r[2] for r in results]
     median_round = sorted(results, key=lambda r: r[2])[len(results) // 2]
     return {
@@ -78,15 +84,21 @@ def per_token_overhead(
         "transformers_tokens_per_s": round(median_round[1], 2),
         "vs_transformers": round(statistics.median(ratios), 3),
         "vs_transformers_per_round": [round(r, 3) for r in ratios],
-        "timeline_ms": _timeline(median_round[3], median_round[4]),
+        "timeline_ms": _timeline(**median_round[3]),
     }
 
 
-def _timeline(calls: list[float], trips: list[list[tuple[str, float, float]]]) -> dict:
+def _timeline(calls: list[float], trips: list[list], heads: list[float]) -> dict:
     """Medians (ms) of each part of a generate() call; see the module docstring."""
     whole = [trip[-1][2] for trip in trips]
-    parts: dict[str, list[float]] = {"generate_call": calls, "client": [c - w for c, w in zip(calls, whole)]}
+    client = [c - w for c, w in zip(calls, whole)]
+    parts: dict[str, list[float]] = {
+        "generate_call": calls,
+        "client_head": heads,
+        "client_other": [c - h for c, h in zip(client, heads)],
+    }
     for i in range(len(trips[0])):
-        parts[f"server_{i + 1}"] = [trip[i][1] for trip in trips]
-    parts["crossings"] = [w - sum(t[1] for t in trip) for w, trip in zip(whole, trips)]
+        parts[f"server_{i + 1}_blocks"] = [trip[i][1].iterations_s for trip in trips]
+        parts[f"server_{i + 1}_other"] = [trip[i][1].compute_s - trip[i][1].iterations_s for trip in trips]
+    parts["crossings"] = [w - sum(reply.compute_s for _, reply, _ in trip) for w, trip in zip(whole, trips)]
     return {name: round(1000 * statistics.median(values), 2) for name, values in parts.items()}

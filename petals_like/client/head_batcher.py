@@ -84,6 +84,7 @@ class HeadBatcher:
         self.first_window = 0.1  # how long a first round waits for the other sessions' first answers
         self.active = 0  # generate() calls in progress; a round waits for at most this many
         self.rounds = 0  # head passes (a counter for tests and benchmarks)
+        self.last_pass_s = 0.0  # seconds of the latest head pass (bench (t)'s timeline)
 
     def session_started(self, key: Optional[Hashable] = None, *, opening: bool = False) -> None:
         """A generate() call begins; `key` (any hashable, unique per call) lets its arrivals be timed.
@@ -175,8 +176,11 @@ class HeadBatcher:
                 raise
 
     def _compute(self, hidden: torch.Tensor) -> torch.Tensor:
+        started = time.perf_counter()
         with torch.inference_mode():
-            return self.logits_fn(hidden)
+            logits = self.logits_fn(hidden)
+        self.last_pass_s = time.perf_counter() - started
+        return logits
 
     def close(self) -> None:
         self._executor.shutdown(wait=False)

@@ -34,7 +34,7 @@ from petals_like.dht.node import SwarmNode
 from petals_like.protocol import PREFIX_PAGE_TOKENS
 from petals_like.routing.manager import RouteManager
 from petals_like.routing.planner import NoRouteError
-from petals_like.wire import PushHop, Step
+from petals_like.wire import PushHop, Step, StepReply
 
 logger = logging.getLogger(__name__)
 
@@ -85,9 +85,9 @@ class InferenceSession:
         # every block-0 input while a reused prefix is in the chain (a failure then replays them all);
         # without reuse, each link's own history is enough and this stays empty
         self._inputs: list[torch.Tensor] = []
-        # the last step's trip: (server, its own time on the step, seconds from the step's start to its
-        # answer) per link in order (bench (t)'s per-token timeline)
-        self.last_trip: list[tuple[str, float, float]] = []
+        # the last step's trip: (server, its answer, seconds from the step's start to that answer) per
+        # link in order (bench (t)'s per-token timeline)
+        self.last_trip: list[tuple[str, StepReply, float]] = []
         # entered and left with the session's `with` block (the model that made it sets it: use_session)
         self.context: Optional[Callable[[], ContextManager[Any]]] = None
         self._entered: Optional[ContextManager[Any]] = None
@@ -349,7 +349,7 @@ class InferenceSession:
                 await self._replace(index)
                 continue
             self.routes.succeeded(link.span.peer_id)
-            self.last_trip.append((link.span.peer_id, reply.compute_s, time.perf_counter() - started))
+            self.last_trip.append((link.span.peer_id, reply, time.perf_counter() - started))
             delivered = not relay and reply.pushed is True
             link.history.append(hidden)
             hidden = out

@@ -354,7 +354,8 @@ class Handlers:
             position = step.position
         out = out.to(hidden.dtype)
         pushed = await self._push(out, step.push_chain, session.wire) if step.push_chain and not repeated else None
-        return StepReply(position, session.steps, pushed, time.perf_counter() - started), out
+        iterations_s = 0.0 if repeated else session.last_iterations_s
+        return StepReply(position, session.steps, pushed, time.perf_counter() - started, iterations_s), out
 
     # ---- many sessions' steps on one stream ----
 

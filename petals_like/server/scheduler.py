@@ -94,6 +94,7 @@ class InferenceWork:
     future: asyncio.Future = field(repr=False, default=None)
     done_tokens: int = 0  # positions of `hidden` already run (same for every row)
     submitted: float = 0.0  # time.monotonic() when it reached the scheduler
+    iterations_s: float = 0.0  # seconds of the iterations that ran its tokens (with other sessions' tokens)
     outputs: list[torch.Tensor] = field(default_factory=list)  # [batch, chunk, hidden] each
     cancelled: bool = False  # the session went away: finish nothing, deliver nothing
     _finished: bool = False
@@ -330,6 +331,8 @@ class Scheduler:
         ended = time.monotonic()
         self._last_duration = ended - started
         ran = [w for w, _ in chosen]
+        for work in ran:
+            work.iterations_s += self._last_duration
         arrivals = [w.submitted for w in ran if w.remaining == 1 and w.done_tokens == 0]
         self.pace.observe(arrivals, all(w.remaining > 1 for w in ran), started, ended)
         self.stats.busy_seconds += self._last_duration

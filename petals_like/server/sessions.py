@@ -59,6 +59,7 @@ class ServerSession:
     inbox: Optional[asyncio.Queue] = None  # steps pushed by the previous server or sent on a mux, read by the session's stream
     mux: Optional[Any] = None  # the client's mux stream (server/mux.py) that carries this session's answers, if any
     last_output: Optional[tuple[int, torch.Tensor]] = None  # (position, output) of the last small step
+    last_iterations_s: float = 0.0  # seconds of the scheduler iterations that ran its last step
     wire: Optional[str] = None  # how this session's outputs travel (config.WIRE_FORMATS); None = as computed
     lora: Optional[list] = None  # the session's LoRA (hosted or client-held): a BlockLora per block of its range
     prompts: Optional[torch.Tensor] = None  # deep prompts [blocks, prefix, hidden] (server/adapters.py)
@@ -307,6 +308,7 @@ class SessionManager:
         position = session.length - reuse
         out = await self.scheduler.run_inference(work)
         session.inflight = None
+        session.last_iterations_s = work.iterations_s
         session.last_step_done = time.monotonic()
         session.steps += 1
         # kept so that a repeated step (see repeated_output) costs nothing; prompts are not kept
