@@ -110,3 +110,31 @@ def test_what_speculation_does_not_do_is_refused(model):
         model.generate(PROMPT.repeat(2, 1), max_new_tokens=4, speculative="ngram")
     with pytest.raises(ValueError, match="speculative must be 'ngram'"):
         model.generate(PROMPT, max_new_tokens=4, speculative="medusa")
+
+
+def test_the_model_drafter_drafts_what_the_draft_model_generates(tiny_model: Path, reference):
+    """The drafter keeps its KV cache between calls and crops it where the sequence changed (rejected
+    drafts, a new sequence): its drafts stay the model's greedy continuation, as generate() gives it."""
+    drafter = model_drafter(reference)
+
+    def greedy(sequence: torch.Tensor, k: int) -> list[int]:
+        out = reference.generate(
+            sequence[None],
+            attention_mask=torch.ones(1, sequence.numel(), dtype=torch.long),
+            max_new_tokens=k,
+            min_new_tokens=k,
+            do_sample=False,
+            eos_token_id=None,
+        )
+        return out[0, sequence.numel() :].tolist()
+
+    sequence = PROMPT[0]
+    for k in (4, 1, 6, 3):
+        drafts = drafter(sequence, k)
+        assert drafts == greedy(sequence, k)
+        # the chain keeps the first half of the drafts and its own different token after them
+        kept = drafts[: k // 2]
+        sequence = torch.cat([sequence, torch.tensor(kept + [(drafts[len(kept)] + 1) % 300])])
+    other = torch.randint(4, 300, (9,), generator=torch.Generator().manual_seed(5))  # shares nothing
+    assert drafter(other, 5) == greedy(other, 5)
+    assert drafter(other[:4], 2) == greedy(other[:4], 2)  # a shorter sequence: the cache is cut back
