@@ -182,3 +182,46 @@ def test_a_refused_open_is_answered_on_the_mux(swarm, model):
 
     error = model.node.run(run(), timeout=30)
     assert refusal_code(error) is ErrorCode.SERVER_LIMIT and "batch_size" in str(error)
+
+
+def test_a_server_without_the_mux_handler_gets_each_sessions_steps_on_its_own_stream(tiny_model, reference, monkeypatch):
+    """A swarm mixing an older server (no rpc_inference_mux) with a current one: the client muxes
+    only where it can, and the tokens are the same."""
+    from petals_like.protocol import RPC_INFERENCE_MUX
+    from petals_like.server.handler import Handlers
+
+    register = Handlers.register
+
+    async def register_as_an_older_version(self, p2p):
+        add = p2p.add_protobuf_handler
+
+        async def all_but_the_mux(name, *args, **kwargs):
+            if name != RPC_INFERENCE_MUX:
+                await add(name, *args, **kwargs)
+
+        p2p.add_protobuf_handler = all_but_the_mux
+        try:
+            await register(self, p2p)
+        finally:
+            del p2p.add_protobuf_handler
+
+    prompt = torch.randint(4, 300, (1, 5), generator=torch.Generator().manual_seed(11))
+    expected = reference.generate(prompt, max_new_tokens=10, do_sample=False, eos_token_id=None)
+    mixed = start_swarm()
+    try:
+        monkeypatch.setattr(Handlers, "register", register_as_an_older_version)
+        old = mixed.add_server(tiny_model, "0:4")
+        monkeypatch.setattr(Handlers, "register", register)
+        new = mixed.add_server(tiny_model, "4:8")
+        mixed.wait_for_blocks(default_dht_prefix(tiny_model), NUM_BLOCKS)
+        model = AutoDistributedModelForCausalLM.from_pretrained(
+            tiny_model, initial_peers=mixed.peers, torch_dtype="float32", use_push=False
+        )
+        try:
+            assert torch.equal(model.generate(prompt, max_new_tokens=10), expected)
+        finally:
+            model.shutdown()
+        assert old.handlers.mux_messages_received == 0 and old.handlers.stream_steps_received == 10
+        assert new.handlers.mux_steps_received == 9 and new.handlers.stream_steps_received == 1
+    finally:
+        mixed.shutdown()
