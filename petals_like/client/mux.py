@@ -57,6 +57,7 @@ class StepMux:
         self._answers: dict[str, asyncio.Queue] = {}  # session id -> its answers (Message or exception)
         self._outbox: list[tuple[Step, torch.Tensor]] = []
         self._sender: Optional[asyncio.Task] = None
+        self._writing = asyncio.Lock()  # a message's parts go out together, also when a flush overlaps the last
         self._reader_task: Optional[asyncio.Task] = None
         self._reader: Optional[asyncio.StreamReader] = None
         self._writer: Optional[asyncio.StreamWriter] = None
@@ -132,8 +133,9 @@ class StepMux:
                 max_part_bytes=DEFAULT_MAX_PART_BYTES,
                 wire=self.wire,
             )
-            for part in parts:
-                await P2P.send_protobuf(part, self._writer)
+            async with self._writing:
+                for part in parts:
+                    await P2P.send_protobuf(part, self._writer)
             self.messages_sent += 1
             self.steps_sent += len(batch)
         except Exception as e:  # the stream broke: every session on it hears of it
