@@ -171,8 +171,8 @@ def test_a_refused_open_is_answered_on_the_mux(swarm, model):
         stream.attach("refused-session")
         request = OpenSession("refused-session", 0, 4, max_length=8, batch_size=too_many, mux=mux.mux_id)
         await stream.send([], request.to_meta())
-        await stream.send_step(torch.zeros(too_many, 1, 64), Step("refused-session", position=0))
-        try:
+        try:  # the refusal may come as the step is sent (the stream is closed by then) or as its answer
+            await stream.send_step(torch.zeros(too_many, 1, 64), Step("refused-session", position=0))
             await stream.read_step(0, timeout=10)
         except P2PHandlerError as e:
             return e

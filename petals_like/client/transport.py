@@ -36,6 +36,7 @@ from petals_like.protocol import (
 from petals_like.wire import SpanRequest, Step, StepReply, TuningRef
 
 MAX_RESPONSE_BYTES = 1 << 31
+REFUSAL_WAIT = 2.0  # seconds to wait for the reason a server closed a session's stream at its first step
 
 
 class RequestRefused(ValueError):
@@ -180,7 +181,18 @@ class InferenceStream:
         order to this one); its answer, like every later one, comes on the mux."""
         if self.mux is None or not self.stepped:
             self.stepped = True
-            return await self.send([hidden], step.to_meta())
+            try:
+                return await self.send([hidden], step.to_meta())
+            except ConnectionError:
+                if self.mux is None:
+                    raise
+                # the server may have refused the session and closed this stream: its refusal, which
+                # tells the client what to do, comes on the mux
+                try:
+                    await asyncio.wait_for(self.mux.receive(self.session_id), REFUSAL_WAIT)
+                except asyncio.TimeoutError:
+                    pass
+                raise
         self.messages_sent += 1
         self.bytes_sent += wire_nbytes(hidden, self.wire) if hidden.is_floating_point() else hidden.nbytes
         self.mux.send(step, hidden)
