@@ -225,3 +225,31 @@ def test_a_server_without_the_mux_handler_gets_each_sessions_steps_on_its_own_st
         assert new.handlers.mux_steps_received == 9 and new.handlers.stream_steps_received == 1
     finally:
         mixed.shutdown()
+
+
+def test_a_client_gets_a_few_mux_streams_per_server_not_more(swarm, model):
+    from petals_like.client.mux import StepMux
+    from petals_like.server.mux import MAX_MUXES_PER_PEER
+
+    server = swarm.servers[1]
+
+    def open_here() -> int:
+        return sum(peer == model.node.peer_id for peer, _ in server.handlers.muxes)
+
+    async def run() -> BaseException:
+        opened = [StepMux(model.node.p2p, server.node.peer_id, None) for _ in range(MAX_MUXES_PER_PEER - open_here())]
+        try:
+            for mux in opened:  # up to the limit (the client's own mux here counts)
+                await mux.open(timeout=10)
+            try:
+                await StepMux(model.node.p2p, server.node.peer_id, None).open(timeout=10)
+            except P2PHandlerError as e:
+                return e
+            raise AssertionError("a mux beyond the limit was opened")
+        finally:
+            for mux in opened:
+                mux.abort()
+
+    error = model.node.run(run(), timeout=60)
+    assert refusal_code(error) is ErrorCode.SERVER_LIMIT and "mux streams" in str(error)
+    wait_until(lambda: open_here() < MAX_MUXES_PER_PEER, 10, message="the test's muxes closed on the server")

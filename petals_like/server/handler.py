@@ -57,7 +57,7 @@ from petals_like.protocol import (
 )
 from petals_like.server.adapters import Tuning
 from petals_like.server.backend import SpanBackend
-from petals_like.server.mux import ServerMux, unknown_session
+from petals_like.server.mux import MAX_MUXES_PER_PEER, ServerMux, unknown_session
 from petals_like.server.push import PushBatcher
 from petals_like.server.runtime import Priority
 from petals_like.server.scheduler import Scheduler
@@ -372,6 +372,8 @@ class Handlers:
         key = (peer_id, hello.mux_id)
         if key in self.muxes:
             raise ProtocolError(f"mux {hello.mux_id!r} is already open")
+        if sum(peer == peer_id for peer, _ in self.muxes) >= MAX_MUXES_PER_PEER:
+            raise ProtocolError(f"this client already has {MAX_MUXES_PER_PEER} mux streams open here", ErrorCode.SERVER_LIMIT)
         if hello.wire is not None and hello.wire not in self.config.wire_formats:
             raise ProtocolError(f"wire format {hello.wire!r} is not supported by this server", ErrorCode.SERVER_LIMIT)
         mux = self.muxes[key] = ServerMux(hello.mux_id, peer_id, hello.wire, self.config.max_part_bytes)

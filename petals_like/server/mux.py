@@ -28,6 +28,8 @@ from petals_like.wire import MuxReplies, MuxReply, StepReply
 
 logger = logging.getLogger(__name__)
 
+MAX_MUXES_PER_PEER = 4  # a client needs one per wire format it uses; more only cost the server streams
+
 
 class ServerMux:
     """One client's mux stream: routes its steps into sessions' inboxes, gathers their answers."""
