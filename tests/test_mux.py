@@ -3,6 +3,7 @@ concurrent sessions' steps travel in one message per round and stay exact and is
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from pathlib import Path
 from typing import Iterator
@@ -62,7 +63,8 @@ def test_sixteen_sessions_are_exact_and_send_one_message_per_server_per_round(sw
             t.join(120)
         for i, (out, exp) in enumerate(zip(outputs, expected)):
             assert out is not None and torch.equal(out, exp), f"session {i} differs from transformers"
-        sent = model.remote.muxes.counters()
+        counters = model.remote.muxes.counters()
+        sent = {peer: (messages, steps) for peer, (messages, steps, _) in counters.items()}
         received = [(m - m0, s - s0) for (m, s), (m0, s0) in zip(mux_counters(swarm), before)]
     finally:
         model.shutdown()
@@ -79,7 +81,7 @@ def test_sixteen_sessions_are_exact_and_send_one_message_per_server_per_round(sw
     else:
         assert received[1][1] == SESSIONS * (rounds - 1) and received[1][0] <= 2 * (rounds - 1), received
     # and the answers of a round come back in one message per server, pushed steps' answers included
-    answers = model.remote.muxes.answers()
+    answers = {peer: answered for peer, (_, _, answered) in counters.items()}
     assert all(rounds <= answers[peer] <= 2 * rounds for peer in (first_peer, second_peer)), answers
 
 
@@ -100,15 +102,18 @@ def test_a_bad_step_fails_only_its_own_session(swarm, model):
 
         async def both() -> tuple[BaseException, torch.Tensor]:
             await link.stream.send_step(torch.zeros(1, 1, 5), Step(link.session_id, position=3))
-            good_out = good.astep(hidden[:, 3:5])
+            good_out = asyncio.ensure_future(good.astep(hidden[:, 3:5]))  # queued in the same loop turns
             try:
                 await link.stream.read_step(3, timeout=30)
             except P2PHandlerError as e:
                 return e, await good_out
             raise AssertionError("the malformed step was answered")
 
+        before = mux_counters(swarm)[0]
         error, out = model.node.run(both(), timeout=60)
         assert refusal_code(error) is ErrorCode.BAD_REQUEST, error
+        after = mux_counters(swarm)[0]
+        assert (after[0] - before[0], after[1] - before[1]) == (1, 2)  # one message carried both steps
         torch.testing.assert_close(out, expected[:, 3:5], rtol=1e-4, atol=1e-4)
         out = good.step(hidden[:, 5:6])  # the good session goes on
         torch.testing.assert_close(out, expected[:, 5:6], rtol=1e-4, atol=1e-4)

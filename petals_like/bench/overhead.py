@@ -37,10 +37,12 @@ def per_token_overhead(
     """model_dir: another 8-block checkpoint instead of the anchor (tests)."""
     from transformers import AutoModelForCausalLM
 
+    from petals_like.models.spec import ModelSpec
     from petals_like.models.tiny import make_tiny_model
 
     if model_dir is None:
         model_dir = make_tiny_model(BENCH_DIR / "anchor-llama", family="llama", preset="anchor")
+    spec = ModelSpec.from_pretrained(model_dir)
     prompt = torch.randint(3, 300, (1, prompt_len), generator=torch.Generator().manual_seed(0))
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
 
@@ -79,7 +81,7 @@ def per_token_overhead(
     ratios = [r[2] for r in results]
     median_round = sorted(results, key=lambda r: r[2])[len(results) // 2]
     return {
-        "model": {"preset": "anchor", "hidden": 512, "blocks": 8, "servers": ANCHOR_SPANS},
+        "model": {"path": str(model_dir), "hidden": spec.hidden_size, "blocks": spec.num_blocks, "servers": ANCHOR_SPANS},
         "swarm_tokens_per_s": round(median_round[0], 2),
         "transformers_tokens_per_s": round(median_round[1], 2),
         "vs_transformers": round(statistics.median(ratios), 3),

@@ -33,11 +33,12 @@ import torch
 
 from petals_like.bench.harness import BENCH_DIR, BenchSwarm, pick_median
 from petals_like.bench.workloads import SHARED_SWARM, WORKLOADS, Bench
+from petals_like.models.tiny import PRESETS
 
 
 def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="bench", choices=["bench", "tiny", "anchor"], help="model size (tiny = quick check)")
+    parser.add_argument("--preset", default="bench", choices=sorted(PRESETS), help="model size (tiny = quick check)")
     parser.add_argument("--model_dir", type=Path, default=None, help="checkpoint to use (created if missing)")
     parser.add_argument(
         "--workloads",

@@ -31,7 +31,7 @@ from petals_like.wire import MuxHello, MuxReplies, MuxSteps, Step
 
 logger = logging.getLogger(__name__)
 
-MAX_MESSAGE_BYTES = 1 << 31
+MAX_RESPONSE_BYTES = 1 << 31  # what a client reads from a server in one message
 
 
 async def read_responses(reader: asyncio.StreamReader, peer_id: str) -> AsyncIterator[runtime_pb2.ExpertResponse]:
@@ -73,7 +73,7 @@ class StepMux:
             _, self._reader, self._writer = await self.p2p.call_binary_stream_handler(peer, RPC_INFERENCE_MUX)
             for part in pack_message([], MuxHello(self.mux_id, self.wire).to_meta()):
                 await P2P.send_protobuf(part, self._writer)
-            first = await read_message(read_responses(self._reader, self.peer_id), max_bytes=MAX_MESSAGE_BYTES)
+            first = await read_message(read_responses(self._reader, self.peer_id), max_bytes=MAX_RESPONSE_BYTES)
             if first is None or MuxReplies.from_meta(first.metadata, len(first.tensors)).replies:
                 raise ProtocolError("the server did not open the mux stream", code=None)
 
@@ -145,7 +145,7 @@ class StepMux:
         responses = read_responses(self._reader, self.peer_id)
         try:
             while True:
-                message = await read_message(responses, max_bytes=MAX_MESSAGE_BYTES)
+                message = await read_message(responses, max_bytes=MAX_RESPONSE_BYTES)
                 if message is None:
                     raise ConnectionError(f"server {self.peer_id[-6:]} closed the mux stream")
                 replies = MuxReplies.from_meta(message.metadata, len(message.tensors)).replies
@@ -210,17 +210,10 @@ class StepMuxes:
         future.set_result(mux)
         return mux
 
-    def answers(self) -> dict[str, int]:
-        """peer id -> MuxReplies messages read from it, over the open muxes."""
-        totals: dict[str, int] = {}
+    def counters(self) -> dict[str, tuple[int, int, int]]:
+        """peer id -> (mux messages sent, steps they carried, answer messages read), over the open muxes."""
+        totals: dict[str, tuple[int, int, int]] = {}
         for (peer, _), mux in self._muxes.items():
-            totals[peer] = totals.get(peer, 0) + mux.messages_received
-        return totals
-
-    def counters(self) -> dict[str, tuple[int, int]]:
-        """peer id -> (mux messages sent, steps they carried), over the open muxes."""
-        totals: dict[str, tuple[int, int]] = {}
-        for (peer, _), mux in self._muxes.items():
-            messages, steps = totals.get(peer, (0, 0))
-            totals[peer] = (messages + mux.messages_sent, steps + mux.steps_sent)
+            counts = (mux.messages_sent, mux.steps_sent, mux.messages_received)
+            totals[peer] = tuple(a + b for a, b in zip(totals.get(peer, (0, 0, 0)), counts))
         return totals

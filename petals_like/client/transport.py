@@ -16,7 +16,7 @@ import torch
 from hivemind.p2p import P2P, PeerID
 from hivemind.proto import runtime_pb2
 
-from petals_like.client.mux import StepMux, read_responses
+from petals_like.client.mux import MAX_RESPONSE_BYTES, StepMux, read_responses
 from petals_like.config import DEFAULT_MAX_PART_BYTES
 from petals_like.data_structures import RemoteSpanInfo
 from petals_like.protocol import (
@@ -35,7 +35,6 @@ from petals_like.protocol import (
 )
 from petals_like.wire import SpanRequest, Step, StepReply, TuningRef
 
-MAX_RESPONSE_BYTES = 1 << 31
 REFUSAL_WAIT = 2.0  # seconds to wait for the reason a server closed a session's stream at its first step
 
 
@@ -194,7 +193,7 @@ class InferenceStream:
                     pass
                 raise
         self.messages_sent += 1
-        self.bytes_sent += wire_nbytes(hidden, self.wire) if hidden.is_floating_point() else hidden.nbytes
+        self.bytes_sent += wire_nbytes(hidden, self.wire)
         self.mux.send(step, hidden)
 
     async def _next_message(self) -> Optional[Message]:

@@ -315,17 +315,14 @@ class Handlers:
         mux = None
         if request.mux is not None:
             mux = self.muxes.get((peer_id, request.mux))
-            if mux is None:
-                raise ProtocolError(f"no mux stream {request.mux!r} of this peer is open")
+            if mux is None or mux.wire != request.wire:
+                raise ProtocolError(f"no mux stream {request.mux!r} of this peer with wire format {request.wire!r} is open")
         try:
             # with deep prompts or LoRA weights, the opening message's tensors are those, not a step
             session = sessions.open(request, peer_id, message.tensors if request.tuning.carries_tensors else ())
             if request.tuning.carries_tensors:
                 message.tensors = []
             sessions.offer_prefix(session, step)
-            if mux is not None and mux.wire != session.wire:
-                sessions.close(session)
-                raise ProtocolError(f"mux stream {request.mux!r} carries wire format {mux.wire!r}, not {session.wire!r}")
         except Exception as e:
             if mux is not None:  # the client reads this session's answers there: the refusal too
                 mux.fail(request.session_id, e)
